@@ -1,0 +1,450 @@
+"""One validated config tree for everything kcpt does.
+
+``KcptConfig`` holds ``model``, ``tokenizer``, ``data``, ``plan`` (the stages), ``train``, ``tune`` and
+``logging``. Every section has defaults that run the embedded demo on 2 CPU cores. Load YAML with
+:func:`load_config`; an unknown key or a wrong type raises :class:`~kcpt.errors.ConfigError` naming the file
+and the dotted key path. A stage is data (see :class:`StageConfig`): CPT, stage 1, stage 2 and stage 3 are four
+entries of ``plan`` run by one loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kcpt.errors import ConfigError
+from kcpt.hashing import sha256_json
+
+LossKind = Literal["full", "answer_only"]
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model / tokenizer
+
+
+class TinyModelConfig(Strict):
+    """Shape of the built-in tiny Llama (random init) used when ``model.name_or_path == "tiny"``.
+
+    The vocabulary size is taken from the tokenizer.
+    """
+
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    max_position_embeddings: int = Field(2048, gt=0)
+
+
+class ModelConfig(Strict):
+    name_or_path: str = "tiny"
+    """``"tiny"`` (built-in tiny Llama), a local HF model directory, or a hub name where a hub is reachable."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    """Seed of the random init of the tiny model."""
+
+
+class TokenizerConfig(Strict):
+    path: str = "demo"
+    """``"demo"``: a byte-level BPE trained deterministically on the demo corpus; else a local path / hub name."""
+    vocab_size: int = Field(8192, gt=256)
+    """Target vocabulary of the demo BPE (it may stop below on a small corpus)."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+class FilterConfig(Strict):
+    """Quality filters applied to raw documents after NFC normalisation and control-character stripping."""
+
+    min_chars: int = Field(20, ge=0)
+    min_hangul_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    """Hangul syllables / letters (Hangul + Latin + CJK); documents below are dropped (reason ``hangul_ratio``)."""
+    max_dup_line_frac: float = Field(0.3, ge=0.0, le=1.0)
+    """Fraction of non-empty lines that repeat an earlier line of the same document."""
+    ngram_n: int = Field(5, ge=1)
+    max_top_ngram_frac: float = Field(0.2, ge=0.0, le=1.0)
+    """Share of word ``ngram_n``-grams taken by the most frequent one (repetition filter)."""
+    dedup: bool = True
+    """Exact dedup by SHA-256 of the normalised text."""
+    max_line_chars: int = Field(1_000_000, gt=0)
+    """A physical line longer than this is rejected with a message (reason ``line_too_long``)."""
+
+
+class ExamTemplate(Strict):
+    """How an exam item becomes text. ``{question}`` and ``{choices}`` are filled; the answer follows."""
+
+    prompt: str = "질문: {question}\n답: "
+    prompt_with_choices: str = "질문: {question}\n{choices}\n답: "
+    choice: str = "{label}. {text}"
+    choice_labels: list[str] = ["①", "②", "③", "④", "⑤", "⑥", "⑦", "⑧"]
+    choice_separator: str = "\n"
+
+
+class DatasetConfig(Strict):
+    """One named dataset. ``inputs`` are files or directories (txt, jsonl, parquet, HF ``save_to_disk`` dirs);
+    ``demo:<split>`` names a split of the embedded demo corpus (raw_train, raw_val, qa_train, qa_val,
+    example_train, example_val)."""
+
+    kind: Literal["raw", "exam"]
+    inputs: list[str]
+    text_field: str = "text"
+    exam_kind: Literal["qa", "example"] | None = None
+    """Keep only exam items of this kind (``None``: all)."""
+
+
+def _demo_datasets() -> dict[str, DatasetConfig]:
+    return {
+        "raw_train": DatasetConfig(kind="raw", inputs=["demo:raw_train"]),
+        "raw_val": DatasetConfig(kind="raw", inputs=["demo:raw_val"]),
+        "qa_train": DatasetConfig(kind="exam", inputs=["demo:qa_train"]),
+        "qa_val": DatasetConfig(kind="exam", inputs=["demo:qa_val"]),
+        "example_train": DatasetConfig(kind="exam", inputs=["demo:example_train"]),
+        "example_val": DatasetConfig(kind="exam", inputs=["demo:example_val"]),
+        "exam_val": DatasetConfig(kind="exam", inputs=["demo:qa_val", "demo:example_val"]),
+    }
+
+
+class DataConfig(Strict):
+    seq_len: int = Field(256, ge=8)
+    strict: bool = False
+    """Turn every counted skip (filtered document, bad record, truncated exam answer) into an error."""
+    filters: FilterConfig = FilterConfig()
+    template: ExamTemplate = ExamTemplate()
+    prepared_root: str = "prepared"
+    """Prepared datasets are written under ``<prepared_root>/<name>-<hash>/`` and reused when the hash matches."""
+    datasets: dict[str, DatasetConfig] = Field(default_factory=_demo_datasets)
+    ray_data: bool = False
+    """Prepare with the Ray Data pipeline (``map_batches``, streaming) instead of in-process."""
+
+
+# --------------------------------------------------------------------------- plan (stages)
+
+
+class LRConfig(Strict):
+    """Linear warmup to ``peak`` over ``warmup_steps``, then cosine decay to ``peak * min_ratio`` at max_steps."""
+
+    peak: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class StopConfig(Strict):
+    """When a stage ends (besides ``max_steps``).
+
+    - ``plateau`` (CPT): stop after ``patience`` evals whose raw val loss did not improve on the best by
+      ``min_delta`` (absolute) or by ``min_delta_relative`` × best, whichever is larger.
+    - ``exam`` (stages 1/2): stop when (exam ≤ ``exam_target`` OR exam plateaued for ``patience`` evals)
+      AND raw ≤ baseline_raw_best · (1 + ``raw_tolerance``).
+    - ``gate`` (stage 3): raw ≤ baseline_raw_best · (1 + ``raw_tolerance``) AND exam ≤ ``exam_target`` for
+      ``consecutive`` evals in a row.
+    - ``max_steps``: run to ``max_steps``.
+    """
+
+    rule: Literal["plateau", "exam", "gate", "max_steps"] = "plateau"
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+    min_delta_relative: float = Field(0.002, ge=0.0)
+    exam_target: float | None = None
+    raw_tolerance: float = Field(0.03, ge=0.0)
+    consecutive: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_target(self) -> StopConfig:
+        if self.rule == "gate" and self.exam_target is None:
+            raise ValueError("stop.rule 'gate' needs stop.exam_target")
+        return self
+
+
+class MixturePhase(Strict):
+    """From ``start_frac`` of the stage's max_steps on, weights move linearly toward the next phase's."""
+
+    start_frac: float = Field(ge=0.0, le=1.0)
+    weights: dict[str, float]
+
+
+class StageConfig(Strict):
+    """One stage of the plan. A stage is data: the loop is the same for all."""
+
+    name: str
+    sources: dict[str, float]
+    """Training dataset name → sampling weight (normalised)."""
+    losses: dict[str, LossKind] = {}
+    """Per-source loss; default ``full`` for raw datasets and ``answer_only`` for exam datasets."""
+    mixture_schedule: list[MixturePhase] = []
+    max_steps: int = Field(100, ge=1)
+    eval_every: int = Field(20, ge=1)
+    eval_raw: str = "raw_val"
+    eval_exam: str | None = None
+    lr: LRConfig = LRConfig()
+    kl_beta: float = Field(0.0, ge=0.0)
+    kl_reference: Literal["cpt_best", "base"] = "cpt_best"
+    replay_sources: list[str] | None = None
+    """Sources whose batches get the KL term (default: the raw sources of the stage)."""
+    stop: StopConfig = StopConfig()
+    restore: Literal["weights_only", "full"] = "weights_only"
+    """How this stage starts from the previous stage's best checkpoint."""
+    sets_baseline: bool = False
+    """This stage's best raw val loss becomes ``baseline_raw_best`` for later stages (CPT)."""
+
+    @field_validator("sources")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("a stage needs at least one source")
+        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("source weights must be ≥ 0 with a positive sum")
+        return v
+
+
+def _demo_plan() -> list[StageConfig]:
+    return [
+        StageConfig(name="cpt", sources={"raw_train": 1.0}, max_steps=120, eval_every=20,
+                    lr=LRConfig(peak=2e-3, warmup_steps=10), sets_baseline=True,
+                    stop=StopConfig(rule="plateau", patience=3)),
+        StageConfig(name="stage1", sources={"qa_train": 1.0}, max_steps=80, eval_every=20,
+                    eval_exam="exam_val", lr=LRConfig(peak=1e-3, warmup_steps=5),
+                    stop=StopConfig(rule="exam", patience=3, exam_target=1.5)),
+        StageConfig(name="stage2", sources={"example_train": 1.0}, max_steps=80, eval_every=20,
+                    eval_exam="exam_val", lr=LRConfig(peak=1e-3, warmup_steps=5),
+                    stop=StopConfig(rule="exam", patience=3, exam_target=1.5)),
+        StageConfig(name="stage3", sources={"qa_train": 0.35, "example_train": 0.35, "raw_train": 0.30},
+                    max_steps=100, eval_every=10, eval_exam="exam_val",
+                    lr=LRConfig(peak=5e-4, warmup_steps=5), kl_beta=0.1,
+                    stop=StopConfig(rule="gate", exam_target=1.5, raw_tolerance=0.03, consecutive=3)),
+    ]
+
+
+# --------------------------------------------------------------------------- train / run
+
+
+class AnomalyConfig(Strict):
+    """Skip-and-roll-back rule: loss not finite, or grad norm > mean + k_sigma·std of the last ``window``
+    applied steps (once ``min_history`` are known)."""
+
+    window: int = Field(50, ge=2)
+    min_history: int = Field(10, ge=2)
+    k_sigma: float = Field(6.0, gt=0)
+    lr_factor: float = Field(0.5, gt=0, le=1.0)
+    max_rollbacks: int = Field(5, ge=0)
+    stable_every: int = Field(10, ge=1)
+    """Snapshot the last stable state (weights + optimizer) every this many good steps."""
+
+
+class DeepSpeedConfig(Strict):
+    zero_stage: Literal[2, 3] = 2
+    offload_optimizer: bool = False
+
+
+class TrainConfig(Strict):
+    run_name: str = "demo"
+    output_dir: str = "runs"
+    """Run directory is ``<output_dir>/<run_name>/``."""
+    seed: int = 0
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(8, ge=1)
+    """Rows per worker per step."""
+    grad_accum: int = Field(1, ge=1)
+    eval_batch_size: int = Field(8, ge=1)
+    max_eval_rows: int | None = None
+    weight_decay: float = Field(0.01, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad_norm: float = Field(1.0, gt=0)
+    anomaly: AnomalyConfig = AnomalyConfig()
+    deepspeed: DeepSpeedConfig | None = None
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept besides each stage's best."""
+    max_failures: int = Field(2, ge=0)
+    shuffle_buffer_rows: int = Field(256, ge=1)
+
+
+# --------------------------------------------------------------------------- tune
+
+
+class FloatRange(Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _order(self) -> FloatRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class SearchSpace(Strict):
+    exam_fraction: FloatRange = FloatRange(low=0.4, high=0.9)
+    """exam : raw share of the stage-3 mixture (exam = qa + examples)."""
+    qa_fraction: FloatRange = FloatRange(low=0.2, high=0.8)
+    """qa : examples share inside the exam part."""
+    lr: FloatRange = FloatRange(low=1e-4, high=3e-3, log=True)
+    kl_beta: FloatRange = FloatRange(low=1e-3, high=1.0, log=True)
+    kl_allow_off: bool = True
+    """Also sample β = 0 ("off") as a categorical choice."""
+    extra: dict[str, FloatRange] = {}
+    """More float parameters as dotted stage-config paths, e.g. ``{"lr.min_ratio": {low: 0.05, high: 0.3}}``."""
+
+
+class AshaConfig(Strict):
+    enabled: bool = True
+    grace_period: int = Field(2, ge=1)
+    """In evals."""
+    reduction_factor: int = Field(2, ge=2)
+
+
+class TuneConfig(Strict):
+    stage: str = "stage3"
+    num_samples: int = Field(6, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    storage: str | None = None
+    """Optuna storage URL; default ``sqlite:///<experiment_dir>/optuna.db``."""
+    study_name: str = "kcpt-stage3"
+    experiment_dir: str = "experiments"
+    sampler_seed: int = 0
+    n_startup_trials: int = Field(3, ge=0)
+    space: SearchSpace = SearchSpace()
+    asha: AshaConfig = AshaConfig()
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers per trial."""
+
+
+class LoggingConfig(Strict):
+    tensorboard: bool = True
+    mlflow_tracking_uri: str | None = None
+    progress: bool = True
+
+
+class KcptConfig(Strict):
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    plan: list[StageConfig] = Field(default_factory=_demo_plan)
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _references(self) -> KcptConfig:
+        names = set(self.data.datasets)
+        seen: set[str] = set()
+        for i, st in enumerate(self.plan):
+            if st.name in seen:
+                raise ValueError(f"plan.{i}.name: duplicate stage name '{st.name}'")
+            seen.add(st.name)
+            refs = [*st.sources, *st.losses, st.eval_raw, *([st.eval_exam] if st.eval_exam else [])]
+            refs += [k for ph in st.mixture_schedule for k in ph.weights]
+            for r in refs:
+                if r not in names:
+                    raise ValueError(f"plan.{i} ({st.name}): unknown dataset '{r}' (defined: {sorted(names)})")
+            if st.stop.rule in ("exam", "gate") and st.eval_exam is None:
+                raise ValueError(f"plan.{i} ({st.name}): stop.rule '{st.stop.rule}' needs eval_exam")
+        if self.tune.stage not in seen and self.plan:
+            raise ValueError(f"tune.stage: no stage named '{self.tune.stage}' in plan")
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        for st in self.plan:
+            if st.name == name:
+                return st
+        raise KeyError(name)
+
+    def sha256(self) -> str:
+        """Hash of the resolved config (what the run trains), excluding run naming and output places."""
+        d = self.model_dump(mode="json")
+        d["train"].pop("run_name", None)
+        d["train"].pop("output_dir", None)
+        d.pop("logging", None)
+        return sha256_json(d)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur: Any = d
+    for k in keys[:-1]:
+        if isinstance(cur, list):
+            cur = cur[int(k)]
+        else:
+            cur = cur.setdefault(k, {})
+    if isinstance(cur, list):
+        cur[int(keys[-1])] = value
+    else:
+        cur[keys[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> KcptConfig:
+    try:
+        return KcptConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KcptConfig:
+    """Load a YAML config (``None``: the defaults) and apply ``key.path=value`` overrides (YAML values).
+
+    A ``plan`` given in YAML replaces the default plan whole.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        if "plan" not in data:
+            data["plan"] = [s.model_dump(mode="json") for s in _demo_plan()]
+        for ov in overrides:
+            if "=" not in ov:
+                raise ConfigError(f"override '{ov}': expected key.path=value")
+            key, raw = ov.split("=", 1)
+            try:
+                _set_dotted(data, key, yaml.safe_load(raw))
+            except (IndexError, ValueError, TypeError) as e:
+                raise ConfigError(f"override '{ov}': {e}") from None
+        source += " (+overrides)"
+    return config_from_dict(data, source)
+
+
+def dump_config(cfg: KcptConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False),
+                          encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Data pipeline: read → clean/filter/dedup → tokenize → pack → Parquet shards (+ Ray Data)."""

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from kcpt.config import KcptConfig, dump_config, load_config
+from kcpt.errors import ConfigError
+
+
+def test_defaults_describe_the_demo_plan():
+    cfg = load_config()
+    assert [s.name for s in cfg.plan] == ["cpt", "stage1", "stage2", "stage3"]
+    assert cfg.plan[0].sets_baseline
+    assert cfg.stage("stage3").stop.rule == "gate"
+    assert cfg.train.num_workers == 2
+
+
+def test_unknown_key_and_wrong_type_name_file_and_key_path(tmp_path: Path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  num_workrs: 2\n  seed: abc\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    msg = str(ei.value)
+    assert f"{p}: train.num_workrs: unknown key" in msg
+    assert f"{p}: train.seed:" in msg and "integer" in msg
+
+
+def test_unknown_dataset_reference_is_an_error(tmp_path: Path):
+    p = tmp_path / "c.yaml"
+    p.write_text("plan:\n  - name: cpt\n    sources: {nope: 1.0}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
+        load_config(p)
+
+
+def test_overrides_and_roundtrip(tmp_path: Path):
+    cfg = load_config(None, ["train.seed=7", "plan.3.kl_beta=0.5", "data.seq_len=128"])
+    assert cfg.train.seed == 7 and cfg.plan[3].kl_beta == 0.5 and cfg.data.seq_len == 128
+    out = tmp_path / "resolved.yaml"
+    dump_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg and again.sha256() == cfg.sha256()
+    assert KcptConfig().sha256() != cfg.sha256()
+
+
+def test_not_a_mapping(tmp_path: Path):
+    p = tmp_path / "l.yaml"
+    p.write_text("- 1\n- 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(p)

@@ -56,7 +56,7 @@ def test_ce_prefers_the_shifted_target():
 def test_ce_all_ignored_is_zero_and_differentiable():
     logits = torch.randn(2, 3, 5, requires_grad=True)
     s, n = token_ce_sum(logits, torch.full((2, 3), -100))
-    assert float(s) == 0.0 and int(n) == 0
+    assert s.item() == 0.0 and int(n) == 0
     s.backward()
     assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
 

@@ -1,0 +1,75 @@
+"""Korean tokenizer audit and expansion (folded init) on a real BPE and a real tiny Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from kcpt.model.audit import audit_tokenizer, expand_tokenizer_and_model, propose_korean_tokens
+
+TEXTS = [
+    "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.",
+    "모든 국민은 인간으로서의 존엄과 가치를 가지며, 행복을 추구할 권리를 가진다.",
+    "국가는 개인이 가지는 불가침의 기본적 인권을 확인하고 이를 보장할 의무를 진다.",
+] * 4
+
+
+def _byte_bpe(vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=["</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["국가 존엄 권리"], trainer)  # a tokenizer that barely knows the corpus
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+
+
+def test_audit_measures_fragmentation_of_korean():
+    tok = _byte_bpe(300)
+    rep = audit_tokenizer(tok, TEXTS)
+    assert rep.texts == len(TEXTS) and rep.tokens > 0
+    # Byte-level pieces of unmerged syllables: ~3 tokens per syllable, many partial-byte tokens.
+    assert rep.tokens_per_hangul_syllable > 2.0
+    assert rep.partial_byte_token_share > 0.5
+    assert rep.most_fragmented and rep.most_fragmented[0][2] >= 3
+    assert "tokens / Hangul syllable" in rep.summary()
+
+
+def test_expansion_uses_folded_init_and_shortens_korean():
+    tok = _byte_bpe(300)
+    before = audit_tokenizer(tok, TEXTS)
+    new = propose_korean_tokens(tok, TEXTS, max_new=8, min_count=3)
+    assert new and all(len(w) >= 2 for w in new)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         tie_word_embeddings=False))
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    pieces = expand_tokenizer_and_model(tok, model, new)
+    assert list(pieces) == new
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    for word, old_ids in pieces.items():
+        nid = tok.convert_tokens_to_ids(word)
+        torch.testing.assert_close(model.get_input_embeddings().weight[nid], old_in[old_ids].mean(0))
+        torch.testing.assert_close(model.get_output_embeddings().weight[nid], old_out[old_ids].mean(0))
+        assert tok.decode(tok(word, add_special_tokens=False)["input_ids"]) == word
+    # old rows untouched, Korean now takes fewer tokens, text still round-trips
+    torch.testing.assert_close(model.get_input_embeddings().weight[: old_in.shape[0]], old_in)
+    after = audit_tokenizer(tok, TEXTS)
+    assert after.tokens < before.tokens
+    assert tok.decode(tok(TEXTS[0], add_special_tokens=False)["input_ids"]) == TEXTS[0]
+    # a second call with the same words adds nothing
+    assert expand_tokenizer_and_model(tok, model, new) == {}
+
+
+@pytest.mark.parametrize("min_tokens", [3, 100])
+def test_proposals_respect_thresholds(min_tokens: int):
+    tok = _byte_bpe(300)
+    props = propose_korean_tokens(tok, TEXTS, max_new=50, min_count=3, min_tokens=min_tokens)
+    if min_tokens == 100:
+        assert props == []
+    else:
+        assert all(len(tok(w, add_special_tokens=False)["input_ids"]) >= 3 for w in props)

@@ -1,0 +1,190 @@
+"""Stop rules of a stage, evaluated once per eval: ``plateau`` (CPT), ``exam`` (stages 1/2), ``gate`` (stage 3)
+and ``max_steps``. See :class:`kcpt.config.StopConfig` for the rules in words.
+
+:func:`update_stop` mutates a :class:`StopState` (JSON-serialisable: ``to_dict``/``from_dict``, checkpointed
+with the trainer state) and returns a :class:`StopDecision`. Losses are in nats (lower is better).
+
+Two notions of "better" are kept apart:
+
+- *significant improvement* (:func:`improved`: by at least ``max(min_delta, min_delta_relative·|ref|)`` over the
+  value at the last significant improvement, ``raw_ref`` / ``exam_ref``) resets the patience counters;
+- the *best eval* of the stage (``best_metric`` / ``best_step``, ``StopDecision.new_best``) is the plain argmin
+  of the rule's ranking metric among eligible evals — the checkpoint to keep as the stage's best:
+  ``plateau``/``max_steps``: raw loss, every eval eligible; ``exam``: exam loss among evals whose raw loss is
+  within tolerance (all evals when there is no baseline); ``gate``: exam loss among gate-ok evals.
+  ``best_step`` stays ``None`` until an eligible eval happens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from kcpt.config import StopConfig
+from kcpt.errors import ConfigError
+
+
+@dataclass
+class StopState:
+    best_raw: float | None = None
+    """Lowest raw val loss seen in the stage (becomes ``baseline_raw_best`` when the stage ``sets_baseline``)."""
+    best_raw_step: int | None = None
+    best_exam: float | None = None
+    best_exam_step: int | None = None
+    evals_since_raw_improve: int = 0
+    evals_since_exam_improve: int = 0
+    gate_streak: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    raw_ref: float | None = None
+    """Raw loss at the last significant improvement (reference for patience)."""
+    exam_ref: float | None = None
+    best_metric: float | None = None
+    """Ranking metric of the stage's best eligible eval (see module docstring)."""
+    best_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StopState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class StopDecision:
+    stop: bool
+    passed: bool
+    """Meaningful when ``stop``: the stage met its rule (the plan goes on) or not."""
+    reason: str
+    """Why it stops (``plateau``, ``exam_target``, ``exam_plateau``, ``gate``, ``max_steps``,
+    ``max_steps: ...``) or, when it goes on, what blocks it (``raw_over_tolerance``) or ``""``."""
+    gate_ok: bool
+    """``gate``: raw and exam bounds both met at this eval; ``exam``: exam done and raw ok; else False."""
+    gate_streak: int
+    raw_improved: bool
+    """Significant raw improvement (patience reset)."""
+    exam_improved: bool
+    raw_ok: bool | None
+    """raw ≤ baseline·(1 + raw_tolerance); ``None`` without a baseline."""
+    new_best: bool = False
+    """This eval is the stage's new best (save it as the best checkpoint)."""
+    raw_bound: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def improved(new: float, best: float | None, stop: StopConfig) -> bool:
+    """``new`` improves on ``best`` by at least ``max(min_delta, min_delta_relative·|best|)`` (and by > 0).
+
+    A non-finite ``new`` never improves; anything finite improves on ``None``.
+    """
+    if not _finite(new):
+        return False
+    if best is None or not math.isfinite(best):
+        return True
+    gain, need = best - new, max(stop.min_delta, stop.min_delta_relative * abs(best))
+    return gain > 0 and (gain >= need or math.isclose(gain, need, rel_tol=1e-9))
+
+
+def raw_bound(baseline_raw_best: float, stop: StopConfig) -> float:
+    """Largest raw val loss allowed by the dual constraint: ``baseline · (1 + raw_tolerance)``."""
+    return baseline_raw_best * (1.0 + stop.raw_tolerance)
+
+
+def _le(x: float, bound: float) -> bool:
+    """x ≤ bound, forgiving float rounding of the bound itself (2.00·1.03 vs 2.06)."""
+    return x <= bound or math.isclose(x, bound, rel_tol=1e-12, abs_tol=0.0)
+
+
+def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, exam: float | None,
+                baseline_raw_best: float | None, final: bool = False) -> StopDecision:
+    """Record one eval (at optimizer step ``step``) and decide whether the stage stops.
+
+    ``final``: this is the last eval of the stage (``max_steps`` reached); the decision then always stops.
+    ``exam`` is required for the ``exam`` and ``gate`` rules, ``baseline_raw_best`` for ``gate``.
+    """
+    if stop.rule in ("exam", "gate") and exam is None:
+        raise ValueError(f"stop rule '{stop.rule}' needs an exam val loss at every eval")
+    if stop.rule == "gate" and baseline_raw_best is None:
+        raise ConfigError("stop rule 'gate' needs baseline_raw_best (run a stage with sets_baseline first, "
+                          "or give the baseline explicitly)")
+
+    raw_improved = improved(raw, state.raw_ref, stop)
+    if raw_improved:
+        state.raw_ref, state.evals_since_raw_improve = raw, 0
+    else:
+        state.evals_since_raw_improve += 1
+    if _finite(raw) and (state.best_raw is None or raw < state.best_raw):
+        state.best_raw, state.best_raw_step = raw, step
+
+    exam_improved = False
+    if exam is not None:
+        exam_improved = improved(exam, state.exam_ref, stop)
+        if exam_improved:
+            state.exam_ref, state.evals_since_exam_improve = exam, 0
+        else:
+            state.evals_since_exam_improve += 1
+        if _finite(exam) and (state.best_exam is None or exam < state.best_exam):
+            state.best_exam, state.best_exam_step = exam, step
+
+    bound = raw_bound(baseline_raw_best, stop) if baseline_raw_best is not None else None
+    raw_ok = None if bound is None else (_finite(raw) and _le(raw, bound))
+    exam_hit = exam is not None and stop.exam_target is not None and _finite(exam) and _le(exam, stop.exam_target)
+
+    stop_now, passed, reason, gate_ok = False, False, "", False
+    eligible, metric = True, raw
+    if stop.rule == "plateau":
+        if state.evals_since_raw_improve >= stop.patience:
+            stop_now, passed, reason = True, True, "plateau"
+        elif final:
+            stop_now, passed, reason = True, True, "max_steps"
+    elif stop.rule == "max_steps":
+        if final:
+            stop_now, passed, reason = True, True, "max_steps"
+    elif stop.rule == "exam":
+        metric, eligible = exam, raw_ok is not False
+        if exam_hit:
+            exam_reason = "exam_target"
+        elif state.evals_since_exam_improve >= stop.patience:
+            exam_reason = "exam_plateau"
+        else:
+            exam_reason = ""
+        gate_ok = bool(exam_reason) and raw_ok is not False
+        if gate_ok:
+            stop_now, passed, reason = True, True, exam_reason
+        elif exam_reason:
+            reason = "raw_over_tolerance"
+            if final:
+                stop_now, reason = True, "max_steps: raw over tolerance"
+        elif final:
+            stop_now, reason = True, "max_steps: exam target not reached and exam still improving"
+    elif stop.rule == "gate":
+        metric = exam
+        gate_ok = bool(raw_ok) and exam_hit
+        eligible = gate_ok
+        state.gate_streak = state.gate_streak + 1 if gate_ok else 0
+        if state.gate_streak >= stop.consecutive:
+            stop_now, passed, reason = True, True, "gate"
+        elif final:
+            stop_now, reason = True, (f"max_steps: gate held {state.gate_streak} consecutive evals, "
+                                      f"needs {stop.consecutive}")
+    else:  # pragma: no cover - StopConfig validates the rule
+        raise ConfigError(f"unknown stop rule '{stop.rule}'")
+
+    new_best = False
+    if eligible and _finite(metric) and (state.best_metric is None or metric < state.best_metric):
+        state.best_metric, state.best_step, new_best = metric, step, True
+
+    decision = StopDecision(stop=stop_now, passed=passed, reason=reason, gate_ok=gate_ok,
+                            gate_streak=state.gate_streak, raw_improved=raw_improved, exam_improved=exam_improved,
+                            raw_ok=raw_ok, new_best=new_best, raw_bound=bound)
+    state.history.append({"step": step, "raw": raw, "exam": exam, **{k: v for k, v in decision.to_dict().items()
+                                                                        if k != "raw_bound"}})
+    return decision

@@ -1,0 +1,164 @@
+"""Stop rules, table-driven from the rules of the issue. Each row: a stop config, a baseline, a sequence of
+evals (raw, exam) and the expected (stop, passed, reason) after each eval; the last eval of a row is
+``final`` (max_steps reached) when the row says so."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kcpt.config import StopConfig
+from kcpt.errors import ConfigError
+from kcpt.train.stopping import StopState, improved, update_stop
+
+GO = (False, False, "")
+PLATEAU = StopConfig(rule="plateau", patience=2, min_delta=0.0, min_delta_relative=0.002)
+PLATEAU_ABS = StopConfig(rule="plateau", patience=2, min_delta=0.05, min_delta_relative=0.0)
+EXAM = StopConfig(rule="exam", patience=2, exam_target=1.0, raw_tolerance=0.03, min_delta_relative=0.002)
+GATE = StopConfig(rule="gate", exam_target=1.0, raw_tolerance=0.03, consecutive=3)
+
+CASES = [
+    # --- plateau (CPT): patience 2, 0.2 % relative
+    ("plateau_stops_after_patience", PLATEAU, None, False,
+     [(3.0, None), (2.9, None), (2.899, None), (2.898, None)],
+     [GO, GO, GO, (True, True, "plateau")]),                       # 2.899 / 2.898 are < 0.2 % below 2.9
+    ("plateau_small_gains_do_not_add_up_past_ref", PLATEAU, None, False,
+     [(2.0, None), (1.998, None), (1.9961, None)],                 # 0.1 %, then 0.195 % vs ref 2.0
+     [GO, GO, (True, True, "plateau")]),
+    ("plateau_significant_gain_resets_patience", PLATEAU, None, False,
+     [(3.0, None), (3.0, None), (2.5, None), (2.5, None), (2.6, None)],
+     [GO, GO, GO, GO, (True, True, "plateau")]),
+    ("plateau_absolute_min_delta", PLATEAU_ABS, None, False,
+     [(3.0, None), (2.96, None), (2.94, None)],                    # 0.04 then 0.06 below 3.0 → second resets
+     [GO, GO, GO]),
+    ("plateau_max_steps_passes", PLATEAU, None, True,
+     [(3.0, None), (2.0, None), (1.0, None)],
+     [GO, GO, (True, True, "max_steps")]),
+    ("plateau_nan_is_no_improvement", PLATEAU, None, False,
+     [(3.0, None), (float("nan"), None), (float("nan"), None)],
+     [GO, GO, (True, True, "plateau")]),
+    # --- max_steps rule: never early
+    ("max_steps_never_early", StopConfig(rule="max_steps", patience=1), None, True,
+     [(3.0, None), (3.0, None), (3.0, None), (3.0, None)],
+     [GO, GO, GO, (True, True, "max_steps")]),
+    # --- exam (stages 1/2): baseline 2.00 → raw bound 2.06, target 1.0, patience 2
+    ("exam_target_and_raw_ok", EXAM, 2.0, False,
+     [(2.05, 1.5), (2.05, 0.95)],
+     [GO, (True, True, "exam_target")]),
+    ("exam_target_raw_on_bound_ok", EXAM, 2.0, False,
+     [(2.06, 1.0)],
+     [(True, True, "exam_target")]),
+    ("exam_plateau_and_raw_ok", EXAM, 2.0, False,
+     [(2.0, 1.5), (2.0, 1.5), (2.0, 1.499)],
+     [GO, GO, (True, True, "exam_plateau")]),
+    ("exam_done_but_raw_over_continues_then_recovers", EXAM, 2.0, False,
+     [(2.07, 0.9), (2.10, 0.8), (2.05, 0.8)],
+     [(False, False, "raw_over_tolerance"), (False, False, "raw_over_tolerance"), (True, True, "exam_target")]),
+    ("exam_raw_over_until_max_steps_fails", EXAM, 2.0, True,
+     [(2.07, 0.9), (2.08, 0.85)],
+     [(False, False, "raw_over_tolerance"), (True, False, "max_steps: raw over tolerance")]),
+    ("exam_not_done_at_max_steps_fails", EXAM, 2.0, True,
+     [(2.0, 3.0), (2.0, 2.0)],
+     [GO, (True, False, "max_steps: exam target not reached and exam still improving")]),
+    ("exam_without_baseline_ignores_raw", EXAM, None, False,
+     [(9.0, 0.5)],
+     [(True, True, "exam_target")]),
+    # --- gate (stage 3): baseline 2.00, eps 0.03 → 2.06; target 1.0; 3 consecutive
+    ("gate_three_in_a_row", GATE, 2.0, False,
+     [(2.05, 0.9), (2.00, 1.0), (2.06, 0.5)],
+     [GO, GO, (True, True, "gate")]),
+    ("gate_raw_miss_resets_streak", GATE, 2.0, False,
+     [(2.05, 0.9), (2.05, 0.9), (2.07, 0.9), (2.05, 0.9), (2.05, 0.9), (2.05, 0.9)],
+     [GO, GO, GO, GO, GO, (True, True, "gate")]),
+    ("gate_exam_miss_resets_streak", GATE, 2.0, False,
+     [(2.05, 0.9), (2.05, 0.9), (2.05, 1.1), (2.05, 0.9)],
+     [GO, GO, GO, GO]),
+    ("gate_not_held_at_max_steps_fails", GATE, 2.0, True,
+     [(2.05, 0.9), (2.05, 0.9)],
+     [GO, (True, False, "max_steps: gate held 2 consecutive evals, needs 3")]),
+]
+
+
+@pytest.mark.parametrize(("name", "cfg", "baseline", "final", "evals", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_rule_table(name, cfg, baseline, final, evals, expected):
+    state = StopState()
+    got = []
+    for i, (raw, exam) in enumerate(evals):
+        d = update_stop(state, cfg, step=(i + 1) * 10, raw=raw, exam=exam, baseline_raw_best=baseline,
+                        final=final and i == len(evals) - 1)
+        got.append((d.stop, d.passed, d.reason))
+    assert got == expected
+    assert len(state.history) == len(evals)
+
+
+GATE_SEED = [  # (raw, exam, gate_ok, raw_ok) with baseline 2.00, eps 0.03 (bound 2.06), target 1.0
+    (2.05, 0.9, True, True),
+    (2.07, 0.9, False, False),
+    (2.06, 1.0, True, True),
+    (2.00, 1.01, False, True),
+    (float("nan"), 0.5, False, False),
+    (1.5, float("inf"), False, True),
+]
+
+
+@pytest.mark.parametrize(("raw", "exam", "gate_ok", "raw_ok"), GATE_SEED)
+def test_gate_seed_examples(raw, exam, gate_ok, raw_ok):
+    d = update_stop(StopState(), GATE, step=1, raw=raw, exam=exam, baseline_raw_best=2.0)
+    assert (d.gate_ok, d.raw_ok, d.gate_streak) == (gate_ok, raw_ok, int(gate_ok))
+    assert d.raw_bound == pytest.approx(2.06)
+
+
+@pytest.mark.parametrize(("new", "best", "cfg", "expected"), [
+    (2.99, None, PLATEAU, True),
+    (2.99, 3.0, PLATEAU, True),       # needs 0.2 % of 3.0 = 0.006; gains 0.01
+    (2.9939, 3.0, PLATEAU, True),
+    (2.995, 3.0, PLATEAU, False),
+    (3.0, 3.0, StopConfig(min_delta=0.0, min_delta_relative=0.0), False),   # equal is never an improvement
+    (2.96, 3.0, PLATEAU_ABS, False),
+    (2.95, 3.0, PLATEAU_ABS, True),   # exactly min_delta (float 3.0 - 2.95 is 0.04999…)
+    (float("nan"), 3.0, PLATEAU, False),
+    (float("nan"), None, PLATEAU, False),
+])
+def test_improved(new, best, cfg, expected):
+    assert improved(new, best, cfg) is expected
+
+
+def test_best_is_plain_argmin_of_eligible_evals():
+    # plateau: best_raw follows every decrease even when it is too small to reset patience
+    st = StopState()
+    flags = [update_stop(st, PLATEAU, step=s, raw=r, exam=None, baseline_raw_best=None).new_best
+             for s, r in [(10, 3.0), (20, 2.999), (30, 3.1)]]
+    assert flags == [True, True, False]
+    assert (st.best_raw, st.best_raw_step, st.best_step) == (2.999, 20, 20)
+    assert st.evals_since_raw_improve == 2 and st.raw_ref == 3.0
+    # gate: best = lowest exam among gate-ok evals only
+    st = StopState()
+    flags = [update_stop(st, GATE, step=s, raw=r, exam=e, baseline_raw_best=2.0).new_best
+             for s, r, e in [(10, 2.2, 0.1), (20, 2.0, 0.9), (30, 2.0, 0.95), (40, 2.01, 0.8)]]
+    assert flags == [False, True, False, True]
+    assert (st.best_metric, st.best_step, st.best_exam, st.best_exam_step) == (0.8, 40, 0.1, 10)
+    # exam: evals over the raw bound are not eligible
+    st = StopState()
+    flags = [update_stop(st, EXAM, step=s, raw=r, exam=e, baseline_raw_best=2.0).new_best
+             for s, r, e in [(10, 2.5, 1.2), (20, 2.0, 1.3)]]
+    assert flags == [False, True] and st.best_step == 20
+
+
+def test_state_json_round_trip_continues_identically():
+    evals = [(2.05, 0.9), (2.05, 0.9), (2.07, 0.9), (2.05, 0.9), (2.05, 0.9), (2.05, 0.9)]
+    a = StopState()
+    b = StopState()
+    out_a, out_b = [], []
+    for i, (raw, exam) in enumerate(evals):
+        out_a.append(update_stop(a, GATE, step=i, raw=raw, exam=exam, baseline_raw_best=2.0))
+        b = StopState.from_dict(json.loads(json.dumps(b.to_dict())))   # checkpoint + resume before every eval
+        out_b.append(update_stop(b, GATE, step=i, raw=raw, exam=exam, baseline_raw_best=2.0))
+    assert out_a == out_b and a == b and out_b[-1].reason == "gate"
+
+
+def test_missing_inputs_are_clear_errors():
+    with pytest.raises(ConfigError, match="baseline_raw_best"):
+        update_stop(StopState(), GATE, step=1, raw=2.0, exam=0.5, baseline_raw_best=None)
+    with pytest.raises(ValueError, match="exam val loss"):
+        update_stop(StopState(), EXAM, step=1, raw=2.0, exam=None, baseline_raw_best=2.0)

@@ -1,0 +1,86 @@
+"""Exam items → token segments whose labels cover the answer (and EOS) only.
+
+The prompt is rendered from :class:`~kcpt.config.ExamTemplate` (an item's own ``prompt`` is used verbatim), the
+answer is appended, and the WHOLE text is tokenized once with offsets. A token is a prompt token (label -100)
+when its character span ends at or before the answer's first character; every other token — including one that
+straddles the boundary, as when BPE merges the prompt's trailing space with the answer's first syllable — and
+the appended EOS carry their id as label. The answer start therefore never depends on re-tokenizing halves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from kcpt.config import ExamTemplate
+from kcpt.data.packing import EncodedSegment
+from kcpt.data.types import IGNORE_INDEX, ExamItem
+from kcpt.errors import InputError
+
+REASON_TOO_LONG = "answer_truncated"
+
+
+class ExamTooLong(InputError):
+    """The rendered item (prompt + answer + EOS) is longer than ``seq_len`` tokens; it is never cut."""
+
+
+def _where(item: ExamItem) -> str:
+    loc = item.source or "<exam>"
+    if item.line is not None:
+        loc += f":{item.line}"
+    return f"{loc}: item '{item.id}'"
+
+
+def render_prompt(item: ExamItem, template: ExamTemplate) -> str:
+    """The prompt text of ``item``: its ``prompt`` verbatim, else the template filled with question/choices."""
+    if item.prompt is not None:
+        return item.prompt
+    if item.question is None:
+        raise InputError(f"item '{item.id}' has neither 'prompt' nor 'question'", path=item.source or None,
+                         line=item.line, field="question")
+    if not item.choices:
+        return template.prompt.format(question=item.question)
+    if len(item.choices) > len(template.choice_labels):
+        raise InputError(f"item '{item.id}' has {len(item.choices)} choices; the template has only "
+                         f"{len(template.choice_labels)} choice_labels", path=item.source or None, line=item.line,
+                         field="choices")
+    choices = template.choice_separator.join(template.choice.format(label=label, text=text)
+                                             for label, text in zip(template.choice_labels, item.choices, strict=False))
+    return template.prompt_with_choices.format(question=item.question, choices=choices)
+
+
+def encode_exam_item(item: ExamItem, tokenizer, template: ExamTemplate, seq_len: int,
+                     source: str = "") -> EncodedSegment:
+    """Render, tokenize once with offsets, append EOS; labels -100 on prompt-only tokens.
+
+    Raises :class:`ExamTooLong` when the result is longer than ``seq_len`` tokens. ``source`` is the dataset
+    name the packed row will carry.
+    """
+    prompt = render_prompt(item, template)
+    answer_start = len(prompt)
+    enc = tokenizer(prompt + item.answer, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [tid if end > answer_start else IGNORE_INDEX
+              for tid, (_, end) in zip(ids, enc["offset_mapping"], strict=True)]
+    eos = tokenizer.eos_token_id
+    if not ids or ids[-1] != eos:
+        ids.append(eos)
+        labels.append(eos)
+    else:  # the tokenizer appended EOS itself (offsets (0, 0)): it is part of the answer
+        labels[-1] = eos
+    if len(ids) > seq_len:
+        raise ExamTooLong(f"{_where(item)}: rendered prompt + answer is {len(ids)} tokens > seq_len {seq_len}; "
+                          "raise data.seq_len or shorten the item", path=None)
+    return EncodedSegment(ids, labels, source)
+
+
+def encode_exam_items(items: Iterable[ExamItem], tokenizer, template: ExamTemplate, seq_len: int, *, report,
+                      strict: bool = False, source: str = "") -> Iterator[EncodedSegment]:
+    """Encode a stream of items; an item too long for ``seq_len`` is a counted skip (``answer_truncated``,
+    message naming file:line and id) or, with ``strict``, the raised :class:`ExamTooLong`."""
+    for item in items:
+        try:
+            yield encode_exam_item(item, tokenizer, template, seq_len, source)
+        except ExamTooLong as e:
+            if strict:
+                raise
+            report.add(REASON_TOO_LONG, str(e))

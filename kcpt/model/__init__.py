@@ -1,0 +1,1 @@
+"""Models and tokenizers: the demo/HF tokenizer (``tokenizer``), base/reference model loading, tokenizer audit."""

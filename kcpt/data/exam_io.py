@@ -1,0 +1,156 @@
+"""Reading and validating exam items from JSONL.
+
+One JSON object per line::
+
+    {"id": "q1", "question": "…", "choices": ["…", "…"], "answer": "…", "kind": "qa" | "example"}
+    {"id": "e1", "prompt": "…\\n답: ", "answer": "…", "kind": "example"}
+
+- ``id``: non-empty string (an integer is accepted and turned into a string); unique over all inputs of one
+  call (a repeat is dropped as ``duplicate_id``, naming the first occurrence).
+- exactly one of ``prompt`` (used verbatim, the answer follows it directly) and ``question`` (rendered with
+  the exam template); both or neither → ``prompt_or_question``.
+- ``choices`` (only with ``question``): a non-empty list of non-empty strings, else ``bad_choices``.
+- ``answer``: non-empty string (``missing_field`` / ``empty_field``); ``kind``: ``qa`` or ``example``
+  (``unknown_kind``); a wrong type for any field → ``wrong_type``.
+- Line-level problems as for raw JSONL: ``invalid_utf8``, ``line_too_long``, ``bad_json``, ``not_object``.
+- Unknown keys are allowed and noted once per key (notice ``unknown_key``).
+
+Texts are NFC-normalised and CRLF/CR become LF; nothing else is changed (a prompt's trailing space stays).
+Every message names the file, the 1-based line and the field. ``strict=True`` raises instead of counting.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kcpt.data.rejects import RejectReport, reject
+from kcpt.data.sources import BadLine, is_utf8_encodable, iter_input_files, iter_text_lines
+from kcpt.data.types import ExamItem
+from kcpt.errors import InputError
+
+EXAM_KINDS = ("qa", "example")
+KNOWN_KEYS = {"id", "prompt", "question", "choices", "answer", "kind"}
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+class _Invalid(Exception):
+    def __init__(self, reason: str, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.reason, self.message, self.field = reason, message, field
+
+
+def _string(rec: dict[str, Any], key: str, *, required: bool) -> str | None:
+    if key not in rec or rec[key] is None:
+        if required:
+            raise _Invalid("missing_field", "missing", key)
+        return None
+    val = rec[key]
+    if not isinstance(val, str):
+        raise _Invalid("wrong_type", f"must be a string, got {type(val).__name__}", key)
+    if not val.strip():
+        raise _Invalid("empty_field", "empty", key)
+    if not is_utf8_encodable(val):
+        raise _Invalid("invalid_utf8", "holds a lone surrogate escape (not encodable as UTF-8)", key)
+    return _nfc(val)
+
+
+def parse_exam_record(rec: Any) -> ExamItem:
+    """Validate one decoded JSON record into an :class:`ExamItem` (``source``/``line`` left unset).
+
+    Raises ``_Invalid`` (reason, message, field) on the first problem found.
+    """
+    if not isinstance(rec, dict):
+        raise _Invalid("not_object", f"expected a JSON object, got {type(rec).__name__}", None)
+    raw_id = rec.get("id")
+    if raw_id is None:
+        raise _Invalid("missing_field", "missing", "id")
+    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        raise _Invalid("wrong_type", f"must be a string, got {type(raw_id).__name__}", "id")
+    item_id = str(raw_id)
+    if not item_id.strip():
+        raise _Invalid("empty_field", "empty", "id")
+    kind = rec.get("kind")
+    if kind is None:
+        raise _Invalid("missing_field", "missing", "kind")
+    if kind not in EXAM_KINDS:
+        raise _Invalid("unknown_kind", f"unknown kind {kind!r}; expected one of {list(EXAM_KINDS)}", "kind")
+    has_p, has_q = rec.get("prompt") is not None, rec.get("question") is not None
+    if has_p == has_q:
+        which = "both 'prompt' and 'question'" if has_p else "neither 'prompt' nor 'question'"
+        raise _Invalid("prompt_or_question", f"record has {which}; give exactly one",
+                       "prompt" if has_p else "question")
+    prompt = _string(rec, "prompt", required=False)
+    question = _string(rec, "question", required=False)
+    choices = None
+    if rec.get("choices") is not None:
+        ch = rec["choices"]
+        if prompt is not None:
+            raise _Invalid("bad_choices", "'choices' only go with 'question' (a 'prompt' is used verbatim)",
+                           "choices")
+        if not isinstance(ch, list) or not ch:
+            raise _Invalid("bad_choices", f"must be a non-empty list of strings, got {type(ch).__name__}"
+                           + (" (empty)" if isinstance(ch, list) else ""), "choices")
+        for i, c in enumerate(ch):
+            if not isinstance(c, str) or not c.strip() or not is_utf8_encodable(c):
+                got = type(c).__name__ if not isinstance(c, str) else (
+                    "an empty string" if not c.strip() else "a lone surrogate escape")
+                raise _Invalid("bad_choices", f"element {i} must be a non-empty string, got {got}", "choices")
+        choices = [_nfc(c) for c in ch]
+    answer = _string(rec, "answer", required=True)
+    assert answer is not None
+    return ExamItem(id=item_id, answer=answer, kind=kind, prompt=prompt, question=question, choices=choices)
+
+
+def read_exam_items(paths: Sequence[str | Path], *, report: RejectReport, strict: bool = False,
+                    kind: str | None = None, max_line_chars: int = 1_000_000) -> Iterator[ExamItem]:
+    """Yield validated :class:`ExamItem` s from ``.jsonl`` files/directories (see module docstring).
+
+    ``kind`` keeps only items of that kind (others are skipped uncounted, after validation and the
+    duplicate-id check). ``source``/``line`` of each item give its file and 1-based line.
+    """
+    if kind is not None and kind not in EXAM_KINDS:
+        raise InputError(f"kind must be one of {list(EXAM_KINDS)} or None, got {kind!r}")
+    seen: dict[str, str] = {}
+    noted_keys: set[str] = set()
+    for path in iter_input_files(paths, report=report):
+        if path.is_dir() or path.suffix.lower() != ".jsonl":
+            raise InputError("exam items are read from .jsonl files only", path=str(path))
+        for entry in iter_text_lines(path, report=report, max_line_chars=max_line_chars):
+            if isinstance(entry, BadLine):
+                reject(report, entry.reason, entry.message, strict=strict, path=str(path), line=entry.lineno)
+                continue
+            lineno, line = entry
+            if not line.strip():
+                report.note("blank_line", f"{path}: line {lineno}: blank line skipped")
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                reject(report, "bad_json", f"not valid JSON: {e.msg} at column {e.colno}", strict=strict,
+                       path=str(path), line=lineno)
+                continue
+            try:
+                item = parse_exam_record(rec)
+            except _Invalid as e:
+                reject(report, e.reason, e.message, strict=strict, path=str(path), line=lineno, field=e.field)
+                continue
+            for key in sorted(set(rec) - KNOWN_KEYS - noted_keys):
+                noted_keys.add(key)
+                report.note("unknown_key", f"{path}: line {lineno}: unknown key '{key}' ignored")
+            where = f"{path}: line {lineno}"
+            if item.id in seen:
+                reject(report, "duplicate_id", f"id {item.id!r} already used at {seen[item.id]}", strict=strict,
+                       path=str(path), line=lineno, field="id")
+                continue
+            seen[item.id] = where
+            if kind is not None and item.kind != kind:
+                continue
+            item.source, item.line = str(path), lineno
+            yield item

@@ -1,0 +1,343 @@
+"""Reading raw documents from files: ``.txt``, ``.jsonl``, ``.parquet`` and local HF ``save_to_disk`` dirs.
+
+Text files are streamed line by line in binary mode and decoded per line, so a bad line is reported with its
+1-based line number and a huge single line is skipped without being held in memory:
+
+- invalid UTF-8 → reason ``invalid_utf8`` (never replaced silently); the message gives the byte column;
+- a line longer than ``max_line_chars`` characters → reason ``line_too_long`` (the rest of the line is skipped
+  in 1 MiB chunks);
+- a UTF-8 BOM at the start of the file is stripped (notice ``bom_stripped``); CRLF line endings are normalised
+  to LF (notice ``crlf_normalised``, once per file).
+
+Formats:
+
+- ``.txt``: ``txt_split="file"`` (default): the whole file is one document. ``txt_split="blank_lines"``: a run
+  of two or more consecutive blank lines (lines holding only whitespace) ends a document; a single blank line
+  stays inside the document as a paragraph break; leading/trailing blank lines are dropped. A document that
+  contains a bad line is dropped whole (counted once, with the first bad line's number).
+- ``.jsonl``: one JSON object per line, the text in ``text_field``. Blank lines are skipped (notice
+  ``blank_line``). Bad JSON → ``bad_json`` (with the parser's message), not an object → ``not_object``, field
+  absent / null / not a string → ``missing_field``.
+- ``.parquet``: the ``text_field`` column (must exist and be a string column, else :class:`InputError`);
+  null values → ``missing_field`` (the message names the 1-based row).
+- a directory holding a dataset saved with ``datasets.Dataset(Dict).save_to_disk``: read with
+  ``datasets.load_from_disk``; a ``DatasetDict``'s splits are read in sorted name order.
+
+``strict=True`` raises :class:`InputError` wherever a reject would be counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tqdm.auto import tqdm
+
+from kcpt.data.rejects import RejectReport, reject
+from kcpt.data.types import Document
+from kcpt.errors import InputError
+
+TEXT_EXTENSIONS = (".txt", ".jsonl")
+FILE_EXTENSIONS = (".txt", ".jsonl", ".parquet")
+SUPPORTED = "'.txt', '.jsonl', '.parquet', or a directory saved with datasets' save_to_disk"
+_BOM = b"\xef\xbb\xbf"
+_SKIP_CHUNK = 1 << 20
+
+
+def is_hf_dataset_dir(path: Path) -> bool:
+    """True if ``path`` is a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+                              or (path / "dataset_dict.json").is_file())
+
+
+def _check_file(path: Path) -> None:
+    if path.suffix.lower() not in FILE_EXTENSIONS:
+        raise InputError(f"unsupported file extension '{path.suffix or '(none)'}'; supported: {SUPPORTED}",
+                         path=str(path))
+
+
+def iter_input_files(paths: Sequence[str | Path], *, report: RejectReport | None = None) -> list[Path]:
+    """Expand ``paths`` into the input units to read, in a deterministic order.
+
+    A file must have a supported extension (else :class:`InputError` naming it and listing the supported
+    ones). A HF ``save_to_disk`` directory is one unit. Any other directory is walked recursively in sorted
+    order, keeping files with a supported extension and HF dataset dirs; other files (and hidden ones) are
+    skipped, each noted as ``skipped_file`` in ``report`` when given. A missing path raises InputError.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise InputError("input path does not exist", path=str(p))
+        if p.is_file():
+            _check_file(p)
+            out.append(p)
+        elif is_hf_dataset_dir(p):
+            out.append(p)
+        elif p.is_dir():
+            found = _walk(p, report)
+            if not found and report is not None:
+                report.note("empty_directory", f"{p}: no readable inputs found ({SUPPORTED})")
+            out.extend(found)
+        else:
+            raise InputError("input is neither a file nor a directory", path=str(p))
+    return out
+
+
+def _walk(root: Path, report: RejectReport | None) -> list[Path]:
+    found: list[Path] = []
+    for child in sorted(root.iterdir(), key=lambda c: c.name):
+        if child.name.startswith("."):
+            continue
+        if child.is_dir():
+            found.extend([child] if is_hf_dataset_dir(child) else _walk(child, report))
+        elif child.suffix.lower() in FILE_EXTENSIONS:
+            found.append(child)
+        elif report is not None:
+            report.note("skipped_file", f"{child}: skipped (extension '{child.suffix}' is not one of {SUPPORTED})")
+    return found
+
+
+# --------------------------------------------------------------------------- line streaming
+
+
+@dataclass
+class BadLine:
+    """A line that could not be read: ``reason`` is ``invalid_utf8`` or ``line_too_long``."""
+
+    lineno: int
+    reason: str
+    message: str
+
+
+def iter_text_lines(path: Path, *, report: RejectReport, max_line_chars: int = 1_000_000
+                    ) -> Iterator[tuple[int, str] | BadLine]:
+    """Stream ``(lineno, line)`` (1-based, without the line ending) or :class:`BadLine` for each line.
+
+    The caller decides how to count a :class:`BadLine`; BOM and CRLF fixes are noted in ``report`` here.
+    At most ``4 * max_line_chars + 4`` bytes of one line are held in memory.
+    """
+    limit = 4 * max_line_chars + 4
+    crlf_noted = False
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(limit)
+            if not raw:
+                break
+            lineno += 1
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+                report.note("bom_stripped", f"{path}: line 1: UTF-8 byte order mark stripped")
+            if not raw.endswith(b"\n") and len(raw) == limit:
+                skipped = len(raw)
+                while True:
+                    chunk = f.readline(_SKIP_CHUNK)
+                    skipped += len(chunk)
+                    if not chunk or chunk.endswith(b"\n"):
+                        break
+                yield BadLine(lineno, "line_too_long",
+                              f"line of {skipped} bytes is longer than max_line_chars={max_line_chars}")
+                continue
+            if raw.endswith(b"\r\n"):
+                raw = raw[:-2]
+                if not crlf_noted:
+                    crlf_noted = True
+                    report.note("crlf_normalised", f"{path}: line {lineno}: CRLF line endings normalised to LF")
+            elif raw.endswith(b"\n"):
+                raw = raw[:-1]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadLine(lineno, "invalid_utf8",
+                              f"invalid UTF-8 at byte {e.start + 1} of the line ({e.reason}: {raw[e.start:e.end]!r})")
+                continue
+            if len(text) > max_line_chars:
+                yield BadLine(lineno, "line_too_long",
+                              f"line of {len(text)} characters is longer than max_line_chars={max_line_chars}")
+                continue
+            yield lineno, text
+
+
+# --------------------------------------------------------------------------- per-format readers
+
+
+def _read_txt(path: Path, *, report: RejectReport, strict: bool, max_line_chars: int, txt_split: str
+              ) -> Iterator[Document]:
+    k = 0
+    lines: list[str] = []
+    start = 0
+    bad: BadLine | None = None
+    blank_run = 0
+
+    def flush() -> Document | None:
+        nonlocal k, lines, bad, start
+        while lines and not lines[-1].strip():
+            lines.pop()
+        doc = None
+        if lines or bad is not None or txt_split == "file":
+            k += 1
+            if bad is not None:
+                reject(report, bad.reason, f"{bad.message}; document #{k} (from line {start or bad.lineno}) "
+                       "dropped", strict=strict, path=str(path), line=bad.lineno)
+            else:
+                doc = Document(text="\n".join(lines), source=str(path), doc_id=f"{path}#{k}",
+                               meta={"line": start or 1})
+        lines, bad, start = [], None, 0
+        return doc
+
+    for item in iter_text_lines(path, report=report, max_line_chars=max_line_chars):
+        if isinstance(item, BadLine):
+            if strict:
+                reject(report, item.reason, item.message, strict=True, path=str(path), line=item.lineno)
+            if bad is None:
+                bad = item
+            if not start:
+                start = item.lineno
+            blank_run = 0
+            continue
+        lineno, text = item
+        if txt_split == "blank_lines":
+            if not text.strip():
+                blank_run += 1
+                if lines or bad is not None:
+                    lines.append(text)
+                continue
+            if blank_run >= 2 and (lines or bad is not None):
+                doc = flush()
+                if doc is not None:
+                    yield doc
+            blank_run = 0
+        if not start:
+            start = lineno
+        lines.append(text)
+    doc = flush()
+    if doc is not None:
+        yield doc
+
+
+def _read_jsonl(path: Path, *, text_field: str, report: RejectReport, strict: bool, max_line_chars: int
+                ) -> Iterator[Document]:
+    where = {"path": str(path)}
+    for item in iter_text_lines(path, report=report, max_line_chars=max_line_chars):
+        if isinstance(item, BadLine):
+            reject(report, item.reason, item.message, strict=strict, line=item.lineno, **where)
+            continue
+        lineno, line = item
+        if not line.strip():
+            report.note("blank_line", f"{path}: line {lineno}: blank line skipped")
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            reject(report, "bad_json", f"not valid JSON: {e.msg} at column {e.colno}", strict=strict,
+                   line=lineno, **where)
+            continue
+        if not isinstance(rec, dict):
+            reject(report, "not_object", f"expected a JSON object, got {type(rec).__name__}", strict=strict,
+                   line=lineno, **where)
+            continue
+        text = rec.get(text_field)
+        if not isinstance(text, str):
+            what = "missing" if text_field not in rec else f"not a string ({type(text).__name__})"
+            reject(report, "missing_field", what, strict=strict, line=lineno, field=text_field, **where)
+            continue
+        if not is_utf8_encodable(text):
+            reject(report, "invalid_utf8", "text holds a lone surrogate escape (not encodable as UTF-8)",
+                   strict=strict, line=lineno, field=text_field, **where)
+            continue
+        meta: dict = {"line": lineno}
+        if isinstance(rec.get("id"), str | int):
+            meta["id"] = rec["id"]
+        yield Document(text=text, source=str(path), doc_id=f"{path}:{lineno}", meta=meta)
+
+
+def is_utf8_encodable(text: str) -> bool:
+    """False if ``text`` holds a lone surrogate (e.g. from a JSON ``"\\ud800"`` escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_parquet(path: Path, *, text_field: str, report: RejectReport, strict: bool) -> Iterator[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"cannot read as Parquet: {e}", path=str(path)) from None
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise InputError(f"no such column (columns: {schema.names})", path=str(path), field=text_field)
+    typ = schema.field(text_field).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise InputError(f"column must hold strings, found {typ}", path=str(path), field=text_field)
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                reject(report, "missing_field", f"row {row}: null", strict=strict, path=str(path), field=text_field)
+                continue
+            yield Document(text=text, source=str(path), doc_id=f"{path}:row{row}", meta={"row": row})
+
+
+def _read_hf_dir(path: Path, *, text_field: str, report: RejectReport, strict: bool) -> Iterator[Document]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for a damaged dir
+        raise InputError(f"cannot load with datasets.load_from_disk: {e}", path=str(path)) from None
+    parts = sorted(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
+    for split, ds in parts:
+        label = f"{path}[{split}]" if split else str(path)
+        if text_field not in ds.column_names:
+            raise InputError(f"no such column (columns: {ds.column_names})", path=label, field=text_field)
+        feat = ds.features[text_field]
+        if not (isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string")):
+            raise InputError(f"column must hold strings, found {feat}", path=label, field=text_field)
+        row = 0
+        for batch in ds.select_columns([text_field]).iter(batch_size=1024):
+            for text in batch[text_field]:
+                row += 1
+                if text is None:
+                    reject(report, "missing_field", f"row {row}: null", strict=strict, path=label, field=text_field)
+                    continue
+                yield Document(text=text, source=label, doc_id=f"{label}:row{row}", meta={"row": row})
+
+
+def read_documents(paths: Sequence[str | Path], *, text_field: str = "text", report: RejectReport,
+                   strict: bool = False, max_line_chars: int = 1_000_000,
+                   txt_split: Literal["file", "blank_lines"] = "file", progress: bool = False) -> Iterator[Document]:
+    """Yield raw (uncleaned) :class:`Document` s from files/directories in ``paths`` (see module docstring).
+
+    ``doc_id`` is ``<file>#<k>`` for the k-th document of a ``.txt``, ``<file>:<line>`` for JSONL and
+    ``<file>:row<r>`` for Parquet/HF rows; ``meta`` holds ``line`` or ``row`` (1-based) and, for JSONL, ``id``
+    when the record has one. Skips are counted in ``report`` (or raise with ``strict``).
+    """
+    if txt_split not in ("file", "blank_lines"):
+        raise InputError(f"txt_split must be 'file' or 'blank_lines', got {txt_split!r}")
+    files = iter_input_files(paths, report=report)
+    bar = tqdm(total=len(files), unit="file", desc="reading", disable=not progress)
+    try:
+        for p in files:
+            if p.is_dir():
+                yield from _read_hf_dir(p, text_field=text_field, report=report, strict=strict)
+            elif p.suffix.lower() == ".txt":
+                yield from _read_txt(p, report=report, strict=strict, max_line_chars=max_line_chars,
+                                     txt_split=txt_split)
+            elif p.suffix.lower() == ".jsonl":
+                yield from _read_jsonl(p, text_field=text_field, report=report, strict=strict,
+                                       max_line_chars=max_line_chars)
+            else:
+                yield from _read_parquet(p, text_field=text_field, report=report, strict=strict)
+            bar.update(1)
+    finally:
+        bar.close()

@@ -69,6 +69,8 @@ class FilterConfig(Strict):
     """Quality filters applied to raw documents after NFC normalisation and control-character stripping."""
 
     min_chars: int = Field(20, ge=0)
+    """Documents with fewer characters (after normalisation, surrounding whitespace stripped) are dropped
+    (reason ``too_short``)."""
     min_hangul_ratio: float = Field(0.3, ge=0.0, le=1.0)
     """Hangul syllables / letters (Hangul + Latin + CJK); documents below are dropped (reason ``hangul_ratio``)."""
     max_dup_line_frac: float = Field(0.3, ge=0.0, le=1.0)
@@ -120,6 +122,9 @@ class DataConfig(Strict):
     seq_len: int = Field(256, ge=8)
     strict: bool = False
     """Turn every counted skip (filtered document, bad record, truncated exam answer) into an error."""
+    txt_split: Literal["file", "blank_lines"] = "file"
+    """How a ``.txt`` input becomes documents: ``file`` (one per file) or ``blank_lines`` (a run of ≥ 2 blank
+    lines ends a document; a single blank line stays inside it as a paragraph break)."""
     filters: FilterConfig = FilterConfig()
     template: ExamTemplate = ExamTemplate()
     prepared_root: str = "prepared"

@@ -1,0 +1,197 @@
+"""Prepare datasets: read → clean/filter/dedup (raw) or render (exam) → tokenize → pack → Parquet shards.
+
+:func:`prepare_all` is what training calls: one tokenizer for all datasets (loaded/trained once and saved under
+``<prepared_root>/tokenizer-<sha12>/``), and each dataset cached at ``<prepared_root>/<name>-<key12>/`` where
+the key hashes the dataset config, ``seq_len``, filters, template, tokenizer hash and the input files' hashes;
+a dataset whose directory exists is reused as is. :func:`prepare_dataset` writes one dataset to a given
+directory (the ``kcpt prepare`` command uses it). With ``data.ray_data`` the Ray Data pipeline
+(:mod:`kcpt.data.ray_pipeline`) does the same work, streaming.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kcpt.config import DatasetConfig, KcptConfig
+from kcpt.data.cleaning import clean_documents
+from kcpt.data.demo import resolve_inputs
+from kcpt.data.exam import encode_exam_items
+from kcpt.data.exam_io import read_exam_items
+from kcpt.data.packing import DEFAULT_WINDOW, Segment, pack_segments, tokenize_documents
+from kcpt.data.rejects import RejectReport
+from kcpt.data.shards import MANIFEST, input_entries, write_prepared
+from kcpt.data.sources import read_documents
+from kcpt.data.types import Document, ExamItem
+from kcpt.hashing import sha256_dir, sha256_file, sha256_json
+from kcpt.model.tokenizer import load_tokenizer, pad_token_id, save_tokenizer, tokenizer_sha256
+
+PREPARE_FORMAT_VERSION = 1
+"""Bump when prepared rows would change for the same inputs (part of the cache key)."""
+TOKENIZE_BATCH = 256
+"""Documents per batched tokenizer call."""
+
+
+def _count_kept(items: Iterable[Any], counts: Counter[str]) -> Iterator[Any]:
+    for it in items:
+        counts[it.source] += 1
+        yield it
+
+
+def _batched(items: Iterable[Document], n: int) -> Iterator[list[Document]]:
+    buf: list[Document] = []
+    for it in items:
+        buf.append(it)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def raw_segments(docs: Iterable[Document], tokenizer, seq_len: int, source: str) -> Iterator[Segment]:
+    """Tokenize cleaned documents in batches; each gets EOS and is chunked to ≤ ``seq_len``."""
+    for batch in _batched(docs, TOKENIZE_BATCH):
+        yield from tokenize_documents([d.text for d in batch], tokenizer, seq_len, source)
+
+
+def input_hashes(paths: list[Path]) -> list[str]:
+    return [sha256_dir(p) if p.is_dir() else sha256_file(p) for p in paths]
+
+
+def dataset_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, paths: list[Path]) -> str:
+    """Cache key of a prepared dataset: what the rows depend on (not where they are written)."""
+    data = cfg.data
+    return sha256_json({
+        "format": PREPARE_FORMAT_VERSION,
+        "dataset": ds.model_dump(mode="json"),
+        "seq_len": data.seq_len,
+        "strict": data.strict,
+        "filters": data.filters.model_dump(mode="json") if ds.kind == "raw" else None,
+        "template": data.template.model_dump(mode="json") if ds.kind == "exam" else None,
+        "tokenizer_sha256": tok_sha,
+        "inputs": input_hashes(paths),
+        "name": name,
+    })
+
+
+def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
+                    progress: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Prepare one dataset into ``out_dir`` (written atomically) and return it.
+
+    Raw: documents are read, normalised, filtered and deduplicated (counted rejects), tokenized with EOS,
+    chunked to ``data.seq_len`` and packed. Exam: items are validated, rendered, encoded answer-only (items
+    longer than ``seq_len`` are counted as ``answer_truncated``) and packed. ``data.strict`` turns every counted
+    skip into an :class:`~kcpt.errors.InputError`. Rows carry ``source = name``.
+    """
+    data = cfg.data
+    if data.ray_data:
+        from kcpt.data.ray_pipeline import prepare_dataset_ray
+
+        return prepare_dataset_ray(name, ds, cfg, out_dir, tokenizer, overwrite=overwrite, extra=extra)
+    paths = resolve_inputs(ds.inputs)
+    report = RejectReport()
+    kept: Counter[str] = Counter()
+    seq_len = data.seq_len
+    if ds.kind == "raw":
+        docs = read_documents(paths, text_field=ds.text_field, report=report, strict=data.strict,
+                              max_line_chars=data.filters.max_line_chars, progress=progress)
+        cleaned = _count_kept(clean_documents(docs, data.filters, report, strict=data.strict), kept)
+        segments: Iterable[Segment] = raw_segments(cleaned, tokenizer, seq_len, name)
+    else:
+        items: Iterable[ExamItem] = read_exam_items(paths, report=report, strict=data.strict, kind=ds.exam_kind,
+                                                    max_line_chars=data.filters.max_line_chars)
+        items = tqdm(items, desc=f"encoding {name}", unit="item", disable=not progress)
+        segments = _encode_counting(items, tokenizer, cfg, report, name, kept)
+    rows = pack_segments(segments, seq_len, pad_token_id(tokenizer), window=DEFAULT_WINDOW)
+    manifest_extra = {"name": name, "pipeline": "local", "dataset": ds.model_dump(mode="json"), **(extra or {})}
+    if ds.kind == "exam":
+        manifest_extra["template"] = data.template.model_dump(mode="json")
+    else:
+        manifest_extra["filters"] = data.filters.model_dump(mode="json")
+    inputs: list[dict[str, Any]] = []  # filled once the rows are consumed (kept counts are known only then)
+    out = Path(out_dir)
+
+    def rows_then_inputs():
+        yield from rows
+        inputs.extend(input_entries(paths, dict(kept)))
+
+    write_prepared(out, rows_then_inputs(), tokenizer=tokenizer, seq_len=seq_len, kind=ds.kind, inputs=inputs,
+                   report=report, extra=manifest_extra, overwrite=overwrite)
+    return out
+
+
+def _encode_counting(items: Iterable[ExamItem], tokenizer, cfg: KcptConfig, report: RejectReport, name: str,
+                     kept: Counter[str]) -> Iterator[Segment]:
+    for item in items:
+        for seg in encode_exam_items([item], tokenizer, cfg.data.template, cfg.data.seq_len, report=report,
+                                     strict=cfg.data.strict, source=name):
+            kept[item.source] += 1
+            yield seg
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_tokenizer(cfg: KcptConfig, root: Path):
+    """Load (or train) the configured tokenizer and save it once under ``root/tokenizer-<sha12>/``.
+
+    Returns ``(tokenizer, sha256, directory)``.
+    """
+    tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+    sha = tokenizer_sha256(tok)
+    tdir = root / f"tokenizer-{sha[:12]}"
+    with _lock(root / f".tokenizer-{sha[:12]}.lock"):
+        if not tdir.is_dir():
+            tmp = root / f".tokenizer-{sha[:12]}.tmp"
+            save_tokenizer(tok, tmp)
+            tmp.rename(tdir)
+    return tok, sha, tdir
+
+
+def prepared_dir(cfg: KcptConfig, name: str, tok_sha: str) -> Path:
+    """Where :func:`prepare_all` keeps dataset ``name`` for this config and tokenizer."""
+    ds = cfg.data.datasets[name]
+    key = dataset_key(name, ds, cfg, tok_sha, resolve_inputs(ds.inputs))
+    return Path(cfg.data.prepared_root) / f"{name}-{key[:12]}"
+
+
+def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress: bool = True) -> dict[str, Path]:
+    """Prepare (or reuse) every dataset of ``cfg.data.datasets`` (or only ``names``); returns name → directory.
+
+    One tokenizer serves all datasets. A dataset directory that exists (with its manifest) is reused; a file
+    lock per dataset keeps concurrent callers from preparing the same one twice.
+    """
+    root = Path(cfg.data.prepared_root)
+    root.mkdir(parents=True, exist_ok=True)
+    progress = progress and cfg.logging.progress
+    tok, sha, tdir = prepare_tokenizer(cfg, root)
+    wanted = list(cfg.data.datasets) if names is None else list(names)
+    out: dict[str, Path] = {}
+    for name in wanted:
+        if name not in cfg.data.datasets:
+            from kcpt.errors import ConfigError
+
+            raise ConfigError(f"data.datasets: no dataset named '{name}' (defined: {sorted(cfg.data.datasets)})")
+        target = prepared_dir(cfg, name, sha)
+        with _lock(root / f".{target.name}.lock"):
+            if not (target / MANIFEST).is_file():
+                prepare_dataset(name, cfg.data.datasets[name], cfg, target, tok, progress=progress,
+                                overwrite=target.exists(), extra={"cache_key": target.name,
+                                                                  "tokenizer_dir": str(tdir)})
+        out[name] = target
+    return out

@@ -77,7 +77,8 @@ class FilterConfig(Strict):
     """Fraction of non-empty lines that repeat an earlier line of the same document."""
     ngram_n: int = Field(5, ge=1)
     max_top_ngram_frac: float = Field(0.2, ge=0.0, le=1.0)
-    """Share of word ``ngram_n``-grams taken by the most frequent one (repetition filter)."""
+    """Repetition filter: share of the words covered by the occurrences of the most frequent word ``ngram_n``-gram
+    (0 when no n-gram repeats); documents above are dropped (reason ``repeated_ngrams``)."""
     dedup: bool = True
     """Exact dedup by SHA-256 of the normalised text."""
     max_line_chars: int = Field(1_000_000, gt=0)

@@ -56,14 +56,15 @@ def duplicate_line_fraction(text: str) -> float:
 
 
 def top_ngram_fraction(text: str, n: int) -> float:
-    """Share of the whitespace-word ``n``-grams taken by the most frequent one; 0.0 when no n-gram repeats
-    (so a short text with all-distinct n-grams is never flagged)."""
+    """Share of the whitespace words covered by the occurrences of the most frequent word ``n``-gram
+    (``count · n / words``, at most 1); 0.0 when no n-gram repeats, so a text without repetition is never
+    flagged. A loop of an L-word phrase scores about ``min(1, n / L)``."""
     words = text.split()
     if len(words) < n:
         return 0.0
     grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
     top = max(grams.values())
-    return top / (len(words) - n + 1) if top > 1 else 0.0
+    return min(1.0, top * n / len(words)) if top > 1 else 0.0
 
 
 def quality_reject_reason(text: str, filters: FilterConfig) -> str | None:
@@ -93,7 +94,7 @@ def _why(reason: str, text: str, filters: FilterConfig) -> str:
     if reason == "repeated_lines":
         return (f"repeated-line fraction {duplicate_line_fraction(text):.3f} > "
                 f"max_dup_line_frac={filters.max_dup_line_frac}")
-    return (f"top {filters.ngram_n}-gram share {top_ngram_fraction(text, filters.ngram_n):.3f} > "
+    return (f"top {filters.ngram_n}-gram covers {top_ngram_fraction(text, filters.ngram_n):.3f} > "
             f"max_top_ngram_frac={filters.max_top_ngram_frac}")
 
 

@@ -193,6 +193,10 @@ def _read_txt(path: Path, *, report: RejectReport, strict: bool, max_line_chars:
         if isinstance(item, BadLine):
             if strict:
                 reject(report, item.reason, item.message, strict=True, path=str(path), line=item.lineno)
+            if txt_split == "blank_lines" and blank_run >= 2 and (lines or bad is not None):
+                doc = flush()  # a bad line is a non-blank line: it starts the next document
+                if doc is not None:
+                    yield doc
             if bad is None:
                 bad = item
             if not start:

@@ -1,0 +1,103 @@
+"""`kcpt prepare raw|exam|demo`: turn files into packed Parquet shards (+ manifest) and print what happened."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from kcpt.config import DatasetConfig, KcptConfig, load_config
+
+
+def _common(p: argparse.ArgumentParser, *, inputs: bool) -> None:
+    if inputs:
+        p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                       help="files or directories (.txt, .jsonl, .parquet, HF save_to_disk dirs) or demo:<split>")
+        p.add_argument("--name", default=None, help="dataset name written to each row's 'source' (default: --out's "
+                                                      "directory name)")
+        p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--tokenizer", default=None, metavar="PATH|demo", help="tokenizer directory/hub name or 'demo'")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per packed row (default: data.seq_len)")
+    p.add_argument("--strict", action="store_true", help="turn every counted skip into an error")
+    p.add_argument("--config", default=None, metavar="YAML", help="kcpt config (tokenizer, data.filters, ...)")
+    p.add_argument("--ray", action="store_true", help="run the Ray Data pipeline (data.ray_data)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers: Any) -> None:
+    prep = subparsers.add_parser("prepare", help="tokenize + pack data into Parquet shards with a manifest")
+    sub = prep.add_subparsers(dest="prepare_kind", required=True)
+    raw = sub.add_parser("raw", help="raw text documents (CPT)")
+    _common(raw, inputs=True)
+    raw.add_argument("--text-field", default="text", help="JSONL/Parquet/HF field holding the text")
+    exam = sub.add_parser("exam", help="exam items (JSONL: id, question|prompt, [choices], answer, kind)")
+    _common(exam, inputs=True)
+    exam.add_argument("--exam-kind", choices=["qa", "example"], default=None, help="keep only this kind")
+    demo = sub.add_parser("demo", help="every split of the embedded demo corpus (cached by content hash)")
+    _common(demo, inputs=False)
+    for p in (raw, exam, demo):
+        p.set_defaults(func=run_prepare)
+
+
+def _config(args: argparse.Namespace) -> KcptConfig:
+    overrides = []
+    if args.tokenizer is not None:
+        overrides.append(f"tokenizer.path={args.tokenizer}")
+    if args.seq_len is not None:
+        overrides.append(f"data.seq_len={args.seq_len}")
+    if args.strict:
+        overrides.append("data.strict=true")
+    if args.ray:
+        overrides.append("data.ray_data=true")
+    if args.no_progress:
+        overrides.append("logging.progress=false")
+    return load_config(args.config, overrides)
+
+
+def format_manifest(directory: Path, manifest: dict[str, Any]) -> str:
+    """Human summary of one prepared dataset: rows, tokens, efficiency, rejects with an example each."""
+    lines = [f"{manifest.get('name', directory.name)} ({manifest['kind']}): {manifest['rows']} rows × "
+             f"{manifest['seq_len']} tokens, {manifest['tokens']} non-pad tokens, "
+             f"pack efficiency {manifest['pack_efficiency'] * 100:.2f}%, "
+             f"kept {sum(i['documents'] for i in manifest['inputs'])} "
+             f"{'documents' if manifest['kind'] == 'raw' else 'items'}"]
+    rejects, notices = manifest.get("rejects", {}), manifest.get("notices", {})
+    examples = manifest.get("reject_examples", {})
+    if not rejects and not notices:
+        lines.append("  no rejects")
+    for title, counts in (("rejected", rejects), ("notices", notices)):
+        if counts:
+            lines.append(f"  {title}:")
+            width = max(len(k) for k in counts)
+            for reason, n in counts.items():
+                first = (examples.get(reason) or [""])[0]
+                lines.append(f"    {reason:<{width}}  {n:>7}  {first}")
+    lines.append(f"  -> {directory}")
+    return "\n".join(lines)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from kcpt.data.prepare import prepare_all, prepare_dataset
+    from kcpt.data.shards import read_manifest
+    from kcpt.model.tokenizer import load_tokenizer
+
+    cfg = _config(args)
+    progress = cfg.logging.progress
+    if args.prepare_kind == "demo":
+        cfg.data.prepared_root = args.out
+        dirs = prepare_all(cfg, progress=progress)
+    else:
+        ds = DatasetConfig(kind=args.prepare_kind, inputs=list(args.input),
+                           text_field=getattr(args, "text_field", "text"),
+                           exam_kind=getattr(args, "exam_kind", None))
+        tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+        out = Path(args.out)
+        name = args.name or out.resolve().name
+        dirs = {name: prepare_dataset(name, ds, cfg, out, tok, progress=progress, overwrite=args.overwrite)}
+    for d in dirs.values():
+        print(format_manifest(d, read_manifest(d)))
+    if dirs:
+        m = read_manifest(next(iter(dirs.values())))
+        print(f"tokenizer: vocab {m['vocab_size']}, sha256 {m['tokenizer_sha256'][:12]}")
+    return 0

@@ -1,0 +1,266 @@
+"""The prepare pipeline on Ray Data, for corpora larger than one machine; and reading prepared shards.
+
+Same code as the in-process path (:mod:`kcpt.data.prepare`), streamed through Ray Data:
+
+1. the input files (expanded on the driver) become a dataset of paths, one block per file;
+2. ``map_batches(read)``: each task reads its files with :func:`kcpt.data.sources.read_documents` (or
+   :func:`kcpt.data.exam_io.read_exam_items`), yielding batches of records (a generator UDF: a file is never
+   held whole);
+3. ``map_batches(clean + tokenize)`` (raw) or ``map_batches(encode)`` (exam): normalise/filter, exact dedup,
+   tokenize + EOS + chunk, or render + answer-only encode; output one row per segment;
+4. ``map_batches(pack, batch_size=window)``: best-fit decreasing per window of segments → packed rows;
+5. ``write_parquet`` into the dataset's temporary directory; then the driver renames the files to
+   ``part-NNNNN.parquet`` and writes the tokenizer and manifest (:mod:`kcpt.data.shards`) and renames the dir.
+
+Nothing is materialised on the driver. Counters (rejects, kept documents per file, pack stats) and the dedup
+set live in one small actor (:class:`PipelineState`).
+
+Dedup is exact across blocks: every cleaned document's SHA-256 (of the normalised text) is claimed at the
+actor; only the first claimant keeps it. Which copy is kept depends on task order (the text is identical).
+Limit: the set lives in one actor (16 bytes of digest + Python overhead, about 100 bytes per unique
+document), so about 10⁸ unique documents per GiB-class actor; beyond that shard the set by hash prefix.
+Exam items are read per file: duplicate item ids are detected within a file, not across files (the local path
+checks across files).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from kcpt.config import DatasetConfig, KcptConfig
+from kcpt.data.packing import DEFAULT_WINDOW, PackStats, Segment, pack_window, tokenize_documents
+from kcpt.data.rejects import RejectReport
+from kcpt.data.shards import atomic_dir, finish_prepared, input_entries, read_manifest, rows_to_table, shard_name
+from kcpt.data.types import Document
+from kcpt.errors import KcptError
+
+READ_BATCH = 512
+"""Records per batch yielded by the read step."""
+TOKENIZE_BATCH = 256
+"""Documents per clean+tokenize batch."""
+
+
+@ray.remote(num_cpus=0)
+class PipelineState:
+    """Driver-side counters and the exact-dedup set, updated by the pipeline's tasks."""
+
+    def __init__(self) -> None:
+        self.report = RejectReport()
+        self.kept: Counter[str] = Counter()
+        self.stats: PackStats | None = None
+        self.seen: dict[bytes, str] = {}
+
+    def claim(self, digests: list[str], doc_ids: list[str]) -> list[str | None]:
+        """For each document: None if it is the first with this digest (kept), else the id of the kept one."""
+        out: list[str | None] = []
+        for d, i in zip(digests, doc_ids, strict=True):
+            key = bytes.fromhex(d)[:16]
+            first = self.seen.get(key)
+            if first is None:
+                self.seen[key] = i
+            out.append(first)
+        return out
+
+    def merge(self, report: RejectReport, kept: dict[str, int]) -> None:
+        self.report.merge(report)
+        self.kept.update(kept)
+
+    def add_stats(self, stats: PackStats) -> None:
+        if self.stats is None:
+            self.stats = stats
+        else:
+            self.stats.merge(stats)
+
+    def result(self) -> tuple[RejectReport, dict[str, int], PackStats | None]:
+        return self.report, dict(self.kept), self.stats
+
+
+# --------------------------------------------------------------------------- UDFs (run in Ray tasks)
+
+
+def _read_raw(batch: dict[str, np.ndarray], *, state, text_field: str, strict: bool,
+              max_line_chars: int) -> Iterator[dict[str, list]]:
+    from kcpt.data.sources import read_documents
+
+    for path in batch["path"]:
+        report = RejectReport()
+        buf: list[Document] = []
+        for doc in read_documents([str(path)], text_field=text_field, report=report, strict=strict,
+                                  max_line_chars=max_line_chars):
+            buf.append(doc)
+            if len(buf) >= READ_BATCH:
+                yield _docs_batch(buf)
+                buf = []
+        if buf:
+            yield _docs_batch(buf)
+        ray.get(state.merge.remote(report, {}))
+
+
+def _docs_batch(docs: list[Document]) -> dict[str, list]:
+    return {"text": [d.text for d in docs], "source": [d.source for d in docs], "doc_id": [d.doc_id for d in docs],
+            "line": [d.meta.get("line") or d.meta.get("row") or 0 for d in docs]}
+
+
+def _segments_batch(segs: list[Segment]) -> dict[str, Any]:
+    return {"input_ids": [np.asarray(s.input_ids, np.int32) for s in segs],
+            "labels": [np.asarray(s.labels, np.int32) for s in segs], "source": [s.source for s in segs]}
+
+
+def _clean_tokenize(batch: dict[str, np.ndarray], *, state, cfg: KcptConfig, tokenizer, name: str) -> dict:
+    from kcpt.data.cleaning import clean_documents
+    from kcpt.data.rejects import reject
+
+    filters = cfg.data.filters
+    report = RejectReport()
+    docs = [Document(text=str(t), source=str(s), doc_id=str(i), meta={"line": int(ln)} if ln else {})
+            for t, s, i, ln in zip(batch["text"], batch["source"], batch["doc_id"], batch["line"], strict=True)]
+    cleaned = list(clean_documents(docs, filters.model_copy(update={"dedup": False}), report,
+                                   strict=cfg.data.strict))
+    if filters.dedup and cleaned:
+        firsts = ray.get(state.claim.remote([d.meta["sha256"] for d in cleaned], [d.doc_id for d in cleaned]))
+        kept_docs = []
+        for d, first in zip(cleaned, firsts, strict=True):
+            if first is None:
+                kept_docs.append(d)
+            else:
+                reject(report, "duplicate", f"document {d.doc_id}: same text as {first}", strict=cfg.data.strict,
+                       path=d.source, line=d.meta.get("line"))
+        cleaned = kept_docs
+    ray.get(state.merge.remote(report, Counter(d.source for d in cleaned)))
+    return _segments_batch(tokenize_documents([d.text for d in cleaned], tokenizer, cfg.data.seq_len, name))
+
+
+def _read_encode_exam(batch: dict[str, np.ndarray], *, state, cfg: KcptConfig, tokenizer, name: str,
+                      exam_kind: str | None) -> Iterator[dict]:
+    from kcpt.data.exam import encode_exam_items
+    from kcpt.data.exam_io import read_exam_items
+
+    data = cfg.data
+    for path in batch["path"]:
+        report = RejectReport()
+        kept: Counter[str] = Counter()
+        segs: list[Segment] = []
+        for item in read_exam_items([str(path)], report=report, strict=data.strict, kind=exam_kind,
+                                    max_line_chars=data.filters.max_line_chars):
+            for seg in encode_exam_items([item], tokenizer, data.template, data.seq_len, report=report,
+                                         strict=data.strict, source=name):
+                kept[item.source] += 1
+                segs.append(seg)
+            if len(segs) >= READ_BATCH:
+                yield _segments_batch(segs)
+                segs = []
+        if segs:
+            yield _segments_batch(segs)
+        ray.get(state.merge.remote(report, dict(kept)))
+
+
+def _pack(batch: dict[str, np.ndarray], *, state, seq_len: int, pad_id: int) -> pa.Table:
+    segs = [Segment(ids, labels, str(src))
+            for ids, labels, src in zip(batch["input_ids"], batch["labels"], batch["source"], strict=True)]
+    rows = pack_window(segs, seq_len, pad_id) if segs else []
+    stats = PackStats(seq_len)
+    for r in rows:
+        stats.add_row(r)
+    ray.get(state.add_stats.remote(stats))
+    return rows_to_table(rows)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _kcpt_cause(err: BaseException) -> KcptError | None:
+    """The KcptError (e.g. an InputError raised in strict mode) inside Ray's wrapped task errors, if any."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KcptError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def ensure_ray() -> None:
+    """Connect to Ray (``ray.init()``: an existing cluster via RAY_ADDRESS, else a local one) if not yet."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+
+
+def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
+                        overwrite: bool = False, extra: dict[str, Any] | None = None,
+                        window: int = DEFAULT_WINDOW) -> Path:
+    """Ray Data version of :func:`kcpt.data.prepare.prepare_dataset` (same outputs; rows may be grouped
+    differently because packing runs per window of each block)."""
+    from kcpt.data.demo import resolve_inputs
+    from kcpt.data.sources import iter_input_files
+    from kcpt.model.tokenizer import pad_token_id
+
+    ensure_ray()
+    data = cfg.data
+    paths = resolve_inputs(ds.inputs)
+    driver_report = RejectReport()
+    files = iter_input_files(paths, report=driver_report)
+    state = PipelineState.remote()
+    files_ds = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=max(1, len(files)))
+    if ds.kind == "raw":
+        docs = files_ds.map_batches(_read_raw, batch_size=1, fn_kwargs={
+            "state": state, "text_field": ds.text_field, "strict": data.strict,
+            "max_line_chars": data.filters.max_line_chars})
+        segments = docs.map_batches(_clean_tokenize, batch_size=TOKENIZE_BATCH, fn_kwargs={
+            "state": state, "cfg": cfg, "tokenizer": tokenizer, "name": name})
+    else:
+        segments = files_ds.map_batches(_read_encode_exam, batch_size=1, fn_kwargs={
+            "state": state, "cfg": cfg, "tokenizer": tokenizer, "name": name, "exam_kind": ds.exam_kind})
+    rows = segments.map_batches(_pack, batch_size=window, batch_format="numpy", fn_kwargs={
+        "state": state, "seq_len": data.seq_len, "pad_id": pad_token_id(tokenizer)})
+    out = Path(out_dir)
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            try:
+                rows.write_parquet(str(tmp / "_ray"))
+            except Exception as e:  # surface the user-facing error raised inside a task
+                cause = _kcpt_cause(e)
+                if cause is not None:
+                    raise cause from None
+                raise
+            written = sorted((tmp / "_ray").glob("*.parquet"))
+            shards = []
+            for i, f in enumerate(written):
+                f.rename(tmp / shard_name(i))
+                shards.append(shard_name(i))
+            shutil.rmtree(tmp / "_ray")
+            report, kept, stats = ray.get(state.result.remote())
+            report.merge(driver_report)
+            stats = stats or PackStats(data.seq_len)
+            if not shards:  # keep the layout valid for an empty dataset
+                pq.write_table(rows_to_table([]), tmp / shard_name(0))
+                shards = [shard_name(0)]
+            manifest_extra = {"name": name, "pipeline": "ray_data", "dataset": ds.model_dump(mode="json"),
+                              **(extra or {})}
+            key = "template" if ds.kind == "exam" else "filters"
+            manifest_extra[key] = getattr(data, key).model_dump(mode="json")
+            finish_prepared(tmp, tokenizer=tokenizer, stats=stats, kind=ds.kind,
+                            inputs=input_entries(paths, kept), report=report, shards=shards, extra=manifest_extra)
+    finally:
+        ray.kill(state)
+    return out
+
+
+def read_prepared(directory: str | Path) -> ray.data.Dataset:
+    """A prepared dataset's rows as a Ray Dataset (``ray.data.read_parquet`` over its shards)."""
+    d = Path(directory)
+    manifest = read_manifest(d)
+    return ray.data.read_parquet([str(d / s) for s in manifest["shards"]])
+

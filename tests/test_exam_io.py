@@ -1,0 +1,99 @@
+"""Exam JSONL: both kinds, NFC, and every validation failure (file:line:field, counted or strict)."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from kcpt.data.exam_io import read_exam_items
+from kcpt.data.rejects import RejectReport
+from kcpt.errors import InputError
+
+
+def _write(path: Path, records: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
+
+
+def test_reads_both_kinds_and_normalises(tmp_path: Path) -> None:
+    nfd = unicodedata.normalize("NFD", "헌법")
+    p = _write(tmp_path / "exam.jsonl", [
+        {"id": "q1", "question": f"{nfd} 제1조는?", "answer": "민주공화국", "kind": "qa"},
+        {"id": 2, "question": "옳은 것은?", "choices": ["가", f"{nfd}"], "answer": "가", "kind": "example",
+         "note": "extra"},
+        {"id": "e3", "prompt": "빈칸은?\r\n답: ", "answer": " 정답", "kind": "example"},
+    ])
+    rep = RejectReport()
+    items = list(read_exam_items([p], report=rep))
+    assert [(i.id, i.kind, i.line, i.source) for i in items] == [
+        ("q1", "qa", 1, str(p)), ("2", "example", 2, str(p)), ("e3", "example", 3, str(p))]
+    assert items[0].question == "헌법 제1조는?" and items[0].prompt is None
+    assert items[1].choices == ["가", "헌법"]
+    assert items[2].prompt == "빈칸은?\n답: " and items[2].answer == " 정답"  # trailing/leading space kept
+    assert rep.total == 0 and rep.notices == {"unknown_key": 1}
+    assert [i.id for i in read_exam_items([p], report=RejectReport(), kind="example")] == ["2", "e3"]
+
+
+BAD = [
+    ({"id": "a", "question": "q", "kind": "qa"}, "missing_field", "answer"),
+    ({"id": "a", "question": "q", "answer": "  ", "kind": "qa"}, "empty_field", "answer"),
+    ({"id": "a", "question": "q", "answer": 5, "kind": "qa"}, "wrong_type", "answer"),
+    ({"id": "a", "question": "q", "answer": "x", "kind": "quiz"}, "unknown_kind", "kind"),
+    ({"id": "a", "question": "q", "answer": "x"}, "missing_field", "kind"),
+    ({"question": "q", "answer": "x", "kind": "qa"}, "missing_field", "id"),
+    ({"id": "a", "question": "q", "choices": "가,나", "answer": "x", "kind": "qa"}, "bad_choices", "choices"),
+    ({"id": "a", "question": "q", "choices": ["가", 3], "answer": "x", "kind": "qa"}, "bad_choices", "choices"),
+    ({"id": "a", "question": "q", "choices": [], "answer": "x", "kind": "qa"}, "bad_choices", "choices"),
+    ({"id": "a", "prompt": "p", "question": "q", "answer": "x", "kind": "qa"}, "prompt_or_question", "prompt"),
+    ({"id": "a", "answer": "x", "kind": "qa"}, "prompt_or_question", "question"),
+    ({"id": "a", "prompt": "p", "choices": ["가"], "answer": "x", "kind": "qa"}, "bad_choices", "choices"),
+    ('{"id": "a", "question": "q"', "bad_json", None),
+    ('[1, 2]', "not_object", None),
+]
+
+
+@pytest.mark.parametrize("record, reason, field", BAD)
+def test_each_invalid_record_is_counted_then_strict_raises(tmp_path: Path, record, reason: str,
+                                                            field: str | None) -> None:
+    good = {"id": "ok", "question": "질문", "answer": "답", "kind": "qa"}
+    p = _write(tmp_path / "bad.jsonl", [good, record, {**good, "id": "ok2"}])
+    rep = RejectReport()
+    assert [i.id for i in read_exam_items([p], report=rep)] == ["ok", "ok2"]
+    assert rep.counts == {reason: 1}
+    msg = rep.to_dict()["examples"][reason][0]
+    prefix = f"{p}: line 2: field '{field}':" if field else f"{p}: line 2:"
+    assert msg.startswith(prefix), msg
+    with pytest.raises(InputError) as e:
+        list(read_exam_items([p], report=RejectReport(), strict=True))
+    assert str(e.value) == msg and (e.value.line, e.value.field) == (2, field)
+
+
+def test_duplicate_ids_across_files_and_bad_utf8(tmp_path: Path) -> None:
+    rec = {"id": "x1", "question": "질문", "answer": "답", "kind": "qa"}
+    a = _write(tmp_path / "a.jsonl", [rec])
+    b = tmp_path / "b.jsonl"
+    b.write_bytes(b'{"id": "y", "question": "\xed\xa0\x80", "answer": "a", "kind": "qa"}\n'
+                  + json.dumps({**rec, "kind": "example"}).encode() + b"\n")
+    rep = RejectReport()
+    assert [i.id for i in read_exam_items([a, b], report=rep)] == ["x1"]
+    assert rep.counts == {"duplicate_id": 1, "invalid_utf8": 1}
+    ex = rep.to_dict()["examples"]
+    assert ex["duplicate_id"][0].startswith(f"{b}: line 2: field 'id': id 'x1' already used at {a}: line 1")
+    assert ex["invalid_utf8"][0].startswith(f"{b}: line 1: invalid UTF-8")
+    with pytest.raises(InputError, match="duplicate_id"):
+        list(read_exam_items([a, a], report=RejectReport(), strict=True))
+
+
+def test_exam_inputs_must_be_jsonl(tmp_path: Path) -> None:
+    p = tmp_path / "exam.txt"
+    p.write_text("x")
+    with pytest.raises(InputError, match="jsonl") as e:
+        list(read_exam_items([p], report=RejectReport()))
+    assert str(p) in str(e.value)
+    with pytest.raises(InputError, match="kind"):
+        list(read_exam_items([], report=RejectReport(), kind="essay"))

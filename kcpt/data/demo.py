@@ -21,7 +21,7 @@ split; ~15 % of subjects go to ``*_val`` (the first by SHA-256 of the subject ke
 ``len(prompt text) + len(answer) ≤ _MAX_ITEM_CHARS`` characters (≈ ≤ 220 tokens of a ~7k byte-level BPE).
 
 The files live in ``$KCPT_CACHE_DIR`` (default ``~/.cache/kcpt``) ``/demo-<hash>/``, where the hash covers the
-builder version and the source files; a finished build is reused.
+builder's own source and the konlpy files; a finished build is reused.
 """
 
 from __future__ import annotations
@@ -327,8 +327,10 @@ def _split_items(pairs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]
 
 
 def demo_version_hash() -> str:
-    """Hash of the builder version and the konlpy source files (names and bytes)."""
+    """Hash of the builder (this module's source) and the konlpy source files (names and bytes): any change to
+    either gives a new cache directory."""
     h = hashlib.sha256(f"kcpt-demo-v{DEMO_VERSION}".encode())
+    h.update(Path(__file__).read_bytes())
     for p in _source_files():
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]

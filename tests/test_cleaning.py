@@ -106,3 +106,4 @@ def test_report_merge_and_dict() -> None:
     assert d["examples"]["bom_stripped"] == ["g: BOM"] and a.total == 5
     assert "bad_json" in a.summary() and "bom_stripped" in a.summary()
     assert RejectReport().summary() == "no rejects, no notices"
+    assert RejectReport.from_dict(d).to_dict() == d

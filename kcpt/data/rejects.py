@@ -71,6 +71,17 @@ class RejectReport:
             examples.setdefault(k, []).extend(v)
         return {"rejects": self.counts, "notices": self.notices, "examples": examples}
 
+    @classmethod
+    def from_dict(cls, data: dict, max_examples: int = 5) -> RejectReport:
+        """Rebuild a report from :meth:`to_dict` output (e.g. read back from a manifest or a Ray task)."""
+        rep = cls(max_examples=max_examples)
+        rep._rejects.update(data.get("rejects", {}))
+        rep._notices.update(data.get("notices", {}))
+        for key, msgs in data.get("examples", {}).items():
+            target = rep._examples if key in rep._rejects else rep._notice_examples
+            target[key] = list(msgs)[:max_examples]
+        return rep
+
     def summary(self) -> str:
         """A small human-readable table (for the CLI): counts per reason with the first example message."""
         if not self._rejects and not self._notices:

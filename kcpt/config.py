@@ -253,6 +253,21 @@ class DeepSpeedConfig(Strict):
     offload_optimizer: bool = False
 
 
+class FaultConfig(Strict):
+    """Failure injection for tests (all off by default). Steps count from 1 within ``stage`` (default: the first
+    stage the run trains). Each fault fires once per run (a crash leaves a marker in the run directory)."""
+
+    stage: str | None = None
+    nan_at_step: int | None = Field(None, ge=1)
+    """The training loss of this step becomes NaN (before backward)."""
+    grad_spike_at_step: int | None = Field(None, ge=1)
+    """The training loss of this step is multiplied by ``grad_spike_factor`` (a gradient-norm spike)."""
+    grad_spike_factor: float = Field(1e4, gt=0)
+    crash_at_step: int | None = Field(None, ge=1)
+    """The worker of rank ``crash_rank`` exits abruptly at this step (Ray Train replaces the worker group)."""
+    crash_rank: int = Field(0, ge=0)
+
+
 class TrainConfig(Strict):
     run_name: str = "demo"
     output_dir: str = "runs"
@@ -275,6 +290,11 @@ class TrainConfig(Strict):
     """Checkpoints kept besides each stage's best."""
     max_failures: int = Field(2, ge=0)
     shuffle_buffer_rows: int = Field(256, ge=1)
+    eval_at_start: bool = True
+    """Evaluate once before a stage's first step (step 0: the stage's starting point, not used by stop rules)."""
+    checkpoint_every_eval: bool = True
+    """Save a checkpoint at every eval (needed for resume after a worker failure); else only the best."""
+    faults: FaultConfig = FaultConfig()
 
 
 # --------------------------------------------------------------------------- tune

@@ -1,0 +1,83 @@
+"""Report of one training run directory: per-stage table and the Pareto-optimal checkpoints.
+
+Reads only files (``summary.json``, ``metrics.jsonl``); needs no Ray. The Pareto front is over
+(raw val loss, exam val loss), both minimised, among the evals that saved a checkpoint and measured an exam loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kcpt.analysis.pareto import pareto_records
+from kcpt.errors import InputError
+from kcpt.train.rundir import RunDir, read_metrics
+
+
+def _f(v: Any, nd: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def start_values(metrics: list[dict[str, Any]], stage: str) -> dict[str, Any]:
+    """The stage's first eval record (step 0 when ``train.eval_at_start``), or {}."""
+    recs = [m for m in metrics if m.get("stage") == stage]
+    return min(recs, key=lambda m: m["step"]) if recs else {}
+
+
+def format_stage_table(summaries: dict[str, dict[str, Any]], metrics: list[dict[str, Any]] | None = None) -> str:
+    """One line per stage: steps, stop reason, passed, start → best raw / exam loss, baseline, gate streak."""
+    metrics = metrics or []
+    header = ["stage", "steps", "stop", "passed", "raw start", "raw best", "exam start", "exam best", "baseline",
+              "raw/base", "gate streak", "rollbacks"]
+    rows = []
+    for name, s in summaries.items():
+        st = start_values(metrics, name)
+        base = s.get("baseline_raw_best")
+        raw_best = s.get("best_raw_val_loss")
+        rows.append([name, _f(s.get("steps")), s.get("stop_reason") or "-", _f(s.get("passed")),
+                     _f(st.get("raw_val_loss")), _f(raw_best), _f(st.get("exam_val_loss")),
+                     _f(s.get("best_exam_val_loss")), _f(base),
+                     _f(raw_best / base if raw_best is not None and base else None, 3),
+                     _f(s.get("gate_streak")), _f(s.get("rollbacks"))])
+    return _table(header, rows)
+
+
+def pareto_checkpoints(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Eval records with a checkpoint on the (raw_val_loss, exam_val_loss) Pareto front."""
+    cands = [m for m in metrics if m.get("checkpoint") and m.get("exam_val_loss") is not None
+             and m.get("raw_val_loss") is not None]
+    return pareto_records(cands, ["raw_val_loss", "exam_val_loss"])
+
+
+def format_run_report(run_dir: str | Path) -> str:
+    rd = RunDir(run_dir)
+    if not rd.summary_path.exists() and not rd.metrics_path.exists():
+        raise InputError("not a kcpt run directory (no summary.json or metrics.jsonl)", path=str(run_dir))
+    summary = rd.read_summary()
+    metrics = read_metrics(rd.root)
+    order = summary.get("stage_order") or list(summary.get("stages", {}))
+    stages = {k: summary["stages"][k] for k in order if k in summary.get("stages", {})}
+    parts = [f"run: {rd.root}", "", format_stage_table(stages, metrics)]
+    front = pareto_checkpoints(metrics)
+    parts += ["", "Pareto-optimal checkpoints (raw val loss, exam val loss; both lower is better):"]
+    if front:
+        rows = [[m["stage"], str(m["step"]), _f(m["raw_val_loss"]), _f(m["exam_val_loss"]), _f(m.get("gate_ok")),
+                 m["checkpoint"] + ("" if Path(m["checkpoint"]).exists() else "  (pruned)")] for m in front]
+        parts.append(_table(["stage", "step", "raw", "exam", "gate ok", "checkpoint"], rows))
+    else:
+        parts.append("(none: no eval with both losses saved a checkpoint)")
+    return "\n".join(parts)

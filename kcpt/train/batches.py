@@ -1,0 +1,177 @@
+"""Deterministic per-source batch streams with a resumable cursor, and padded eval batches.
+
+Why not a Ray Data stream: Ray Data cannot checkpoint a stream position (ray#48224) and a shuffled split can
+hand workers short batches mid-stream (ray#66085). Each worker therefore reads the prepared Parquet shards
+(memory-mapped, in file order) and takes its rows by index:
+
+- epoch ``e`` of a source is a permutation of all row indices drawn from ``seed``/source/``e``;
+- worker ``rank`` of ``world`` takes positions ``rank, rank + world, ...`` of the first ``world·(N // world)``
+  (every worker holds the same number of rows, so every worker runs the same number of steps);
+- batch ``c`` (the cursor) is rows ``[c·B, (c+1)·B)`` of the worker's endless concatenation of epochs — no
+  short batch ever, and batch ``c`` is a pure function of (seed, rank, world, B, c), so a resumed run that
+  restores the cursor sees exactly the batches an uninterrupted run would.
+
+Batch tensors: ``input_ids``, ``position_ids``, ``labels`` int64 [B, T]; labels are -100 where no loss.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from kcpt.data.types import IGNORE_INDEX
+from kcpt.errors import InputError
+
+Batch = dict[str, torch.Tensor]
+_COLUMNS = ("input_ids", "position_ids", "labels")
+
+
+@dataclass
+class PackedRows:
+    """All rows of one prepared dataset as int32 arrays [N, T]."""
+
+    name: str
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def shard_files(prepared_dir: str | Path) -> list[Path]:
+    files = sorted(Path(prepared_dir).glob("part-*.parquet"))
+    if not files:
+        raise InputError("no part-*.parquet shards in prepared dataset", path=str(prepared_dir))
+    return files
+
+
+def _column(table: pa.Table, name: str, path: str, seq_len: int | None) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+    n = len(col)
+    if n == 0:
+        return np.zeros((0, seq_len or 0), dtype=np.int32)
+    t = int(lengths[0]) if seq_len is None else seq_len
+    bad = np.nonzero(lengths != t)[0]
+    if bad.size:
+        raise InputError(f"row {int(bad[0])} has {int(lengths[bad[0]])} positions, expected {t}", path=path,
+                         field=name)
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    return values.reshape(n, t)
+
+
+def load_packed_rows(prepared_dir: str | Path, name: str | None = None,
+                     seq_len: int | None = None) -> PackedRows:
+    """Read every ``part-*.parquet`` shard of a prepared dataset (sorted by file name) into memory."""
+    files = shard_files(prepared_dir)
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in _COLUMNS}
+    for f in files:
+        table = pq.read_table(f, columns=list(_COLUMNS), memory_map=True)
+        for c in _COLUMNS:
+            parts[c].append(_column(table, c, str(f), seq_len))
+        seq_len = seq_len if seq_len is not None else (parts["input_ids"][-1].shape[1] or None)
+    arrays = {c: np.concatenate(v) for c, v in parts.items()}
+    if len(arrays["input_ids"]) == 0:
+        raise InputError("prepared dataset has no rows", path=str(prepared_dir))
+    return PackedRows(name or Path(prepared_dir).name, **arrays)
+
+
+def full_labels(input_ids: np.ndarray, position_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Labels for the ``full`` loss on exam rows: every token is a target except segment starts
+    (``position_ids == 0``) and the padding after the row's last labelled token. Shapes [N, T]."""
+    out = input_ids.astype(np.int32, copy=True)
+    out[position_ids == 0] = IGNORE_INDEX
+    t = labels.shape[1]
+    has = labels != IGNORE_INDEX
+    last = np.where(has.any(axis=1), t - 1 - np.argmax(has[:, ::-1], axis=1), -1)
+    out[np.arange(t)[None, :] > last[:, None]] = IGNORE_INDEX
+    return out
+
+
+def to_batch(rows: PackedRows, idx: np.ndarray, device: torch.device | str = "cpu") -> Batch:
+    return {c: torch.from_numpy(getattr(rows, c)[idx].astype(np.int64)).to(device) for c in _COLUMNS}
+
+
+def _stream_seed(seed: int, source: str, epoch: int) -> list[int]:
+    return [seed, zlib.crc32(source.encode()), epoch]
+
+
+class SourceBatches:
+    """Endless deterministic batches of one source for one worker; ``cursor`` = batches consumed so far."""
+
+    def __init__(self, rows: PackedRows, *, rank: int, world: int, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.rows, self.rank, self.world, self.batch_size, self.seed = rows, rank, world, batch_size, seed
+        self.device = device
+        self.per_rank = len(rows) // world
+        if self.per_rank == 0:
+            raise InputError(f"dataset '{rows.name}' has {len(rows)} rows, fewer than the {world} workers")
+        self.cursor = 0
+        self._epoch_cache: tuple[int, np.ndarray] | None = None
+
+    def _epoch_indices(self, epoch: int) -> np.ndarray:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            perm = np.random.default_rng(_stream_seed(self.seed, self.rows.name, epoch)).permutation(len(self.rows))
+            mine = perm[: self.per_rank * self.world][self.rank::self.world]
+            self._epoch_cache = (epoch, mine)
+        return self._epoch_cache[1]
+
+    def indices(self, cursor: int) -> np.ndarray:
+        """Row indices of batch number ``cursor`` on this worker."""
+        start = cursor * self.batch_size
+        out = []
+        pos = start
+        while pos < start + self.batch_size:
+            epoch, off = divmod(pos, self.per_rank)
+            take = min(self.per_rank - off, start + self.batch_size - pos)
+            out.append(self._epoch_indices(epoch)[off:off + take])
+            pos += take
+        return np.concatenate(out)
+
+    def next(self) -> Batch:
+        idx = self.indices(self.cursor)
+        self.cursor += 1
+        return to_batch(self.rows, idx, self.device)
+
+    @property
+    def epoch(self) -> float:
+        return self.cursor * self.batch_size / self.per_rank
+
+    def state_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.cursor = int(state["cursor"])
+
+
+def eval_batches(rows: PackedRows, *, rank: int, world: int, batch_size: int, max_rows: int | None = None,
+                 device: torch.device | str = "cpu") -> list[Batch]:
+    """This worker's share of an eval set (rows ``i % world == rank`` of the first ``max_rows``), in batches.
+
+    Every worker gets the same number of batches (ZeRO-3 needs every rank in every forward): missing rows are
+    filled with copies of row 0 whose labels are all -100, so they add nothing to the loss sums.
+    """
+    n = len(rows) if max_rows is None else min(len(rows), max_rows)
+    mine = np.arange(rank, n, world)
+    per_rank = -(-n // world)
+    n_batches = -(-per_rank // batch_size)
+    out = []
+    for b in range(n_batches):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        pad = per_rank - len(mine) if b == n_batches - 1 else 0
+        batch = to_batch(rows, np.concatenate([idx, np.zeros(pad, dtype=np.int64)]), device)
+        if pad > 0:
+            batch["labels"][len(idx):] = IGNORE_INDEX
+        out.append(batch)
+    return out

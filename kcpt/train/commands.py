@@ -1,0 +1,80 @@
+"""`kcpt train`: run the plan (or some stages) on Ray Train. The jobs in ``jobs/`` call :func:`main` too."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_train_arguments(p: argparse.ArgumentParser, *, with_stages: bool = True) -> None:
+    p.add_argument("--config", help="YAML config (default: the embedded demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (YAML), e.g. --set train.num_workers=1 (repeatable)")
+    p.add_argument("--run-name", help="run directory name under train.output_dir")
+    p.add_argument("--run-dir", help="explicit run directory (overrides output_dir/run_name)")
+    if with_stages:
+        p.add_argument("--stages", help="comma-separated stage names to run (default: the whole plan)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run directory's latest checkpoint (default: start the run over)")
+    p.add_argument("--force", action="store_true", help="resume/load even if tokenizer or data hashes differ")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray with explicit num_cpus)")
+    p.add_argument("--init-checkpoint", help="the first stage starts from this kcpt checkpoint")
+    p.add_argument("--baseline-raw-best", type=float, help="raw val baseline when no stage of the run sets it")
+
+
+def cpt_stages(cfg) -> list[str]:
+    """The CPT part of a plan: its first stage that ``sets_baseline`` (ConfigError if none)."""
+    from kcpt.errors import ConfigError
+
+    names = [s.name for s in cfg.plan if s.sets_baseline][:1]
+    if not names:
+        raise ConfigError("plan: no stage sets_baseline (the CPT stage); nothing for the CPT job to run")
+    return names
+
+
+def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, cpt_only: bool = False) -> int:
+    from kcpt.analysis.run_report import format_stage_table
+    from kcpt.config import load_config
+    from kcpt.train.launch import run_plan
+
+    overrides = list(args.overrides)
+    if args.run_name:
+        overrides.append(f"train.run_name={args.run_name}")
+    cfg = load_config(args.config, overrides)
+    if cpt_only:
+        stages = cpt_stages(cfg)
+    if stages is None and getattr(args, "stages", None):
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    result = run_plan(cfg, stages=stages, run_dir=Path(args.run_dir) if args.run_dir else None,
+                      init_checkpoint=Path(args.init_checkpoint) if args.init_checkpoint else None,
+                      baseline_raw_best=args.baseline_raw_best, resume="auto" if args.resume else "never",
+                      force=args.force, address=args.address)
+    print(format_stage_table(result.summaries, result.metrics))
+    print(f"\nbaseline_raw_best: {result.baseline_raw_best}")
+    print(f"run directory: {result.run_dir}  ({result.wall_s:.0f} s)")
+    print(f"report: kcpt report {result.run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None, *, cpt_only: bool = False, description: str | None = None) -> int:
+    """Entry of ``jobs/*.py``: parse arguments, run, print the table; KcptError → message, exit 2.
+
+    ``cpt_only``: run only the plan's CPT stage (the first stage that ``sets_baseline``)."""
+    from kcpt.errors import KcptError
+
+    p = argparse.ArgumentParser(description=description or __doc__)
+    add_train_arguments(p, with_stages=not cpt_only)
+    args = p.parse_args(argv)
+    try:
+        return run_from_args(args, cpt_only=cpt_only)
+    except KcptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="run the training plan (CPT → stage 1 → 2 → 3) on Ray Train",
+                              description=__doc__)
+    add_train_arguments(p)
+    p.set_defaults(func=lambda args: run_from_args(args))

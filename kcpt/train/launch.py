@@ -1,0 +1,196 @@
+"""Launch the plan on Ray Train: one ``TorchTrainer.fit()`` runs every requested stage.
+
+``run_plan`` prepares (or reuses) the datasets the stages need, creates the run directory, decides where to
+resume from, starts a local Ray when there is none (explicit ``num_cpus``), and runs
+:func:`kcpt.train.loop.stage_loop_per_worker` on ``train.num_workers`` workers (DDP over gloo on CPU, NCCL on
+GPU, or DeepSpeed ZeRO when ``train.deepspeed`` is set). ``FailureConfig(max_failures)`` replaces a dead worker
+group, which resumes from the last checkpoint it reported.
+
+The run directory must be visible to every worker and to the driver (one machine, or shared storage on a
+cluster): checkpoints, metrics.jsonl and summary.json live there, and the Ray Train checkpoints are pointers to
+the kcpt checkpoints in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kcpt.config import KcptConfig
+from kcpt.errors import CheckpointError, ConfigError, KcptError
+from kcpt.train import checkpoint as ckpt_lib
+from kcpt.train.loop import datasets_needed, expected_manifest, stage_loop_per_worker
+from kcpt.train.rundir import RunDir, read_metrics, run_dir_for
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PlanResult", "run_plan", "stage_loop_per_worker", "latest_checkpoint"]
+
+
+@dataclass
+class PlanResult:
+    """What a plan run leaves: per-stage summaries (see ``summary.json``), best checkpoints, the baseline."""
+
+    run_dir: Path
+    summaries: dict[str, dict[str, Any]]
+    best_checkpoints: dict[str, str | None]
+    baseline_raw_best: float | None
+    stages: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.run_dir)
+
+
+def latest_checkpoint(run_dir: RunDir, stages: list[str]) -> Path | None:
+    """The most advanced checkpoint of the run (by stage position, then step), or None."""
+    if not run_dir.checkpoints.is_dir():
+        return None
+    best: tuple[tuple[int, int], Path] | None = None
+    for p in run_dir.checkpoints.iterdir():
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        try:
+            pos_s, rest = p.name.split("-", 1)
+            name, step_s = rest.rsplit("-step", 1)
+            key = (int(pos_s), int(step_s))
+        except ValueError:
+            continue
+        if pos_s.isdigit() and int(pos_s) < len(stages) and stages[int(pos_s)] == name and \
+                (best is None or key > best[0]):
+            best = (key, p)
+    return best[1] if best else None
+
+
+def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
+    """Connect to ``address`` or start a local Ray with explicit ``num_cpus``; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1
+        ray.init(num_cpus=need, num_gpus=cfg.train.num_workers if cfg.train.use_gpu else None,
+                 include_dashboard=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = cfg.logging.progress
+    return True
+
+
+def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path | None = None,
+             init_checkpoint: Path | None = None, baseline_raw_best: float | None = None,
+             resume: Literal["auto", "never"] = "auto", force: bool = False, address: str | None = None,
+             callbacks: list | None = None, reference_checkpoint: Path | None = None) -> PlanResult:
+    """Run ``stages`` (default: the whole plan, in order) in one Ray Train ``fit()``; returns the summaries.
+
+    - ``init_checkpoint``: the first stage starts from these weights (e.g. stage 3 from the stage-2 best);
+    - ``baseline_raw_best``: the raw baseline for gate/exam rules when no stage of this run sets it;
+    - ``reference_checkpoint``: the KL reference for ``kl_reference: cpt_best`` when this run has no CPT stage
+      (default: ``init_checkpoint``);
+    - ``resume="auto"``: continue exactly from the run directory's latest checkpoint if there is one (its
+      tokenizer/data hashes must match unless ``force``); ``"never"``: start over (previous results in the run
+      directory are deleted);
+    - ``address``: an existing Ray cluster; default a local Ray started (and stopped) here;
+    - ``callbacks``: passed to ``RunConfig(callbacks=...)``.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from kcpt.data.prepare import prepare_all
+
+    stages = list(stages) if stages is not None else [s.name for s in cfg.plan]
+    if not stages:
+        raise ConfigError("plan: no stage to run")
+    for s in stages:
+        try:
+            cfg.stage(s)
+        except KeyError:
+            raise ConfigError(f"stages: no stage named '{s}' in plan ({[x.name for x in cfg.plan]})") from None
+    rd = RunDir(Path(run_dir) if run_dir is not None else run_dir_for(cfg)).root.resolve()
+    rd = RunDir(rd)
+    if resume == "never" and rd.root.exists():
+        for p in (rd.metrics_path, rd.summary_path):
+            p.unlink(missing_ok=True)
+        for d in (rd.checkpoints, rd.tb, rd.ray_storage, rd.faults):
+            shutil.rmtree(d, ignore_errors=True)
+    rd.create(cfg)
+
+    prepared = prepare_all(cfg, datasets_needed(cfg, stages), progress=cfg.logging.progress)
+    prepared = {k: Path(v).resolve() for k, v in prepared.items()}
+    expected = expected_manifest(cfg, prepared)
+
+    resume_from: Path | None = None
+    if resume == "auto":
+        resume_from = latest_checkpoint(rd, stages)
+        if resume_from is not None:
+            ckpt_lib.check_compatible(ckpt_lib.read_manifest(resume_from), expected, mode="full", force=force)
+            state = ckpt_lib.load_trainer_state(resume_from)
+            if state["plan"]["stage_order"] != stages:
+                raise CheckpointError(f"{resume_from}: the run directory holds a run of stages "
+                                      f"{state['plan']['stage_order']}, not {stages}; use another run name or "
+                                      "resume='never'")
+            log.info("resuming from %s", resume_from)
+    elif resume != "never":
+        raise ConfigError(f"resume must be 'auto' or 'never', got {resume!r}")
+    for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
+        if p is not None:
+            if not Path(p).is_dir():
+                raise CheckpointError(f"{what} {p}: not a directory")
+            ckpt_lib.check_compatible(ckpt_lib.read_manifest(p), expected, mode="weights_only", force=force)
+
+    t = cfg.train
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"), "stages": stages, "run_dir": str(rd.root),
+        "prepared": {k: str(v) for k, v in prepared.items()},
+        "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
+        "reference_checkpoint": str(Path(reference_checkpoint).resolve()) if reference_checkpoint else None,
+        "baseline_raw_best": baseline_raw_best,
+        "resume_from": str(resume_from) if resume_from else None,
+    }
+    started = _start_ray(cfg, address)
+    t0 = time.perf_counter()
+    try:
+        trainer = TorchTrainer(
+            stage_loop_per_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                         resources_per_worker={"CPU": t.cpus_per_worker,
+                                                               **({"GPU": 1} if t.use_gpu else {})}),
+            run_config=RunConfig(storage_path=str(rd.ray_storage), name=f"fit-{time.strftime('%Y%m%d-%H%M%S')}",
+                                 failure_config=FailureConfig(max_failures=t.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 callbacks=callbacks),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except KcptError:
+        raise
+    except Exception as e:  # unwrap Ray's wrapper around a KcptError raised inside a worker
+        cause: BaseException | None = e
+        while cause is not None:
+            if isinstance(cause, KcptError):
+                raise type(cause)(str(cause)) from e
+            cause = cause.__cause__ or getattr(cause, "cause", None)
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    summary = rd.read_summary()
+    summaries = {s: summary["stages"][s] for s in stages if s in summary.get("stages", {})}
+    return PlanResult(run_dir=rd.root, summaries=summaries,
+                      best_checkpoints={s: v.get("best_checkpoint") for s, v in summaries.items()},
+                      baseline_raw_best=summary.get("baseline_raw_best"), stages=stages,
+                      wall_s=time.perf_counter() - t0)

@@ -73,3 +73,23 @@ def test_proposals_respect_thresholds(min_tokens: int):
         assert props == []
     else:
         assert all(len(tok(w, add_special_tokens=False)["input_ids"]) >= 3 for w in props)
+
+
+def test_cli_audits_and_writes_expanded_tokenizer(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "ko.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), encoding="utf-8")
+    base = _byte_bpe(300)
+    base.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "expanded"
+    res = subprocess.run([sys.executable, "-m", "kcpt.cli", "audit-tokenizer", "--tokenizer", str(tmp_path / "tok"),
+                          "--input", str(src), "--expand", "5", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "tokens / Hangul syllable" in res.stdout and "expanded tokenizer" in res.stdout
+    assert len(AutoTokenizer.from_pretrained(out)) == len(base) + 5

@@ -1,0 +1,413 @@
+"""Checkpoints: one directory each, written atomically, bound to the run's tokenizer, data and config.
+
+Layout of ``<path>/``:
+
+- the HF model (``save_pretrained``: ``config.json``, ``generation_config.json``, ``model*.safetensors``) and
+  the tokenizer (``tokenizer.json``, ...) side by side, so ``from_pretrained(path)`` loads either;
+- ``trainer_state.pt``: ``torch.save`` of the trainer state (optimizer, scheduler, RNG, data cursors, mixture,
+  stop and anomaly state, ...) restricted to tensors and primitive containers, so that
+  :func:`load_trainer_state` can use ``torch.load(weights_only=True)``; numpy values and paths are converted
+  on save (see :func:`to_safe_state`) and the file is read back once before the checkpoint is published;
+- ``manifest.json``: :func:`build_manifest`'s dict + ``files`` (name → size) + ``"complete": true``, written last.
+
+Atomicity: everything is written into a hidden temp dir beside ``path`` (``.<name>.tmp-<pid>-<rand>``, same
+filesystem), fsynced, then renamed to ``path``. A kill at any moment leaves either the complete new checkpoint
+or no directory named ``path``; other checkpoints are never touched. Re-saving onto an existing ``path`` moves
+the old one aside first (``.<name>.old-<pid>``), renames the new one in, then deletes the old one. Deleting
+(pruning) renames a checkpoint to a hidden name before removing it, so a half-deleted one is never listed.
+Leftover hidden dirs of dead saves are removed by :func:`prune_checkpoints` and :func:`remove_stale_temps`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import kcpt
+from kcpt.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.pt"
+FORMAT_VERSION = 1
+_HIDDEN_MARKERS = (".tmp-", ".old-", ".del-")
+
+
+# --------------------------------------------------------------------------- state conversion
+
+
+def to_safe_state(obj: Any, where: str = "trainer_state") -> Any:
+    """Copy of ``obj`` that ``torch.load(weights_only=True)`` accepts: numpy arrays → tensors, numpy scalars →
+    Python numbers, paths → str, mappings → dict. Raises :class:`CheckpointError` naming the key path of
+    anything else that is not a tensor, str, int, float, bool, None, list, tuple or dict."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.Size)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj).copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise CheckpointError(f"{where}: key {k!r} of type {type(k).__name__} cannot be stored; use str/int")
+            out[k] = to_safe_state(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(obj, list):
+        return [to_safe_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(to_safe_state(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise CheckpointError(f"{where}: a {type(obj).__name__} cannot be stored in {TRAINER_STATE} "
+                          "(torch.load weights_only): convert it to tensors or primitive containers")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of python ``random``, numpy's global generator, torch CPU (and CUDA when available)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states restored when present and CUDA is available)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def unwrap_model(model: Any) -> Any:
+    """The HF model inside DDP / DeepSpeed wrappers (``.module`` chains)."""
+    while hasattr(model, "module") and not hasattr(model, "save_pretrained"):
+        model = model.module
+    return model
+
+
+def default_save_model(model: Any, directory: Path) -> None:
+    """``save_pretrained`` (safetensors; transformers 5 always writes safetensors) of the unwrapped model."""
+    unwrap_model(model).save_pretrained(directory)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> dict[str, int]:
+    sizes = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            sizes[p.relative_to(root).as_posix()] = p.stat().st_size
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+    return sizes
+
+
+def _hidden(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename to a hidden name first (atomic), then delete: never a half-deleted visible checkpoint."""
+    doomed = _hidden(path, "del")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_state: dict[str, Any],
+                    manifest: dict[str, Any], save_model_fn: Callable[[Any, Path], None] | None = None,
+                    include_rng: bool = True, verify_state: bool = True) -> Path:
+    """Write a checkpoint directory at ``path`` atomically (see the module docstring); returns ``path``.
+
+    ``model`` may be wrapped (DDP: ``.module`` is unwrapped). ``tokenizer`` may be ``None``. With
+    ``include_rng`` the current RNG states are added as ``trainer_state["rng"]`` unless the caller gave one.
+    ``save_model_fn(model, directory)`` replaces :func:`default_save_model` (e.g. a DeepSpeed-gathered save,
+    or a test's failure injection). ``verify_state`` reads ``trainer_state.pt`` back with ``weights_only=True``
+    before publishing (catches an unloadable state at save time rather than at resume).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = dict(trainer_state)
+    if include_rng and "rng" not in state:
+        state["rng"] = capture_rng_state()
+    state = to_safe_state(state)
+    remove_stale_temps(path.parent, name=path.name)
+    tmp = _hidden(path, "tmp")
+    tmp.mkdir()
+    try:
+        (save_model_fn or default_save_model)(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / TRAINER_STATE)
+        if verify_state:
+            try:
+                torch.load(tmp / TRAINER_STATE, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unpickling refusal, reported with the checkpoint's name
+                raise CheckpointError(f"{path}: trainer state would not load with weights_only=True: {e}") from None
+        sizes = _fsync_tree(tmp)
+        full = {**manifest, "format": FORMAT_VERSION, "files": sizes, "complete": True}
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(full, f, indent=2, sort_keys=True, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = _hidden(path, "old")
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def remove_stale_temps(root: str | Path, *, name: str | None = None) -> list[Path]:
+    """Delete hidden leftovers (``.tmp-``/``.old-``/``.del-`` dirs) of saves by other processes under ``root``
+    (only those of checkpoint ``name`` when given). Returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    me = f"-{os.getpid()}-"
+    for p in root.iterdir():
+        if not (p.is_dir() and p.name.startswith(".") and any(m in p.name for m in _HIDDEN_MARKERS)):
+            continue
+        if name is not None and not p.name.startswith(f".{name}."):
+            continue
+        if me in p.name:   # this process's own save in progress
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_manifest(path: str | Path, *, check_files: bool = True) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; :class:`CheckpointError` if it is missing, incomplete, or (with
+    ``check_files``) a file it lists is missing or has another size."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {path}")
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise CheckpointError(f"incomplete checkpoint {path} (no {MANIFEST}): was a save interrupted?")
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{mf}: unreadable manifest ({e}): was a save interrupted?") from None
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        raise CheckpointError(f"incomplete checkpoint {path} ({MANIFEST} lacks \"complete\": true)")
+    if check_files:
+        for name, size in manifest.get("files", {}).items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{path}: file {name} listed in {MANIFEST} is missing")
+            if f.stat().st_size != size:
+                raise CheckpointError(f"{path}: file {name} has {f.stat().st_size} bytes, {MANIFEST} says {size}")
+    return manifest
+
+
+def model_dir(path: str | Path) -> Path:
+    """Directory to give ``from_pretrained`` (model and tokenizer): the checkpoint itself, once checked complete."""
+    read_manifest(path, check_files=False)
+    return Path(path)
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    """``trainer_state.pt`` of a complete checkpoint, loaded on CPU with ``weights_only=True``."""
+    path = Path(path)
+    read_manifest(path, check_files=False)
+    try:
+        return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {TRAINER_STATE} (a weights-only export?)") from None
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors (or index) to load weights from")
+
+
+def load_model_weights(model: Any, path: str | Path) -> None:
+    """Load a checkpoint's safetensors into an existing model (DDP-wrapped ok), in place.
+
+    Every saved tensor must match a parameter/buffer by name and shape; a parameter missing from the files is
+    accepted only when it is tied to a loaded one (e.g. ``lm_head.weight`` tied to the embeddings).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    read_manifest(path, check_files=False)
+    target = unwrap_model(model)
+    sd: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(path):
+        sd.update(load_file(f))
+    own = target.state_dict()
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if unexpected or shapes:
+        raise CheckpointError(f"{path}: weights do not fit the model: "
+                              + "; ".join([*(f"unexpected {k}" for k in unexpected[:5]), *shapes[:5]]))
+    result = target.load_state_dict(sd, strict=False)
+    loaded_ptrs = {own[k].data_ptr() for k in sd}
+    really_missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
+    if really_missing:
+        raise CheckpointError(f"{path}: checkpoint lacks weights for {really_missing[:5]}"
+                              + (" ..." if len(really_missing) > 5 else ""))
+
+
+# --------------------------------------------------------------------------- manifests and compatibility
+
+
+def build_manifest(*, tokenizer_sha256: str | None, data_sha256: dict[str, str], config_sha256: str | None,
+                   base_model: str | None, restore_mode: str, step: int, stage: str, stage_index: int,
+                   metrics: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The manifest dict of a checkpoint (``save_checkpoint`` adds ``files``, ``format`` and ``complete``)."""
+    return {
+        "kcpt_version": kcpt.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tokenizer_sha256": tokenizer_sha256,
+        "data_sha256": dict(data_sha256),
+        "config_sha256": config_sha256,
+        "base_model": base_model,
+        "restore_mode": restore_mode,
+        "step": int(step),
+        "stage": stage,
+        "stage_index": int(stage_index),
+        "metrics": dict(metrics or {}),
+        **extra,
+    }
+
+
+def _short(x: Any) -> str:
+    return "none" if x is None else (f"{x[:12]}…" if isinstance(x, str) and len(x) > 12 else str(x))
+
+
+def check_compatible(manifest: dict[str, Any], expected: dict[str, Any], *, mode: str, force: bool = False,
+                     where: str = "checkpoint") -> None:
+    """Refuse to restore a checkpoint built with another tokenizer / data / config.
+
+    ``mode="full"``: ``tokenizer_sha256``, ``data_sha256`` (per dataset name) and ``config_sha256`` must equal
+    ``expected``'s (keys absent from ``expected`` are not compared). ``mode="weights_only"``: only
+    ``tokenizer_sha256`` (the vocabulary must be the same). A mismatch raises :class:`CheckpointError` listing
+    what differs; with ``force`` it is logged as a warning instead.
+    """
+    if mode not in ("full", "weights_only"):
+        raise ValueError(f"mode must be 'full' or 'weights_only', got {mode!r}")
+    keys = ["tokenizer_sha256"] + (["data_sha256", "config_sha256"] if mode == "full" else [])
+    diffs = []
+    for key in keys:
+        if key not in expected:
+            continue
+        old, new = manifest.get(key), expected[key]
+        if key == "data_sha256":
+            old, new = old or {}, new or {}
+            for name in sorted(set(old) | set(new)):
+                if old.get(name) != new.get(name):
+                    diffs.append(f"data_sha256[{name!r}]: checkpoint {_short(old.get(name))} vs now "
+                                 f"{_short(new.get(name))}")
+        elif old != new:
+            diffs.append(f"{key}: checkpoint {_short(old)} vs now {_short(new)}")
+    if not diffs:
+        return
+    msg = f"{where} does not match this run ({mode} restore): " + "; ".join(diffs)
+    if force:
+        log.warning("%s — continuing because of --force", msg)
+        return
+    raise CheckpointError(f"{msg}. Pass --force to override.")
+
+
+# --------------------------------------------------------------------------- listing and pruning
+
+
+def _order_key(path: Path, manifest: dict[str, Any]) -> tuple[int, int, str]:
+    return int(manifest.get("stage_index", 0)), int(manifest.get("step", 0)), path.name
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints directly under ``root``, oldest first by (stage_index, step)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        try:
+            found.append((_order_key(p, read_manifest(p, check_files=False)), p))
+        except CheckpointError:
+            continue
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(root: str | Path, keep_last: int, keep: Iterable[str | Path] = ()) -> list[Path]:
+    """Delete complete checkpoints under ``root`` except the last ``keep_last`` and those in ``keep`` (e.g. each
+    stage's best); also removes leftovers of interrupted saves. Returns the deleted checkpoints."""
+    keep_set = {Path(k).resolve() for k in keep}
+    ckpts = list_checkpoints(root)
+    last = set(ckpts[-keep_last:]) if keep_last > 0 else set()
+    removed = []
+    for p in ckpts:
+        if p in last or p.resolve() in keep_set:
+            continue
+        _remove_dir(p)
+        removed.append(p)
+    remove_stale_temps(root)
+    return removed
+
+
+def iter_incomplete(root: str | Path) -> Iterable[Path]:
+    """Visible directories under ``root`` that are not complete checkpoints (for reports)."""
+    root = Path(root)
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.is_dir() and not p.name.startswith("."):
+            try:
+                read_manifest(p, check_files=False)
+            except CheckpointError:
+                yield p

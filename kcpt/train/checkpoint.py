@@ -248,14 +248,14 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> dict[str, An
 
 def model_dir(path: str | Path) -> Path:
     """Directory to give ``from_pretrained`` (model and tokenizer): the checkpoint itself, once checked complete."""
-    read_manifest(path, check_files=False)
+    read_manifest(path)
     return Path(path)
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
     """``trainer_state.pt`` of a complete checkpoint, loaded on CPU with ``weights_only=True``."""
     path = Path(path)
-    read_manifest(path, check_files=False)
+    read_manifest(path)
     try:
         return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -282,7 +282,7 @@ def load_model_weights(model: Any, path: str | Path) -> None:
     from safetensors.torch import load_file
 
     path = Path(path)
-    read_manifest(path, check_files=False)
+    read_manifest(path)
     target = unwrap_model(model)
     sd: dict[str, torch.Tensor] = {}
     for f in _safetensors_files(path):

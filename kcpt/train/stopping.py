@@ -164,7 +164,8 @@ def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, ex
             if final:
                 stop_now, reason = True, "max_steps: raw over tolerance"
         elif final:
-            stop_now, reason = True, "max_steps: exam target not reached and exam still improving"
+            stop_now = True
+            reason = "max_steps: exam not done" + (", raw over tolerance" if raw_ok is False else "")
     elif stop.rule == "gate":
         metric = exam
         gate_ok = bool(raw_ok) and exam_hit

@@ -1,0 +1,143 @@
+"""Results of a tune experiment as plain files: ``trials.parquet``, ``best_config.yaml``, ``best_trial.json``.
+
+Everything is read back from the Optuna study (the searcher stores the gate summary as user attributes) and
+the experiment manifest, so export works after a crash or from another machine that can reach the storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from kcpt.config import dump_config, load_config
+from kcpt.errors import InputError
+from kcpt.tune.searcher import CONSTRAINT_NAME
+from kcpt.tune.space import apply_params, mixture_weights
+
+#: Columns of trials.parquet besides one ``param_<name>`` column per sampled parameter.
+TRIAL_COLUMNS = ("trial_number", "ray_trial_id", "status", "objective", "constraint", "feasible", "gate_passed",
+                 "steps_to_gate", "tokens_to_gate", "selected_step", "selected_raw_val_loss",
+                 "selected_exam_val_loss", "selected_raw_ratio", "num_evals", "stopped_early", "checkpoint_path",
+                 "run_dir", "trial_dir")
+
+
+@dataclass
+class ExportPaths:
+    trials: Path
+    best_config: Path | None
+    best: dict[str, Any] | None
+    table: pd.DataFrame
+
+
+def read_manifest(experiment_dir: str | Path) -> dict[str, Any]:
+    path = Path(experiment_dir) / "experiment.json"
+    if not path.exists():
+        raise InputError(f"{path}: not a kcpt tune experiment (no experiment.json)", path=str(path))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_study(experiment_dir: str | Path, storage: str | None = None) -> optuna.Study:
+    m = read_manifest(experiment_dir)
+    return optuna.load_study(study_name=m["study_name"], storage=storage or m["storage"])
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per Optuna trial (see :data:`TRIAL_COLUMNS`); ``feasible`` is True only for COMPLETE trials
+    whose constraint is ≤ 0."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        ua = t.user_attrs
+        c = t.constraints.get(CONSTRAINT_NAME) if t.constraints else None
+        def _int(k: str, ua: dict[str, Any] = ua) -> int | None:
+            v = _num(ua.get(k))
+            return None if v is None or v < 0 else int(v)
+        row: dict[str, Any] = {
+            "trial_number": t.number, "ray_trial_id": ua.get("ray_trial_id"), "status": t.state.name,
+            "objective": t.value if t.state == optuna.trial.TrialState.COMPLETE else _num(ua.get("gate_objective")),
+            "constraint": c, "feasible": bool(t.state == optuna.trial.TrialState.COMPLETE and c is not None
+                                              and c <= 0),
+            "gate_passed": bool(ua.get("gate_passed", False)), "steps_to_gate": _int("steps_to_gate"),
+            "tokens_to_gate": _int("tokens_to_gate"), "selected_step": _int("selected_step"),
+            "selected_raw_val_loss": _num(ua.get("selected_raw_val_loss")),
+            "selected_exam_val_loss": _num(ua.get("selected_exam_val_loss")),
+            "selected_raw_ratio": _num(ua.get("selected_raw_ratio")),
+            "num_evals": int(ua.get("num_evals") or 0), "stopped_early": bool(ua.get("stopped_early", False)),
+            "checkpoint_path": ua.get("checkpoint_path") or None, "run_dir": ua.get("run_dir"),
+            "trial_dir": ua.get("trial_dir"),
+        }
+        for k, v in t.params.items():
+            row[f"param_{k}"] = v
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=None if rows else list(TRIAL_COLUMNS))
+    for k in ("steps_to_gate", "tokens_to_gate", "selected_step"):
+        if k in df:
+            df[k] = df[k].astype("Int64")
+    return df
+
+
+def best_feasible_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """``study.best_trial`` (Optuna picks among feasible trials only); ``None`` when no trial is feasible."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def export_results(experiment_dir: str | Path) -> ExportPaths:
+    """Write ``trials.parquet``, ``best_trial.json`` and (when a feasible trial exists) ``best_config.yaml``."""
+    exp = Path(experiment_dir)
+    m = read_manifest(exp)
+    study = load_study(exp)
+    df = trials_frame(study)
+    trials_path = exp / "trials.parquet"
+    df.to_parquet(trials_path, index=False)
+    best = best_feasible_trial(study)
+    best_info: dict[str, Any] | None = None
+    best_cfg_path: Path | None = exp / "best_config.yaml"
+    if best is not None:
+        cfg = load_config(exp / "config.yaml")
+        params = dict(best.params)
+        best_cfg = apply_params(cfg, params, m["stage"])
+        dump_config(best_cfg, best_cfg_path)
+        best_info = {"trial_number": best.number, "ray_trial_id": best.user_attrs.get("ray_trial_id"),
+                     "objective": best.value, "constraint": best.constraints.get(CONSTRAINT_NAME),
+                     "params": params, "mixture": mixture_weights(params, cfg.tune.space)
+                     if "exam_fraction" in params else None,
+                     "checkpoint_path": best.user_attrs.get("checkpoint_path"),
+                     "gate_passed": best.user_attrs.get("gate_passed")}
+    else:
+        if best_cfg_path.exists():
+            best_cfg_path.unlink()
+        best_cfg_path = None
+    (exp / "best_trial.json").write_text(json.dumps(best_info, indent=2, default=str), encoding="utf-8")
+    return ExportPaths(trials_path, best_cfg_path, best_info, df)
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """The trial table as fixed-width text (one line per trial, sampled params abbreviated)."""
+    if df.empty:
+        return "(no trials)"
+    cols = {"trial_number": "#", "status": "status", "objective": "exam@sel", "constraint": "raw_gate",
+            "feasible": "feas", "gate_passed": "gate", "steps_to_gate": "steps_gate", "selected_step": "sel_step"}
+    params = [c for c in df.columns if c.startswith("param_")]
+    out = df[[c for c in cols if c in df.columns] + params].rename(columns=cols)
+    out = out.rename(columns={p: p.removeprefix("param_") for p in params})
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format",
+                           lambda v: f"{v:.4g}"):
+        return out.to_string(index=False)

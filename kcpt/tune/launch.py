@@ -1,0 +1,355 @@
+"""Ray Tune + Optuna over one stage of the plan (stage 3 by default), with the gate as objective.
+
+:func:`tune_stage3` is what ``jobs/tune_stage3.py`` and ``kcpt tune`` call:
+
+1. start (or join) Ray; 2. make or reuse the checkpoints of the stages before the tuned one
+(:func:`ensure_prerequisites`, one run dir per config hash); 3. run a ``Tuner`` whose trials each run the tuned
+stage with their sampled config from the SAME previous-stage best checkpoint and the SAME ``baseline_raw_best``
+(one TorchTrainer per trial via :func:`kcpt.train.launch.run_plan`, metrics forwarded to Tune by
+:class:`GateReportCallback`), searched by :class:`~kcpt.tune.searcher.ConstrainedOptunaSearch` and stopped early
+by ASHA; 4. export ``trials.parquet`` and ``best_config.yaml`` (:mod:`kcpt.tune.export`).
+
+Experiment directory (absolute)::
+
+    experiment.json   what was tuned: storage URL, study name, baseline, eps, exam target, paths
+    config.yaml       the base config
+    optuna.db         the Optuna study (default storage; any SQLAlchemy URL via ``storage``)
+    tune/             Ray Tune's experiment (result.json / progress.csv / TensorBoard events per trial)
+    runs/<trial_id>/  the stage-loop run dir of each trial (metrics.jsonl, summary.json, checkpoints/, tb/)
+    trials.parquet    one row per trial;  best_config.yaml   the full config of the best feasible trial
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from kcpt.config import KcptConfig, dump_config
+from kcpt.errors import CheckpointError, ConfigError
+from kcpt.hashing import sha256_json
+from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
+from kcpt.tune.searcher import FINAL_KEY, ConstrainedOptunaSearch, make_sampler
+from kcpt.tune.space import SpaceSampler, apply_params
+
+TUNE_RUN_NAME = "tune"
+METRIC = "gate_score"
+
+
+# --------------------------------------------------------------------------- prerequisites
+
+
+@dataclass
+class Prerequisites:
+    """Where every trial starts: the previous stage's best checkpoint and the baseline raw loss."""
+
+    run_dir: Path
+    init_checkpoint: Path | None
+    baseline_raw_best: float | None
+    reused: bool = False
+
+
+def stages_before(cfg: KcptConfig, stage: str | None = None) -> list[str]:
+    names = [st.name for st in cfg.plan]
+    stage = stage or cfg.tune.stage
+    return names[: names.index(stage)]
+
+
+def prerequisite_key(cfg: KcptConfig, stage: str | None = None) -> str:
+    """Hash of everything the pre-tune stages depend on (model, tokenizer, data, those stages, train)."""
+    before = set(stages_before(cfg, stage))
+    d = cfg.model_dump(mode="json")
+    for k in ("run_name", "output_dir"):
+        d["train"].pop(k, None)
+    return sha256_json({"model": d["model"], "tokenizer": d["tokenizer"], "data": d["data"], "train": d["train"],
+                        "plan": [s for s in d["plan"] if s["name"] in before]})
+
+
+def _plan_field(result: Any, name: str, default: Any = None) -> Any:
+    return getattr(result, name, None) if not isinstance(result, Mapping) else result.get(name, default)
+
+
+def _best_checkpoint_from_summary(summary: Mapping[str, Any], stage: str) -> str | None:
+    st = (summary.get("stages") or {}).get(stage) or {}
+    for k in ("best_checkpoint", "best_checkpoint_path", "best_path"):
+        if st.get(k):
+            return str(st[k])
+    bc = summary.get("best_checkpoints") or {}
+    return str(bc[stage]) if bc.get(stage) else None
+
+
+def _read_prerequisites(run_dir: Path, last_stage: str | None) -> Prerequisites:
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    ckpt = _best_checkpoint_from_summary(summary, last_stage) if last_stage else None
+    if last_stage and ckpt is None:
+        raise CheckpointError(f"{run_dir / 'summary.json'}: no best checkpoint recorded for stage '{last_stage}'")
+    baseline = summary.get("baseline_raw_best")
+    path = None
+    if ckpt is not None:
+        path = Path(ckpt) if Path(ckpt).is_absolute() else run_dir / ckpt
+    return Prerequisites(run_dir, path, None if baseline is None else float(baseline))
+
+
+def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Path | None = None,
+                         address: str | None = None) -> Prerequisites:
+    """Run (or reuse) the stages before ``stage`` in ``<root>/prereq-<hash12>/`` and return where trials start.
+
+    Reused when that run dir's ``summary.json`` records every stage before ``stage``. ``root`` defaults to
+    ``train.output_dir``.
+    """
+    before = stages_before(cfg, stage)
+    root = Path(root if root is not None else cfg.train.output_dir).resolve()
+    run_dir = root / f"prereq-{prerequisite_key(cfg, stage)[:12]}"
+    last = before[-1] if before else None
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        done = json.loads(summary_path.read_text(encoding="utf-8")).get("stages") or {}
+        if all(s in done for s in before):
+            pre = _read_prerequisites(run_dir, last)
+            pre.reused = True
+            return pre
+    if not before:
+        return Prerequisites(run_dir, None, None)
+    from kcpt.train.launch import run_plan
+
+    result = run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address)
+    best = _plan_field(result, "best_checkpoints") or {}
+    baseline = _plan_field(result, "baseline_raw_best")
+    if last in best and best[last] is not None:
+        return Prerequisites(run_dir, Path(best[last]), None if baseline is None else float(baseline))
+    return _read_prerequisites(run_dir, last)
+
+
+# --------------------------------------------------------------------------- per-trial reporting
+
+
+class GateReportCallback(TuneReportCallback):
+    """Forwards each eval the stage loop reports (rank 0's metrics) to Ray Tune, with the running gate
+    objective (:data:`kcpt.tune.objective.GATE_KEYS`) added. Runs on the Ray Train controller."""
+
+    def __init__(self, spec: GateSpec, stage: str, extra: Mapping[str, Any] | None = None):
+        super().__init__()
+        self._tracker = GateTracker(spec)
+        self._stage = stage
+        self._extra = dict(extra or {})
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        m = dict(metrics[0])
+        if m.get("stage") not in (None, self._stage):
+            return
+        m.update(self._tracker.update(m))
+        m.update(self._extra)
+        m[FINAL_KEY] = False
+        if checkpoint:
+            m["checkpoint_path"] = checkpoint.path
+        self._training_actor_item_queue.put(m)
+
+
+TrialRunner = Callable[..., Any]
+"""``runner(cfg, *, stage, run_dir, init_checkpoint, baseline_raw_best, callbacks) -> PlanResult | dict``."""
+
+
+def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path, init_checkpoint: Path | None,
+                    baseline_raw_best: float | None, callbacks: list[Any]) -> Any:
+    """Default trial runner: the real stage loop, one TorchTrainer, via :func:`kcpt.train.launch.run_plan`."""
+    from kcpt.train.launch import run_plan
+
+    return run_plan(cfg, stages=[stage], run_dir=run_dir, init_checkpoint=init_checkpoint,
+                    baseline_raw_best=baseline_raw_best, resume="auto", callbacks=callbacks)
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial needs besides its sampled parameters (sent once to the trial actors)."""
+
+    base_config: dict[str, Any]
+    stage: str
+    init_checkpoint: str | None
+    baseline_raw_best: float | None
+    runs_dir: str
+    runner: TrialRunner = run_stage_trial
+
+
+def _stage_evals(run_dir: Path, stage: str) -> list[dict[str, Any]]:
+    from kcpt.train.rundir import read_metrics
+
+    return [m for m in read_metrics(run_dir) if m.get("stage") in (None, stage)]
+
+
+def _best_checkpoint_of(result: Any, run_dir: Path, stage: str) -> str | None:
+    best = _plan_field(result, "best_checkpoints") or {}
+    if isinstance(best, Mapping) and best.get(stage):
+        return str(best[stage])
+    if (run_dir / "summary.json").exists():
+        return _best_checkpoint_from_summary(json.loads((run_dir / "summary.json").read_text("utf-8")), stage)
+    return None
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune function trainable: run the tuned stage with the sampled ``config`` and report its gate summary
+    as a last result with ``trial_final=True`` (the searcher tells Optuna COMPLETE only for such trials)."""
+    from kcpt.config import config_from_dict
+
+    base = config_from_dict(ctx.base_config, "<tune base config>")
+    cfg = apply_params(base, config, ctx.stage)
+    cfg.train.num_workers = base.tune.num_workers
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(ctx.runs_dir) / trial_id
+    spec = GateSpec.from_stage(cfg.stage(ctx.stage), ctx.baseline_raw_best, cfg.tune.infeasible_penalty)
+    extra = {"run_dir": str(run_dir), "trial_dir": tune.get_context().get_trial_dir()}
+    result = ctx.runner(cfg, stage=ctx.stage, run_dir=run_dir,
+                        init_checkpoint=None if ctx.init_checkpoint is None else Path(ctx.init_checkpoint),
+                        baseline_raw_best=ctx.baseline_raw_best, callbacks=[GateReportCallback(spec, ctx.stage, extra)])
+    outcome = gate_outcome(_stage_evals(run_dir, ctx.stage), spec)
+    final = {**outcome.as_metrics(), **extra, FINAL_KEY: True,
+             "checkpoint_path": _best_checkpoint_of(result, run_dir, ctx.stage) or ""}
+    tune.report(final)
+
+
+# --------------------------------------------------------------------------- the tune job
+
+
+@dataclass
+class TuneRunResult:
+    experiment_dir: Path
+    storage: str
+    study_name: str
+    prerequisites: Prerequisites
+    trials_path: Path
+    best_config_path: Path | None
+    best: dict[str, Any] | None
+    table: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_experiment_dir(cfg: KcptConfig) -> Path:
+    return Path(cfg.tune.experiment_dir).resolve() / f"{cfg.tune.study_name}-{cfg.sha256()[:8]}"
+
+
+def default_storage(experiment_dir: Path) -> str:
+    return f"sqlite:///{Path(experiment_dir).resolve() / 'optuna.db'}"
+
+
+def ray_cpus_needed(cfg: KcptConfig) -> int:
+    """Logical CPUs for a local Ray: per concurrent trial 1 (the trial) + its Train workers; at least 3."""
+    per_trial = 1 + math.ceil(cfg.tune.num_workers * cfg.train.cpus_per_worker)
+    return max(3, cfg.tune.max_concurrent * per_trial)
+
+
+def init_ray(cfg: KcptConfig, address: str | None = None) -> bool:
+    """Join ``address`` (or ``RAY_ADDRESS``, set inside ``ray job submit``) or start a local Ray with explicit
+    ``num_cpus``. Returns True when this call started Ray (the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.tune.num_cpus or ray_cpus_needed(cfg))
+    return True
+
+
+def _logger_callbacks(cfg: KcptConfig, experiment_dir: Path) -> list[Any]:
+    cbs: list[Any] = []
+    if cfg.logging.mlflow_tracking_uri:
+        try:
+            import mlflow  # noqa: F401
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+        except ImportError as e:
+            raise ConfigError("logging.mlflow_tracking_uri is set but mlflow is not installed "
+                              "(pip install 'kcpt[mlflow]')") from e
+        cbs.append(MLflowLoggerCallback(tracking_uri=cfg.logging.mlflow_tracking_uri,
+                                        experiment_name=f"{cfg.tune.study_name}", save_artifact=False))
+    return cbs
+
+
+def build_searcher(cfg: KcptConfig, *, storage: str, study_name: str, sampler: str = "tpe"
+                   ) -> ConstrainedOptunaSearch:
+    import optuna
+
+    space = cfg.tune.space
+    return ConstrainedOptunaSearch(
+        space=SpaceSampler(space),
+        metric=METRIC, mode="min",
+        sampler=make_sampler(sampler, seed=cfg.tune.sampler_seed, n_startup_trials=cfg.tune.n_startup_trials),
+        study_name=study_name, storage=optuna.storages.RDBStorage(storage) if "://" in storage else None,
+    )
+
+
+def build_scheduler(cfg: KcptConfig) -> Any:
+    if not cfg.tune.asha.enabled:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    st = cfg.stage(cfg.tune.stage)
+    max_steps = int(cfg.tune.stage_overrides.get("max_steps", st.max_steps))
+    eval_every = int(cfg.tune.stage_overrides.get("eval_every", st.eval_every))
+    max_t = math.ceil(max_steps / eval_every) + 2  # evals (+ the step-0 eval and the final summary report)
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=cfg.tune.asha.grace_period,
+                         reduction_factor=cfg.tune.asha.reduction_factor)
+
+
+def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, resume: bool = False,
+                address: str | None = None, runner: TrialRunner | None = None,
+                prerequisites: Prerequisites | None = None, sampler: str = "tpe",
+                verbose: int = 1) -> TuneRunResult:
+    """Tune ``cfg.tune.stage`` (see the module docstring). ``cfg.tune`` supplies num_samples, max_concurrent,
+    storage (default SQLite in the experiment dir), study_name. ``resume`` restores the Tune experiment (and the
+    study continues from its storage). ``runner`` replaces the real stage loop (tests of the plumbing only)."""
+    from kcpt.tune.export import export_results, format_table
+
+    exp_dir = Path(experiment_dir).resolve() if experiment_dir else default_experiment_dir(cfg)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    storage = cfg.tune.storage or default_storage(exp_dir)
+    study_name = cfg.tune.study_name
+    stage = cfg.tune.stage
+    started = init_ray(cfg, address)
+    try:
+        pre = prerequisites or ensure_prerequisites(cfg, stage=stage, address=address)
+        st = apply_params(cfg, {}, stage).stage(stage)
+        dump_config(cfg, exp_dir / "config.yaml")
+        manifest = {
+            "kind": "kcpt-tune", "stage": stage, "study_name": study_name, "storage": storage,
+            "metric": METRIC, "objective": "gate_objective (exam_val_loss at the selected eval, min)",
+            "constraint": "raw_gate = raw_ratio - (1 + eps) at the selected eval (<= 0 feasible)",
+            "baseline_raw_best": pre.baseline_raw_best, "eps": st.stop.raw_tolerance,
+            "exam_target": st.stop.exam_target, "consecutive": st.stop.consecutive,
+            "init_checkpoint": None if pre.init_checkpoint is None else str(pre.init_checkpoint),
+            "prereq_run_dir": str(pre.run_dir), "tune_dir": str(exp_dir / TUNE_RUN_NAME),
+            "runs_dir": str(exp_dir / "runs"), "config_sha256": cfg.sha256(), "sampler": sampler,
+        }
+        (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        ctx = TrialContext(cfg.model_dump(mode="json"), stage,
+                           None if pre.init_checkpoint is None else str(pre.init_checkpoint),
+                           pre.baseline_raw_best, str(exp_dir / "runs"), runner or run_stage_trial)
+        trainable = tune.with_parameters(run_trial, ctx=ctx)
+        tune_path = exp_dir / TUNE_RUN_NAME
+        if resume and tune.Tuner.can_restore(str(tune_path)):
+            tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_errored=True,
+                                       restart_errored=False, resume_unfinished=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=build_searcher(cfg, storage=storage, study_name=study_name, sampler=sampler),
+                    scheduler=build_scheduler(cfg), metric=METRIC, mode="min",
+                    num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent),
+                run_config=tune.RunConfig(name=TUNE_RUN_NAME, storage_path=str(exp_dir), verbose=verbose,
+                                          callbacks=_logger_callbacks(cfg, exp_dir)),
+            )
+        tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    paths = export_results(exp_dir)
+    return TuneRunResult(exp_dir, storage, study_name, pre, paths.trials, paths.best_config, paths.best,
+                         format_table(paths.table))

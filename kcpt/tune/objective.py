@@ -1,0 +1,143 @@
+"""The dual-constraint gate as a tuning objective.
+
+For one trial (the evals of one stage-3 run, in order), with ``eps`` = ``stop.raw_tolerance``:
+
+- feasible evals: ``raw_ratio ≤ 1 + eps`` where ``raw_ratio = raw_val_loss / baseline_raw_best``;
+- selected eval: the feasible eval with the lowest exam val loss; when none is feasible, the eval with the
+  lowest raw ratio (and the trial is infeasible);
+- ``objective`` = exam val loss at the selected eval (minimised);
+- ``constraint`` = raw_ratio − (1 + eps) at the selected eval (≤ 0 feasible);
+- ``score`` = objective + penalty · max(0, constraint): one number ASHA can rank trials by;
+- ``gate_passed``: the stage gate (raw ≤ baseline·(1+eps) AND exam ≤ target) held for ``consecutive`` evals
+  in a row; ``steps_to_gate`` / ``tokens_to_gate`` at the eval where it first did.
+
+Evals at step 0 (the stage's starting point) are never selected: they measure the stage-2 checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: Keys of the running gate metrics added to every reported eval (see :meth:`GateTracker.update`).
+GATE_KEYS = ("gate_score", "gate_objective", "gate_constraint", "gate_feasible", "gate_passed", "steps_to_gate",
+             "tokens_to_gate", "selected_step", "selected_raw_val_loss", "selected_exam_val_loss",
+             "selected_raw_ratio", "num_evals")
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What the gate compares: the baseline raw loss, the tolerance, the exam target, the streak length."""
+
+    baseline_raw_best: float | None
+    eps: float
+    exam_target: float | None
+    consecutive: int = 1
+    penalty: float = 100.0
+
+    @classmethod
+    def from_stage(cls, stage: Any, baseline_raw_best: float | None, penalty: float = 100.0) -> GateSpec:
+        """From a :class:`~kcpt.config.StageConfig` (its ``stop`` section)."""
+        return cls(baseline_raw_best, stage.stop.raw_tolerance, stage.stop.exam_target, stage.stop.consecutive,
+                   penalty)
+
+
+@dataclass
+class GateOutcome:
+    """The trial-level result of the gate objective (all ``None`` while no usable eval exists)."""
+
+    gate_score: float | None = None
+    gate_objective: float | None = None
+    gate_constraint: float | None = None
+    gate_feasible: bool = False
+    gate_passed: bool = False
+    steps_to_gate: int | None = None
+    tokens_to_gate: int | None = None
+    selected_step: int | None = None
+    selected_raw_val_loss: float | None = None
+    selected_exam_val_loss: float | None = None
+    selected_raw_ratio: float | None = None
+    num_evals: int = 0
+
+    def as_metrics(self) -> dict[str, Any]:
+        """Flat dict with the :data:`GATE_KEYS` (``None`` becomes NaN for numeric keys, so loggers accept it)."""
+        d = asdict(self)
+        for k in ("gate_score", "gate_objective", "gate_constraint", "selected_raw_val_loss",
+                  "selected_exam_val_loss", "selected_raw_ratio"):
+            if d[k] is None:
+                d[k] = math.nan
+        for k in ("steps_to_gate", "tokens_to_gate", "selected_step"):
+            if d[k] is None:
+                d[k] = -1
+        return d
+
+
+def _num(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+class GateTracker:
+    """Running gate objective over the evals of one trial; feed evals in order with :meth:`update`."""
+
+    def __init__(self, spec: GateSpec):
+        self.spec = spec
+        self.outcome = GateOutcome()
+        self._best_feasible: tuple[float, Mapping[str, Any], float] | None = None
+        self._best_ratio: tuple[float, Mapping[str, Any], float] | None = None
+        self._streak = 0
+
+    def raw_ratio(self, m: Mapping[str, Any]) -> float | None:
+        r = _num(m.get("raw_ratio"))
+        if r is None and self.spec.baseline_raw_best:
+            raw = _num(m.get("raw_val_loss"))
+            r = None if raw is None else raw / self.spec.baseline_raw_best
+        return r
+
+    def update(self, m: Mapping[str, Any]) -> dict[str, Any]:
+        """Add one eval's metrics (stage-loop names); return the running :class:`GateOutcome` as metrics."""
+        o, s = self.outcome, self.spec
+        step = int(m.get("step", -1))
+        ratio, exam = self.raw_ratio(m), _num(m.get("exam_val_loss"))
+        if step == 0 or ratio is None or exam is None:
+            return o.as_metrics()
+        o.num_evals += 1
+        feasible = ratio <= 1.0 + s.eps
+        if feasible and (self._best_feasible is None or exam < self._best_feasible[0]):
+            self._best_feasible = (exam, m, ratio)
+        if self._best_ratio is None or ratio < self._best_ratio[2]:
+            self._best_ratio = (exam, m, ratio)
+        # gate streak: the loop's own bookkeeping when reported, else recomputed from the spec
+        if "gate_streak" in m and _num(m.get("gate_streak")) is not None:
+            self._streak = int(m["gate_streak"])
+        else:
+            ok = feasible and (s.exam_target is None or exam <= s.exam_target)
+            self._streak = self._streak + 1 if ok else 0
+        if not o.gate_passed and self._streak >= s.consecutive:
+            o.gate_passed = True
+            o.steps_to_gate = step
+            tok = _num(m.get("tokens_seen"))
+            o.tokens_to_gate = None if tok is None else int(tok)
+        exam_sel, msel, ratio_sel = self._best_feasible or self._best_ratio  # type: ignore[misc]
+        o.gate_feasible = self._best_feasible is not None
+        o.gate_objective = exam_sel
+        o.gate_constraint = ratio_sel - (1.0 + s.eps)
+        o.gate_score = exam_sel + s.penalty * max(0.0, o.gate_constraint)
+        o.selected_step = int(msel.get("step", -1))
+        o.selected_raw_val_loss = _num(msel.get("raw_val_loss"))
+        o.selected_exam_val_loss = exam_sel
+        o.selected_raw_ratio = ratio_sel
+        return o.as_metrics()
+
+
+def gate_outcome(evals: Iterable[Mapping[str, Any]], spec: GateSpec) -> GateOutcome:
+    """The :class:`GateOutcome` of a finished list of evals (in step order)."""
+    t = GateTracker(spec)
+    for m in evals:
+        t.update(m)
+    return t.outcome

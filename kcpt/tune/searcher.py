@@ -1,0 +1,125 @@
+"""Ray Tune's OptunaSearch with the gate's constraint and honest trial states.
+
+Stock ``OptunaSearch`` tells Optuna only the objective of the last result: a metric-based constraint never
+reaches the study, and a trial stopped early by ASHA becomes COMPLETE with an early value. This subclass:
+
+- on completion, calls ``trial.set_constraint("raw_gate", gate_constraint)`` (Optuna 5; Optuna's TPE reads
+  ``trial.constraints`` itself, so the sampler is constrained with no ``constraints_func``) before ``tell``;
+- tells COMPLETE with ``gate_objective`` only when the trial ran its stage to the end (the trainable's last
+  report carries ``trial_final=True``); a trial stopped by the scheduler is told PRUNED (its intermediate
+  ``gate_score`` values stay for the sampler), an errored one FAIL;
+- stores the gate summary (``gate_passed``, ``steps_to_gate``, …, ``checkpoint_path``, ``run_dir``,
+  ``ray_trial_id``) as Optuna user attributes, so the study alone holds the trial table.
+
+The best trial is ``study.best_trial`` (feasible trials only), never Tune's ``get_best_result``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from kcpt.tune.objective import GATE_KEYS
+
+logger = logging.getLogger(__name__)
+
+CONSTRAINT_NAME = "raw_gate"
+FINAL_KEY = "trial_final"
+_USER_ATTR_KEYS = (*GATE_KEYS, "checkpoint_path", "run_dir", "trial_dir", "stop_reason")
+
+
+def make_sampler(kind: str, *, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
+    """``"tpe"``: TPE (constrained through ``set_constraint``), ``"random"``: uniform random search."""
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler '{kind}' (tpe | random)")
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item"):
+        v = v.item()
+    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that passes the gate constraint to Optuna and marks early-stopped trials PRUNED.
+
+    ``metric`` (what Tune's scheduler and the intermediate reports use) is normally ``gate_score``;
+    ``objective_key`` / ``constraint_key`` name the result entries told to Optuna at completion.
+    """
+
+    def __init__(self, *args: Any, objective_key: str = "gate_objective", constraint_key: str = "gate_constraint",
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._objective_key = objective_key
+        self._constraint_key = constraint_key
+        self._final_results: dict[str, dict[str, Any]] = {}
+        self._last_results: dict[str, dict[str, Any]] = {}
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    def suggest(self, trial_id: str) -> dict | None:
+        cfg = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and "ray_trial_id" not in ot_trial.user_attrs:
+            ot_trial.set_user_attr("ray_trial_id", trial_id)
+        return cfg
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials:
+            return
+        self._last_results[trial_id] = dict(result)
+        if result.get(FINAL_KEY):
+            self._final_results[trial_id] = dict(result)
+        value = result.get(self.metric)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return  # no usable eval yet: nothing for Optuna's intermediate values
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        final = self._final_results.get(trial_id)
+        if result and result.get(FINAL_KEY):
+            final = dict(result)
+        summary = final or (dict(result) if result else None) or self._last_results.get(trial_id) or {}
+        for k in _USER_ATTR_KEYS:
+            if k in summary:
+                ot_trial.set_user_attr(k, _clean(summary[k]))
+        constraint = summary.get(self._constraint_key)
+        objective = summary.get(self._objective_key)
+        has_constraint = isinstance(constraint, (int, float)) and math.isfinite(constraint)
+        has_objective = isinstance(objective, (int, float)) and math.isfinite(objective)
+        if has_constraint:
+            ot_trial.set_constraint(CONSTRAINT_NAME, float(constraint))
+        if error:
+            state, value = TrialState.FAIL, None
+        elif final is not None and has_objective and has_constraint:
+            state, value = TrialState.COMPLETE, float(objective)
+        elif final is not None:
+            # ran to the end without a single usable eval: nothing to learn from but the failure
+            state, value = TrialState.FAIL, None
+        else:
+            state, value = TrialState.PRUNED, None  # stopped early by the scheduler
+            # the result that made the scheduler stop the trial reaches on_trial_complete, not on_trial_result
+            score, step = summary.get(self.metric), summary.get("training_iteration")
+            if isinstance(score, (int, float)) and math.isfinite(score) and step is not None:
+                ot_trial.report(float(score), int(step))  # Optuna ignores a step already reported
+        ot_trial.set_user_attr("stopped_early", final is None and not error)
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except Exception as exc:  # noqa: BLE001 - Optuna refuses e.g. NaN values; keep tuning
+            logger.warning("optuna tell failed for trial %s: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)

@@ -1,0 +1,90 @@
+"""The stage-3 search space: what Optuna samples and how a sample becomes a stage config.
+
+Parameters (flat names, as stored in the Optuna study):
+
+- ``exam_fraction`` ∈ [low, high]: exam share of the mixture (qa + examples); raw gets ``1 − exam_fraction``.
+- ``qa_fraction`` ∈ [low, high]: qa share inside the exam part; examples get ``1 − qa_fraction`` of it.
+- ``lr``: peak learning rate (log-uniform when the range says ``log``).
+- ``kl_on`` (categorical, only when ``kl_allow_off``) and ``kl_beta`` (log-uniform, sampled only when on);
+  β = 0 means "KL off".
+- every ``extra`` entry, named by its dotted stage-config path (e.g. ``lr.min_ratio``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+
+from kcpt.config import KcptConfig, SearchSpace, _set_dotted, config_from_dict
+from kcpt.errors import ConfigError
+
+FIXED_PARAMS = ("exam_fraction", "qa_fraction", "lr", "kl_on", "kl_beta")
+
+
+def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """Define-by-run sampling of one point of ``space`` (used as the ``space`` of the Optuna searcher).
+
+    Returns the sampled values plus ``kl_beta`` = 0.0 when KL is off (so every trial config has a β).
+    """
+    p: dict[str, Any] = {}
+    for name in ("exam_fraction", "qa_fraction", "lr"):
+        r = getattr(space, name)
+        p[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
+    kl_on = trial.suggest_categorical("kl_on", [True, False]) if space.kl_allow_off else True
+    if kl_on:
+        r = space.kl_beta
+        p["kl_beta"] = trial.suggest_float("kl_beta", r.low, r.high, log=r.log)
+    else:
+        p["kl_on"] = False
+        p["kl_beta"] = 0.0
+    for path, r in space.extra.items():
+        p[path] = trial.suggest_float(path, r.low, r.high, log=r.log)
+    return p
+
+
+class SpaceSampler:
+    """Picklable define-by-run callable for Ray's OptunaSearch (its searcher checkpoint uses plain pickle)."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        return suggest_params(trial, self.space)
+
+
+def mixture_weights(params: Mapping[str, Any], space: SearchSpace) -> dict[str, float]:
+    """Stage-3 source weights from the two fractions (they sum to 1)."""
+    fe, fq = float(params["exam_fraction"]), float(params["qa_fraction"])
+    return {space.qa_source: fe * fq, space.example_source: fe * (1.0 - fq), space.raw_source: 1.0 - fe}
+
+
+def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None = None) -> KcptConfig:
+    """A new validated config whose tuned stage carries ``params`` (plus ``tune.stage_overrides``).
+
+    Sets the stage's ``sources`` (from the fractions), ``lr.peak``, ``kl_beta`` and every extra dotted path.
+    Raises ConfigError when a parameter does not fit the stage config.
+    """
+    stage = stage or cfg.tune.stage
+    space = cfg.tune.space
+    data = cfg.model_dump(mode="json")
+    idx = next((i for i, st in enumerate(cfg.plan) if st.name == stage), None)
+    if idx is None:
+        raise ConfigError(f"tune.stage: no stage named '{stage}' in plan")
+    st = data["plan"][idx]
+    for path, value in cfg.tune.stage_overrides.items():
+        _set_dotted(st, path, value)
+    if "exam_fraction" in params and "qa_fraction" in params:
+        st["sources"] = mixture_weights(params, space)
+        st["mixture_schedule"] = []
+    if "lr" in params:
+        st["lr"]["peak"] = float(params["lr"])
+    if "kl_beta" in params:
+        st["kl_beta"] = float(params["kl_beta"])
+    elif params.get("kl_on") is False:
+        st["kl_beta"] = 0.0
+    for path, value in params.items():
+        if path not in FIXED_PARAMS:
+            _set_dotted(st, path, value)
+    return config_from_dict(data, source=f"tune params for stage '{stage}'")

@@ -1,0 +1,123 @@
+"""ConstrainedOptunaSearch under real Ray Tune + real Optuna SQLite.
+
+The trainable here is a stand-in for the stage loop that reports a chosen sequence of evals (the searcher is
+under test, not training): it follows the same protocol as :func:`kcpt.tune.launch.run_trial` (running gate
+metrics per eval, then one ``trial_final`` summary). The real stage loop is exercised by test_tune_stage3.py.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import optuna
+import pytest
+import ray
+from optuna.trial import TrialState
+from ray import cloudpickle, tune
+from ray.tune.schedulers import ASHAScheduler
+
+from kcpt.config import SearchSpace
+from kcpt.tune.export import trials_frame
+from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
+from kcpt.tune.searcher import CONSTRAINT_NAME, FINAL_KEY, ConstrainedOptunaSearch
+from kcpt.tune.space import SpaceSampler
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trial actors cannot import tests/
+
+SPEC = GateSpec(baseline_raw_best=2.0, eps=0.03, exam_target=1.5, consecutive=2, penalty=100.0)
+NUM_EVALS = 6
+
+
+def scripted_evals(lr: float, exam_fraction: float) -> list[dict]:
+    """Raw drifts up with the LR (lr=3e-3 leaves the ±3% band at once), exam falls faster with a high LR."""
+    evals = []
+    for k in range(1, NUM_EVALS + 1):
+        ratio = 1.0 + lr * 20 * k
+        evals.append({"stage": "stage3", "step": 10 * k, "tokens_seen": 1000 * k, "raw_ratio": ratio,
+                      "raw_val_loss": 2.0 * ratio, "exam_val_loss": 2.0 - k * (0.05 + lr * 300) * exam_fraction})
+    return evals
+
+
+def scripted_trial(config: dict) -> None:
+    tracker = GateTracker(SPEC)
+    for m in scripted_evals(config["lr"], config["exam_fraction"]):
+        tune.report({**m, **tracker.update(m), FINAL_KEY: False})
+    tune.report({**tracker.outcome.as_metrics(), FINAL_KEY: True})
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def point(lr: float, exam_fraction: float = 0.7) -> dict:
+    return {"exam_fraction": exam_fraction, "qa_fraction": 0.5, "lr": lr, "kl_on": False}
+
+
+def run(tmp_path, points, scheduler=None, name="s"):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = SearchSpace()
+    searcher = ConstrainedOptunaSearch(space=SpaceSampler(space), metric="gate_score", mode="min",
+                                       points_to_evaluate=points, study_name=name,
+                                       storage=optuna.storages.RDBStorage(storage),
+                                       sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    tuner = tune.Tuner(scripted_trial,
+                       tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric="gate_score",
+                                                   mode="min", num_samples=len(points), max_concurrent_trials=1),
+                       run_config=tune.RunConfig(name=name, storage_path=str(tmp_path / "tune"), verbose=0))
+    tuner.fit()
+    return optuna.load_study(study_name=name, storage=storage)  # a fresh read of the SQLite file
+
+
+def test_gate_outcome_selects_lowest_exam_among_feasible_evals():
+    evals = scripted_evals(1e-4, 0.7)
+    o = gate_outcome(evals, SPEC)
+    assert o.gate_feasible and o.selected_step == 60
+    assert o.gate_objective == pytest.approx(evals[-1]["exam_val_loss"])
+    assert o.gate_constraint == pytest.approx(evals[-1]["raw_ratio"] - 1.03)
+    assert o.gate_passed is False  # exam never reaches 1.5 here
+    bad = gate_outcome(scripted_evals(3e-3, 0.7), SPEC)
+    assert not bad.gate_feasible and bad.selected_step == 10  # lowest raw ratio when nothing is feasible
+    assert bad.gate_constraint > 0 and bad.gate_score == pytest.approx(bad.gate_objective + 100 * bad.gate_constraint)
+
+
+def test_gate_passed_needs_consecutive_ok_evals_and_ignores_step_zero():
+    evals = [{"step": 0, "raw_ratio": 1.0, "exam_val_loss": 0.1, "tokens_seen": 0},
+             {"step": 10, "raw_ratio": 1.01, "exam_val_loss": 1.4, "tokens_seen": 100},
+             {"step": 20, "raw_ratio": 1.05, "exam_val_loss": 1.3, "tokens_seen": 200},
+             {"step": 30, "raw_ratio": 1.02, "exam_val_loss": 1.45, "tokens_seen": 300},
+             {"step": 40, "raw_ratio": 1.00, "exam_val_loss": 1.2, "tokens_seen": 400}]
+    o = gate_outcome(evals, SPEC)
+    assert o.gate_passed and o.steps_to_gate == 40 and o.tokens_to_gate == 400
+    assert o.selected_step == 40 and o.gate_objective == 1.2
+
+
+def test_constraint_reaches_optuna_and_best_trial_is_feasible(ray_local, tmp_path):
+    study = run(tmp_path, [point(1e-4), point(3e-3), point(2e-4)], name="constraint")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    cons = [t.constraints[CONSTRAINT_NAME] for t in trials]
+    assert cons[0] <= 0 and cons[1] > 0 and cons[2] <= 0
+    # the infeasible trial has the lowest exam loss: Optuna must still not pick it
+    assert trials[1].value < min(trials[0].value, trials[2].value)
+    assert study.best_trial.number in (0, 2)
+    assert trials[0].user_attrs["ray_trial_id"] and trials[0].user_attrs["stopped_early"] is False
+    df = trials_frame(study)
+    assert df["feasible"].tolist() == [True, False, True]
+
+
+def test_asha_stopped_trial_is_pruned_not_complete(ray_local, tmp_path):
+    asha = ASHAScheduler(time_attr="training_iteration", max_t=NUM_EVALS + 1, grace_period=1, reduction_factor=2)
+    study = run(tmp_path, [point(1e-4), point(3e-3, exam_fraction=0.4)], scheduler=asha, name="asha")
+    first, hopeless = study.get_trials()
+    assert first.state == TrialState.COMPLETE and first.value is not None
+    assert hopeless.state == TrialState.PRUNED  # not COMPLETE with an early value
+    assert hopeless.user_attrs["stopped_early"] is True
+    # Optuna keeps the last intermediate score of a pruned trial (what TPE ranks pruned trials by)
+    assert hopeless.intermediate_values and hopeless.value == list(hopeless.intermediate_values.values())[-1]
+    assert len(first.intermediate_values) > len(hopeless.intermediate_values)
+    assert hopeless.constraints[CONSTRAINT_NAME] > 0
+    df = trials_frame(study)
+    assert df.loc[1, "status"] == "PRUNED" and not df.loc[1, "feasible"]

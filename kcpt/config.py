@@ -325,6 +325,12 @@ class SearchSpace(Strict):
     """Also sample β = 0 ("off") as a categorical choice."""
     extra: dict[str, FloatRange] = {}
     """More float parameters as dotted stage-config paths, e.g. ``{"lr.min_ratio": {low: 0.05, high: 0.3}}``."""
+    qa_source: str = "qa_train"
+    """Stage-3 source that gets ``exam_fraction · qa_fraction`` of the mixture."""
+    example_source: str = "example_train"
+    """Stage-3 source that gets ``exam_fraction · (1 − qa_fraction)``."""
+    raw_source: str = "raw_train"
+    """Stage-3 source that gets ``1 − exam_fraction``."""
 
 
 class AshaConfig(Strict):
@@ -348,6 +354,12 @@ class TuneConfig(Strict):
     asha: AshaConfig = AshaConfig()
     num_workers: int = Field(1, ge=1)
     """Ray Train workers per trial."""
+    stage_overrides: dict[str, Any] = {}
+    """Dotted stage-config path → value applied to the tuned stage of every trial (e.g. ``{"max_steps": 40}``)."""
+    infeasible_penalty: float = Field(100.0, ge=0)
+    """``gate_score`` (what ASHA compares) = objective + penalty · max(0, constraint)."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of the local Ray the tune job starts (default: enough for ``max_concurrent`` trials, ≥ 3)."""
 
 
 class LoggingConfig(Strict):

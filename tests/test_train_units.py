@@ -1,0 +1,119 @@
+"""Stage-loop building blocks without Ray: answer-only loss by hand, KL against the reference, batch streams
+with cursors, padded eval batches, full labels on exam rows, tiny model loading."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kcpt.config import ModelConfig, TinyModelConfig
+from kcpt.data.types import IGNORE_INDEX
+from kcpt.model.loading import build_tiny_model, freeze, load_causal_lm
+from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels
+from kcpt.train.losses import kl_to_reference_sum, token_ce_sum
+
+TINY = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+
+
+def _rows(n: int, t: int = 8, name: str = "src") -> PackedRows:
+    ids = np.arange(n * t, dtype=np.int32).reshape(n, t) % 50 + 2
+    pos = np.tile(np.arange(t, dtype=np.int32), (n, 1))
+    labels = ids.copy()
+    labels[:, 0] = IGNORE_INDEX
+    return PackedRows(name, ids, pos, labels)
+
+
+def test_answer_only_loss_equals_hand_computation():
+    # One exam row: prompt tokens [5, 6, 7], answer tokens [8, 9], padding; labels -100 on prompt and padding.
+    torch.manual_seed(0)
+    labels = torch.tensor([[-100, -100, -100, 8, 9, -100, -100]])
+    logits = torch.randn(1, 7, 12)
+    loss_sum, count = token_ce_sum(logits, labels)
+    # by hand: label at position t is predicted from position t-1
+    logp = torch.log_softmax(logits[0], dim=-1)
+    hand = -(logp[2, 8] + logp[3, 9])
+    assert int(count) == 2
+    assert math.isclose(float(loss_sum), float(hand), rel_tol=1e-6)
+    # the prompt tokens do not matter: changing the logits that predict them leaves the loss unchanged
+    logits2 = logits.clone()
+    logits2[0, 0:2] += 5.0
+    assert math.isclose(float(token_ce_sum(logits2, labels)[0]), float(hand), rel_tol=1e-6)
+
+
+def test_kl_zero_for_same_model_positive_for_other():
+    vocab = 40
+    model = build_tiny_model(TINY, vocab)
+    same = freeze(build_tiny_model(TINY, vocab))
+    other = freeze(build_tiny_model(TINY.model_copy(update={"seed": 1}), vocab))
+    ids = torch.randint(2, vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(10).repeat(2, 1)
+    labels = ids.clone()
+    labels[:, 0] = IGNORE_INDEX
+    logits = model(input_ids=ids, position_ids=pos).logits
+    kl_same, n = kl_to_reference_sum(logits, same(input_ids=ids, position_ids=pos).logits, labels)
+    kl_other, _ = kl_to_reference_sum(logits, other(input_ids=ids, position_ids=pos).logits, labels)
+    assert int(n) == 18
+    assert abs(float(kl_same.detach())) < 1e-5
+    assert float(kl_other) > 1e-3
+    kl_other.backward()  # gradient flows into the trained model only
+    assert model.lm_head.weight.grad is not None
+    assert all(p.grad is None for p in other.parameters())
+
+
+def test_tiny_model_is_deterministic_and_uncached(tmp_path):
+    a, b = build_tiny_model(TINY, 40), build_tiny_model(TINY, 40)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert a.config.use_cache is False and a.get_input_embeddings().num_embeddings == 40
+    a.save_pretrained(tmp_path)
+    c = load_causal_lm(TINY, path=tmp_path, vocab_size=40)
+    assert c.config.use_cache is False
+    assert torch.equal(c.lm_head.weight, a.lm_head.weight)
+
+
+def test_source_batches_cursor_resume_and_rank_split():
+    rows = _rows(21)
+    world, bs = 2, 4
+    a = [SourceBatches(rows, rank=r, world=world, batch_size=bs, seed=3) for r in range(world)]
+    first = [[a[r].next()["input_ids"] for _ in range(5)] for r in range(world)]
+    # within epoch 0 (10 rows per rank) the ranks see disjoint rows
+    seen0 = {tuple(x.tolist()) for b in first[0][:2] for x in b}
+    seen1 = {tuple(x.tolist()) for b in first[1][:2] for x in b}
+    assert seen0.isdisjoint(seen1)
+    # every batch is full (no short batch at an epoch boundary)
+    assert all(b.shape == (bs, 8) for r in first for b in r)
+    # a fresh stream restored at cursor 3 continues with batches 3 and 4
+    b = SourceBatches(rows, rank=0, world=world, batch_size=bs, seed=3)
+    b.load_state_dict({"cursor": 3})
+    assert torch.equal(b.next()["input_ids"], first[0][3])
+    assert torch.equal(b.next()["input_ids"], first[0][4])
+    # another seed gives another order
+    c = SourceBatches(rows, rank=0, world=world, batch_size=bs, seed=4)
+    assert not all(torch.equal(c.next()["input_ids"], x) for x in first[0][:3])
+
+
+def test_eval_batches_equal_counts_and_padding_has_no_labels():
+    rows = _rows(5)
+    per_rank = [eval_batches(rows, rank=r, world=2, batch_size=2) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2
+    labelled = sum(int((b["labels"] != IGNORE_INDEX).sum()) for bs in per_rank for b in bs)
+    assert labelled == 5 * 7  # every real row once, the padding row adds nothing
+    assert int((per_rank[1][-1]["labels"] != IGNORE_INDEX).sum()) == 0
+
+
+def test_full_labels_on_exam_rows():
+    ids = np.array([[10, 11, 12, 13, 14, 15, 1, 1]], dtype=np.int32)
+    pos = np.array([[0, 1, 2, 0, 1, 2, 3, 4]], dtype=np.int32)
+    # answer-only labels: second segment's answer is tokens 14, 15
+    labels = np.array([[-100, -100, 12, -100, 14, 15, -100, -100]], dtype=np.int32)
+    full = full_labels(ids, pos, labels)
+    assert full.tolist() == [[-100, 11, 12, -100, 14, 15, -100, -100]]
+
+
+def test_too_few_rows_for_workers_is_an_input_error():
+    from kcpt.errors import InputError
+
+    with pytest.raises(InputError, match="fewer than the 2 workers"):
+        SourceBatches(_rows(1), rank=0, world=2, batch_size=1, seed=0)

@@ -54,6 +54,8 @@ class Prerequisites:
     run_dir: Path
     init_checkpoint: Path | None
     baseline_raw_best: float | None
+    reference_checkpoint: Path | None = None
+    """The KL reference (``kl_reference: cpt_best``): the best checkpoint of the stage that set the baseline."""
     reused: bool = False
 
 
@@ -69,6 +71,7 @@ def prerequisite_key(cfg: KcptConfig, stage: str | None = None) -> str:
     d = cfg.model_dump(mode="json")
     for k in ("run_name", "output_dir"):
         d["train"].pop(k, None)
+    d["data"].pop("prepared_root", None)  # where prepared data is cached, not what it holds
     return sha256_json({"model": d["model"], "tokenizer": d["tokenizer"], "data": d["data"], "train": d["train"],
                         "plan": [s for s in d["plan"] if s["name"] in before]})
 
@@ -86,16 +89,23 @@ def _best_checkpoint_from_summary(summary: Mapping[str, Any], stage: str) -> str
     return str(bc[stage]) if bc.get(stage) else None
 
 
-def _read_prerequisites(run_dir: Path, last_stage: str | None) -> Prerequisites:
+def _read_prerequisites(cfg: KcptConfig, run_dir: Path, before: list[str]) -> Prerequisites:
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    ckpt = _best_checkpoint_from_summary(summary, last_stage) if last_stage else None
-    if last_stage and ckpt is None:
-        raise CheckpointError(f"{run_dir / 'summary.json'}: no best checkpoint recorded for stage '{last_stage}'")
+
+    def best(stage: str) -> Path | None:
+        ckpt = _best_checkpoint_from_summary(summary, stage)
+        if ckpt is None:
+            return None
+        return Path(ckpt) if Path(ckpt).is_absolute() else run_dir / ckpt
+
+    last = before[-1] if before else None
+    init = best(last) if last else None
+    if last and init is None:
+        raise CheckpointError(f"{run_dir / 'summary.json'}: no best checkpoint recorded for stage '{last}'")
+    ref_stage = next((s for s in before if cfg.stage(s).sets_baseline), None)
     baseline = summary.get("baseline_raw_best")
-    path = None
-    if ckpt is not None:
-        path = Path(ckpt) if Path(ckpt).is_absolute() else run_dir / ckpt
-    return Prerequisites(run_dir, path, None if baseline is None else float(baseline))
+    return Prerequisites(run_dir, init, None if baseline is None else float(baseline),
+                         best(ref_stage) if ref_stage else None)
 
 
 def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Path | None = None,
@@ -108,24 +118,19 @@ def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Pat
     before = stages_before(cfg, stage)
     root = Path(root if root is not None else cfg.train.output_dir).resolve()
     run_dir = root / f"prereq-{prerequisite_key(cfg, stage)[:12]}"
-    last = before[-1] if before else None
     summary_path = run_dir / "summary.json"
+    if not before:
+        return Prerequisites(run_dir, None, None)
     if summary_path.exists():
         done = json.loads(summary_path.read_text(encoding="utf-8")).get("stages") or {}
         if all(s in done for s in before):
-            pre = _read_prerequisites(run_dir, last)
+            pre = _read_prerequisites(cfg, run_dir, before)
             pre.reused = True
             return pre
-    if not before:
-        return Prerequisites(run_dir, None, None)
     from kcpt.train.launch import run_plan
 
-    result = run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address)
-    best = _plan_field(result, "best_checkpoints") or {}
-    baseline = _plan_field(result, "baseline_raw_best")
-    if last in best and best[last] is not None:
-        return Prerequisites(run_dir, Path(best[last]), None if baseline is None else float(baseline))
-    return _read_prerequisites(run_dir, last)
+    run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address)
+    return _read_prerequisites(cfg, run_dir, before)
 
 
 # --------------------------------------------------------------------------- per-trial reporting
@@ -158,12 +163,14 @@ TrialRunner = Callable[..., Any]
 
 
 def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path, init_checkpoint: Path | None,
-                    baseline_raw_best: float | None, callbacks: list[Any]) -> Any:
+                    baseline_raw_best: float | None, reference_checkpoint: Path | None,
+                    callbacks: list[Any]) -> Any:
     """Default trial runner: the real stage loop, one TorchTrainer, via :func:`kcpt.train.launch.run_plan`."""
     from kcpt.train.launch import run_plan
 
     return run_plan(cfg, stages=[stage], run_dir=run_dir, init_checkpoint=init_checkpoint,
-                    baseline_raw_best=baseline_raw_best, resume="auto", callbacks=callbacks)
+                    baseline_raw_best=baseline_raw_best, reference_checkpoint=reference_checkpoint,
+                    resume="auto", callbacks=callbacks)
 
 
 @dataclass
@@ -175,6 +182,7 @@ class TrialContext:
     init_checkpoint: str | None
     baseline_raw_best: float | None
     runs_dir: str
+    reference_checkpoint: str | None = None
     runner: TrialRunner = run_stage_trial
 
 
@@ -207,7 +215,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     extra = {"run_dir": str(run_dir), "trial_dir": tune.get_context().get_trial_dir()}
     result = ctx.runner(cfg, stage=ctx.stage, run_dir=run_dir,
                         init_checkpoint=None if ctx.init_checkpoint is None else Path(ctx.init_checkpoint),
-                        baseline_raw_best=ctx.baseline_raw_best, callbacks=[GateReportCallback(spec, ctx.stage, extra)])
+                        baseline_raw_best=ctx.baseline_raw_best,
+                        reference_checkpoint=Path(ctx.reference_checkpoint) if ctx.reference_checkpoint else None,
+                        callbacks=[GateReportCallback(spec, ctx.stage, extra)])
     outcome = gate_outcome(_stage_evals(run_dir, ctx.stage), spec)
     final = {**outcome.as_metrics(), **extra, FINAL_KEY: True,
              "checkpoint_path": _best_checkpoint_of(result, run_dir, ctx.stage) or ""}
@@ -228,6 +238,29 @@ class TuneRunResult:
     best: dict[str, Any] | None
     table: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def absolute_paths(cfg: KcptConfig) -> KcptConfig:
+    """A copy with every relative path made absolute against the current directory: trials run in their own
+    working directories (and, on a cluster, on other nodes), so ``prepared_root``, ``output_dir``, the
+    experiment dir and local dataset inputs must not depend on the cwd."""
+    from kcpt.config import config_from_dict
+
+    d = cfg.model_dump(mode="json")
+    d["data"]["prepared_root"] = str(Path(d["data"]["prepared_root"]).resolve())
+    d["train"]["output_dir"] = str(Path(d["train"]["output_dir"]).resolve())
+    d["tune"]["experiment_dir"] = str(Path(d["tune"]["experiment_dir"]).resolve())
+    for ds in d["data"]["datasets"].values():
+        ds["inputs"] = [i if ":" in i.split("/")[0] or Path(i).is_absolute() else str(Path(i).resolve())
+                        for i in ds["inputs"]]
+    for key in ("name_or_path",):
+        v = d["model"][key]
+        if v != "tiny" and Path(v).exists():
+            d["model"][key] = str(Path(v).resolve())
+    v = d["tokenizer"]["path"]
+    if v != "demo" and Path(v).exists():
+        d["tokenizer"]["path"] = str(Path(v).resolve())
+    return config_from_dict(d, "<absolute paths>")
 
 
 def default_experiment_dir(cfg: KcptConfig) -> Path:
@@ -307,6 +340,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     study continues from its storage). ``runner`` replaces the real stage loop (tests of the plumbing only)."""
     from kcpt.tune.export import export_results, format_table
 
+    cfg = absolute_paths(cfg)
     exp_dir = Path(experiment_dir).resolve() if experiment_dir else default_experiment_dir(cfg)
     exp_dir.mkdir(parents=True, exist_ok=True)
     storage = cfg.tune.storage or default_storage(exp_dir)
@@ -330,7 +364,9 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
         (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         ctx = TrialContext(cfg.model_dump(mode="json"), stage,
                            None if pre.init_checkpoint is None else str(pre.init_checkpoint),
-                           pre.baseline_raw_best, str(exp_dir / "runs"), runner or run_stage_trial)
+                           pre.baseline_raw_best, str(exp_dir / "runs"),
+                           None if pre.reference_checkpoint is None else str(pre.reference_checkpoint),
+                           runner or run_stage_trial)
         trainable = tune.with_parameters(run_trial, ctx=ctx)
         tune_path = exp_dir / TUNE_RUN_NAME
         if resume and tune.Tuner.can_restore(str(tune_path)):

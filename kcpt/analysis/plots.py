@@ -1,0 +1,84 @@
+"""Matplotlib figures of a tuning experiment (inputs from :mod:`kcpt.analysis.trials`). Each function draws
+on the given axes (or a new figure) and returns the figure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from kcpt.analysis.trials import pareto_trials
+
+
+def _axes(ax: Any, n: int = 1, figsize: tuple[float, float] = (6, 4)) -> tuple[Any, Any]:
+    if ax is not None:
+        return ax.figure if n == 1 else ax[0].figure, ax
+    fig, axes = plt.subplots(1, n, figsize=(figsize[0] * n, figsize[1]))
+    return fig, axes
+
+
+def plot_curves(curves: pd.DataFrame, manifest: Mapping[str, Any], ax: Any = None) -> Any:
+    """Per-trial raw val loss (left, with the baseline…baseline·(1+eps) band) and exam val loss (right, with
+    the exam target) against the step."""
+    fig, (ax_raw, ax_exam) = _axes(ax, 2)
+    for num, g in curves.groupby("trial_number"):
+        ax_raw.plot(g["step"], g["raw_val_loss"], marker=".", label=f"#{num}")
+        ax_exam.plot(g["step"], g["exam_val_loss"], marker=".", label=f"#{num}")
+    base, eps = manifest.get("baseline_raw_best"), manifest.get("eps")
+    if base is not None and eps is not None:
+        ax_raw.axhspan(base, base * (1 + eps), color="tab:green", alpha=0.15, label=f"baseline…+{eps:.0%}")
+        ax_raw.axhline(base * (1 + eps), color="tab:green", ls="--", lw=1)
+    if manifest.get("exam_target") is not None:
+        ax_exam.axhline(manifest["exam_target"], color="tab:red", ls="--", lw=1, label="exam target")
+    ax_raw.set(xlabel="step", ylabel="raw val loss", title="raw Korean (replay) val loss")
+    ax_exam.set(xlabel="step", ylabel="exam val loss (answer-only)", title="exam val loss")
+    for a in (ax_raw, ax_exam):
+        a.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_objective_vs_constraint(trials: pd.DataFrame, ax: Any = None) -> Any:
+    """Objective (exam loss at the selected eval) against the constraint, coloured by feasibility."""
+    fig, ax = _axes(ax)
+    for feasible, colour, label in ((True, "tab:green", "feasible"), (False, "tab:red", "infeasible")):
+        g = trials[trials["feasible"] == feasible]
+        ax.scatter(g["constraint"], g["objective"], c=colour, label=label)
+        for _, r in g.iterrows():
+            ax.annotate(f"#{r['trial_number']}", (r["constraint"], r["objective"]), fontsize="small")
+    ax.axvline(0.0, color="grey", ls="--", lw=1)
+    ax.set(xlabel="constraint: raw/baseline − (1+eps)  (≤ 0 feasible)", ylabel="objective: exam val loss",
+           title="objective vs constraint")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_pareto(trials: pd.DataFrame, ax: Any = None) -> Any:
+    """Trials at their selected eval in (raw val loss, exam val loss); the Pareto front joined by a line."""
+    fig, ax = _axes(ax)
+    ax.scatter(trials["selected_raw_val_loss"], trials["selected_exam_val_loss"], c="tab:blue", alpha=0.6,
+               label="trials")
+    front = pareto_trials(trials).sort_values("selected_raw_val_loss")
+    ax.plot(front["selected_raw_val_loss"], front["selected_exam_val_loss"], "o-", c="tab:orange",
+            label="Pareto front")
+    ax.set(xlabel="raw val loss", ylabel="exam val loss", title="Pareto front (both minimised)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_importances(importances: Mapping[str, float] | None, ax: Any = None) -> Any:
+    """Horizontal bars of Optuna parameter importances (a note instead when there are none)."""
+    fig, ax = _axes(ax)
+    if not importances:
+        ax.text(0.5, 0.5, "importances need ≥ 2 COMPLETE trials", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names])
+        ax.set(xlabel="importance (fANOVA)", title="parameter importances")
+    fig.tight_layout()
+    return fig

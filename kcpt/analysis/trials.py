@@ -1,0 +1,169 @@
+"""Loaders and the text report of a tuning experiment directory (made by :func:`kcpt.tune.launch.tune_stage3`).
+
+Public functions used by ``kcpt report EXP_DIR`` and ``notebooks/inspect_trials.ipynb``; they read files and
+the Optuna storage only (no Ray):
+
+- :func:`load_manifest` — ``experiment.json`` (baseline, eps, exam target, storage, study name, paths);
+- :func:`load_trials` — ``trials.parquet``, one row per trial;
+- :func:`load_curves` — every eval of every trial (``runs/<ray_trial_id>/metrics.jsonl``);
+- :func:`load_study` — the Optuna study; :func:`param_importances` — Optuna importances or ``None``;
+- :func:`pareto_trials` — trials on the (raw, exam) Pareto front at their selected evals;
+- :func:`best_config_text` — ``best_config.yaml``; :func:`format_trials_report` — the whole report as text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kcpt.analysis.pareto import pareto_front
+from kcpt.errors import InputError
+
+
+def experiment_dir_of(path: str | Path) -> Path:
+    """The experiment directory for ``path`` (the directory itself or its ``trials.parquet``)."""
+    p = Path(path)
+    return p.parent if p.name == "trials.parquet" else p
+
+
+def load_manifest(exp_dir: str | Path) -> dict[str, Any]:
+    exp = experiment_dir_of(exp_dir)
+    path = exp / "experiment.json"
+    if not path.is_file():
+        raise InputError(f"{path}: not a kcpt tune experiment (no experiment.json)", path=str(path))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_trials(exp_dir: str | Path) -> pd.DataFrame:
+    """``trials.parquet``: params (``param_*``), objective, constraint, feasible, gate_passed, steps_to_gate,
+    tokens_to_gate, status, checkpoint_path, run_dir, trial_dir, selected-eval losses."""
+    path = experiment_dir_of(exp_dir) / "trials.parquet"
+    if not path.is_file():
+        raise InputError(f"{path}: no trials.parquet (run `kcpt tune` first, or it did not finish)", path=str(path))
+    return pd.read_parquet(path)
+
+
+def load_curves(exp_dir: str | Path, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per eval of every trial: trial_number, ray_trial_id, step, tokens_seen, raw_val_loss,
+    exam_val_loss, raw_ratio, train_loss (read from each trial's run dir ``metrics.jsonl``)."""
+    exp = experiment_dir_of(exp_dir)
+    trials = load_trials(exp) if trials is None else trials
+    manifest = load_manifest(exp)
+    runs = Path(manifest.get("runs_dir") or exp / "runs")
+    rows: list[dict[str, Any]] = []
+    keys = ("step", "tokens_seen", "raw_val_loss", "exam_val_loss", "raw_ratio", "train_loss")
+    for _, t in trials.iterrows():
+        run_dir = Path(t["run_dir"]) if isinstance(t.get("run_dir"), str) else runs / str(t["ray_trial_id"])
+        path = run_dir / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{line_no}: not JSON: {e}", path=str(path), line=line_no) from None
+            if m.get("stage") not in (None, manifest.get("stage")):
+                continue
+            rows.append({"trial_number": int(t["trial_number"]), "ray_trial_id": t["ray_trial_id"],
+                         **{k: m.get(k) for k in keys}})
+    df = pd.DataFrame(rows, columns=["trial_number", "ray_trial_id", *keys])
+    return df.astype({k: "float64" for k in keys if k not in ("step",)}).sort_values(["trial_number", "step"])
+
+
+def load_study(exp_dir: str | Path, storage: str | None = None) -> Any:
+    """The Optuna study (``storage`` overrides the URL recorded in experiment.json, e.g. a tunnelled DB)."""
+    import optuna
+
+    m = load_manifest(exp_dir)
+    return optuna.load_study(study_name=m["study_name"], storage=storage or m["storage"])
+
+
+def param_importances(study_or_dir: Any) -> dict[str, float] | None:
+    """Optuna's parameter importances over COMPLETE trials, or ``None`` when fewer than 2 trials completed or
+    the evaluator cannot rank (e.g. every trial has the same objective)."""
+    import optuna
+
+    study = study_or_dir if isinstance(study_or_dir, optuna.Study) else load_study(study_or_dir)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(done) < 2:
+        return None
+    try:
+        return dict(optuna.importance.get_param_importances(study))
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def pareto_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials on the Pareto front over (selected raw val loss, selected exam val loss), both minimised."""
+    if trials.empty:
+        return trials
+    pts = trials[["selected_raw_val_loss", "selected_exam_val_loss"]].astype("float64").values.tolist()
+    return trials.iloc[pareto_front(pts)]
+
+
+def best_config_text(exp_dir: str | Path) -> str | None:
+    path = experiment_dir_of(exp_dir) / "best_config.yaml"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def best_trial_info(exp_dir: str | Path) -> dict[str, Any] | None:
+    path = experiment_dir_of(exp_dir) / "best_trial.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def trials_table(trials: pd.DataFrame) -> str:
+    """Fixed-width table: number, status, objective, constraint, feasible, gate, steps to gate, params."""
+    if trials.empty:
+        return "(no trials)"
+    cols = [("trial_number", "#"), ("status", "status"), ("objective", "exam@sel"), ("constraint", "raw_gate"),
+            ("feasible", "feasible"), ("gate_passed", "gate"), ("steps_to_gate", "steps→gate"),
+            ("selected_step", "sel_step")]
+    cols += [(c, c.removeprefix("param_")) for c in trials.columns if c.startswith("param_")]
+    header = [h for _, h in cols]
+    rows = [[_fmt(r.get(c)) for c, _ in cols] for _, r in trials.iterrows()]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def format_trials_report(exp_dir: str | Path) -> str:
+    """The text ``kcpt report EXP_DIR`` prints: what was tuned, the trial table, the best feasible trial."""
+    exp = experiment_dir_of(exp_dir)
+    m = load_manifest(exp)
+    trials = load_trials(exp)
+    counts = trials["status"].value_counts().to_dict() if not trials.empty else {}
+    lines = [f"experiment: {exp}",
+             f"stage: {m.get('stage')}  study: {m.get('study_name')}  storage: {m.get('storage')}",
+             f"baseline_raw_best: {_fmt(m.get('baseline_raw_best'))}  eps: {_fmt(m.get('eps'))}  "
+             f"exam_target: {_fmt(m.get('exam_target'))}",
+             f"trials: {len(trials)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}); "
+             f"feasible: {int(trials['feasible'].sum()) if not trials.empty else 0}; "
+             f"gate passed: {int(trials['gate_passed'].sum()) if not trials.empty else 0}",
+             "", trials_table(trials), ""]
+    best = best_trial_info(exp)
+    if best:
+        lines.append(f"best feasible trial: #{best['trial_number']} exam@sel={_fmt(best['objective'])} "
+                     f"raw_gate={_fmt(best['constraint'])} gate_passed={_fmt(best.get('gate_passed'))}")
+        lines.append(f"  params: {best['params']}")
+        lines.append(f"  checkpoint: {best.get('checkpoint_path')}")
+        lines.append(f"  config: {exp / 'best_config.yaml'}")
+    else:
+        lines.append("best feasible trial: none (no COMPLETE trial with raw_gate ≤ 0)")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""`kcpt tune`: Ray Tune + Optuna over stage 3 with the gate as objective. ``jobs/tune_stage3.py`` calls
+:func:`main` too.
+
+With no flags: start a local Ray, make (or reuse, keyed by config hash) the CPT / stage-1 / stage-2
+checkpoints of the demo plan, tune stage 3 on the embedded demo, print the trial table and where results are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the embedded demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (YAML), e.g. --set tune.stage_overrides.max_steps=40 (repeatable)")
+    p.add_argument("--num-samples", type=int, help="trials to run (tune.num_samples)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (tune.max_concurrent)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<experiment dir>/optuna.db)")
+    p.add_argument("--study-name", help="Optuna study name (tune.study_name)")
+    p.add_argument("--experiment-dir", help="where results go (default: <tune.experiment_dir>/<study>-<hash8>)")
+    p.add_argument("--resume", action="store_true",
+                   help="restore the Tune experiment in the experiment dir (the study continues from its storage)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
+
+
+def tune_from_args(args: argparse.Namespace) -> int:
+    from kcpt.config import load_config
+    from kcpt.tune.launch import tune_stage3
+
+    overrides = list(args.overrides)
+    for flag, key in (("num_samples", "tune.num_samples"), ("max_concurrent", "tune.max_concurrent"),
+                      ("storage", "tune.storage"), ("study_name", "tune.study_name")):
+        v = getattr(args, flag)
+        if v is not None:
+            overrides.append(f"{key}={v}")
+    cfg = load_config(args.config, overrides or None)
+    res = tune_stage3(cfg, experiment_dir=args.experiment_dir, resume=args.resume, address=args.address,
+                      sampler=args.sampler)
+    print("\n" + res.table)
+    pre = res.prerequisites
+    print(f"\nstarted every trial from {pre.init_checkpoint} (baseline_raw_best={pre.baseline_raw_best}; "
+          f"{'reused' if pre.reused else 'made'} in {pre.run_dir})")
+    if res.best is None:
+        print("no feasible trial: no best_config.yaml written")
+    else:
+        print(f"best feasible trial: #{res.best['trial_number']} objective={res.best['objective']:.4f} "
+              f"constraint={res.best['constraint']:.4f} params={res.best['params']}")
+    print(f"experiment: {res.experiment_dir}")
+    print(f"  trials:      {res.trials_path}")
+    print(f"  best config: {res.best_config_path}")
+    print(f"  optuna:      {res.storage}  (study '{res.study_name}'; optuna-dashboard {res.storage})")
+    print(f"  tensorboard: tensorboard --logdir {res.experiment_dir / 'tune'}")
+    print(f"  report:      kcpt report {res.experiment_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None, *, description: str | None = None) -> int:
+    """Entry of ``jobs/tune_stage3.py``: KcptError → one-line message, exit 2."""
+    from kcpt.errors import KcptError
+
+    p = argparse.ArgumentParser(description=description or __doc__)
+    add_tune_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return tune_from_args(args)
+    except KcptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("tune", help="tune stage 3 (mixture, LR, KL β) with Ray Tune + Optuna",
+                              description=__doc__)
+    add_tune_arguments(p)
+    p.set_defaults(func=tune_from_args)

@@ -41,10 +41,17 @@ def plot_curves(curves: pd.DataFrame, manifest: Mapping[str, Any], ax: Any = Non
 
 
 def plot_objective_vs_constraint(trials: pd.DataFrame, ax: Any = None) -> Any:
-    """Objective (exam loss at the selected eval) against the constraint, coloured by feasibility."""
+    """Objective (exam loss at the selected eval) against the constraint, coloured by feasibility (green:
+    feasible, red: infeasible, grey: stopped early by ASHA or failed — never feasible)."""
     fig, ax = _axes(ax)
-    for feasible, colour, label in ((True, "tab:green", "feasible"), (False, "tab:red", "infeasible")):
-        g = trials[trials["feasible"] == feasible]
+    complete = trials["status"] == "COMPLETE"
+    groups = ((complete & trials["feasible"], "tab:green", "feasible"),
+              (complete & ~trials["feasible"], "tab:red", "infeasible"),
+              (~complete, "tab:grey", "pruned / failed"))
+    for mask, colour, label in groups:
+        g = trials[mask]
+        if g.empty:
+            continue
         ax.scatter(g["constraint"], g["objective"], c=colour, label=label)
         for _, r in g.iterrows():
             ax.annotate(f"#{r['trial_number']}", (r["constraint"], r["objective"]), fontsize="small")
@@ -79,6 +86,6 @@ def plot_importances(importances: Mapping[str, float] | None, ax: Any = None) ->
     else:
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names])
-        ax.set(xlabel="importance (fANOVA)", title="parameter importances")
+        ax.set(xlabel="importance (Optuna default evaluator)", title="parameter importances")
     fig.tight_layout()
     return fig

@@ -1,0 +1,86 @@
+"""The stage-3 tune job end to end on the real stage loop (shared session experiment, see conftest)."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from kcpt.analysis.trials import format_trials_report, load_curves, load_manifest, load_trials
+from kcpt.cli import main as kcpt_main
+from kcpt.config import load_config
+from kcpt.tune.export import TRIAL_COLUMNS
+from kcpt.tune.searcher import CONSTRAINT_NAME
+from kcpt.tune.space import mixture_weights
+
+pytestmark = pytest.mark.slow
+
+
+def test_outputs_exist_and_agree_with_the_study(tune_experiment):
+    exp = tune_experiment.exp_dir
+    m = load_manifest(exp)
+    assert m["storage"].startswith("sqlite:///") and (exp / "optuna.db").is_file()
+    assert m["baseline_raw_best"] and m["baseline_raw_best"] > 0
+    assert (exp / "tune").is_dir() and list((exp / "tune").glob("*/result.json"))
+    df = load_trials(exp)
+    assert len(df) == 3 and set(TRIAL_COLUMNS) <= set(df.columns)
+    assert {"param_exam_fraction", "param_qa_fraction", "param_lr", "param_kl_on"} <= set(df.columns)
+    study = optuna.load_study(study_name=m["study_name"], storage=m["storage"])
+    trials = study.get_trials()
+    assert len(trials) == 3
+    for t, (_, row) in zip(trials, df.iterrows(), strict=True):
+        assert row["status"] == t.state.name
+        assert t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        assert CONSTRAINT_NAME in t.constraints  # the constraint reached Optuna for every trial
+        assert row["feasible"] == (t.state == optuna.trial.TrialState.COMPLETE and t.constraints[CONSTRAINT_NAME] <= 0)
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert not t.user_attrs["stopped_early"] and math.isclose(t.value, row["objective"])
+            # the selected eval is feasible exactly when the constraint is ≤ 0
+            assert (row["selected_raw_ratio"] <= 1 + m["eps"] + 1e-12) == (row["constraint"] <= 0)
+        assert row["run_dir"] and row["num_evals"] >= 1
+
+
+def test_trials_started_from_the_same_checkpoint_and_baseline(tune_experiment):
+    exp = tune_experiment.exp_dir
+    m = load_manifest(exp)
+    curves = load_curves(exp)
+    assert not curves.empty
+    starts = curves[curves["step"] == 0]
+    # every trial's step-0 eval measures the same stage-2 checkpoint: identical raw and exam losses
+    assert starts["trial_number"].nunique() == 3
+    assert starts["raw_val_loss"].nunique() == 1 and starts["exam_val_loss"].nunique() == 1
+    ratio = starts["raw_ratio"].iloc[0]
+    assert ratio == pytest.approx(starts["raw_val_loss"].iloc[0] / m["baseline_raw_best"], rel=1e-6)
+
+
+def test_best_config_carries_the_best_feasible_trial(tune_experiment):
+    exp = tune_experiment.exp_dir
+    df = load_trials(exp)
+    study = optuna.load_study(study_name=load_manifest(exp)["study_name"],
+                              storage=load_manifest(exp)["storage"])
+    feasible = df[df["feasible"]]
+    if feasible.empty:
+        assert not (exp / "best_config.yaml").exists()
+        pytest.skip("no feasible trial in this small experiment")
+    best = study.best_trial
+    assert best.number == int(feasible.sort_values("objective").iloc[0]["trial_number"])
+    cfg = load_config(exp / "best_config.yaml")
+    st3 = cfg.stage("stage3")
+    assert st3.sources == pytest.approx(mixture_weights(best.params, cfg.tune.space))
+    assert st3.lr.peak == pytest.approx(best.params["lr"])
+    assert st3.kl_beta == pytest.approx(best.params.get("kl_beta", 0.0))
+    assert yaml.safe_load((exp / "best_config.yaml").read_text())["plan"][0]["name"] == "cpt"  # a full config
+
+
+def test_kcpt_report_prints_the_trial_table(tune_experiment, capsys):
+    exp = tune_experiment.exp_dir
+    assert kcpt_main(["report", str(exp)]) == 0
+    out = capsys.readouterr().out
+    assert out == format_trials_report(exp) + "\n"
+    df = pd.read_parquet(exp / "trials.parquet")
+    for status in df["status"]:
+        assert status in out
+    assert "exam@sel" in out and "raw_gate" in out

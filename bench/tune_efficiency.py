@@ -1,0 +1,213 @@
+"""Constrained TPE vs random search on the stage-3 gate objective, same trial budget, several seeds.
+
+Running the real stage-3 loop for 2 samplers × several seeds × tens of trials takes hours on 2 CPU cores, so
+this bench uses a documented cheap proxy whose landscape comes from MEASURED stage-3 runs:
+
+1. Measure: the evals (raw_ratio, exam_val_loss per eval step) of real stage-3 trials — from the experiment
+   dirs given with ``--measured`` (e.g. the demo tune), plus, unless ``--no-measure``, a fresh experiment of
+   ``--measure-trials`` random-search trials run by :func:`kcpt.tune.launch.tune_stage3` (ASHA off, so every
+   curve is complete; stage 3 shortened via ``--set``).
+2. Fit: per eval index, an RBF interpolator (scipy, thin-plate, smoothed) from the normalised parameters
+   (exam_fraction, qa_fraction, log lr, KL: log β or "off") to raw_ratio and exam loss.
+3. Proxy gate: the tiny demo model never reaches the demo's exam target, so the proxy re-centres the gate
+   on the measured landscape: eps_proxy puts the raw bound at the ``--raw-quantile`` of the predicted selected
+   raw ratios under uniform sampling, and the exam target at the exam quantile for which a uniformly sampled
+   config passes the gate with probability ``--pass-rate`` (both reported). Objective / constraint / gate use
+   the same code as the real job (:func:`kcpt.tune.objective.gate_outcome`).
+4. Search: for each seed, Optuna TPE (constraint via ``trial.set_constraint``, exactly as the tune job's
+   searcher does) and random search each run ``--trials`` trials of the proxy with the job's search space.
+
+Prints, in one run: trials until the first gate-passing config (mean over seeds; a seed that never passes
+counts as budget+1) and the best feasible objective after K trials, with TPE/random ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+from scipy.interpolate import RBFInterpolator
+
+from kcpt.analysis.trials import load_curves, load_manifest, load_trials
+from kcpt.config import SearchSpace, load_config
+from kcpt.tune.objective import GateSpec, gate_outcome
+from kcpt.tune.searcher import CONSTRAINT_NAME, make_sampler
+from kcpt.tune.space import suggest_params
+
+
+def features(params: dict, space: SearchSpace) -> np.ndarray:
+    """Parameters scaled to [0, 1]; KL off maps to −0.25 on the log-β axis (below its lowest value)."""
+    def unit(v: float, r) -> float:
+        if r.log:
+            return (math.log(v) - math.log(r.low)) / (math.log(r.high) - math.log(r.low))
+        return (v - r.low) / (r.high - r.low)
+    beta = float(params.get("kl_beta") or 0.0)
+    kl = unit(beta, space.kl_beta) if beta > 0 else -0.25
+    return np.array([unit(params["exam_fraction"], space.exam_fraction), unit(params["qa_fraction"],
+                     space.qa_fraction), unit(params["lr"], space.lr), kl])
+
+
+class MeasuredLandscape:
+    """raw_ratio and exam loss per eval index, interpolated from measured stage-3 trials."""
+
+    def __init__(self, exp_dirs: list[Path], space: SearchSpace):
+        xs, curves = [], []
+        for exp in exp_dirs:
+            trials, man = load_trials(exp), load_manifest(exp)
+            cur = load_curves(exp, trials)
+            for _, t in trials.iterrows():
+                c = cur[(cur["trial_number"] == t["trial_number"]) & (cur["step"] > 0)].sort_values("step")
+                if c.empty:
+                    continue
+                params = {k.removeprefix("param_"): v for k, v in t.items() if k.startswith("param_")
+                          and not (isinstance(v, float) and math.isnan(v))}
+                xs.append(features(params, space))
+                curves.append((c["raw_ratio"].to_numpy(), c["exam_val_loss"].to_numpy()))
+            self.steps_source = man
+        self.n_trials = len(xs)
+        self.n_evals = max(len(r) for r, _ in curves)
+        self.models = []
+        for k in range(self.n_evals):
+            idx = [i for i, (r, _) in enumerate(curves) if len(r) > k]
+            x = np.stack([xs[i] for i in idx])
+            y = np.stack([[curves[i][0][k], curves[i][1][k]] for i in idx])
+            self.models.append(RBFInterpolator(x, y, kernel="thin_plate_spline", smoothing=1e-3)
+                               if len(idx) >= 6 else None)
+        self.space = space
+
+    def evals(self, params: dict) -> list[dict]:
+        x = features(params, self.space)[None, :]
+        out = []
+        for k, m in enumerate(self.models):
+            if m is None:
+                break
+            raw_ratio, exam = m(x)[0]
+            out.append({"step": k + 1, "raw_ratio": float(raw_ratio), "exam_val_loss": float(exam)})
+        return out
+
+
+def uniform_params(rng: np.random.Generator, space: SearchSpace) -> dict:
+    def draw(r):
+        return float(math.exp(rng.uniform(math.log(r.low), math.log(r.high))) if r.log else rng.uniform(r.low, r.high))
+    p = {"exam_fraction": draw(space.exam_fraction), "qa_fraction": draw(space.qa_fraction), "lr": draw(space.lr)}
+    p["kl_beta"] = draw(space.kl_beta) if (not space.kl_allow_off or rng.random() < 0.5) else 0.0
+    return p
+
+
+def calibrate(land: MeasuredLandscape, space: SearchSpace, raw_q: float, pass_rate: float, consecutive: int,
+              n: int = 4000) -> GateSpec:
+    """eps from the raw quantile; exam target by bisection so that P(gate passes | uniform) ≈ pass_rate."""
+    rng = np.random.default_rng(12345)
+    samples = [land.evals(uniform_params(rng, space)) for _ in range(n)]
+    sel_ratio = [min(e["raw_ratio"] for e in ev) for ev in samples]
+    eps = float(np.quantile(sel_ratio, raw_q)) - 1.0
+    exams = [e["exam_val_loss"] for ev in samples for e in ev]
+    lo, hi = min(exams), max(exams)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        spec = GateSpec(None, eps, mid, consecutive, 100.0)
+        rate = np.mean([gate_outcome(ev, spec).gate_passed for ev in samples])
+        lo, hi = (mid, hi) if rate < pass_rate else (lo, mid)
+    spec = GateSpec(None, eps, hi, consecutive, 100.0)
+    spec_rate = float(np.mean([gate_outcome(ev, spec).gate_passed for ev in samples]))
+    print(f"proxy gate: eps={eps:+.4f} (raw quantile {raw_q}), exam_target={hi:.4f}, "
+          f"P(pass | uniform)={spec_rate:.3f} over {n} samples")
+    return spec
+
+
+def search(kind: str, seed: int, budget: int, land: MeasuredLandscape, spec: GateSpec, space: SearchSpace,
+           n_startup: int) -> tuple[int | None, float | None]:
+    study = optuna.create_study(direction="minimize",
+                                sampler=make_sampler(kind, seed=seed, n_startup_trials=n_startup))
+    first_pass, best = None, None
+    for i in range(budget):
+        trial = study.ask()
+        params = suggest_params(trial, space)
+        o = gate_outcome(land.evals(params), spec)
+        trial.set_constraint(CONSTRAINT_NAME, o.gate_constraint)
+        study.tell(trial, o.gate_objective)
+        if o.gate_passed and first_pass is None:
+            first_pass = i + 1
+        if o.gate_feasible and (best is None or o.gate_objective < best):
+            best = o.gate_objective
+    return first_pass, best
+
+
+def measure(n_trials: int, overrides: list[str], exp_dir: Path) -> Path:
+    from kcpt.tune.launch import tune_stage3
+
+    cfg = load_config(None, [*overrides, f"tune.num_samples={n_trials}", "tune.asha.enabled=false",
+                             "tune.study_name=bench-measure", "logging.progress=false"])
+    tune_stage3(cfg, experiment_dir=exp_dir, sampler="random", verbose=0)
+    return exp_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--measured", action="append", default=[], help="experiment dir(s) of real stage-3 trials")
+    ap.add_argument("--no-measure", action="store_true", help="use only --measured experiments")
+    ap.add_argument("--measure-trials", type=int, default=8)
+    ap.add_argument("--measure-dir", default="experiments/bench-measure")
+    ap.add_argument("--set", dest="overrides", action="append",
+                    default=["tune.stage_overrides.max_steps=30", "tune.stage_overrides.eval_every=5"])
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--trials", type=int, default=30, help="trial budget K per search")
+    ap.add_argument("--n-startup", type=int, default=3)
+    ap.add_argument("--pass-rate", type=float, default=0.05)
+    ap.add_argument("--raw-quantile", type=float, default=0.5)
+    ap.add_argument("--consecutive", type=int, default=2)
+    ap.add_argument("--json", help="also write the numbers here")
+    args = ap.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = SearchSpace()
+    exps = [Path(p) for p in args.measured]
+    if not args.no_measure:
+        t0 = time.perf_counter()
+        exps.append(measure(args.measure_trials, args.overrides, Path(args.measure_dir).resolve()))
+        print(f"measured {args.measure_trials} real stage-3 trials in {time.perf_counter() - t0:.0f} s")
+    land = MeasuredLandscape(exps, space)
+    print(f"landscape: {land.n_trials} measured trials, {len(land.models)} evals each, from {[str(e) for e in exps]}")
+    spec = calibrate(land, space, args.raw_quantile, args.pass_rate, args.consecutive)
+    res: dict[str, dict[str, list]] = {k: {"first": [], "best": []} for k in ("tpe", "random")}
+    for seed in range(args.seeds):
+        for kind in ("tpe", "random"):
+            first, best = search(kind, seed, args.trials, land, spec, space, args.n_startup)
+            res[kind]["first"].append(first)
+            res[kind]["best"].append(best)
+    K = args.trials
+
+    def first_mean(v: list) -> float:
+        return float(np.mean([x if x is not None else K + 1 for x in v]))
+
+    def best_mean(v: list) -> float:
+        vals = [x for x in v if x is not None]
+        return float(np.mean(vals)) if vals else math.nan
+
+    rows = []
+    for kind in ("tpe", "random"):
+        f = res[kind]["first"]
+        rows.append((kind, first_mean(f), float(np.median([x or K + 1 for x in f])),
+                     sum(x is not None for x in f), best_mean(res[kind]["best"])))
+    print(f"\n{args.seeds} seeds, budget K={K} trials, TPE n_startup_trials={args.n_startup}")
+    print(f"{'sampler':8} {'trials→first gate pass (mean)':>30} {'(median)':>9} {'seeds passing':>14} "
+          f"{'best feasible objective @K (mean)':>34}")
+    for kind, fm, fmed, npass, bm in rows:
+        print(f"{kind:8} {fm:30.2f} {fmed:9.1f} {npass:>10}/{args.seeds:<3} {bm:34.4f}")
+    ratio_first = rows[0][1] / rows[1][1]
+    ratio_best = rows[0][4] / rows[1][4]
+    print(f"\nratio TPE/random, trials to first gate pass: {ratio_first:.3f}  (goal ≤ 0.333)")
+    print(f"ratio TPE/random, best feasible objective after K: {ratio_best:.4f}  (< 1: TPE better)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "ratio_first": ratio_first, "ratio_best": ratio_best,
+                                               "spec": spec.__dict__, "raw": res}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

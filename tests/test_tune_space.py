@@ -1,0 +1,61 @@
+"""Search space → stage-3 config (pure, no Ray)."""
+
+from __future__ import annotations
+
+import pickle
+
+import optuna
+import pytest
+
+from kcpt.config import FloatRange, SearchSpace, load_config
+from kcpt.errors import ConfigError
+from kcpt.tune.space import SpaceSampler, apply_params, mixture_weights, suggest_params
+
+
+def test_fractions_become_stage3_weights_and_lr_kl_are_set():
+    cfg = load_config()
+    params = {"exam_fraction": 0.7, "qa_fraction": 0.25, "lr": 2e-4, "kl_on": True, "kl_beta": 0.05}
+    new = apply_params(cfg, params)
+    st = new.stage("stage3")
+    assert st.sources == pytest.approx({"qa_train": 0.175, "example_train": 0.525, "raw_train": 0.3})
+    assert sum(st.sources.values()) == pytest.approx(1.0)
+    assert st.lr.peak == 2e-4 and st.kl_beta == 0.05
+    assert new.stage("stage2") == cfg.stage("stage2")  # other stages untouched
+    assert cfg.stage("stage3").lr.peak == 5e-4  # the input config is not mutated
+
+
+def test_kl_off_means_beta_zero():
+    cfg = load_config()
+    st = apply_params(cfg, {"exam_fraction": 0.5, "qa_fraction": 0.5, "lr": 1e-3, "kl_on": False}).stage("stage3")
+    assert st.kl_beta == 0.0
+
+
+def test_extra_dotted_params_and_stage_overrides_apply():
+    cfg = load_config(None, ["tune.stage_overrides.max_steps=40"])
+    cfg.tune.space = SearchSpace(extra={"lr.min_ratio": FloatRange(low=0.05, high=0.3)})
+    st = apply_params(cfg, {"lr.min_ratio": 0.2}).stage("stage3")
+    assert st.lr.min_ratio == 0.2 and st.max_steps == 40
+    with pytest.raises(ConfigError, match="stage3"):
+        apply_params(cfg, {"lr.min_ratio": 2.0})  # out of the field's bounds: a clear config error
+
+
+def test_define_by_run_samples_inside_the_ranges_and_kl_is_conditional():
+    space = SearchSpace()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen_off = seen_on = False
+    for _ in range(30):
+        t = study.ask()
+        p = suggest_params(t, space)
+        assert space.exam_fraction.low <= p["exam_fraction"] <= space.exam_fraction.high
+        assert space.lr.low <= p["lr"] <= space.lr.high
+        if "kl_beta" in t.params:
+            seen_on = True
+            assert space.kl_beta.low <= p["kl_beta"] <= space.kl_beta.high
+        else:
+            seen_off = True
+            assert p["kl_beta"] == 0.0 and t.params["kl_on"] is False
+        w = mixture_weights(p, space)
+        assert sum(w.values()) == pytest.approx(1.0) and min(w.values()) >= 0
+        study.tell(t, 0.0)
+    assert seen_on and seen_off
+    assert pickle.loads(pickle.dumps(SpaceSampler(space))).space == space  # Tune checkpoints the searcher

@@ -15,7 +15,7 @@ from kcpt.train.anomaly import AnomalyDetector, StableSnapshot
 from kcpt.train.schedule import lr_multiplier, make_scheduler, scale_base_lr
 
 LR = LRConfig(peak=1e-2, warmup_steps=2)
-CFG = AnomalyConfig(window=4, min_history=3, k_sigma=2.0, max_rollbacks=2)
+CFG = AnomalyConfig(window=4, min_history=3, k_sigma=2.0, min_spike_ratio=1.0, max_rollbacks=2)
 
 
 @pytest.mark.parametrize(("accepted", "loss", "norm", "expect"), [
@@ -38,6 +38,17 @@ def test_check_table(accepted, loss, norm, expect):
         assert got is None
     else:
         assert got is not None and got.startswith(expect)
+
+
+@pytest.mark.parametrize(("norm", "expect_spike"), [(2.05, False), (2.2, True)])
+def test_relative_floor_spares_a_smooth_drifting_norm(norm: float, expect_spike: bool):
+    # a slowly drifting, smooth norm: std tiny, so mean + 6·std ≈ 1.10 would flag a healthy 1.2 step;
+    # the floor min_spike_ratio·mean (here 2 × 1.025) keeps it, and still catches a real spike
+    det = AnomalyDetector(AnomalyConfig(window=8, min_history=3, k_sigma=6.0, min_spike_ratio=2.0))
+    for g in [1.0, 1.01, 1.02, 1.03, 1.04, 1.05]:
+        det.accept(g)
+    assert det.check(1.0, 1.2) is None
+    assert (det.check(1.0, norm) is not None) is expect_spike
 
 
 def test_rejected_spike_does_not_enter_the_window():

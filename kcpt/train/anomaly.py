@@ -2,8 +2,9 @@
 
 Rule (per optimizer step, before the update is applied): the step is an anomaly when the loss is not finite,
 the gradient norm (total L2 norm before clipping, as ``clip_grad_norm_`` returns it) is not finite, or — once
-``min_history`` norms are known — the norm exceeds ``mean + k_sigma · std`` (population std) of the last
-``window`` *accepted* norms. The loop then skips the update, restores the :class:`StableSnapshot`, lowers the
+``min_history`` norms are known — the norm exceeds ``max(mean + k_sigma · std, min_spike_ratio · mean)``
+(population std) of the last ``window``
+*accepted* norms. The loop then skips the update, restores the :class:`StableSnapshot`, lowers the
 LR (:func:`kcpt.train.schedule.scale_base_lr` by ``lr_factor``, after the restore) and calls
 :meth:`AnomalyDetector.record_rollback`, which aborts the run after ``max_rollbacks``.
 """
@@ -35,7 +36,7 @@ class AnomalyDetector:
         n = len(self.norms)
         mean = sum(self.norms) / n
         std = math.sqrt(sum((x - mean) ** 2 for x in self.norms) / n)
-        return mean + self.cfg.k_sigma * std
+        return max(mean + self.cfg.k_sigma * std, self.cfg.min_spike_ratio * mean)
 
     def check(self, loss: float, grad_norm: float) -> str | None:
         """Reason the step is an anomaly, or ``None`` when it may be applied (then call :meth:`accept`)."""
@@ -46,7 +47,8 @@ class AnomalyDetector:
             return f"grad norm is not finite ({grad_norm})"
         limit = self.threshold()
         if limit is not None and grad_norm > limit:
-            return (f"grad norm {grad_norm:.4g} > {limit:.4g} (mean + {self.cfg.k_sigma:g}·std of the last "
+            return (f"grad norm {grad_norm:.4g} > {limit:.4g} (max(mean + {self.cfg.k_sigma:g}·std, "
+                    f"{self.cfg.min_spike_ratio:g}·mean) of the last "
                     f"{len(self.norms)} accepted steps)")
         return None
 

@@ -236,12 +236,15 @@ def _demo_plan() -> list[StageConfig]:
 
 
 class AnomalyConfig(Strict):
-    """Skip-and-roll-back rule: loss not finite, or grad norm > mean + k_sigma·std of the last ``window``
-    applied steps (once ``min_history`` are known)."""
+    """Skip-and-roll-back rule: loss not finite, or grad norm > max(mean + k_sigma·std, min_spike_ratio·mean)
+    of the last ``window`` applied steps (once ``min_history`` are known)."""
 
     window: int = Field(50, ge=2)
     min_history: int = Field(10, ge=2)
     k_sigma: float = Field(6.0, gt=0)
+    min_spike_ratio: float = Field(2.0, ge=1.0)
+    """A spike must also exceed this multiple of the window mean: a smooth, slowly drifting norm has a tiny std,
+    and ``mean + k·std`` alone would flag ordinary steps."""
     lr_factor: float = Field(0.5, gt=0, le=1.0)
     max_rollbacks: int = Field(5, ge=0)
     stable_every: int = Field(10, ge=1)

@@ -117,3 +117,26 @@ def test_too_few_rows_for_workers_is_an_input_error():
 
     with pytest.raises(InputError, match="fewer than the 2 workers"):
         SourceBatches(_rows(1), rank=0, world=2, batch_size=1, seed=0)
+
+
+def test_run_report_stage_table_and_pareto(tmp_path):
+    from kcpt.analysis.run_report import format_run_report, pareto_checkpoints
+    from kcpt.train.rundir import RunDir
+
+    rd = RunDir(tmp_path)
+    ck = tmp_path / "checkpoints"
+    recs = [
+        {"stage": "stage3", "step": 0, "raw_val_loss": 5.0, "exam_val_loss": 4.0, "checkpoint": None},
+        {"stage": "stage3", "step": 10, "raw_val_loss": 5.1, "exam_val_loss": 3.0, "checkpoint": str(ck / "a")},
+        {"stage": "stage3", "step": 20, "raw_val_loss": 5.2, "exam_val_loss": 3.1, "checkpoint": str(ck / "b")},
+        {"stage": "stage3", "step": 30, "raw_val_loss": 4.9, "exam_val_loss": 3.5, "checkpoint": str(ck / "c")},
+    ]
+    for r in recs:
+        rd.append_metrics(r)
+    rd.write_summary({"stage_order": ["stage3"], "baseline_raw_best": 5.0, "stages": {"stage3": {
+        "steps": 30, "stop_reason": "gate", "passed": True, "best_raw_val_loss": 5.1, "best_exam_val_loss": 3.0,
+        "baseline_raw_best": 5.0, "gate_streak": 3, "rollbacks": 0}}})
+    front = pareto_checkpoints(rd.read_metrics())
+    assert [m["step"] for m in front] == [10, 30]  # step 20 is dominated by 10; step 0 saved no checkpoint
+    text = format_run_report(tmp_path)
+    assert "gate" in text and "1.020" in text and "(pruned)" in text

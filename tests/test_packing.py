@@ -87,3 +87,26 @@ def test_padding_position_ids_continue_and_labels_masked():
     assert r.input_ids.tolist() == [7, 8, 9, PAD, PAD, PAD]
     assert r.position_ids.tolist() == [0, 1, 2, 3, 4, 5]
     assert r.labels.tolist() == [IGNORE_INDEX, 8, 9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_long_document_tails_fill_gaps_and_short_documents_stay_whole():
+    rng = random.Random(1)
+    seq_len = 64
+    segs: list[Segment] = []
+    for k in range(60):
+        n = rng.randint(seq_len + 1, 5 * seq_len) if k % 2 else rng.randint(2, seq_len)
+        segs += chunk_document([rng.randrange(2, 500) for _ in range(n)], seq_len, "raw")
+    stats = PackStats(seq_len)
+    rows = list(pack_segments(segs, seq_len, PAD, stats=stats, window=1000))
+    total = sum(len(s) for s in segs)
+    assert len(rows) <= -(-total // seq_len) + 1  # tails cut into gaps: ~as few rows as the tokens allow
+    assert Counter(t for r in rows for t in r.input_ids[:r.length].tolist()) == Counter(
+        t for s in segs for t in s.input_ids)
+    pieces = [tuple(r.input_ids[a:b].tolist()) for r in rows
+              for a, b in zip(*(lambda st: (st[:-1], st[1:]))(
+                  [*np.nonzero(r.position_ids[:r.length] == 0)[0].tolist(), r.length]), strict=True)]
+    for s in segs:  # whole segments (short documents, full chunks) are never cut
+        if not s.splittable:
+            assert tuple(s.input_ids) in pieces
+    assert all(len(p) >= 16 or p in {tuple(s.input_ids) for s in segs} for p in pieces)
+    assert all(check_row(r.input_ids, r.position_ids, r.labels, seq_len) == [] for r in rows)

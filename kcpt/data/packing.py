@@ -25,6 +25,8 @@ import numpy as np
 from kcpt.data.types import IGNORE_INDEX
 
 DEFAULT_WINDOW = 10_000
+DEFAULT_MIN_PIECE = 16
+"""Shortest piece a long document's tail is cut into to fill a gap."""
 
 
 @dataclass
@@ -38,6 +40,9 @@ class Segment:
     input_ids: Sequence[int]
     labels: Sequence[int]
     source: str = ""
+    splittable: bool = False
+    """True for the tail chunk of a raw document longer than ``seq_len``: the packer may cut it further to fill
+    gaps (it already starts mid-document). Documents ≤ ``seq_len`` and exam items are never cut."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -101,9 +106,16 @@ class PackStats:
 def chunk_document(ids: Sequence[int], seq_len: int, source: str = "") -> list[Segment]:
     """Split a raw document's ids (EOS already appended) into segments of ≤ ``seq_len`` tokens; none dropped.
 
-    Every token is a label (the packer masks each segment's first token).
+    Every token is a label (the packer masks each segment's first token). When the document is longer than
+    ``seq_len``, its last chunk is ``splittable`` (the packer may cut it to fill gaps).
     """
-    return [Segment(ids[i:i + seq_len], ids[i:i + seq_len], source) for i in range(0, len(ids), seq_len)]
+    out = []
+    for i in range(0, len(ids), seq_len):
+        chunk = ids[i:i + seq_len]
+        out.append(Segment(chunk, chunk, source))  # raw text: labels are the ids (shared, never mutated)
+    if len(out) > 1:
+        out[-1].splittable = True
+    return out
 
 
 def tokenize_documents(texts: Sequence[str], tokenizer, seq_len: int, source: str = "") -> list[Segment]:
@@ -140,50 +152,109 @@ def _build_row(members: list[Segment], seq_len: int, pad_id: int) -> PackedRow:
     return PackedRow(ids, pos, labels, members[0].source if members else "", at, len(members))
 
 
+class _OpenRows:
+    """Rows being filled, indexed by remaining capacity: buckets of row indices per capacity plus a sorted list
+    of the capacities that have rows (bisect: O(log seq_len) per operation)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.members: list[list[int]] = []
+        self.buckets: dict[int, list[int]] = {}
+        self.caps: list[int] = []
+
+    def _take(self, k: int) -> tuple[int, int]:
+        cap = self.caps[k]
+        bucket = self.buckets[cap]
+        row = bucket.pop()
+        if not bucket:
+            del self.buckets[cap]
+            self.caps.pop(k)
+        return row, cap
+
+    def best_fit(self, n: int) -> tuple[int, int] | None:
+        """Remove and return (row, capacity) of the fullest row that still has room for ``n``, if any."""
+        k = bisect.bisect_left(self.caps, n)
+        return self._take(k) if k < len(self.caps) else None
+
+    def emptiest(self) -> tuple[int, int] | None:
+        """Remove and return (row, capacity) of the row with the most room, if any."""
+        return self._take(len(self.caps) - 1) if self.caps else None
+
+    def new(self) -> tuple[int, int]:
+        self.members.append([])
+        return len(self.members) - 1, self.capacity
+
+    def put(self, row: int, cap: int, item: int, n: int) -> None:
+        """Add item ``item`` of length ``n`` to ``row`` (which had ``cap`` free) and file the row again."""
+        self.members[row].append(item)
+        left = cap - n
+        if left > 0:
+            if left in self.buckets:
+                self.buckets[left].append(row)
+            else:
+                self.buckets[left] = [row]
+                bisect.insort(self.caps, left)
+
+
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins (lists of item indices) from best-fit decreasing; every length must be in ``[1, capacity]``.
 
-    Open bins are kept in buckets by remaining capacity; a sorted list of the non-empty capacities is searched
-    with bisect for the smallest one that fits. Bins are returned in the order they were opened.
+    Each item goes into the open bin with the smallest remaining capacity that fits, else a new bin. Bins are
+    returned in the order they were opened.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    remaining: list[int] = []
-    buckets: dict[int, list[int]] = {}  # remaining capacity -> bin indices
-    caps: list[int] = []  # sorted non-empty remaining capacities (> 0)
-    for i in order:
+    rows = _OpenRows(capacity)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         n = lengths[i]
         if not 0 < n <= capacity:
             raise ValueError(f"segment length {n} outside [1, {capacity}]")
-        k = bisect.bisect_left(caps, n)
-        if k < len(caps):
-            cap = caps[k]
-            bucket = buckets[cap]
-            b = bucket.pop()
-            if not bucket:
-                del buckets[cap]
-                caps.pop(k)
-        else:
-            b = len(bins)
-            bins.append([])
-            remaining.append(capacity)
-            cap = capacity
-        bins[b].append(i)
-        left = cap - n
-        remaining[b] = left
-        if left > 0:
-            if left in buckets:
-                buckets[left].append(b)
+        row, cap = rows.best_fit(n) or rows.new()
+        rows.put(row, cap, i, n)
+    return rows.members
+
+
+def pack_window(segments: Sequence[Segment], seq_len: int, pad_id: int, *,
+                min_piece: int = DEFAULT_MIN_PIECE) -> list[PackedRow]:
+    """Pack one window of segments (each ≤ ``seq_len``) into rows.
+
+    Whole segments (documents ≤ ``seq_len``, exam items) are placed by best-fit decreasing. Then the
+    ``splittable`` ones (the tail chunk of a document longer than ``seq_len``), longest first, go into the
+    fullest row they fit in; a tail that fits nowhere is cut to fill the emptiest open row (every piece, the
+    rest included, at least ``min_piece`` tokens; each a new segment: position ids restart, first label masked)
+    before it opens a new row. Tails of long documents thus fill the gaps best-fit leaves.
+    """
+    pieces: list[Segment] = list(segments)
+    rows = _OpenRows(seq_len)
+    whole = [i for i, s in enumerate(pieces) if not s.splittable or len(s) == seq_len]
+    tails = [i for i, s in enumerate(pieces) if s.splittable and len(s) != seq_len]
+    for i in sorted(whole, key=lambda i: -len(pieces[i])):
+        n = len(pieces[i])
+        if not 0 < n <= seq_len:
+            raise ValueError(f"segment length {n} outside [1, {seq_len}]")
+        row, cap = rows.best_fit(n) or rows.new()
+        rows.put(row, cap, i, n)
+    for i in sorted(tails, key=lambda i: -len(pieces[i])):
+        seg = pieces[i]
+        start, left = 0, len(seg)
+        if not 0 < left <= seq_len:
+            raise ValueError(f"segment length {left} outside [1, {seq_len}]")
+        while left:
+            found, n = rows.best_fit(left), left
+            if found is None:  # cut a piece for the emptiest row, leaving ≥ min_piece for the rest
+                found = rows.emptiest()
+                if found is not None:
+                    n = found[1] if left - found[1] >= min_piece else left - min_piece
+                    if n < min_piece:
+                        rows.put(found[0], found[1], -1, 0)  # give the row back untouched
+                        found, n = None, left
+            row, cap = found or rows.new()
+            if start == 0 and n == left:
+                rows.put(row, cap, i, n)
             else:
-                buckets[left] = [b]
-                bisect.insort(caps, left)
-    return bins
-
-
-def pack_window(segments: Sequence[Segment], seq_len: int, pad_id: int) -> list[PackedRow]:
-    """Pack one window of segments with best-fit decreasing; every segment must fit in ``seq_len``."""
-    bins = best_fit_decreasing([len(s) for s in segments], seq_len)
-    return [_build_row([segments[i] for i in b], seq_len, pad_id) for b in bins]
+                pieces.append(Segment(seg.input_ids[start:start + n], seg.labels[start:start + n], seg.source, True))
+                rows.put(row, cap, len(pieces) - 1, n)
+            start += n
+            left -= n
+    return [_build_row([pieces[i] for i in members if i >= 0], seq_len, pad_id) for members in rows.members]
 
 
 def pack_segments(segments: Iterable[Segment], seq_len: int, pad_id: int, *, window: int = DEFAULT_WINDOW,

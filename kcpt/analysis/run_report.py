@@ -57,10 +57,16 @@ def format_stage_table(summaries: dict[str, dict[str, Any]], metrics: list[dict[
 
 
 def pareto_checkpoints(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Eval records with a checkpoint on the (raw_val_loss, exam_val_loss) Pareto front."""
+    """Eval records with a checkpoint on the (raw_val_loss, exam_val_loss) Pareto front.
+
+    Losses are only comparable on the same eval sets: the front is computed separately for each
+    (``eval_raw``, ``eval_exam``) pair and the fronts are concatenated (in first-seen order)."""
     cands = [m for m in metrics if m.get("checkpoint") and m.get("exam_val_loss") is not None
              and m.get("raw_val_loss") is not None]
-    return pareto_records(cands, ["raw_val_loss", "exam_val_loss"])
+    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    for m in cands:
+        groups.setdefault((m.get("eval_raw"), m.get("eval_exam")), []).append(m)
+    return [r for g in groups.values() for r in pareto_records(g, ["raw_val_loss", "exam_val_loss"])]
 
 
 def format_run_report(run_dir: str | Path) -> str:
@@ -75,9 +81,10 @@ def format_run_report(run_dir: str | Path) -> str:
     front = pareto_checkpoints(metrics)
     parts += ["", "Pareto-optimal checkpoints (raw val loss, exam val loss; both lower is better):"]
     if front:
-        rows = [[m["stage"], str(m["step"]), _f(m["raw_val_loss"]), _f(m["exam_val_loss"]), _f(m.get("gate_ok")),
+        rows = [[m["stage"], str(m["step"]), _f(m["raw_val_loss"]), _f(m["exam_val_loss"]),
+                 str(m.get("eval_exam") or "-"), _f(m.get("gate_ok")),
                  m["checkpoint"] + ("" if Path(m["checkpoint"]).exists() else "  (pruned)")] for m in front]
-        parts.append(_table(["stage", "step", "raw", "exam", "gate ok", "checkpoint"], rows))
+        parts.append(_table(["stage", "step", "raw", "exam", "exam set", "gate ok", "checkpoint"], rows))
     else:
         parts.append("(none: no eval with both losses saved a checkpoint)")
     return "\n".join(parts)

@@ -423,6 +423,7 @@ class StageRunner:
                 "stage": stage.name, "step": step, "tokens_seen": tokens_seen,
                 "train_loss": interval.loss_sum / interval.steps if interval.steps else None,
                 "raw_val_loss": raw, "raw_val_ppl": ppl(raw), "exam_val_loss": exam,
+                "eval_raw": stage.eval_raw, "eval_exam": stage.eval_exam,
                 "kl": interval.kl_sum / interval.kl_n if interval.kl_n else None,
                 "grad_norm": interval.grad_sum / interval.steps if interval.steps else None,
                 "grad_norm_max": interval.grad_max if interval.steps else None,
@@ -613,4 +614,18 @@ def stage_loop_per_worker(config: dict[str, Any]) -> None:
     ``reference_checkpoint``, ``resume_from`` (a kcpt checkpoint to continue exactly).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_worker_logs()
     StageRunner(config).run()
+
+
+def _quiet_worker_logs() -> None:
+    """No per-model-load progress bars, and no echo of every ``ray.train.report`` payload at INFO."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import ray.train.v2._internal.execution.context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray layout: keep its logging as it is
+        pass

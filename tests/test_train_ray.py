@@ -149,3 +149,24 @@ def test_deepspeed_zero2_runs_under_ray_train(ray_session, prepared_root, tmp_pa
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["grad_norm"]) for r in recs)
     assert recs[-1]["raw_val_loss"] < read_metrics(res.run_dir)[0]["raw_val_loss"]
     assert read_manifest(res.best_checkpoints["cpt"])["stage"] == "cpt"
+
+
+def test_demo_plan_end_to_end(ray_session, tmp_path):
+    """The embedded demo plan as `python jobs/train_stages.py` runs it (2 workers, seq_len 256): every stage
+    stops on its own rule, stage 3 passes its gate, the exam loss ends far below where exam training started
+    while the raw val loss stays within tolerance of the CPT baseline."""
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", f"data.prepared_root={tmp_path / 'prepared'}",
+                             "logging.progress=false"])
+    res = run_plan(cfg, resume="never")
+    s = res.summaries
+    assert list(s) == ["cpt", "stage1", "stage2", "stage3"]
+    assert res.baseline_raw_best == pytest.approx(s["cpt"]["min_raw_val_loss"])
+    s3 = s["stage3"]
+    assert s3["passed"] and s3["stop_reason"] == "gate"
+    stop3 = cfg.stage("stage3").stop
+    assert s3["best_exam_val_loss"] <= stop3.exam_target
+    assert s3["best_raw_val_loss"] <= res.baseline_raw_best * (1 + stop3.raw_tolerance)
+    recs = read_metrics(res.run_dir)
+    exam_start = next(r["exam_val_loss"] for r in recs if r["stage"] == "stage1" and r["step"] == 0)
+    assert exam_start - s3["best_exam_val_loss"] > 1.0  # nats, on the same exam_val set
+    assert all(r["rollbacks"] == 0 for r in recs)

@@ -78,8 +78,7 @@ def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1
-        ray.init(num_cpus=need, num_gpus=cfg.train.num_workers if cfg.train.use_gpu else None,
-                 include_dashboard=False)
+        ray.init(num_cpus=need, num_gpus=cfg.train.num_workers if cfg.train.use_gpu else None)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = cfg.logging.progress

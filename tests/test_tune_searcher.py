@@ -40,8 +40,10 @@ def scripted_evals(lr: float, exam_fraction: float) -> list[dict]:
 
 def scripted_trial(config: dict) -> None:
     tracker = GateTracker(SPEC)
-    for m in scripted_evals(config["lr"], config["exam_fraction"]):
+    for k, m in enumerate(scripted_evals(config["lr"], config["exam_fraction"])):
         tune.report({**m, **tracker.update(m), FINAL_KEY: False})
+        if config["qa_fraction"] > 0.75 and k == 1:
+            raise RuntimeError("injected worker failure")  # the failure this test injects
     tune.report({**tracker.outcome.as_metrics(), FINAL_KEY: True})
 
 
@@ -121,3 +123,11 @@ def test_asha_stopped_trial_is_pruned_not_complete(ray_local, tmp_path):
     assert hopeless.constraints[CONSTRAINT_NAME] > 0
     df = trials_frame(study)
     assert df.loc[1, "status"] == "PRUNED" and not df.loc[1, "feasible"]
+
+
+def test_errored_trial_is_failed_and_the_search_goes_on(ray_local, tmp_path):
+    crash = {**point(1e-4), "qa_fraction": 0.8}
+    study = run(tmp_path, [point(1e-4), crash, point(2e-4)], name="fail")
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert study.best_trial.number in (0, 2)

@@ -60,6 +60,17 @@ def mixture_weights(params: Mapping[str, Any], space: SearchSpace) -> dict[str, 
     return {space.qa_source: fe * fq, space.example_source: fe * (1.0 - fq), space.raw_source: 1.0 - fe}
 
 
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"stop": {"rule": "x"}}`` → ``{"stop.rule": "x"}`` (``--set tune.stage_overrides.stop.rule=x`` nests)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None = None) -> KcptConfig:
     """A new validated config whose tuned stage carries ``params`` (plus ``tune.stage_overrides``).
 
@@ -73,7 +84,7 @@ def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None =
     if idx is None:
         raise ConfigError(f"tune.stage: no stage named '{stage}' in plan")
     st = data["plan"][idx]
-    for path, value in cfg.tune.stage_overrides.items():
+    for path, value in _flatten(cfg.tune.stage_overrides).items():
         _set_dotted(st, path, value)
     if "exam_fraction" in params and "qa_fraction" in params:
         st["sources"] = mixture_weights(params, space)

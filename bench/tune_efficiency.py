@@ -140,8 +140,11 @@ def search(kind: str, seed: int, budget: int, land: MeasuredLandscape, spec: Gat
 
 
 def measure(n_trials: int, overrides: list[str], exp_dir: Path) -> Path:
+    import shutil
+
     from kcpt.tune.launch import tune_stage3
 
+    shutil.rmtree(exp_dir, ignore_errors=True)  # a scratch experiment: always measured afresh
     cfg = load_config(None, [*overrides, f"tune.num_samples={n_trials}", "tune.asha.enabled=false",
                              "tune.study_name=bench-measure", "logging.progress=false"])
     tune_stage3(cfg, experiment_dir=exp_dir, sampler="random", verbose=0)

@@ -99,7 +99,7 @@ def plain_loop(cfg, steps: int, device: str) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
         opt.step()
         sched.step()
-        float(loss)  # the stage loop reads the loss every step too
+        float(loss.detach())  # the stage loop reads the loss every step too
     if device != "cpu":
         torch.cuda.synchronize()
     t_end = time.perf_counter()

@@ -405,7 +405,7 @@ class StageRunner:
         if self.ds is None:
             snapshot.capture(engine, opt, sched, step)
         interval = Interval()
-        good_steps = 0
+        good_steps = int((resume or {}).get("good_steps", 0))
         saved: dict[int, str] = {int(k): v for k, v in (resume or {}).get("saved", {}).items()}
 
         def evaluate_and_record(final: bool, initial: bool = False) -> StopDecision | None:
@@ -441,7 +441,7 @@ class StageRunner:
             ckpt_path = None
             if d is not None and (t.checkpoint_every_eval or d.new_best or d.stop):
                 state = {"plan": plan.to_dict(), "stage": stage.name, "step": step, "tokens_seen": tokens_seen,
-                         "lr_scale": lr_scale,
+                         "lr_scale": lr_scale, "good_steps": good_steps,
                          "optimizer": opt.state_dict() if self.ds is None else None,
                          "scheduler": sched.state_dict(),
                          "sources": {s: b.state_dict() for s, b in streams.items()},

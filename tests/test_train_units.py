@@ -140,3 +140,16 @@ def test_run_report_stage_table_and_pareto(tmp_path):
     assert [m["step"] for m in front] == [10, 30]  # step 20 is dominated by 10; step 0 saved no checkpoint
     text = format_run_report(tmp_path)
     assert "gate" in text and "1.020" in text and "(pruned)" in text
+
+
+def test_latest_checkpoint_follows_stage_order_then_step(tmp_path):
+    from kcpt.train.launch import latest_checkpoint
+    from kcpt.train.rundir import RunDir
+
+    rd = RunDir(tmp_path)
+    for name in ["00-cpt-step000040", "00-cpt-step000100", "01-stage3-step000010", "01-other-step000090",
+                 ".01-stage3-step000020.tmp-1-abc", "notes"]:
+        (rd.checkpoints / name).mkdir(parents=True)
+    assert latest_checkpoint(rd, ["cpt", "stage3"]).name == "01-stage3-step000010"
+    assert latest_checkpoint(rd, ["cpt"]).name == "00-cpt-step000100"
+    assert latest_checkpoint(rd, ["stage3"]) is None  # position 0 of this plan is not 'cpt'

@@ -40,7 +40,7 @@ def _tokens(directory, pad_id: int) -> Counter:
 
 def _prepare_both(name, ds, cfg, tmp_path, tok):
     local = prepare_dataset(name, ds, cfg, tmp_path / "local", tok, progress=False)
-    on_ray = prepare_dataset_ray(name, ds, cfg, tmp_path / "ray", tok, window=64)
+    on_ray = prepare_dataset_ray(name, ds, cfg, tmp_path / "ray", tok, window=64, progress=False)
     return read_manifest(local), read_manifest(on_ray), local, on_ray
 
 
@@ -84,6 +84,8 @@ def test_strict_error_inside_a_task_reaches_the_caller(ray_local, tok, tmp_path)
     good = json.dumps({"text": "대한민국은 민주공화국이다. 모든 권력은 국민으로부터 나온다."}, ensure_ascii=False)
     bad.write_text(good + '\n{"body": 1}\n', encoding="utf-8")
     cfg = load_config(None, ["data.strict=true"])
-    with pytest.raises(InputError, match="bad.jsonl: line 2: field 'text'"):
-        prepare_dataset_ray("bad", DatasetConfig(kind="raw", inputs=[str(bad)]), cfg, tmp_path / "o", tok)
+    with pytest.raises(InputError, match="bad.jsonl: line 2: field 'text'") as err:
+        prepare_dataset_ray("bad", DatasetConfig(kind="raw", inputs=[str(bad)]), cfg, tmp_path / "o", tok,
+                            progress=False)
+    assert "\n" not in str(err.value) and not isinstance(err.value, ray.exceptions.RayError)
     assert not (tmp_path / "o").exists()

@@ -94,7 +94,8 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
     if data.ray_data:
         from kcpt.data.ray_pipeline import prepare_dataset_ray
 
-        return prepare_dataset_ray(name, ds, cfg, out_dir, tokenizer, overwrite=overwrite, extra=extra)
+        return prepare_dataset_ray(name, ds, cfg, out_dir, tokenizer, overwrite=overwrite, extra=extra,
+                                   progress=progress)
     paths = resolve_inputs(ds.inputs)
     report = RejectReport()
     kept: Counter[str] = Counter()
@@ -103,6 +104,7 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
         docs = read_documents(paths, text_field=ds.text_field, report=report, strict=data.strict,
                               max_line_chars=data.filters.max_line_chars, progress=progress)
         cleaned = _count_kept(clean_documents(docs, data.filters, report, strict=data.strict), kept)
+        cleaned = tqdm(cleaned, desc=f"tokenizing {name}", unit="doc", disable=not progress)
         segments: Iterable[Segment] = raw_segments(cleaned, tokenizer, seq_len, name)
     else:
         items: Iterable[ExamItem] = read_exam_items(paths, report=report, strict=data.strict, kind=ds.exam_kind,

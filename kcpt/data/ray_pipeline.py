@@ -25,9 +25,11 @@ checks across files).
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -186,10 +188,25 @@ def _kcpt_cause(err: BaseException) -> KcptError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, KcptError):
+        if isinstance(e, KcptError) and not isinstance(e, ray.exceptions.RayError):
+            if e.args and isinstance(e.args[0], str):  # drop the retry advice Ray Data appends to the message
+                e.args = (e.args[0].split("\nFailed to ", 1)[0], *e.args[1:])
             return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        stack += [e.__context__, e.__cause__, getattr(e, "cause", None)]  # popped last first: Ray's cause
     return None
+
+
+@contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data logs a task's exception with its traceback before raising it; we re-raise it ourselves (a
+    KcptError as a one-line message), so its error logs are muted while the pipeline runs."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def ensure_ray() -> None:
@@ -200,14 +217,15 @@ def ensure_ray() -> None:
 
 def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
                         overwrite: bool = False, extra: dict[str, Any] | None = None,
-                        window: int = DEFAULT_WINDOW) -> Path:
+                        window: int = DEFAULT_WINDOW, progress: bool = True) -> Path:
     """Ray Data version of :func:`kcpt.data.prepare.prepare_dataset` (same outputs; rows may be grouped
-    differently because packing runs per window of each block)."""
+    differently because packing runs per window of each block). ``progress``: Ray Data's progress bars."""
     from kcpt.data.demo import resolve_inputs
     from kcpt.data.sources import iter_input_files
     from kcpt.model.tokenizer import pad_token_id
 
     ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = progress
     data = cfg.data
     paths = resolve_inputs(ds.inputs)
     driver_report = RejectReport()
@@ -229,7 +247,8 @@ def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: 
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             try:
-                rows.write_parquet(str(tmp / "_ray"))
+                with _quiet_ray_data():
+                    rows.write_parquet(str(tmp / "_ray"))
             except Exception as e:  # surface the user-facing error raised inside a task
                 cause = _kcpt_cause(e)
                 if cause is not None:

@@ -125,8 +125,9 @@ def load_tokenizer(cfg: TokenizerConfig, *, cache_dir: str | Path | None = None,
                    trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer ``cfg.path`` names: ``"demo"`` (trained/cached), a local directory, or a hub name.
 
-    Remote code runs only when ``trust_remote_code`` is set. The tokenizer must have an EOS token (documents and
-    answers end with it); a missing pad token is allowed (see :func:`pad_token_id`).
+    Remote code runs only when ``trust_remote_code`` is set. The tokenizer must be a fast tokenizer (offsets)
+    with an EOS token (documents and answers end with it); a missing pad token is allowed (see
+    :func:`pad_token_id`). Raises :class:`~kcpt.errors.ConfigError` otherwise.
     """
     if cfg.path == "demo":
         return load_demo_tokenizer(cfg.vocab_size, cache_dir=cache_dir)
@@ -134,6 +135,9 @@ def load_tokenizer(cfg: TokenizerConfig, *, cache_dir: str | Path | None = None,
         tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"tokenizer.path: cannot load tokenizer '{cfg.path}': {e}") from None
+    if not tok.is_fast:
+        raise ConfigError(f"tokenizer.path: tokenizer '{cfg.path}' has no fast (Rust) version; kcpt needs one "
+                          "for character offsets (answer-only exam labels)")
     if tok.eos_token_id is None:
         raise ConfigError(f"tokenizer.path: tokenizer '{cfg.path}' has no eos_token; kcpt needs one to end "
                           "documents and answers")

@@ -131,3 +131,22 @@ def test_errored_trial_is_failed_and_the_search_goes_on(ray_local, tmp_path):
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert study.best_trial.number in (0, 2)
+
+
+def test_trial_stopped_on_the_eval_that_ended_its_stage_is_complete(tmp_path):
+    """ASHA may stop a trial on its last eval (the gate passed there): that trial finished, it is not pruned."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
+    searcher = ConstrainedOptunaSearch(space=SpaceSampler(SearchSpace()), metric="gate_score", mode="min",
+                                       study_name="done", storage=storage)
+    tracker = GateTracker(SPEC)
+    searcher.suggest("a")
+    searcher.suggest("b")
+    evals = scripted_evals(1e-4, 0.7)
+    for i, m in enumerate(evals[:2], 1):
+        searcher.on_trial_result("a", {**m, **tracker.update(m), "training_iteration": i})
+    last = {**evals[2], **tracker.update(evals[2]), "training_iteration": 3}
+    searcher.on_trial_complete("a", {**last, "stage_done": True})  # stopped by the scheduler on its last eval
+    searcher.on_trial_complete("b", {**last, "stage_done": False})  # stopped earlier: pruned
+    a, b = optuna.load_study(study_name="done", storage=storage).get_trials()
+    assert a.state == TrialState.COMPLETE and a.value == pytest.approx(last["gate_objective"])
+    assert b.state == TrialState.PRUNED

@@ -37,7 +37,7 @@ from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import CheckpointError, ConfigError
 from kcpt.hashing import sha256_json
 from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
-from kcpt.tune.searcher import FINAL_KEY, ConstrainedOptunaSearch, make_sampler
+from kcpt.tune.searcher import DONE_KEY, FINAL_KEY, ConstrainedOptunaSearch, make_sampler
 from kcpt.tune.space import SpaceSampler, apply_params
 
 TUNE_RUN_NAME = "tune"
@@ -140,11 +140,14 @@ class GateReportCallback(TuneReportCallback):
     """Forwards each eval the stage loop reports (rank 0's metrics) to Ray Tune, with the running gate
     objective (:data:`kcpt.tune.objective.GATE_KEYS`) added. Runs on the Ray Train controller."""
 
-    def __init__(self, spec: GateSpec, stage: str, extra: Mapping[str, Any] | None = None):
+    def __init__(self, spec: GateSpec, stage: str, extra: Mapping[str, Any] | None = None, *,
+                 max_steps: int | None = None, stops_at_gate: bool = False):
         super().__init__()
         self._tracker = GateTracker(spec)
         self._stage = stage
         self._extra = dict(extra or {})
+        self._max_steps = max_steps
+        self._stops_at_gate = stops_at_gate
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         m = dict(metrics[0])
@@ -153,6 +156,10 @@ class GateReportCallback(TuneReportCallback):
         m.update(self._tracker.update(m))
         m.update(self._extra)
         m[FINAL_KEY] = False
+        step = int(m.get("step", -1))
+        # this eval ends the stage (the loop stops after it): a scheduler stop now loses nothing
+        m[DONE_KEY] = bool((self._stops_at_gate and m["gate_passed"] and m["steps_to_gate"] == step)
+                           or (self._max_steps is not None and step >= self._max_steps))
         if checkpoint:
             m["checkpoint_path"] = checkpoint.path
         self._training_actor_item_queue.put(m)
@@ -217,7 +224,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                         init_checkpoint=None if ctx.init_checkpoint is None else Path(ctx.init_checkpoint),
                         baseline_raw_best=ctx.baseline_raw_best,
                         reference_checkpoint=Path(ctx.reference_checkpoint) if ctx.reference_checkpoint else None,
-                        callbacks=[GateReportCallback(spec, ctx.stage, extra)])
+                        callbacks=[GateReportCallback(spec, ctx.stage, extra, max_steps=cfg.stage(ctx.stage).max_steps,
+                                                      stops_at_gate=cfg.stage(ctx.stage).stop.rule == "gate")])
     outcome = gate_outcome(_stage_evals(run_dir, ctx.stage), spec)
     final = {**outcome.as_metrics(), **extra, FINAL_KEY: True,
              "checkpoint_path": _best_checkpoint_of(result, run_dir, ctx.stage) or ""}

@@ -6,8 +6,9 @@ reaches the study, and a trial stopped early by ASHA becomes COMPLETE with an ea
 - on completion, calls ``trial.set_constraint("raw_gate", gate_constraint)`` (Optuna 5; Optuna's TPE reads
   ``trial.constraints`` itself, so the sampler is constrained with no ``constraints_func``) before ``tell``;
 - tells COMPLETE with ``gate_objective`` only when the trial ran its stage to the end (the trainable's last
-  report carries ``trial_final=True``); a trial stopped by the scheduler is told PRUNED (its intermediate
-  ``gate_score`` values stay for the sampler), an errored one FAIL;
+  report carries ``trial_final=True``, or the last eval already ended the stage: ``stage_done=True`` — ASHA
+  may stop a trial on the very eval at which its gate passed); a trial stopped by the scheduler earlier is told
+  PRUNED (its intermediate ``gate_score`` values stay for the sampler), an errored one FAIL;
 - stores the gate summary (``gate_passed``, ``steps_to_gate``, …, ``checkpoint_path``, ``run_dir``,
   ``ray_trial_id``) as Optuna user attributes, so the study alone holds the trial table.
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CONSTRAINT_NAME = "raw_gate"
 FINAL_KEY = "trial_final"
+DONE_KEY = "stage_done"
 _USER_ATTR_KEYS = (*GATE_KEYS, "checkpoint_path", "run_dir", "trial_dir", "stop_reason")
 
 
@@ -92,7 +94,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         final = self._final_results.get(trial_id)
-        if result and result.get(FINAL_KEY):
+        if result and (result.get(FINAL_KEY) or result.get(DONE_KEY)):
             final = dict(result)
         summary = final or (dict(result) if result else None) or self._last_results.get(trial_id) or {}
         for k in _USER_ATTR_KEYS:

@@ -21,14 +21,13 @@ Every message names the file, the 1-based line and the field. ``strict=True`` ra
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from kcpt.data.rejects import RejectReport, reject
-from kcpt.data.sources import BadLine, is_utf8_encodable, iter_input_files, iter_text_lines
+from kcpt.data.sources import is_utf8_encodable, iter_input_files, iter_json_lines
 from kcpt.data.types import ExamItem
 from kcpt.errors import InputError
 
@@ -122,20 +121,7 @@ def read_exam_items(paths: Sequence[str | Path], *, report: RejectReport, strict
     for path in iter_input_files(paths, report=report):
         if path.is_dir() or path.suffix.lower() != ".jsonl":
             raise InputError("exam items are read from .jsonl files only", path=str(path))
-        for entry in iter_text_lines(path, report=report, max_line_chars=max_line_chars):
-            if isinstance(entry, BadLine):
-                reject(report, entry.reason, entry.message, strict=strict, path=str(path), line=entry.lineno)
-                continue
-            lineno, line = entry
-            if not line.strip():
-                report.note("blank_line", f"{path}: line {lineno}: blank line skipped")
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                reject(report, "bad_json", f"not valid JSON: {e.msg} at column {e.colno}", strict=strict,
-                       path=str(path), line=lineno)
-                continue
+        for lineno, rec in iter_json_lines(path, report=report, strict=strict, max_line_chars=max_line_chars):
             try:
                 item = parse_exam_record(rec)
             except _Invalid as e:

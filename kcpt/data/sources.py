@@ -223,23 +223,32 @@ def _read_txt(path: Path, *, report: RejectReport, strict: bool, max_line_chars:
         yield doc
 
 
-def _read_jsonl(path: Path, *, text_field: str, report: RejectReport, strict: bool, max_line_chars: int
-                ) -> Iterator[Document]:
-    where = {"path": str(path)}
+def iter_json_lines(path: Path, *, report: RejectReport, strict: bool, max_line_chars: int
+                    ) -> Iterator[tuple[int, object]]:
+    """Stream ``(lineno, decoded JSON value)`` for each line of a JSONL file (any JSON type; the caller checks).
+
+    Bad lines (``invalid_utf8``, ``line_too_long``) and ``bad_json`` are counted rejects (raised with
+    ``strict``); blank lines are skipped with a ``blank_line`` notice.
+    """
     for item in iter_text_lines(path, report=report, max_line_chars=max_line_chars):
         if isinstance(item, BadLine):
-            reject(report, item.reason, item.message, strict=strict, line=item.lineno, **where)
+            reject(report, item.reason, item.message, strict=strict, path=str(path), line=item.lineno)
             continue
         lineno, line = item
         if not line.strip():
             report.note("blank_line", f"{path}: line {lineno}: blank line skipped")
             continue
         try:
-            rec = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             reject(report, "bad_json", f"not valid JSON: {e.msg} at column {e.colno}", strict=strict,
-                   line=lineno, **where)
-            continue
+                   path=str(path), line=lineno)
+
+
+def _read_jsonl(path: Path, *, text_field: str, report: RejectReport, strict: bool, max_line_chars: int
+                ) -> Iterator[Document]:
+    where = {"path": str(path)}
+    for lineno, rec in iter_json_lines(path, report=report, strict=strict, max_line_chars=max_line_chars):
         if not isinstance(rec, dict):
             reject(report, "not_object", f"expected a JSON object, got {type(rec).__name__}", strict=strict,
                    line=lineno, **where)

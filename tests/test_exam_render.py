@@ -59,6 +59,6 @@ def test_too_long_item_is_counted_or_raised(tok):
     segs = list(encode_exam_items([long_item, ok], tok, ExamTemplate(), 32, report=report))
     assert len(segs) == 1 and report.counts == {"answer_truncated": 1}
     msg = report.to_dict()["examples"]["answer_truncated"][0]
-    assert "qa.jsonl:7" in msg and "long7" in msg
-    with pytest.raises(ExamTooLong, match="qa.jsonl:7.*long7"):
+    assert msg.startswith("qa.jsonl: line 7: item 'long7': rendered prompt + answer is ")
+    with pytest.raises(ExamTooLong, match="qa.jsonl: line 7: item 'long7'"):
         list(encode_exam_items([long_item], tok, ExamTemplate(), 32, report=RejectReport(), strict=True))

@@ -87,7 +87,7 @@ def test_cli_exam_labels_only_answer_and_counts_too_long(tmp_path):
     assert r.returncode == 0, r.stderr
     m = _check_rows(out, 48)
     assert m["rejects"] == {"answer_truncated": 1}
-    assert f"{items}:2: item 'q2'" in m["reject_examples"]["answer_truncated"][0]
+    assert f"{items}: line 2: item 'q2'" in m["reject_examples"]["answer_truncated"][0]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))

@@ -23,13 +23,6 @@ class ExamTooLong(InputError):
     """The rendered item (prompt + answer + EOS) is longer than ``seq_len`` tokens; it is never cut."""
 
 
-def _where(item: ExamItem) -> str:
-    loc = item.source or "<exam>"
-    if item.line is not None:
-        loc += f":{item.line}"
-    return f"{loc}: item '{item.id}'"
-
-
 def render_prompt(item: ExamItem, template: ExamTemplate) -> str:
     """The prompt text of ``item``: its ``prompt`` verbatim, else the template filled with question/choices."""
     if item.prompt is not None:
@@ -68,8 +61,9 @@ def encode_exam_item(item: ExamItem, tokenizer, template: ExamTemplate, seq_len:
     else:  # the tokenizer appended EOS itself (offsets (0, 0)): it is part of the answer
         labels[-1] = eos
     if len(ids) > seq_len:
-        raise ExamTooLong(f"{_where(item)}: rendered prompt + answer is {len(ids)} tokens > seq_len {seq_len}; "
-                          "raise data.seq_len or shorten the item", path=None)
+        raise ExamTooLong(f"item '{item.id}': rendered prompt + answer is {len(ids)} tokens > seq_len {seq_len}; "
+                          f"raise data.seq_len or shorten the item [{REASON_TOO_LONG}]", path=item.source or None,
+                          line=item.line)
     return EncodedSegment(ids, labels, source)
 
 

@@ -41,3 +41,15 @@ def test_packed_document_logits_equal_alone(attn):
         leaky = model(input_ids=ids, position_ids=torch.arange(32)[None], use_cache=False).logits[0, 13:22]
     assert (packed - alone).abs().max().item() < 1e-5
     assert (leaky - alone).abs().max().item() > 1e-3  # without restarting position ids, A leaks into B
+
+    # a training batch of several packed rows (no attention_mask): B is isolated in its row of the batch
+    c = rng.integers(2, 64, 20).tolist()
+    rows = pack_window([Segment(a, a), Segment(b, b), Segment(c, c)], 32, pad_id=1)  # [C, B] and [A]
+    (k, at), = [(k, i) for k, r in enumerate(rows) for i in np.nonzero(r.position_ids == 0)[0]
+                if r.input_ids[i:i + 9].tolist() == b]
+    assert len(rows) == 2 and at > 0  # B follows another document
+    with torch.no_grad():
+        batched = model(input_ids=torch.tensor(np.stack([r.input_ids for r in rows]), dtype=torch.long),
+                        position_ids=torch.tensor(np.stack([r.position_ids for r in rows]), dtype=torch.long),
+                        use_cache=False).logits[k, at:at + 9]
+    assert (batched - alone).abs().max().item() < 1e-5

@@ -118,3 +118,19 @@ def test_unknown_dataset_name_is_config_error(tmp_path):
     cfg = load_config(None, [f"data.prepared_root={tmp_path}"])
     with pytest.raises(ConfigError, match="nope"):
         prepare_all(cfg, ["nope"], progress=False)
+
+
+def test_all_rejected_input_writes_valid_empty_dataset_and_warns(tmp_path):
+    from kcpt.config import DatasetConfig
+    from kcpt.data.commands import format_manifest
+    from kcpt.data.prepare import prepare_dataset
+    from kcpt.model.tokenizer import load_tokenizer
+
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"body": 1}\n', encoding="utf-8")
+    cfg = load_config(None, ["logging.progress=false"])
+    out = prepare_dataset("x", DatasetConfig(kind="raw", inputs=[str(bad)]), cfg, tmp_path / "o",
+                          load_tokenizer(cfg.tokenizer), progress=False)
+    m = read_manifest(out)
+    assert m["rows"] == 0 and m["rejects"] == {"missing_field": 1} and read_rows(out).num_rows == 0
+    assert "warning: no rows written" in format_manifest(out, m)

@@ -64,6 +64,8 @@ def format_manifest(directory: Path, manifest: dict[str, Any]) -> str:
              f"{'documents' if manifest['kind'] == 'raw' else 'items'}"]
     rejects, notices = manifest.get("rejects", {}), manifest.get("notices", {})
     examples = manifest.get("reject_examples", {})
+    if manifest["rows"] == 0:
+        lines.append("  warning: no rows written (every input was rejected or empty; see below)")
     if not rejects and not notices:
         lines.append("  no rejects")
     for title, counts in (("rejected", rejects), ("notices", notices)):

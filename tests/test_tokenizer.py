@@ -79,3 +79,11 @@ def test_tokenizer_without_pad_pads_with_eos(texts, tmp_path):
 def test_missing_tokenizer_path_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match="tokenizer.path"):
         load_tokenizer(TokenizerConfig(path=str(tmp_path / "nope")))
+
+
+def test_demo_tokenizer_and_demo_corpus_share_the_cache_root(tmp_path, monkeypatch):
+    from kcpt.data.demo import default_demo_dir
+    from kcpt.model.tokenizer import default_cache_dir
+
+    monkeypatch.setenv("KCPT_CACHE_DIR", str(tmp_path))
+    assert default_cache_dir() == tmp_path == default_demo_dir().parent

@@ -336,9 +336,13 @@ def demo_version_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def cache_root() -> Path:
+    """``$KCPT_CACHE_DIR`` or ``~/.cache/kcpt``: where kcpt caches the demo corpus and the demo tokenizer."""
+    return Path(os.environ.get("KCPT_CACHE_DIR", "~/.cache/kcpt")).expanduser()
+
+
 def default_demo_dir() -> Path:
-    root = Path(os.environ.get("KCPT_CACHE_DIR", "~/.cache/kcpt")).expanduser()
-    return root / f"demo-{demo_version_hash()}"
+    return cache_root() / f"demo-{demo_version_hash()}"
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -11,7 +11,6 @@ prepared data and every checkpoint record it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -35,8 +34,10 @@ _VOLATILE_CONFIG_KEYS = {"name_or_path", "_name_or_path", "tokenizer_file", "tra
 
 
 def default_cache_dir() -> Path:
-    """``$KCPT_CACHE`` or ``~/.cache/kcpt``: where the demo tokenizer is cached."""
-    return Path(os.environ.get("KCPT_CACHE", Path.home() / ".cache" / "kcpt"))
+    """``$KCPT_CACHE_DIR`` or ``~/.cache/kcpt`` (shared with the demo corpus): where the demo tokenizer is cached."""
+    from kcpt.data.demo import cache_root
+
+    return cache_root()
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -43,10 +43,12 @@ def test_cli_raw_writes_shards_manifest_and_counts_rejects(tmp_path):
     data.write_text(json.dumps({"text": LONG}, ensure_ascii=False) + "\n" + '{"txt": "x"}\n'
                     + json.dumps({"text": "짧다"}, ensure_ascii=False) + "\n" + "not json\n"
                     + json.dumps({"text": LONG}, ensure_ascii=False) + "\n", encoding="utf-8")
-    b_txt = "헌법 제1조 대한민국은 민주공화국이다. 모든 권력은 국민으로부터 나온다.\n"
+    b_txt = ("헌법 제1조 대한민국은 민주공화국이다. 모든 권력은 국민으로부터 나온다.\n\n\n"
+             "헌법 제2조 대한민국의 국민이 되는 요건은 법률로 정한다.\n")  # two documents (blank_lines)
     (tmp_path / "b.txt").write_text(b_txt, encoding="utf-8")
     out = tmp_path / "out"
-    r = _kcpt("raw", "--input", str(data), str(tmp_path / "b.txt"), "--out", str(out), "--seq-len", "64")
+    r = _kcpt("raw", "--input", str(data), str(tmp_path / "b.txt"), "--out", str(out), "--seq-len", "64",
+              "--txt-split", "blank_lines")
     assert r.returncode == 0, r.stderr
     assert "pack efficiency" in r.stdout and str(out) in r.stdout and "missing_field" in r.stdout
     m = _check_rows(out, 64)
@@ -55,7 +57,7 @@ def test_cli_raw_writes_shards_manifest_and_counts_rejects(tmp_path):
         assert key in m
     assert m["kind"] == "raw" and m["rows"] >= 4  # the long document is split over several rows
     assert m["rejects"] == {"bad_json": 1, "duplicate": 1, "missing_field": 1, "too_short": 1}
-    assert [(Path(i["path"]).name, i["documents"]) for i in m["inputs"]] == [("in.jsonl", 1), ("b.txt", 1)]
+    assert [(Path(i["path"]).name, i["documents"]) for i in m["inputs"]] == [("in.jsonl", 1), ("b.txt", 2)]
     assert m["inputs"][0]["sha256"] == sha256_file(data)
     assert m["tokenizer_sha256"] == tokenizer_sha256(out / "tokenizer")
     assert prepared_sha256(out) == sha256_file(out / "manifest.json")

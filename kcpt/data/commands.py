@@ -31,6 +31,8 @@ def register(subparsers: Any) -> None:
     raw = sub.add_parser("raw", help="raw text documents (CPT)")
     _common(raw, inputs=True)
     raw.add_argument("--text-field", default="text", help="JSONL/Parquet/HF field holding the text")
+    raw.add_argument("--txt-split", choices=["file", "blank_lines"], default=None,
+                     help=".txt documents: one per file, or ended by 2+ blank lines (default: data.txt_split)")
     exam = sub.add_parser("exam", help="exam items (JSONL: id, question|prompt, [choices], answer, kind)")
     _common(exam, inputs=True)
     exam.add_argument("--exam-kind", choices=["qa", "example"], default=None, help="keep only this kind")
@@ -48,6 +50,8 @@ def _config(args: argparse.Namespace) -> KcptConfig:
         overrides.append(f"data.seq_len={args.seq_len}")
     if args.strict:
         overrides.append("data.strict=true")
+    if getattr(args, "txt_split", None) is not None:
+        overrides.append(f"data.txt_split={args.txt_split}")
     if args.ray:
         overrides.append("data.ray_data=true")
     if args.no_progress:

@@ -73,6 +73,7 @@ def dataset_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, pat
         "dataset": ds.model_dump(mode="json"),
         "seq_len": data.seq_len,
         "strict": data.strict,
+        "txt_split": data.txt_split if ds.kind == "raw" else None,
         "filters": data.filters.model_dump(mode="json") if ds.kind == "raw" else None,
         "template": data.template.model_dump(mode="json") if ds.kind == "exam" else None,
         "tokenizer_sha256": tok_sha,
@@ -102,7 +103,8 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
     seq_len = data.seq_len
     if ds.kind == "raw":
         docs = read_documents(paths, text_field=ds.text_field, report=report, strict=data.strict,
-                              max_line_chars=data.filters.max_line_chars, progress=progress)
+                              max_line_chars=data.filters.max_line_chars, txt_split=data.txt_split,
+                              progress=progress)
         cleaned = _count_kept(clean_documents(docs, data.filters, report, strict=data.strict), kept)
         cleaned = tqdm(cleaned, desc=f"tokenizing {name}", unit="doc", disable=not progress)
         segments: Iterable[Segment] = raw_segments(cleaned, tokenizer, seq_len, name)
@@ -110,13 +112,8 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
         items: Iterable[ExamItem] = read_exam_items(paths, report=report, strict=data.strict, kind=ds.exam_kind,
                                                     max_line_chars=data.filters.max_line_chars)
         items = tqdm(items, desc=f"encoding {name}", unit="item", disable=not progress)
-        segments = _encode_counting(items, tokenizer, cfg, report, name, kept)
+        segments = encode_counting(items, tokenizer, cfg, report, name, kept)
     rows = pack_segments(segments, seq_len, pad_token_id(tokenizer), window=DEFAULT_WINDOW)
-    manifest_extra = {"name": name, "pipeline": "local", "dataset": ds.model_dump(mode="json"), **(extra or {})}
-    if ds.kind == "exam":
-        manifest_extra["template"] = data.template.model_dump(mode="json")
-    else:
-        manifest_extra["filters"] = data.filters.model_dump(mode="json")
     inputs: list[dict[str, Any]] = []  # filled once the rows are consumed (kept counts are known only then)
     out = Path(out_dir)
 
@@ -125,12 +122,23 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
         inputs.extend(input_entries(paths, dict(kept)))
 
     write_prepared(out, rows_then_inputs(), tokenizer=tokenizer, seq_len=seq_len, kind=ds.kind, inputs=inputs,
-                   report=report, extra=manifest_extra, overwrite=overwrite)
+                   report=report, extra=manifest_extra(name, ds, cfg, "local", extra), overwrite=overwrite)
     return out
 
 
-def _encode_counting(items: Iterable[ExamItem], tokenizer, cfg: KcptConfig, report: RejectReport, name: str,
-                     kept: Counter[str]) -> Iterator[Segment]:
+def manifest_extra(name: str, ds: DatasetConfig, cfg: KcptConfig, pipeline: str,
+                   extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Manifest keys describing how a dataset was prepared: name, pipeline (``local``/``ray_data``), the dataset
+    config, and the exam template (exam) or the quality filters (raw); then ``extra``."""
+    key = "template" if ds.kind == "exam" else "filters"
+    return {"name": name, "pipeline": pipeline, "dataset": ds.model_dump(mode="json"),
+            key: getattr(cfg.data, key).model_dump(mode="json"), **(extra or {})}
+
+
+def encode_counting(items: Iterable[ExamItem], tokenizer, cfg: KcptConfig, report: RejectReport, name: str,
+                    kept: Counter[str]) -> Iterator[Segment]:
+    """Encode exam items (:func:`~kcpt.data.exam.encode_exam_items`), counting kept items per input file in
+    ``kept``; a too-long item is counted in ``report`` (or raised with ``data.strict``)."""
     for item in items:
         for seg in encode_exam_items([item], tokenizer, cfg.data.template, cfg.data.seq_len, report=report,
                                      strict=cfg.data.strict, source=name):

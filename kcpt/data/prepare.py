@@ -44,8 +44,9 @@ def _count_kept(items: Iterable[Any], counts: Counter[str]) -> Iterator[Any]:
         yield it
 
 
-def _batched(items: Iterable[Document], n: int) -> Iterator[list[Document]]:
-    buf: list[Document] = []
+def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``n`` items (the last may be shorter); ``itertools.batched`` from Python 3.12."""
+    buf: list[Any] = []
     for it in items:
         buf.append(it)
         if len(buf) == n:
@@ -57,7 +58,7 @@ def _batched(items: Iterable[Document], n: int) -> Iterator[list[Document]]:
 
 def raw_segments(docs: Iterable[Document], tokenizer, seq_len: int, source: str) -> Iterator[Segment]:
     """Tokenize cleaned documents in batches; each gets EOS and is chunked to ≤ ``seq_len``."""
-    for batch in _batched(docs, TOKENIZE_BATCH):
+    for batch in batched(docs, TOKENIZE_BATCH):
         yield from tokenize_documents([d.text for d in batch], tokenizer, seq_len, source)
 
 

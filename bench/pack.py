@@ -50,7 +50,7 @@ def run_naive(texts: list[str], tok, seq_len: int, pad: int) -> tuple[int, int, 
     eos = tok.eos_token_id
     parts = []
     for batch in _batches(texts):
-        for ids in tok(batch)["input_ids"]:
+        for ids in tok(batch, split_special_tokens=True)["input_ids"]:  # as tokenize_documents
             parts.append(np.asarray(ids, dtype=np.int32))
             parts.append(np.asarray([eos], dtype=np.int32))
     flat = np.concatenate(parts)
@@ -136,7 +136,7 @@ def main() -> None:
             if name not in results or cpu < results[name][0]:
                 results[name] = (cpu, wall, out)
 
-    doc_lens = [len(ids) + 1 for b in _batches(base) for ids in tok(b)["input_ids"]]
+    doc_lens = [len(ids) + 1 for b in _batches(base) for ids in tok(b, split_special_tokens=True)["input_ids"]]
     print(f"corpus: {len(texts)} documents, {n_chars / 1e6:.2f} M chars, tokenizer vocab {len(tok)}, "
           f"seq_len {args.seq_len}, repeat {args.repeat}; document tokens: median {int(np.median(doc_lens))}, "
           f"mean {np.mean(doc_lens):.0f}, max {max(doc_lens)}; 1 core (TOKENIZERS_PARALLELISM=false), "

@@ -62,3 +62,11 @@ def test_too_long_item_is_counted_or_raised(tok):
     assert msg.startswith("qa.jsonl: line 7: item 'long7': rendered prompt + answer is ")
     with pytest.raises(ExamTooLong, match="qa.jsonl: line 7: item 'long7'"):
         list(encode_exam_items([long_item], tok, ExamTemplate(), 32, report=RejectReport(), strict=True))
+
+
+def test_special_token_strings_in_an_item_are_plain_text(tok):
+    item = ExamItem(id="s", answer="<|endoftext|> 서울", kind="qa", question="<|pad|> 수도는?")
+    seg = encode_exam_item(item, tok, ExamTemplate(), seq_len=128)
+    assert seg.input_ids.count(tok.eos_token_id) == 1 and seg.input_ids[-1] == tok.eos_token_id
+    assert tok.pad_token_id not in seg.input_ids
+    assert tok.decode([t for t in seg.labels if t != IGNORE_INDEX][:-1]).strip() == "<|endoftext|> 서울"

@@ -110,3 +110,11 @@ def test_long_document_tails_fill_gaps_and_short_documents_stay_whole():
             assert tuple(s.input_ids) in pieces
     assert all(len(p) >= 16 or p in {tuple(s.input_ids) for s in segs} for p in pieces)
     assert all(check_row(r.input_ids, r.position_ids, r.labels, seq_len) == [] for r in rows)
+
+
+def test_special_token_strings_in_text_are_plain_text():
+    tok = train_bpe_tokenizer(["대한민국 헌법"] * 5, 300)
+    text = "앞 <|endoftext|> 뒤 <|pad|>"
+    (seg,) = tokenize_documents([text], tok, 64)
+    assert list(seg.input_ids).count(tok.eos_token_id) == 1 and seg.input_ids[-1] == tok.eos_token_id
+    assert tok.pad_token_id not in seg.input_ids and tok.decode(seg.input_ids[:-1]) == text

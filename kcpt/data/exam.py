@@ -45,12 +45,15 @@ def encode_exam_item(item: ExamItem, tokenizer, template: ExamTemplate, seq_len:
                      source: str = "") -> EncodedSegment:
     """Render, tokenize once with offsets, append EOS; labels -100 on prompt-only tokens.
 
+    Special-token strings inside the item's text are tokenized as plain text (``split_special_tokens``).
+
     Raises :class:`ExamTooLong` when the result is longer than ``seq_len`` tokens. ``source`` is the dataset
     name the packed row will carry.
     """
     prompt = render_prompt(item, template)
     answer_start = len(prompt)
-    enc = tokenizer(prompt + item.answer, add_special_tokens=True, return_offsets_mapping=True)
+    enc = tokenizer(prompt + item.answer, add_special_tokens=True, split_special_tokens=True,
+                    return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [tid if end > answer_start else IGNORE_INDEX
               for tid, (_, end) in zip(ids, enc["offset_mapping"], strict=True)]

@@ -122,12 +122,14 @@ def tokenize_documents(texts: Sequence[str], tokenizer, seq_len: int, source: st
     """Tokenize raw texts in one batch call, append EOS to each, and chunk to ≤ ``seq_len``.
 
     The tokenizer's own special tokens (e.g. Llama's BOS) are kept; EOS is appended unless already last.
+    Special-token strings inside the text (a literal ``<|endoftext|>`` in a web page) are plain text
+    (``split_special_tokens``): a document's only EOS is the appended one.
     """
     if not texts:
         return []
     eos = tokenizer.eos_token_id
     out: list[Segment] = []
-    for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]:
+    for ids in tokenizer(list(texts), add_special_tokens=True, split_special_tokens=True)["input_ids"]:
         if not ids or ids[-1] != eos:
             ids = [*ids, eos]
         out.extend(chunk_document(ids, seq_len, source))

@@ -32,7 +32,7 @@ from kcpt.data.types import Document, ExamItem
 from kcpt.hashing import sha256_dir, sha256_file, sha256_json
 from kcpt.model.tokenizer import load_tokenizer, pad_token_id, save_tokenizer, tokenizer_sha256
 
-PREPARE_FORMAT_VERSION = 2
+PREPARE_FORMAT_VERSION = 3
 """Bump when prepared rows would change for the same inputs (part of the cache key)."""
 TOKENIZE_BATCH = 256
 """Documents per batched tokenizer call."""

@@ -60,17 +60,20 @@ def test_demo_raw_same_tokens_and_valid_rows(ray_local, tok, tmp_path):
 
 def test_dedup_is_exact_across_blocks_and_exam_matches(ray_local, tok, tmp_path):
     text = (konlpy_corpus_dir() / "kolaw" / "constitution.txt").read_text(encoding="utf-8")
-    paras = [p for p in text.split("\n") if len(p) > 60][:12]
-    assert len(set(paras)) == 12
+    paras = [p for p in text.split("\n") if len(p) > 60][:14]
+    assert len(set(paras)) == 14
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"  # one block per file; b repeats 4 of a's documents
     a.write_text("".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in paras[:8]), encoding="utf-8")
     b.write_text("".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in paras[4:12]), encoding="utf-8")
-    cfg = load_config(None, ["data.seq_len=64"])
-    ds = DatasetConfig(kind="raw", inputs=[str(a), str(b)])
+    c = tmp_path / "c.txt"  # two documents under data.txt_split=blank_lines
+    c.write_text(f"{paras[12]}\n\n\n{paras[13]}\n", encoding="utf-8")
+    cfg = load_config(None, ["data.seq_len=64", "data.txt_split=blank_lines"])
+    ds = DatasetConfig(kind="raw", inputs=[str(a), str(b), str(c)])
     ml, mr, local, on_ray = _prepare_both("dup", ds, cfg, tmp_path, tok)
     assert mr["rejects"].get("duplicate") == ml["rejects"].get("duplicate") == 4
     kept = sum(i["documents"] for i in ml["inputs"])
-    assert sum(i["documents"] for i in mr["inputs"]) == kept == 16 - sum(ml["rejects"].values()) == 12
+    assert sum(i["documents"] for i in mr["inputs"]) == kept == 18 - sum(ml["rejects"].values()) == 14
+    assert mr["inputs"][2]["documents"] == ml["inputs"][2]["documents"] == 2
     assert _tokens(on_ray, tok.pad_token_id) == _tokens(local, tok.pad_token_id)
 
     exam = load_config().data.datasets["qa_val"]

@@ -40,6 +40,7 @@ import ray
 
 from kcpt.config import DatasetConfig, KcptConfig
 from kcpt.data.packing import DEFAULT_WINDOW, PackStats, Segment, pack_window, tokenize_documents
+from kcpt.data.prepare import TOKENIZE_BATCH, batched, encode_counting, manifest_extra
 from kcpt.data.rejects import RejectReport
 from kcpt.data.shards import atomic_dir, finish_prepared, input_entries, read_manifest, rows_to_table, shard_name
 from kcpt.data.types import Document
@@ -47,8 +48,6 @@ from kcpt.errors import KcptError
 
 READ_BATCH = 512
 """Records per batch yielded by the read step."""
-TOKENIZE_BATCH = 256
-"""Documents per clean+tokenize batch."""
 
 
 @ray.remote(num_cpus=0)
@@ -90,20 +89,15 @@ class PipelineState:
 
 
 def _read_raw(batch: dict[str, np.ndarray], *, state, text_field: str, strict: bool,
-              max_line_chars: int) -> Iterator[dict[str, list]]:
+              max_line_chars: int, txt_split: str) -> Iterator[dict[str, list]]:
     from kcpt.data.sources import read_documents
 
     for path in batch["path"]:
         report = RejectReport()
-        buf: list[Document] = []
-        for doc in read_documents([str(path)], text_field=text_field, report=report, strict=strict,
-                                  max_line_chars=max_line_chars):
-            buf.append(doc)
-            if len(buf) >= READ_BATCH:
-                yield _docs_batch(buf)
-                buf = []
-        if buf:
-            yield _docs_batch(buf)
+        docs = read_documents([str(path)], text_field=text_field, report=report, strict=strict,
+                              max_line_chars=max_line_chars, txt_split=txt_split)
+        for chunk in batched(docs, READ_BATCH):
+            yield _docs_batch(chunk)
         ray.get(state.merge.remote(report, {}))
 
 
@@ -114,7 +108,8 @@ def _docs_batch(docs: list[Document]) -> dict[str, list]:
 
 def _segments_batch(segs: list[Segment]) -> dict[str, Any]:
     return {"input_ids": [np.asarray(s.input_ids, np.int32) for s in segs],
-            "labels": [np.asarray(s.labels, np.int32) for s in segs], "source": [s.source for s in segs]}
+            "labels": [np.asarray(s.labels, np.int32) for s in segs], "source": [s.source for s in segs],
+            "splittable": [s.splittable for s in segs]}
 
 
 def _clean_tokenize(batch: dict[str, np.ndarray], *, state, cfg: KcptConfig, tokenizer, name: str) -> dict:
@@ -143,31 +138,22 @@ def _clean_tokenize(batch: dict[str, np.ndarray], *, state, cfg: KcptConfig, tok
 
 def _read_encode_exam(batch: dict[str, np.ndarray], *, state, cfg: KcptConfig, tokenizer, name: str,
                       exam_kind: str | None) -> Iterator[dict]:
-    from kcpt.data.exam import encode_exam_items
     from kcpt.data.exam_io import read_exam_items
 
     data = cfg.data
     for path in batch["path"]:
         report = RejectReport()
         kept: Counter[str] = Counter()
-        segs: list[Segment] = []
-        for item in read_exam_items([str(path)], report=report, strict=data.strict, kind=exam_kind,
-                                    max_line_chars=data.filters.max_line_chars):
-            for seg in encode_exam_items([item], tokenizer, data.template, data.seq_len, report=report,
-                                         strict=data.strict, source=name):
-                kept[item.source] += 1
-                segs.append(seg)
-            if len(segs) >= READ_BATCH:
-                yield _segments_batch(segs)
-                segs = []
-        if segs:
-            yield _segments_batch(segs)
+        items = read_exam_items([str(path)], report=report, strict=data.strict, kind=exam_kind,
+                                max_line_chars=data.filters.max_line_chars)
+        for chunk in batched(encode_counting(items, tokenizer, cfg, report, name, kept), READ_BATCH):
+            yield _segments_batch(chunk)
         ray.get(state.merge.remote(report, dict(kept)))
 
 
 def _pack(batch: dict[str, np.ndarray], *, state, seq_len: int, pad_id: int) -> pa.Table:
-    segs = [Segment(ids, labels, str(src))
-            for ids, labels, src in zip(batch["input_ids"], batch["labels"], batch["source"], strict=True)]
+    segs = [Segment(ids, labels, str(src), bool(cut)) for ids, labels, src, cut
+            in zip(batch["input_ids"], batch["labels"], batch["source"], batch["splittable"], strict=True)]
     rows = pack_window(segs, seq_len, pad_id) if segs else []
     stats = PackStats(seq_len)
     for r in rows:
@@ -235,7 +221,7 @@ def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: 
     if ds.kind == "raw":
         docs = files_ds.map_batches(_read_raw, batch_size=1, fn_kwargs={
             "state": state, "text_field": ds.text_field, "strict": data.strict,
-            "max_line_chars": data.filters.max_line_chars})
+            "max_line_chars": data.filters.max_line_chars, "txt_split": data.txt_split})
         segments = docs.map_batches(_clean_tokenize, batch_size=TOKENIZE_BATCH, fn_kwargs={
             "state": state, "cfg": cfg, "tokenizer": tokenizer, "name": name})
     else:
@@ -266,12 +252,8 @@ def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: 
             if not shards:  # keep the layout valid for an empty dataset
                 pq.write_table(rows_to_table([]), tmp / shard_name(0))
                 shards = [shard_name(0)]
-            manifest_extra = {"name": name, "pipeline": "ray_data", "dataset": ds.model_dump(mode="json"),
-                              **(extra or {})}
-            key = "template" if ds.kind == "exam" else "filters"
-            manifest_extra[key] = getattr(data, key).model_dump(mode="json")
-            finish_prepared(tmp, tokenizer=tokenizer, stats=stats, kind=ds.kind,
-                            inputs=input_entries(paths, kept), report=report, shards=shards, extra=manifest_extra)
+            finish_prepared(tmp, tokenizer=tokenizer, stats=stats, kind=ds.kind, inputs=input_entries(paths, kept),
+                            report=report, shards=shards, extra=manifest_extra(name, ds, cfg, "ray_data", extra))
     finally:
         ray.kill(state)
     return out

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from kcpt.config import DatasetConfig, load_config
-from kcpt.data.demo import konlpy_corpus_dir
+from kcpt.data.demo import konlpy_corpus_dir, resolve_inputs
 from kcpt.data.packing import check_row
 from kcpt.data.prepare import prepare_dataset
 from kcpt.data.ray_pipeline import prepare_dataset_ray, read_prepared
@@ -76,10 +76,13 @@ def test_dedup_is_exact_across_blocks_and_exam_matches(ray_local, tok, tmp_path)
     assert mr["inputs"][2]["documents"] == ml["inputs"][2]["documents"] == 2
     assert _tokens(on_ray, tok.pad_token_id) == _tokens(local, tok.pad_token_id)
 
-    exam = load_config().data.datasets["qa_val"]
+    (qa,) = resolve_inputs(["demo:qa_val"])
+    again = tmp_path / "again.jsonl"  # another file (another block) repeating 3 item ids
+    again.write_text("".join(qa.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
+    exam = DatasetConfig(kind="exam", inputs=[str(qa), str(again)])
     ml, mr, local, on_ray = _prepare_both("qa_val", exam, load_config(), tmp_path / "exam", tok)
     assert _tokens(on_ray, tok.pad_token_id) == _tokens(local, tok.pad_token_id)
-    assert mr["label_tokens"] == ml["label_tokens"] and mr["rejects"] == ml["rejects"]
+    assert mr["label_tokens"] == ml["label_tokens"] and mr["rejects"] == ml["rejects"] == {"duplicate_id": 3}
 
 
 def test_strict_error_inside_a_task_reaches_the_caller(ray_local, tok, tmp_path):

@@ -19,8 +19,7 @@ Dedup is exact across blocks: every cleaned document's SHA-256 (of the normalise
 actor; only the first claimant keeps it. Which copy is kept depends on task order (the text is identical).
 Limit: the set lives in one actor (16 bytes of digest + Python overhead, about 100 bytes per unique
 document), so about 10⁸ unique documents per GiB-class actor; beyond that shard the set by hash prefix.
-Exam items are read per file: duplicate item ids are detected within a file, not across files (the local path
-checks across files).
+Exam item ids are claimed at the same actor, so a duplicate id is caught across files too (``duplicate_id``).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,9 @@ from kcpt.data.packing import DEFAULT_WINDOW, PackStats, Segment, pack_window, t
 from kcpt.data.prepare import TOKENIZE_BATCH, batched, encode_counting, manifest_extra
 from kcpt.data.rejects import RejectReport
 from kcpt.data.shards import atomic_dir, finish_prepared, input_entries, read_manifest, rows_to_table, shard_name
-from kcpt.data.types import Document
+from kcpt.data.types import Document, ExamItem
 from kcpt.errors import KcptError
+from kcpt.hashing import sha256_bytes
 
 READ_BATCH = 512
 """Records per batch yielded by the read step."""
@@ -144,11 +144,29 @@ def _read_encode_exam(batch: dict[str, np.ndarray], *, state, cfg: KcptConfig, t
     for path in batch["path"]:
         report = RejectReport()
         kept: Counter[str] = Counter()
-        items = read_exam_items([str(path)], report=report, strict=data.strict, kind=exam_kind,
+        items = read_exam_items([str(path)], report=report, strict=data.strict,
                                 max_line_chars=data.filters.max_line_chars)
+        items = _claim_ids(items, state=state, report=report, strict=data.strict, kind=exam_kind)
         for chunk in batched(encode_counting(items, tokenizer, cfg, report, name, kept), READ_BATCH):
             yield _segments_batch(chunk)
         ray.get(state.merge.remote(report, dict(kept)))
+
+
+def _claim_ids(items: Iterable[ExamItem], *, state, report: RejectReport, strict: bool,
+               kind: str | None) -> Iterator[ExamItem]:
+    """Drop items whose id another file already used (``duplicate_id``, as the local path does across files),
+    claiming ids at ``state`` per batch; then keep only ``kind`` (after the check, as the local path)."""
+    from kcpt.data.rejects import reject
+
+    for chunk in batched(items, READ_BATCH):
+        firsts = ray.get(state.claim.remote([sha256_bytes(i.id.encode("utf-8")) for i in chunk],
+                                            [f"{i.source}: line {i.line}" for i in chunk]))
+        for item, first in zip(chunk, firsts, strict=True):
+            if first is not None:
+                reject(report, "duplicate_id", f"id {item.id!r} already used at {first}", strict=strict,
+                       path=item.source, line=item.line, field="id")
+            elif kind is None or item.kind == kind:
+                yield item
 
 
 def _pack(batch: dict[str, np.ndarray], *, state, seq_len: int, pad_id: int) -> pa.Table:

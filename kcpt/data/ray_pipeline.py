@@ -52,7 +52,8 @@ READ_BATCH = 512
 
 @ray.remote(num_cpus=0)
 class PipelineState:
-    """Driver-side counters and the exact-dedup set, updated by the pipeline's tasks."""
+    """One actor per pipeline run: reject/kept counters, pack stats, and the claimed set (document digests for
+    exact dedup, or exam item ids), updated by the pipeline's tasks and read by the driver at the end."""
 
     def __init__(self) -> None:
         self.report = RejectReport()
@@ -61,7 +62,7 @@ class PipelineState:
         self.seen: dict[bytes, str] = {}
 
     def claim(self, digests: list[str], doc_ids: list[str]) -> list[str | None]:
-        """For each document: None if it is the first with this digest (kept), else the id of the kept one."""
+        """For each hex digest: None if it is the first claim (kept), else the label given with the first claim."""
         out: list[str | None] = []
         for d, i in zip(digests, doc_ids, strict=True):
             key = bytes.fromhex(d)[:16]

@@ -239,10 +239,12 @@ def iter_json_lines(path: Path, *, report: RejectReport, strict: bool, max_line_
             report.note("blank_line", f"{path}: line {lineno}: blank line skipped")
             continue
         try:
-            yield lineno, json.loads(line)
+            rec = json.loads(line)
         except json.JSONDecodeError as e:
             reject(report, "bad_json", f"not valid JSON: {e.msg} at column {e.colno}", strict=strict,
                    path=str(path), line=lineno)
+            continue
+        yield lineno, rec
 
 
 def _read_jsonl(path: Path, *, text_field: str, report: RejectReport, strict: bool, max_line_chars: int

@@ -17,7 +17,9 @@ deterministically (same bytes on every build), six JSONL splits:
   examples given as a verbatim ``prompt``.
 
 Exam splits are held out by *subject* (an article or a bill): all items about one subject are in the same
-split; ~15 % of subjects go to ``*_val`` (the first by SHA-256 of the subject key). Every item keeps
+split. Every subject whose text lies in a ``raw_val`` document goes to ``*_val`` — so no exam training item
+quotes held-out raw text, and raw val loss measures retention, not memorised answers — topped up with other
+subjects (the first by SHA-256 of the subject key) to ~15 % of subjects. Every item keeps
 ``len(prompt text) + len(answer) ≤ _MAX_ITEM_CHARS`` characters (≈ ≤ 220 tokens of a ~7k byte-level BPE).
 
 The files live in ``$KCPT_CACHE_DIR`` (default ``~/.cache/kcpt``) ``/demo-<hash>/``, where the hash covers the
@@ -203,8 +205,11 @@ def _bill_reason_answer(reason: str) -> str:
 # --------------------------------------------------------------------------- raw documents
 
 
-def _raw_documents(title: str, preamble: str, articles: list[Article], bills: list[Bill]) -> list[dict]:
+def _raw_documents(title: str, preamble: str, articles: list[Article],
+                   bills: list[Bill]) -> tuple[list[dict], dict[str, list[str]]]:
+    """Raw documents, and for each document id the exam subject keys (articles, bills) whose text it holds."""
     docs = [{"id": "constitution-preamble", "text": f"{title}\n\n전문\n{preamble}"}]
+    subjects: dict[str, list[str]] = {"constitution-preamble": []}
     units: dict[str, list[Article]] = {}
     for art in articles:
         units.setdefault(art.heading, []).append(art)
@@ -218,9 +223,11 @@ def _raw_documents(title: str, preamble: str, articles: list[Article], bills: li
         for g, group in enumerate(groups, start=1):
             body = "\n".join(ln for a in group for ln in a.lines)
             docs.append({"id": f"constitution-{u:02d}-{g}", "text": f"{title} {heading}\n{body}"})
+            subjects[docs[-1]["id"]] = [a.key for a in group]
     for bill in bills:
         docs.append({"id": bill.key, "text": bill.text})
-    return docs
+        subjects[bill.key] = [bill.key]
+    return docs, subjects
 
 
 def _split_raw(docs: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -317,9 +324,14 @@ def _example_items(articles: list[Article]) -> list[tuple[str, dict]]:
     return out
 
 
-def _split_items(pairs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
+def _split_items(pairs: list[tuple[str, dict]], held_out: set[str]) -> tuple[list[dict], list[dict]]:
+    """Split by subject: every subject in ``held_out`` (text in raw_val) is val, topped up to the val fraction."""
     subjects = sorted({k for k, _ in pairs}, key=_sha)
-    val = set(subjects[: max(1, round(_EXAM_VAL_FRAC * len(subjects)))])
+    val = {k for k in subjects if k in held_out}
+    for k in subjects:
+        if len(val) >= max(1, round(_EXAM_VAL_FRAC * len(subjects))):
+            break
+        val.add(k)
     return [it for k, it in pairs if k not in val], [it for k, it in pairs if k in val]
 
 
@@ -355,9 +367,11 @@ def _build_splits() -> dict[str, list[dict]]:
     files = _source_files()
     title, preamble, articles = _parse_constitution(_read(files[0]))
     bills = [_parse_bill(p) for p in files[1:]]
-    raw_train, raw_val = _split_raw(_raw_documents(title, preamble, articles, bills))
-    qa_train, qa_val = _split_items(_qa_items(articles, bills))
-    ex_train, ex_val = _split_items(_example_items(articles))
+    docs, doc_subjects = _raw_documents(title, preamble, articles, bills)
+    raw_train, raw_val = _split_raw(docs)
+    held_out = {k for d in raw_val for k in doc_subjects[d["id"]]}
+    qa_train, qa_val = _split_items(_qa_items(articles, bills), held_out)
+    ex_train, ex_val = _split_items(_example_items(articles), held_out)
     return {"raw_train": raw_train, "raw_val": raw_val, "qa_train": qa_train, "qa_val": qa_val,
             "example_train": ex_train, "example_val": ex_val}
 

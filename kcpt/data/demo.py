@@ -17,9 +17,10 @@ deterministically (same bytes on every build), six JSONL splits:
   examples given as a verbatim ``prompt``.
 
 Exam splits are held out by *subject* (an article or a bill): all items about one subject are in the same
-split. Every subject whose text lies in a ``raw_val`` document goes to ``*_val`` — so no exam training item
-quotes held-out raw text, and raw val loss measures retention, not memorised answers — topped up with other
-subjects (the first by SHA-256 of the subject key) to ~15 % of subjects. Every item keeps
+split. Subjects whose text lies in a ``raw_val`` document get no exam items at all: no exam item quotes
+held-out raw text, so raw val loss measures retention of Korean, not memorised answers. Of the other subjects
+(all seen by CPT in ``raw_train``) ~15 % go to ``*_val`` (the first by SHA-256 of the subject key): exam val
+measures answering in the exam format about text the model was pretrained on, on questions it never trained on. Every item keeps
 ``len(prompt text) + len(answer) ≤ _MAX_ITEM_CHARS`` characters (≈ ≤ 220 tokens of a ~7k byte-level BPE).
 
 The files live in ``$KCPT_CACHE_DIR`` (default ``~/.cache/kcpt``) ``/demo-<hash>/``, where the hash covers the
@@ -325,13 +326,10 @@ def _example_items(articles: list[Article]) -> list[tuple[str, dict]]:
 
 
 def _split_items(pairs: list[tuple[str, dict]], held_out: set[str]) -> tuple[list[dict], list[dict]]:
-    """Split by subject: every subject in ``held_out`` (text in raw_val) is val, topped up to the val fraction."""
+    """Split by subject, after dropping the subjects in ``held_out`` (their text is in raw_val)."""
+    pairs = [(k, it) for k, it in pairs if k not in held_out]
     subjects = sorted({k for k, _ in pairs}, key=_sha)
-    val = {k for k in subjects if k in held_out}
-    for k in subjects:
-        if len(val) >= max(1, round(_EXAM_VAL_FRAC * len(subjects))):
-            break
-        val.add(k)
+    val = set(subjects[: max(1, round(_EXAM_VAL_FRAC * len(subjects)))])
     return [it for k, it in pairs if k not in val], [it for k, it in pairs if k in val]
 
 

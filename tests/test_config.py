@@ -46,3 +46,10 @@ def test_not_a_mapping(tmp_path: Path):
     p.write_text("- 1\n- 2\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(p)
+
+
+def test_shipped_configs_load_and_demo_yaml_equals_the_defaults():
+    root = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    for p in sorted(root.glob("*.yaml")):
+        load_config(p)  # every shipped config validates
+    assert load_config(root / "demo.yaml").plan == load_config().plan

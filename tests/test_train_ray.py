@@ -157,6 +157,19 @@ def test_deepspeed_zero_runs_under_ray_train(ray_session, prepared_root, tmp_pat
     assert model.get_input_embeddings().weight.shape[1] == cfg.model.tiny.hidden_size
 
 
+def test_bf16_autocast_trains_float32_master_weights(ray_session, prepared_root, tmp_path):
+    """model.dtype bfloat16 without DeepSpeed: forwards autocast to bf16, weights (and checkpoints) stay fp32."""
+    cfg = small_cfg(prepared_root, tmp_path, "bf16", "model.dtype=bfloat16")
+    res = run_plan(cfg, stages=["cpt"], resume="never")
+    recs = read_metrics(res.run_dir)
+    assert all(math.isfinite(r["raw_val_loss"]) for r in recs)
+    assert recs[-1]["raw_val_loss"] < recs[0]["raw_val_loss"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(res.best_checkpoints["cpt"]) / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {__import__("torch").float32}
+
+
 def test_demo_plan_end_to_end(ray_session, tmp_path):
     """The embedded demo plan as `python jobs/train_stages.py` runs it (2 workers, seq_len 256): every stage
     stops on its own rule, stage 3 passes its gate, the exam loss ends far below where exam training started

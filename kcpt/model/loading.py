@@ -12,6 +12,7 @@ Every model comes back with ``config.use_cache = False`` (transformers then dete
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -51,19 +52,22 @@ def _finish(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
 
 
 def build_tiny_model(cfg: ModelConfig, vocab_size: int, *, pad_token_id: int | None = None,
-                     eos_token_id: int | None = None) -> PreTrainedModel:
-    """Random-init tiny Llama; deterministic for ``cfg.seed`` and leaves the global RNG state untouched."""
+                     eos_token_id: int | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Random-init tiny Llama; deterministic for ``cfg.seed`` and leaves the global RNG state untouched.
+
+    ``dtype`` overrides ``cfg.dtype`` (the loop keeps trained weights in float32)."""
     config = tiny_llama_config(cfg, vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     config._attn_implementation = cfg.attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(config)
-    return _finish(model.to(torch_dtype(cfg)), cfg)
+    return _finish(model.to(dtype or torch_dtype(cfg)), cfg)
 
 
 def load_causal_lm(cfg: ModelConfig, *, vocab_size: int | None = None, path: str | Path | None = None,
-                   pad_token_id: int | None = None, eos_token_id: int | None = None) -> PreTrainedModel:
-    """The model a stage starts from.
+                   pad_token_id: int | None = None, eos_token_id: int | None = None,
+                   dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The model a stage starts from, in ``dtype`` (default ``cfg.dtype``).
 
     ``path`` (a directory written by ``save_pretrained``, e.g. a checkpoint) wins over ``cfg.name_or_path``.
     For the tiny model ``vocab_size`` (= ``len(tokenizer)``) is required. A loaded model whose embedding table
@@ -73,9 +77,9 @@ def load_causal_lm(cfg: ModelConfig, *, vocab_size: int | None = None, path: str
     if source == "tiny":
         if vocab_size is None:
             raise ValueError("the tiny model needs vocab_size (len(tokenizer))")
-        return build_tiny_model(cfg, vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+        return build_tiny_model(cfg, vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id, dtype=dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg),
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch_dtype(cfg),
                                                      attn_implementation=cfg.attn_implementation,
                                                      trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -86,6 +90,12 @@ def load_causal_lm(cfg: ModelConfig, *, vocab_size: int | None = None, path: str
                     model.get_input_embeddings().num_embeddings, vocab_size)
         model.resize_token_embeddings(vocab_size)
     return _finish(model, cfg)
+
+
+def autocast(cfg: ModelConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to the compute dtype (a no-op for float32): forward passes of float32 master weights."""
+    dtype = torch_dtype(cfg)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import torch.distributed as dist
 
 from kcpt.config import KcptConfig, StageConfig
 from kcpt.errors import CheckpointError, ConfigError
-from kcpt.model.loading import freeze, load_causal_lm
+from kcpt.model.loading import autocast, freeze, load_causal_lm
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.anomaly import AnomalyDetector, StableSnapshot
 from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, load_packed_rows
@@ -184,6 +185,11 @@ class StageRunner:
         self.run_dir = RunDir(config["run_dir"])
         self.prepared: dict[str, str] = config["prepared"]
         self.ds = self.cfg.train.deepspeed
+        if self.cfg.model.dtype == "float16" and self.ds is None:
+            raise ConfigError("model.dtype float16 needs loss scaling: use train.deepspeed, or model.dtype bfloat16")
+        # DeepSpeed casts the module and keeps its own fp32 master weights; otherwise autocast the forwards.
+        self.amp = (contextlib.nullcontext if self.ds is not None
+                    else lambda: autocast(self.cfg.model, self.device))
         self.rows: dict[str, PackedRows] = {}
         self.eval_cache: dict[str, list[dict[str, torch.Tensor]]] = {}
         self.tokenizer = self._load_tokenizer()
@@ -225,12 +231,15 @@ class StageRunner:
                                                  max_rows=self.cfg.train.max_eval_rows, device=self.device)
         return self.eval_cache[name]
 
-    def load_model(self, path: str | None) -> torch.nn.Module:
+    def load_model(self, path: str | None, *, trained: bool = True) -> torch.nn.Module:
+        """A trained model keeps float32 master weights (autocast / DeepSpeed give the compute dtype);
+        a frozen reference is stored in the compute dtype."""
         from kcpt.model.tokenizer import pad_token_id
 
         model_dir = ckpt_lib.model_dir(path) if path is not None else None
         model = load_causal_lm(self.cfg.model, vocab_size=len(self.tokenizer), path=model_dir,
-                               pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id)
+                               pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
+                               dtype=torch.float32 if trained else None)
         return model.to(self.device)
 
     def build_engine(self, model: torch.nn.Module, stage: StageConfig) -> tuple[Any, Any, Any]:
@@ -278,7 +287,7 @@ class StageRunner:
                                       "kl_reference: base or pass reference_checkpoint")
                 log.warning("stage %s: no CPT best in this run; the KL reference is the init checkpoint %s",
                             stage.name, path)
-        return freeze(self.load_model(path))
+        return freeze(self.load_model(path, trained=False))
 
     # ----------------------------------------------------------------- checkpoint I/O
     def checkpoint_path(self, plan: PlanState, stage: StageConfig, step: int) -> Path:
@@ -411,8 +420,10 @@ class StageRunner:
         def evaluate_and_record(final: bool, initial: bool = False) -> StopDecision | None:
             nonlocal decision
             module = _unwrap(engine)
-            raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device)["loss"]
-            exam = eval_loss(module, self.eval_set(stage.eval_exam), self.device)["loss"] if stage.eval_exam else None
+            with self.amp():
+                raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device)["loss"]
+                exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device)["loss"]
+                        if stage.eval_exam else None)
             d = None
             if not initial:
                 d = update_stop(stop_state, stage.stop, step=step, raw=raw, exam=exam,
@@ -475,12 +486,13 @@ class StageRunner:
                 if self.ds is None and self.world > 1 and micro < t.grad_accum - 1:
                     sync = engine.no_sync()
                 with sync:
-                    out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+                    with self.amp():
+                        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
                     ce_sum, ce_n = token_ce_sum(out.logits, batch["labels"])
                     ce = ce_sum / ce_n.clamp(min=1)
                     loss = ce
                     if ref is not None and src in replay:
-                        with torch.no_grad():
+                        with torch.no_grad(), autocast(self.cfg.model, self.device):
                             ref_logits = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
                         kl_sum, kl_n = kl_to_reference_sum(out.logits, ref_logits, batch["labels"])
                         kl = kl_sum / kl_n.clamp(min=1)
@@ -556,6 +568,9 @@ class StageRunner:
         if self.rank == 0:
             self.run_dir.append_metrics(metrics)
             tb.log({k: v for k, v in metrics.items() if k not in ("step", "stage")}, step)
+            if self.cfg.logging.progress:  # the process's own stdout (Ray forwards it to the driver once;
+                sys.__stdout__.write(eval_line(metrics) + "\n")  # Train V2's patched print() would tee it twice)
+                sys.__stdout__.flush()
         flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
         if ckpt_path is not None and self.rank == 0:
             with tempfile.TemporaryDirectory(prefix="kcpt-ptr-") as d:
@@ -604,6 +619,19 @@ class StageRunner:
             ckpt_lib.prune_checkpoints(self.run_dir.checkpoints, self.cfg.train.keep_last,
                                        keep=[p for p in [*plan.best.values(), plan.cpt_best, plan.start_from] if p])
         _barrier()
+
+
+def eval_line(m: dict[str, Any]) -> str:
+    """One human line per eval (printed by rank 0; Ray forwards it to the driver)."""
+    def f(key: str, fmt: str = ".4f") -> str:
+        v = m.get(key)
+        return "-" if v is None else format(v, fmt)
+
+    gate = "" if m.get("gate_ok") is None else f"  gate {'ok' if m['gate_ok'] else 'no'} ×{m.get('gate_streak', 0)}"
+    stop = f"  → {m['stop_reason']}" if m.get("stop") else ""
+    return (f"[{m['stage']}] step {m['step']:>5}  train {f('train_loss')}  raw {f('raw_val_loss')} "
+            f"(×{f('raw_ratio', '.3f')})  exam {f('exam_val_loss')}  kl {f('kl')}  lr {f('lr', '.2e')}  "
+            f"{f('tokens_per_s', '.0f')} tok/s{gate}{stop}")
 
 
 def stage_loop_per_worker(config: dict[str, Any]) -> None:

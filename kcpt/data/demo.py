@@ -20,8 +20,9 @@ Exam splits are held out by *subject* (an article or a bill): all items about on
 split. Subjects whose text lies in a ``raw_val`` document get no exam items at all: no exam item quotes
 held-out raw text, so raw val loss measures retention of Korean, not memorised answers. Of the other subjects
 (all seen by CPT in ``raw_train``) ~15 % go to ``*_val`` (the first by SHA-256 of the subject key): exam val
-measures answering in the exam format about text the model was pretrained on, on questions it never trained on. Every item keeps
-``len(prompt text) + len(answer) ≤ _MAX_ITEM_CHARS`` characters (≈ ≤ 220 tokens of a ~7k byte-level BPE).
+measures answering in the exam format about text the model was pretrained on, on questions it never trained on.
+Every item keeps ``len(prompt text) + len(answer) ≤ _MAX_ITEM_CHARS`` characters (≈ ≤ 220 tokens of a ~7k
+byte-level BPE).
 
 The files live in ``$KCPT_CACHE_DIR`` (default ``~/.cache/kcpt``) ``/demo-<hash>/``, where the hash covers the
 builder's own source and the konlpy files; a finished build is reused.

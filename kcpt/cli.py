@@ -9,12 +9,26 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from kcpt import __version__
 from kcpt.errors import KcptError
 
 _COMMAND_MODULES = ["kcpt.data.commands", "kcpt.train.commands", "kcpt.tune.commands",
                     "kcpt.analysis.commands", "kcpt.model.commands"]
+
+
+def run_job(argv: list[str] | None, description: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
+            run: Callable[[argparse.Namespace], int]) -> int:
+    """Entry of a ``jobs/*.py`` script: parse its arguments, run, and turn a KcptError into one line + exit 2."""
+    p = argparse.ArgumentParser(description=description)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return int(run(args) or 0)
+    except KcptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -61,16 +60,10 @@ def main(argv: list[str] | None = None, *, cpt_only: bool = False, description: 
     """Entry of ``jobs/*.py``: parse arguments, run, print the table; KcptError → message, exit 2.
 
     ``cpt_only``: run only the plan's CPT stage (the first stage that ``sets_baseline``)."""
-    from kcpt.errors import KcptError
+    from kcpt.cli import run_job
 
-    p = argparse.ArgumentParser(description=description or __doc__)
-    add_train_arguments(p, with_stages=not cpt_only)
-    args = p.parse_args(argv)
-    try:
-        return run_from_args(args, cpt_only=cpt_only)
-    except KcptError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_job(argv, description or __doc__, lambda p: add_train_arguments(p, with_stages=not cpt_only),
+                   lambda args: run_from_args(args, cpt_only=cpt_only))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

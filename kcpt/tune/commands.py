@@ -8,7 +8,6 @@ checkpoints of the demo plan, tune stage 3 on the embedded demo, print the trial
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,16 +58,9 @@ def tune_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, *, description: str | None = None) -> int:
     """Entry of ``jobs/tune_stage3.py``: KcptError → one-line message, exit 2."""
-    from kcpt.errors import KcptError
+    from kcpt.cli import run_job
 
-    p = argparse.ArgumentParser(description=description or __doc__)
-    add_tune_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return tune_from_args(args)
-    except KcptError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_job(argv, description or __doc__, add_tune_arguments, tune_from_args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -408,6 +408,7 @@ class StageRunner:
                     raise CheckpointError(f"{plan.start_from}: optimizer state does not fit the model: {e}") from None
 
         is_gpu = self.device.type == "cuda"
+        step_tokens = t.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.world  # row positions/step
         tb = ScalarLogger(self.run_dir, stage.name, self.cfg.logging.tensorboard and self.rank == 0,
                           purge_step=step + 1 if resume is not None else None)
         snapshot = StableSnapshot()
@@ -545,9 +546,9 @@ class StageRunner:
                         snapshot.capture(engine, opt, sched, step)
             if is_gpu:
                 torch.cuda.synchronize()
-            tokens_seen += t.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.world
+            tokens_seen += step_tokens
             interval.seconds += time.perf_counter() - t0
-            interval.tokens += t.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.world
+            interval.tokens += step_tokens
             if math.isfinite(mean_loss):
                 interval.loss_sum += mean_loss
                 interval.steps += 1

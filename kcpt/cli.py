@@ -12,27 +12,48 @@ import sys
 from collections.abc import Callable
 
 from kcpt import __version__
-from kcpt.errors import KcptError
+from kcpt.errors import EXIT_BAD_INPUT, exit_message
 
 _COMMAND_MODULES = ["kcpt.data.commands", "kcpt.train.commands", "kcpt.tune.commands",
                     "kcpt.analysis.commands", "kcpt.model.commands"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2), like every other kcpt error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def run_guarded(prefix: str, run: Callable[[], int]) -> int:
+    """Run ``run()``; a KcptError or OSError becomes one line ``<prefix>error: ...`` on stderr and exit 2.
+
+    A Ctrl-C is one line and exit 130. Anything else is a bug in kcpt and keeps its traceback.
+    """
+    try:
+        return int(run() or 0)
+    except KeyboardInterrupt:
+        print(f"{prefix}interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        msg = exit_message(e)
+        if msg is None:
+            raise
+        print(f"{prefix}error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
 def run_job(argv: list[str] | None, description: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
             run: Callable[[argparse.Namespace], int]) -> int:
     """Entry of a ``jobs/*.py`` script: parse its arguments, run, and turn a KcptError into one line + exit 2."""
-    p = argparse.ArgumentParser(description=description)
+    p = OneLineParser(description=description)
     add_arguments(p)
     args = p.parse_args(argv)
-    try:
-        return int(run(args) or 0)
-    except KcptError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_guarded("", lambda: run(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kcpt", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="kcpt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kcpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
@@ -49,11 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KcptError as e:
-        print(f"kcpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_guarded(f"kcpt {args.command}: ", lambda: args.func(args))
 
 
 if __name__ == "__main__":

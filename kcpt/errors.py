@@ -1,4 +1,14 @@
-"""Error types. Every user-facing error says where (file, line/record, field) and what to do."""
+"""Error types. Every user-facing error says where (file, line/record, field) and what to do.
+
+Every command and job turns a :class:`KcptError` (and an ``OSError``: permissions, disk full, unreadable
+files) into ONE line on stderr and exit status 2 (:func:`exit_message`); no traceback. The classes:
+
+- :class:`ConfigError`: a config file, a ``--set`` override or a flag is invalid (names file and key path);
+- :class:`InputError`: a data input, an output directory or a run directory is unusable (names file, line,
+  field);
+- :class:`CheckpointError`: a checkpoint is missing, incomplete, corrupt or built for another run;
+- :class:`TrainingAborted`: training stopped on purpose (e.g. too many anomaly rollbacks).
+"""
 
 from __future__ import annotations
 
@@ -36,3 +46,29 @@ class CheckpointError(KcptError):
 
 class TrainingAborted(KcptError):
     """Training stopped on purpose (e.g. too many anomaly rollbacks); the message says why."""
+
+
+EXIT_BAD_INPUT = 2
+"""Exit status of a command that refused its input (config, data, paths, checkpoints)."""
+
+
+def one_line(text: str) -> str:
+    """``text`` folded to one line (newlines become ``; ``), for stderr messages."""
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def exit_message(err: BaseException) -> str | None:
+    """The one-line message for an error a command should report without a traceback, or None for a bug.
+
+    :class:`KcptError` → its message; ``OSError`` (permissions, disk full, a vanished file) → ``<file>: <what
+    failed>``; anything else (a bug in kcpt) → None.
+    """
+    if isinstance(err, KcptError):
+        return one_line(str(err))
+    if isinstance(err, OSError):
+        where = err.filename if err.filename is not None else None
+        what = err.strerror or str(err) or type(err).__name__
+        extra = f" -> {err.filename2}" if getattr(err, "filename2", None) else ""
+        return one_line(f"{where}{extra}: {what}" if where is not None else what) + \
+            " (check the path, its permissions and free disk space)"
+    return None

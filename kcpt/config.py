@@ -9,11 +9,16 @@ entries of ``plan`` run by one loop.
 
 from __future__ import annotations
 
+import re
+import stat
+import string
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kcpt.errors import ConfigError
 from kcpt.hashing import sha256_json
@@ -21,10 +26,32 @@ from kcpt.hashing import sha256_json
 LossKind = Literal["full", "answer_only"]
 
 
-class Strict(BaseModel):
-    """Base: unknown keys are errors; assignments are validated."""
+def _accepts(annotation: Any, typ: type) -> bool:
+    if annotation is typ:
+        return True
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and typ in typing.get_args(annotation)
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors; assignments are validated; numbers must be finite (no NaN/inf); a boolean
+    field takes only ``true``/``false`` (not ``"yes"``, ``1``) and a number field takes no boolean."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_bools(cls, v: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None:
+            return v
+        if _accepts(field.annotation, bool) and not isinstance(v, bool) and not (v is None and
+                                                                                 _accepts(field.annotation,
+                                                                                          type(None))):
+            raise ValueError(f"must be true or false, got {v!r}")
+        if isinstance(v, bool) and not _accepts(field.annotation, bool) and (
+                _accepts(field.annotation, int) or _accepts(field.annotation, float)):
+            raise ValueError(f"must be a number, got {v!r}")
+        return v
 
 
 # --------------------------------------------------------------------------- model / tokenizer
@@ -96,6 +123,33 @@ class ExamTemplate(Strict):
     choice: str = "{label}. {text}"
     choice_labels: list[str] = ["①", "②", "③", "④", "⑤", "⑥", "⑦", "⑧"]
     choice_separator: str = "\n"
+
+    @model_validator(mode="after")
+    def _fields(self) -> ExamTemplate:
+        """Each template may use only its own fields (plain ``{name}``; ``{{``/``}}`` for literal braces) and
+        must contain the ones it exists for, so no item silently loses its question or its choices."""
+        for key, allowed, required in (("prompt", {"question"}, {"question"}),
+                                       ("prompt_with_choices", {"question", "choices"}, {"question", "choices"}),
+                                       ("choice", {"label", "text"}, {"text"})):
+            text, used = getattr(self, key), set()
+            try:
+                parsed = list(string.Formatter().parse(text))
+            except ValueError as e:
+                raise ValueError(f"{key}: {e} (write {{{{ and }}}} for literal braces)") from None
+            for _, name, spec, conv in parsed:
+                if name is None:
+                    continue
+                if name not in allowed or spec or conv:
+                    raise ValueError(f"{key}: unknown field {{{name}{'!' + conv if conv else ''}"
+                                     f"{':' + spec if spec else ''}}}; it may use only "
+                                     f"{', '.join('{' + a + '}' for a in sorted(allowed))}")
+                used.add(name)
+            if required - used:
+                raise ValueError(f"{key}: must contain "
+                                 f"{', '.join('{' + r + '}' for r in sorted(required - used))}")
+        if not self.choice_labels or any(not lab.strip() for lab in self.choice_labels):
+            raise ValueError("choice_labels: must be a non-empty list of non-empty labels")
+        return self
 
 
 class DatasetConfig(Strict):
@@ -405,6 +459,31 @@ class KcptConfig(Strict):
             raise ValueError(f"tune.stage: no stage named '{self.tune.stage}' in plan")
         return self
 
+    @model_validator(mode="after")
+    def _bounds(self) -> KcptConfig:
+        """Values that validate alone but cannot work: unsafe names (they become file names), fractions out of
+        range, weights that do not make a distribution."""
+        names = [("train.run_name", self.train.run_name), ("tune.study_name", self.tune.study_name)]
+        names += [(f"plan.{i}.name", st.name) for i, st in enumerate(self.plan)]
+        names += [(f"data.datasets.{k}", k) for k in self.data.datasets]
+        for where, name in names:
+            problem = unsafe_name(name)
+            if problem:
+                raise ValueError(f"{where}: {problem}")
+        for i, beta in enumerate(self.train.adam_betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"train.adam_betas.{i}: must be in [0, 1), got {beta}")
+        for i, st in enumerate(self.plan):
+            if not st.stop.raw_tolerance <= 1.0:
+                raise ValueError(f"plan.{i}.stop.raw_tolerance: must be ≤ 1 (a fraction: 0.03 = 3 %), got "
+                                 f"{st.stop.raw_tolerance}")
+            if st.stop.exam_target is not None and not st.stop.exam_target > 0:
+                raise ValueError(f"plan.{i}.stop.exam_target: must be > 0 (a loss), got {st.stop.exam_target}")
+            for j, ph in enumerate(st.mixture_schedule):
+                if any(w < 0 for w in ph.weights.values()) or sum(ph.weights.values()) <= 0:
+                    raise ValueError(f"plan.{i}.mixture_schedule.{j}.weights: must be ≥ 0 with a positive sum")
+        return self
+
     def stage(self, name: str) -> StageConfig:
         for st in self.plan:
             if st.name == name:
@@ -423,29 +502,123 @@ class KcptConfig(Strict):
 # --------------------------------------------------------------------------- loading
 
 
+_SAFE_NAME = re.compile(r"[^\W][\w.+@=-]*")
+MAX_NAME_CHARS = 100
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why ``name`` cannot be a file name kcpt creates (run, stage, study, dataset), or None if it can: letters,
+    digits, ``_ . + @ = -``, not starting with ``.`` or ``-``, at most 100 characters (no ``/``, no ``..``)."""
+    if not name:
+        return "must not be empty"
+    if len(name) > MAX_NAME_CHARS:
+        return f"at most {MAX_NAME_CHARS} characters"
+    if not _SAFE_NAME.fullmatch(name):
+        return (f"{name!r} is not a safe file name: use letters, digits and _ . + @ = - (no '/', no leading "
+                "'.' or '-')")
+    return None
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        path = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{source}: {path}: {msg}")
+        elif e["type"] == "finite_number":
+            msg = "must be a finite number (not NaN or infinity)"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
     return "\n".join(lines)
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in nested dicts/lists; a missing mapping level is created. ValueError names the key path
+    where it cannot descend (a scalar, a list index that is not an integer or out of range)."""
     keys = dotted.split(".")
+    if any(not k for k in keys):
+        raise ValueError("empty key in the key path")
     cur: Any = d
-    for k in keys[:-1]:
+    for depth, k in enumerate(keys):
+        here = ".".join(keys[: depth + 1])
+        last = depth == len(keys) - 1
         if isinstance(cur, list):
-            cur = cur[int(k)]
+            if not re.fullmatch(r"\d+", k):
+                raise ValueError(f"{here}: a list index must be a non-negative integer, got '{k}'")
+            if int(k) >= len(cur):
+                raise ValueError(f"{here}: index {k} out of range (the list has {len(cur)} items)")
+            if last:
+                cur[int(k)] = value
+            else:
+                cur = cur[int(k)]
+        elif isinstance(cur, dict):
+            if last:
+                cur[k] = value
+            else:
+                cur = cur.setdefault(k, {})
         else:
-            cur = cur.setdefault(k, {})
-    if isinstance(cur, list):
-        cur[int(keys[-1])] = value
-    else:
-        cur[keys[-1]] = value
+            parent = ".".join(keys[:depth]) or "<root>"
+            raise ValueError(f"{parent} is a value ({type(cur).__name__}), not a mapping or list; cannot set "
+                             f"'{here}'")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (YAML would keep the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                        key_node.start_mark) from None
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first at line {first.line + 1}); "
+                    "YAML would silently keep only the last one", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+MAX_CONFIG_BYTES = 10 << 20
+MAX_CONFIG_NODES = 200_000
+"""Values in a loaded config, aliases counted every time they are used (a YAML alias bomb is refused)."""
+
+
+def _count_nodes(obj: Any, budget: list[int]) -> None:
+    stack = [obj]
+    while stack:
+        cur = stack.pop()
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ValueError(f"more than {MAX_CONFIG_NODES} values (aliases counted each time they are used)")
+        if isinstance(cur, dict):
+            stack.extend(cur.keys())
+            stack.extend(cur.values())
+        elif isinstance(cur, list):
+            stack.extend(cur)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML → Python with the safe loader, refusing duplicate keys, tags, alias bombs and deep nesting;
+    ConfigError names ``what`` and the line."""
+    try:
+        value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        _count_nodes(value, [MAX_CONFIG_NODES])
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{what}: not valid YAML: {at}{problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: nested too deeply") from None
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    return value
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> KcptConfig:
@@ -465,13 +638,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            st = Path(path).stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{path}: cannot read config: not a regular file")
+            if st.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{path}: cannot read config: {st.st_size} bytes (at most {MAX_CONFIG_BYTES})")
+            raw = Path(path).read_bytes()
         except OSError as e:
-            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+            raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
         try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ConfigError(f"{path}: line {line}: not UTF-8 ({e.reason} at byte {e.start + 1}); save the file "
+                              "as UTF-8") from None
+        loaded = parse_yaml(text, str(path))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -483,10 +664,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for ov in overrides:
             if "=" not in ov:
                 raise ConfigError(f"override '{ov}': expected key.path=value")
-            key, raw = ov.split("=", 1)
+            key, raw_value = ov.split("=", 1)
+            value = parse_yaml(raw_value, f"override '{ov}': value")
             try:
-                _set_dotted(data, key, yaml.safe_load(raw))
-            except (IndexError, ValueError, TypeError) as e:
+                _set_dotted(data, key.strip(), value)
+            except ValueError as e:
                 raise ConfigError(f"override '{ov}': {e}") from None
         source += " (+overrides)"
     return config_from_dict(data, source)

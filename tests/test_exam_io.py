@@ -85,8 +85,12 @@ def test_duplicate_ids_across_files_and_bad_utf8(tmp_path: Path) -> None:
     ex = rep.to_dict()["examples"]
     assert ex["duplicate_id"][0].startswith(f"{b}: line 2: field 'id': id 'x1' already used at {a}: line 1")
     assert ex["invalid_utf8"][0].startswith(f"{b}: line 1: invalid UTF-8")
+    copy = _write(tmp_path / "copy.jsonl", [rec])
     with pytest.raises(InputError, match="duplicate_id"):
-        list(read_exam_items([a, a], report=RejectReport(), strict=True))
+        list(read_exam_items([a, copy], report=RejectReport(), strict=True))
+    rep = RejectReport()  # the same file given twice is read once (a notice), not a duplicate id
+    assert [i.id for i in read_exam_items([a, a], report=rep, strict=True)] == ["x1"]
+    assert rep.notices == {"duplicate_input": 1} and rep.counts == {}
 
 
 def test_exam_inputs_must_be_jsonl(tmp_path: Path) -> None:

@@ -17,10 +17,16 @@ from kcpt.data.types import IGNORE_INDEX, ExamItem
 from kcpt.errors import InputError
 
 REASON_TOO_LONG = "answer_truncated"
+REASON_TOO_MANY_CHOICES = "too_many_choices"
 
 
 class ExamTooLong(InputError):
     """The rendered item (prompt + answer + EOS) is longer than ``seq_len`` tokens; it is never cut."""
+
+
+class TooManyChoices(InputError):
+    """The item has more choices than the template has ``choice_labels``; a counted skip (or an error with
+    ``strict``)."""
 
 
 def render_prompt(item: ExamItem, template: ExamTemplate) -> str:
@@ -33,9 +39,10 @@ def render_prompt(item: ExamItem, template: ExamTemplate) -> str:
     if not item.choices:
         return template.prompt.format(question=item.question)
     if len(item.choices) > len(template.choice_labels):
-        raise InputError(f"item '{item.id}' has {len(item.choices)} choices; the template has only "
-                         f"{len(template.choice_labels)} choice_labels", path=item.source or None, line=item.line,
-                         field="choices")
+        raise TooManyChoices(f"item '{item.id}' has {len(item.choices)} choices; the template has only "
+                             f"{len(template.choice_labels)} choice_labels (add labels to data.template.choice_labels)"
+                             f" [{REASON_TOO_MANY_CHOICES}]", path=item.source or None, line=item.line,
+                             field="choices")
     choices = template.choice_separator.join(template.choice.format(label=label, text=text)
                                              for label, text in zip(template.choice_labels, item.choices, strict=False))
     return template.prompt_with_choices.format(question=item.question, choices=choices)
@@ -72,12 +79,15 @@ def encode_exam_item(item: ExamItem, tokenizer, template: ExamTemplate, seq_len:
 
 def encode_exam_items(items: Iterable[ExamItem], tokenizer, template: ExamTemplate, seq_len: int, *, report,
                       strict: bool = False, source: str = "") -> Iterator[EncodedSegment]:
-    """Encode a stream of items; an item too long for ``seq_len`` is a counted skip (``answer_truncated``,
-    message naming file:line and id) or, with ``strict``, the raised :class:`ExamTooLong`."""
+    """Encode a stream of items; an item too long for ``seq_len`` (``answer_truncated``) or with more choices than
+    ``choice_labels`` (``too_many_choices``) is a counted skip with a message naming file:line and id or, with
+    ``strict``, the raised :class:`ExamTooLong` / :class:`TooManyChoices`."""
     for item in items:
         try:
-            yield encode_exam_item(item, tokenizer, template, seq_len, source)
-        except ExamTooLong as e:
+            seg = encode_exam_item(item, tokenizer, template, seq_len, source)
+        except (ExamTooLong, TooManyChoices) as e:
             if strict:
                 raise
-            report.add(REASON_TOO_LONG, str(e))
+            report.add(REASON_TOO_LONG if isinstance(e, ExamTooLong) else REASON_TOO_MANY_CHOICES, str(e))
+            continue
+        yield seg

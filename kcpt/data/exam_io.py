@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kcpt.data.rejects import RejectReport, reject
-from kcpt.data.sources import is_utf8_encodable, iter_input_files, iter_json_lines
+from kcpt.data.sources import is_utf8_encodable, iter_input_files, iter_json_lines, reading
 from kcpt.data.types import ExamItem
 from kcpt.errors import InputError
 
@@ -121,22 +121,29 @@ def read_exam_items(paths: Sequence[str | Path], *, report: RejectReport, strict
     for path in iter_input_files(paths, report=report):
         if path.is_dir() or path.suffix.lower() != ".jsonl":
             raise InputError("exam items are read from .jsonl files only", path=str(path))
-        for lineno, rec in iter_json_lines(path, report=report, strict=strict, max_line_chars=max_line_chars):
-            try:
-                item = parse_exam_record(rec)
-            except _Invalid as e:
-                reject(report, e.reason, e.message, strict=strict, path=str(path), line=lineno, field=e.field)
-                continue
-            for key in sorted(set(rec) - KNOWN_KEYS - noted_keys):
-                noted_keys.add(key)
-                report.note("unknown_key", f"{path}: line {lineno}: unknown key '{key}' ignored")
-            where = f"{path}: line {lineno}"
-            if item.id in seen:
-                reject(report, "duplicate_id", f"id {item.id!r} already used at {seen[item.id]}", strict=strict,
-                       path=str(path), line=lineno, field="id")
-                continue
-            seen[item.id] = where
-            if kind is not None and item.kind != kind:
-                continue
-            item.source, item.line = str(path), lineno
-            yield item
+        with reading(path):
+            yield from _items_of(path, report=report, strict=strict, kind=kind, max_line_chars=max_line_chars,
+                                 seen=seen, noted_keys=noted_keys)
+
+
+def _items_of(path: Path, *, report: RejectReport, strict: bool, kind: str | None, max_line_chars: int,
+              seen: dict[str, str], noted_keys: set[str]) -> Iterator[ExamItem]:
+    for lineno, rec in iter_json_lines(path, report=report, strict=strict, max_line_chars=max_line_chars):
+        try:
+            item = parse_exam_record(rec)
+        except _Invalid as e:
+            reject(report, e.reason, e.message, strict=strict, path=str(path), line=lineno, field=e.field)
+            continue
+        for key in sorted(set(rec) - KNOWN_KEYS - noted_keys):
+            noted_keys.add(key)
+            report.note("unknown_key", f"{path}: line {lineno}: unknown key '{key}' ignored")
+        where = f"{path}: line {lineno}"
+        if item.id in seen:
+            reject(report, "duplicate_id", f"id {item.id!r} already used at {seen[item.id]}", strict=strict,
+                   path=str(path), line=lineno, field="id")
+            continue
+        seen[item.id] = where
+        if kind is not None and item.kind != kind:
+            continue
+        item.source, item.line = str(path), lineno
+        yield item

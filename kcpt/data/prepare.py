@@ -26,10 +26,10 @@ from kcpt.data.exam import encode_exam_items
 from kcpt.data.exam_io import read_exam_items
 from kcpt.data.packing import DEFAULT_WINDOW, Segment, pack_segments, tokenize_documents
 from kcpt.data.rejects import RejectReport
-from kcpt.data.shards import MANIFEST, input_entries, write_prepared
-from kcpt.data.sources import read_documents
+from kcpt.data.shards import MANIFEST, check_output_dir, input_entries, write_prepared
+from kcpt.data.sources import input_sha256, read_documents
 from kcpt.data.types import Document, ExamItem
-from kcpt.hashing import sha256_dir, sha256_file, sha256_json
+from kcpt.hashing import sha256_json
 from kcpt.model.tokenizer import load_tokenizer, pad_token_id, save_tokenizer, tokenizer_sha256
 
 PREPARE_FORMAT_VERSION = 3
@@ -63,7 +63,7 @@ def raw_segments(docs: Iterable[Document], tokenizer, seq_len: int, source: str)
 
 
 def input_hashes(paths: list[Path]) -> list[str]:
-    return [sha256_dir(p) if p.is_dir() else sha256_file(p) for p in paths]
+    return [input_sha256(p) for p in paths]
 
 
 def dataset_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, paths: list[Path]) -> str:
@@ -93,6 +93,7 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
     skip into an :class:`~kcpt.errors.InputError`. Rows carry ``source = name``.
     """
     data = cfg.data
+    check_output_dir(out_dir, [p for p in resolve_inputs(ds.inputs)], overwrite=overwrite)
     if data.ray_data:
         from kcpt.data.ray_pipeline import prepare_dataset_ray
 

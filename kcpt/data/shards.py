@@ -17,7 +17,9 @@ interrupted run never leaves a half-written dataset at ``DIR``. :func:`prepared_
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -37,6 +39,7 @@ from kcpt.hashing import sha256_file
 from kcpt.model.tokenizer import save_tokenizer, tokenizer_sha256
 
 MANIFEST = "manifest.json"
+PREPARED_FORMAT = "kcpt-packed-v1"
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_ROWS_PER_SHARD = 8192
 
@@ -60,28 +63,111 @@ def rows_to_table(rows: list[PackedRow]) -> pa.Table:
                                  pa.array([r.source for r in rows], pa.string())], schema=ROW_SCHEMA)
 
 
+def is_prepared_dir(path: Path) -> bool:
+    """True if ``path`` is a directory kcpt wrote as a prepared dataset (its manifest says so)."""
+    try:
+        m = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(m, dict) and m.get("format") == PREPARED_FORMAT
+
+
+def check_output_dir(out_dir: str | Path, inputs: Iterable[str | Path] = (), *, overwrite: bool = False) -> None:
+    """Refuse an output directory that would destroy or swallow data kcpt did not write.
+
+    ``out_dir`` must not be an input, hold an input (an ancestor of one) or lie inside an input directory; an
+    existing ``out_dir`` is replaced only with ``overwrite`` AND only if it is empty or a prepared dataset
+    (:func:`is_prepared_dir`). Raises :class:`InputError` naming the path and what to do.
+    """
+    out = Path(out_dir)
+    ro = out.resolve()
+    for inp in inputs:
+        ri = Path(inp).resolve()
+        if ri == ro or ro in ri.parents:
+            raise InputError(f"the output directory is or holds the input {inp}: writing it would destroy the "
+                             "input; choose another --out", path=str(out))
+        if ri in ro.parents and ri.is_dir():
+            raise InputError(f"the output directory lies inside the input directory {inp} (its shards would be "
+                             "read as input next time); choose an --out outside the inputs", path=str(out))
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError("output directory already exists (remove it or choose another --out)", path=str(out))
+        if out.is_symlink() or not out.is_dir():
+            raise InputError("exists and is not a directory; --overwrite replaces only a prepared dataset",
+                             path=str(out))
+        if not is_prepared_dir(out) and next(out.iterdir(), None) is not None:
+            raise InputError(f"exists and is not a prepared dataset (no kcpt {MANIFEST}); --overwrite replaces "
+                             "only what kcpt wrote: choose another --out or remove it yourself", path=str(out))
+
+
+def _stale(name: str, prefix: str) -> bool:
+    """True for a leftover ``<prefix><host>-<pid>-<rand>`` of a dead process on this host."""
+    try:
+        host, pid, _ = name[len(prefix):].rsplit("-", 2)
+        pid_n = int(pid)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid_n, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """Delete temporary siblings of ``out`` (``.<name>.tmp-…`` / ``.<name>.old-…``) left by a killed run on
+    this host; returns them."""
+    removed = []
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        for kind in ("tmp", "old"):
+            prefix = f".{out.name}.{kind}-"
+            if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink() and _stale(p.name, prefix):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out_dir``; on success it replaces ``out_dir`` by rename.
 
-    An existing ``out_dir`` is an error unless ``overwrite``. On an exception the temporary dir is removed.
+    An existing ``out_dir`` is an error unless ``overwrite``, and even then it is replaced only when it is an
+    empty directory or a prepared dataset (:func:`check_output_dir`). On an exception the temporary dir is
+    removed; temporary dirs of killed runs are removed first. An ``OSError`` (permissions, disk full) becomes an
+    InputError naming the path.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InputError("output directory already exists (remove it or choose another --out)", path=str(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_output_dir(out, overwrite=overwrite)
+    tag = f"{socket.gethostname()}-{os.getpid()}-"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag}", dir=out.parent))
+    except OSError as e:
+        raise InputError(f"cannot create the output directory: {e.strerror or e}",
+                         path=str(e.filename or out)) from None
     try:
         yield tmp
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+            check_output_dir(out, overwrite=overwrite)  # still ours after the (long) write
+            old = out.with_name(f".{out.name}.old-{tag}{tmp.name[-8:]}")
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise InputError(f"cannot write the output: {e.strerror or e}", path=str(e.filename or out)) from None
         raise
 
 
@@ -112,18 +198,19 @@ def write_shards(rows: Iterable[PackedRow], directory: Path, *, rows_per_shard: 
 def input_entries(paths: list[Path], documents: dict[str, int]) -> list[dict[str, Any]]:
     """``[{path, sha256, documents}]`` for the manifest; ``documents`` maps a file path to kept documents/items.
 
-    A directory input is hashed as a whole and credited with the documents read from files under it.
+    A directory input is hashed over the files its walk reads and credited with the documents read from them.
+    Each file's documents are credited once, to the first input that names or holds it (an input given twice,
+    or a file inside a directory also given, is read once and counted once).
     """
-    from kcpt.hashing import sha256_dir
+    from kcpt.data.sources import input_sha256
 
-    out = []
-    for p in paths:
-        if p.is_dir():
-            kept = sum(n for src, n in documents.items() if Path(src) == p or p in Path(src).parents)
-            out.append({"path": str(p), "sha256": sha256_dir(p), "documents": kept})
-        else:
-            out.append({"path": str(p), "sha256": sha256_file(p), "documents": documents.get(str(p), 0)})
-    return out
+    credited = [0] * len(paths)
+    for src, n in documents.items():  # each source file is credited to ONE input (the first that holds it)
+        for i, p in enumerate(paths):
+            if src == str(p) or src.startswith(f"{p}[") or p in Path(src).parents:
+                credited[i] += n
+                break
+    return [{"path": str(p), "sha256": input_sha256(p), "documents": credited[i]} for i, p in enumerate(paths)]
 
 
 def finish_prepared(tmp: Path, *, tokenizer, stats: PackStats, kind: str, inputs: list[dict[str, Any]],
@@ -131,7 +218,7 @@ def finish_prepared(tmp: Path, *, tokenizer, stats: PackStats, kind: str, inputs
     """Save the tokenizer and write ``manifest.json`` into the (temporary) dataset dir; returns the manifest."""
     save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
     manifest: dict[str, Any] = {
-        "format": "kcpt-packed-v1",
+        "format": PREPARED_FORMAT,
         "kind": kind,
         "seq_len": stats.seq_len,
         "rows": stats.rows,

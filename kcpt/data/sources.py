@@ -28,8 +28,13 @@ Formats:
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -59,46 +64,148 @@ def _check_file(path: Path) -> None:
                          path=str(path))
 
 
+def _stat(path: Path) -> os.stat_result:
+    """``os.stat`` (following links) with an InputError that says what is wrong with the path."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise InputError(f"dangling symbolic link (to '{os.readlink(path)}')", path=str(path)) from None
+        raise InputError("input path does not exist", path=str(path)) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError("symbolic link loop (the link points back to itself)", path=str(path)) from None
+        raise InputError(f"cannot access: {e.strerror}", path=str(path)) from None
+
+
+def check_inputs_exist(inputs: Sequence[str], *, where: str) -> None:
+    """Cheap check of config ``inputs`` (no reading, no demo build): each non-``demo:`` input exists and is a
+    regular file or a directory. InputError names ``where`` and the input."""
+    from kcpt.data.demo import SPLITS
+
+    for inp in inputs:
+        try:
+            if inp.startswith("demo:"):
+                if inp[len("demo:"):] not in SPLITS:
+                    raise InputError(f"unknown demo split; known: {', '.join(SPLITS)}", path=inp)
+                continue
+            st = _stat(Path(inp).expanduser())
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                raise InputError("not a regular file or a directory (a FIFO, socket or device)", path=inp)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+
+
 def iter_input_files(paths: Sequence[str | Path], *, report: RejectReport | None = None) -> list[Path]:
     """Expand ``paths`` into the input units to read, in a deterministic order.
 
     A file must have a supported extension (else :class:`InputError` naming it and listing the supported
     ones). A HF ``save_to_disk`` directory is one unit. Any other directory is walked recursively in sorted
     order, keeping files with a supported extension and HF dataset dirs; other files (and hidden ones) are
-    skipped, each noted as ``skipped_file`` in ``report`` when given. A missing path raises InputError.
+    skipped, each noted as ``skipped_file`` in ``report`` when given. A missing path, a dangling link, a link
+    loop or a special file (FIFO, socket, device) named explicitly raises InputError.
+
+    The walk follows symbolic links but never enters a directory twice: a link back to an enclosing directory
+    is noted as ``symlink_loop``, another way to reach a directory or file already taken (a second link, the
+    same path given twice) as ``duplicate_input``; each file is read once. Special files met in a walk are
+    noted as ``special_file``, broken links (dangling, self-referencing, unreadable) as ``bad_symlink``; none
+    is opened, so a FIFO never blocks the walk.
     """
     out: list[Path] = []
+    seen: dict[tuple[int, int], Path] = {}
+
+    def note(kind: str, message: str) -> None:
+        if report is not None:
+            report.note(kind, message)
+
+    def take(p: Path, st: os.stat_result) -> bool:
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            note("duplicate_input", f"{p}: same {'directory' if stat.S_ISDIR(st.st_mode) else 'file'} as "
+                 f"{seen[key]}; read once")
+            return False
+        seen[key] = p
+        return True
+
+    def walk(root: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            children = sorted(os.scandir(root), key=lambda c: c.name)
+        except OSError as e:
+            raise InputError(f"cannot list directory: {e.strerror}", path=str(root)) from None
+        for entry in children:
+            child = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            try:
+                st = os.stat(child)
+            except OSError as e:
+                if os.path.islink(child):
+                    what = "symbolic link loop" if e.errno == errno.ELOOP else (
+                        "dangling symbolic link" if isinstance(e, FileNotFoundError) else e.strerror)
+                    note("bad_symlink", f"{child}: {what}; skipped")
+                    continue
+                raise InputError(f"cannot access: {e.strerror}", path=str(child)) from None
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    note("symlink_loop", f"{child}: symbolic link back to an enclosing directory; not followed")
+                    continue
+                if not take(child, st):
+                    continue
+                if is_hf_dataset_dir(child):
+                    out.append(child)
+                else:
+                    walk(child, ancestors | {key})
+            elif stat.S_ISREG(st.st_mode):
+                if child.suffix.lower() in FILE_EXTENSIONS:
+                    if take(child, st):
+                        out.append(child)
+                else:
+                    note("skipped_file", f"{child}: skipped (extension '{child.suffix}' is not one of {SUPPORTED})")
+            else:
+                note("special_file", f"{child}: not a regular file (a FIFO, socket or device); skipped")
+
     for raw in paths:
         p = Path(raw)
-        if not p.exists():
-            raise InputError("input path does not exist", path=str(p))
-        if p.is_file():
+        st = _stat(p)
+        if stat.S_ISREG(st.st_mode):
             _check_file(p)
-            out.append(p)
-        elif is_hf_dataset_dir(p):
-            out.append(p)
-        elif p.is_dir():
-            found = _walk(p, report)
-            if not found and report is not None:
-                report.note("empty_directory", f"{p}: no readable inputs found ({SUPPORTED})")
-            out.extend(found)
+            if take(p, st):
+                out.append(p)
+        elif stat.S_ISDIR(st.st_mode):
+            if not take(p, st):
+                continue
+            if is_hf_dataset_dir(p):
+                out.append(p)
+                continue
+            n = len(out)
+            walk(p, frozenset({(st.st_dev, st.st_ino)}))
+            if len(out) == n:
+                note("empty_directory", f"{p}: no readable inputs found ({SUPPORTED})")
         else:
-            raise InputError("input is neither a file nor a directory", path=str(p))
+            raise InputError("not a regular file or a directory (a FIFO, socket or device); kcpt reads only "
+                             "regular files", path=str(p))
     return out
 
 
-def _walk(root: Path, report: RejectReport | None) -> list[Path]:
-    found: list[Path] = []
-    for child in sorted(root.iterdir(), key=lambda c: c.name):
-        if child.name.startswith("."):
-            continue
-        if child.is_dir():
-            found.extend([child] if is_hf_dataset_dir(child) else _walk(child, report))
-        elif child.suffix.lower() in FILE_EXTENSIONS:
-            found.append(child)
-        elif report is not None:
-            report.note("skipped_file", f"{child}: skipped (extension '{child.suffix}' is not one of {SUPPORTED})")
-    return found
+def input_sha256(path: Path) -> str:
+    """Content hash of one input: a file's SHA-256; for a walked directory, the hash of the relative names and
+    hashes of exactly the files the walk reads (links followed, loops and duplicates skipped); a HF
+    ``save_to_disk`` directory is hashed whole."""
+    from kcpt.hashing import sha256_dir, sha256_file
+
+    with reading(path):
+        if not path.is_dir():
+            return sha256_file(path)
+        if is_hf_dataset_dir(path):
+            return sha256_dir(path)
+        h = hashlib.sha256()
+        for f in iter_input_files([path]):
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(b"\0")
+            with reading(f):
+                h.update((sha256_dir(f) if f.is_dir() else sha256_file(f)).encode())
+        return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- line streaming
@@ -244,6 +351,14 @@ def iter_json_lines(path: Path, *, report: RejectReport, strict: bool, max_line_
             reject(report, "bad_json", f"not valid JSON: {e.msg} at column {e.colno}", strict=strict,
                    path=str(path), line=lineno)
             continue
+        except ValueError as e:  # an integer of more than 4300 digits (int_max_str_digits)
+            reject(report, "bad_json", f"not valid JSON: {str(e).split(';')[0]}", strict=strict,
+                   path=str(path), line=lineno)
+            continue
+        except RecursionError:
+            reject(report, "bad_json", "not valid JSON: nested too deeply", strict=strict, path=str(path),
+                   line=lineno)
+            continue
         yield lineno, rec
 
 
@@ -343,16 +458,27 @@ def read_documents(paths: Sequence[str | Path], *, text_field: str = "text", rep
     bar = tqdm(total=len(files), unit="file", desc="reading", disable=not progress)
     try:
         for p in files:
-            if p.is_dir():
-                yield from _read_hf_dir(p, text_field=text_field, report=report, strict=strict)
-            elif p.suffix.lower() == ".txt":
-                yield from _read_txt(p, report=report, strict=strict, max_line_chars=max_line_chars,
-                                     txt_split=txt_split)
-            elif p.suffix.lower() == ".jsonl":
-                yield from _read_jsonl(p, text_field=text_field, report=report, strict=strict,
-                                       max_line_chars=max_line_chars)
-            else:
-                yield from _read_parquet(p, text_field=text_field, report=report, strict=strict)
+            with reading(p):
+                if p.is_dir():
+                    yield from _read_hf_dir(p, text_field=text_field, report=report, strict=strict)
+                elif p.suffix.lower() == ".txt":
+                    yield from _read_txt(p, report=report, strict=strict, max_line_chars=max_line_chars,
+                                         txt_split=txt_split)
+                elif p.suffix.lower() == ".jsonl":
+                    yield from _read_jsonl(p, text_field=text_field, report=report, strict=strict,
+                                           max_line_chars=max_line_chars)
+                else:
+                    yield from _read_parquet(p, text_field=text_field, report=report, strict=strict)
             bar.update(1)
     finally:
         bar.close()
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` while reading ``path`` (permission denied, I/O error, a file gone meanwhile) into an
+    InputError naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}", path=str(e.filename or path)) from None

@@ -35,7 +35,17 @@ def load_manifest(exp_dir: str | Path) -> dict[str, Any]:
     path = exp / "experiment.json"
     if not path.is_file():
         raise InputError(f"{path}: not a kcpt tune experiment (no experiment.json)", path=str(path))
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _json_object(path)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InputError(f"not valid JSON ({e}); the file is damaged", path=str(path)) from None
+    if not isinstance(obj, dict):
+        raise InputError("not a JSON object; the file is damaged", path=str(path))
+    return obj
 
 
 def load_trials(exp_dir: str | Path) -> pd.DataFrame:
@@ -44,7 +54,12 @@ def load_trials(exp_dir: str | Path) -> pd.DataFrame:
     path = experiment_dir_of(exp_dir) / "trials.parquet"
     if not path.is_file():
         raise InputError(f"{path}: no trials.parquet (run `kcpt tune` first, or it did not finish)", path=str(path))
-    return pd.read_parquet(path)
+    import pyarrow as pa
+
+    try:
+        return pd.read_parquet(path)
+    except (pa.ArrowException, ValueError) as e:
+        raise InputError(f"cannot read as Parquet ({e}); the file is damaged", path=str(path)) from None
 
 
 def load_curves(exp_dir: str | Path, trials: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -66,8 +81,10 @@ def load_curves(exp_dir: str | Path, trials: pd.DataFrame | None = None) -> pd.D
                 continue
             try:
                 m = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{line_no}: not JSON: {e}", path=str(path), line=line_no) from None
+            except (ValueError, RecursionError) as e:
+                raise InputError(f"not JSON: {e}", path=str(path), line=line_no) from None
+            if not isinstance(m, dict):
+                raise InputError("not a JSON object", path=str(path), line=line_no)
             if m.get("stage") not in (None, manifest.get("stage")):
                 continue
             rows.append({"trial_number": int(t["trial_number"]), "ray_trial_id": t["ray_trial_id"],
@@ -114,7 +131,7 @@ def best_config_text(exp_dir: str | Path) -> str | None:
 
 def best_trial_info(exp_dir: str | Path) -> dict[str, Any] | None:
     path = experiment_dir_of(exp_dir) / "best_trial.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return _json_object(path) if path.is_file() else None
 
 
 def _fmt(v: Any) -> str:

@@ -232,13 +232,21 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> dict[str, An
         raise CheckpointError(f"incomplete checkpoint {path} (no {MANIFEST}): was a save interrupted?")
     try:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{mf}: unreadable manifest ({e}): was a save interrupted?") from None
     if not isinstance(manifest, dict) or manifest.get("complete") is not True:
         raise CheckpointError(f"incomplete checkpoint {path} ({MANIFEST} lacks \"complete\": true)")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(n, str) and type(v) is int for n, v in files.items()):
+        raise CheckpointError(f"{mf}: 'files' must map file names to sizes: a damaged manifest")
+    if any(not isinstance(manifest.get(k, 0), int) for k in ("step", "stage_index")) or \
+            not isinstance(manifest.get("data_sha256") or {}, dict):
+        raise CheckpointError(f"{mf}: 'step', 'stage_index' or 'data_sha256' has the wrong type: a damaged manifest")
     if check_files:
-        for name, size in manifest.get("files", {}).items():
+        for name, size in files.items():
             f = path / name
+            if ".." in Path(name).parts or Path(name).is_absolute():
+                raise CheckpointError(f"{mf}: file name {name!r} points outside the checkpoint")
             if not f.is_file():
                 raise CheckpointError(f"{path}: file {name} listed in {MANIFEST} is missing")
             if f.stat().st_size != size:
@@ -257,15 +265,49 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     read_manifest(path)
     try:
-        return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {TRAINER_STATE} (a weights-only export?)") from None
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ... for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path / TRAINER_STATE}: cannot load the trainer state ({type(e).__name__}: "
+                              f"{first[:200]}); the file is damaged or was not written by kcpt: resume from "
+                              "another checkpoint or start over") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / TRAINER_STATE}: not a kcpt trainer state (a {type(state).__name__})")
+    return state
+
+
+def verify_weights(path: str | Path) -> None:
+    """Check that a checkpoint's model files can be opened (safetensors headers, ``config.json``) without
+    loading the tensors: a damaged checkpoint is refused before a run starts, not inside a worker."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    read_manifest(path)
+    cfg = path / "config.json"
+    try:
+        if cfg.is_file():
+            json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg}: unreadable model config ({e})") from None
+    for f in _safetensors_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends
+            raise CheckpointError(f"{f}: cannot open the weights ({e}); the checkpoint is damaged") from None
 
 
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: damaged weight index ({type(e).__name__}: {e})") from None
+        if not all(isinstance(s, str) and "/" not in s and s not in ("", ".", "..") for s in shards):
+            raise CheckpointError(f"{index}: damaged weight index (bad shard names)")
         return [path / s for s in shards]
     single = path / "model.safetensors"
     if single.is_file():
@@ -286,7 +328,10 @@ def load_model_weights(model: Any, path: str | Path) -> None:
     target = unwrap_model(model)
     sd: dict[str, torch.Tensor] = {}
     for f in _safetensors_files(path):
-        sd.update(load_file(f))
+        try:
+            sd.update(load_file(f))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... for a damaged file
+            raise CheckpointError(f"{f}: cannot load the weights ({e}); the checkpoint is damaged") from None
     own = target.state_dict()
     unexpected = sorted(set(sd) - set(own))
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"

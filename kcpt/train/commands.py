@@ -32,10 +32,34 @@ def cpt_stages(cfg) -> list[str]:
     return names
 
 
+def preflight(cfg, stages: list[str] | None, *, run_dir: str | None = None, init_checkpoint: str | None = None,
+              check_run_dir: bool = True) -> None:
+    """Checks that need neither Ray nor torch, run before either is imported (a typo is reported in well under
+    a second): the stages exist, the inputs of the datasets they use exist, the run directory is kcpt's own,
+    the init checkpoint is a directory. Raises ConfigError / InputError / CheckpointError."""
+    from kcpt.data.sources import check_inputs_exist
+    from kcpt.errors import CheckpointError, ConfigError
+    from kcpt.train.rundir import RunDir, run_dir_for
+
+    names = [s.name for s in cfg.plan]
+    for s in stages if stages is not None else names:
+        if s not in names:
+            raise ConfigError(f"stages: no stage named '{s}' in plan ({names})")
+    needed: list[str] = []
+    for st in cfg.plan:
+        if stages is None or st.name in stages:
+            needed += [*st.sources, *(k for ph in st.mixture_schedule for k in ph.weights), st.eval_raw,
+                       *([st.eval_exam] if st.eval_exam else [])]
+    for name in dict.fromkeys(needed):
+        check_inputs_exist(cfg.data.datasets[name].inputs, where=f"data.datasets.{name}.inputs")
+    if check_run_dir:
+        RunDir(Path(run_dir) if run_dir else run_dir_for(cfg)).check_owned()
+    if init_checkpoint is not None and not Path(init_checkpoint).is_dir():
+        raise CheckpointError(f"--init-checkpoint {init_checkpoint}: no such checkpoint directory")
+
+
 def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, cpt_only: bool = False) -> int:
-    from kcpt.analysis.run_report import format_stage_table
     from kcpt.config import load_config
-    from kcpt.train.launch import run_plan
 
     overrides = list(args.overrides)
     if args.run_name:
@@ -45,6 +69,11 @@ def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, 
         stages = cpt_stages(cfg)
     if stages is None and getattr(args, "stages", None):
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    preflight(cfg, stages, run_dir=args.run_dir, init_checkpoint=args.init_checkpoint)
+
+    from kcpt.analysis.run_report import format_stage_table
+    from kcpt.train.launch import run_plan  # imports torch and Ray: only after the config was validated
+
     result = run_plan(cfg, stages=stages, run_dir=Path(args.run_dir) if args.run_dir else None,
                       init_checkpoint=Path(args.init_checkpoint) if args.init_checkpoint else None,
                       baseline_raw_best=args.baseline_raw_best, resume="auto" if args.resume else "never",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,37 +113,43 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             cfg.stage(s)
         except KeyError:
             raise ConfigError(f"stages: no stage named '{s}' in plan ({[x.name for x in cfg.plan]})") from None
+    if resume not in ("auto", "never"):
+        raise ConfigError(f"resume must be 'auto' or 'never', got {resume!r}")
     rd = RunDir(Path(run_dir) if run_dir is not None else run_dir_for(cfg)).root.resolve()
     rd = RunDir(rd)
-    if resume == "never" and rd.root.exists():
-        for p in (rd.metrics_path, rd.summary_path):
-            p.unlink(missing_ok=True)
-        for d in (rd.checkpoints, rd.tb, rd.ray_storage, rd.faults):
-            shutil.rmtree(d, ignore_errors=True)
-    rd.create(cfg)
+    rd.check_owned()  # never write into (or clean) a directory kcpt did not create
 
-    prepared = prepare_all(cfg, datasets_needed(cfg, stages), progress=cfg.logging.progress)
+    # Validate everything (inputs exist and read, tokenizer loads, checkpoints fit) before deleting anything.
+    needed = datasets_needed(cfg, stages)
+    prepared = prepare_all(cfg, needed, progress=cfg.logging.progress)
     prepared = {k: Path(v).resolve() for k, v in prepared.items()}
     expected = expected_manifest(cfg, prepared)
-
-    resume_from: Path | None = None
-    if resume == "auto":
-        resume_from = latest_checkpoint(rd, stages)
-        if resume_from is not None:
-            ckpt_lib.check_compatible(ckpt_lib.read_manifest(resume_from), expected, mode="full", force=force)
-            state = ckpt_lib.load_trainer_state(resume_from)
-            if state["plan"]["stage_order"] != stages:
-                raise CheckpointError(f"{resume_from}: the run directory holds a run of stages "
-                                      f"{state['plan']['stage_order']}, not {stages}; use another run name or "
-                                      "resume='never'")
-            log.info("resuming from %s", resume_from)
-    elif resume != "never":
-        raise ConfigError(f"resume must be 'auto' or 'never', got {resume!r}")
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
             if not Path(p).is_dir():
                 raise CheckpointError(f"{what} {p}: not a directory")
             ckpt_lib.check_compatible(ckpt_lib.read_manifest(p), expected, mode="weights_only", force=force)
+            ckpt_lib.verify_weights(p)
+
+    resume_from: Path | None = None
+    if resume == "never":
+        protect = [Path(i) for n in needed for i in cfg.data.datasets[n].inputs if not i.startswith("demo:")]
+        protect += [Path(p) for p in (init_checkpoint, reference_checkpoint) if p is not None]
+        rd.start_over(protect)
+    rd.create(cfg)
+    ckpt_lib.remove_stale_temps(rd.checkpoints)  # leftovers of saves killed in an earlier attempt
+    if resume == "auto":
+        resume_from = latest_checkpoint(rd, stages)
+        if resume_from is not None:
+            ckpt_lib.check_compatible(ckpt_lib.read_manifest(resume_from), expected, mode="full", force=force)
+            state = ckpt_lib.load_trainer_state(resume_from)
+            order = (state.get("plan") or {}).get("stage_order") if isinstance(state.get("plan"), dict) else None
+            if order != stages:
+                raise CheckpointError(f"{resume_from}: the run directory holds a run of stages "
+                                      f"{order}, not {stages}; use another run name or "
+                                      "resume='never'")
+            ckpt_lib.verify_weights(resume_from)
+            log.info("resuming from %s", resume_from)
 
     t = cfg.train
     loop_config = {

@@ -9,7 +9,12 @@
   tb/<stage>/        TensorBoard scalars
   ray/               Ray Train storage (its own small pointer checkpoints and state)
   faults/            markers of injected faults that already fired
+  kcpt-run.json      the marker that kcpt made this directory (written first, never removed)
 ```
+
+Safety: kcpt writes into (and, when a run starts over, deletes the entries above from) a directory only when it
+is absent, empty, or holds the marker — never a directory it did not create (:meth:`RunDir.check_owned`).
+Starting over removes only the entries listed above, and only after the run was validated.
 """
 
 from __future__ import annotations
@@ -17,10 +22,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from kcpt.config import KcptConfig, dump_config
+from kcpt.errors import InputError
+
+MARKER = "kcpt-run.json"
+OWNED_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "tb", "ray", "faults")
+"""What starting a run over removes (nothing else in the run directory is ever deleted)."""
 
 
 def run_dir_for(cfg: KcptConfig) -> Path:
@@ -74,14 +85,69 @@ class RunDir:
     def faults(self) -> Path:
         return self.root / "faults"
 
+    @property
+    def marker_path(self) -> Path:
+        return self.root / MARKER
+
+    def check_owned(self) -> None:
+        """InputError unless the run directory is absent, an empty directory, or marked as kcpt's own."""
+        root = self.root
+        if not root.exists() and not root.is_symlink():
+            return
+        if not root.is_dir():
+            raise InputError("run directory exists and is not a directory; choose another run name or --run-dir",
+                             path=str(root))
+        if self.marker_path.is_file():
+            return
+        try:
+            empty = next(root.iterdir(), None) is None
+        except OSError as e:
+            raise InputError(f"cannot read run directory: {e.strerror}", path=str(root)) from None
+        if not empty:
+            raise InputError(f"exists but kcpt did not create it (no {MARKER}); kcpt writes and deletes only in "
+                             "its own run directories: choose another train.run_name / --run-dir, or move it away",
+                             path=str(root))
+
+    def start_over(self, protect: list[Path] = ()) -> None:
+        """Delete the previous results (:data:`OWNED_ENTRIES` only) of an owned run directory, refusing if any
+        path in ``protect`` (the run's inputs) is inside one of them."""
+        self.check_owned()
+        if not self.root.is_dir():
+            return
+        doomed = [self.root / n for n in OWNED_ENTRIES]
+        for p in protect:
+            rp = Path(p).resolve()
+            for d in doomed:
+                rd = d.resolve()
+                if rp == rd or rd in rp.parents:
+                    raise InputError(f"input {p} lies inside {d}, which starting the run over would delete; move "
+                                     "the input or choose another run directory", path=str(self.root))
+        for d in doomed:
+            if d.is_symlink() or d.is_file():
+                d.unlink()
+            elif d.is_dir():
+                shutil.rmtree(d)
+
     def create(self, cfg: KcptConfig) -> RunDir:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.checkpoints.mkdir(exist_ok=True)
-        dump_config(cfg, self.config_path)
+        """Create (or reuse, when owned) the run directory, mark it as kcpt's and write ``config.yaml``."""
+        self.check_owned()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not self.marker_path.is_file():
+                from kcpt import __version__
+
+                self.marker_path.write_text(json.dumps({"kcpt_version": __version__, "kind": "run"}) + "\n",
+                                            encoding="utf-8")
+            self.checkpoints.mkdir(exist_ok=True)
+            dump_config(cfg, self.config_path)
+        except OSError as e:
+            raise InputError(f"cannot create run directory: {e.strerror or e}", path=str(e.filename or self.root)
+                             ) from None
         return self
 
     # ----------------------------------------------------------------- metrics
     def append_metrics(self, record: dict[str, Any]) -> None:
+        _drop_torn_tail(self.metrics_path)
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")
             f.flush()
@@ -104,7 +170,14 @@ class RunDir:
     def read_summary(self) -> dict[str, Any]:
         if not self.summary_path.exists():
             return {"stages": {}, "stage_order": [], "baseline_raw_best": None}
-        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        try:
+            summary = json.loads(self.summary_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise InputError(f"not valid JSON ({e}); remove or restore the file", path=str(self.summary_path)
+                             ) from None
+        if not isinstance(summary, dict) or not isinstance(summary.get("stages", {}), dict):
+            raise InputError("not a kcpt summary (expected an object with 'stages')", path=str(self.summary_path))
+        return summary
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         tmp = self.summary_path.with_suffix(".json.tmp")
@@ -112,12 +185,51 @@ class RunDir:
         os.replace(tmp, self.summary_path)
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that lacks its newline (a write cut short by a kill) so the next record starts clean."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            f.seek(max(0, size - (1 << 20)))
+            tail = f.read()
+            cut = tail.rfind(b"\n")
+            f.truncate(size - len(tail) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
+    except FileNotFoundError:
+        return
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The eval records of a run (one dict per line of metrics.jsonl)."""
+    """The eval records of a run (one dict per line of metrics.jsonl).
+
+    A last line without its newline that is not valid JSON is a write cut short by a kill and is ignored; any
+    other bad line is an InputError naming the file and the line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8 ({e.reason}); remove or restore the file", path=str(path)) from None
+    lines = text.split("\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            if i == len(lines):  # no newline after it: a torn final write
+                continue
+            raise InputError(f"not valid JSON ({e}); remove or fix the line", path=str(path), line=i) from None
+        if not isinstance(rec, dict):
+            raise InputError("not a JSON object; remove or fix the line", path=str(path), line=i)
+        out.append(rec)
+    return out
 
 
 class ScalarLogger:

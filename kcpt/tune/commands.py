@@ -27,7 +27,6 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 
 def tune_from_args(args: argparse.Namespace) -> int:
     from kcpt.config import load_config
-    from kcpt.tune.launch import tune_stage3
 
     overrides = list(args.overrides)
     for flag, key in (("num_samples", "tune.num_samples"), ("max_concurrent", "tune.max_concurrent"),
@@ -36,6 +35,11 @@ def tune_from_args(args: argparse.Namespace) -> int:
         if v is not None:
             overrides.append(f"{key}={v}")
     cfg = load_config(args.config, overrides or None)
+    from kcpt.train.commands import preflight
+
+    preflight(cfg, None, check_run_dir=False)  # the inputs of every stage, before Ray and torch are imported
+    from kcpt.tune.launch import tune_stage3  # imports Ray and torch: only after the config was validated
+
     res = tune_stage3(cfg, experiment_dir=args.experiment_dir, resume=args.resume, address=args.address,
                       sampler=args.sampler)
     print("\n" + res.table)

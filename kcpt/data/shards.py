@@ -152,8 +152,8 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
         remove_stale_siblings(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag}", dir=out.parent))
     except OSError as e:
-        raise InputError(f"cannot create the output directory: {e.strerror or e}",
-                         path=str(e.filename or out)) from None
+        raise InputError(f"cannot create the output directory ({e.filename}: {e.strerror or e})",
+                         path=str(out)) from None
     try:
         yield tmp
         if out.exists():

@@ -236,10 +236,11 @@ def iter_text_lines(path: Path, *, report: RejectReport, max_line_chars: int = 1
             if not raw:
                 break
             lineno += 1
+            cut = not raw.endswith(b"\n") and len(raw) == limit  # decided before the BOM shortens it
             if lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM):]
                 report.note("bom_stripped", f"{path}: line 1: UTF-8 byte order mark stripped")
-            if not raw.endswith(b"\n") and len(raw) == limit:
+            if cut:
                 skipped = len(raw)
                 while True:
                     chunk = f.readline(_SKIP_CHUNK)

@@ -413,6 +413,31 @@ def test_report_on_damaged_run_files_is_one_line(tmp_path: Path, capsys) -> None
     assert_one_line_error(rc, err, "trials.parquet: cannot read as Parquet")
 
 
+@pytest.mark.parametrize(("metrics", "summary", "needle"), [
+    ('{"stage": "cpt"}', '{"stages": {}}', "record 1: key 'step' is missing"),
+    ('{"stage": "cpt", "step": 1, "checkpoint": 5}', '{"stages": {}}', "key 'checkpoint' has a int"),
+    ('{"stage": "cpt", "step": 1, "raw_val_loss": "a"}', '{"stages": {}}', "key 'raw_val_loss' has a str"),
+    ("", '{"stages": {"cpt": 5}}', "stage 'cpt': not an object"),
+    ("", '{"stages": {}, "stage_order": "cpt"}', "'stage_order' must be a list"),
+    ("", '{"stages": {"cpt": {"best_raw_val_loss": "x"}}}', "key 'best_raw_val_loss' has a str"),
+])
+def test_report_on_wrongly_typed_run_files_is_one_line(tmp_path: Path, capsys, metrics, summary, needle) -> None:
+    (tmp_path / "metrics.jsonl").write_text(metrics + "\n", encoding="utf-8")
+    (tmp_path / "summary.json").write_text(summary, encoding="utf-8")
+    rc, _, err = run_cli(["report", str(tmp_path)], capsys)
+    assert_one_line_error(rc, err, needle)
+
+
+def test_bom_does_not_split_an_over_long_first_line(tmp_path: Path) -> None:
+    """Found by the property tests: the BOM was stripped before the length check, so an over-long first line
+    was read as two records (two line_too_long rejects for one line)."""
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b'{"text": ' + b"1" * 2000 + b"}")
+    rep = RejectReport()
+    assert list(read_documents([p], report=rep, max_line_chars=300)) == []
+    assert rep.counts == {"line_too_long": 1}
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -466,3 +466,69 @@ def test_generated_job_arguments_exit_0_or_2_without_traceback() -> None:
     finally:
         tc.preflight = orig
     assert COUNTS["job_arguments"] >= 50
+
+
+# --------------------------------------------------------------------------- kcpt report on damaged run files
+
+metric_record = st.fixed_dictionaries({}, optional={
+    k: st.one_of(json_value, st.floats(0, 10), st.integers(0, 50), st.sampled_from(["cpt", "stage1", "c0"]))
+    for k in ("stage", "step", "raw_val_loss", "exam_val_loss", "checkpoint", "gate_ok", "eval_raw", "eval_exam")})
+summary_obj = st.one_of(json_value, st.fixed_dictionaries({}, optional={
+    "stages": st.one_of(json_value, st.dictionaries(st.sampled_from(["cpt", "stage1"]), st.one_of(
+        json_value, st.fixed_dictionaries({}, optional={k: st.one_of(json_value, st.floats(0, 5), st.integers(0, 9))
+                                                        for k in ("steps", "best_raw_val_loss", "baseline_raw_best",
+                                                                  "passed", "stop_reason", "gate_streak")})),
+        max_size=2)),
+    "stage_order": st.one_of(json_value, st.lists(st.sampled_from(["cpt", "stage1", "x"]), max_size=3)),
+    "baseline_raw_best": json_value}))
+
+
+@pytest.mark.timeout(240)
+def test_report_on_generated_run_files_exit_0_or_2_one_line() -> None:
+    @bounded(150, 5000)
+    @given(records=st.lists(st.one_of(metric_record.map(lambda r: _dumps(r, True)), hostile_line), max_size=5),
+           summary=st.one_of(summary_obj.map(lambda s: _dumps(s, False)), st.binary(max_size=30)),
+           torn=st.booleans())
+    def prop(records: list[bytes], summary: bytes, torn: bool) -> None:
+        COUNTS["report_run_files"] += 1
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "metrics.jsonl").write_bytes(b"\n".join(records) + (b"" if torn else b"\n"))
+            (Path(tmp) / "summary.json").write_bytes(summary)
+            rc, _, err = _cli(["report", tmp])
+            OUTCOMES[f"report_run_files:exit{rc}"] += 1
+            if rc != 0:
+                _assert_exit2_one_line(rc, err)
+
+    prop()
+    assert COUNTS["report_run_files"] >= 100
+
+
+txt_line = st.one_of(hangul.map(lambda t: t.encode("utf-8", "surrogatepass")), st.binary(max_size=40),
+                     st.sampled_from([b"", b"  ", b"\r", b"\xef\xbb\xbf"]),
+                     st.integers(MAX_LINE_CHARS - 2, 4 * MAX_LINE_CHARS + 10).map(lambda n: "나" .encode() * n))
+
+
+@pytest.mark.timeout(240)
+def test_txt_files_one_record_per_file_or_any_split_without_crash() -> None:
+    filters = FilterConfig(min_chars=5, min_hangul_ratio=0.1, max_line_chars=MAX_LINE_CHARS)
+
+    @bounded(150, 5000)
+    @given(files=st.lists(jsonl_file(txt_line), min_size=1, max_size=3), strict=st.booleans(),
+           split=st.sampled_from(["file", "blank_lines"]))
+    def prop(files: list[bytes], strict: bool, split: str) -> None:
+        COUNTS["txt_files"] += 1
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = _write_files(Path(tmp), files, ".txt")
+            report = RejectReport()
+            try:
+                docs = read_documents(paths, report=report, strict=strict, max_line_chars=MAX_LINE_CHARS,
+                                      txt_split=split)  # type: ignore[arg-type]
+                kept = sum(1 for _ in clean_documents(docs, filters, report, strict=strict))
+            except InputError as e:
+                assert strict and "\n" not in str(e)
+                return
+            if split == "file":  # a file is one document: kept or counted, never lost or split
+                assert kept + report.total == len(files), report
+
+    prop()
+    assert COUNTS["txt_files"] >= 100

@@ -69,12 +69,50 @@ def pareto_checkpoints(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for g in groups.values() for r in pareto_records(g, ["raw_val_loss", "exam_val_loss"])]
 
 
+_NUM = (int, float)
+_METRIC_TYPES: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "step": (int,), "raw_val_loss": _NUM, "exam_val_loss": _NUM, "checkpoint": (str,),
+    "gate_ok": (bool,), "eval_raw": (str,), "eval_exam": (str,)}
+_SUMMARY_TYPES: dict[str, tuple[type, ...]] = {
+    "steps": (int,), "stop_reason": (str,), "passed": (bool,), "best_raw_val_loss": _NUM,
+    "best_exam_val_loss": _NUM, "baseline_raw_best": _NUM, "gate_streak": (int,), "rollbacks": (int,)}
+
+
+def _wrong_type(rec: dict[str, Any], types: dict[str, tuple[type, ...]], required: tuple[str, ...] = ()) -> str | None:
+    for key in required:
+        if key not in rec:
+            return f"key '{key}' is missing"
+    for key, allowed in types.items():
+        v = rec.get(key)
+        if v is not None and (not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed)):
+            return f"key '{key}' has a {type(v).__name__} ({v!r:.40}), expected {'/'.join(t.__name__ for t in allowed)}"
+    return None
+
+
+def checked_run_files(rd: RunDir) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``summary.json`` and ``metrics.jsonl`` of a run, with the fields the report uses type-checked
+    (:class:`InputError` naming the file, the record and the key otherwise)."""
+    summary = rd.read_summary()
+    stages, order = summary.get("stages", {}), summary.get("stage_order") or []
+    if not isinstance(order, list) or not all(isinstance(x, str) for x in order):
+        raise InputError("'stage_order' must be a list of stage names", path=str(rd.summary_path))
+    for name, st in stages.items():
+        problem = "not an object" if not isinstance(st, dict) else _wrong_type(st, _SUMMARY_TYPES)
+        if problem:
+            raise InputError(f"stage '{name}': {problem}", path=str(rd.summary_path))
+    metrics = read_metrics(rd.root)
+    for i, rec in enumerate(metrics, 1):
+        problem = _wrong_type(rec, _METRIC_TYPES, ("stage", "step"))
+        if problem:
+            raise InputError(f"record {i}: {problem}; fix or remove it", path=str(rd.metrics_path))
+    return summary, metrics
+
+
 def format_run_report(run_dir: str | Path) -> str:
     rd = RunDir(run_dir)
     if not rd.summary_path.exists() and not rd.metrics_path.exists():
         raise InputError("not a kcpt run directory (no summary.json or metrics.jsonl)", path=str(run_dir))
-    summary = rd.read_summary()
-    metrics = read_metrics(rd.root)
+    summary, metrics = checked_run_files(rd)
     order = summary.get("stage_order") or list(summary.get("stages", {}))
     stages = {k: summary["stages"][k] for k in order if k in summary.get("stages", {})}
     parts = [f"run: {rd.root}", "", format_stage_table(stages, metrics)]

@@ -380,7 +380,8 @@ def test_start_over_removes_only_kcpt_entries_and_never_an_input(tmp_path: Path)
 def test_run_with_a_typo_in_a_data_path_deletes_nothing(tmp_path: Path) -> None:
     from kcpt.train.launch import run_plan
 
-    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.run_name=r", f"data.prepared_root={tmp_path / 'p'}"])
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.run_name=r",
+                             f"data.prepared_root={tmp_path / 'p'}"])
     cfg.data.datasets["raw_val"].inputs = [str(tmp_path / "typo.jsonl")]
     rd = RunDir(tmp_path / "r").create(cfg)
     (rd.checkpoints / "0-cpt-step10").mkdir()

@@ -484,6 +484,35 @@ class KcptConfig(Strict):
                     raise ValueError(f"plan.{i}.mixture_schedule.{j}.weights: must be ≥ 0 with a positive sum")
         return self
 
+    @model_validator(mode="after")
+    def _tune_paths(self) -> KcptConfig:
+        """``tune.stage_overrides`` and ``tune.space.extra`` must make a valid tuned stage: checked here, not inside
+        the first trial."""
+        if self.tune.stage not in {st.name for st in self.plan}:
+            return self
+        st = self.stage(self.tune.stage).model_dump(mode="json")
+
+        def flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+            return [kv for k, v in d.items() for kv in (flat(v, f"{prefix}{k}.") if isinstance(v, dict)
+                                                        else [(f"{prefix}{k}", v)])]
+
+        sets = [(f"tune.stage_overrides.{k}", k, v) for k, v in flat(self.tune.stage_overrides)]
+        sets += [(f"tune.space.extra.{k}", k, r.low) for k, r in self.tune.space.extra.items()]
+        for where, path, value in sets:
+            try:
+                _set_dotted(st, path, value)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        try:
+            StageConfig.model_validate(st)
+        except ValidationError as err:
+            e = err.errors()[0]
+            path = ".".join(str(p) for p in e["loc"])
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            raise ValueError(f"tune.stage_overrides / tune.space.extra: stage '{self.tune.stage}' would have "
+                             f"{path}: {msg}") from None
+        return self
+
     def stage(self, name: str) -> StageConfig:
         for st in self.plan:
             if st.name == name:

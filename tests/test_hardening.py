@@ -95,6 +95,26 @@ def test_config_values_that_cannot_work_are_refused(override: str, needle: str) 
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize(("override", "needle"), [
+    ("tune.stage_overrides.max_steps=0", "stage 'stage3' would have max_steps: Input should be greater than"),
+    ("tune.stage_overrides.nope=1", "stage 'stage3' would have nope: unknown key"),
+    ("tune.stage_overrides.lr.peak.x=1", "tune.stage_overrides.lr.peak.x: lr.peak is a value"),
+    ("tune.space.extra={lr.nope: {low: 0.1, high: 0.2}}", "would have lr.nope: unknown key"),
+])
+def test_tune_overrides_are_checked_against_the_tuned_stage(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+    load_config(None, ["tune.stage_overrides.max_steps=40", "tune.space.extra={lr.min_ratio: {low: 0.05, high: 0.3}}"])
+
+
+def test_tune_job_refuses_unknown_space_source_before_ray(capsys) -> None:
+    from kcpt.tune.commands import main
+
+    assert main(["--set", "tune.space.raw_source=nope"]) == 2
+    assert "tune.space.raw_source: unknown dataset 'nope'" in capsys.readouterr().err
+
+
 def test_unsafe_dataset_name_is_refused(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  datasets:\n    ../up: {kind: raw, inputs: [x]}\nplan: []\n", encoding="utf-8")

@@ -38,6 +38,12 @@ def tune_from_args(args: argparse.Namespace) -> int:
     from kcpt.train.commands import preflight
 
     preflight(cfg, None, check_run_dir=False)  # the inputs of every stage, before Ray and torch are imported
+    for key in ("qa_source", "example_source", "raw_source"):
+        if getattr(cfg.tune.space, key) not in cfg.data.datasets:
+            from kcpt.errors import ConfigError
+
+            raise ConfigError(f"tune.space.{key}: unknown dataset '{getattr(cfg.tune.space, key)}' (defined: "
+                              f"{sorted(cfg.data.datasets)})")
     from kcpt.tune.launch import tune_stage3  # imports Ray and torch: only after the config was validated
 
     res = tune_stage3(cfg, experiment_dir=args.experiment_dir, resume=args.resume, address=args.address,

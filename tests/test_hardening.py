@@ -282,6 +282,25 @@ def test_more_choices_than_labels_is_a_counted_skip(tmp_path: Path) -> None:
         list(encode_exam_items(items, tok, template, 64, report=RejectReport(), strict=True))
 
 
+def test_damaged_tokenizer_is_a_config_error(tmp_path: Path, capsys) -> None:
+    """Found by probing: a tokenizer.json without 'added_tokens' raised a KeyError traceback."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"x": 1}')
+    (tok / "tokenizer_config.json").write_text("{}")
+    a = _jsonl(tmp_path / "a.jsonl", 1)
+    rc, _, err = run_cli(["prepare", "raw", "--input", str(a), "--out", str(tmp_path / "o"), "--tokenizer", str(tok),
+                          "--no-progress"], capsys)
+    assert_one_line_error(rc, err, "tokenizer.path: cannot load tokenizer")
+
+
+def test_job_refuses_a_missing_local_model_dir_before_ray(capsys) -> None:
+    from kcpt.train.commands import main
+
+    assert main(["--set", "model.name_or_path=./no/such/model"]) == 2
+    assert "model.name_or_path: './no/such/model' is not a directory" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- kcpt prepare: outputs
 
 

@@ -136,6 +136,9 @@ def load_tokenizer(cfg: TokenizerConfig, *, cache_dir: str | Path | None = None,
         tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"tokenizer.path: cannot load tokenizer '{cfg.path}': {e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json raises KeyError, TypeError, ... from deep inside
+        raise ConfigError(f"tokenizer.path: cannot load tokenizer '{cfg.path}' ({type(e).__name__}: {e}); its files "
+                          "are damaged or not a Hugging Face tokenizer") from None
     if not tok.is_fast:
         raise ConfigError(f"tokenizer.path: tokenizer '{cfg.path}' has no fast (Rust) version; kcpt needs one "
                           "for character offsets (answer-only exam labels)")

@@ -52,6 +52,14 @@ def preflight(cfg, stages: list[str] | None, *, run_dir: str | None = None, init
                        *([st.eval_exam] if st.eval_exam else [])]
     for name in dict.fromkeys(needed):
         check_inputs_exist(cfg.data.datasets[name].inputs, where=f"data.datasets.{name}.inputs")
+    for key, value in (("model.name_or_path", cfg.model.name_or_path), ("tokenizer.path", cfg.tokenizer.path)):
+        local = value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists()
+        if value not in ("tiny", "demo") and local and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"{key}: '{value}' is not a directory (a local model/tokenizer directory, or a hub "
+                              "name)")
+    model_dir = Path(cfg.model.name_or_path).expanduser()
+    if cfg.model.name_or_path != "tiny" and model_dir.is_dir() and not (model_dir / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {model_dir} has no config.json (not a Hugging Face model directory)")
     if check_run_dir:
         RunDir(Path(run_dir) if run_dir else run_dir_for(cfg)).check_owned()
     if init_checkpoint is not None and not Path(init_checkpoint).is_dir():

@@ -108,9 +108,16 @@ def test_tune_overrides_are_checked_against_the_tuned_stage(override: str, needl
     load_config(None, ["tune.stage_overrides.max_steps=40", "tune.space.extra={lr.min_ratio: {low: 0.05, high: 0.3}}"])
 
 
-def test_tune_job_refuses_unknown_space_source_before_ray(capsys) -> None:
+def _no_launch(monkeypatch) -> None:
+    """Make importing the Ray launchers fail, so a broken preflight fails the test instead of starting a run."""
+    for mod in ("kcpt.train.launch", "kcpt.tune.launch"):
+        monkeypatch.setitem(sys.modules, mod, None)
+
+
+def test_tune_job_refuses_unknown_space_source_before_ray(capsys, monkeypatch) -> None:
     from kcpt.tune.commands import main
 
+    _no_launch(monkeypatch)
     assert main(["--set", "tune.space.raw_source=nope"]) == 2
     assert "tune.space.raw_source: unknown dataset 'nope'" in capsys.readouterr().err
 
@@ -294,9 +301,10 @@ def test_damaged_tokenizer_is_a_config_error(tmp_path: Path, capsys) -> None:
     assert_one_line_error(rc, err, "tokenizer.path: cannot load tokenizer")
 
 
-def test_job_refuses_a_missing_local_model_dir_before_ray(capsys) -> None:
+def test_job_refuses_a_missing_local_model_dir_before_ray(capsys, monkeypatch) -> None:
     from kcpt.train.commands import main
 
+    _no_launch(monkeypatch)
     assert main(["--set", "model.name_or_path=./no/such/model"]) == 2
     assert "model.name_or_path: './no/such/model' is not a directory" in capsys.readouterr().err
 
@@ -323,6 +331,16 @@ def test_overwrite_never_destroys_an_input(tmp_path: Path, capsys, where: str) -
     rc, _, err = _prepare(capsys, "raw", "--input", str(corpus), "--out", str(out), "--overwrite")
     assert_one_line_error(rc, err, str(out), "choose")
     assert a.read_text(encoding="utf-8").count("\n") == 3
+
+
+def test_overwrite_never_replaces_a_prepared_dataset_holding_an_input(tmp_path: Path, capsys) -> None:
+    a = _jsonl(tmp_path / "a.jsonl", 3)
+    out = tmp_path / "out"
+    assert _prepare(capsys, "raw", "--input", str(a), "--out", str(out))[0] == 0
+    inside = _jsonl(out / "more.jsonl", 2)  # the user keeps an input inside a prepared dataset
+    rc, _, err = _prepare(capsys, "raw", "--input", str(inside), "--out", str(out), "--overwrite")
+    assert_one_line_error(rc, err, "is or holds the input")
+    assert inside.is_file()
 
 
 def test_overwrite_replaces_only_a_prepared_dataset(tmp_path: Path, capsys) -> None:
@@ -368,7 +386,7 @@ def test_unwritable_output_os_error_is_one_line(tmp_path: Path, capsys, monkeypa
 
     monkeypatch.setattr("kcpt.data.shards.write_shards", full)
     rc, _, err = _prepare(capsys, "raw", "--input", str(a), "--out", str(tmp_path / "out"))
-    assert_one_line_error(rc, err, "No space left on device")
+    assert_one_line_error(rc, err, "cannot write the output: No space left on device")
     assert not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
 
 

@@ -41,6 +41,9 @@ COUNTS: Counter[str] = Counter()
 OUTCOMES: Counter[str] = Counter()
 """How the generated cases ended (exit status, valid/refused), to show the generators reach both sides."""
 MAX_LINE_CHARS = 300
+LINE_LIMITS = st.sampled_from([MAX_LINE_CHARS, 20_000])
+"""A small limit exercises line_too_long; a large one lets > 4300-digit integers and deep nesting reach the JSON
+parser."""
 
 
 def bounded(max_examples: int, deadline_ms: int) -> settings:
@@ -92,7 +95,9 @@ hostile_line = st.one_of(
     st.integers(MAX_LINE_CHARS - 5, 4 * MAX_LINE_CHARS + 20).map(
         lambda n: _dumps({"text": "가" * n}, False)),
 )
-raw_line = st.one_of(raw_record, raw_record, hostile_line)
+korean_record = st.integers(0, 30).map(  # passes the default filters (duplicates when the number repeats)
+    lambda i: _dumps({"text": f"대한민국은 민주공화국이다. 모든 권력은 국민으로부터 나온다. 제{i}조."}, False))
+raw_line = st.one_of(raw_record, korean_record, hostile_line)
 
 
 @st.composite
@@ -163,22 +168,21 @@ def tokenizer():
 
 @pytest.mark.timeout(240)
 def test_raw_jsonl_every_record_kept_or_counted() -> None:
-    filters = FilterConfig(min_chars=5, min_hangul_ratio=0.1, max_line_chars=MAX_LINE_CHARS)
-
     @FAST
-    @given(files=st.lists(jsonl_file(raw_line), min_size=1, max_size=3), strict=st.booleans())
-    def prop(files: list[bytes], strict: bool) -> None:
+    @given(files=st.lists(jsonl_file(raw_line), min_size=1, max_size=3), strict=st.booleans(), limit=LINE_LIMITS)
+    def prop(files: list[bytes], strict: bool, limit: int) -> None:
         COUNTS["raw_jsonl"] += 1
+        filters = FilterConfig(min_chars=5, min_hangul_ratio=0.1, max_line_chars=limit)
         with tempfile.TemporaryDirectory() as tmp:
             paths = _write_files(Path(tmp), files)
             report = RejectReport()
             try:
-                docs = read_documents(paths, report=report, strict=strict, max_line_chars=MAX_LINE_CHARS)
+                docs = read_documents(paths, report=report, strict=strict, max_line_chars=limit)
                 kept = sum(1 for _ in clean_documents(docs, filters, report, strict=strict))
             except InputError as e:
                 assert strict and "\n" not in str(e)
                 return
-            assert kept + report.total == sum(records_in(d) for d in files), report
+            assert kept + report.total == sum(records_in(d, limit) for d in files), report
             assert not strict or report.total == 0
 
     prop()
@@ -188,15 +192,19 @@ def test_raw_jsonl_every_record_kept_or_counted() -> None:
 @pytest.mark.timeout(300)
 def test_prepare_raw_cli_exit_0_counts_everything_or_exit_2_one_line() -> None:
     @SLOW
-    @given(files=st.lists(jsonl_file(raw_line), min_size=1, max_size=2), strict=st.booleans())
-    def prop(files: list[bytes], strict: bool) -> None:
+    @given(files=st.lists(jsonl_file(raw_line), min_size=1, max_size=2), strict=st.booleans(), limit=LINE_LIMITS,
+           overlap=st.sampled_from(["none", "file twice", "dir and file"]))
+    def prop(files: list[bytes], strict: bool, limit: int, overlap: str) -> None:
         COUNTS[name := "prepare_raw_cli"] += 1
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            paths = _write_files(root, files)
+            (root / "in").mkdir()
+            paths = _write_files(root / "in", files)
+            inputs = {"none": paths, "file twice": [*paths, paths[0]],
+                      "dir and file": [root / "in", paths[-1]]}[overlap]
             cfg = root / "c.yaml"
-            cfg.write_text(f"data:\n  filters: {{max_line_chars: {MAX_LINE_CHARS}, min_chars: 5}}\n")
-            rc, _, err = _cli(["prepare", "raw", "--input", *map(str, paths), "--out", str(root / "out"),
+            cfg.write_text(f"data:\n  filters: {{max_line_chars: {limit}, min_chars: 5}}\n")
+            rc, _, err = _cli(["prepare", "raw", "--input", *map(str, inputs), "--out", str(root / "out"),
                                "--tokenizer", "demo", "--no-progress", "--config", str(cfg),
                                *(["--strict"] if strict else [])])
             OUTCOMES[f"{name}:exit{rc}"] += 1
@@ -206,7 +214,8 @@ def test_prepare_raw_cli_exit_0_counts_everything_or_exit_2_one_line() -> None:
                 return
             m = read_manifest(root / "out")
             kept = sum(i["documents"] for i in m["inputs"])
-            assert kept + sum(m["rejects"].values()) == sum(records_in(d) for d in files), m["rejects"]
+            OUTCOMES[f"{name}:{'kept' if kept else 'none kept'}"] += 1
+            assert kept + sum(m["rejects"].values()) == sum(records_in(d, limit) for d in files), m["rejects"]
 
     prop()
     assert COUNTS["prepare_raw_cli"] >= 10
@@ -224,30 +233,40 @@ exam_record = st.fixed_dictionaries({}, optional={
     "answer": st.one_of(hangul, exam_value, st.text(alphabet="가나다", min_size=100, max_size=200)),
     "extra": exam_value,
 })
+valid_exam_record = st.builds(
+    lambda i, kind, q, choices, a, drop: {k: v for k, v in {"id": i, "kind": kind, "question": q, "choices": choices,
+                                                          "answer": a}.items() if k != drop},
+    st.one_of(st.sampled_from(["a", "b", "c"]), st.integers(0, 3)), st.sampled_from(["qa", "example"]),
+    hangul.filter(str.strip), st.one_of(st.none(), st.lists(st.sampled_from(["가", "나", "다 라"]), min_size=1,
+                                                                   max_size=11)),
+    st.one_of(hangul.filter(str.strip), st.text(alphabet="가나다", min_size=60, max_size=200)),
+    st.sampled_from([None, None, None, "id", "answer", "kind"]))
 exam_line = st.one_of(st.builds(lambda r, a: _dumps(r, a), exam_record, st.booleans()),
+                      st.builds(lambda r, a: _dumps(r, a), valid_exam_record, st.booleans()),
                       st.builds(lambda r, a: _dumps(r, a), exam_record, st.booleans()), hostile_line)
 
 
 @pytest.mark.timeout(240)
 def test_exam_records_every_record_kept_or_counted(tokenizer) -> None:
-    cfg = load_config(None, ["data.seq_len=64", f"data.filters.max_line_chars={MAX_LINE_CHARS}"])
+    cfg = load_config(None, ["data.seq_len=64"])
 
     @FAST
-    @given(files=st.lists(jsonl_file(exam_line), min_size=1, max_size=3), strict=st.booleans())
-    def prop(files: list[bytes], strict: bool) -> None:
+    @given(files=st.lists(jsonl_file(exam_line), min_size=1, max_size=3), strict=st.booleans(), limit=LINE_LIMITS)
+    def prop(files: list[bytes], strict: bool, limit: int) -> None:
         COUNTS["exam_records"] += 1
         cfg.data.strict = strict
         with tempfile.TemporaryDirectory() as tmp:
             paths = _write_files(Path(tmp), files)
             report, kept = RejectReport(), Counter()
             try:
-                items = read_exam_items(paths, report=report, strict=strict, max_line_chars=MAX_LINE_CHARS)
+                items = read_exam_items(paths, report=report, strict=strict, max_line_chars=limit)
                 for _ in encode_counting(items, tokenizer, cfg, report, "x", kept):
                     pass
             except InputError as e:
                 assert strict and "\n" not in str(e)
                 return
-            assert sum(kept.values()) + report.total == sum(records_in(d) for d in files), report
+            OUTCOMES.update(f"exam_records:{k}" for k in report.counts)
+            assert sum(kept.values()) + report.total == sum(records_in(d, limit) for d in files), report
             assert not strict or report.total == 0
 
     prop()
@@ -470,10 +489,23 @@ def test_generated_job_arguments_exit_0_or_2_without_traceback() -> None:
 
 # --------------------------------------------------------------------------- kcpt report on damaged run files
 
-metric_record = st.fixed_dictionaries({}, optional={
+pareto_metric = st.fixed_dictionaries({
+    "stage": st.sampled_from(["cpt", "stage1"]), "step": st.integers(0, 30),
+    "raw_val_loss": st.one_of(st.floats(0, 10), st.text(max_size=2)), "exam_val_loss": st.floats(0, 10),
+    "checkpoint": st.one_of(st.sampled_from(["c1", "c2"]), st.integers(1, 3), st.lists(st.integers(), max_size=1))})
+typed_metric = pareto_metric | st.fixed_dictionaries({"stage": st.sampled_from(["cpt", "stage1"]),
+                                                      "step": st.integers(0, 30)},
+                                     optional={k: st.one_of(st.floats(0, 10), st.none(), st.text(max_size=3),
+                                                            st.integers(0, 3), st.booleans())
+                                               for k in ("raw_val_loss", "exam_val_loss", "checkpoint", "gate_ok",
+                                                         "eval_raw", "eval_exam")})
+metric_record = typed_metric | st.fixed_dictionaries({}, optional={
     k: st.one_of(json_value, st.floats(0, 10), st.integers(0, 50), st.sampled_from(["cpt", "stage1", "c0"]))
     for k in ("stage", "step", "raw_val_loss", "exam_val_loss", "checkpoint", "gate_ok", "eval_raw", "eval_exam")})
-summary_obj = st.one_of(json_value, st.fixed_dictionaries({}, optional={
+summary_obj = st.one_of(json_value, st.fixed_dictionaries({"stages": st.fixed_dictionaries({"cpt": st.dictionaries(
+    st.sampled_from(["steps", "best_raw_val_loss", "baseline_raw_best", "passed", "stop_reason", "gate_streak"]),
+    st.one_of(st.floats(0, 5), st.integers(0, 9), st.booleans(), st.text(max_size=3), st.none()), max_size=4)}),
+    "stage_order": st.just(["cpt", "stage1"])}), st.fixed_dictionaries({}, optional={
     "stages": st.one_of(json_value, st.dictionaries(st.sampled_from(["cpt", "stage1"]), st.one_of(
         json_value, st.fixed_dictionaries({}, optional={k: st.one_of(json_value, st.floats(0, 5), st.integers(0, 9))
                                                         for k in ("steps", "best_raw_val_loss", "baseline_raw_best",
@@ -486,7 +518,8 @@ summary_obj = st.one_of(json_value, st.fixed_dictionaries({}, optional={
 @pytest.mark.timeout(240)
 def test_report_on_generated_run_files_exit_0_or_2_one_line() -> None:
     @bounded(150, 5000)
-    @given(records=st.lists(st.one_of(metric_record.map(lambda r: _dumps(r, True)), hostile_line), max_size=5),
+    @given(records=st.lists(metric_record.map(lambda r: _dumps(r, True)), max_size=5)
+           | st.lists(st.one_of(metric_record.map(lambda r: _dumps(r, True)), hostile_line), max_size=5),
            summary=st.one_of(summary_obj.map(lambda s: _dumps(s, False)), st.binary(max_size=30)),
            torn=st.booleans())
     def prop(records: list[bytes], summary: bytes, torn: bool) -> None:

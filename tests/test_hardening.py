@@ -122,6 +122,23 @@ def test_tune_job_refuses_unknown_space_source_before_ray(capsys, monkeypatch) -
     assert "tune.space.raw_source: unknown dataset 'nope'" in capsys.readouterr().err
 
 
+def test_tune_job_never_writes_into_a_users_experiment_dir(tmp_path: Path, capsys, monkeypatch) -> None:
+    from kcpt.tune.commands import main
+
+    _no_launch(monkeypatch)
+    (tmp_path / "config.yaml").write_text("mine")
+    assert main(["--experiment-dir", str(tmp_path)]) == 2
+    assert "is not a kcpt tune experiment" in capsys.readouterr().err
+    assert (tmp_path / "config.yaml").read_text() == "mine"
+
+
+def test_audit_tokenizer_never_writes_into_a_users_dir(tmp_path: Path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    rc, _, err = run_cli(["audit-tokenizer", "--expand", "2", "--out", str(tmp_path)], capsys)
+    assert_one_line_error(rc, err, "is not a tokenizer directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_unsafe_dataset_name_is_refused(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  datasets:\n    ../up: {kind: raw, inputs: [x]}\nplan: []\n", encoding="utf-8")

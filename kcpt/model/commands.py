@@ -43,6 +43,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\nproposed {len(new)} new tokens: {' '.join(new[:40])}{' …' if len(new) > 40 else ''}")
         if args.out:
             out = Path(args.out)
+            if out.exists() and (not out.is_dir() or (next(out.iterdir(), None) is not None
+                                                      and not (out / "tokenizer_config.json").is_file())):
+                raise KcptError(f"{out}: exists and is not a tokenizer directory; --out must be new, empty or a "
+                                "tokenizer written before (choose another --out)")
             if args.model:
                 from transformers import AutoModelForCausalLM
 

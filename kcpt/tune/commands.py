@@ -8,6 +8,7 @@ checkpoints of the demo plan, tune stage 3 on the embedded demo, print the trial
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +24,22 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="restore the Tune experiment in the experiment dir (the study continues from its storage)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
+
+
+def check_experiment_dir(exp_dir: Path) -> None:
+    """The experiment directory must be absent, empty, or a kcpt tune experiment (``experiment.json``): tuning
+    writes ``config.yaml``, ``best_config.yaml``, ... there and must never overwrite a user's files."""
+    from kcpt.errors import InputError
+
+    if not exp_dir.exists():
+        return
+    if not exp_dir.is_dir():
+        raise InputError("experiment directory exists and is not a directory; choose another --experiment-dir",
+                         path=str(exp_dir))
+    if (exp_dir / "experiment.json").is_file() or next(exp_dir.iterdir(), None) is None:
+        return
+    raise InputError("exists but is not a kcpt tune experiment (no experiment.json); kcpt writes only into its own "
+                     "experiment directories: choose another --experiment-dir or move it away", path=str(exp_dir))
 
 
 def tune_from_args(args: argparse.Namespace) -> int:
@@ -44,6 +61,8 @@ def tune_from_args(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"tune.space.{key}: unknown dataset '{getattr(cfg.tune.space, key)}' (defined: "
                               f"{sorted(cfg.data.datasets)})")
+    check_experiment_dir(Path(args.experiment_dir).resolve() if args.experiment_dir else
+                         Path(cfg.tune.experiment_dir).resolve() / f"{cfg.tune.study_name}-{cfg.sha256()[:8]}")
     from kcpt.tune.launch import tune_stage3  # imports Ray and torch: only after the config was validated
 
     res = tune_stage3(cfg, experiment_dir=args.experiment_dir, resume=args.resume, address=args.address,

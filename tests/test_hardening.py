@@ -591,8 +591,13 @@ def test_jobs_refuse_a_typo_before_importing_ray_or_torch(tmp_path: Path) -> Non
              "rc = main({argv})\n"
              "print(rc, 'torch' in sys.modules, 'ray' in sys.modules, round(time.perf_counter() - t, 3))\n")
     for mod, argv in (("train", ["--config", str(cfg)]), ("tune", ["--config", str(cfg)]),
-                      ("train", ["--set", "train.num_workrs=3"])):
-        res = _run(["-c", probe.replace("{mod}", mod).replace("{argv}", repr(argv))], tmp_path)
+                      ("train", ["--set", "train.num_workrs=3"]),
+                      ("data", ["prepare", "raw", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]),
+                      ("data", ["prepare", "raw", "--input", str(tmp_path), "--out", str(tmp_path), "--overwrite"])):
+        code = probe.replace("{mod}", mod).replace("{argv}", repr(argv))
+        if mod == "data":
+            code = code.replace("from kcpt.data.commands import main", "from kcpt.cli import main")
+        res = _run(["-c", code], tmp_path)
         rc, torch_loaded, ray_loaded, secs = res.stdout.split()
         assert (rc, torch_loaded, ray_loaded) == ("2", "False", "False"), res.stdout + res.stderr
         assert float(secs) < 2.0

@@ -84,11 +84,18 @@ def format_manifest(directory: Path, manifest: dict[str, Any]) -> str:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    cfg = _config(args)  # config and input paths are checked before the heavy imports (tokenizers, torch)
+    if args.prepare_kind != "demo":
+        from kcpt.data.shards import check_output_dir
+        from kcpt.data.sources import check_inputs_exist
+
+        check_inputs_exist(list(args.input), where="--input")
+        check_output_dir(args.out, [i for i in args.input if not i.startswith("demo:")], overwrite=args.overwrite)
+
     from kcpt.data.prepare import prepare_all, prepare_dataset
     from kcpt.data.shards import read_manifest
     from kcpt.model.tokenizer import load_tokenizer
 
-    cfg = _config(args)
     progress = cfg.logging.progress
     if args.prepare_kind == "demo":
         cfg.data.prepared_root = args.out

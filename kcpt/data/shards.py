@@ -36,7 +36,6 @@ from kcpt.data.packing import PackedRow, PackStats
 from kcpt.data.types import ROW_SCHEMA
 from kcpt.errors import InputError
 from kcpt.hashing import sha256_file
-from kcpt.model.tokenizer import save_tokenizer, tokenizer_sha256
 
 MANIFEST = "manifest.json"
 PREPARED_FORMAT = "kcpt-packed-v1"
@@ -216,6 +215,8 @@ def input_entries(paths: list[Path], documents: dict[str, int]) -> list[dict[str
 def finish_prepared(tmp: Path, *, tokenizer, stats: PackStats, kind: str, inputs: list[dict[str, Any]],
                     report, shards: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save the tokenizer and write ``manifest.json`` into the (temporary) dataset dir; returns the manifest."""
+    from kcpt.model.tokenizer import save_tokenizer, tokenizer_sha256  # transformers: only when writing
+
     save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
     manifest: dict[str, Any] = {
         "format": PREPARED_FORMAT,

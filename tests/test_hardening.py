@@ -389,6 +389,25 @@ def test_stale_temp_dirs_of_a_killed_prepare_are_removed(tmp_path: Path, capsys)
     assert not stale.exists() and live.exists() and other.exists()
 
 
+def test_stale_siblings_of_demo_and_tokenizer_caches_are_removed(tmp_path: Path, monkeypatch) -> None:
+    from kcpt.data.demo import build_demo_corpus
+    from kcpt.fsutil import remove_stale_siblings
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    target = tmp_path / "demo"
+    stale = [tmp_path / f".demo.{k}-{host}-{dead.pid}-x1y2z3w4" for k in ("tmp", "old")]
+    keep = [tmp_path / f".demo.tmp-{host}-{os.getpid()}-a1b2c3d4", tmp_path / ".demo.tmp-nohyphens"]
+    for d in stale + keep:
+        d.mkdir()
+    assert sorted(remove_stale_siblings(target)) == sorted(stale)
+    assert all(d.exists() for d in keep)
+    (stale[0]).mkdir()
+    build_demo_corpus(target)  # the demo build cleans up before it builds
+    assert not stale[0].exists() and (target / "raw_train.jsonl").is_file()
+
+
 def test_unwritable_output_is_one_line(tmp_path: Path, capsys) -> None:
     a = _jsonl(tmp_path / "a.jsonl", 2)
     rc, _, err = _prepare(capsys, "raw", "--input", str(a), "--out", str(a / "sub" / "out"))

@@ -37,12 +37,12 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kcpt.errors import InputError
+from kcpt.fsutil import remove_stale_siblings, temp_sibling
 
 DEMO_VERSION = "1"
 RAW_SPLITS = ("raw_train", "raw_val")
@@ -403,7 +403,8 @@ def build_demo_corpus(out_dir: Path | None = None) -> dict[str, Path]:
     if not _complete(out):
         splits = _build_splits()
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        remove_stale_siblings(out)  # builds killed earlier
+        tmp = temp_sibling(out)
         try:
             for name, records in splits.items():
                 _write_jsonl(tmp / f"{name}.jsonl", records)

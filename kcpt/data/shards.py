@@ -17,10 +17,7 @@ interrupted run never leaves a half-written dataset at ``DIR``. :func:`prepared_
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -35,6 +32,7 @@ from kcpt import __version__
 from kcpt.data.packing import PackedRow, PackStats
 from kcpt.data.types import ROW_SCHEMA
 from kcpt.errors import InputError
+from kcpt.fsutil import remove_stale_siblings, sibling_name, temp_sibling
 from kcpt.hashing import sha256_file
 
 MANIFEST = "manifest.json"
@@ -99,41 +97,6 @@ def check_output_dir(out_dir: str | Path, inputs: Iterable[str | Path] = (), *, 
                              "only what kcpt wrote: choose another --out or remove it yourself", path=str(out))
 
 
-def _stale(name: str, prefix: str) -> bool:
-    """True for a leftover ``<prefix><host>-<pid>-<rand>`` of a dead process on this host."""
-    try:
-        host, pid, _ = name[len(prefix):].rsplit("-", 2)
-        pid_n = int(pid)
-    except ValueError:
-        return False
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(pid_n, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-def remove_stale_siblings(out: Path) -> list[Path]:
-    """Delete temporary siblings of ``out`` (``.<name>.tmp-…`` / ``.<name>.old-…``) left by a killed run on
-    this host; returns them."""
-    removed = []
-    try:
-        siblings = list(out.parent.iterdir())
-    except OSError:
-        return removed
-    for p in siblings:
-        for kind in ("tmp", "old"):
-            prefix = f".{out.name}.{kind}-"
-            if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink() and _stale(p.name, prefix):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
-
-
 @contextmanager
 def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out_dir``; on success it replaces ``out_dir`` by rename.
@@ -145,11 +108,10 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
     """
     out = Path(out_dir)
     check_output_dir(out, overwrite=overwrite)
-    tag = f"{socket.gethostname()}-{os.getpid()}-"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_siblings(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag}", dir=out.parent))
+        tmp = temp_sibling(out)
     except OSError as e:
         raise InputError(f"cannot create the output directory ({e.filename}: {e.strerror or e})",
                          path=str(out)) from None
@@ -157,7 +119,7 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
         yield tmp
         if out.exists():
             check_output_dir(out, overwrite=overwrite)  # still ours after the (long) write
-            old = out.with_name(f".{out.name}.old-{tag}{tmp.name[-8:]}")
+            old = sibling_name(out, "old", tmp.name[-8:])
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from kcpt.config import TokenizerConfig
 from kcpt.errors import ConfigError
+from kcpt.fsutil import remove_stale_siblings, temp_sibling
 from kcpt.hashing import sha256_bytes, sha256_json
 
 EOS_TOKEN = "<|endoftext|>"
@@ -113,7 +114,8 @@ def load_demo_tokenizer(vocab_size: int, *, cache_dir: str | Path | None = None)
     if not (target / "tokenizer.json").is_file():
         tok = train_bpe_tokenizer(texts, vocab_size)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        remove_stale_siblings(target)  # caches killed earlier
+        tmp = temp_sibling(target)
         save_tokenizer(tok, tmp)
         try:
             tmp.rename(target)

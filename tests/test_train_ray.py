@@ -52,7 +52,7 @@ def small_cfg(prepared_root: Path, out: Path, name: str, *extra: str):
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
         "model.tiny.intermediate_size=64",
         "train.micro_batch_size=4", "train.eval_batch_size=16", "train.max_eval_rows=32", "train.num_workers=2",
-        f"train.output_dir={out}", f"train.run_name={name}", "train.anomaly.k_sigma=50",
+        f"train.output_dir={out}", f"train.run_name={name}", "train.anomaly.k_mad=50",
         "train.anomaly.min_history=3", "train.anomaly.stable_every=2",
         "plan=[]",
     ]

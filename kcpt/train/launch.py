@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kcpt.config import KcptConfig
-from kcpt.errors import CheckpointError, ConfigError, KcptError
+from kcpt.errors import CheckpointError, ConfigError, KcptError, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
-from kcpt.train.loop import datasets_needed, expected_manifest, stage_loop_per_worker
+from kcpt.train.loop import LocalSession, check_baselines, datasets_needed, expected_manifest, stage_loop_per_worker
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_for
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
 def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path | None = None,
              init_checkpoint: Path | None = None, baseline_raw_best: float | None = None,
              resume: Literal["auto", "never"] = "auto", force: bool = False, address: str | None = None,
-             callbacks: list | None = None, reference_checkpoint: Path | None = None) -> PlanResult:
+             callbacks: list | None = None, reference_checkpoint: Path | None = None,
+             in_process: bool = False) -> PlanResult:
     """Run ``stages`` (default: the whole plan, in order) in one Ray Train ``fit()``; returns the summaries.
 
     - ``init_checkpoint``: the first stage starts from these weights (e.g. stage 3 from the stage-2 best);
@@ -99,7 +100,12 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
       tokenizer/data hashes must match unless ``force``); ``"never"``: start over (previous results in the run
       directory are deleted);
     - ``address``: an existing Ray cluster; default a local Ray started (and stopped) here;
-    - ``callbacks``: passed to ``RunConfig(callbacks=...)``.
+    - ``callbacks``: passed to ``RunConfig(callbacks=...)``;
+    - ``in_process``: no Ray — one worker in this process (debugging, fast tests; ``train.num_workers`` ignored).
+
+    A stage whose stop rule needs ``baseline_raw_best`` that neither an earlier stage nor ``baseline_raw_best``
+    provides is refused here, before anything runs. A deterministic abort inside the loop (too many anomaly
+    rollbacks) raises :class:`TrainingAborted` once, with the run directory as the last checkpoint left it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -114,6 +120,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             cfg.stage(s)
         except KeyError:
             raise ConfigError(f"stages: no stage named '{s}' in plan ({[x.name for x in cfg.plan]})") from None
+    check_baselines(cfg, stages, baseline_raw_best)
     rd = RunDir(Path(run_dir) if run_dir is not None else run_dir_for(cfg)).root.resolve()
     rd = RunDir(rd)
     if resume == "never" and rd.root.exists():
@@ -122,6 +129,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
         for d in (rd.checkpoints, rd.tb, rd.ray_storage, rd.faults):
             shutil.rmtree(d, ignore_errors=True)
     rd.create(cfg)
+    rd.aborted_path.unlink(missing_ok=True)
 
     prepared = prepare_all(cfg, datasets_needed(cfg, stages), progress=cfg.logging.progress)
     prepared = {k: Path(v).resolve() for k, v in prepared.items()}
@@ -155,8 +163,11 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
         "baseline_raw_best": baseline_raw_best,
         "resume_from": str(resume_from) if resume_from else None,
     }
-    started = _start_ray(cfg, address)
     t0 = time.perf_counter()
+    if in_process:
+        stage_loop_per_worker(loop_config, LocalSession())
+        return _result(rd, stages, t0)
+    started = _start_ray(cfg, address)
     try:
         trainer = TorchTrainer(
             stage_loop_per_worker,
@@ -187,6 +198,13 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             import ray
 
             ray.shutdown()
+    return _result(rd, stages, t0)
+
+
+def _result(rd: RunDir, stages: list[str], t0: float) -> PlanResult:
+    aborted = rd.read_aborted()
+    if aborted is not None:
+        raise TrainingAborted(aborted)
     summary = rd.read_summary()
     summaries = {s: summary["stages"][s] for s in stages if s in summary.get("stages", {})}
     return PlanResult(run_dir=rd.root, summaries=summaries,

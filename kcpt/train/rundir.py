@@ -9,6 +9,7 @@
   tb/<stage>/        TensorBoard scalars
   ray/               Ray Train storage (its own small pointer checkpoints and state)
   faults/            markers of injected faults that already fired
+  aborted.json       only after a deterministic abort (e.g. too many anomaly rollbacks): {"message": ...}
 ```
 """
 
@@ -73,6 +74,19 @@ class RunDir:
     @property
     def faults(self) -> Path:
         return self.root / "faults"
+
+    @property
+    def aborted_path(self) -> Path:
+        return self.root / "aborted.json"
+
+    def write_aborted(self, message: str) -> None:
+        self.aborted_path.write_text(json.dumps({"message": message}, ensure_ascii=False), encoding="utf-8")
+
+    def read_aborted(self) -> str | None:
+        """The message of a deterministic abort of the last attempt, or None."""
+        if not self.aborted_path.is_file():
+            return None
+        return json.loads(self.aborted_path.read_text(encoding="utf-8"))["message"]
 
     def create(self, cfg: KcptConfig) -> RunDir:
         self.root.mkdir(parents=True, exist_ok=True)

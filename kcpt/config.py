@@ -369,6 +369,10 @@ class SearchSpace(Strict):
     """Also sample β = 0 ("off") as a categorical choice."""
     extra: dict[str, FloatRange] = {}
     """More float parameters as dotted stage-config paths, e.g. ``{"lr.min_ratio": {low: 0.05, high: 0.3}}``."""
+    mixture_shapes: list[Literal["fixed", "recipe_step"]] = Field(default_factory=lambda: ["fixed"], min_length=1)
+    """Mixture shapes the tuner may choose (a categorical ``mixture_shape`` when more than one): ``fixed`` —
+    ``exam_fraction`` for the whole stage; ``recipe_step`` — the recipe's exam:raw schedule 70:30 → 50:50 →
+    60:40 as step phases at 0, 1/3 and 2/3 of the stage (``exam_fraction`` is then not sampled)."""
     qa_source: str = "qa_train"
     """Stage-3 source that gets ``exam_fraction · qa_fraction`` of the mixture."""
     example_source: str = "example_train"

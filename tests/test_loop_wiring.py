@@ -131,21 +131,27 @@ def test_stage_needing_a_baseline_is_refused_before_any_step(prepared_root, tmp_
 
 
 def test_pareto_front_is_kept_and_the_next_stage_starts_from_the_chosen_point(prepared_root, tmp_path):
-    plan = ('[{name: a, sources: {qa_train: 0.5, raw_train: 0.5}, eval_exam: qa_val, max_steps: 12, eval_every: 2,'
-            ' lr: {peak: 0.01, warmup_steps: 0}, stop: {rule: max_steps}}, '
+    # CPT, then QA only at a high LR: exam loss falls while raw loss climbs — a real (raw, exam) trade-off
+    plan = ('[{name: c, sources: {raw_train: 1.0}, max_steps: 30, eval_every: 30, sets_baseline: true, '
+            'lr: {peak: 0.01, warmup_steps: 0}, stop: {rule: max_steps}}, '
+            '{name: a, sources: {qa_train: 1.0}, eval_exam: qa_val, max_steps: 16, eval_every: 2, '
+            'lr: {peak: 0.01, warmup_steps: 0, min_ratio: 1.0}, stop: {rule: max_steps}}, '
             '{name: b, sources: {raw_train: 1.0}, max_steps: 2, eval_every: 2, start_from: best_exam, '
             'stop: {rule: max_steps}}]')
-    cfg = cfg_of(prepared_root, tmp_path, plan, "train.keep_last=1", "tune.stage=a")
+    cfg = cfg_of(prepared_root, tmp_path, plan, "train.keep_last=1", "tune.stage=a", "train.anomaly.k_mad=1000")
     res = run_plan(cfg, resume="never", in_process=True)
     a = res.summaries["a"]
-    on_disk = {str(p) for p in list_checkpoints(res.run_dir / "checkpoints")}
-    assert a["pareto_front"] and set(a["pareto_front"]) <= on_disk     # no front point pruned
     recs = evals(res, "a")
     by_ckpt = {r["checkpoint"]: r for r in recs}
+    front_only = set(a["pareto_front"]) - set(a["handoff"].values()) - {a["best_checkpoint"]}
+    assert front_only                                          # the check below can catch a pruned front point
+    on_disk = {str(p) for p in list_checkpoints(res.run_dir / "checkpoints")}
+    assert set(a["pareto_front"]) <= on_disk                   # no front point pruned (keep_last is 1)
     best_exam = min(recs, key=lambda r: (r["exam_val_loss"], r["raw_val_loss"]))
     assert a["handoff"]["best_exam"] == best_exam["checkpoint"]
+    assert a["handoff"]["best_exam"] != a["best_checkpoint"]  # max_steps rule: best by raw, another point
     assert all(by_ckpt[p]["exam_val_loss"] >= best_exam["exam_val_loss"] for p in a["pareto_front"])
-    # stage b's step-0 eval is the chosen checkpoint's raw loss
+    # stage b started from the chosen point: its step-0 raw loss is that checkpoint's
     b0 = next(r for r in read_metrics(res.run_dir) if r["stage"] == "b" and r["step"] == 0)
     assert b0["raw_val_loss"] == pytest.approx(best_exam["raw_val_loss"], abs=1e-6)
 

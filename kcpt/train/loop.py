@@ -425,7 +425,12 @@ class StageRunner:
         model = load_causal_lm(self.cfg.model, vocab_size=len(self.tokenizer), path=model_dir,
                                pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
                                dtype=torch.float32 if trained else None)
-        return model if self._hf_ds is not None else model.to(self.device)
+        if self._hf_ds is None:
+            return model.to(self.device)
+        if model_dir is not None and not any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise RuntimeError(f"ZeRO-3: {model_dir} was loaded whole, not partitioned (HfDeepSpeedConfig not seen by "
+                               "transformers)")
+        return model
 
     def build_engine(self, model: torch.nn.Module, stage: StageConfig) -> Engine:
         t = self.cfg.train

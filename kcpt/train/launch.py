@@ -50,22 +50,7 @@ class PlanResult:
 
 def latest_checkpoint(run_dir: RunDir, stages: list[str]) -> Path | None:
     """The most advanced checkpoint of the run (by stage position, then step), or None."""
-    if not run_dir.checkpoints.is_dir():
-        return None
-    best: tuple[tuple[int, int], Path] | None = None
-    for p in run_dir.checkpoints.iterdir():
-        if not p.is_dir() or p.name.startswith("."):
-            continue
-        try:
-            pos_s, rest = p.name.split("-", 1)
-            name, step_s = rest.rsplit("-step", 1)
-            key = (int(pos_s), int(step_s))
-        except ValueError:
-            continue
-        if pos_s.isdigit() and int(pos_s) < len(stages) and stages[int(pos_s)] == name and \
-                (best is None or key > best[0]):
-            best = (key, p)
-    return best[1] if best else None
+    return run_dir.latest_checkpoint(stages)
 
 
 def _start_ray(cfg: KcptConfig, address: str | None) -> bool:

@@ -311,7 +311,7 @@ def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], b
 
 
 class RaySession:
-    """Reports to Ray Train; the checkpoint to resume from is Ray's latest (a pointer into the run dir)."""
+    """Reports to Ray Train (with a checkpoint: a pointer into the run dir, for Ray's and Tune's bookkeeping)."""
 
     def report(self, metrics: dict[str, Any], ckpt_path: str | None, rank: int) -> None:
         import ray.train
@@ -323,15 +323,6 @@ class RaySession:
         else:
             ray.train.report(metrics)
 
-    def resume_point(self) -> str | None:
-        import ray.train
-
-        ray_ckpt = ray.train.get_checkpoint()
-        if ray_ckpt is None:
-            return None
-        with ray_ckpt.as_directory() as d:
-            return json.loads((Path(d) / POINTER_FILE).read_text())["path"]
-
 
 class LocalSession:
     """No Ray: one worker in this process (``run_plan(in_process=True)``: debugging and fast wiring tests)."""
@@ -341,9 +332,6 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], ckpt_path: str | None, rank: int) -> None:
         self.reports.append(dict(metrics, checkpoint=ckpt_path))
-
-    def resume_point(self) -> str | None:
-        return None
 
 
 # --------------------------------------------------------------------------- the worker
@@ -511,7 +499,11 @@ class StageRunner:
         plan = PlanState(stage_order=list(self.config["stages"]),
                          baseline_raw_best=self.config.get("baseline_raw_best"),
                          start_from=self.config.get("init_checkpoint"))
-        resume_path = self.session.resume_point() or self.config.get("resume_from")
+        # the run directory is the source of truth: its most advanced checkpoint (complete by construction) is
+        # where a replaced worker group continues — Ray registers reported checkpoints asynchronously, so its own
+        # "latest" can lag behind a checkpoint written just before a node died
+        latest = self.run_dir.latest_checkpoint(plan.stage_order)
+        resume_path = str(latest) if latest is not None else self.config.get("resume_from")
         resume_state: dict[str, Any] | None = None
         if resume_path is not None:
             resume_state = ckpt_lib.load_trainer_state(resume_path)

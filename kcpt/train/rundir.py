@@ -94,6 +94,27 @@ class RunDir:
         dump_config(cfg, self.config_path)
         return self
 
+    def latest_checkpoint(self, stages: list[str]) -> Path | None:
+        """The most advanced checkpoint of a run of ``stages`` (by stage position, then step), or None. Visible
+        checkpoint directories are complete (written under a hidden name and renamed; pruned ones are hidden
+        before they are deleted)."""
+        if not self.checkpoints.is_dir():
+            return None
+        best: tuple[tuple[int, int], Path] | None = None
+        for p in self.checkpoints.iterdir():
+            if not p.is_dir() or p.name.startswith("."):
+                continue
+            try:
+                pos_s, rest = p.name.split("-", 1)
+                name, step_s = rest.rsplit("-step", 1)
+                key = (int(pos_s), int(step_s))
+            except ValueError:
+                continue
+            if pos_s.isdigit() and int(pos_s) < len(stages) and stages[int(pos_s)] == name and \
+                    (best is None or key > best[0]):
+                best = (key, p)
+        return best[1] if best else None
+
     # ----------------------------------------------------------------- metrics
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:

@@ -16,43 +16,15 @@ interval means), and exits 1 if any stage rolled back. Run: ``python bench/anoma
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from kcpt.config import load_config
-from kcpt.data.demo import _parse_bill, _parse_constitution, _read, _source_files
+from kcpt.data.demo import build_uneven_exam
 from kcpt.train.launch import run_plan
 from kcpt.train.rundir import read_metrics
-
-
-def build_uneven_exam(out: Path) -> dict[str, Path]:
-    """``qa_long_train.jsonl`` / ``qa_long_val.jsonl``: long whole-text answers mixed with one-word answers."""
-    files = _source_files()
-    _, _, articles = _parse_constitution(_read(files[0]))
-    bills = [_parse_bill(p) for p in files[1:]]
-    items = []
-    for a in articles:
-        body = "\n".join(a.lines)
-        items.append({"id": f"{a.key}-full", "kind": "qa", "question": f"대한민국헌법 {a.label}의 전문을 쓰시오.",
-                      "answer": body})
-        items.append({"id": f"{a.key}-which", "kind": "qa",
-                      "question": f"다음 조문은 몇 조인가?\n{a.paragraphs[0][:120]}", "answer": a.label})
-    for b in bills:
-        items.append({"id": f"{b.key}-reason", "kind": "qa", "question": f"{b.title}의 제안이유를 쓰시오.",
-                      "answer": b.reason})
-        items.append({"id": f"{b.key}-who", "kind": "qa", "question": f"{b.title}의 발의자는?",
-                      "answer": b.proposer or "정부"})
-    out.mkdir(parents=True, exist_ok=True)
-    val = [it for i, it in enumerate(items) if i % 10 == 3]
-    train = [it for i, it in enumerate(items) if i % 10 != 3]
-    paths = {}
-    for name, recs in (("qa_long_train", train), ("qa_long_val", val)):
-        paths[name] = out / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    return paths
 
 
 def uneven_overrides(data_dir: Path, root: Path, steps: int = 120) -> list[str]:

@@ -165,3 +165,25 @@ def test_deterministic_abort_ends_the_run_once_with_state_intact(prepared_root, 
     assert [r["step"] for r in recs] == [0, 2, 4]              # evals up to the abort are kept
     assert all(math.isfinite(r["raw_val_loss"]) for r in recs)
     assert len(list_checkpoints(tmp_path / "r" / "checkpoints")) >= 1
+
+
+def test_default_anomaly_rule_has_no_false_positives_on_uneven_answers(tmp_path):
+    """An exam stage on whole-article answers mixed with one-word answers (1 to ~250 targets per row), 2 rows per
+    micro-batch, the default anomaly rule: not one rollback (the old mean/std rule aborted such a stage), while
+    the injected NaN and spike tests above and in test_train_ray still roll back."""
+    from kcpt.data.demo import build_uneven_exam
+
+    paths = build_uneven_exam(tmp_path / "data")
+    datasets = ("{raw_train: {kind: raw, inputs: ['demo:raw_train']}, raw_val: {kind: raw, inputs: ['demo:raw_val']},"
+                f" qa_long_train: {{kind: exam, inputs: ['{paths['qa_long_train']}']}},"
+                f" qa_long_val: {{kind: exam, inputs: ['{paths['qa_long_val']}']}}}}")
+    plan = ("[{name: s, sources: {qa_long_train: 1.0}, eval_exam: qa_long_val, max_steps: 80, eval_every: 40, "
+            "lr: {peak: 1.0e-3, warmup_steps: 5}, stop: {rule: max_steps}}]")
+    cfg = load_config(None, ["logging.progress=false", "logging.tensorboard=false", f"data.datasets={datasets}",
+                             f"data.prepared_root={tmp_path / 'prepared'}", f"train.output_dir={tmp_path}",
+                             "train.num_workers=1", "train.micro_batch_size=2", "train.max_eval_rows=16",
+                             "tune.stage=s", f"plan={plan}"])
+    res = run_plan(cfg, resume="never", in_process=True)
+    recs = evals(res, "s")
+    assert recs[-1]["step"] == 80 and recs[-1]["rollbacks"] == 0
+    assert recs[-1]["grad_norm_max"] > 1.5 * recs[-1]["grad_norm"]   # the norms really were uneven

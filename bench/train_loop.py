@@ -50,7 +50,7 @@ def bench_config(args: argparse.Namespace, workers: int, run_name: str, out: Pat
           "logging.progress=false", "logging.tensorboard=false", f"train.micro_batch_size={args.batch}",
           f"train.num_workers={workers}", f"train.cpus_per_worker={max(1, args.threads // workers)}",
           f"train.use_gpu={str(args.gpu).lower()}", "train.eval_at_start=false", "train.max_eval_rows=8",
-          "train.checkpoint_every_eval=false", "train.anomaly.k_sigma=1000", f"train.output_dir={out}",
+          "train.checkpoint_every_eval=false", "train.anomaly.k_mad=1000", f"train.output_dir={out}",
           f"train.run_name={run_name}", f"plan={plan}", "tune.stage=cpt"]
     return load_config(None, ov)
 

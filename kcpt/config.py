@@ -68,6 +68,7 @@ class TinyModelConfig(Strict):
     num_heads: int = Field(4, gt=0)
     intermediate_size: int = Field(256, gt=0)
     max_position_embeddings: int = Field(2048, gt=0)
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class ModelConfig(Strict):
@@ -216,22 +217,36 @@ class StopConfig(Strict):
     """
 
     rule: Literal["plateau", "exam", "gate", "max_steps"] = "plateau"
-    patience: int = Field(3, ge=1)
-    min_delta: float = Field(0.0, ge=0.0)
+    patience: int = Field(5, ge=1)
+    """Evals without a significant improvement before ``plateau`` / exam-plateau (recipe: 5-10)."""
+    min_delta: float = Field(0.01, ge=0.0)
+    """A significant improvement is at least max(``min_delta``, ``min_delta_relative`` · best) nats."""
     min_delta_relative: float = Field(0.002, ge=0.0)
     exam_target: float | None = None
     raw_tolerance: float = Field(0.03, ge=0.0)
     consecutive: int = Field(5, ge=1)
+    raw_bound: bool = True
+    """``exam`` rule: ``true`` (default) — the stage needs ``baseline_raw_best`` (a ``sets_baseline`` stage
+    earlier in the run, or given at launch) and the run refuses to start without one; ``false`` — the stage
+    runs without the raw bound, said explicitly. The ``gate`` rule always needs the baseline."""
 
     @model_validator(mode="after")
     def _needs_target(self) -> StopConfig:
         if self.rule == "gate" and self.exam_target is None:
             raise ValueError("stop.rule 'gate' needs stop.exam_target")
+        if self.rule == "gate" and not self.raw_bound:
+            raise ValueError("stop.rule 'gate' is raw bound AND exam target: raw_bound false is not allowed")
         return self
+
+    @property
+    def needs_baseline(self) -> bool:
+        """The rule compares raw val loss with ``baseline_raw_best``."""
+        return self.rule == "gate" or (self.rule == "exam" and self.raw_bound)
 
 
 class MixturePhase(Strict):
-    """From ``start_frac`` of the stage's max_steps on, weights move linearly toward the next phase's."""
+    """From ``start_frac`` of the stage's max_steps on, these weights hold (``mixture_mode: step``) or move
+    linearly toward the next phase's (``linear``)."""
 
     start_frac: float = Field(ge=0.0, le=1.0)
     weights: dict[str, float]
@@ -246,6 +261,8 @@ class StageConfig(Strict):
     losses: dict[str, LossKind] = {}
     """Per-source loss; default ``full`` for raw datasets and ``answer_only`` for exam datasets."""
     mixture_schedule: list[MixturePhase] = []
+    mixture_mode: Literal["linear", "step"] = "linear"
+    """How weights go from one phase to the next: linear ramps, or steps (each phase holds until the next)."""
     max_steps: int = Field(100, ge=1)
     eval_every: int = Field(20, ge=1)
     eval_raw: str = "raw_val"
@@ -257,7 +274,12 @@ class StageConfig(Strict):
     """Sources whose batches get the KL term (default: the raw sources of the stage)."""
     stop: StopConfig = StopConfig()
     restore: Literal["weights_only", "full"] = "weights_only"
-    """How this stage starts from the previous stage's best checkpoint."""
+    """How this stage starts from the previous stage's chosen checkpoint."""
+    start_from: Literal["best", "best_raw", "best_exam", "pareto_knee", "last"] = "best"
+    """Which checkpoint of the previous stage this stage starts from: ``best`` (that stage's best by its own
+    rule), ``best_raw`` / ``best_exam`` (the ends of its (raw, exam) Pareto front), ``pareto_knee`` (the front
+    point closest to the ideal corner after scaling both losses to [0, 1]) or ``last``. Every point of each
+    stage's Pareto front is kept on disk."""
     sets_baseline: bool = False
     """This stage's best raw val loss becomes ``baseline_raw_best`` for later stages (CPT)."""
 
@@ -278,13 +300,13 @@ def _demo_plan() -> list[StageConfig]:
     return [
         StageConfig(name="cpt", sources={"raw_train": 1.0}, max_steps=100, eval_every=10,
                     lr=LRConfig(peak=2e-3, warmup_steps=10), sets_baseline=True,
-                    stop=StopConfig(rule="plateau", patience=2)),
+                    stop=StopConfig(rule="plateau", patience=2, min_delta=0.0)),
         StageConfig(name="stage1", sources={"qa_train": 0.8, "raw_train": 0.2}, max_steps=60, eval_every=10,
                     eval_exam="exam_val", kl_beta=0.1, lr=LRConfig(peak=5e-4, warmup_steps=5),
-                    stop=StopConfig(rule="exam", patience=2, exam_target=3.7)),
+                    stop=StopConfig(rule="exam", patience=2, min_delta=0.0, exam_target=3.7)),
         StageConfig(name="stage2", sources={"example_train": 0.7, "raw_train": 0.3}, max_steps=60, eval_every=10,
                     eval_exam="exam_val", kl_beta=0.2, lr=LRConfig(peak=3e-4, warmup_steps=5),
-                    stop=StopConfig(rule="exam", patience=2, exam_target=3.45)),
+                    stop=StopConfig(rule="exam", patience=2, min_delta=0.0, exam_target=3.45)),
         StageConfig(name="stage3", sources={"qa_train": 0.35, "example_train": 0.35, "raw_train": 0.30},
                     max_steps=100, eval_every=10, eval_exam="exam_val",
                     lr=LRConfig(peak=5e-4, warmup_steps=5), kl_beta=0.1,
@@ -296,24 +318,38 @@ def _demo_plan() -> list[StageConfig]:
 
 
 class AnomalyConfig(Strict):
-    """Skip-and-roll-back rule: loss not finite, or grad norm > max(mean + k_sigma·std, min_spike_ratio·mean)
-    of the last ``window`` applied steps (once ``min_history`` are known)."""
+    """Skip-and-roll-back rule (see :mod:`kcpt.train.anomaly`): loss or grad norm not finite, or — after
+    ``min_history`` accepted steps of the stage — ln(norm) above the window's median by ``k_mad`` robust σ
+    (1.4826·MAD) AND norm above ``min_spike_ratio`` × the median norm."""
 
-    window: int = Field(50, ge=2)
-    min_history: int = Field(10, ge=2)
-    k_sigma: float = Field(6.0, gt=0)
-    min_spike_ratio: float = Field(2.0, ge=1.0)
-    """A spike must also exceed this multiple of the window mean: a smooth, slowly drifting norm has a tiny std,
-    and ``mean + k·std`` alone would flag ordinary steps."""
+    window: int = Field(100, ge=2)
+    min_history: int = Field(20, ge=2)
+    """Per-stage warm-up: accepted steps of the stage before grad norms are judged (non-finite values always are)."""
+    k_mad: float = Field(6.0, gt=0)
+    min_spike_ratio: float = Field(10.0, ge=1.0)
+    """A spike must also exceed this multiple of the window's median norm: ordinary CPT norms at a small batch
+    jump 4-5× the median early on (measured: bench/anomaly_false_positives.py); diverging ones jump 10-1000×."""
+    min_log_scale: float = Field(0.05, gt=0)
+    """Floor of the robust σ of ln(norm): a window of near-identical norms has MAD ≈ 0."""
     lr_factor: float = Field(0.5, gt=0, le=1.0)
+    min_lr_scale: float = Field(0.125, gt=0, le=1.0)
+    """Rollback LR cuts compound down to this fraction of the schedule, no further."""
     max_rollbacks: int = Field(5, ge=0)
     stable_every: int = Field(10, ge=1)
-    """Snapshot the last stable state (weights + optimizer) every this many good steps."""
+    """Take a new rollback point (weights + optimizer) every this many accepted steps."""
 
 
 class DeepSpeedConfig(Strict):
+    """DeepSpeed ZeRO (see :mod:`kcpt.train.engine`). ``config``: a DeepSpeed JSON file merged under kcpt's
+    required keys (batch sizes, accumulation, clipping, precision, ZeRO stage, offload); a file that sets one
+    of those to another value is an error naming the key."""
+
     zero_stage: Literal[2, 3] = 2
     offload_optimizer: bool = False
+    """ZeRO-Offload of the optimizer state and step to CPU (torch AdamW on the CPU partitions)."""
+    offload_params: bool = False
+    """ZeRO-3 only: parameters (of the trained model and of the KL reference) live on CPU."""
+    config: str | None = None
 
 
 class FaultConfig(Strict):
@@ -388,6 +424,10 @@ class SearchSpace(Strict):
     """Also sample β = 0 ("off") as a categorical choice."""
     extra: dict[str, FloatRange] = {}
     """More float parameters as dotted stage-config paths, e.g. ``{"lr.min_ratio": {low: 0.05, high: 0.3}}``."""
+    mixture_shapes: list[Literal["fixed", "recipe_step"]] = Field(default_factory=lambda: ["fixed"], min_length=1)
+    """Mixture shapes the tuner may choose (a categorical ``mixture_shape`` when more than one): ``fixed`` —
+    ``exam_fraction`` for the whole stage; ``recipe_step`` — the recipe's exam:raw schedule 70:30 → 50:50 →
+    60:40 as step phases at 0, 1/3 and 2/3 of the stage (``exam_fraction`` is then not sampled)."""
     qa_source: str = "qa_train"
     """Stage-3 source that gets ``exam_fraction · qa_fraction`` of the mixture."""
     example_source: str = "example_train"

@@ -16,6 +16,7 @@ GO = (False, False, "")
 PLATEAU = StopConfig(rule="plateau", patience=2, min_delta=0.0, min_delta_relative=0.002)
 PLATEAU_ABS = StopConfig(rule="plateau", patience=2, min_delta=0.05, min_delta_relative=0.0)
 EXAM = StopConfig(rule="exam", patience=2, exam_target=1.0, raw_tolerance=0.03, min_delta_relative=0.002)
+EXAM_NO_BOUND = EXAM.model_copy(update={"raw_bound": False})
 GATE = StopConfig(rule="gate", exam_target=1.0, raw_tolerance=0.03, consecutive=3)
 
 CASES = [
@@ -67,7 +68,10 @@ CASES = [
     ("exam_plateau_with_raw_over_then_raw_recovers", EXAM, 2.0, False,
      [(2.0, 1.5), (2.1, 1.5), (2.1, 1.5), (2.03, 1.5)],
      [GO, GO, (False, False, "raw_over_tolerance"), (True, True, "exam_plateau")]),
-    ("exam_without_baseline_ignores_raw", EXAM, None, False,
+    ("exam_raw_bound_off_ignores_raw", EXAM_NO_BOUND, None, False,
+     [(9.0, 0.5)],
+     [(True, True, "exam_target")]),
+    ("exam_raw_bound_off_ignores_even_a_given_baseline", EXAM_NO_BOUND, 2.0, False,
      [(9.0, 0.5)],
      [(True, True, "exam_target")]),
     # --- gate (stage 3): baseline 2.00, eps 0.03 → 2.06; target 1.0; 3 consecutive
@@ -166,5 +170,10 @@ def test_state_json_round_trip_continues_identically():
 def test_missing_inputs_are_clear_errors():
     with pytest.raises(ConfigError, match="baseline_raw_best"):
         update_stop(StopState(), GATE, step=1, raw=2.0, exam=0.5, baseline_raw_best=None)
+    # the exam rule no longer passes a stage with raw loss anywhere when the baseline is missing
+    with pytest.raises(ConfigError, match="baseline_raw_best.*raw_bound: false"):
+        update_stop(StopState(), EXAM, step=1, raw=9.0, exam=0.5, baseline_raw_best=None)
+    with pytest.raises(ValueError, match="raw_bound false is not allowed"):
+        StopConfig(rule="gate", exam_target=1.0, raw_bound=False)
     with pytest.raises(ValueError, match="exam val loss"):
         update_stop(StopState(), EXAM, step=1, raw=2.0, exam=None, baseline_raw_best=2.0)

@@ -1,8 +1,11 @@
-"""The stage loop on real Ray Train (2 workers, DDP over gloo, tiny Llama, the demo data at seq_len 64).
+"""The stage loop on real Ray Train (2 workers, DDP over gloo, tiny Llama with attention dropout, the demo data
+at seq_len 64).
 
 One Ray for the module. Covers: injected NaN + grad spike roll back and the run finishes; a worker killed
-mid-stage is replaced and the run ends with the same metrics as an uninterrupted one; a full resume refuses a
-changed tokenizer / data hash; DeepSpeed ZeRO-2 under Ray Train on CPU; the run report.
+mid-stage is replaced and the run ends with the same metrics as an uninterrupted one (dropout: every rank's RNG
+is restored); a deterministic abort ends the run once (not retried by FailureConfig); a full resume refuses a
+changed tokenizer / data hash; DeepSpeed ZeRO-2 and ZeRO-3 at parity with DDP (NaN + spike roll back, LR cut,
+kill-and-resume exact, full optimizer state across stages) and with the optimizer offloaded; the run report.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ ray = pytest.importorskip("ray")
 
 from kcpt.analysis.run_report import format_run_report  # noqa: E402
 from kcpt.config import load_config  # noqa: E402
-from kcpt.errors import CheckpointError  # noqa: E402
+from kcpt.errors import CheckpointError, TrainingAborted  # noqa: E402
 from kcpt.train.checkpoint import list_checkpoints, read_manifest  # noqa: E402
 from kcpt.train.launch import run_plan  # noqa: E402
 from kcpt.train.rundir import read_metrics  # noqa: E402
@@ -52,7 +55,7 @@ def small_cfg(prepared_root: Path, out: Path, name: str, *extra: str):
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
         "model.tiny.intermediate_size=64",
         "train.micro_batch_size=4", "train.eval_batch_size=16", "train.max_eval_rows=32", "train.num_workers=2",
-        f"train.output_dir={out}", f"train.run_name={name}", "train.anomaly.k_sigma=50",
+        f"train.output_dir={out}", f"train.run_name={name}", "model.tiny.attention_dropout=0.1",
         "train.anomaly.min_history=3", "train.anomaly.stable_every=2",
         "plan=[]",
     ]
@@ -119,15 +122,7 @@ def test_worker_crash_resumes_exactly(uninterrupted, prepared_root, tmp_path):
                     "train.faults.crash_at_step=5", "train.faults.crash_rank=1")
     res = run_plan(cfg, resume="never")
     assert (res.run_dir / "faults" / "crash-stage3-5").exists()  # the worker really died at stage-3 step 5
-    got, want = _by_key(read_metrics(res.run_dir)), _by_key(read_metrics(uninterrupted.run_dir))
-    assert got.keys() == want.keys()  # no eval lost or recorded twice
-    for key, w in want.items():
-        for k in COMPARED:
-            a, b = got[key].get(k), w.get(k)
-            if b is None:
-                assert a is None, (key, k)
-            else:
-                assert a == pytest.approx(b, abs=1e-6, rel=0), (key, k, a, b)
+    _assert_same_metrics(res.run_dir, uninterrupted.run_dir)
 
 
 def test_full_resume_refuses_changed_tokenizer_or_data(uninterrupted, prepared_root, tmp_path):
@@ -141,20 +136,65 @@ def test_full_resume_refuses_changed_tokenizer_or_data(uninterrupted, prepared_r
         run_plan(changed_tok, run_dir=run_dir, resume="auto")
 
 
+def _assert_same_metrics(got_dir: Path, want_dir: Path) -> None:
+    got, want = _by_key(read_metrics(got_dir)), _by_key(read_metrics(want_dir))
+    assert got.keys() == want.keys()  # no eval lost or recorded twice
+    for key, w in want.items():
+        for k in (*COMPARED, "rollbacks", "lr_scale"):
+            a, b = got[key].get(k), w.get(k)
+            if b is None:
+                assert a is None, (key, k)
+            else:
+                assert a == pytest.approx(b, abs=1e-6, rel=0), (key, k, a, b)
+
+
+def test_deterministic_abort_is_not_retried(ray_session, prepared_root, tmp_path):
+    cfg = small_cfg(prepared_root, tmp_path, "abort", "train.faults.nan_at_step=3", "train.anomaly.max_rollbacks=0",
+                    "train.max_failures=2")
+    with pytest.raises(TrainingAborted) as err:
+        run_plan(cfg, stages=["cpt"], resume="never")
+    assert "\n" not in str(err.value) and "max_rollbacks = 0" in str(err.value)
+    run_dir = tmp_path / "abort"
+    # one attempt: the NaN step ran once (a retried worker group would have replayed it)
+    assert (run_dir / "faults" / "fired-nan-cpt-3").read_text().count("fired") == 1
+    assert [r["step"] for r in read_metrics(run_dir)] == [0]
+    assert (run_dir / "aborted.json").is_file()
+
+
+DS_FAULTS = ("train.faults.stage=stage3", "train.faults.nan_at_step=2", "train.faults.grad_spike_at_step=6",
+             "train.faults.grad_spike_factor=1e6")
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_zero_runs_under_ray_train(ray_session, prepared_root, tmp_path, zero_stage):
-    cfg = small_cfg(prepared_root, tmp_path, f"zero{zero_stage}", f"train.deepspeed={{zero_stage: {zero_stage}}}")
-    res = run_plan(cfg, stages=["cpt"], resume="never")
-    recs = [r for r in read_metrics(res.run_dir) if r["step"] > 0]
-    assert [r["step"] for r in recs] == [4, 8]
+def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepared_root, tmp_path, zero_stage):
+    """Under ZeRO-2/3: NaN and spike in stage 3 each roll back (LR scale 0.25 after both); a worker killed at
+    stage-3 step 5 resumes from the checkpoint's DeepSpeed state with metrics equal (1e-6) to the run that
+    was not killed; stage 3 (restore: full) starts from CPT's optimizer state; the weights load as HF."""
+    ds = f"train.deepspeed={{zero_stage: {zero_stage}}}"
+    straight = run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}", ds, *DS_FAULTS), resume="never")
+    s3 = straight.summaries["stage3"]
+    assert s3["rollbacks"] == 2 and s3["lr_scale"] == 0.25
+    recs = [r for r in read_metrics(straight.run_dir) if r["step"] > 0]
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["grad_norm"]) for r in recs)
-    assert recs[-1]["raw_val_loss"] < read_metrics(res.run_dir)[0]["raw_val_loss"]
-    best = res.best_checkpoints["cpt"]
-    assert read_manifest(best)["stage"] == "cpt"
+    best = straight.best_checkpoints["stage3"]
+    assert (Path(best) / "engine" / "state").is_dir()
+    assert "engine/state" in " ".join(read_manifest(best)["files"])   # bound by the checkpoint's manifest
+    crashed = run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}-crash", ds, *DS_FAULTS,
+                                 "train.faults.crash_at_step=5", "train.faults.crash_rank=1"), resume="never")
+    assert (crashed.run_dir / "faults" / "crash-stage3-5").exists()
+    _assert_same_metrics(crashed.run_dir, straight.run_dir)
     from kcpt.model.loading import load_causal_lm  # the gathered (ZeRO-3) weights load as a normal HF model
 
-    model = load_causal_lm(cfg.model, path=best)
-    assert model.get_input_embeddings().weight.shape[1] == cfg.model.tiny.hidden_size
+    model = load_causal_lm(small_cfg(prepared_root, tmp_path, "x").model, path=best)
+    assert model.get_input_embeddings().weight.shape[1] == 32
+
+
+def test_deepspeed_offloaded_optimizer_trains(ray_session, prepared_root, tmp_path):
+    cfg = small_cfg(prepared_root, tmp_path, "offload", "train.deepspeed={zero_stage: 2, offload_optimizer: true}")
+    res = run_plan(cfg, stages=["cpt"], resume="never")
+    recs = read_metrics(res.run_dir)
+    assert [r["step"] for r in recs] == [0, 4, 8]
+    assert recs[-1]["raw_val_loss"] < recs[0]["raw_val_loss"]
 
 
 def test_bf16_autocast_trains_float32_master_weights(ray_session, prepared_root, tmp_path):

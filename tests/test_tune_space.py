@@ -61,3 +61,22 @@ def test_define_by_run_samples_inside_the_ranges_and_kl_is_conditional():
         study.tell(t, 0.0)
     assert seen_on and seen_off
     assert pickle.loads(pickle.dumps(SpaceSampler(space))).space == space  # Tune checkpoints the searcher
+
+
+def test_recipe_step_schedule_is_a_searchable_shape():
+    space = SearchSpace(mixture_shapes=["fixed", "recipe_step"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    shapes = set()
+    for _ in range(12):
+        trial = study.ask()
+        p = suggest_params(trial, space)
+        shapes.add(trial.params["mixture_shape"])
+        assert ("exam_fraction" in p) == (trial.params["mixture_shape"] == "fixed")
+        study.tell(trial, 1.0)
+    assert shapes == {"fixed", "recipe_step"}
+    cfg = load_config(None, ["tune.space.mixture_shapes=[fixed, recipe_step]"])
+    st = apply_params(cfg, {"mixture_shape": "recipe_step", "qa_fraction": 0.5, "lr": 1e-3}).stage("stage3")
+    assert st.mixture_mode == "step"
+    exam = [ph.weights["qa_train"] + ph.weights["example_train"] for ph in st.mixture_schedule]
+    assert exam == pytest.approx([0.7, 0.5, 0.6])
+    assert [ph.start_frac for ph in st.mixture_schedule] == pytest.approx([0.0, 1 / 3, 2 / 3])

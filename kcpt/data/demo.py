@@ -445,3 +445,33 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
                 raise InputError("input path does not exist", path=inp)
             out.append(p)
     return out
+
+
+def build_uneven_exam(out: Path) -> dict[str, Path]:
+    """A second exam set from the same real text, unlike the demo's: ``qa_long_train.jsonl`` / ``qa_long_val.jsonl``
+    (every 10th pair of items held out) whose answers are whole articles or bill reasons (20 to 600+ characters) mixed
+    with one-word answers — answer-only batches from 1 to ~250 target tokens, for testing rules on noisy
+    gradients (``bench/anomaly_false_positives.py``)."""
+    files = _source_files()
+    _, _, articles = _parse_constitution(_read(files[0]))
+    bills = [_parse_bill(p) for p in files[1:]]
+    items = []
+    for a in articles:
+        body = "\n".join(a.lines)
+        items.append({"id": f"{a.key}-full", "kind": "qa", "question": f"대한민국헌법 {a.label}의 전문을 쓰시오.",
+                      "answer": body})
+        items.append({"id": f"{a.key}-which", "kind": "qa",
+                      "question": f"다음 조문은 몇 조인가?\n{a.paragraphs[0][:120]}", "answer": a.label})
+    for b in bills:
+        items.append({"id": f"{b.key}-reason", "kind": "qa", "question": f"{b.title}의 제안이유를 쓰시오.",
+                      "answer": b.reason})
+        items.append({"id": f"{b.key}-who", "kind": "qa", "question": f"{b.title}의 발의자는?",
+                      "answer": b.proposer or "정부"})
+    out.mkdir(parents=True, exist_ok=True)
+    val = [it for i, it in enumerate(items) if (i // 2) % 10 == 3]
+    train = [it for i, it in enumerate(items) if (i // 2) % 10 != 3]
+    paths = {}
+    for name, recs in (("qa_long_train", train), ("qa_long_val", val)):
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    return paths

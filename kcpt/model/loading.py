@@ -40,6 +40,7 @@ def tiny_llama_config(cfg: ModelConfig, vocab_size: int, *, pad_token_id: int | 
     return LlamaConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
                        num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,
                        intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
+                       attention_dropout=t.attention_dropout,
                        pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None,
                        tie_word_embeddings=False, use_cache=False)
 

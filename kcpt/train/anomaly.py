@@ -1,25 +1,43 @@
-"""Anomaly rule and the in-memory stable state used to roll back.
+"""Anomaly rule: when an optimizer step must be undone (the loop then rolls back and lowers the LR).
 
-Rule (per optimizer step, before the update is applied): the step is an anomaly when the loss is not finite,
-the gradient norm (total L2 norm before clipping, as ``clip_grad_norm_`` returns it) is not finite, or — once
-``min_history`` norms are known — the norm exceeds ``max(mean + k_sigma · std, min_spike_ratio · mean)``
-(population std) of the last ``window``
-*accepted* norms. The loop then skips the update, restores the :class:`StableSnapshot`, lowers the
-LR (:func:`kcpt.train.schedule.scale_base_lr` by ``lr_factor``, after the restore) and calls
-:meth:`AnomalyDetector.record_rollback`, which aborts the run after ``max_rollbacks``.
+Rule (per optimizer step, on values identical on every rank: the all-reduced loss and the global grad norm):
+
+- the loss or the gradient norm (total L2 norm before clipping) is not finite → anomaly, always;
+- otherwise, once ``min_history`` steps of the *current stage* were accepted (a per-stage warm-up: the first
+  steps of a stage, and of an exam stage with its naturally noisy answer-only gradients, are never judged), with
+  ``x = ln(norm)`` and ``m``, ``s`` the median and ``1.4826·MAD`` of ``ln`` of the last ``window`` accepted
+  norms (``s`` floored at ``min_log_scale``):
+
+      anomaly  ⇔  x − m > k_mad · s   AND   norm > min_spike_ratio · exp(m)
+
+  A robust statistic on log norms: one earlier spike neither inflates the threshold (as a mean/std would) nor
+  hides the next one, and heavy-tailed but ordinary norms (lognormal noise of exam batches with 1 to 500
+  answer tokens) stay far inside it. The ratio condition keeps smooth, slowly drifting norms (tiny MAD) from
+  being flagged for ordinary wiggles.
+
+After an anomaly the loop restores the rollback point, multiplies the LR scale by ``lr_factor`` (never below
+``min_lr_scale``: cuts do not compound without bound) and calls :meth:`AnomalyDetector.record_rollback`,
+which raises :class:`~kcpt.errors.TrainingAborted` after ``max_rollbacks``: a deterministic verdict, which the
+launcher ends the run with once (it is not a worker failure to retry).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import deque
 from typing import Any
 
-import torch
-
 from kcpt.config import AnomalyConfig
 from kcpt.errors import TrainingAborted
+
+MAD_TO_SIGMA = 1.4826
+"""MAD of a normal distribution × this = its standard deviation."""
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
 class AnomalyDetector:
@@ -30,16 +48,16 @@ class AnomalyDetector:
         self.last_reason: str | None = None
 
     def threshold(self) -> float | None:
-        """Current grad-norm limit, or ``None`` while fewer than ``min_history`` norms are known."""
+        """Current grad-norm limit, or ``None`` during the stage's warm-up (< ``min_history`` accepted norms)."""
         if len(self.norms) < self.cfg.min_history:
             return None
-        n = len(self.norms)
-        mean = sum(self.norms) / n
-        std = math.sqrt(sum((x - mean) ** 2 for x in self.norms) / n)
-        return max(mean + self.cfg.k_sigma * std, self.cfg.min_spike_ratio * mean)
+        logs = [math.log(max(x, 1e-30)) for x in self.norms]
+        m = _median(logs)
+        s = max(MAD_TO_SIGMA * _median([abs(x - m) for x in logs]), self.cfg.min_log_scale)
+        return math.exp(min(m + max(self.cfg.k_mad * s, math.log(self.cfg.min_spike_ratio)), 700.0))
 
     def check(self, loss: float, grad_norm: float) -> str | None:
-        """Reason the step is an anomaly, or ``None`` when it may be applied (then call :meth:`accept`)."""
+        """Reason the step is an anomaly, or ``None`` when it may stand (then call :meth:`accept`)."""
         loss, grad_norm = float(loss), float(grad_norm)
         if not math.isfinite(loss):
             return f"loss is not finite ({loss})"
@@ -47,14 +65,17 @@ class AnomalyDetector:
             return f"grad norm is not finite ({grad_norm})"
         limit = self.threshold()
         if limit is not None and grad_norm > limit:
-            return (f"grad norm {grad_norm:.4g} > {limit:.4g} (max(mean + {self.cfg.k_sigma:g}·std, "
-                    f"{self.cfg.min_spike_ratio:g}·mean) of the last "
-                    f"{len(self.norms)} accepted steps)")
+            return (f"grad norm {grad_norm:.4g} > {limit:.4g} (median·max(exp({self.cfg.k_mad:g}·MAD σ), "
+                    f"{self.cfg.min_spike_ratio:g}) of ln norms of the last {len(self.norms)} accepted steps)")
         return None
 
     def accept(self, grad_norm: float) -> None:
-        """Add the norm of an applied step to the window."""
+        """Add the norm of an accepted step to the window."""
         self.norms.append(float(grad_norm))
+
+    def next_lr_scale(self, lr_scale: float) -> float:
+        """The LR scale after one more rollback: ``lr_scale · lr_factor``, floored at ``min_lr_scale``."""
+        return max(lr_scale * self.cfg.lr_factor, min(lr_scale, self.cfg.min_lr_scale))
 
     def record_rollback(self, reason: str = "") -> None:
         """Count one rollback; raise :class:`TrainingAborted` once more than ``max_rollbacks`` happened."""
@@ -74,52 +95,3 @@ class AnomalyDetector:
         self.norms = deque((float(x) for x in d["norms"]), maxlen=self.cfg.window)
         self.rollbacks = int(d["rollbacks"])
         self.last_reason = d.get("last_reason")
-
-
-def _clone_to_cpu(obj: Any) -> Any:
-    """Deep copy of a nested state: tensors detached and cloned to CPU, everything else deep-copied."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _clone_to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_clone_to_cpu(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-class StableSnapshot:
-    """In-memory copy (CPU) of the last stable model + optimizer + scheduler state, for rollback.
-
-    Works for plain and DDP-wrapped modules (capture and restore the same object). Restoring yields
-    bit-identical parameters and optimizer state; the snapshot is not consumed (restore may be repeated).
-    """
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-        self._model: dict[str, torch.Tensor] | None = None
-        self._optim: dict[str, Any] | None = None
-        self._sched: dict[str, Any] | None = None
-
-    @property
-    def captured(self) -> bool:
-        return self.step is not None
-
-    def capture(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> None:
-        self._model = _clone_to_cpu(model.state_dict())
-        self._optim = _clone_to_cpu(optimizer.state_dict())
-        self._sched = _clone_to_cpu(scheduler.state_dict()) if scheduler is not None else None
-        self.step = step
-
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
-        """Load the snapshot back; returns the step it was captured at."""
-        if self.step is None or self._model is None or self._optim is None:
-            raise RuntimeError("no stable snapshot captured yet: capture one before the first step")
-        model.load_state_dict(self._model)
-        # optimizer.load_state_dict may keep CPU tensors as they are: hand it a fresh copy so that in-place
-        # updates never alter the snapshot.
-        optimizer.load_state_dict(_clone_to_cpu(self._optim))
-        if scheduler is not None and self._sched is not None:
-            scheduler.load_state_dict(copy.deepcopy(self._sched))
-        return self.step

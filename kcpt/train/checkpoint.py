@@ -147,16 +147,24 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def staging_path(path: str | Path) -> Path:
+    """A fresh hidden temp dir name beside ``path`` for :func:`save_checkpoint` (``staging=``): other processes
+    (e.g. every rank's share of a DeepSpeed state) may write into it before the checkpoint is published."""
+    return _hidden(Path(path), "tmp")
+
+
 def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_state: dict[str, Any],
                     manifest: dict[str, Any], save_model_fn: Callable[[Any, Path], None] | None = None,
-                    include_rng: bool = True, verify_state: bool = True) -> Path:
+                    include_rng: bool = True, verify_state: bool = True, staging: Path | None = None) -> Path:
     """Write a checkpoint directory at ``path`` atomically (see the module docstring); returns ``path``.
 
     ``model`` may be wrapped (DDP: ``.module`` is unwrapped). ``tokenizer`` may be ``None``. With
     ``include_rng`` the current RNG states are added as ``trainer_state["rng"]`` unless the caller gave one.
     ``save_model_fn(model, directory)`` replaces :func:`default_save_model` (e.g. a DeepSpeed-gathered save,
     or a test's failure injection). ``verify_state`` reads ``trainer_state.pt`` back with ``weights_only=True``
-    before publishing (catches an unloadable state at save time rather than at resume).
+    before publishing (catches an unloadable state at save time rather than at resume). ``staging``: an existing
+    dir from :func:`staging_path` that already holds files to publish with the checkpoint (listed in the
+    manifest like the rest); it is used instead of a new temp dir and removed on failure.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,9 +172,9 @@ def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_sta
     if include_rng and "rng" not in state:
         state["rng"] = capture_rng_state()
     state = to_safe_state(state)
-    remove_stale_temps(path.parent, name=path.name)
-    tmp = _hidden(path, "tmp")
-    tmp.mkdir()
+    remove_stale_temps(path.parent, name=path.name, keep=staging)
+    tmp = staging if staging is not None else _hidden(path, "tmp")
+    tmp.mkdir(exist_ok=staging is not None)
     try:
         (save_model_fn or default_save_model)(model, tmp)
         if tokenizer is not None:
@@ -198,9 +206,9 @@ def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_sta
     return path
 
 
-def remove_stale_temps(root: str | Path, *, name: str | None = None) -> list[Path]:
+def remove_stale_temps(root: str | Path, *, name: str | None = None, keep: Path | None = None) -> list[Path]:
     """Delete hidden leftovers (``.tmp-``/``.old-``/``.del-`` dirs) of saves by other processes under ``root``
-    (only those of checkpoint ``name`` when given). Returns what was removed."""
+    (only those of checkpoint ``name`` when given; never ``keep``). Returns what was removed."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -211,7 +219,7 @@ def remove_stale_temps(root: str | Path, *, name: str | None = None) -> list[Pat
             continue
         if name is not None and not p.name.startswith(f".{name}."):
             continue
-        if me in p.name:   # this process's own save in progress
+        if me in p.name or (keep is not None and p.name == keep.name):   # this process's own save in progress
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)

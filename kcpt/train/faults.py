@@ -22,14 +22,24 @@ class FaultInjector:
         self.stage, self.rank, self.marker_dir = stage, rank, marker_dir
 
     def perturb_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """The loss to backpropagate at ``step`` (NaN or spiked when a fault is due; identical on all ranks)."""
+        """The loss to backpropagate at ``step`` (NaN or spiked when a fault is due; identical on all ranks).
+        Rank 0 appends a line to ``faults/fired-<kind>-<stage>-<step>`` each time (tests count the attempts)."""
         if not self.active:
             return loss
         if self.cfg.nan_at_step == step:
+            self._count("nan", step)
             return loss * float("nan")
         if self.cfg.grad_spike_at_step == step:
+            self._count("spike", step)
             return loss * self.cfg.grad_spike_factor
         return loss
+
+    def _count(self, kind: str, step: int) -> None:
+        if self.rank != 0:
+            return
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.marker_dir / f"fired-{kind}-{self.stage}-{step}", "a") as f:
+            f.write("fired\n")
 
     def maybe_crash(self, step: int) -> None:
         """Exit this process abruptly (no cleanup, like a lost node) when the crash is due and not yet fired."""

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kcpt.config import KcptConfig
-from kcpt.errors import CheckpointError, ConfigError, KcptError
+from kcpt.errors import CheckpointError, ConfigError, KcptError, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
-from kcpt.train.loop import datasets_needed, expected_manifest, stage_loop_per_worker
+from kcpt.train.loop import LocalSession, check_baselines, datasets_needed, expected_manifest, stage_loop_per_worker
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_for
 
 log = logging.getLogger(__name__)
@@ -49,22 +49,7 @@ class PlanResult:
 
 def latest_checkpoint(run_dir: RunDir, stages: list[str]) -> Path | None:
     """The most advanced checkpoint of the run (by stage position, then step), or None."""
-    if not run_dir.checkpoints.is_dir():
-        return None
-    best: tuple[tuple[int, int], Path] | None = None
-    for p in run_dir.checkpoints.iterdir():
-        if not p.is_dir() or p.name.startswith("."):
-            continue
-        try:
-            pos_s, rest = p.name.split("-", 1)
-            name, step_s = rest.rsplit("-step", 1)
-            key = (int(pos_s), int(step_s))
-        except ValueError:
-            continue
-        if pos_s.isdigit() and int(pos_s) < len(stages) and stages[int(pos_s)] == name and \
-                (best is None or key > best[0]):
-            best = (key, p)
-    return best[1] if best else None
+    return run_dir.latest_checkpoint(stages)
 
 
 def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
@@ -87,7 +72,8 @@ def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
 def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path | None = None,
              init_checkpoint: Path | None = None, baseline_raw_best: float | None = None,
              resume: Literal["auto", "never"] = "auto", force: bool = False, address: str | None = None,
-             callbacks: list | None = None, reference_checkpoint: Path | None = None) -> PlanResult:
+             callbacks: list | None = None, reference_checkpoint: Path | None = None,
+             in_process: bool = False) -> PlanResult:
     """Run ``stages`` (default: the whole plan, in order) in one Ray Train ``fit()``; returns the summaries.
 
     - ``init_checkpoint``: the first stage starts from these weights (e.g. stage 3 from the stage-2 best);
@@ -98,7 +84,12 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
       tokenizer/data hashes must match unless ``force``); ``"never"``: start over (previous results in the run
       directory are deleted);
     - ``address``: an existing Ray cluster; default a local Ray started (and stopped) here;
-    - ``callbacks``: passed to ``RunConfig(callbacks=...)``.
+    - ``callbacks``: passed to ``RunConfig(callbacks=...)``;
+    - ``in_process``: no Ray — one worker in this process (debugging, fast tests; ``train.num_workers`` ignored).
+
+    A stage whose stop rule needs ``baseline_raw_best`` that neither an earlier stage nor ``baseline_raw_best``
+    provides is refused here, before anything runs. A deterministic abort inside the loop (too many anomaly
+    rollbacks) raises :class:`TrainingAborted` once, with the run directory as the last checkpoint left it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -113,6 +104,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             cfg.stage(s)
         except KeyError:
             raise ConfigError(f"stages: no stage named '{s}' in plan ({[x.name for x in cfg.plan]})") from None
+    check_baselines(cfg, stages, baseline_raw_best)
     if resume not in ("auto", "never"):
         raise ConfigError(f"resume must be 'auto' or 'never', got {resume!r}")
     rd = RunDir(Path(run_dir) if run_dir is not None else run_dir_for(cfg)).root.resolve()
@@ -137,6 +129,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
         protect += [Path(p) for p in (init_checkpoint, reference_checkpoint) if p is not None]
         rd.start_over(protect)
     rd.create(cfg)
+    rd.aborted_path.unlink(missing_ok=True)
     ckpt_lib.remove_stale_temps(rd.checkpoints)  # leftovers of saves killed in an earlier attempt
     if resume == "auto":
         resume_from = latest_checkpoint(rd, stages)
@@ -160,8 +153,11 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
         "baseline_raw_best": baseline_raw_best,
         "resume_from": str(resume_from) if resume_from else None,
     }
-    started = _start_ray(cfg, address)
     t0 = time.perf_counter()
+    if in_process:
+        stage_loop_per_worker(loop_config, LocalSession())
+        return _result(rd, stages, t0)
+    started = _start_ray(cfg, address)
     try:
         trainer = TorchTrainer(
             stage_loop_per_worker,
@@ -192,6 +188,13 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             import ray
 
             ray.shutdown()
+    return _result(rd, stages, t0)
+
+
+def _result(rd: RunDir, stages: list[str], t0: float) -> PlanResult:
+    aborted = rd.read_aborted()
+    if aborted is not None:
+        raise TrainingAborted(aborted)
     summary = rd.read_summary()
     summaries = {s: summary["stages"][s] for s in stages if s in summary.get("stages", {})}
     return PlanResult(run_dir=rd.root, summaries=summaries,

@@ -1,22 +1,29 @@
 """The stage loop: one function, run by every Ray Train worker, that trains every stage of the plan.
 
 A stage is data (:class:`~kcpt.config.StageConfig`); CPT, stage 1, stage 2 and stage 3 differ only in their
-sources, losses, KL weight, eval sets and stop rule. Per optimizer step each micro-batch comes from ONE source,
-drawn by a :class:`~kcpt.train.mixture.MixtureSampler` seeded identically on every rank (ranks stay in
-lockstep: same source, same number of steps, data cursors identical across ranks). The loss of a micro-batch is
+sources, losses, KL weight, eval sets and stop rule. The backend (DDP or DeepSpeed) is behind
+:class:`~kcpt.train.engine.Engine`: this file has no backend branch.
 
-    CE(source labels) + β · KL(p_ref ‖ p_θ)   (KL only on replay sources, β = stage.kl_beta)
+One optimizer step (:meth:`StageRunner.train_step`): the ``grad_accum`` micro-batches of the step are drawn
+first — each from ONE source chosen by the :class:`~kcpt.train.mixture.MixtureSampler` at the current step,
+seeded identically on every rank — so that the step's token counts are known before any backward:
+``N_ce`` = targets (labels ≠ -100, after the causal shift) and ``N_kl`` = targets of replay micro-batches, both
+summed over every micro-batch and all-reduced over ranks. The optimizer then minimises exactly
 
-with CE the token mean over labels ≠ -100 (raw rows: full labels; exam rows: answer-only, or full when the
-stage says ``losses: {src: full}``). Gradients are clipped; the anomaly rule (all ranks decide on the
-all-reduced loss and the identical DDP grad norm) skips the update, rolls back to the last stable snapshot and
-lowers the LR. Every ``eval_every`` steps: raw val loss (+ exam val loss), stop rule, metrics to
-metrics.jsonl / TensorBoard / ``ray.train.report`` and a checkpoint. A stage ends on its stop rule or
-``max_steps``; the next stage starts from its best checkpoint (``restore``: weights_only or full).
+    Σ CE_sum / N_ce  +  β · Σ KL_sum / N_kl          (sums over the step's micro-batches on all ranks)
 
+— the token mean of one big batch, whatever ``grad_accum`` and the world size (KL(p_ref ‖ p_θ) only on
+replay sources, β = ``stage.kl_beta``). The LR is :func:`~kcpt.train.schedule.lr_at` of the step times the
+rollback scale. After the update the anomaly rule (on the all-reduced objective and the global grad norm) may
+roll the engine back to its last rollback point and lower the LR scale. Every ``eval_every`` steps: raw val
+loss (+ exam val loss), both token-weighted over all ranks; the stop rule; metrics; a checkpoint.
+
+A stage ends on its stop rule or ``max_steps``; the next stage starts from the checkpoint its ``start_from``
+picks among the previous stage's (best, Pareto-front ends, knee, last), restored ``weights_only`` or ``full``.
 Resume: a replacement worker group (``FailureConfig``) or a new ``run_plan`` on the same run dir loads the
-last checkpoint's trainer state (optimizer, scheduler, data cursors, sampler, stop + anomaly state, plan state)
-and continues exactly where it was.
+last checkpoint (weights, engine state, data cursors, sampler, stop + anomaly state, plan state, every rank's
+RNG) and continues exactly where it was. A deterministic abort (too many rollbacks) ends the run once: it is
+written to ``aborted.json`` and the launcher raises it — it is not a worker failure to retry.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -37,17 +43,28 @@ import torch
 import torch.distributed as dist
 
 from kcpt.config import KcptConfig, StageConfig
-from kcpt.errors import CheckpointError, ConfigError
-from kcpt.model.loading import autocast, freeze, load_causal_lm
+from kcpt.errors import ConfigError, TrainingAborted
+from kcpt.model.loading import autocast, load_causal_lm
 from kcpt.train import checkpoint as ckpt_lib
-from kcpt.train.anomaly import AnomalyDetector, StableSnapshot
+from kcpt.train.anomaly import AnomalyDetector
 from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, load_packed_rows
-from kcpt.train.evaluation import all_reduce_sum, eval_loss, ppl
+from kcpt.train.engine import (
+    DeepSpeedEngine,
+    Engine,
+    TorchEngine,
+    all_reduce_,
+    barrier,
+    deepspeed_config,
+    frozen_reference,
+    rank_world,
+)
+from kcpt.train.evaluation import eval_loss, ppl
 from kcpt.train.faults import FaultInjector
+from kcpt.train.handoff import handoff_candidates, keep_list
 from kcpt.train.losses import kl_to_reference_sum, token_ce_sum
 from kcpt.train.mixture import MixtureSampler
 from kcpt.train.rundir import RunDir, ScalarLogger
-from kcpt.train.schedule import make_scheduler, scale_base_lr
+from kcpt.train.schedule import lr_at
 from kcpt.train.stopping import StopDecision, StopState, update_stop
 
 log = logging.getLogger(__name__)
@@ -58,6 +75,9 @@ METRIC_KEYS = ("stage", "step", "tokens_seen", "train_loss", "raw_val_loss", "ra
 
 POINTER_FILE = "kcpt_checkpoint.json"
 """The Ray Train checkpoint is a pointer to the kcpt checkpoint in the run directory (no second copy)."""
+
+ENGINE_DIR = "engine"
+"""Sub-directory of a kcpt checkpoint holding the engine's full state (optimizer; DeepSpeed partitions)."""
 
 
 # --------------------------------------------------------------------------- plan state
@@ -76,7 +96,11 @@ class PlanState:
     cpt_best: str | None = None
     """Best checkpoint of the (last) stage that ``sets_baseline``: the default KL reference."""
     start_from: str | None = None
-    """Checkpoint the current stage starts from (previous stage's best, or the run's init checkpoint)."""
+    """Checkpoint the current stage starts from (chosen from the previous stage, or the run's init checkpoint)."""
+    handoff: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    """Stage name → ``start_from`` choice → checkpoint (see :func:`kcpt.train.handoff.handoff_candidates`)."""
+    fronts: dict[str, list[str]] = field(default_factory=dict)
+    """Stage name → checkpoints on its (raw, exam) Pareto front (kept on disk)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,42 +110,60 @@ class PlanState:
         return cls(**d)
 
 
-@dataclass
 class Interval:
-    """Training statistics accumulated between two evals."""
+    """Training statistics between two evals, as device tensors (reduced over ranks once, at the eval)."""
 
-    loss_sum: float = 0.0
-    steps: int = 0
-    src_sum: dict[str, float] = field(default_factory=dict)
-    src_n: dict[str, int] = field(default_factory=dict)
-    kl_sum: float = 0.0
-    kl_n: int = 0
-    grad_sum: float = 0.0
-    grad_max: float = 0.0
-    tokens: int = 0
-    seconds: float = 0.0
+    def __init__(self, sources: list[str], device: torch.device) -> None:
+        self.sources = sources
+        # [objective sum over accepted steps, accepted steps, KL sum, KL positions, grad-norm sum, grad-norm max]
+        self.acc = torch.zeros(6, dtype=torch.float64, device=device)
+        # per source: [CE sum, CE tokens] (this rank's; all-reduced at the eval)
+        self.src = torch.zeros(len(sources), 2, dtype=torch.float64, device=device)
+        self.tokens = 0
+        self.seconds = 0.0
 
-    def add_source(self, src: str, loss: float) -> None:
-        self.src_sum[src] = self.src_sum.get(src, 0.0) + loss
-        self.src_n[src] = self.src_n.get(src, 0) + 1
+    def summary(self) -> dict[str, Any]:
+        src = all_reduce_(self.src.clone()).tolist()
+        acc = self.acc.tolist()
+        steps = acc[1]
+        out: dict[str, Any] = {
+            "train_loss": acc[0] / steps if steps else None,
+            "kl": acc[2] / acc[3] if acc[3] else None,
+            "grad_norm": acc[4] / steps if steps else None,
+            "grad_norm_max": acc[5] if steps else None,
+            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None,
+        }
+        for s, (total, n) in zip(self.sources, src, strict=True):
+            out[f"train_loss_{s}"] = total / n if n else None
+        return out
+
+
+@dataclass
+class StageRun:
+    """Everything one stage holds while it runs (checkpointed through :meth:`StageRunner.trainer_state`)."""
+
+    stage: StageConfig
+    engine: Engine
+    ref: torch.nn.Module | None
+    streams: dict[str, SourceBatches]
+    sampler: MixtureSampler
+    detector: AnomalyDetector
+    faults: FaultInjector
+    sources: list[str]
+    replay: set[str]
+    stop_state: StopState = field(default_factory=StopState)
+    decision: StopDecision | None = None
+    step: int = 0
+    tokens_seen: int = 0
+    lr_scale: float = 1.0
+    good_steps: int = 0
+    saved: dict[int, str] = field(default_factory=dict)
+    """Eval step → checkpoint saved at it."""
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """Per eval with a checkpoint: ``{step, raw, exam, checkpoint}`` (Pareto front and hand-off)."""
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _unwrap(engine: torch.nn.Module) -> torch.nn.Module:
-    return engine.module if hasattr(engine, "module") else engine
 
 
 def stage_sources(stage: StageConfig) -> list[str]:
@@ -156,6 +198,22 @@ def datasets_needed(cfg: KcptConfig, stages: list[str]) -> list[str]:
     return names
 
 
+def check_baselines(cfg: KcptConfig, stages: list[str], baseline_raw_best: float | None) -> None:
+    """Refuse, before any step, a stage whose stop rule needs ``baseline_raw_best`` that nobody provides: no
+    earlier stage of this run ``sets_baseline`` and none was given (``--baseline-raw-best``)."""
+    known = baseline_raw_best is not None
+    for name in stages:
+        st = cfg.stage(name)
+        if st.stop.needs_baseline and not known:
+            raise ConfigError(
+                f"plan stage '{name}': stop rule '{st.stop.rule}' bounds raw val loss by baseline_raw_best · "
+                f"(1 + raw_tolerance), but no stage before it in this run sets_baseline and no baseline was given. "
+                "Run the CPT stage first, pass --baseline-raw-best (the CPT best raw val loss)"
+                + (", or set stop.raw_bound: false to run this stage without the raw bound" if st.stop.rule == "exam"
+                   else ""))
+        known = known or st.sets_baseline
+
+
 def expected_manifest(cfg: KcptConfig, prepared: dict[str, Path]) -> dict[str, Any]:
     """Hashes a checkpoint of this run records and a full resume must match: tokenizer (from the prepared
     data's manifest), each prepared dataset's manifest, the resolved config."""
@@ -171,29 +229,143 @@ def _checkpoint_step_key(state: dict[str, Any]) -> tuple[int, int]:
     return int(state["plan"]["stage_pos"]), int(state["step"])
 
 
+def _broadcast(obj: Any) -> Any:
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _gather(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+# --------------------------------------------------------------------------- the token-weighted step
+
+
+@dataclass
+class StepSums:
+    """What :func:`accumulate_step` returns (this rank's values; device tensors, nothing synced to the host)."""
+
+    objective: torch.Tensor
+    """This rank's share of the step objective (float64 scalar; all-reduce → the objective)."""
+    kl_sum: torch.Tensor
+    """This rank's KL sum over replay positions (float64 scalar)."""
+    counts: torch.Tensor
+    """``[N_ce, N_kl]`` of the whole step, already all-reduced (float64)."""
+    ce: list[torch.Tensor]
+    """Per micro-batch ``[CE sum, CE targets]`` (float64 [2])."""
+
+
+def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], bool]], *,
+                    ref: torch.nn.Module | None, kl_beta: float,
+                    amp: Any = contextlib.nullcontext, ref_amp: Any = contextlib.nullcontext,
+                    perturb: Any = None) -> StepSums:
+    """Forward + backward of one optimizer step's micro-batches ``[(batch, with_kl), ...]`` (this rank's).
+
+    Counts first: ``N_ce`` = targets of every micro-batch (labels ≠ -100 after the causal shift) and ``N_kl`` =
+    targets of the ``with_kl`` ones, all-reduced over ranks; then each micro-batch backpropagates
+    ``(CE_sum/N_ce + β·KL_sum/N_kl) · engine.grad_world``. Since the backends average gradients over ranks,
+    the accumulated gradient is that of ``Σ CE/N_ce + β·Σ KL/N_kl`` over the step's rows on all ranks — one
+    big batch's token mean. ``perturb(loss)`` (fault injection) may replace each micro-batch's loss.
+    """
+    device = micro[0][0]["labels"].device
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch, kl in micro:
+        n = (batch["labels"][:, 1:] != -100).sum()
+        counts[0] += n
+        if kl:
+            counts[1] += n
+    all_reduce_(counts)
+    n_ce, n_kl = counts.clamp(min=1.0).float()
+    objective = torch.zeros((), dtype=torch.float64, device=device)
+    kl_total = torch.zeros((), dtype=torch.float64, device=device)
+    ce_parts = []
+    for i, (batch, kl) in enumerate(micro):
+        with engine.accumulate(last=i == len(micro) - 1):
+            with amp():
+                logits = engine.forward(batch)
+            ce_sum, ce_n = token_ce_sum(logits, batch["labels"])
+            loss = ce_sum / n_ce
+            if kl:
+                assert ref is not None
+                with torch.no_grad(), ref_amp():
+                    ref_logits = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+                kl_sum, _ = kl_to_reference_sum(logits, ref_logits, batch["labels"])
+                loss = loss + kl_beta * kl_sum / n_kl
+                kl_total += kl_sum.detach()
+            if perturb is not None:
+                loss = perturb(loss)
+            engine.backward(loss * engine.grad_world)
+        objective += loss.detach()
+        ce_parts.append(torch.stack([ce_sum.detach().double(), ce_n.double()]))
+    return StepSums(objective=objective, kl_sum=kl_total, counts=counts, ce=ce_parts)
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class RaySession:
+    """Reports to Ray Train (with a checkpoint: a pointer into the run dir, for Ray's and Tune's bookkeeping)."""
+
+    def report(self, metrics: dict[str, Any], ckpt_path: str | None, rank: int) -> None:
+        import ray.train
+
+        if ckpt_path is not None and rank == 0:
+            with tempfile.TemporaryDirectory(prefix="kcpt-ptr-") as d:
+                (Path(d) / POINTER_FILE).write_text(json.dumps({"path": ckpt_path}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+class LocalSession:
+    """No Ray: one worker in this process (``run_plan(in_process=True)``: debugging and fast wiring tests)."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, Any], ckpt_path: str | None, rank: int) -> None:
+        self.reports.append(dict(metrics, checkpoint=ckpt_path))
+
+
 # --------------------------------------------------------------------------- the worker
 
 
 class StageRunner:
     """Everything one worker holds while running the plan."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], session: RaySession | LocalSession | None = None) -> None:
         self.cfg = KcptConfig.model_validate(config["cfg"])
         self.config = config
-        self.rank, self.world = _rank_world()
+        self.session = session or RaySession()
+        self.rank, self.world = rank_world()
         self.device = self._device()
         self.run_dir = RunDir(config["run_dir"])
         self.prepared: dict[str, str] = config["prepared"]
-        self.ds = self.cfg.train.deepspeed
-        if self.cfg.model.dtype == "float16" and self.ds is None:
+        self.ds_config = deepspeed_config(self.cfg) if self.cfg.train.deepspeed is not None else None
+        if self.cfg.model.dtype == "float16" and self.ds_config is None:
             raise ConfigError("model.dtype float16 needs loss scaling: use train.deepspeed, or model.dtype bfloat16")
+        self._hf_ds = None
+        if self.ds_config is not None and self.ds_config["zero_optimization"]["stage"] == 3:
+            # from_pretrained then builds the model partitioned (zero.Init) instead of whole on every rank
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(self.ds_config)
         # DeepSpeed casts the module and keeps its own fp32 master weights; otherwise autocast the forwards.
-        self.amp = (contextlib.nullcontext if self.ds is not None
+        self.amp = (contextlib.nullcontext if self.ds_config is not None
                     else lambda: autocast(self.cfg.model, self.device))
         self.rows: dict[str, PackedRows] = {}
         self.eval_cache: dict[str, list[dict[str, torch.Tensor]]] = {}
         self.tokenizer = self._load_tokenizer()
         self._expected: dict[str, Any] | None = None
+        # every rank's torch RNG starts from (seed, rank): dropout is reproducible run to run
+        torch.manual_seed(self.cfg.train.seed * 1000 + self.rank)
 
     # ----------------------------------------------------------------- setup
     def _device(self) -> torch.device:
@@ -233,45 +405,33 @@ class StageRunner:
 
     def load_model(self, path: str | None, *, trained: bool = True) -> torch.nn.Module:
         """A trained model keeps float32 master weights (autocast / DeepSpeed give the compute dtype);
-        a frozen reference is stored in the compute dtype."""
+        a frozen reference is stored in the compute dtype. Under ZeRO-3 a model loaded from a directory comes
+        back partitioned (HfDeepSpeedConfig); the built-in tiny model is built whole (it is tiny)."""
         from kcpt.model.tokenizer import pad_token_id
 
         model_dir = ckpt_lib.model_dir(path) if path is not None else None
         model = load_causal_lm(self.cfg.model, vocab_size=len(self.tokenizer), path=model_dir,
                                pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
                                dtype=torch.float32 if trained else None)
-        return model.to(self.device)
+        if self._hf_ds is None:
+            return model.to(self.device)
+        if model_dir is not None and not any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise RuntimeError(f"ZeRO-3: {model_dir} was loaded whole, not partitioned (HfDeepSpeedConfig not seen by "
+                               "transformers)")
+        return model
 
-    def build_engine(self, model: torch.nn.Module, stage: StageConfig) -> tuple[Any, Any, Any]:
-        """(engine, optimizer, scheduler): DDP (world > 1), DeepSpeed (``train.deepspeed``) or the bare model."""
+    def build_engine(self, model: torch.nn.Module, stage: StageConfig) -> Engine:
         t = self.cfg.train
-        opt = torch.optim.AdamW(model.parameters(), lr=stage.lr.peak, betas=tuple(t.adam_betas),
-                                weight_decay=t.weight_decay)
-        sched = make_scheduler(opt, stage.max_steps, stage.lr)
-        if self.ds is not None:
-            import deepspeed
 
-            ds_config = {
-                "train_micro_batch_size_per_gpu": t.micro_batch_size,
-                "gradient_accumulation_steps": t.grad_accum,
-                "gradient_clipping": t.clip_grad_norm,
-                "zero_optimization": {"stage": self.ds.zero_stage,
-                                      **({"offload_optimizer": {"device": "cpu"}} if self.ds.offload_optimizer
-                                         else {})},
-                "zero_allow_untested_optimizer": True,
-                "bf16": {"enabled": self.cfg.model.dtype == "bfloat16"},
-                "fp16": {"enabled": self.cfg.model.dtype == "float16"},
-                "steps_per_print": 10 ** 9,
-                "wall_clock_breakdown": False,
-            }
-            engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-            return engine, opt, sched
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
+        def optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(groups, lr=stage.lr.peak, betas=tuple(t.adam_betas))
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=ids), opt, sched
-        return model, opt, sched
+        if self.ds_config is not None:
+            key = f"{abs(hash(str(self.run_dir.root.resolve()))):x}-{stage.name}-{os.getpid()}"
+            key = _broadcast(key)
+            return DeepSpeedEngine(model, optimizer, ds_config=self.ds_config, weight_decay=t.weight_decay,
+                                   scratch_key=key)
+        return TorchEngine(model, optimizer, clip=t.clip_grad_norm, weight_decay=t.weight_decay, device=self.device)
 
     def reference_model(self, stage: StageConfig, plan: PlanState) -> torch.nn.Module | None:
         if stage.kl_beta <= 0:
@@ -287,7 +447,7 @@ class StageRunner:
                                       "kl_reference: base or pass reference_checkpoint")
                 log.warning("stage %s: no CPT best in this run; the KL reference is the init checkpoint %s",
                             stage.name, path)
-        return freeze(self.load_model(path, trained=False))
+        return frozen_reference(self.load_model(path, trained=False), self.cfg)
 
     # ----------------------------------------------------------------- checkpoint I/O
     def checkpoint_path(self, plan: PlanState, stage: StageConfig, step: int) -> Path:
@@ -298,13 +458,19 @@ class StageRunner:
             self._expected = expected_manifest(self.cfg, {k: Path(v) for k, v in self.prepared.items()})
         return self._expected
 
-    def save(self, engine: Any, plan: PlanState, stage: StageConfig, state: dict[str, Any],
-             metrics: dict[str, Any]) -> str:
-        """Rank 0 writes ``checkpoints/<pos>-<stage>-step<k>`` (atomically); every rank gets its path."""
-        path = self.checkpoint_path(plan, stage, state["step"])
-        module = _unwrap(engine)
+    def save(self, run: StageRun, plan: PlanState, state: dict[str, Any], metrics: dict[str, Any]) -> str:
+        """Collective: every rank writes its engine state into rank 0's staging dir, then rank 0 publishes the
+        checkpoint ``checkpoints/<pos>-<stage>-step<k>`` atomically; every rank gets its path."""
+        path = self.checkpoint_path(plan, run.stage, run.step)
+        staging = Path(_broadcast(str(ckpt_lib.staging_path(path)) if self.rank == 0 else None))
+        if self.rank == 0:
+            staging.mkdir(parents=True)
+        barrier()
+        run.engine.save_state(staging / ENGINE_DIR)
+        state["rng_per_rank"] = _gather(ckpt_lib.capture_rng_state())
+        module = run.engine.module
         gather = contextlib.nullcontext()
-        if self.ds is not None and self.ds.zero_stage == 3:
+        if self.ds_config is not None and self.ds_config["zero_optimization"]["stage"] == 3:
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
@@ -312,30 +478,32 @@ class StageRunner:
             if self.rank == 0:
                 manifest = ckpt_lib.build_manifest(
                     **self.expected_manifest(), base_model=self.cfg.model.name_or_path,
-                    restore_mode=stage.restore, step=state["step"], stage=stage.name, stage_index=plan.stage_pos,
-                    metrics=metrics)
+                    restore_mode=run.stage.restore, step=run.step, stage=run.stage.name,
+                    stage_index=plan.stage_pos, metrics=metrics)
                 ckpt_lib.save_checkpoint(path, model=module, tokenizer=self.tokenizer, trainer_state=state,
-                                         manifest=manifest)
-        _barrier()
+                                         manifest=manifest, staging=staging, include_rng=False)
+        barrier()
         return str(path)
-
-    def resume_point(self) -> str | None:
-        """The checkpoint to continue from: Ray's latest (worker group replaced) or ``resume_from``."""
-        import ray.train
-
-        ray_ckpt = ray.train.get_checkpoint()
-        if ray_ckpt is not None:
-            with ray_ckpt.as_directory() as d:
-                pointer = json.loads((Path(d) / POINTER_FILE).read_text())
-            return pointer["path"]
-        return self.config.get("resume_from")
 
     # ----------------------------------------------------------------- the plan
     def run(self) -> None:
+        """Run the plan; a deterministic abort is recorded in ``aborted.json`` and ends the run cleanly."""
+        try:
+            self._run_plan()
+        except TrainingAborted as e:
+            if self.rank == 0:
+                self.run_dir.write_aborted(str(e))
+            barrier()
+
+    def _run_plan(self) -> None:
         plan = PlanState(stage_order=list(self.config["stages"]),
                          baseline_raw_best=self.config.get("baseline_raw_best"),
                          start_from=self.config.get("init_checkpoint"))
-        resume_path = self.resume_point()
+        # the run directory is the source of truth: its most advanced checkpoint (complete by construction) is
+        # where a replaced worker group continues — Ray registers reported checkpoints asynchronously, so its own
+        # "latest" can lag behind a checkpoint written just before a node died
+        latest = self.run_dir.latest_checkpoint(plan.stage_order)
+        resume_path = str(latest) if latest is not None else self.config.get("resume_from")
         resume_state: dict[str, Any] | None = None
         if resume_path is not None:
             resume_state = ckpt_lib.load_trainer_state(resume_path)
@@ -352,237 +520,192 @@ class StageRunner:
             self.run_stage(stage, plan, resume_path if state is not None else None, state)
             resume_state = None
             plan.stage_pos += 1
-        _barrier()
+        barrier()
 
-    def run_stage(self, stage: StageConfig, plan: PlanState, resume_path: str | None,
-                  resume: dict[str, Any] | None) -> None:
+    def start_stage(self, stage: StageConfig, plan: PlanState, resume_path: str | None,
+                    resume: dict[str, Any] | None) -> StageRun:
+        """Model, engine, reference, streams and rule state of a stage: fresh, or exactly as a checkpoint left them."""
         t = self.cfg.train
-        first_stage = plan.stage_order[0]
+        if stage.stop.needs_baseline and plan.baseline_raw_best is None:
+            raise ConfigError(f"stage '{stage.name}': stop rule '{stage.stop.rule}' needs baseline_raw_best")
+        if resume is None and plan.stage_pos > 0:
+            prev = plan.stage_order[plan.stage_pos - 1]
+            chosen = plan.handoff.get(prev, {}).get(stage.start_from)
+            plan.start_from = chosen or plan.start_from
         kinds = loss_kinds(self.cfg, stage)
-        replay = set(replay_sources(self.cfg, stage))
         sources = stage_sources(stage)
-        exam_sources = {s for s in sources if self.cfg.data.datasets[s].kind == "exam"}
-
-        # ---- model, optimizer, schedule
         start = resume_path if resume is not None else plan.start_from
-        model = self.load_model(start)
-        engine, opt, sched = self.build_engine(model, stage)
-        ref = self.reference_model(stage, plan)
+        engine = self.build_engine(self.load_model(start), stage)
         streams = {s: SourceBatches(self.rows_of(s), rank=self.rank, world=self.world,
                                     batch_size=t.micro_batch_size, seed=t.seed, device=self.device)
                    for s in sources}
-        full_exam = {s for s, k in kinds.items() if k == "full" and s in exam_sources}
-        for s in full_exam:  # labels from input_ids for exam rows trained with the full loss
-            r = streams[s].rows
-            streams[s].rows = PackedRows(r.name, r.input_ids, r.position_ids,
-                                         full_labels(r.input_ids, r.position_ids, r.labels))
-        sampler = MixtureSampler(stage.sources, seed=t.seed, schedule=stage.mixture_schedule,
-                                 max_steps=stage.max_steps)
-        detector = AnomalyDetector(t.anomaly)
-        stop_state = StopState()
-        faults = FaultInjector(t.faults, stage=stage.name, first_stage=first_stage, rank=self.rank,
-                               marker_dir=self.run_dir.faults)
-        step, tokens_seen, lr_scale = 0, 0, 1.0
-        decision: StopDecision | None = None
+        for s, k in kinds.items():  # labels from input_ids for exam rows trained with the full loss
+            if k == "full" and self.cfg.data.datasets[s].kind == "exam":
+                r = streams[s].rows
+                streams[s].rows = PackedRows(r.name, r.input_ids, r.position_ids,
+                                             full_labels(r.input_ids, r.position_ids, r.labels))
+        run = StageRun(
+            stage=stage, engine=engine, ref=self.reference_model(stage, plan), streams=streams,
+            sampler=MixtureSampler(stage.sources, seed=t.seed, schedule=stage.mixture_schedule,
+                                   max_steps=stage.max_steps, mode=stage.mixture_mode),
+            detector=AnomalyDetector(t.anomaly),
+            faults=FaultInjector(t.faults, stage=stage.name, first_stage=plan.stage_order[0], rank=self.rank,
+                                 marker_dir=self.run_dir.faults),
+            sources=sources, replay=set(replay_sources(self.cfg, stage)))
         if resume is not None:
-            step = int(resume["step"])
-            tokens_seen = int(resume["tokens_seen"])
-            lr_scale = float(resume["lr_scale"])
-            if self.ds is None and resume.get("optimizer") is not None:
-                opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])
+            run.step, run.tokens_seen = int(resume["step"]), int(resume["tokens_seen"])
+            run.lr_scale, run.good_steps = float(resume["lr_scale"]), int(resume.get("good_steps", 0))
+            engine.load_state(Path(resume_path) / ENGINE_DIR)
             for s, st in resume["sources"].items():
                 streams[s].load_state_dict(st)
-            sampler.load_state_dict(resume["mixture"])
-            detector.load_state_dict(resume["anomaly"])
-            stop_state = StopState.from_dict(resume["stop"])
+            run.sampler.load_state_dict(resume["mixture"])
+            run.detector.load_state_dict(resume["anomaly"])
+            run.stop_state = StopState.from_dict(resume["stop"])
             if resume.get("decision") is not None:
-                decision = StopDecision(**resume["decision"])
-        elif stage.restore == "full" and plan.start_from is not None and self.ds is None:
-            prev = ckpt_lib.load_trainer_state(plan.start_from)
-            if prev.get("optimizer") is not None:
-                try:
-                    opt.load_state_dict(prev["optimizer"])
-                    sched = make_scheduler(opt, stage.max_steps, stage.lr)  # re-warm this stage's schedule
-                except ValueError as e:
-                    raise CheckpointError(f"{plan.start_from}: optimizer state does not fit the model: {e}") from None
-
-        is_gpu = self.device.type == "cuda"
-        step_tokens = t.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.world  # row positions/step
-        tb = ScalarLogger(self.run_dir, stage.name, self.cfg.logging.tensorboard and self.rank == 0,
-                          purge_step=step + 1 if resume is not None else None)
-        snapshot = StableSnapshot()
-        if self.ds is None:
-            snapshot.capture(engine, opt, sched, step)
-        interval = Interval()
-        good_steps = int((resume or {}).get("good_steps", 0))
-        saved: dict[int, str] = {int(k): v for k, v in (resume or {}).get("saved", {}).items()}
-
-        def evaluate_and_record(final: bool, initial: bool = False) -> StopDecision | None:
-            nonlocal decision
-            module = _unwrap(engine)
-            with self.amp():
-                raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device)["loss"]
-                exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device)["loss"]
-                        if stage.eval_exam else None)
-            d = None
-            if not initial:
-                d = update_stop(stop_state, stage.stop, step=step, raw=raw, exam=exam,
-                                baseline_raw_best=plan.baseline_raw_best, final=final)
-                decision = d
-            base = plan.baseline_raw_best
-            metrics: dict[str, Any] = {
-                "stage": stage.name, "step": step, "tokens_seen": tokens_seen,
-                "train_loss": interval.loss_sum / interval.steps if interval.steps else None,
-                "raw_val_loss": raw, "raw_val_ppl": ppl(raw), "exam_val_loss": exam,
-                "eval_raw": stage.eval_raw, "eval_exam": stage.eval_exam,
-                "kl": interval.kl_sum / interval.kl_n if interval.kl_n else None,
-                "grad_norm": interval.grad_sum / interval.steps if interval.steps else None,
-                "grad_norm_max": interval.grad_max if interval.steps else None,
-                "lr": opt.param_groups[0]["lr"],
-                "tokens_per_s": interval.tokens / interval.seconds if interval.seconds > 0 else None,
-                "gate_ok": d.gate_ok if d else None, "gate_streak": d.gate_streak if d else 0,
-                "raw_ratio": raw / base if base else None, "baseline_raw_best": base,
-                "rollbacks": detector.rollbacks, "epoch": {s: round(b.epoch, 4) for s, b in streams.items()},
-                "stop": d.stop if d else False, "stop_reason": d.reason if d else "",
-                "new_best": d.new_best if d else False,
-            }
-            for s in sources:
-                n = interval.src_n.get(s, 0)
-                metrics[f"train_loss_{s}"] = interval.src_sum[s] / n if n else None
-            ckpt_path = None
-            if d is not None and (t.checkpoint_every_eval or d.new_best or d.stop):
-                state = {"plan": plan.to_dict(), "stage": stage.name, "step": step, "tokens_seen": tokens_seen,
-                         "lr_scale": lr_scale, "good_steps": good_steps,
-                         "optimizer": opt.state_dict() if self.ds is None else None,
-                         "scheduler": sched.state_dict(),
-                         "sources": {s: b.state_dict() for s, b in streams.items()},
-                         "mixture": sampler.state_dict(), "anomaly": detector.state_dict(),
-                         "stop": stop_state.to_dict(), "decision": d.to_dict(),
-                         "saved": {**saved, step: str(self.checkpoint_path(plan, stage, step))}}
-                ckpt_path = self.save(engine, plan, stage, state,
-                                      {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)})
-                saved[step] = ckpt_path
-            metrics["checkpoint"] = ckpt_path
-            self.report(metrics, ckpt_path, tb, step)
-            interval.__init__()
-            return d
-
-        if resume is None and t.eval_at_start:
-            evaluate_and_record(final=False, initial=True)
-
-        engine.train()
-        stopped = decision is not None and decision.stop
-        while not stopped and step < stage.max_steps:
-            step += 1
-            faults.maybe_crash(step)
-            t0 = time.perf_counter()
-            if self.ds is None:
-                opt.zero_grad(set_to_none=True)
-            step_loss, ds_skipped = 0.0, 0
-            for micro in range(t.grad_accum):
-                src = sampler.sample(step - 1)
-                batch = streams[src].next()
-                sync = contextlib.nullcontext()
-                if self.ds is None and self.world > 1 and micro < t.grad_accum - 1:
-                    sync = engine.no_sync()
-                with sync:
-                    with self.amp():
-                        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
-                    ce_sum, ce_n = token_ce_sum(out.logits, batch["labels"])
-                    ce = ce_sum / ce_n.clamp(min=1)
-                    loss = ce
-                    if ref is not None and src in replay:
-                        with torch.no_grad(), autocast(self.cfg.model, self.device):
-                            ref_logits = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-                        kl_sum, kl_n = kl_to_reference_sum(out.logits, ref_logits, batch["labels"])
-                        kl = kl_sum / kl_n.clamp(min=1)
-                        loss = loss + stage.kl_beta * kl
-                        interval.kl_sum += float(kl.detach())
-                        interval.kl_n += 1
-                    loss = faults.perturb_loss(loss, step)
-                    if self.ds is not None:
-                        # DeepSpeed applies the update inside engine.step(): a micro-batch whose loss is not
-                        # finite on any rank is skipped (no backward, no step) and counted as a rollback.
-                        micro_loss = all_reduce_sum([float(loss.detach())], self.device)[0]
-                        if math.isfinite(micro_loss):
-                            engine.backward(loss)
-                            engine.step()
-                        else:
-                            ds_skipped += 1
-                    else:
-                        (loss / t.grad_accum).backward()
-                step_loss += float(loss.detach()) / t.grad_accum
-                interval.add_source(src, float(ce.detach()))
-            mean_loss = all_reduce_sum([step_loss], self.device)[0] / self.world
-            if self.ds is not None:
-                gn = engine.get_global_grad_norm()
-                grad_norm = float(gn) if gn is not None else float("nan")
-                if ds_skipped:
-                    ds_skipped = 0
-                    detector.record_rollback(f"loss is not finite ({mean_loss}); DeepSpeed step skipped")
-                else:
-                    sched.step()
-                    if math.isfinite(grad_norm):
-                        detector.accept(grad_norm)
+                run.decision = StopDecision(**resume["decision"])
+            run.saved = {int(k): v for k, v in resume.get("saved", {}).items()}
+            run.evals = list(resume.get("evals", []))
+        elif stage.restore == "full" and plan.start_from is not None:
+            if (Path(plan.start_from) / ENGINE_DIR).is_dir():
+                engine.load_state(Path(plan.start_from) / ENGINE_DIR)  # optimizer moments; this stage's schedule
             else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(engine.parameters(), t.clip_grad_norm))
-                reason = detector.check(mean_loss, grad_norm)
-                if reason is not None:
-                    opt.zero_grad(set_to_none=True)
-                    snapshot.restore(engine, opt, sched)
-                    lr_scale *= t.anomaly.lr_factor
-                    scale_base_lr(sched, stage.lr.peak * lr_scale / sched.base_lrs[0])
-                    if self.rank == 0:
-                        log.warning("stage %s step %d: %s; rolled back to step %s, LR × %g", stage.name, step,
-                                    reason, snapshot.step, lr_scale)
-                    detector.record_rollback(reason)
-                else:
-                    opt.step()
-                    sched.step()
-                    detector.accept(grad_norm)
-                    good_steps += 1
-                    if good_steps % t.anomaly.stable_every == 0:
-                        snapshot.capture(engine, opt, sched, step)
-            if is_gpu:
-                torch.cuda.synchronize()
-            tokens_seen += step_tokens
-            interval.seconds += time.perf_counter() - t0
-            interval.tokens += step_tokens
-            if math.isfinite(mean_loss):
-                interval.loss_sum += mean_loss
-                interval.steps += 1
-                if math.isfinite(grad_norm):
-                    interval.grad_sum += grad_norm
-                    interval.grad_max = max(interval.grad_max, grad_norm)
-            final = step >= stage.max_steps
-            if step % stage.eval_every == 0 or final:
-                d = evaluate_and_record(final=final)
-                stopped = d is not None and d.stop
-        tb.close()
-        self.finish_stage(stage, plan, stop_state, decision, step, tokens_seen, detector.rollbacks, saved)
+                log.warning("stage %s: restore full, but %s has no engine state; optimizer starts fresh",
+                            stage.name, plan.start_from)
+        engine.mark_stable(run.step)
+        if resume is not None:
+            rngs = resume.get("rng_per_rank") or []
+            if len(rngs) == self.world:
+                ckpt_lib.restore_rng_state(rngs[self.rank])
+            elif rngs:
+                log.warning("resume on %d workers from a checkpoint of %d: RNG states not restored",
+                            self.world, len(rngs))
+        return run
+
+    def run_stage(self, stage: StageConfig, plan: PlanState, resume_path: str | None,
+                  resume: dict[str, Any] | None) -> None:
+        run = self.start_stage(stage, plan, resume_path, resume)
+        tb = ScalarLogger(self.run_dir, stage.name, self.cfg.logging.tensorboard and self.rank == 0,
+                          purge_step=run.step + 1 if resume is not None else None)
+        interval = Interval(run.sources, self.device)
+        if resume is None and self.cfg.train.eval_at_start:
+            self.evaluate(run, plan, interval, tb, initial=True)
+        run.engine.train()
+        stopped = run.decision is not None and run.decision.stop
+        try:
+            while not stopped and run.step < stage.max_steps:
+                run.step += 1
+                self.train_step(run, interval)
+                final = run.step >= stage.max_steps
+                if run.step % stage.eval_every == 0 or final:
+                    interval = self.evaluate(run, plan, interval, tb, final=final)
+                    stopped = run.decision is not None and run.decision.stop
+        finally:
+            tb.close()
+            run.engine.close()
+        self.finish_stage(run, plan)
+
+    # ----------------------------------------------------------------- one optimizer step
+    def train_step(self, run: StageRun, interval: Interval) -> None:
+        """One optimizer step of ``grad_accum`` micro-batches (:func:`accumulate_step`), the anomaly rule, the
+        rollback point."""
+        t, stage, engine = self.cfg.train, run.stage, run.engine
+        run.faults.maybe_crash(run.step)
+        t0 = time.perf_counter()
+        micro = []
+        for _ in range(t.grad_accum):
+            src = run.sampler.sample(run.step - 1)
+            micro.append((src, run.streams[src].next(), run.ref is not None and src in run.replay))
+        engine.set_lr(lr_at(run.step - 1, stage.max_steps, stage.lr, run.lr_scale))
+        sums = accumulate_step(engine, [(b, kl) for _, b, kl in micro], ref=run.ref, kl_beta=stage.kl_beta,
+                               amp=self.amp, ref_amp=lambda: autocast(self.cfg.model, self.device),
+                               perturb=lambda loss: run.faults.perturb_loss(loss, run.step))
+        for (src, _, _), ce in zip(micro, sums.ce, strict=True):
+            interval.src[run.sources.index(src)] += ce
+        grad_norm = engine.step()
+        reduced = all_reduce_(torch.stack([sums.objective, sums.kl_sum]))
+        obj, kl_total, norm = [*reduced.tolist(), float(grad_norm)]  # the step's one host sync
+        reason = run.detector.check(obj, norm)
+        if reason is not None:
+            back_to = engine.rollback()
+            run.lr_scale = run.detector.next_lr_scale(run.lr_scale)
+            if self.rank == 0:
+                log.warning("stage %s step %d: %s; rolled back to step %s, LR scale %g", stage.name, run.step,
+                            reason, back_to, run.lr_scale)
+            run.detector.record_rollback(reason)
+        else:
+            run.detector.accept(norm)
+            run.good_steps += 1
+            n_kl = float(sums.counts[1]) if kl_total else 0.0
+            interval.acc[:5] += torch.tensor([obj, 1.0, kl_total, n_kl, norm], dtype=torch.float64,
+                                             device=self.device)
+            interval.acc[5] = max(float(interval.acc[5]), norm)
+            if run.good_steps % t.anomaly.stable_every == 0:
+                engine.mark_stable(run.step)
+        step_tokens = t.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.world  # row positions
+        run.tokens_seen += step_tokens
+        interval.tokens += step_tokens
+        interval.seconds += time.perf_counter() - t0
+
+    # ----------------------------------------------------------------- eval, stop rule, checkpoint
+    def evaluate(self, run: StageRun, plan: PlanState, interval: Interval, tb: ScalarLogger, *,
+                 final: bool = False, initial: bool = False) -> Interval:
+        """Raw (+ exam) val loss, the stop rule, metrics, and a checkpoint when due; returns a fresh interval."""
+        stage, t = run.stage, self.cfg.train
+        module = run.engine.module
+        with self.amp():
+            raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device)["loss"]
+            exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device)["loss"]
+                    if stage.eval_exam else None)
+        d = None
+        if not initial:
+            d = update_stop(run.stop_state, stage.stop, step=run.step, raw=raw, exam=exam,
+                            baseline_raw_best=plan.baseline_raw_best, final=final)
+            run.decision = d
+        base = plan.baseline_raw_best
+        metrics: dict[str, Any] = {
+            "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen,
+            "raw_val_loss": raw, "raw_val_ppl": ppl(raw), "exam_val_loss": exam,
+            "eval_raw": stage.eval_raw, "eval_exam": stage.eval_exam, "lr": run.engine.lr,
+            **interval.summary(),
+            "gate_ok": d.gate_ok if d else None, "gate_streak": d.gate_streak if d else 0,
+            "raw_ratio": raw / base if base else None, "baseline_raw_best": base,
+            "rollbacks": run.detector.rollbacks, "lr_scale": run.lr_scale,
+            "epoch": {s: round(b.epoch, 4) for s, b in run.streams.items()},
+            "stop": d.stop if d else False, "stop_reason": d.reason if d else "",
+            "new_best": d.new_best if d else False,
+        }
+        ckpt_path = None
+        on_front = d is not None and _joins_front(run.evals, raw, exam)
+        if d is not None and (t.checkpoint_every_eval or d.new_best or d.stop or on_front):
+            path = str(self.checkpoint_path(plan, stage, run.step))
+            evals = [*run.evals, {"step": run.step, "raw": raw, "exam": exam, "checkpoint": path}]
+            state = {"plan": plan.to_dict(), "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen,
+                     "lr_scale": run.lr_scale, "good_steps": run.good_steps,
+                     "sources": {s: b.state_dict() for s, b in run.streams.items()},
+                     "mixture": run.sampler.state_dict(), "anomaly": run.detector.state_dict(),
+                     "stop": run.stop_state.to_dict(), "decision": d.to_dict(),
+                     "saved": {**run.saved, run.step: path}, "evals": evals}
+            ckpt_path = self.save(run, plan, state,
+                                  {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)})
+            run.saved[run.step] = ckpt_path
+            run.evals = evals
+        metrics["checkpoint"] = ckpt_path
+        self.report(metrics, ckpt_path, tb, run.step)
+        return Interval(run.sources, self.device)
 
     # ----------------------------------------------------------------- reporting
     def report(self, metrics: dict[str, Any], ckpt_path: str | None, tb: ScalarLogger, step: int) -> None:
-        import ray.train
-
         if self.rank == 0:
             self.run_dir.append_metrics(metrics)
             tb.log({k: v for k, v in metrics.items() if k not in ("step", "stage")}, step)
             if self.cfg.logging.progress:  # the process's own stdout (Ray forwards it to the driver once;
                 sys.__stdout__.write(eval_line(metrics) + "\n")  # Train V2's patched print() would tee it twice)
                 sys.__stdout__.flush()
-        flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
-        if ckpt_path is not None and self.rank == 0:
-            with tempfile.TemporaryDirectory(prefix="kcpt-ptr-") as d:
-                (Path(d) / POINTER_FILE).write_text(json.dumps({"path": ckpt_path}))
-                ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(flat)
+        self.session.report({k: v for k, v in metrics.items() if not isinstance(v, dict)}, ckpt_path, self.rank)
 
-    def finish_stage(self, stage: StageConfig, plan: PlanState, stop_state: StopState, decision: StopDecision | None,
-                     step: int, tokens_seen: int, rollbacks: int, saved: dict[int, str]) -> None:
-        """Record the stage summary, pick its best checkpoint, update the baseline and the next start."""
+    def finish_stage(self, run: StageRun, plan: PlanState) -> None:
+        """Record the stage summary, its best checkpoint and Pareto front, the baseline, the hand-off choices."""
+        stage, stop_state, decision, saved = run.stage, run.stop_state, run.decision, run.saved
         hist = stop_state.history
         best_step = stop_state.best_step
         best_path = saved.get(best_step) if best_step is not None else None
@@ -593,8 +716,11 @@ class StageRunner:
         if stage.sets_baseline and stop_state.best_raw is not None:
             plan.baseline_raw_best = stop_state.best_raw
             plan.cpt_best = saved.get(stop_state.best_raw_step, best_path)
+        cands, front = handoff_candidates(run.evals, best=best_path)
+        plan.handoff[stage.name] = cands
+        plan.fronts[stage.name] = front
         summary = {
-            "stage": stage.name, "steps": step, "tokens_seen": tokens_seen,
+            "stage": stage.name, "steps": run.step, "tokens_seen": run.tokens_seen,
             "stop_reason": decision.reason if decision else "", "passed": bool(decision and decision.passed),
             "best_step": best_step, "best_checkpoint": best_path,
             "best_raw_val_loss": best_rec["raw"] if best_rec else None,
@@ -603,11 +729,11 @@ class StageRunner:
             "final_raw_val_loss": hist[-1]["raw"] if hist else None,
             "final_exam_val_loss": hist[-1]["exam"] if hist else None,
             "baseline_raw_best": plan.baseline_raw_best, "gate_streak": decision.gate_streak if decision else 0,
-            "rollbacks": rollbacks, "evals": len(hist),
+            "rollbacks": run.detector.rollbacks, "lr_scale": run.lr_scale, "evals": len(hist),
+            "pareto_front": front, "handoff": cands,
         }
         plan.summaries[stage.name] = summary
         plan.best[stage.name] = best_path
-        plan.start_from = best_path or plan.start_from
         if self.rank == 0:
             s = self.run_dir.read_summary()
             s.setdefault("stages", {})[stage.name] = summary
@@ -617,9 +743,17 @@ class StageRunner:
             s["baseline_raw_best"] = plan.baseline_raw_best
             s["cpt_best"] = plan.cpt_best
             self.run_dir.write_summary(s)
-            ckpt_lib.prune_checkpoints(self.run_dir.checkpoints, self.cfg.train.keep_last,
-                                       keep=[p for p in [*plan.best.values(), plan.cpt_best, plan.start_from] if p])
-        _barrier()
+            ckpt_lib.prune_checkpoints(self.run_dir.checkpoints, self.cfg.train.keep_last, keep=keep_list(plan))
+        barrier()
+
+
+def _joins_front(evals: list[dict[str, Any]], raw: float, exam: float | None) -> bool:
+    """(raw, exam) is not dominated by an eval already saved (a new point of the stage's Pareto front)."""
+    for e in evals:
+        ex_le = exam is None or (e["exam"] is not None and e["exam"] <= exam)
+        if e["raw"] <= raw and ex_le and (e["raw"] < raw or (exam is not None and e["exam"] < exam)):
+            return False
+    return True
 
 
 def eval_line(m: dict[str, Any]) -> str:
@@ -635,7 +769,7 @@ def eval_line(m: dict[str, Any]) -> str:
             f"{f('tokens_per_s', '.0f')} tok/s{gate}{stop}")
 
 
-def stage_loop_per_worker(config: dict[str, Any]) -> None:
+def stage_loop_per_worker(config: dict[str, Any], session: RaySession | LocalSession | None = None) -> None:
     """Ray Train ``train_loop_per_worker``: run the stages ``config["stages"]`` of ``config["cfg"]``.
 
     ``config`` keys: ``cfg`` (KcptConfig as JSON dict), ``stages`` (names, in order), ``prepared`` (dataset
@@ -644,7 +778,7 @@ def stage_loop_per_worker(config: dict[str, Any]) -> None:
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_worker_logs()
-    StageRunner(config).run()
+    StageRunner(config, session).run()
 
 
 def _quiet_worker_logs() -> None:

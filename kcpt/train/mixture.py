@@ -4,8 +4,10 @@ Draw ``i`` uses its own generator ``numpy.random.default_rng([seed, i])``, so th
 ``(seed, draws)``: after :meth:`MixtureSampler.load_state_dict` the sequence continues exactly as an
 uninterrupted run's would, whatever the number of micro-batches per step.
 
-Schedule: phase ``k`` holds its weights at ``start_frac_k · max_steps`` and moves linearly toward phase
-``k+1``'s; after the last phase its weights hold. The stage's own ``weights`` act as an implicit phase at
+Schedule: phase ``k`` holds its weights at ``start_frac_k · max_steps`` and then, with ``mode="linear"``, moves
+linearly toward phase ``k+1``'s, or with ``mode="step"`` holds them until phase ``k+1`` starts (the recipe's
+70:30 → 50:50 → 60:40 schedule); after the last phase its weights hold. The weights used at optimizer step
+``s`` (0-based) are those at ``s / max_steps``. The stage's own ``weights`` act as an implicit phase at
 ``start_frac = 0`` unless a phase starts at 0. A name missing from a phase has weight 0 there. Each phase is
 normalised first, so the interpolation is between compositions (shares), not raw weights.
 """
@@ -22,7 +24,10 @@ from kcpt.config import MixturePhase
 
 class MixtureSampler:
     def __init__(self, weights: dict[str, float], seed: int, *, schedule: Sequence[MixturePhase] = (),
-                 max_steps: int = 1) -> None:
+                 max_steps: int = 1, mode: str = "linear") -> None:
+        if mode not in ("linear", "step"):
+            raise ValueError(f"mode must be 'linear' or 'step', got {mode!r}")
+        self.mode = mode
         if seed < 0:
             raise ValueError(f"seed must be ≥ 0, got {seed}")
         if max_steps < 1:
@@ -53,7 +58,7 @@ class MixtureSampler:
         vec = pts[-1][1]
         for (f0, w0), (f1, w1) in zip(pts, pts[1:], strict=False):
             if frac < f1:
-                t = 0.0 if f1 <= f0 else min(1.0, max(0.0, (frac - f0) / (f1 - f0)))
+                t = 0.0 if f1 <= f0 or self.mode == "step" else min(1.0, max(0.0, (frac - f0) / (f1 - f0)))
                 vec = (1.0 - t) * w0 + t * w1
                 break
         return vec / vec.sum()

@@ -9,6 +9,7 @@
   tb/<stage>/        TensorBoard scalars
   ray/               Ray Train storage (its own small pointer checkpoints and state)
   faults/            markers of injected faults that already fired
+  aborted.json       only after a deterministic abort (e.g. too many anomaly rollbacks): {"message": ...}
   kcpt-run.json      the marker that kcpt made this directory (written first, never removed)
 ```
 
@@ -30,7 +31,7 @@ from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import InputError
 
 MARKER = "kcpt-run.json"
-OWNED_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "tb", "ray", "faults")
+OWNED_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "tb", "ray", "faults", "aborted.json")
 """What starting a run over removes (nothing else in the run directory is ever deleted)."""
 
 
@@ -84,6 +85,19 @@ class RunDir:
     @property
     def faults(self) -> Path:
         return self.root / "faults"
+
+    @property
+    def aborted_path(self) -> Path:
+        return self.root / "aborted.json"
+
+    def write_aborted(self, message: str) -> None:
+        self.aborted_path.write_text(json.dumps({"message": message}, ensure_ascii=False), encoding="utf-8")
+
+    def read_aborted(self) -> str | None:
+        """The message of a deterministic abort of the last attempt, or None."""
+        if not self.aborted_path.is_file():
+            return None
+        return json.loads(self.aborted_path.read_text(encoding="utf-8"))["message"]
 
     @property
     def marker_path(self) -> Path:
@@ -144,6 +158,27 @@ class RunDir:
             raise InputError(f"cannot create run directory: {e.strerror or e}", path=str(e.filename or self.root)
                              ) from None
         return self
+
+    def latest_checkpoint(self, stages: list[str]) -> Path | None:
+        """The most advanced checkpoint of a run of ``stages`` (by stage position, then step), or None. Visible
+        checkpoint directories are complete (written under a hidden name and renamed; pruned ones are hidden
+        before they are deleted)."""
+        if not self.checkpoints.is_dir():
+            return None
+        best: tuple[tuple[int, int], Path] | None = None
+        for p in self.checkpoints.iterdir():
+            if not p.is_dir() or p.name.startswith("."):
+                continue
+            try:
+                pos_s, rest = p.name.split("-", 1)
+                name, step_s = rest.rsplit("-step", 1)
+                key = (int(pos_s), int(step_s))
+            except ValueError:
+                continue
+            if pos_s.isdigit() and int(pos_s) < len(stages) and stages[int(pos_s)] == name and \
+                    (best is None or key > best[0]):
+                best = (key, p)
+        return best[1] if best else None
 
     # ----------------------------------------------------------------- metrics
     def append_metrics(self, record: dict[str, Any]) -> None:

@@ -28,13 +28,19 @@ def lr_multiplier(step: int, max_steps: int, lr: LRConfig) -> float:
     return lr.min_ratio + (1.0 - lr.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
+def lr_at(step: int, max_steps: int, lr: LRConfig, scale: float = 1.0) -> float:
+    """The LR of optimizer step ``step`` (0-based): ``lr.peak · lr_multiplier(step) · scale``.
+
+    ``scale`` is the separate rollback factor (≤ 1, see :class:`kcpt.train.anomaly.AnomalyDetector`): the
+    schedule itself stays a function of the step, so a rollback never makes it fall behind the step counter.
+    """
+    return lr.peak * lr_multiplier(step, max_steps, lr) * scale
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, max_steps: int,
                    lr: LRConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over :func:`lr_multiplier`; sets every param group's base LR to ``lr.peak`` first.
-
-    Call ``scheduler.step()`` once after each ``optimizer.step()``. Its ``state_dict()`` holds only numbers
-    (loads with ``torch.load(weights_only=True)``).
-    """
+    """LambdaLR over :func:`lr_multiplier` for plain PyTorch loops (the benchmarks' baseline); the stage loop
+    sets :func:`lr_at` directly. Sets every param group's base LR to ``lr.peak`` first."""
     for group in optimizer.param_groups:
         group["lr"] = lr.peak
         group["initial_lr"] = lr.peak
@@ -43,15 +49,3 @@ def make_scheduler(optimizer: torch.optim.Optimizer, max_steps: int,
         return lr_multiplier(step, max_steps, lr)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-
-
-def scale_base_lr(scheduler: torch.optim.lr_scheduler.LRScheduler, factor: float) -> None:
-    """Multiply the scheduler's base LRs (and the current LRs) by ``factor``, e.g. after an anomaly rollback.
-
-    The change is part of ``scheduler.state_dict()`` (``base_lrs``), so it survives checkpoints. After a
-    :class:`~kcpt.train.anomaly.StableSnapshot` restore (which restores the old base LRs) call this again.
-    """
-    scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
-    for group in scheduler.optimizer.param_groups:
-        group["lr"] = group["lr"] * factor
-    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]

@@ -11,7 +11,7 @@ Two notions of "better" are kept apart:
 - the *best eval* of the stage (``best_metric`` / ``best_step``, ``StopDecision.new_best``) is the plain argmin
   of the rule's ranking metric among eligible evals — the checkpoint to keep as the stage's best:
   ``plateau``/``max_steps``: raw loss, every eval eligible; ``exam``: exam loss among evals whose raw loss is
-  within tolerance (all evals when there is no baseline); ``gate``: exam loss among gate-ok evals.
+  within tolerance (all evals only with ``stop.raw_bound: false``); ``gate``: exam loss among gate-ok evals.
   ``best_step`` stays ``None`` until an eligible eval happens.
 """
 
@@ -67,7 +67,8 @@ class StopDecision:
     """Significant raw improvement (patience reset)."""
     exam_improved: bool
     raw_ok: bool | None
-    """raw ≤ baseline·(1 + raw_tolerance); ``None`` without a baseline."""
+    """raw ≤ baseline·(1 + raw_tolerance); ``None`` when the rule has no raw bound (``plateau``/``max_steps``
+    without a baseline, or ``exam`` with ``raw_bound: false``)."""
     new_best: bool = False
     """This eval is the stage's new best (save it as the best checkpoint)."""
     raw_bound: float | None = None
@@ -108,13 +109,15 @@ def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, ex
     """Record one eval (at optimizer step ``step``) and decide whether the stage stops.
 
     ``final``: this is the last eval of the stage (``max_steps`` reached); the decision then always stops.
-    ``exam`` is required for the ``exam`` and ``gate`` rules, ``baseline_raw_best`` for ``gate``.
+    ``exam`` is required for the ``exam`` and ``gate`` rules; ``baseline_raw_best`` for ``gate`` and for ``exam``
+    unless ``stop.raw_bound`` is false (the launcher refuses such a stage before any step; this is the backstop).
     """
     if stop.rule in ("exam", "gate") and exam is None:
         raise ValueError(f"stop rule '{stop.rule}' needs an exam val loss at every eval")
-    if stop.rule == "gate" and baseline_raw_best is None:
-        raise ConfigError("stop rule 'gate' needs baseline_raw_best (run a stage with sets_baseline first, "
-                          "or give the baseline explicitly)")
+    if stop.needs_baseline and baseline_raw_best is None:
+        raise ConfigError(f"stop rule '{stop.rule}' needs baseline_raw_best (run a stage with sets_baseline first, "
+                          "give the baseline explicitly" + (", or set stop.raw_bound: false)" if stop.rule == "exam"
+                                                            else ")"))
 
     raw_improved = improved(raw, state.raw_ref, stop)
     if raw_improved:
@@ -134,7 +137,8 @@ def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, ex
         if _finite(exam) and (state.best_exam is None or exam < state.best_exam):
             state.best_exam, state.best_exam_step = exam, step
 
-    bound = raw_bound(baseline_raw_best, stop) if baseline_raw_best is not None else None
+    use_bound = baseline_raw_best is not None and stop.raw_bound
+    bound = raw_bound(baseline_raw_best, stop) if use_bound else None
     raw_ok = None if bound is None else (_finite(raw) and _le(raw, bound))
     exam_hit = exam is not None and stop.exam_target is not None and _finite(exam) and _le(exam, stop.exam_target)
 

@@ -7,6 +7,8 @@ Parameters (flat names, as stored in the Optuna study):
 - ``lr``: peak learning rate (log-uniform when the range says ``log``).
 - ``kl_on`` (categorical, only when ``kl_allow_off``) and ``kl_beta`` (log-uniform, sampled only when on);
   β = 0 means "KL off".
+- ``mixture_shape`` (categorical, only when ``mixture_shapes`` lists more than one): ``fixed`` or
+  ``recipe_step`` (the recipe's 70:30 → 50:50 → 60:40 exam:raw step schedule; no ``exam_fraction`` then).
 - every ``extra`` entry, named by its dotted stage-config path (e.g. ``lr.min_ratio``).
 """
 
@@ -20,7 +22,10 @@ import optuna
 from kcpt.config import KcptConfig, SearchSpace, _set_dotted, config_from_dict
 from kcpt.errors import ConfigError
 
-FIXED_PARAMS = ("exam_fraction", "qa_fraction", "lr", "kl_on", "kl_beta")
+FIXED_PARAMS = ("exam_fraction", "qa_fraction", "lr", "kl_on", "kl_beta", "mixture_shape")
+
+RECIPE_EXAM_SCHEDULE = ((0.0, 0.7), (1 / 3, 0.5), (2 / 3, 0.6))
+"""The recipe's stage-3 schedule: (start fraction of the stage, exam share of the mixture), held as steps."""
 
 
 def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
@@ -29,7 +34,13 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     Returns the sampled values plus ``kl_beta`` = 0.0 when KL is off (so every trial config has a β).
     """
     p: dict[str, Any] = {}
+    shape = (trial.suggest_categorical("mixture_shape", list(space.mixture_shapes))
+             if len(space.mixture_shapes) > 1 else space.mixture_shapes[0])
+    if shape != "fixed":
+        p["mixture_shape"] = shape
     for name in ("exam_fraction", "qa_fraction", "lr"):
+        if name == "exam_fraction" and shape != "fixed":
+            continue
         r = getattr(space, name)
         p[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
     kl_on = trial.suggest_categorical("kl_on", [True, False]) if space.kl_allow_off else True
@@ -60,6 +71,12 @@ def mixture_weights(params: Mapping[str, Any], space: SearchSpace) -> dict[str, 
     return {space.qa_source: fe * fq, space.example_source: fe * (1.0 - fq), space.raw_source: 1.0 - fe}
 
 
+def recipe_schedule(qa_fraction: float, space: SearchSpace) -> list[dict[str, Any]]:
+    """The recipe's step phases (:data:`RECIPE_EXAM_SCHEDULE`) as ``mixture_schedule`` entries."""
+    return [{"start_frac": frac, "weights": mixture_weights({"exam_fraction": fe, "qa_fraction": qa_fraction}, space)}
+            for frac, fe in RECIPE_EXAM_SCHEDULE]
+
+
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"stop": {"rule": "x"}}`` → ``{"stop.rule": "x"}`` (``--set tune.stage_overrides.stop.rule=x`` nests)."""
     out: dict[str, Any] = {}
@@ -86,9 +103,13 @@ def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None =
     st = data["plan"][idx]
     for path, value in _flatten(cfg.tune.stage_overrides).items():
         _set_dotted(st, path, value)
-    if "exam_fraction" in params and "qa_fraction" in params:
+    if params.get("mixture_shape") == "recipe_step" and "qa_fraction" in params:
+        phases = recipe_schedule(float(params["qa_fraction"]), space)
+        st["sources"], st["mixture_schedule"], st["mixture_mode"] = phases[0]["weights"], phases, "step"
+    elif "exam_fraction" in params and "qa_fraction" in params:
         st["sources"] = mixture_weights(params, space)
         st["mixture_schedule"] = []
+        st["mixture_mode"] = "linear"
     if "lr" in params:
         st["lr"]["peak"] = float(params["lr"])
     if "kl_beta" in params:

@@ -1,0 +1,426 @@
+"""Training engines: one small interface over DDP (or a bare module) and DeepSpeed ZeRO-2/3.
+
+The stage loop talks to an :class:`Engine` only, so every rule (token-weighted losses, the anomaly rule and its
+rollback, the LR schedule, full-state checkpoints) is the same code on both backends. Per optimizer step:
+
+    with engine.accumulate(last=...):        # DDP: no gradient all-reduce before the last micro-batch
+        logits = engine.forward(batch)
+        engine.backward(loss)                # loss already scaled: see ``grad_world`` below
+    grad_norm = engine.step()                # clip + apply; returns the global pre-clip L2 norm (tensor)
+    engine.rollback()  /  engine.mark_stable(step)
+
+Both backends *average* gradients over the data-parallel ranks, so a loss that is a token sum ``S_i`` of
+micro-batch ``i`` becomes ``S_i · grad_world / N`` (``N`` = the step's token count over every micro-batch and
+rank): the applied gradient is then exactly ``∇ Σ S / N``, the token mean of one big batch, whatever the
+accumulation and the world size. DeepSpeed's own division by the accumulation steps is switched off
+(``scale_wrt_gas=False``) and its micro-batch counter advances on every micro-batch (``step()`` is called per
+micro-batch, as DeepSpeed requires), so its accumulation boundary is always the loop's.
+
+The update is applied before the anomaly verdict (DeepSpeed computes the norm inside its step); a rejected step
+is undone by :meth:`Engine.rollback`, which restores weights *and* optimizer state of the last rollback point,
+so "skip the update and roll back" and "apply it, then roll back" leave the same state.
+
+Rollback points: the DDP engine keeps an in-memory CPU copy (weights + optimizer, ~3× the fp32 parameters; one
+copy per ``stable_every`` accepted steps); the DeepSpeed engine saves its own partitioned checkpoint
+(``save_checkpoint``; each rank writes only its shard) to node-local scratch and loads it back.
+
+Full state (``save_state`` / ``load_state``, collective): DDP — rank 0 writes ``optimizer.pt``; DeepSpeed —
+``engine.save_checkpoint`` of every rank (partitioned optimizer + fp32 master weights). The kcpt checkpoint
+holds it under ``engine/`` beside the HF weights, bound by the same manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kcpt.config import KcptConfig
+from kcpt.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER_FILE = "optimizer.pt"
+DS_TAG = "state"
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity without a process group); returns ``t``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """One AdamW group of the trainable parameters (frozen ones are left out)."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+
+def _clone_to_cpu(obj: Any) -> Any:
+    """Deep copy of a nested state: tensors detached and cloned to CPU, everything else deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _clone_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class Engine(ABC):
+    """What the stage loop needs from a training backend (see the module docstring)."""
+
+    module: torch.nn.Module
+    """The (unwrapped) HF model: evals, saving, the reference for parameter counts."""
+    grad_world: int
+    """Ranks the backend averages gradients over: the factor a token-summed loss is multiplied by."""
+    stable_step: int | None = None
+    """Step of the current rollback point (``None`` before the first)."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = rank_world()
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits float[B, T, V] of a packed batch (``input_ids``, ``position_ids``)."""
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward + backward; ``last``: the step's final micro-batch."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of ``loss`` (already scaled by the caller)."""
+
+    @abstractmethod
+    def step(self) -> torch.Tensor:
+        """Clip and apply the accumulated gradient; the global pre-clip L2 norm (0-dim tensor). Grads are zeroed."""
+
+    @abstractmethod
+    def set_lr(self, lr: float) -> None: ...
+
+    @property
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @abstractmethod
+    def mark_stable(self, step: int) -> None:
+        """Make the current state the rollback point (collective)."""
+
+    @abstractmethod
+    def rollback(self) -> int:
+        """Restore the rollback point (weights + optimizer state); returns its step (collective)."""
+
+    @abstractmethod
+    def save_state(self, directory: Path) -> None:
+        """Write the optimizer state (every rank calls; each writes what it owns)."""
+
+    @abstractmethod
+    def load_state(self, directory: Path) -> None:
+        """Load what :meth:`save_state` wrote (every rank calls)."""
+
+    def train(self) -> None:
+        self.module.train()
+
+    def close(self) -> None:  # noqa: B027 - optional hook: only engines with scratch space override it
+        """Release scratch space (rollback points)."""
+
+
+# --------------------------------------------------------------------------- DDP / bare module
+
+
+class TorchEngine(Engine):
+    """A bare module (one worker) or DDP; torch AdamW (``fused`` on CUDA); in-memory rollback point."""
+
+    def __init__(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory, *, clip: float,
+                 weight_decay: float, device: torch.device) -> None:
+        super().__init__()
+        self.module = model
+        self.clip = clip
+        self.optimizer = optimizer_factory(param_groups(model, weight_decay))
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.wrapped: torch.nn.Module = DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.wrapped = model
+        self.grad_world = self.world
+        self._snapshot: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.wrapped(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
+        if self.world > 1 and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def mark_stable(self, step: int) -> None:
+        self._snapshot = (_clone_to_cpu(self.module.state_dict()), _clone_to_cpu(self.optimizer.state_dict()))
+        self.stable_step = step
+
+    def rollback(self) -> int:
+        if self._snapshot is None or self.stable_step is None:
+            raise RuntimeError("no rollback point: call mark_stable before the first step")
+        model_sd, optim_sd = self._snapshot
+        self.module.load_state_dict(model_sd)
+        lr = self.lr
+        # load_state_dict may keep CPU tensors as they are: a fresh copy, so later updates never alter the point
+        self.optimizer.load_state_dict(_clone_to_cpu(optim_sd))
+        self.set_lr(lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.stable_step
+
+    def save_state(self, directory: Path) -> None:
+        if self.rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+
+    def load_state(self, directory: Path) -> None:
+        f = directory / OPTIMIZER_FILE
+        if not f.is_file():
+            raise CheckpointError(f"{directory.parent}: no optimizer state ({f.name}); restore it weights_only")
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+            lr = self.lr
+            self.optimizer.load_state_dict(state)
+            self.set_lr(lr)
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: optimizer state does not fit the model: {e}") from None
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+REQUIRED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+                    "bf16", "fp16", "zero_optimization.stage", "zero_optimization.offload_optimizer",
+                    "zero_optimization.offload_param")
+
+
+def _get_dotted(d: dict[str, Any], dotted: str) -> Any:
+    cur: Any = d
+    for k in dotted.split("."):
+        if not isinstance(cur, dict) or k not in cur:
+            return None
+        cur = cur[k]
+    return cur
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: KcptConfig) -> dict[str, Any]:
+    """The DeepSpeed config of a run: the user's ``train.deepspeed.config`` JSON (if any) under kcpt's required
+    keys. A user file that sets a required key to another value raises :class:`ConfigError` naming it."""
+    t, ds = cfg.train, cfg.train.deepspeed
+    assert ds is not None
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        if ds.zero_stage != 3:
+            raise ConfigError("train.deepspeed.offload_params needs zero_stage 3")
+        zero["offload_param"] = {"device": "cpu"}
+    required: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.clip_grad_norm,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "zero_optimization": zero,
+    }
+    user: dict[str, Any] = {}
+    if ds.config is not None:
+        try:
+            user = json.loads(Path(ds.config).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"train.deepspeed.config: cannot read {ds.config}: {e}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{ds.config}: line {e.lineno}: not valid JSON: {e.msg}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"{ds.config}: the top level must be a JSON object")
+        for key in REQUIRED_DS_KEYS:
+            theirs, ours = _get_dotted(user, key), _get_dotted(required, key)
+            if theirs is not None and theirs != "auto" and ours is not None and theirs != ours:
+                raise ConfigError(f"{ds.config}: {key} = {theirs!r}, but kcpt sets {ours!r} from the kcpt config "
+                                  "(train.micro_batch_size, grad_accum, clip_grad_norm, model.dtype, "
+                                  "train.deepspeed): remove it from the JSON or change the kcpt config")
+            if theirs == "auto":
+                _drop_dotted(user, key)
+    merged = _merge(user, required)
+    merged.setdefault("steps_per_print", 10 ** 9)
+    merged.setdefault("wall_clock_breakdown", False)
+    # torch AdamW on the partitions (also when they are offloaded to CPU): no DeepSpeed-only optimizer needed
+    merged.setdefault("zero_allow_untested_optimizer", True)
+    merged.setdefault("zero_force_ds_cpu_optimizer", False)
+    # every node's local rank 0 writes the module states, so a rollback point in node-local scratch loads on
+    # every node (no shared filesystem needed)
+    merged.setdefault("checkpoint", {}).setdefault("use_node_local_storage", True)
+    return merged
+
+
+def _drop_dotted(d: dict[str, Any], dotted: str) -> None:
+    *head, last = dotted.split(".")
+    cur: Any = d
+    for k in head:
+        cur = cur.get(k) if isinstance(cur, dict) else None
+    if isinstance(cur, dict):
+        cur.pop(last, None)
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO-2/3 engine; rollback points are DeepSpeed checkpoints in node-local scratch."""
+
+    def __init__(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory, *, ds_config: dict[str, Any],
+                 weight_decay: float, scratch_key: str) -> None:
+        import deepspeed
+
+        super().__init__()
+        optimizer = optimizer_factory(param_groups(model, weight_decay))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.module = self.engine.module
+        self.grad_world = self.world
+        self._scratch = Path(tempfile.gettempdir()) / "kcpt-rollback" / scratch_key
+        self._lr = float(self.optimizer.param_groups[0]["lr"])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        # DeepSpeed counts micro-batches in step(); at the accumulation boundary it reduces, clips and applies
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+
+    def step(self) -> torch.Tensor:
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed accumulation boundary out of step with the loop (a micro-batch was lost)")
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            return norm.detach().float().reshape(())
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def set_lr(self, lr: float) -> None:
+        self._lr = lr
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    def mark_stable(self, step: int) -> None:
+        self.save_state(self._scratch)
+        self.stable_step = step
+
+    def rollback(self) -> int:
+        if self.stable_step is None:
+            raise RuntimeError("no rollback point: call mark_stable before the first step")
+        lr = self.lr
+        self.load_state(self._scratch)
+        self.set_lr(lr)
+        return self.stable_step
+
+    def save_state(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+        barrier()
+
+    def load_state(self, directory: Path) -> None:
+        if not (directory / DS_TAG).is_dir():
+            raise CheckpointError(f"{directory.parent}: no DeepSpeed state ({directory.name}/{DS_TAG}); "
+                                  "restore it weights_only")
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"{directory}: DeepSpeed could not load its state")
+        barrier()
+
+    def close(self) -> None:
+        barrier()
+        if self.rank == 0 or self.world > 1:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def frozen_reference(model: torch.nn.Module, cfg: KcptConfig) -> torch.nn.Module:
+    """A frozen KL reference; under ZeRO-3 a partitioned DeepSpeed inference engine (offloaded with
+    ``offload_params``), so no rank holds the whole reference."""
+    from kcpt.model.loading import freeze
+
+    model = freeze(model)
+    ds = cfg.train.deepspeed
+    if ds is None or ds.zero_stage != 3:
+        return model
+    import deepspeed
+
+    zero: dict[str, Any] = {"stage": 3}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    ref_cfg = {"train_micro_batch_size_per_gpu": cfg.train.micro_batch_size, "zero_optimization": zero,
+               "bf16": {"enabled": cfg.model.dtype == "bfloat16"}, "fp16": {"enabled": cfg.model.dtype == "float16"},
+               "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=model, config=ref_cfg)
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def zero3_init(cfg: KcptConfig, ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """Construct models partitioned from the start under ZeRO-3 (``deepspeed.zero.Init`` for models built from
+    a config; transformers' ``HfDeepSpeedConfig`` for ``from_pretrained``); a no-op otherwise."""
+    if ds_config is None or cfg.train.deepspeed is None or cfg.train.deepspeed.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers reads it through a weak reference
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        yield

@@ -324,6 +324,22 @@ def test_job_refuses_a_missing_local_model_dir_before_ray(capsys, monkeypatch) -
     _no_launch(monkeypatch)
     assert main(["--set", "model.name_or_path=./no/such/model"]) == 2
     assert "model.name_or_path: './no/such/model' is not a directory" in capsys.readouterr().err
+    assert main(["--set", "train.deepspeed={zero_stage: 2, config: /no/such/ds.json}"]) == 2
+    assert "train.deepspeed.config: /no/such/ds.json: no such file" in capsys.readouterr().err
+
+
+def test_run_with_a_bad_deepspeed_json_deletes_nothing(tmp_path: Path) -> None:
+    from kcpt.train.launch import run_plan
+
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"gradient_clipping": 5.0}')
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.run_name=r",
+                             f"train.deepspeed={{zero_stage: 2, config: {ds}}}"])
+    rd = RunDir(tmp_path / "r").create(cfg)
+    (rd.checkpoints / "0-cpt-step10").mkdir()
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        run_plan(cfg, stages=["cpt"], resume="never")
+    assert (rd.checkpoints / "0-cpt-step10").is_dir()
 
 
 # --------------------------------------------------------------------------- kcpt prepare: outputs

@@ -57,6 +57,9 @@ def preflight(cfg, stages: list[str] | None, *, run_dir: str | None = None, init
         if value not in ("tiny", "demo") and local and not Path(value).expanduser().is_dir():
             raise ConfigError(f"{key}: '{value}' is not a directory (a local model/tokenizer directory, or a hub "
                               "name)")
+    ds = cfg.train.deepspeed
+    if ds is not None and ds.config is not None and not Path(ds.config).expanduser().is_file():
+        raise ConfigError(f"train.deepspeed.config: {ds.config}: no such file")
     model_dir = Path(cfg.model.name_or_path).expanduser()
     if cfg.model.name_or_path != "tiny" and model_dir.is_dir() and not (model_dir / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {model_dir} has no config.json (not a Hugging Face model directory)")

@@ -112,6 +112,10 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     rd.check_owned()  # never write into (or clean) a directory kcpt did not create
 
     # Validate everything (inputs exist and read, tokenizer loads, checkpoints fit) before deleting anything.
+    if cfg.train.deepspeed is not None:
+        from kcpt.train.engine import deepspeed_config
+
+        deepspeed_config(cfg)  # the user's DeepSpeed JSON merges with kcpt's keys (ConfigError otherwise)
     needed = datasets_needed(cfg, stages)
     prepared = prepare_all(cfg, needed, progress=cfg.logging.progress)
     prepared = {k: Path(v).resolve() for k, v in prepared.items()}

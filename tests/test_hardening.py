@@ -356,6 +356,28 @@ def test_same_file_twice_is_kept_once_in_the_manifest(tmp_path: Path, capsys) ->
     assert "kept 3 documents" in out
 
 
+def test_items_of_another_kind_are_counted_as_a_notice(tmp_path: Path) -> None:
+    p = tmp_path / "e.jsonl"
+    p.write_text("\n".join(json.dumps({"id": str(i), "question": "질문", "answer": "답", "kind": k}, ensure_ascii=False)
+                           for i, k in enumerate(["qa", "example", "qa"])) + "\n", encoding="utf-8")
+    rep = RejectReport()
+    assert [i.id for i in read_exam_items([p], report=rep, kind="qa")] == ["0", "2"]
+    assert rep.notices == {"other_kind": 1} and rep.counts == {}
+
+
+def test_datasetdict_input_documents_are_credited(tmp_path: Path, capsys) -> None:
+    """Found while fixing the double count: documents of a DatasetDict's splits ('dir[train]') were credited to
+    no input in the manifest."""
+    import datasets
+
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": [DOC.format(f"{s}{i}") for i in range(n)]})
+                               for s, n in (("train", 3), ("test", 2))})
+    dd.save_to_disk(str(tmp_path / "hf"))
+    rc, _, err = _prepare(capsys, "raw", "--input", str(tmp_path / "hf"), "--out", str(tmp_path / "out"))
+    assert rc == 0, err
+    assert [i["documents"] for i in read_manifest(tmp_path / "out")["inputs"]] == [5]
+
+
 @pytest.mark.parametrize("where", ["same", "parent", "inside"])
 def test_overwrite_never_destroys_an_input(tmp_path: Path, capsys, where: str) -> None:
     corpus = tmp_path / "corpus"

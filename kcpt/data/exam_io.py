@@ -111,8 +111,8 @@ def read_exam_items(paths: Sequence[str | Path], *, report: RejectReport, strict
                     kind: str | None = None, max_line_chars: int = 1_000_000) -> Iterator[ExamItem]:
     """Yield validated :class:`ExamItem` s from ``.jsonl`` files/directories (see module docstring).
 
-    ``kind`` keeps only items of that kind (others are skipped uncounted, after validation and the
-    duplicate-id check). ``source``/``line`` of each item give its file and 1-based line.
+    ``kind`` keeps only items of that kind (others are skipped after validation and the duplicate-id check, and
+    counted as the notice ``other_kind``). ``source``/``line`` of each item give its file and 1-based line.
     """
     if kind is not None and kind not in EXAM_KINDS:
         raise InputError(f"kind must be one of {list(EXAM_KINDS)} or None, got {kind!r}")
@@ -144,6 +144,7 @@ def _items_of(path: Path, *, report: RejectReport, strict: bool, kind: str | Non
             continue
         seen[item.id] = where
         if kind is not None and item.kind != kind:
+            report.note("other_kind", f"{where}: kind {item.kind!r} skipped (keeping only {kind!r})")
             continue
         item.source, item.line = str(path), lineno
         yield item

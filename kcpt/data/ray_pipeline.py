@@ -168,6 +168,9 @@ def _claim_ids(items: Iterable[ExamItem], *, state, report: RejectReport, strict
                        path=item.source, line=item.line, field="id")
             elif kind is None or item.kind == kind:
                 yield item
+            else:
+                report.note("other_kind", f"{item.source}: line {item.line}: kind {item.kind!r} skipped (keeping "
+                            f"only {kind!r})")
 
 
 def _pack(batch: dict[str, np.ndarray], *, state, seq_len: int, pad_id: int) -> pa.Table:

@@ -1,7 +1,9 @@
-"""`ray job submit` of jobs/tune_stage3.py to a real local Ray cluster (head started with `ray start`).
+"""`ray job submit` of jobs/tune_stage3.py and jobs/cpt.py to a real local Ray cluster (head started with
+`ray start`): inside a submitted job RAY_ADDRESS is set, and every entry point joins that Ray instead of sizing
+one (``num_cpus`` would be refused).
 
 Reuses the session experiment's prerequisite checkpoints (same plan, output_dir and prepared_root: same config
-hash), so the job only tunes stage 3. The cluster is stopped in a finally (`ray stop --force`).
+hash), so the tune job only tunes stage 3. The cluster is stopped in a finally (`ray stop --force`).
 """
 
 from __future__ import annotations
@@ -73,5 +75,15 @@ def test_ray_job_submit_tunes_stage3(tune_experiment, tmp_path):
         assert len(study.trials) == 2 and all("raw_gate" in t.constraints for t in study.trials)
         assert (exp_dir / "best_config.yaml").is_file() == bool(df["feasible"].any())
         assert (exp_dir / "best_trial.json").is_file()
+
+        cpt_id = f"kcpt-cpt-{int(time.time())}"
+        run_dir = tmp_path / "cpt-run"
+        r = ray_cli("job", "submit", "--address", address, "--working-dir", ".", "--submission-id", cpt_id,
+                    "--runtime-env-json", json.dumps(runtime_env), "--",
+                    "python", "jobs/cpt.py", "--run-dir", str(run_dir), *sets, "--set", "plan.0.max_steps=6",
+                    "--set", "plan.0.eval_every=3", env=env, timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["stage_order"] == ["cpt"] and summary["stages"]["cpt"]["steps"] == 6
     finally:
         ray_cli("stop", "--force", env=env)

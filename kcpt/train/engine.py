@@ -384,9 +384,8 @@ class DeepSpeedEngine(Engine):
         barrier()
 
     def close(self) -> None:
-        barrier()
-        if self.rank == 0 or self.world > 1:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+        barrier()  # every rank of a node removes the node's scratch copy (ignore_errors: they race)
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def frozen_reference(model: torch.nn.Module, cfg: KcptConfig) -> torch.nn.Module:

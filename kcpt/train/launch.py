@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,8 @@ def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    if address is not None:
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`: join, never size that Ray
+    if address:
         ray.init(address=address, log_to_driver=True)
     else:
         need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1

@@ -635,9 +635,9 @@ class StageRunner:
         else:
             run.detector.accept(norm)
             run.good_steps += 1
-            n_kl = float(sums.counts[1]) if kl_total else 0.0
-            interval.acc[:5] += torch.tensor([obj, 1.0, kl_total, n_kl, norm], dtype=torch.float64,
+            interval.acc[:5] += torch.tensor([obj, 1.0, kl_total, 0.0, norm], dtype=torch.float64,
                                              device=self.device)
+            interval.acc[3] += sums.counts[1]  # KL positions of the step (0 without replay micro-batches)
             interval.acc[5] = max(float(interval.acc[5]), norm)
             if run.good_steps % t.anomaly.stable_every == 0:
                 engine.mark_stable(run.step)

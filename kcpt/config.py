@@ -339,6 +339,12 @@ class TrainConfig(Strict):
     """Evaluate once before a stage's first step (step 0: the stage's starting point, not used by stop rules)."""
     checkpoint_every_eval: bool = True
     """Save a checkpoint at every eval (needed for resume after a worker failure); else only the best."""
+    fused_loss: bool = True
+    """CE and KL from the final hidden states in chunks over tokens (:mod:`kcpt.train.fused_loss`): no
+    full-vocabulary float32 logits (of the model or the KL reference) in training or eval. ``false``: the
+    plain path through the logits (:mod:`kcpt.train.losses`), kept for comparison."""
+    loss_chunk_tokens: int | None = Field(None, ge=1)
+    """Tokens per chunk of the fused loss; default: about 64 MiB of float32 logits per chunk."""
     faults: FaultConfig = FaultConfig()
 
 

@@ -47,6 +47,7 @@ import torch.distributed as dist
 
 from kcpt.config import KcptConfig
 from kcpt.errors import CheckpointError, ConfigError
+from kcpt.train import fused_loss
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,14 @@ class Engine(ABC):
         """Context for one micro-batch's forward + backward; ``last``: the step's final micro-batch."""
         return contextlib.nullcontext()
 
+    def forward_loss(self, batch: dict[str, torch.Tensor], spec: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """``(objective, ce_sum, ce_count, kl_sum)`` of a packed batch from the final hidden states, in chunks
+        (:func:`kcpt.train.fused_loss.fused_ce_kl` with ``spec``), through the wrapper like :meth:`forward`."""
+        return self._call(input_ids=batch["input_ids"], position_ids=batch["position_ids"], kcpt_loss=spec)
+
+    def _call(self, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of ``loss`` (already scaled by the caller)."""
@@ -160,7 +169,7 @@ class TorchEngine(Engine):
     def __init__(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory, *, clip: float,
                  weight_decay: float, device: torch.device) -> None:
         super().__init__()
-        self.module = model
+        self.module = fused_loss.install(model)
         self.clip = clip
         self.optimizer = optimizer_factory(param_groups(model, weight_decay))
         if self.world > 1:
@@ -175,6 +184,9 @@ class TorchEngine(Engine):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.wrapped(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+
+    def _call(self, **kwargs: Any) -> Any:
+        return self.wrapped(**kwargs)
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
         if self.world > 1 and not last:
@@ -322,6 +334,10 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         super().__init__()
+        fused_loss.install(model)
+        if ds_config.get("zero_optimization", {}).get("stage") == 3:
+            # the fused loss reads the head weight in the top module's forward: ZeRO-3 gathers it there too
+            deepspeed.zero.register_external_parameter(model, fused_loss.head_weight(model))
         optimizer = optimizer_factory(param_groups(model, weight_decay))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
@@ -331,6 +347,9 @@ class DeepSpeedEngine(Engine):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+
+    def _call(self, **kwargs: Any) -> Any:
+        return self.engine(**kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -394,7 +413,7 @@ def frozen_reference(model: torch.nn.Module, cfg: KcptConfig) -> torch.nn.Module
     ``offload_params``), so no rank holds the whole reference."""
     from kcpt.model.loading import freeze
 
-    model = freeze(model)
+    model = freeze(fused_loss.install(model))
     ds = cfg.train.deepspeed
     if ds is None or ds.zero_stage != 3:
         return model
@@ -424,3 +443,17 @@ def zero3_init(cfg: KcptConfig, ds_config: dict[str, Any] | None) -> Iterator[No
     keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers reads it through a weak reference
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         yield
+
+
+@contextlib.contextmanager
+def gathered_head(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The full output-head weight of ``model`` (a module or a DeepSpeed engine) for the duration of the block;
+    under ZeRO-3 it is gathered (collective: every rank enters with the same sequence of micro-batches)."""
+    w = fused_loss.head_weight(model)
+    if hasattr(w, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+            yield w
+    else:
+        yield w

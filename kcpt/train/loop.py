@@ -56,6 +56,7 @@ from kcpt.train.engine import (
     barrier,
     deepspeed_config,
     frozen_reference,
+    gathered_head,
     rank_world,
 )
 from kcpt.train.evaluation import eval_loss, ppl
@@ -265,7 +266,7 @@ class StepSums:
 def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], bool]], *,
                     ref: torch.nn.Module | None, kl_beta: float,
                     amp: Any = contextlib.nullcontext, ref_amp: Any = contextlib.nullcontext,
-                    perturb: Any = None) -> StepSums:
+                    perturb: Any = None, fused: bool = False, chunk_tokens: int | None = None) -> StepSums:
     """Forward + backward of one optimizer step's micro-batches ``[(batch, with_kl), ...]`` (this rank's).
 
     Counts first: ``N_ce`` = targets of every micro-batch (labels ≠ -100 after the causal shift) and ``N_kl`` =
@@ -273,6 +274,10 @@ def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], b
     ``(CE_sum/N_ce + β·KL_sum/N_kl) · engine.grad_world``. Since the backends average gradients over ranks,
     the accumulated gradient is that of ``Σ CE/N_ce + β·Σ KL/N_kl`` over the step's rows on all ranks — one
     big batch's token mean. ``perturb(loss)`` (fault injection) may replace each micro-batch's loss.
+
+    ``fused``: the losses come from the final hidden states in chunks (:mod:`kcpt.train.fused_loss`: no
+    full-vocabulary logits, of the model or of the reference); else from the logits (:mod:`kcpt.train.losses`).
+    Nothing here reads a device value on the host.
     """
     device = micro[0][0]["labels"].device
     counts = torch.zeros(2, dtype=torch.float64, device=device)
@@ -288,17 +293,35 @@ def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], b
     ce_parts = []
     for i, (batch, kl) in enumerate(micro):
         with engine.accumulate(last=i == len(micro) - 1):
-            with amp():
-                logits = engine.forward(batch)
-            ce_sum, ce_n = token_ce_sum(logits, batch["labels"])
-            loss = ce_sum / n_ce
-            if kl:
-                assert ref is not None
-                with torch.no_grad(), ref_amp():
-                    ref_logits = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-                kl_sum, _ = kl_to_reference_sum(logits, ref_logits, batch["labels"])
-                loss = loss + kl_beta * kl_sum / n_kl
-                kl_total += kl_sum.detach()
+            if fused:
+                spec: dict[str, Any] = {"labels": batch["labels"], "ce_scale": 1.0 / n_ce,
+                                        "chunk_tokens": chunk_tokens}
+                ref_ctx: Any = contextlib.nullcontext()
+                if kl:
+                    assert ref is not None
+                    with torch.no_grad(), ref_amp():
+                        spec["ref_hidden"] = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                                 kcpt_hidden=True)
+                    ref_ctx = gathered_head(ref)
+                with ref_ctx as ref_w:
+                    if kl:
+                        spec.update(ref_weight=ref_w, kl_scale=kl_beta / n_kl)
+                    with amp():
+                        loss, ce_sum, ce_n, kl_sum = engine.forward_loss(batch, spec)
+                if kl:
+                    kl_total += kl_sum.detach()
+            else:
+                with amp():
+                    logits = engine.forward(batch)
+                ce_sum, ce_n = token_ce_sum(logits, batch["labels"])
+                loss = ce_sum / n_ce
+                if kl:
+                    assert ref is not None
+                    with torch.no_grad(), ref_amp():
+                        ref_logits = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+                    kl_sum, _ = kl_to_reference_sum(logits, ref_logits, batch["labels"])
+                    loss = loss + kl_beta * kl_sum / n_kl
+                    kl_total += kl_sum.detach()
             if perturb is not None:
                 loss = perturb(loss)
             engine.backward(loss * engine.grad_world)
@@ -618,7 +641,8 @@ class StageRunner:
         engine.set_lr(lr_at(run.step - 1, stage.max_steps, stage.lr, run.lr_scale))
         sums = accumulate_step(engine, [(b, kl) for _, b, kl in micro], ref=run.ref, kl_beta=stage.kl_beta,
                                amp=self.amp, ref_amp=lambda: autocast(self.cfg.model, self.device),
-                               perturb=lambda loss: run.faults.perturb_loss(loss, run.step))
+                               perturb=lambda loss: run.faults.perturb_loss(loss, run.step),
+                               fused=t.fused_loss, chunk_tokens=t.loss_chunk_tokens)
         for (src, _, _), ce in zip(micro, sums.ce, strict=True):
             interval.src[run.sources.index(src)] += ce
         grad_norm = engine.step()
@@ -653,8 +677,8 @@ class StageRunner:
         stage, t = run.stage, self.cfg.train
         module = run.engine.module
         with self.amp():
-            raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device)["loss"]
-            exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device)["loss"]
+            raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device, fused=t.fused_loss)["loss"]
+            exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device, fused=t.fused_loss)["loss"]
                     if stage.eval_exam else None)
         d = None
         if not initial:

@@ -339,6 +339,9 @@ class TrainConfig(Strict):
     """Evaluate once before a stage's first step (step 0: the stage's starting point, not used by stop rules)."""
     checkpoint_every_eval: bool = True
     """Save a checkpoint at every eval (needed for resume after a worker failure); else only the best."""
+    fused_optimizer: bool = True
+    """``torch.optim.AdamW(fused=True)`` where the optimized parameters live on CUDA (DDP on GPUs, ZeRO-2/3 without
+    optimizer offload); the foreach implementation elsewhere. Norms, biases and embeddings get no weight decay."""
     fused_loss: bool = True
     """CE and KL from the final hidden states in chunks over tokens (:mod:`kcpt.train.fused_loss`): no
     full-vocabulary float32 logits (of the model or the KL reference) in training or eval. ``false``: the

@@ -76,8 +76,29 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """One AdamW group of the trainable parameters (frozen ones are left out)."""
-    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    """AdamW groups of the trainable parameters (frozen ones are left out): matrices with ``weight_decay``;
+    norms, biases (every parameter of fewer than 2 dimensions) and embedding tables (``nn.Embedding``, also when
+    the output head is tied to one) without. Under ZeRO-3 the shape is the parameter's full ``ds_shape``."""
+    emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False)}
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or id(p) in emb else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_adamw(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float], fused: bool
+               ) -> torch.optim.Optimizer:
+    """torch AdamW; ``fused=True`` (one kernel for all parameters, no per-parameter host work) is taken only when
+    every parameter lives on CUDA — elsewhere the default (foreach) implementation."""
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=bool(fused and on_cuda) or None)
 
 
 def _clone_to_cpu(obj: Any) -> Any:

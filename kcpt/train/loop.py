@@ -57,6 +57,7 @@ from kcpt.train.engine import (
     deepspeed_config,
     frozen_reference,
     gathered_head,
+    make_adamw,
     rank_world,
 )
 from kcpt.train.evaluation import eval_loss, ppl
@@ -447,7 +448,7 @@ class StageRunner:
         t = self.cfg.train
 
         def optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(groups, lr=stage.lr.peak, betas=tuple(t.adam_betas))
+            return make_adamw(groups, lr=stage.lr.peak, betas=tuple(t.adam_betas), fused=t.fused_optimizer)
 
         if self.ds_config is not None:
             key = f"{abs(hash(str(self.run_dir.root.resolve()))):x}-{stage.name}-{os.getpid()}"

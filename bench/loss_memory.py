@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row["fused_mb"] = run_variant(args, "fused", seq, tmp / "fused.pt") / 2 ** 20
         if need_logits > 0.7 * avail:
             row["logits_mb"] = None
-            row["note"] = f"logits path skipped: needs ~{need_logits / 2 ** 30:.0f} GiB, {avail / 2 ** 30:.0f} available"
+            row["note"] = (f"skipped: needs ~{need_logits / 2 ** 30:.0f} GiB, "
+                           f"{avail / 2 ** 30:.0f} GiB available")
         else:
             row["logits_mb"] = run_variant(args, "logits", seq, tmp / "logits.pt") / 2 ** 20
             a, b = torch.load(tmp / "logits.pt"), torch.load(tmp / "fused.pt")

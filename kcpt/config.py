@@ -48,7 +48,11 @@ class ModelConfig(Strict):
     name_or_path: str = "tiny"
     """``"tiny"`` (built-in tiny Llama), a local HF model directory, or a hub name where a hub is reachable."""
     tiny: TinyModelConfig = TinyModelConfig()
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    """Packed rows are isolated under every one (:mod:`kcpt.model.attention`): sdpa/eager with a block-causal
+    mask, flex_attention with a block mask built once per batch, flash_attention_2/3 with varlen kernels
+    (``cu_seqlens`` from the position-id restarts, no mask). The flash kinds need their package and a GPU; an
+    unavailable one is refused when the model is built, naming what is missing."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype. Trained weights stay float32 (master copy) with ``torch.autocast`` to this dtype, or
     DeepSpeed's bf16/fp16 mode under ``train.deepspeed``; the frozen KL reference is stored in it. float16

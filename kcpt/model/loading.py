@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from kcpt.config import ModelConfig
 from kcpt.errors import ConfigError
+from kcpt.model.attention import check_available
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, *, pad_token_id: int | N
     """Random-init tiny Llama; deterministic for ``cfg.seed`` and leaves the global RNG state untouched.
 
     ``dtype`` overrides ``cfg.dtype`` (the loop keeps trained weights in float32)."""
+    check_available(cfg.attn_implementation)
     config = tiny_llama_config(cfg, vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     config._attn_implementation = cfg.attn_implementation
     with torch.random.fork_rng(devices=[]):
@@ -82,6 +84,7 @@ def load_causal_lm(cfg: ModelConfig, *, vocab_size: int | None = None, path: str
         if vocab_size is None:
             raise ValueError("the tiny model needs vocab_size (len(tokenizer))")
         return build_tiny_model(cfg, vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id, dtype=dtype)
+    check_available(cfg.attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch_dtype(cfg),
                                                      attn_implementation=cfg.attn_implementation,

@@ -47,6 +47,7 @@ import torch.distributed as dist
 
 from kcpt.config import KcptConfig
 from kcpt.errors import CheckpointError, ConfigError
+from kcpt.model.attention import model_inputs
 from kcpt.train import fused_loss
 
 log = logging.getLogger(__name__)
@@ -127,18 +128,20 @@ class Engine(ABC):
     def __init__(self) -> None:
         self.rank, self.world = rank_world()
 
-    @abstractmethod
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits float[B, T, V] of a packed batch (``input_ids``, ``position_ids``)."""
+    def forward(self, batch: dict[str, torch.Tensor], cache: dict[str, Any] | None = None) -> torch.Tensor:
+        """Logits float[B, T, V] of a packed batch (``input_ids``, ``position_ids`` and the packed attention
+        inputs of :func:`kcpt.model.attention.model_inputs`)."""
+        return self._call(**model_inputs(self.module, batch, cache)).logits
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's forward + backward; ``last``: the step's final micro-batch."""
         return contextlib.nullcontext()
 
-    def forward_loss(self, batch: dict[str, torch.Tensor], spec: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    def forward_loss(self, batch: dict[str, torch.Tensor], spec: dict[str, Any],
+                     cache: dict[str, Any] | None = None) -> tuple[torch.Tensor, ...]:
         """``(objective, ce_sum, ce_count, kl_sum)`` of a packed batch from the final hidden states, in chunks
         (:func:`kcpt.train.fused_loss.fused_ce_kl` with ``spec``), through the wrapper like :meth:`forward`."""
-        return self._call(input_ids=batch["input_ids"], position_ids=batch["position_ids"], kcpt_loss=spec)
+        return self._call(**model_inputs(self.module, batch, cache), kcpt_loss=spec)
 
     def _call(self, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -202,9 +205,6 @@ class TorchEngine(Engine):
             self.wrapped = model
         self.grad_world = self.world
         self._snapshot: tuple[dict[str, Any], dict[str, Any]] | None = None
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.wrapped(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
 
     def _call(self, **kwargs: Any) -> Any:
         return self.wrapped(**kwargs)
@@ -365,9 +365,6 @@ class DeepSpeedEngine(Engine):
         self.grad_world = self.world
         self._scratch = Path(tempfile.gettempdir()) / "kcpt-rollback" / scratch_key
         self._lr = float(self.optimizer.param_groups[0]["lr"])
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
 
     def _call(self, **kwargs: Any) -> Any:
         return self.engine(**kwargs)

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from kcpt.model.attention import model_inputs
 from kcpt.train.batches import Batch
 from kcpt.train.losses import token_ce_sum
 
@@ -38,11 +39,11 @@ def eval_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device
     model.eval()
     acc = torch.zeros(2, dtype=torch.float64, device=device)
     for b in batches:
+        inputs = model_inputs(model, b)
         if fused:
-            _, s, c, _ = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                               kcpt_loss={"labels": b["labels"]})
+            _, s, c, _ = model(**inputs, kcpt_loss={"labels": b["labels"]})
         else:
-            out = model(input_ids=b["input_ids"], position_ids=b["position_ids"])
+            out = model(**inputs)
             s, c = token_ce_sum(out.logits, b["labels"])
         acc += torch.stack([s.double(), c.double()])
     model.train(was_training)

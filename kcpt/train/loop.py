@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from kcpt.config import KcptConfig, StageConfig
 from kcpt.errors import ConfigError, TrainingAborted
+from kcpt.model.attention import model_inputs
 from kcpt.model.loading import autocast, load_causal_lm
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.anomaly import AnomalyDetector
@@ -293,6 +294,7 @@ def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], b
     kl_total = torch.zeros((), dtype=torch.float64, device=device)
     ce_parts = []
     for i, (batch, kl) in enumerate(micro):
+        attn: dict[str, Any] = {}  # packed attention inputs, built once per micro-batch (model and reference)
         with engine.accumulate(last=i == len(micro) - 1):
             if fused:
                 spec: dict[str, Any] = {"labels": batch["labels"], "ce_scale": 1.0 / n_ce,
@@ -301,25 +303,24 @@ def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], b
                 if kl:
                     assert ref is not None
                     with torch.no_grad(), ref_amp():
-                        spec["ref_hidden"] = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                                 kcpt_hidden=True)
+                        spec["ref_hidden"] = ref(**model_inputs(ref, batch, attn), kcpt_hidden=True)
                     ref_ctx = gathered_head(ref)
                 with ref_ctx as ref_w:
                     if kl:
                         spec.update(ref_weight=ref_w, kl_scale=kl_beta / n_kl)
                     with amp():
-                        loss, ce_sum, ce_n, kl_sum = engine.forward_loss(batch, spec)
+                        loss, ce_sum, ce_n, kl_sum = engine.forward_loss(batch, spec, attn)
                 if kl:
                     kl_total += kl_sum.detach()
             else:
                 with amp():
-                    logits = engine.forward(batch)
+                    logits = engine.forward(batch, attn)
                 ce_sum, ce_n = token_ce_sum(logits, batch["labels"])
                 loss = ce_sum / n_ce
                 if kl:
                     assert ref is not None
                     with torch.no_grad(), ref_amp():
-                        ref_logits = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+                        ref_logits = ref(**model_inputs(ref, batch, attn)).logits
                     kl_sum, _ = kl_to_reference_sum(logits, ref_logits, batch["labels"])
                     loss = loss + kl_beta * kl_sum / n_kl
                     kl_total += kl_sum.detach()

@@ -647,9 +647,10 @@ class StageRunner:
                                fused=t.fused_loss, chunk_tokens=t.loss_chunk_tokens)
         for (src, _, _), ce in zip(micro, sums.ce, strict=True):
             interval.src[run.sources.index(src)] += ce
-        grad_norm = engine.step()
-        reduced = all_reduce_(torch.stack([sums.objective, sums.kl_sum]))
-        obj, kl_total, norm = [*reduced.tolist(), float(grad_norm)]  # the step's one host sync
+        grad_norm = engine.step().to(device=self.device, dtype=torch.float64)
+        # objective and KL summed over ranks; the norm is already global: only rank 0 adds it (exact)
+        reduced = all_reduce_(torch.stack([sums.objective, sums.kl_sum, grad_norm * float(self.rank == 0)]))
+        obj, kl_total, norm = reduced.tolist()  # the step's one device→host sync (the anomaly rule needs them)
         reason = run.detector.check(obj, norm)
         if reason is not None:
             back_to = engine.rollback()
@@ -661,10 +662,11 @@ class StageRunner:
         else:
             run.detector.accept(norm)
             run.good_steps += 1
-            n_kl = float(sums.counts[1]) if kl_total else 0.0
-            interval.acc[:5] += torch.tensor([obj, 1.0, kl_total, n_kl, norm], dtype=torch.float64,
-                                             device=self.device)
-            interval.acc[5] = max(float(interval.acc[5]), norm)
+            # interval sums stay on the device (read once, at the eval)
+            one = torch.ones((), dtype=torch.float64, device=self.device)
+            interval.acc[:5] += torch.stack([reduced[0], one, reduced[1], sums.counts[1] * float(kl_total != 0.0),
+                                             reduced[2]])
+            interval.acc[5] = torch.maximum(interval.acc[5], reduced[2])
             if run.good_steps % t.anomaly.stable_every == 0:
                 engine.mark_stable(run.step)
         step_tokens = t.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.world  # row positions

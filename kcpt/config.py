@@ -343,6 +343,9 @@ class TrainConfig(Strict):
     """Evaluate once before a stage's first step (step 0: the stage's starting point, not used by stop rules)."""
     checkpoint_every_eval: bool = True
     """Save a checkpoint at every eval (needed for resume after a worker failure); else only the best."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer of the trained model (:func:`kcpt.model.loading.compile_layers`). Not
+    with ZeRO-3 (its parameter-gathering hooks run inside every layer)."""
     fused_optimizer: bool = True
     """``torch.optim.AdamW(fused=True)`` where the optimized parameters live on CUDA (DDP on GPUs, ZeRO-2/3 without
     optimizer offload); the foreach implementation elsewhere. Norms, biases and embeddings get no weight decay."""

@@ -99,6 +99,23 @@ def load_causal_lm(cfg: ModelConfig, *, vocab_size: int | None = None, path: str
     return _finish(model, cfg)
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of an HF causal LM (``model.base_model.layers``)."""
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(f"{type(model).__name__}: no decoder layers at base_model.layers to compile")
+    return layers
+
+
+def compile_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` every decoder layer in place (``nn.Module.compile``: parameter names, the state dict and
+    ``save_pretrained`` are unchanged; embeddings, mask building and the loss stay eager). Layers share one
+    code object, so the layers compile once per input shape."""
+    for layer in decoder_layers(model):
+        layer.compile()
+    return model
+
+
 def autocast(cfg: ModelConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast to the compute dtype (a no-op for float32): forward passes of float32 master weights."""
     dtype = torch_dtype(cfg)

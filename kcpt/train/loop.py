@@ -45,7 +45,7 @@ import torch.distributed as dist
 from kcpt.config import KcptConfig, StageConfig
 from kcpt.errors import ConfigError, TrainingAborted
 from kcpt.model.attention import model_inputs
-from kcpt.model.loading import autocast, load_causal_lm
+from kcpt.model.loading import autocast, compile_layers, load_causal_lm
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.anomaly import AnomalyDetector
 from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, load_packed_rows
@@ -438,6 +438,11 @@ class StageRunner:
         model = load_causal_lm(self.cfg.model, vocab_size=len(self.tokenizer), path=model_dir,
                                pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
                                dtype=torch.float32 if trained else None)
+        if trained and self.cfg.train.compile:
+            if self._hf_ds is not None:
+                raise ConfigError("train.compile: not with ZeRO-3 (its parameter gathering runs inside every layer); "
+                                  "use zero_stage 2 or DDP")
+            compile_layers(model)
         if self._hf_ds is None:
             return model.to(self.device)
         if model_dir is not None and not any(hasattr(p, "ds_id") for p in model.parameters()):

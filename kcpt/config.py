@@ -342,7 +342,13 @@ class TrainConfig(Strict):
     eval_at_start: bool = True
     """Evaluate once before a stage's first step (step 0: the stage's starting point, not used by stop rules)."""
     checkpoint_every_eval: bool = True
-    """Save a checkpoint at every eval (needed for resume after a worker failure); else only the best."""
+    """Save checkpoints periodically (every ``checkpoint_every_evals``-th eval) besides the new bests, the
+    stop and new Pareto-front points; ``false``: only those."""
+    checkpoint_every_evals: int = Field(1, ge=1)
+    """Periodic checkpoints at every K-th eval of a stage (a new best, the stop and a new front point are always
+    saved). A checkpoint is a blocking collective write (weights + optimizer + fsync) while every rank waits;
+    a larger K makes evals cheaper, but a worker failure resumes from the last checkpoint: up to
+    ``K · eval_every`` steps are recomputed."""
     compile: bool = False
     """``torch.compile`` each decoder layer of the trained model (:func:`kcpt.model.loading.compile_layers`). Not
     with ZeRO-3 (its parameter-gathering hooks run inside every layer)."""

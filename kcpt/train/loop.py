@@ -709,7 +709,7 @@ class StageRunner:
         }
         ckpt_path = None
         on_front = d is not None and _joins_front(run.evals, raw, exam)
-        if d is not None and (t.checkpoint_every_eval or d.new_best or d.stop or on_front):
+        if d is not None and checkpoint_due(t, stage, run.step, new_best=d.new_best, stop=d.stop, on_front=on_front):
             path = str(self.checkpoint_path(plan, stage, run.step))
             evals = [*run.evals, {"step": run.step, "raw": raw, "exam": exam, "checkpoint": path}]
             state = {"plan": plan.to_dict(), "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen,
@@ -778,6 +778,13 @@ class StageRunner:
             self.run_dir.write_summary(s)
             ckpt_lib.prune_checkpoints(self.run_dir.checkpoints, self.cfg.train.keep_last, keep=keep_list(plan))
         barrier()
+
+
+def checkpoint_due(t: Any, stage: StageConfig, step: int, *, new_best: bool, stop: bool, on_front: bool) -> bool:
+    """Whether the eval at ``step`` saves a checkpoint: a new best, the stop, a new Pareto-front point, or the
+    periodic one (every ``train.checkpoint_every_evals``-th eval of the stage, when ``checkpoint_every_eval``)."""
+    periodic = t.checkpoint_every_eval and (step // stage.eval_every) % t.checkpoint_every_evals == 0
+    return bool(periodic or new_best or stop or on_front)
 
 
 def _joins_front(evals: list[dict[str, Any]], raw: float, exam: float | None) -> bool:

@@ -395,6 +395,9 @@ class StageRunner:
     # ----------------------------------------------------------------- setup
     def _device(self) -> torch.device:
         if self.cfg.train.use_gpu and torch.cuda.is_available():
+            if isinstance(self.session, LocalSession):  # in-process: this process's current GPU
+                torch.cuda.set_device(torch.cuda.current_device())
+                return torch.device("cuda", torch.cuda.current_device())
             import ray.train.torch
 
             dev = ray.train.torch.get_device()

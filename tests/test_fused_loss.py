@@ -85,3 +85,16 @@ def test_model_fused_forward_equals_logits_path():
     assert float(ce2) == pytest.approx(float(ce), rel=1e-6) and float(kl2) == pytest.approx(float(kl), rel=1e-5)
     worst = max(float((p.grad - want[k]).abs().max()) for k, p in model.named_parameters())
     assert worst < 1e-6
+
+
+def test_bf16_head_without_autocast_runs_and_is_close():
+    """DeepSpeed's bf16 mode: bf16 hidden states and head, no autocast (float32 logit gradients meet bf16)."""
+    h, w, rh, rw, labels = _data()
+    ce, n, kl, gh, gw = _reference(h, w, rh, rw, labels, 0.37, 1.7)
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    obj, ce2, _, kl2 = fused_ce_kl(hb, wb, labels, ce_scale=0.37, ref_hidden=rh.bfloat16(), ref_weight=rw.bfloat16(),
+                                   kl_scale=1.7, chunk_tokens=5)
+    obj.backward()
+    assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
+    assert float(ce2) == pytest.approx(float(ce), rel=2e-2)
+    assert (wb.grad.float() - gw).abs().max() < 0.05 * gw.abs().max()

@@ -48,7 +48,10 @@ def auto_chunk(vocab: int, n_tokens: int, chunk_tokens: int | None = None) -> in
 
 
 def _mm(a: Tensor, b_t: Tensor) -> Tensor:
-    """``a @ b_t.T`` (autocast, when active, gives the compute dtype)."""
+    """``a @ b_t.T`` in ``b_t``'s dtype (autocast, when active, gives the compute dtype): a float32 logit gradient
+    meets a bf16 head under DeepSpeed's bf16 mode, where no autocast runs."""
+    if a.dtype != b_t.dtype:
+        a = a.to(b_t.dtype)
     return a @ b_t.t()
 
 

@@ -1,7 +1,8 @@
 """Tokens/s of the Ray Train stage loop against a plain single-process PyTorch loop, same model and data.
 
     python bench/train_loop.py [--steps 60] [--model small|medium] [--workers 1,2] [--threads 2]
-    python bench/train_loop.py --gpu [--steps 30] [--peak-tflops 989]      # ~1B Llama, bf16, sdpa
+    python bench/train_loop.py --gpu [--steps 20] [--peak-tflops auto]     # Llama-3.2-1B shape, seq 2048, bf16
+    python bench/train_loop.py --options [--steps 12]                      # the same option table on the CPU
 
 Both loops train the same tiny Llama (or the ~1B config with ``--gpu``) on the same prepared demo rows (CPT
 stage: raw_train, next-token CE, AdamW, clip 1.0, warmup+cosine). Reported per configuration:
@@ -13,7 +14,17 @@ stage: raw_train, next-token CE, AdamW, clip 1.0, warmup+cosine). Reported per c
 - the ratio Ray ÷ plain for both (goal ≥ 0.95 steady-state with 1 worker).
 
 The plain loop uses ``--threads`` torch threads; the Ray loop with W workers gets ``threads / W`` CPUs per worker
-(so both use the same cores). GPU mode: tokens/s/GPU and MFU = 6·N·tokens/s ÷ peak FLOP/s.
+(so both use the same cores).
+
+``--gpu`` (and ``--options`` on the CPU, small shapes): the training-speed options, each alone and all together,
+in one run — a Llama-3.2-1B-shaped model built from config (vocab 128256, hidden 2048, 16 layers, 32 heads / 8 KV
+heads, MLP 8192, tied embeddings; random init, no download), packed rows of seq 2048 (documents of random
+lengths), bf16 autocast over fp32 master weights, no gradient checkpointing, the loop's own step
+(:func:`kcpt.train.loop.accumulate_step` + the engine's clip/step + the one host read per step). Printed per
+variant: tokens/s/GPU, MFU = 6·N·tokens/s ÷ the GPU's bf16 dense peak, peak memory. Variants: ``today`` (logits
+path, sdpa, foreach AdamW, eager), ``+fused_loss``, ``+flash_attention_2`` / ``+flex_attention`` (where
+available), ``+fused_adamw``, ``+compile``, ``all``; with 2+ GPUs also ``all`` on 2 GPUs under DDP (NCCL). Without
+CUDA ``--gpu`` prints that it skipped and exits 0.
 """
 
 from __future__ import annotations
@@ -120,6 +131,194 @@ def ray_loop(cfg, steps: int, run_dir: Path) -> dict[str, float]:
     return {"steady_tok_s": recs[-1]["tokens_per_s"], "e2e_tok_s": tokens / wall, "wall_s": wall}
 
 
+# --------------------------------------------------------------------------- option variants (GPU MFU table)
+
+LLAMA_1B = {"vocab_size": 128256, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "intermediate_size": 8192, "tie_word_embeddings": True,
+            "rope_theta": 500000.0, "max_position_embeddings": 8192}
+SMALL = {"vocab_size": 8192, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 4, "intermediate_size": 768, "tie_word_embeddings": False,
+         "max_position_embeddings": 1024}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    for key, v in PEAK_TFLOPS.items():
+        if key in name:
+            return v
+    return None
+
+
+def variants(device: str) -> list[tuple[str, dict]]:
+    """(name, options) of the table: today's path, each option alone, all together (unavailable ones left out)."""
+    from kcpt.model.attention import available
+
+    today = {"fused_loss": False, "attn": "sdpa", "fused_adamw": False, "compile": False}
+    fast_attn = next((a for a in ("flash_attention_3", "flash_attention_2", "flex_attention")
+                      if available(a) is None and (a != "flex_attention" or device != "cpu")), None)
+    out = [("today", today), ("+fused_loss", {**today, "fused_loss": True})]
+    if fast_attn is not None:
+        out.append((f"+{fast_attn}", {**today, "attn": fast_attn}))
+    if device != "cpu":
+        out.append(("+fused_adamw", {**today, "fused_adamw": True}))
+    out.append(("+compile", {**today, "compile": True}))
+    out.append(("all", {"fused_loss": True, "attn": fast_attn or "sdpa", "fused_adamw": device != "cpu",
+                        "compile": True}))
+    return out
+
+
+def _packed_batch(g, vocab: int, batch: int, seq: int, device: str) -> dict:
+    """Rows of documents of random lengths (16..seq/2 tokens), position ids restarting at each one."""
+    import numpy as np
+    import torch
+
+    from kcpt.model.attention import host_cu_seqlens
+
+    pos = np.zeros((batch, seq), dtype=np.int64)
+    for r in range(batch):
+        t = 0
+        while t < seq:
+            n = int(g.integers(16, max(17, seq // 2)))
+            pos[r, t:t + n] = np.arange(min(n, seq - t))
+            t += n
+    ids = torch.from_numpy(g.integers(0, vocab, (batch, seq)))
+    cu, max_len = host_cu_seqlens(pos)
+    return {"input_ids": ids.to(device), "labels": ids.to(device), "position_ids": torch.from_numpy(pos).to(device),
+            "cu_seqlens": torch.from_numpy(cu).to(device), "max_seqlen": torch.tensor(max_len)}
+
+
+def run_variant(opts: dict, *, shape: dict, device: str, batch: int, seq: int, grad_accum: int, steps: int,
+                warmup: int, dtype: str = "bfloat16") -> dict:
+    """Train ``steps`` timed optimizer steps (after ``warmup``) with the loop's step code; tokens/s and memory."""
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kcpt.config import ModelConfig
+    from kcpt.model.loading import autocast, compile_layers
+    from kcpt.train import fused_loss
+    from kcpt.train.engine import TorchEngine, all_reduce_, make_adamw, rank_world
+    from kcpt.train.loop import accumulate_step
+
+    rank, world = rank_world()
+    torch.manual_seed(0)
+    config = LlamaConfig(**shape, use_cache=False, attn_implementation=opts["attn"])
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    fused_loss.install(model)
+    if opts["compile"]:
+        compile_layers(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine = TorchEngine(model, lambda g: make_adamw(g, lr=1e-4, betas=(0.9, 0.95), fused=opts["fused_adamw"]),
+                         clip=1.0, weight_decay=0.1, device=torch.device(device))
+    mc = ModelConfig(dtype=dtype)
+    dev = torch.device(device)
+    g = np.random.default_rng(rank)
+    data = [_packed_batch(g, shape["vocab_size"], batch, seq, device) for _ in range(grad_accum * 2)]
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = c0 = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+        micro = [(data[(step * grad_accum + i) % len(data)], False) for i in range(grad_accum)]
+        sums = accumulate_step(engine, micro, ref=None, kl_beta=0.0, amp=lambda: autocast(mc, dev),
+                               fused=opts["fused_loss"])
+        norm = engine.step().double()
+        all_reduce_(torch.stack([sums.objective, norm])).tolist()  # the loop's one host read per step
+    sync()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    tok_s = steps * grad_accum * batch * seq / wall
+    return {"params": n_params, "tok_s": tok_s, "step_s": wall / steps,
+            "tok_per_cpu_s": steps * grad_accum * batch * seq / cpu,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if device != "cpu" else None}
+
+
+def _ddp_worker(rank: int, world: int, port: int, opts: dict, kw: dict, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    try:
+        res = run_variant(opts, device=f"cuda:{rank}", **kw)
+        if rank == 0:
+            Path(out).write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def options_table(args: argparse.Namespace) -> list[dict]:
+    import torch
+
+    gpu = args.gpu
+    if gpu and not torch.cuda.is_available():
+        print("bench/train_loop.py --gpu: skipped, no CUDA device here")
+        return []
+    device = "cuda" if gpu else "cpu"
+    if not gpu:
+        torch.set_num_threads(args.threads)
+    shape = LLAMA_1B if gpu else SMALL
+    kw = {"shape": shape, "batch": args.batch if not gpu else args.gpu_batch, "seq": 2048 if gpu else args.seq_len,
+          "grad_accum": args.grad_accum, "steps": args.steps, "warmup": args.warmup}
+    peak = args.peak_tflops
+    name = torch.cuda.get_device_name(0) if gpu else "cpu"
+    if gpu and peak is None:
+        peak = gpu_peak_tflops(name) or 989.0
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeat):  # round-robin over the variants: drifting load hits them all alike
+        for vname, opts in variants(device):
+            r = run_variant(opts, device=device, **kw)
+            r.update(variant=vname, gpus=1, **opts)
+            runs.setdefault(vname, []).append(r)
+            if gpu:
+                torch.cuda.empty_cache()
+    rows = []
+    for rs in runs.values():  # the median run (by tokens/s) of each variant
+        rs = sorted(rs, key=lambda r: r["tok_s"])
+        rows.append(dict(rs[len(rs) // 2], all_tok_s=[round(r["tok_s"]) for r in rs]))
+    if gpu and torch.cuda.device_count() >= 2:
+        import socket
+
+        import torch.multiprocessing as mp
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = Path(tempfile.mkdtemp()) / "ddp.json"
+        opts = dict(variants(device))["all"]
+        mp.start_processes(_ddp_worker, args=(2, port, opts, kw, str(out)), nprocs=2, join=True, start_method="spawn")
+        r = json.loads(out.read_text())
+        r.update(variant="all, 2-GPU DDP", gpus=2, **opts)
+        rows.append(r)
+    n = rows[0]["params"]
+    print(f"\n{name}: {n / 1e9:.3f}B params, {kw['batch']}×{kw['seq']} tokens × grad_accum {kw['grad_accum']} per "
+          f"GPU per step, {args.steps} timed steps, median of {args.repeat} round-robin runs"
+          + (f", peak {peak:.0f} TFLOP/s bf16 dense" if gpu else ""))
+    hdr = ("| variant | tokens/s/GPU | step s |" + (" MFU (6N) | peak mem GiB |" if gpu else
+                                                  " tokens per CPU-second (all threads) |")
+           + (" all runs tok/s |" if args.repeat > 1 else ""))
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in rows:
+        cells = [r["variant"], f"{r['tok_s']:.0f}", f"{r['step_s']:.3f}"]
+        if gpu:
+            r["mfu"] = 6 * r["params"] * r["tok_s"] / (peak * 1e12)
+            cells += [f"{100 * r['mfu']:.1f} %", f"{r['peak_mem_gb']:.1f}"]
+        else:
+            cells.append(f"{r['tok_per_cpu_s']:.0f}")
+        if args.repeat > 1:
+            cells.append(", ".join(map(str, r["all_tok_s"])))
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
@@ -128,14 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads in total (plain loop) = CPUs given to Ray")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="rows per worker per step (plain loop: × workers)")
-    p.add_argument("--gpu", action="store_true", help="~1B Llama on GPU(s), bf16, sdpa; reports MFU")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100 SXM bf16 dense: 989)")
+    p.add_argument("--gpu", action="store_true", help="Llama-3.2-1B shape on GPU(s): option table with MFU")
+    p.add_argument("--options", action="store_true", help="the option table on the CPU (small model)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU bf16 dense peak (default: by GPU name)")
+    p.add_argument("--gpu-batch", type=int, default=4, help="--gpu: rows of 2048 tokens per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=1, help="runs of every variant, round-robin; the median is shown")
     p.add_argument("--prepared-root", default=str(Path(tempfile.gettempdir()) / "kcpt-bench-prepared"))
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    if args.gpu:
-        args.model = "1b"
-        args.seq_len = max(args.seq_len, 1024)
+    if args.gpu or args.options:
+        options_table(args)
+        return 0
     import ray
 
     from kcpt.config import load_config  # noqa: F401 - fail early on a broken install

@@ -75,7 +75,11 @@ class ModelConfig(Strict):
     name_or_path: str = "tiny"
     """``"tiny"`` (built-in tiny Llama), a local HF model directory, or a hub name where a hub is reachable."""
     tiny: TinyModelConfig = TinyModelConfig()
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    """Packed rows are isolated under every one (:mod:`kcpt.model.attention`): sdpa/eager with a block-causal
+    mask, flex_attention with a block mask built once per batch, flash_attention_2/3 with varlen kernels
+    (``cu_seqlens`` from the position-id restarts, no mask). The flash kinds need their package and a GPU; an
+    unavailable one is refused when the model is built, naming what is missing."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype. Trained weights stay float32 (master copy) with ``torch.autocast`` to this dtype, or
     DeepSpeed's bf16/fp16 mode under ``train.deepspeed``; the frozen KL reference is stored in it. float16
@@ -392,7 +396,25 @@ class TrainConfig(Strict):
     eval_at_start: bool = True
     """Evaluate once before a stage's first step (step 0: the stage's starting point, not used by stop rules)."""
     checkpoint_every_eval: bool = True
-    """Save a checkpoint at every eval (needed for resume after a worker failure); else only the best."""
+    """Save checkpoints periodically (every ``checkpoint_every_evals``-th eval) besides the new bests, the
+    stop and new Pareto-front points; ``false``: only those."""
+    checkpoint_every_evals: int = Field(1, ge=1)
+    """Periodic checkpoints at every K-th eval of a stage (a new best, the stop and a new front point are always
+    saved). A checkpoint is a blocking collective write (weights + optimizer + fsync) while every rank waits;
+    a larger K makes evals cheaper, but a worker failure resumes from the last checkpoint: up to
+    ``K · eval_every`` steps are recomputed."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer of the trained model (:func:`kcpt.model.loading.compile_layers`). Not
+    with ZeRO-3 (its parameter-gathering hooks run inside every layer)."""
+    fused_optimizer: bool = True
+    """``torch.optim.AdamW(fused=True)`` where the optimized parameters live on CUDA (DDP on GPUs, ZeRO-2/3 without
+    optimizer offload); the foreach implementation elsewhere. Norms, biases and embeddings get no weight decay."""
+    fused_loss: bool = True
+    """CE and KL from the final hidden states in chunks over tokens (:mod:`kcpt.train.fused_loss`): no
+    full-vocabulary float32 logits (of the model or the KL reference) in training or eval. ``false``: the
+    plain path through the logits (:mod:`kcpt.train.losses`), kept for comparison."""
+    loss_chunk_tokens: int | None = Field(None, ge=1)
+    """Tokens per chunk of the fused loss; default: about 64 MiB of float32 logits per chunk."""
     faults: FaultConfig = FaultConfig()
 
 

@@ -107,7 +107,8 @@ def test_baseline_is_the_best_not_the_last_cpt_raw_loss(prepared_root, tmp_path)
     plan = ('[{name: cpt, sources: {raw_train: 1.0}, max_steps: 60, eval_every: 4, sets_baseline: true, '
             'lr: {peak: 0.03, warmup_steps: 0, min_ratio: 1.0}, stop: {rule: max_steps}}]')
     cfg = cfg_of(prepared_root, tmp_path, plan, "tune.stage=cpt", "train.micro_batch_size=2",
-                 "train.anomaly.k_mad=1000")
+                 "train.anomaly.k_mad=1000", "train.weight_decay=0")  # wd 0: the same run with or without
+    # decay groups (the run must overfit; at LR 0.03 the trajectory depends on which parameters decay)
     res = run_plan(cfg, resume="never", in_process=True)
     raws = [r["raw_val_loss"] for r in evals(res, "cpt")]
     assert min(raws) < raws[-1]                  # the run overfits: the last eval is not the best
@@ -187,3 +188,17 @@ def test_default_anomaly_rule_has_no_false_positives_on_uneven_answers(tmp_path)
     recs = evals(res, "s")
     assert recs[-1]["step"] == 80 and recs[-1]["rollbacks"] == 0
     assert recs[-1]["grad_norm_max"] > 1.5 * recs[-1]["grad_norm"]   # the norms really were uneven
+
+
+def test_checkpoint_every_k_evals_besides_best_stop_and_front():
+    from kcpt.config import StageConfig, TrainConfig
+    from kcpt.train.loop import checkpoint_due
+
+    st = StageConfig(name="s", sources={"raw_train": 1.0}, max_steps=40, eval_every=5)
+    t3 = TrainConfig(checkpoint_every_evals=3)
+    plain = {"new_best": False, "stop": False, "on_front": False}
+    assert [s for s in range(5, 41, 5) if checkpoint_due(t3, st, s, **plain)] == [15, 30]
+    assert all(checkpoint_due(TrainConfig(), st, s, **plain) for s in range(5, 41, 5))   # default: every eval
+    assert not any(checkpoint_due(TrainConfig(checkpoint_every_eval=False), st, s, **plain) for s in range(5, 41, 5))
+    for key in plain:
+        assert checkpoint_due(t3, st, 5, **{**plain, key: True})

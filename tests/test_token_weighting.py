@@ -1,6 +1,7 @@
 """The optimizer sees the token mean of one big batch, whatever grad_accum and world size (DDP and DeepSpeed).
 
-Ground truth (written out plainly here): one process, one model, the gradient of
+Both loss paths are checked: the fused chunked losses from hidden states (``train.fused_loss``, default) and the
+logits path. Ground truth (written out plainly here): one process, one model, the gradient of
 ``Σ CE / N_ce + β · Σ KL / N_kl`` over ALL rows (KL on the replay rows only). Then the loop's own
 :func:`kcpt.train.loop.accumulate_step` + engine step runs on 2 gloo processes × 2 micro-batches with uneven
 answer-only label counts (1 to 60 targets per row), with SGD(lr=1) and no clipping, so the parameter change
@@ -61,7 +62,7 @@ def ground_truth() -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, out: str, fused: bool) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -87,7 +88,8 @@ def _worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
         engine = DeepSpeedEngine(model, sgd, ds_config=cfg, weight_decay=0.0, scratch_key=f"test-{port}")
     per_rank = len(REPLAY) // world
     mine = range(rank * per_rank, (rank + 1) * per_rank)
-    accumulate_step(engine, [(_micro(rows, m), REPLAY[m]) for m in mine], ref=ref, kl_beta=BETA)
+    accumulate_step(engine, [(_micro(rows, m), REPLAY[m]) for m in mine], ref=ref, kl_beta=BETA, fused=fused,
+                    chunk_tokens=7)
     engine.step()
     if backend == "zero3":
         import deepspeed
@@ -108,11 +110,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
 @pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
-def test_step_gradient_equals_one_big_batch(backend: str, tmp_path: Path):
+def test_step_gradient_equals_one_big_batch(backend: str, fused: bool, tmp_path: Path):
+    """Both loss paths: the fused chunked CE+KL from hidden states (chunks of 7 tokens; under ZeRO-3 the head
+    weight gathered as an external parameter, the reference's head gathered around the loss) and the logits path."""
     truth = ground_truth()
     out = tmp_path / "delta.pt"
-    mp.start_processes(_worker, args=(2, _free_port(), backend, str(out)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, _free_port(), backend, str(out), fused), nprocs=2, join=True,
                        start_method="spawn")
     delta = torch.load(out)
     assert set(delta) == set(truth)

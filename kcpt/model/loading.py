@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from kcpt.config import ModelConfig
 from kcpt.errors import ConfigError
+from kcpt.model.attention import check_available
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ def tiny_llama_config(cfg: ModelConfig, vocab_size: int, *, pad_token_id: int | 
 
 
 def _finish(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    from kcpt.train import fused_loss
+
+    fused_loss.install(model)  # adds the fused-loss / hidden-state forward modes; the plain forward is unchanged
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -57,6 +61,7 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, *, pad_token_id: int | N
     """Random-init tiny Llama; deterministic for ``cfg.seed`` and leaves the global RNG state untouched.
 
     ``dtype`` overrides ``cfg.dtype`` (the loop keeps trained weights in float32)."""
+    check_available(cfg.attn_implementation)
     config = tiny_llama_config(cfg, vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     config._attn_implementation = cfg.attn_implementation
     with torch.random.fork_rng(devices=[]):
@@ -79,6 +84,7 @@ def load_causal_lm(cfg: ModelConfig, *, vocab_size: int | None = None, path: str
         if vocab_size is None:
             raise ValueError("the tiny model needs vocab_size (len(tokenizer))")
         return build_tiny_model(cfg, vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id, dtype=dtype)
+    check_available(cfg.attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch_dtype(cfg),
                                                      attn_implementation=cfg.attn_implementation,
@@ -91,6 +97,23 @@ def load_causal_lm(cfg: ModelConfig, *, vocab_size: int | None = None, path: str
                     model.get_input_embeddings().num_embeddings, vocab_size)
         model.resize_token_embeddings(vocab_size)
     return _finish(model, cfg)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of an HF causal LM (``model.base_model.layers``)."""
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(f"{type(model).__name__}: no decoder layers at base_model.layers to compile")
+    return layers
+
+
+def compile_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` every decoder layer in place (``nn.Module.compile``: parameter names, the state dict and
+    ``save_pretrained`` are unchanged; embeddings, mask building and the loss stay eager). Layers share one
+    code object, so the layers compile once per input shape."""
+    for layer in decoder_layers(model):
+        layer.compile()
+    return model
 
 
 def autocast(cfg: ModelConfig, device: torch.device) -> contextlib.AbstractContextManager:

@@ -11,7 +11,8 @@ hand workers short batches mid-stream (ray#66085). Each worker therefore reads t
   short batch ever, and batch ``c`` is a pure function of (seed, rank, world, B, c), so a resumed run that
   restores the cursor sees exactly the batches an uninterrupted run would.
 
-Batch tensors: ``input_ids``, ``position_ids``, ``labels`` int64 [B, T]; labels are -100 where no loss.
+Batch tensors: ``input_ids``, ``position_ids``, ``labels`` int64 [B, T]; labels are -100 where no loss;
+``cu_seqlens`` / ``max_seqlen``: document boundaries for varlen attention (:mod:`kcpt.model.attention`).
 """
 
 from __future__ import annotations
@@ -100,7 +101,16 @@ def full_labels(input_ids: np.ndarray, position_ids: np.ndarray, labels: np.ndar
 
 
 def to_batch(rows: PackedRows, idx: np.ndarray, device: torch.device | str = "cpu") -> Batch:
-    return {c: torch.from_numpy(getattr(rows, c)[idx].astype(np.int64)).to(device) for c in _COLUMNS}
+    """Rows ``idx`` as int64 tensors on ``device``, plus the documents' boundaries of the flattened batch computed
+    on the host (``cu_seqlens`` int32 on ``device``, ``max_seqlen`` a host scalar): what varlen flash attention
+    needs, with no device→host read."""
+    from kcpt.model.attention import host_cu_seqlens
+
+    batch = {c: torch.from_numpy(getattr(rows, c)[idx].astype(np.int64)).to(device) for c in _COLUMNS}
+    cu, max_len = host_cu_seqlens(rows.position_ids[idx])
+    batch["cu_seqlens"] = torch.from_numpy(cu).to(device)
+    batch["max_seqlen"] = torch.tensor(max_len)
+    return batch
 
 
 def _stream_seed(seed: int, source: str, epoch: int) -> list[int]:

@@ -32,7 +32,6 @@ holds it under ``engine/`` beside the HF weights, bound by the same manifest.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import shutil
@@ -47,6 +46,8 @@ import torch.distributed as dist
 
 from kcpt.config import KcptConfig
 from kcpt.errors import CheckpointError, ConfigError
+from kcpt.model.attention import model_inputs
+from kcpt.train import fused_loss
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +76,29 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """One AdamW group of the trainable parameters (frozen ones are left out)."""
-    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    """AdamW groups of the trainable parameters (frozen ones are left out): matrices with ``weight_decay``;
+    norms, biases (every parameter of fewer than 2 dimensions) and embedding tables (``nn.Embedding``, also when
+    the output head is tied to one) without. Under ZeRO-3 the shape is the parameter's full ``ds_shape``."""
+    emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False)}
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or id(p) in emb else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
-def _clone_to_cpu(obj: Any) -> Any:
-    """Deep copy of a nested state: tensors detached and cloned to CPU, everything else deep-copied."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _clone_to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_clone_to_cpu(v) for v in obj)
-    return copy.deepcopy(obj)
+def make_adamw(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float], fused: bool
+               ) -> torch.optim.Optimizer:
+    """torch AdamW; ``fused=True`` (one kernel for all parameters, no per-parameter host work) is taken only when
+    every parameter lives on CUDA — elsewhere the default (foreach) implementation."""
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=bool(fused and on_cuda) or None)
 
 
 class Engine(ABC):
@@ -105,13 +114,23 @@ class Engine(ABC):
     def __init__(self) -> None:
         self.rank, self.world = rank_world()
 
-    @abstractmethod
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits float[B, T, V] of a packed batch (``input_ids``, ``position_ids``)."""
+    def forward(self, batch: dict[str, torch.Tensor], cache: dict[str, Any] | None = None) -> torch.Tensor:
+        """Logits float[B, T, V] of a packed batch (``input_ids``, ``position_ids`` and the packed attention
+        inputs of :func:`kcpt.model.attention.model_inputs`)."""
+        return self._call(**model_inputs(self.module, batch, cache)).logits
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's forward + backward; ``last``: the step's final micro-batch."""
         return contextlib.nullcontext()
+
+    def forward_loss(self, batch: dict[str, torch.Tensor], spec: dict[str, Any],
+                     cache: dict[str, Any] | None = None) -> tuple[torch.Tensor, ...]:
+        """``(objective, ce_sum, ce_count, kl_sum)`` of a packed batch from the final hidden states, in chunks
+        (:func:`kcpt.train.fused_loss.fused_ce_kl` with ``spec``), through the wrapper like :meth:`forward`."""
+        return self._call(**model_inputs(self.module, batch, cache), kcpt_loss=spec)
+
+    def _call(self, **kwargs: Any) -> Any:
+        raise NotImplementedError
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
@@ -160,7 +179,7 @@ class TorchEngine(Engine):
     def __init__(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory, *, clip: float,
                  weight_decay: float, device: torch.device) -> None:
         super().__init__()
-        self.module = model
+        self.module = fused_loss.install(model)
         self.clip = clip
         self.optimizer = optimizer_factory(param_groups(model, weight_decay))
         if self.world > 1:
@@ -171,10 +190,10 @@ class TorchEngine(Engine):
         else:
             self.wrapped = model
         self.grad_world = self.world
-        self._snapshot: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self._snapshot: tuple[list[torch.Tensor], list[tuple[int, str]], list[Any]] | None = None
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.wrapped(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    def _call(self, **kwargs: Any) -> Any:
+        return self.wrapped(**kwargs)
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
         if self.world > 1 and not last:
@@ -186,6 +205,7 @@ class TorchEngine(Engine):
 
     def step(self) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self._wait_copy()  # the rollback point's copy must have read the weights before they change
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
@@ -198,19 +218,67 @@ class TorchEngine(Engine):
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def _live(self) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
+        """The tensors a rollback point holds: parameters and buffers, then every optimizer state tensor (keyed
+        by (parameter index, state key), so a point taken before the first step restores an empty state)."""
+        params = list(self.module.parameters())
+        tensors = [p.data for p in params] + [b for b in self.module.buffers()]
+        keys: list[tuple[int, str]] = []
+        for i, p in enumerate(params):
+            for k, v in sorted(self.optimizer.state.get(p, {}).items()):
+                if isinstance(v, torch.Tensor):
+                    tensors.append(v)
+                    keys.append((i, k))
+        return tensors, keys
+
     def mark_stable(self, step: int) -> None:
-        self._snapshot = (_clone_to_cpu(self.module.state_dict()), _clone_to_cpu(self.optimizer.state_dict()))
+        """Copy weights, buffers and optimizer state into preallocated host buffers (pinned on CUDA, copied on a
+        side stream with ``non_blocking``: no allocation, no host stall; the next optimizer step waits for the
+        copy on the device). Cost: ≈ 3× the fp32 parameters of host memory (once) and of copy traffic every
+        ``anomaly.stable_every`` accepted steps."""
+        tensors, keys = self._live()
+        shapes = [(t.shape, t.dtype, t.device) for t in tensors]
+        if self._snapshot is None or self._snapshot[1] != keys or self._snapshot[2] != shapes:
+            pin = any(t.is_cuda for t in tensors)
+            bufs = [torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin and t.is_cuda)
+                    for t in tensors]
+            self._snapshot = (bufs, keys, shapes)
+        bufs = self._snapshot[0]
+        if any(t.is_cuda for t in tensors):
+            cur = torch.cuda.current_stream()
+            self._copy_stream = getattr(self, "_copy_stream", None) or torch.cuda.Stream()
+            self._copy_stream.wait_stream(cur)
+            with torch.no_grad(), torch.cuda.stream(self._copy_stream):
+                for b, t in zip(bufs, tensors, strict=True):
+                    b.copy_(t, non_blocking=True)
+            self._copy_done = self._copy_stream.record_event()
+        else:
+            with torch.no_grad():
+                for b, t in zip(bufs, tensors, strict=True):
+                    b.copy_(t)
         self.stable_step = step
+
+    def _wait_copy(self) -> None:
+        ev = getattr(self, "_copy_done", None)
+        if ev is not None:
+            torch.cuda.current_stream().wait_event(ev)  # device-side wait: the host goes on
+            self._copy_done = None
 
     def rollback(self) -> int:
         if self._snapshot is None or self.stable_step is None:
             raise RuntimeError("no rollback point: call mark_stable before the first step")
-        model_sd, optim_sd = self._snapshot
-        self.module.load_state_dict(model_sd)
-        lr = self.lr
-        # load_state_dict may keep CPU tensors as they are: a fresh copy, so later updates never alter the point
-        self.optimizer.load_state_dict(_clone_to_cpu(optim_sd))
-        self.set_lr(lr)
+        self._wait_copy()
+        bufs, keys, shapes = self._snapshot
+        params = list(self.module.parameters())
+        n_fixed = len(params) + len(list(self.module.buffers()))
+        with torch.no_grad():
+            for p in params:  # state created after the point (e.g. the first step's moments) is dropped
+                self.optimizer.state.pop(p, None)
+            fixed = [p.data for p in params] + list(self.module.buffers())
+            for b, t in zip(bufs[:n_fixed], fixed, strict=True):
+                t.copy_(b, non_blocking=True)
+            for b, (i, k), (_, _, dev) in zip(bufs[n_fixed:], keys, shapes[n_fixed:], strict=True):
+                self.optimizer.state.setdefault(params[i], {})[k] = b.to(dev, copy=True)
         self.optimizer.zero_grad(set_to_none=True)
         return self.stable_step
 
@@ -322,6 +390,10 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         super().__init__()
+        fused_loss.install(model)
+        if ds_config.get("zero_optimization", {}).get("stage") == 3:
+            # the fused loss reads the head weight in the top module's forward: ZeRO-3 gathers it there too
+            deepspeed.zero.register_external_parameter(model, fused_loss.head_weight(model))
         optimizer = optimizer_factory(param_groups(model, weight_decay))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
@@ -329,8 +401,8 @@ class DeepSpeedEngine(Engine):
         self._scratch = Path(tempfile.gettempdir()) / "kcpt-rollback" / scratch_key
         self._lr = float(self.optimizer.param_groups[0]["lr"])
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    def _call(self, **kwargs: Any) -> Any:
+        return self.engine(**kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -393,7 +465,7 @@ def frozen_reference(model: torch.nn.Module, cfg: KcptConfig) -> torch.nn.Module
     ``offload_params``), so no rank holds the whole reference."""
     from kcpt.model.loading import freeze
 
-    model = freeze(model)
+    model = freeze(fused_loss.install(model))
     ds = cfg.train.deepspeed
     if ds is None or ds.zero_stage != 3:
         return model
@@ -423,3 +495,17 @@ def zero3_init(cfg: KcptConfig, ds_config: dict[str, Any] | None) -> Iterator[No
     keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers reads it through a weak reference
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         yield
+
+
+@contextlib.contextmanager
+def gathered_head(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The full output-head weight of ``model`` (a module or a DeepSpeed engine) for the duration of the block;
+    under ZeRO-3 it is gathered (collective: every rank enters with the same sequence of micro-batches)."""
+    w = fused_loss.head_weight(model)
+    if hasattr(w, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+            yield w
+    else:
+        yield w

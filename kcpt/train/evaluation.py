@@ -13,6 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from kcpt.model.attention import model_inputs
 from kcpt.train.batches import Batch
 from kcpt.train.losses import token_ce_sum
 
@@ -26,21 +27,30 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device | str = "cpu") -> dict[str, float]:
+def eval_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device | str = "cpu", *,
+              fused: bool = False) -> dict[str, float]:
     """``{"loss": mean nats, "tokens": count}`` over all workers' batches; ``loss`` is NaN when count is 0.
 
-    Every worker must call this with the same number of batches (collectives inside ZeRO-3 forwards).
+    Every worker must call this with the same number of batches (collectives inside ZeRO-3 forwards). Sums and
+    counts stay on the device until the end (one host read per eval set). ``fused``: the CE comes from the final
+    hidden states in chunks (:mod:`kcpt.train.fused_loss`), never from full-vocabulary logits.
     """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
     for b in batches:
-        out = model(input_ids=b["input_ids"], position_ids=b["position_ids"])
-        s, c = token_ce_sum(out.logits, b["labels"])
-        total += float(s)
-        count += int(c)
+        inputs = model_inputs(model, b)
+        if fused:
+            _, s, c, _ = model(**inputs, kcpt_loss={"labels": b["labels"]})
+        else:
+            out = model(**inputs)
+            s, c = token_ce_sum(out.logits, b["labels"])
+        acc += torch.stack([s.double(), c.double()])
     model.train(was_training)
-    total, count = all_reduce_sum([total, float(count)], device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(acc, op=dist.ReduceOp.SUM)
+    total, count = acc.tolist()
+    count = int(count)
     return {"loss": total / count if count else math.nan, "tokens": count}
 
 

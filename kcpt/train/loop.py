@@ -44,7 +44,8 @@ import torch.distributed as dist
 
 from kcpt.config import KcptConfig, StageConfig
 from kcpt.errors import ConfigError, TrainingAborted
-from kcpt.model.loading import autocast, load_causal_lm
+from kcpt.model.attention import model_inputs
+from kcpt.model.loading import autocast, compile_layers, load_causal_lm
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.anomaly import AnomalyDetector
 from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, load_packed_rows
@@ -56,6 +57,8 @@ from kcpt.train.engine import (
     barrier,
     deepspeed_config,
     frozen_reference,
+    gathered_head,
+    make_adamw,
     rank_world,
 )
 from kcpt.train.evaluation import eval_loss, ppl
@@ -265,7 +268,7 @@ class StepSums:
 def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], bool]], *,
                     ref: torch.nn.Module | None, kl_beta: float,
                     amp: Any = contextlib.nullcontext, ref_amp: Any = contextlib.nullcontext,
-                    perturb: Any = None) -> StepSums:
+                    perturb: Any = None, fused: bool = False, chunk_tokens: int | None = None) -> StepSums:
     """Forward + backward of one optimizer step's micro-batches ``[(batch, with_kl), ...]`` (this rank's).
 
     Counts first: ``N_ce`` = targets of every micro-batch (labels ≠ -100 after the causal shift) and ``N_kl`` =
@@ -273,6 +276,10 @@ def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], b
     ``(CE_sum/N_ce + β·KL_sum/N_kl) · engine.grad_world``. Since the backends average gradients over ranks,
     the accumulated gradient is that of ``Σ CE/N_ce + β·Σ KL/N_kl`` over the step's rows on all ranks — one
     big batch's token mean. ``perturb(loss)`` (fault injection) may replace each micro-batch's loss.
+
+    ``fused``: the losses come from the final hidden states in chunks (:mod:`kcpt.train.fused_loss`: no
+    full-vocabulary logits, of the model or of the reference); else from the logits (:mod:`kcpt.train.losses`).
+    Nothing here reads a device value on the host.
     """
     device = micro[0][0]["labels"].device
     counts = torch.zeros(2, dtype=torch.float64, device=device)
@@ -287,18 +294,36 @@ def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], b
     kl_total = torch.zeros((), dtype=torch.float64, device=device)
     ce_parts = []
     for i, (batch, kl) in enumerate(micro):
+        attn: dict[str, Any] = {}  # packed attention inputs, built once per micro-batch (model and reference)
         with engine.accumulate(last=i == len(micro) - 1):
-            with amp():
-                logits = engine.forward(batch)
-            ce_sum, ce_n = token_ce_sum(logits, batch["labels"])
-            loss = ce_sum / n_ce
-            if kl:
-                assert ref is not None
-                with torch.no_grad(), ref_amp():
-                    ref_logits = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-                kl_sum, _ = kl_to_reference_sum(logits, ref_logits, batch["labels"])
-                loss = loss + kl_beta * kl_sum / n_kl
-                kl_total += kl_sum.detach()
+            if fused:
+                spec: dict[str, Any] = {"labels": batch["labels"], "ce_scale": 1.0 / n_ce,
+                                        "chunk_tokens": chunk_tokens}
+                ref_ctx: Any = contextlib.nullcontext()
+                if kl:
+                    assert ref is not None
+                    with torch.no_grad(), ref_amp():
+                        spec["ref_hidden"] = ref(**model_inputs(ref, batch, attn), kcpt_hidden=True)
+                    ref_ctx = gathered_head(ref)
+                with ref_ctx as ref_w:
+                    if kl:
+                        spec.update(ref_weight=ref_w, kl_scale=kl_beta / n_kl)
+                    with amp():
+                        loss, ce_sum, ce_n, kl_sum = engine.forward_loss(batch, spec, attn)
+                if kl:
+                    kl_total += kl_sum.detach()
+            else:
+                with amp():
+                    logits = engine.forward(batch, attn)
+                ce_sum, ce_n = token_ce_sum(logits, batch["labels"])
+                loss = ce_sum / n_ce
+                if kl:
+                    assert ref is not None
+                    with torch.no_grad(), ref_amp():
+                        ref_logits = ref(**model_inputs(ref, batch, attn)).logits
+                    kl_sum, _ = kl_to_reference_sum(logits, ref_logits, batch["labels"])
+                    loss = loss + kl_beta * kl_sum / n_kl
+                    kl_total += kl_sum.detach()
             if perturb is not None:
                 loss = perturb(loss)
             engine.backward(loss * engine.grad_world)
@@ -370,6 +395,9 @@ class StageRunner:
     # ----------------------------------------------------------------- setup
     def _device(self) -> torch.device:
         if self.cfg.train.use_gpu and torch.cuda.is_available():
+            if isinstance(self.session, LocalSession):  # in-process: this process's current GPU
+                torch.cuda.set_device(torch.cuda.current_device())
+                return torch.device("cuda", torch.cuda.current_device())
             import ray.train.torch
 
             dev = ray.train.torch.get_device()
@@ -413,6 +441,11 @@ class StageRunner:
         model = load_causal_lm(self.cfg.model, vocab_size=len(self.tokenizer), path=model_dir,
                                pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
                                dtype=torch.float32 if trained else None)
+        if trained and self.cfg.train.compile:
+            if self._hf_ds is not None:
+                raise ConfigError("train.compile: not with ZeRO-3 (its parameter gathering runs inside every layer); "
+                                  "use zero_stage 2 or DDP")
+            compile_layers(model)
         if self._hf_ds is None:
             return model.to(self.device)
         if model_dir is not None and not any(hasattr(p, "ds_id") for p in model.parameters()):
@@ -424,7 +457,7 @@ class StageRunner:
         t = self.cfg.train
 
         def optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(groups, lr=stage.lr.peak, betas=tuple(t.adam_betas))
+            return make_adamw(groups, lr=stage.lr.peak, betas=tuple(t.adam_betas), fused=t.fused_optimizer)
 
         if self.ds_config is not None:
             key = f"{abs(hash(str(self.run_dir.root.resolve()))):x}-{stage.name}-{os.getpid()}"
@@ -618,12 +651,14 @@ class StageRunner:
         engine.set_lr(lr_at(run.step - 1, stage.max_steps, stage.lr, run.lr_scale))
         sums = accumulate_step(engine, [(b, kl) for _, b, kl in micro], ref=run.ref, kl_beta=stage.kl_beta,
                                amp=self.amp, ref_amp=lambda: autocast(self.cfg.model, self.device),
-                               perturb=lambda loss: run.faults.perturb_loss(loss, run.step))
+                               perturb=lambda loss: run.faults.perturb_loss(loss, run.step),
+                               fused=t.fused_loss, chunk_tokens=t.loss_chunk_tokens)
         for (src, _, _), ce in zip(micro, sums.ce, strict=True):
             interval.src[run.sources.index(src)] += ce
-        grad_norm = engine.step()
-        reduced = all_reduce_(torch.stack([sums.objective, sums.kl_sum]))
-        obj, kl_total, norm = [*reduced.tolist(), float(grad_norm)]  # the step's one host sync
+        grad_norm = engine.step().to(device=self.device, dtype=torch.float64)
+        # objective and KL summed over ranks; the norm is already global: only rank 0 adds it (exact)
+        reduced = all_reduce_(torch.stack([sums.objective, sums.kl_sum, grad_norm * float(self.rank == 0)]))
+        obj, kl_total, norm = reduced.tolist()  # the step's one device→host sync (the anomaly rule needs them)
         reason = run.detector.check(obj, norm)
         if reason is not None:
             back_to = engine.rollback()
@@ -635,10 +670,11 @@ class StageRunner:
         else:
             run.detector.accept(norm)
             run.good_steps += 1
-            interval.acc[:5] += torch.tensor([obj, 1.0, kl_total, 0.0, norm], dtype=torch.float64,
-                                             device=self.device)
-            interval.acc[3] += sums.counts[1]  # KL positions of the step (0 without replay micro-batches)
-            interval.acc[5] = max(float(interval.acc[5]), norm)
+            # interval sums stay on the device (read once, at the eval); KL positions of every step count,
+            # 0 without replay micro-batches
+            one = torch.ones((), dtype=torch.float64, device=self.device)
+            interval.acc[:5] += torch.stack([reduced[0], one, reduced[1], sums.counts[1], reduced[2]])
+            interval.acc[5] = torch.maximum(interval.acc[5], reduced[2])
             if run.good_steps % t.anomaly.stable_every == 0:
                 engine.mark_stable(run.step)
         step_tokens = t.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.world  # row positions
@@ -653,8 +689,8 @@ class StageRunner:
         stage, t = run.stage, self.cfg.train
         module = run.engine.module
         with self.amp():
-            raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device)["loss"]
-            exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device)["loss"]
+            raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device, fused=t.fused_loss)["loss"]
+            exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device, fused=t.fused_loss)["loss"]
                     if stage.eval_exam else None)
         d = None
         if not initial:
@@ -676,7 +712,7 @@ class StageRunner:
         }
         ckpt_path = None
         on_front = d is not None and _joins_front(run.evals, raw, exam)
-        if d is not None and (t.checkpoint_every_eval or d.new_best or d.stop or on_front):
+        if d is not None and checkpoint_due(t, stage, run.step, new_best=d.new_best, stop=d.stop, on_front=on_front):
             path = str(self.checkpoint_path(plan, stage, run.step))
             evals = [*run.evals, {"step": run.step, "raw": raw, "exam": exam, "checkpoint": path}]
             state = {"plan": plan.to_dict(), "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen,
@@ -745,6 +781,13 @@ class StageRunner:
             self.run_dir.write_summary(s)
             ckpt_lib.prune_checkpoints(self.run_dir.checkpoints, self.cfg.train.keep_last, keep=keep_list(plan))
         barrier()
+
+
+def checkpoint_due(t: Any, stage: StageConfig, step: int, *, new_best: bool, stop: bool, on_front: bool) -> bool:
+    """Whether the eval at ``step`` saves a checkpoint: a new best, the stop, a new Pareto-front point, or the
+    periodic one (every ``train.checkpoint_every_evals``-th eval of the stage, when ``checkpoint_every_eval``)."""
+    periodic = t.checkpoint_every_eval and (step // stage.eval_every) % t.checkpoint_every_evals == 0
+    return bool(periodic or new_best or stop or on_front)
 
 
 def _joins_front(evals: list[dict[str, Any]], raw: float, exam: float | None) -> bool:

@@ -7,6 +7,7 @@ scored against ``labels[:, t + 1]``. A token-weighted mean over workers is ``all
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -44,7 +45,9 @@ def kl_to_reference_sum(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> t
         raise ValueError(f"ref_logits {tuple(ref_logits.shape)} must match logits {tuple(logits.shape)}")
     lg, lb = _shift(logits, labels)
     mask = lb != IGNORE_INDEX
-    logp = F.log_softmax(lg[mask].float(), dim=-1)
-    logp_ref = F.log_softmax(ref_logits[:, :-1, :][mask].detach().float(), dim=-1)
-    kl = F.kl_div(logp, logp_ref, reduction="sum", log_target=True)
+    # no boolean indexing (a device→host sync on GPU): every position is computed, masked ones weigh 0
+    logp = F.log_softmax(lg.float(), dim=-1)
+    logp_ref = F.log_softmax(ref_logits[:, :-1, :].detach().float(), dim=-1)
+    kl_row = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+    kl = torch.where(mask, kl_row, torch.zeros((), dtype=kl_row.dtype, device=kl_row.device)).sum()
     return kl, mask.sum()

@@ -160,10 +160,13 @@ class StageRun:
     tokens_seen: int = 0
     lr_scale: float = 1.0
     good_steps: int = 0
-    saved: dict[int, str] = field(default_factory=dict)
-    """Eval step → checkpoint saved at it."""
     evals: list[dict[str, Any]] = field(default_factory=list)
     """Per eval with a checkpoint: ``{step, raw, exam, checkpoint}`` (Pareto front and hand-off)."""
+
+    @property
+    def saved(self) -> dict[int, str]:
+        """Eval step → checkpoint saved at it."""
+        return {int(e["step"]): e["checkpoint"] for e in self.evals}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -596,7 +599,6 @@ class StageRunner:
             run.stop_state = StopState.from_dict(resume["stop"])
             if resume.get("decision") is not None:
                 run.decision = StopDecision(**resume["decision"])
-            run.saved = {int(k): v for k, v in resume.get("saved", {}).items()}
             run.evals = list(resume.get("evals", []))
         elif stage.restore == "full" and plan.start_from is not None:
             if (Path(plan.start_from) / ENGINE_DIR).is_dir():
@@ -719,11 +721,9 @@ class StageRunner:
                      "lr_scale": run.lr_scale, "good_steps": run.good_steps,
                      "sources": {s: b.state_dict() for s, b in run.streams.items()},
                      "mixture": run.sampler.state_dict(), "anomaly": run.detector.state_dict(),
-                     "stop": run.stop_state.to_dict(), "decision": d.to_dict(),
-                     "saved": {**run.saved, run.step: path}, "evals": evals}
+                     "stop": run.stop_state.to_dict(), "decision": d.to_dict(), "evals": evals}
             ckpt_path = self.save(run, plan, state,
                                   {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)})
-            run.saved[run.step] = ckpt_path
             run.evals = evals
         metrics["checkpoint"] = ckpt_path
         self.report(metrics, ckpt_path, tb, run.step)

@@ -40,3 +40,65 @@ def tune_experiment(tmp_path_factory):
     cfg = load_config(None, overrides)
     result = tune_stage3(cfg, experiment_dir=root / "exp", verbose=0)
     return SimpleNamespace(root=root, overrides=overrides, result=result, exp_dir=result.experiment_dir, cfg=cfg)
+
+
+# --------------------------------------------------------------------------- S3 (moto's server on 127.0.0.1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API (moto's server mode) on 127.0.0.1, with bucket ``kcpt-test``. The endpoint and dummy
+    credentials go into ``os.environ`` (``AWS_ENDPOINT_URL`` …) for the whole session, so Ray processes started
+    afterwards (local clusters, job heads) reach it the standard way. Yields ``s3://kcpt-test``."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    exe = shutil.which("moto_server")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    cmd = [exe, "-H", "127.0.0.1", "-p", str(port)] if exe else \
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="kcpt-test")
+    try:
+        yield "s3://kcpt-test"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request):
+    """A fresh ``s3://kcpt-test/<test name>-<n>`` prefix for one test."""
+    import uuid
+
+    return f"{s3_server}/{request.node.name.replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:6]}"

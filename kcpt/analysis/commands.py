@@ -8,6 +8,20 @@ from pathlib import Path
 
 
 def _report(args: argparse.Namespace) -> int:
+    from kcpt import storage
+
+    if storage.is_uri(args.path):
+        storage.check_uri(args.path, "path")
+        store = storage.Store(args.path)
+        if store.is_file("trials.parquet") or args.path.endswith("/trials.parquet"):
+            from kcpt.analysis.trials import format_trials_report
+
+            print(format_trials_report(args.path))
+        else:
+            from kcpt.analysis.run_report import format_run_report
+
+            print(format_run_report(args.path))
+        return 0
     path = Path(args.path)
     if (path / "trials.parquet").is_file() or path.name == "trials.parquet":
         from kcpt.analysis.trials import format_trials_report

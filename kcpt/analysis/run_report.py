@@ -108,20 +108,31 @@ def checked_run_files(rd: RunDir) -> tuple[dict[str, Any], list[dict[str, Any]]]
     return summary, metrics
 
 
+def _exists(ref: str) -> bool:
+    """A checkpoint ref still there (a URI: its manifest is published)."""
+    from kcpt import storage
+
+    if storage.is_uri(ref):
+        store, rel = storage.store_and_rel(ref)
+        return store.is_file(f"{rel}/manifest.json")
+    return Path(ref).exists()
+
+
 def format_run_report(run_dir: str | Path) -> str:
-    rd = RunDir(run_dir)
+    """The stage table and the Pareto-optimal checkpoints of a run directory (a local path or a URI)."""
+    rd = RunDir(run_dir).pull()
     if not rd.summary_path.exists() and not rd.metrics_path.exists():
         raise InputError("not a kcpt run directory (no summary.json or metrics.jsonl)", path=str(run_dir))
     summary, metrics = checked_run_files(rd)
     order = summary.get("stage_order") or list(summary.get("stages", {}))
     stages = {k: summary["stages"][k] for k in order if k in summary.get("stages", {})}
-    parts = [f"run: {rd.root}", "", format_stage_table(stages, metrics)]
+    parts = [f"run: {rd.location}", "", format_stage_table(stages, metrics)]
     front = pareto_checkpoints(metrics)
     parts += ["", "Pareto-optimal checkpoints (raw val loss, exam val loss; both lower is better):"]
     if front:
         rows = [[m["stage"], str(m["step"]), _f(m["raw_val_loss"]), _f(m["exam_val_loss"]),
                  str(m.get("eval_exam") or "-"), _f(m.get("gate_ok")),
-                 m["checkpoint"] + ("" if Path(m["checkpoint"]).exists() else "  (pruned)")] for m in front]
+                 m["checkpoint"] + ("" if _exists(m["checkpoint"]) else "  (pruned)")] for m in front]
         parts.append(_table(["stage", "step", "raw", "exam", "exam set", "gate ok", "checkpoint"], rows))
     else:
         parts.append("(none: no eval with both losses saved a checkpoint)")

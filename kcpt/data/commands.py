@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from kcpt import storage
 from kcpt.config import DatasetConfig, KcptConfig, load_config
+from kcpt.errors import InputError
 
 
 def _common(p: argparse.ArgumentParser, *, inputs: bool) -> None:
@@ -59,9 +61,10 @@ def _config(args: argparse.Namespace) -> KcptConfig:
     return load_config(args.config, overrides)
 
 
-def format_manifest(directory: Path, manifest: dict[str, Any]) -> str:
+def format_manifest(directory: Path | str, manifest: dict[str, Any]) -> str:
     """Human summary of one prepared dataset: rows, tokens, efficiency, rejects with an example each."""
-    lines = [f"{manifest.get('name', directory.name)} ({manifest['kind']}): {manifest['rows']} rows × "
+    name = manifest.get("name", str(directory).rstrip("/").rsplit("/", 1)[-1])
+    lines = [f"{name} ({manifest['kind']}): {manifest['rows']} rows × "
              f"{manifest['seq_len']} tokens, {manifest['tokens']} non-pad tokens, "
              f"pack efficiency {manifest['pack_efficiency'] * 100:.2f}%, "
              f"kept {sum(i['documents'] for i in manifest['inputs'])} "
@@ -90,10 +93,12 @@ def run_prepare(args: argparse.Namespace) -> int:
         from kcpt.data.sources import check_inputs_exist
 
         check_inputs_exist(list(args.input), where="--input")
-        check_output_dir(args.out, [i for i in args.input if not i.startswith("demo:")], overwrite=args.overwrite)
+        if not storage.is_uri(args.out):
+            check_output_dir(args.out, [i for i in args.input if not i.startswith("demo:")],
+                             overwrite=args.overwrite)
 
     from kcpt.data.prepare import prepare_all, prepare_dataset
-    from kcpt.data.shards import read_manifest
+    from kcpt.data.shards import MANIFEST, fetch_prepared, read_manifest
     from kcpt.model.tokenizer import load_tokenizer
 
     progress = cfg.logging.progress
@@ -105,12 +110,18 @@ def run_prepare(args: argparse.Namespace) -> int:
                            text_field=getattr(args, "text_field", "text"),
                            exam_kind=getattr(args, "exam_kind", None))
         tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
-        out = Path(args.out)
+        remote = storage.is_uri(args.out)
+        out = storage.local_path_for(args.out) if remote else Path(args.out)
         name = args.name or out.resolve().name
-        dirs = {name: prepare_dataset(name, ds, cfg, out, tok, progress=progress, overwrite=args.overwrite)}
+        if remote and storage.Store(args.out).listdir() and not args.overwrite:
+            raise InputError("exists; --overwrite replaces it", path=args.out)
+        made = prepare_dataset(name, ds, cfg, out, tok, progress=progress, overwrite=args.overwrite or remote)
+        if remote:
+            storage.publish_tree(made, args.out, marker=MANIFEST)
+        dirs = {name: args.out if remote else made}
     for d in dirs.values():
-        print(format_manifest(d, read_manifest(d)))
+        print(format_manifest(d, read_manifest(fetch_prepared(d))))
     if dirs:
-        m = read_manifest(next(iter(dirs.values())))
+        m = read_manifest(fetch_prepared(next(iter(dirs.values()))))
         print(f"tokenizer: vocab {m['vocab_size']}, sha256 {m['tokenizer_sha256'][:12]}")
     return 0

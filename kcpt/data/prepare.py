@@ -182,28 +182,45 @@ def prepared_dir(cfg: KcptConfig, name: str, tok_sha: str) -> Path:
     return Path(cfg.data.prepared_root) / f"{name}-{key[:12]}"
 
 
-def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress: bool = True) -> dict[str, Path]:
-    """Prepare (or reuse) every dataset of ``cfg.data.datasets`` (or only ``names``); returns name → directory.
+def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress: bool = True
+                ) -> dict[str, Path | str]:
+    """Prepare (or reuse) every dataset of ``cfg.data.datasets`` (or only ``names``); returns name → ref (the
+    local directory, or the URI when ``data.prepared_root`` is one).
 
     One tokenizer serves all datasets. A dataset directory that exists (with its manifest) is reused; a file
-    lock per dataset keeps concurrent callers from preparing the same one twice.
+    lock per dataset keeps concurrent callers on one node from preparing the same one twice. With a URI root
+    the work happens in a node-local mirror: a dataset already published there is downloaded instead of
+    prepared, a new one is prepared locally and published (files first, ``manifest.json`` last).
     """
-    root = Path(cfg.data.prepared_root)
+    from kcpt import storage
+
+    remote = storage.is_uri(cfg.data.prepared_root)
+    if remote:
+        storage.check_uri(cfg.data.prepared_root, "data.prepared_root")
+    root = storage.local_path_for(cfg.data.prepared_root) if remote else Path(cfg.data.prepared_root)
     root.mkdir(parents=True, exist_ok=True)
     progress = progress and cfg.logging.progress
     tok, sha, tdir = prepare_tokenizer(cfg, root)
     wanted = list(cfg.data.datasets) if names is None else list(names)
-    out: dict[str, Path] = {}
+    out: dict[str, Path | str] = {}
     for name in wanted:
         if name not in cfg.data.datasets:
             from kcpt.errors import ConfigError
 
             raise ConfigError(f"data.datasets: no dataset named '{name}' (defined: {sorted(cfg.data.datasets)})")
-        target = prepared_dir(cfg, name, sha)
+        target = root / prepared_dir(cfg, name, sha).name
+        uri = storage.join(cfg.data.prepared_root, target.name) if remote else None
         with _lock(root / f".{target.name}.lock"):
+            if uri is not None and not (target / MANIFEST).is_file():
+                try:
+                    storage.fetch_tree(uri, marker=MANIFEST)  # published by an earlier run: reuse
+                except FileNotFoundError:
+                    pass
             if not (target / MANIFEST).is_file():
                 prepare_dataset(name, cfg.data.datasets[name], cfg, target, tok, progress=progress,
                                 overwrite=target.exists(), extra={"cache_key": target.name,
                                                                   "tokenizer_dir": str(tdir)})
-        out[name] = target
+            if uri is not None and not storage.Store(uri).is_file(MANIFEST):
+                storage.publish_tree(target, uri, marker=MANIFEST)
+        out[name] = uri if uri is not None else target
     return out

@@ -252,3 +252,17 @@ def iter_rows(directory: str | Path, batch_size: int = 1024) -> Iterator[pa.Reco
     """Stream the rows of a prepared dataset as record batches (bounded memory)."""
     for p in shard_paths(directory):
         yield from pq.ParquetFile(p).iter_batches(batch_size=batch_size)
+
+
+def fetch_prepared(ref: str | Path) -> Path:
+    """The local directory of prepared dataset ``ref``: a local path as is; a URI downloaded once per node into
+    scratch and reused while its manifest (uploaded last) is unchanged (:func:`kcpt.storage.fetch_tree`)."""
+    from kcpt import storage
+
+    if not storage.is_uri(str(ref)):
+        return Path(ref)
+    try:
+        return storage.fetch_tree(str(ref), marker=MANIFEST)
+    except FileNotFoundError as e:
+        raise InputError(f"prepared dataset not found or incompletely uploaded ({e}); prepare it again",
+                         path=str(ref)) from None

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import kcpt
+from kcpt import storage
 from kcpt.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ def staging_path(path: str | Path) -> Path:
 
 def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_state: dict[str, Any],
                     manifest: dict[str, Any], save_model_fn: Callable[[Any, Path], None] | None = None,
-                    include_rng: bool = True, verify_state: bool = True, staging: Path | None = None) -> Path:
+                    include_rng: bool = True, verify_state: bool = True, staging: Path | None = None,
+                    extra_files: dict[str, int] | None = None) -> Path:
     """Write a checkpoint directory at ``path`` atomically (see the module docstring); returns ``path``.
 
     ``model`` may be wrapped (DDP: ``.module`` is unwrapped). ``tokenizer`` may be ``None``. With
@@ -164,7 +166,8 @@ def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_sta
     or a test's failure injection). ``verify_state`` reads ``trainer_state.pt`` back with ``weights_only=True``
     before publishing (catches an unloadable state at save time rather than at resume). ``staging``: an existing
     dir from :func:`staging_path` that already holds files to publish with the checkpoint (listed in the
-    manifest like the rest); it is used instead of a new temp dir and removed on failure.
+    manifest like the rest); it is used instead of a new temp dir and removed on failure. ``extra_files``
+    (name → size): files other nodes' ranks published at the checkpoint's URI themselves, listed too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,7 @@ def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_sta
                 torch.load(tmp / TRAINER_STATE, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any unpickling refusal, reported with the checkpoint's name
                 raise CheckpointError(f"{path}: trainer state would not load with weights_only=True: {e}") from None
-        sizes = _fsync_tree(tmp)
+        sizes = {**(extra_files or {}), **_fsync_tree(tmp)}
         full = {**manifest, "format": FORMAT_VERSION, "files": sizes, "complete": True}
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(full, f, indent=2, sort_keys=True, ensure_ascii=False)
@@ -227,6 +230,20 @@ def remove_stale_temps(root: str | Path, *, name: str | None = None, keep: Path 
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def fetch(ref: str | Path) -> Path:
+    """The local directory of checkpoint ``ref``: a local path as is; a URI downloaded once per node into scratch
+    (:func:`kcpt.storage.fetch_tree`; reused while its manifest is unchanged). A URI whose manifest is missing or
+    whose listed files are not all uploaded is a :class:`CheckpointError` (never taken half-uploaded)."""
+    if not storage.is_uri(str(ref)):
+        return Path(ref)
+    try:
+        return storage.fetch_tree(str(ref), marker=MANIFEST, files_of=lambda m: dict(m.get("files") or {}))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"incomplete or missing checkpoint: {e}") from None
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{ref}: cannot download the checkpoint ({e})") from None
 
 
 def read_manifest(path: str | Path, *, check_files: bool = True) -> dict[str, Any]:

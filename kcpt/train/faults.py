@@ -8,18 +8,26 @@ marker under ``<run_dir>/faults/`` first, so the replacement worker group does n
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from kcpt.config import FaultConfig
 
 
+class Markers(Protocol):
+    """Where fired faults are recorded (:class:`kcpt.train.rundir.RunDir`: ``faults/`` of the run, local or URI)."""
+
+    def marker_exists(self, name: str) -> bool: ...
+
+    def marker_append(self, name: str, line: str = "fired") -> None: ...
+
+
 class FaultInjector:
-    def __init__(self, cfg: FaultConfig, *, stage: str, first_stage: str, rank: int, marker_dir: Path) -> None:
+    def __init__(self, cfg: FaultConfig, *, stage: str, first_stage: str, rank: int, markers: Markers) -> None:
         self.cfg = cfg
         self.active = (cfg.stage or first_stage) == stage
-        self.stage, self.rank, self.marker_dir = stage, rank, marker_dir
+        self.stage, self.rank, self.markers = stage, rank, markers
 
     def perturb_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """The loss to backpropagate at ``step`` (NaN or spiked when a fault is due; identical on all ranks).
@@ -37,18 +45,15 @@ class FaultInjector:
     def _count(self, kind: str, step: int) -> None:
         if self.rank != 0:
             return
-        self.marker_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.marker_dir / f"fired-{kind}-{self.stage}-{step}", "a") as f:
-            f.write("fired\n")
+        self.markers.marker_append(f"fired-{kind}-{self.stage}-{step}")
 
     def maybe_crash(self, step: int) -> None:
         """Exit this process abruptly (no cleanup, like a lost node) when the crash is due and not yet fired."""
         if not self.active or self.cfg.crash_at_step != step:
             return
-        marker = self.marker_dir / f"crash-{self.stage}-{step}"
-        if marker.exists():
+        marker = f"crash-{self.stage}-{step}"
+        if self.markers.marker_exists(marker):
             return
         if self.rank == self.cfg.crash_rank:
-            self.marker_dir.mkdir(parents=True, exist_ok=True)
-            marker.write_text("fired\n")
+            self.markers.marker_append(marker)
             os._exit(17)

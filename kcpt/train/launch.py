@@ -6,9 +6,12 @@ resume from, starts a local Ray when there is none (explicit ``num_cpus``), and 
 GPU, or DeepSpeed ZeRO when ``train.deepspeed`` is set). ``FailureConfig(max_failures)`` replaces a dead worker
 group, which resumes from the last checkpoint it reported.
 
-The run directory must be visible to every worker and to the driver (one machine, or shared storage on a
-cluster): checkpoints, metrics.jsonl and summary.json live there, and the Ray Train checkpoints are pointers to
-the kcpt checkpoints in it.
+Storage: ``train.output_dir`` and ``data.prepared_root`` (and checkpoints passed in) may be local paths, shared-FS
+paths or URIs (``s3://``, ``gs://``; :mod:`kcpt.storage`). With URIs nothing is shared between nodes but the
+object store: workers download prepared data and checkpoints into node-local scratch, rank 0 publishes run files
+and checkpoints (manifest last). On a multi-node Ray cluster a relative local path is refused (it would name a
+different directory on every node); an absolute local path is taken to be a shared filesystem.
+Ray Train's own storage (``RunConfig(storage_path=<run>/ray)``) holds pointers to the kcpt checkpoints.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kcpt import storage
 from kcpt.config import KcptConfig
+from kcpt.data.shards import fetch_prepared
 from kcpt.errors import CheckpointError, ConfigError, KcptError, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.loop import LocalSession, check_baselines, datasets_needed, expected_manifest, stage_loop_per_worker
@@ -36,7 +41,8 @@ __all__ = ["PlanResult", "run_plan", "stage_loop_per_worker", "latest_checkpoint
 class PlanResult:
     """What a plan run leaves: per-stage summaries (see ``summary.json``), best checkpoints, the baseline."""
 
-    run_dir: Path
+    run_dir: Path | str
+    """The run directory: a local path, or its URI."""
     summaries: dict[str, dict[str, Any]]
     best_checkpoints: dict[str, str | None]
     baseline_raw_best: float | None
@@ -48,9 +54,29 @@ class PlanResult:
         return read_metrics(self.run_dir)
 
 
-def latest_checkpoint(run_dir: RunDir, stages: list[str]) -> Path | None:
-    """The most advanced checkpoint of the run (by stage position, then step), or None."""
+def latest_checkpoint(run_dir: RunDir, stages: list[str]) -> str | None:
+    """The ref (path or URI) of the most advanced checkpoint of the run (by stage position, then step), or None."""
     return run_dir.latest_checkpoint(stages)
+
+
+def check_cluster_paths(cfg: KcptConfig, run_dir: str | Path | None, checkpoints: list[str | Path | None]) -> None:
+    """On a Ray cluster of more than one node, refuse relative local paths for what workers read or write (each
+    node would resolve them in its own working directory)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    named = [("train.output_dir", cfg.train.output_dir), ("data.prepared_root", cfg.data.prepared_root),
+             ("--run-dir", run_dir), *(("checkpoint", c) for c in checkpoints)]
+    for key, value in named:
+        if value is None or storage.is_uri(str(value)):
+            continue
+        if not Path(str(value)).expanduser().is_absolute():
+            raise ConfigError(f"{key}: '{value}' is a relative local path, but this Ray cluster has {len(nodes)} "
+                              "nodes that do not share a working directory: use an object-store URI "
+                              "(s3://bucket/prefix, gs://bucket/prefix) or an absolute path on a filesystem every "
+                              "node mounts (EFS, Filestore, NFS)")
 
 
 def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
@@ -71,10 +97,10 @@ def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
     return True
 
 
-def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path | None = None,
-             init_checkpoint: Path | None = None, baseline_raw_best: float | None = None,
+def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path | str | None = None,
+             init_checkpoint: Path | str | None = None, baseline_raw_best: float | None = None,
              resume: Literal["auto", "never"] = "auto", force: bool = False, address: str | None = None,
-             callbacks: list | None = None, reference_checkpoint: Path | None = None,
+             callbacks: list | None = None, reference_checkpoint: Path | str | None = None,
              in_process: bool = False) -> PlanResult:
     """Run ``stages`` (default: the whole plan, in order) in one Ray Train ``fit()``; returns the summaries.
 
@@ -93,11 +119,6 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     provides is refused here, before anything runs. A deterministic abort inside the loop (too many anomaly
     rollbacks) raises :class:`TrainingAborted` once, with the run directory as the last checkpoint left it.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from kcpt.data.prepare import prepare_all
-
     stages = list(stages) if stages is not None else [s.name for s in cfg.plan]
     if not stages:
         raise ConfigError("plan: no stage to run")
@@ -109,53 +130,85 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     check_baselines(cfg, stages, baseline_raw_best)
     if resume not in ("auto", "never"):
         raise ConfigError(f"resume must be 'auto' or 'never', got {resume!r}")
-    rd = RunDir(Path(run_dir) if run_dir is not None else run_dir_for(cfg)).root.resolve()
-    rd = RunDir(rd)
+    for key, value in (("train.output_dir", cfg.train.output_dir), ("data.prepared_root", cfg.data.prepared_root),
+                       ("run_dir", run_dir)):
+        if value is not None:
+            storage.check_uri(str(value), key)
+    ref = str(run_dir) if run_dir is not None else run_dir_for(cfg)
+    rd = RunDir(ref if storage.is_uri(ref) else storage.local_path(ref))
     rd.check_owned()  # never write into (or clean) a directory kcpt did not create
-
-    # Validate everything (inputs exist and read, tokenizer loads, checkpoints fit) before deleting anything.
     if cfg.train.deepspeed is not None:
         from kcpt.train.engine import deepspeed_config
 
         deepspeed_config(cfg)  # the user's DeepSpeed JSON merges with kcpt's keys (ConfigError otherwise)
+    init_checkpoint, reference_checkpoint = (
+        None if c is None else str(c) if storage.is_uri(str(c)) else str(storage.local_path(str(c)))
+        for c in (init_checkpoint, reference_checkpoint))
+    started = False
+    if not in_process:
+        started = _start_ray(cfg, address)
+    try:
+        if not in_process:
+            check_cluster_paths(cfg, run_dir, [init_checkpoint, reference_checkpoint])
+        return _run_plan(cfg, stages, rd, init_checkpoint=init_checkpoint, reference_checkpoint=reference_checkpoint,
+                         baseline_raw_best=baseline_raw_best, resume=resume, force=force, callbacks=callbacks,
+                         in_process=in_process)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint: str | None,
+              reference_checkpoint: str | None, baseline_raw_best: float | None, resume: str, force: bool,
+              callbacks: list | None, in_process: bool) -> PlanResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from kcpt.data.prepare import prepare_all
+
+    # Validate everything (inputs exist and read, tokenizer loads, checkpoints fit) before deleting anything.
     needed = datasets_needed(cfg, stages)
-    prepared = prepare_all(cfg, needed, progress=cfg.logging.progress)
-    prepared = {k: Path(v).resolve() for k, v in prepared.items()}
-    expected = expected_manifest(cfg, prepared)
+    prepared = {k: v if storage.is_uri(str(v)) else Path(v).resolve()
+                for k, v in prepare_all(cfg, needed, progress=cfg.logging.progress).items()}
+    expected = expected_manifest(cfg, {k: fetch_prepared(v) for k, v in prepared.items()})
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
-            if not Path(p).is_dir():
+            local = ckpt_lib.fetch(p)
+            if not local.is_dir():
                 raise CheckpointError(f"{what} {p}: not a directory")
-            ckpt_lib.check_compatible(ckpt_lib.read_manifest(p), expected, mode="weights_only", force=force)
-            ckpt_lib.verify_weights(p)
+            ckpt_lib.check_compatible(ckpt_lib.read_manifest(local), expected, mode="weights_only", force=force)
+            ckpt_lib.verify_weights(local)
 
-    resume_from: Path | None = None
+    resume_from: str | None = None
     if resume == "never":
-        protect = [Path(i) for n in needed for i in cfg.data.datasets[n].inputs if not i.startswith("demo:")]
-        protect += [Path(p) for p in (init_checkpoint, reference_checkpoint) if p is not None]
+        protect = [Path(i) for n in needed for i in cfg.data.datasets[n].inputs
+                   if not i.startswith("demo:") and not storage.is_uri(i)]
+        protect += [Path(p) for p in (init_checkpoint, reference_checkpoint) if p is not None and not storage.is_uri(p)]
         rd.start_over(protect)
     rd.create(cfg)
-    rd.aborted_path.unlink(missing_ok=True)
+    rd.clear_aborted()
     ckpt_lib.remove_stale_temps(rd.checkpoints)  # leftovers of saves killed in an earlier attempt
     if resume == "auto":
         resume_from = latest_checkpoint(rd, stages)
         if resume_from is not None:
-            ckpt_lib.check_compatible(ckpt_lib.read_manifest(resume_from), expected, mode="full", force=force)
-            state = ckpt_lib.load_trainer_state(resume_from)
+            local = ckpt_lib.fetch(resume_from)
+            ckpt_lib.check_compatible(ckpt_lib.read_manifest(local), expected, mode="full", force=force)
+            state = ckpt_lib.load_trainer_state(local)
             order = (state.get("plan") or {}).get("stage_order") if isinstance(state.get("plan"), dict) else None
             if order != stages:
                 raise CheckpointError(f"{resume_from}: the run directory holds a run of stages "
                                       f"{order}, not {stages}; use another run name or "
                                       "resume='never'")
-            ckpt_lib.verify_weights(resume_from)
+            ckpt_lib.verify_weights(local)
             log.info("resuming from %s", resume_from)
 
     t = cfg.train
     loop_config = {
-        "cfg": cfg.model_dump(mode="json"), "stages": stages, "run_dir": str(rd.root),
+        "cfg": cfg.model_dump(mode="json"), "stages": stages, "run_dir": rd.location,
         "prepared": {k: str(v) for k, v in prepared.items()},
-        "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
-        "reference_checkpoint": str(Path(reference_checkpoint).resolve()) if reference_checkpoint else None,
+        "init_checkpoint": init_checkpoint, "reference_checkpoint": reference_checkpoint,
         "baseline_raw_best": baseline_raw_best,
         "resume_from": str(resume_from) if resume_from else None,
     }
@@ -163,7 +216,6 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     if in_process:
         stage_loop_per_worker(loop_config, LocalSession())
         return _result(rd, stages, t0)
-    started = _start_ray(cfg, address)
     try:
         trainer = TorchTrainer(
             stage_loop_per_worker,
@@ -172,7 +224,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                          resources_per_worker={"CPU": t.cpus_per_worker,
                                                                **({"GPU": 1} if t.use_gpu else {})}),
-            run_config=RunConfig(storage_path=str(rd.ray_storage), name=f"fit-{time.strftime('%Y%m%d-%H%M%S')}",
+            run_config=RunConfig(storage_path=rd.ray_storage_location, name=f"fit-{time.strftime('%Y%m%d-%H%M%S')}",
                                  failure_config=FailureConfig(max_failures=t.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  callbacks=callbacks),
@@ -189,11 +241,6 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
                 raise type(cause)(str(cause)) from e
             cause = cause.__cause__ or getattr(cause, "cause", None)
         raise
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     return _result(rd, stages, t0)
 
 
@@ -201,9 +248,9 @@ def _result(rd: RunDir, stages: list[str], t0: float) -> PlanResult:
     aborted = rd.read_aborted()
     if aborted is not None:
         raise TrainingAborted(aborted)
-    summary = rd.read_summary()
+    summary = rd.pull().read_summary()
     summaries = {s: summary["stages"][s] for s in stages if s in summary.get("stages", {})}
-    return PlanResult(run_dir=rd.root, summaries=summaries,
+    return PlanResult(run_dir=rd.location if rd.remote is not None else rd.root, summaries=summaries,
                       best_checkpoints={s: v.get("best_checkpoint") for s, v in summaries.items()},
                       baseline_raw_best=summary.get("baseline_raw_best"), stages=stages,
                       wall_s=time.perf_counter() - t0)

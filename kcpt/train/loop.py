@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from kcpt.config import KcptConfig, StageConfig
+from kcpt.data.shards import fetch_prepared
 from kcpt.errors import ConfigError, TrainingAborted
 from kcpt.model.attention import model_inputs
 from kcpt.model.loading import autocast, compile_layers, load_causal_lm
@@ -375,7 +377,10 @@ class StageRunner:
         self.rank, self.world = rank_world()
         self.device = self._device()
         self.run_dir = RunDir(config["run_dir"])
-        self.prepared: dict[str, str] = config["prepared"]
+        if self.rank == 0:
+            self.run_dir.pull()  # a run directory at a URI: this node's mirror starts from the published files
+        # prepared datasets given as URIs are downloaded once per node (file lock) into node-local scratch
+        self.prepared: dict[str, str] = {k: str(fetch_prepared(v)) for k, v in config["prepared"].items()}
         self.ds_config = deepspeed_config(self.cfg) if self.cfg.train.deepspeed is not None else None
         if self.cfg.model.dtype == "float16" and self.ds_config is None:
             raise ConfigError("model.dtype float16 needs loss scaling: use train.deepspeed, or model.dtype bfloat16")
@@ -440,7 +445,7 @@ class StageRunner:
         back partitioned (HfDeepSpeedConfig); the built-in tiny model is built whole (it is tiny)."""
         from kcpt.model.tokenizer import pad_token_id
 
-        model_dir = ckpt_lib.model_dir(path) if path is not None else None
+        model_dir = ckpt_lib.model_dir(ckpt_lib.fetch(path)) if path is not None else None
         model = load_causal_lm(self.cfg.model, vocab_size=len(self.tokenizer), path=model_dir,
                                pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
                                dtype=torch.float32 if trained else None)
@@ -495,15 +500,30 @@ class StageRunner:
         return self._expected
 
     def save(self, run: StageRun, plan: PlanState, state: dict[str, Any], metrics: dict[str, Any]) -> str:
-        """Collective: every rank writes its engine state into rank 0's staging dir, then rank 0 publishes the
-        checkpoint ``checkpoints/<pos>-<stage>-step<k>`` atomically; every rank gets its path."""
+        """Collective: every rank writes its engine state into its node's staging dir (rank 0's, when they share a
+        filesystem), then rank 0 publishes the checkpoint ``checkpoints/<pos>-<stage>-step<k>`` atomically (at a
+        URI: ranks on other nodes upload their own files first, rank 0 the rest with the manifest last); every
+        rank gets the checkpoint's ref (path or URI)."""
         path = self.checkpoint_path(plan, run.stage, run.step)
-        staging = Path(_broadcast(str(ckpt_lib.staging_path(path)) if self.rank == 0 else None))
+        rank0_staging = _broadcast(str(ckpt_lib.staging_path(path)) if self.rank == 0 else None)
+        staging = path.parent / Path(rank0_staging).name  # this node's mirror (== rank 0's on a shared FS)
+        shared = str(staging) == rank0_staging
         if self.rank == 0:
+            if self.run_dir.remote is not None:
+                self.run_dir.retract_checkpoint(path.name)  # a re-save: never complete while half replaced
             staging.mkdir(parents=True)
         barrier()
+        if not shared:
+            staging.mkdir(parents=True, exist_ok=True)
         run.engine.save_state(staging / ENGINE_DIR)
         state["rng_per_rank"] = _gather(ckpt_lib.capture_rng_state())
+        uploaded: dict[str, int] = {}
+        if not shared and self.run_dir.remote is not None:  # another node: publish what this rank wrote
+            uploaded = {f.relative_to(staging).as_posix(): f.stat().st_size for f in staging.rglob("*")
+                        if f.is_file()}
+            self.run_dir.remote.upload_tree(staging, f"checkpoints/{path.name}")
+            shutil.rmtree(staging, ignore_errors=True)
+        extra = {k: v for d in _gather(uploaded) for k, v in d.items()}
         module = run.engine.module
         gather = contextlib.nullcontext()
         if self.ds_config is not None and self.ds_config["zero_optimization"]["stage"] == 3:
@@ -517,9 +537,10 @@ class StageRunner:
                     restore_mode=run.stage.restore, step=run.step, stage=run.stage.name,
                     stage_index=plan.stage_pos, metrics=metrics)
                 ckpt_lib.save_checkpoint(path, model=module, tokenizer=self.tokenizer, trainer_state=state,
-                                         manifest=manifest, staging=staging, include_rng=False)
+                                         manifest=manifest, staging=staging, include_rng=False, extra_files=extra)
+                self.run_dir.publish_checkpoint(path.name, keep_remote=set(extra))
         barrier()
-        return str(path)
+        return self.run_dir.checkpoint_ref(path.name)
 
     # ----------------------------------------------------------------- the plan
     def run(self) -> None:
@@ -539,10 +560,10 @@ class StageRunner:
         # where a replaced worker group continues — Ray registers reported checkpoints asynchronously, so its own
         # "latest" can lag behind a checkpoint written just before a node died
         latest = self.run_dir.latest_checkpoint(plan.stage_order)
-        resume_path = str(latest) if latest is not None else self.config.get("resume_from")
+        resume_path = latest if latest is not None else self.config.get("resume_from")
         resume_state: dict[str, Any] | None = None
         if resume_path is not None:
-            resume_state = ckpt_lib.load_trainer_state(resume_path)
+            resume_state = ckpt_lib.load_trainer_state(ckpt_lib.fetch(resume_path))
             plan = PlanState.from_dict(resume_state["plan"])
             if self.rank == 0:
                 key = _checkpoint_step_key(resume_state)
@@ -586,12 +607,12 @@ class StageRunner:
                                    max_steps=stage.max_steps, mode=stage.mixture_mode),
             detector=AnomalyDetector(t.anomaly),
             faults=FaultInjector(t.faults, stage=stage.name, first_stage=plan.stage_order[0], rank=self.rank,
-                                 marker_dir=self.run_dir.faults),
+                                 markers=self.run_dir),
             sources=sources, replay=set(replay_sources(self.cfg, stage)))
         if resume is not None:
             run.step, run.tokens_seen = int(resume["step"]), int(resume["tokens_seen"])
             run.lr_scale, run.good_steps = float(resume["lr_scale"]), int(resume.get("good_steps", 0))
-            engine.load_state(Path(resume_path) / ENGINE_DIR)
+            engine.load_state(ckpt_lib.fetch(resume_path) / ENGINE_DIR)
             for s, st in resume["sources"].items():
                 streams[s].load_state_dict(st)
             run.sampler.load_state_dict(resume["mixture"])
@@ -601,8 +622,8 @@ class StageRunner:
                 run.decision = StopDecision(**resume["decision"])
             run.evals = list(resume.get("evals", []))
         elif stage.restore == "full" and plan.start_from is not None:
-            if (Path(plan.start_from) / ENGINE_DIR).is_dir():
-                engine.load_state(Path(plan.start_from) / ENGINE_DIR)  # optimizer moments; this stage's schedule
+            if (ckpt_lib.fetch(plan.start_from) / ENGINE_DIR).is_dir():  # optimizer moments; this stage's schedule
+                engine.load_state(ckpt_lib.fetch(plan.start_from) / ENGINE_DIR)
             else:
                 log.warning("stage %s: restore full, but %s has no engine state; optimizer starts fresh",
                             stage.name, plan.start_from)
@@ -715,7 +736,7 @@ class StageRunner:
         ckpt_path = None
         on_front = d is not None and _joins_front(run.evals, raw, exam)
         if d is not None and checkpoint_due(t, stage, run.step, new_best=d.new_best, stop=d.stop, on_front=on_front):
-            path = str(self.checkpoint_path(plan, stage, run.step))
+            path = self.run_dir.checkpoint_ref(self.checkpoint_path(plan, stage, run.step).name)
             evals = [*run.evals, {"step": run.step, "raw": raw, "exam": exam, "checkpoint": path}]
             state = {"plan": plan.to_dict(), "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen,
                      "lr_scale": run.lr_scale, "good_steps": run.good_steps,
@@ -779,7 +800,7 @@ class StageRunner:
             s["baseline_raw_best"] = plan.baseline_raw_best
             s["cpt_best"] = plan.cpt_best
             self.run_dir.write_summary(s)
-            ckpt_lib.prune_checkpoints(self.run_dir.checkpoints, self.cfg.train.keep_last, keep=keep_list(plan))
+            self.run_dir.prune_checkpoints(self.cfg.train.keep_last, keep_list(plan))
         barrier()
 
 

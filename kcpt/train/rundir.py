@@ -13,6 +13,11 @@
   kcpt-run.json      the marker that kcpt made this directory (written first, never removed)
 ```
 
+``output_dir`` may be a local path, a shared-FS path or a URI (``s3://bucket/runs``; :mod:`kcpt.storage`). For a
+URI, :class:`RunDir` works in a node-local mirror (``root``) and publishes every file it writes to the URI
+(``location``): small files whole on each write, checkpoints file by file with ``manifest.json`` last (a reader
+never takes a half-uploaded checkpoint as complete); :meth:`RunDir.pull` refreshes the mirror from the URI.
+
 Safety: kcpt writes into (and, when a run starts over, deletes the entries above from) a directory only when it
 is absent, empty, or holds the marker — never a directory it did not create (:meth:`RunDir.check_owned`).
 Starting over removes only the entries listed above, and only after the run was validated.
@@ -27,6 +32,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kcpt import storage
 from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import InputError
 
@@ -35,8 +41,9 @@ OWNED_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "tb", "ray", "f
 """What starting a run over removes (nothing else in the run directory is ever deleted)."""
 
 
-def run_dir_for(cfg: KcptConfig) -> Path:
-    return Path(cfg.train.output_dir) / cfg.train.run_name
+def run_dir_for(cfg: KcptConfig) -> str:
+    """``<output_dir>/<run_name>`` (a URI or a local path string)."""
+    return storage.join(cfg.train.output_dir, cfg.train.run_name)
 
 
 def _clean(v: Any) -> Any:
@@ -56,7 +63,91 @@ class RunDir:
     """Paths and writers of one run directory (writers are used by rank 0 only)."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        ref = str(root)
+        self.remote: storage.Store | None = None
+        if storage.is_uri(ref):
+            self.location = ref.rstrip("/")
+            self.remote = storage.Store(self.location)
+            self.root = storage.local_path_for(self.location)
+        else:
+            self.root = Path(ref[len("file://"):] if ref.startswith("file://") else ref)
+            self.location = str(self.root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.location!r})"
+
+    # ----------------------------------------------------------------- remote mirror
+    def _push(self, rel: str) -> None:
+        """Publish the mirror's file ``rel`` to the URI (no-op for a local run directory)."""
+        if self.remote is not None:
+            self.remote.upload_file(self.root / rel, rel)
+
+    def pull(self) -> RunDir:
+        """Refresh the mirror's run files (metrics, summary, config, marker, fault markers) from the URI."""
+        if self.remote is None:
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
+        for rel in ("metrics.jsonl", "summary.json", "config.yaml", MARKER, "aborted.json"):
+            local = self.root / rel
+            if self.remote.is_file(rel):
+                self.remote.download_file(rel, local)
+            else:
+                local.unlink(missing_ok=True)
+        shutil.rmtree(self.faults, ignore_errors=True)
+        for name in self.remote.walk("faults"):
+            self.remote.download_file(f"faults/{name}", self.faults / name)
+        return self
+
+    def push_tree(self, rel: str) -> None:
+        """Publish every file under the mirror's ``rel`` (e.g. ``tb/<stage>``)."""
+        if self.remote is not None and (self.root / rel).is_dir():
+            self.remote.upload_tree(self.root / rel, rel)
+
+    def checkpoint_ref(self, name: str) -> str:
+        """What a checkpoint is called in summaries and metrics: its URI, or its local path."""
+        return storage.join(self.location, "checkpoints", name) if self.remote is not None \
+            else str(self.checkpoints / name)
+
+    def publish_checkpoint(self, name: str, keep_remote: set[str] = frozenset()) -> None:
+        """Upload the mirror's complete checkpoint ``name`` (manifest last; ``keep_remote``: files other ranks
+        uploaded themselves)."""
+        if self.remote is not None:
+            from kcpt.train.checkpoint import MANIFEST
+
+            storage.publish_tree(self.checkpoints / name, self.checkpoint_ref(name), marker=MANIFEST,
+                                 keep=keep_remote)
+
+    def retract_checkpoint(self, name: str) -> None:
+        if self.remote is not None:
+            from kcpt.train.checkpoint import MANIFEST
+
+            storage.retract_tree(self.checkpoint_ref(name), marker=MANIFEST)
+
+    def remote_checkpoints(self) -> list[str]:
+        """Names of the published (manifest present) checkpoints at the URI."""
+        if self.remote is None:
+            return []
+        from kcpt.train.checkpoint import MANIFEST
+
+        return [n for n in self.remote.listdir("checkpoints")
+                if not n.startswith(".") and self.remote.is_file(f"checkpoints/{n}/{MANIFEST}")]
+
+    def prune_checkpoints(self, keep_last: int, keep: list[str]) -> None:
+        """:func:`kcpt.train.checkpoint.prune_checkpoints` on the mirror, and the same rule at the URI (order by
+        the (stage position, step) in the names; ``keep`` holds checkpoint refs)."""
+        from kcpt.train import checkpoint as ckpt_lib
+
+        if self.remote is None:
+            ckpt_lib.prune_checkpoints(self.checkpoints, keep_last, keep=[k for k in keep if not storage.is_uri(k)])
+            return
+        prefix = self.location + "/checkpoints/"
+        kept = {k[len(prefix):] for k in keep if k.startswith(prefix)}
+        ckpt_lib.prune_checkpoints(self.checkpoints, keep_last, keep=[self.checkpoints / n for n in kept])
+        names = sorted((k, n) for n in self.remote_checkpoints() if (k := _name_key(n)) is not None)
+        last = {n for _, n in names[-keep_last:]} if keep_last > 0 else set()
+        for _, n in names:
+            if n not in last and n not in kept:
+                self.retract_checkpoint(n)
 
     @property
     def config_path(self) -> Path:
@@ -83,6 +174,11 @@ class RunDir:
         return self.root / "ray"
 
     @property
+    def ray_storage_location(self) -> str:
+        """``RunConfig(storage_path=...)``: ``<location>/ray`` (Ray Train writes a URI through pyarrow.fs)."""
+        return storage.join(self.location, "ray")
+
+    @property
     def faults(self) -> Path:
         return self.root / "faults"
 
@@ -92,10 +188,20 @@ class RunDir:
 
     def write_aborted(self, message: str) -> None:
         self.aborted_path.write_text(json.dumps({"message": message}, ensure_ascii=False), encoding="utf-8")
+        self._push("aborted.json")
+
+    def clear_aborted(self) -> None:
+        self.aborted_path.unlink(missing_ok=True)
+        if self.remote is not None:
+            self.remote.delete("aborted.json")
 
     def read_aborted(self) -> str | None:
-        """The message of a deterministic abort of the last attempt, or None."""
-        if not self.aborted_path.is_file():
+        """The message of a deterministic abort of the last attempt, or None (reads the URI's copy)."""
+        if self.remote is not None:
+            if not self.remote.is_file("aborted.json"):
+                return None
+            self.remote.download_file("aborted.json", self.aborted_path)
+        elif not self.aborted_path.is_file():
             return None
         return json.loads(self.aborted_path.read_text(encoding="utf-8"))["message"]
 
@@ -105,6 +211,12 @@ class RunDir:
 
     def check_owned(self) -> None:
         """InputError unless the run directory is absent, an empty directory, or marked as kcpt's own."""
+        if self.remote is not None:
+            if self.remote.listdir() and not self.remote.is_file(MARKER):
+                raise InputError(f"exists but kcpt did not create it (no {MARKER}); kcpt writes and deletes only in "
+                                 "its own run directories: choose another train.run_name / --run-dir",
+                                 path=self.location)
+            return
         root = self.root
         if not root.exists() and not root.is_symlink():
             return
@@ -126,6 +238,14 @@ class RunDir:
         """Delete the previous results (:data:`OWNED_ENTRIES` only) of an owned run directory, refusing if any
         path in ``protect`` (the run's inputs) is inside one of them."""
         self.check_owned()
+        if self.remote is not None:
+            for name in self.remote_checkpoints():
+                self.retract_checkpoint(name)
+            for n in OWNED_ENTRIES:
+                self.remote.delete(n)
+                self.remote.delete_tree(n)
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
         if not self.root.is_dir():
             return
         doomed = [self.root / n for n in OWNED_ENTRIES]
@@ -154,31 +274,35 @@ class RunDir:
                                             encoding="utf-8")
             self.checkpoints.mkdir(exist_ok=True)
             dump_config(cfg, self.config_path)
+            if self.remote is not None:
+                if not self.remote.is_file(MARKER):
+                    self._push(MARKER)
+                self._push("config.yaml")
         except OSError as e:
             raise InputError(f"cannot create run directory: {e.strerror or e}", path=str(e.filename or self.root)
                              ) from None
         return self
 
-    def latest_checkpoint(self, stages: list[str]) -> Path | None:
-        """The most advanced checkpoint of a run of ``stages`` (by stage position, then step), or None. Visible
-        checkpoint directories are complete (written under a hidden name and renamed; pruned ones are hidden
-        before they are deleted)."""
-        if not self.checkpoints.is_dir():
+    def latest_checkpoint(self, stages: list[str]) -> str | None:
+        """The ref (path or URI) of the most advanced checkpoint of a run of ``stages`` (by stage position, then
+        step), or None. Visible local checkpoint directories are complete (written under a hidden name and
+        renamed; pruned ones are hidden before they are deleted); at a URI only those whose manifest (uploaded
+        last, retracted first) is present count."""
+        if self.remote is not None:
+            names = self.remote_checkpoints()
+        elif self.checkpoints.is_dir():
+            names = [p.name for p in self.checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        else:
             return None
-        best: tuple[tuple[int, int], Path] | None = None
-        for p in self.checkpoints.iterdir():
-            if not p.is_dir() or p.name.startswith("."):
+        best: tuple[tuple[int, int], str] | None = None
+        for n in names:
+            parsed = _parse_name(n)
+            if parsed is None:
                 continue
-            try:
-                pos_s, rest = p.name.split("-", 1)
-                name, step_s = rest.rsplit("-step", 1)
-                key = (int(pos_s), int(step_s))
-            except ValueError:
-                continue
-            if pos_s.isdigit() and int(pos_s) < len(stages) and stages[int(pos_s)] == name and \
-                    (best is None or key > best[0]):
-                best = (key, p)
-        return best[1] if best else None
+            pos, name, step = parsed
+            if pos < len(stages) and stages[pos] == name and (best is None or (pos, step) > best[0]):
+                best = ((pos, step), n)
+        return self.checkpoint_ref(best[1]) if best else None
 
     # ----------------------------------------------------------------- metrics
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -187,6 +311,7 @@ class RunDir:
             f.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._push("metrics.jsonl")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.root)
@@ -200,6 +325,7 @@ class RunDir:
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, self.metrics_path)
+        self._push("metrics.jsonl")
 
     # ----------------------------------------------------------------- summary
     def read_summary(self) -> dict[str, Any]:
@@ -218,6 +344,40 @@ class RunDir:
         tmp = self.summary_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(_clean(summary), indent=2, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, self.summary_path)
+        self._push("summary.json")
+
+    # ----------------------------------------------------------------- fault markers (tests)
+    def marker_exists(self, name: str) -> bool:
+        if self.remote is not None:
+            return self.remote.is_file(f"faults/{name}")
+        return (self.faults / name).exists()
+
+    def marker_append(self, name: str, line: str = "fired") -> None:
+        """Append ``line`` to ``faults/<name>`` (read-modify-write at a URI: one writer, rank 0 or the crashing
+        rank)."""
+        self.faults.mkdir(parents=True, exist_ok=True)
+        if self.remote is not None and self.remote.is_file(f"faults/{name}"):
+            self.remote.download_file(f"faults/{name}", self.faults / name)
+        with open(self.faults / name, "a") as f:
+            f.write(line + "\n")
+        self._push(f"faults/{name}")
+
+
+def _parse_name(n: str) -> tuple[int, str, int] | None:
+    """``NN-<stage>-stepNNNNNN`` → (stage position, stage, step), else None."""
+    try:
+        pos_s, rest = n.split("-", 1)
+        name, step_s = rest.rsplit("-step", 1)
+        if not pos_s.isdigit():
+            return None
+        return int(pos_s), name, int(step_s)
+    except ValueError:
+        return None
+
+
+def _name_key(n: str) -> tuple[int, int] | None:
+    p = _parse_name(n)
+    return (p[0], p[2]) if p else None
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -243,6 +403,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
     A last line without its newline that is not valid JSON is a write cut short by a kill and is ignored; any
     other bad line is an InputError naming the file and the line."""
+    if storage.is_uri(str(run_dir)):
+        run_dir = RunDir(str(run_dir)).pull().root
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -273,6 +435,7 @@ class ScalarLogger:
 
     def __init__(self, run_dir: RunDir, stage: str, enabled: bool, purge_step: int | None = None) -> None:
         self.writer = None
+        self.run_dir, self.rel = run_dir, f"tb/{stage}"
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -288,7 +451,9 @@ class ScalarLogger:
                 continue
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
+        self.run_dir.push_tree(self.rel)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.run_dir.push_tree(self.rel)

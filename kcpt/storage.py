@@ -1,0 +1,321 @@
+"""Storage by URI: local paths, shared-FS paths and object stores (``s3://``, ``gs://``) through ``pyarrow.fs``.
+
+Why pyarrow.fs: Ray Train persists to ``RunConfig(storage_path=...)`` through pyarrow.fs, so one filesystem layer
+(and one set of credentials: the standard ``AWS_*`` variables incl. ``AWS_ENDPOINT_URL``, or GCP's default
+credentials) serves kcpt and Ray alike; it ships with Ray Data's pyarrow, needs no s3fs/gcsfs, and streams
+large files (multipart uploads) without holding them in memory.
+
+Model: a URI root is *remote*; kcpt works in a node-local *mirror* of it (:func:`local_path_for`) and publishes
+files to the remote with single-object writes (a PUT is atomic: readers see the old object or the new one).
+Directories that must appear whole (checkpoints, prepared datasets) are published file by file with a marker
+file (their ``manifest.json``) written **last**, and retracted marker first: a reader that finds the marker
+with every listed file finds a complete directory (:func:`fetch_tree`). Local paths are used in place.
+
+Node-local scratch (mirrors and downloads) is ``$KCPT_SCRATCH`` or ``<tmp>/kcpt-scratch``, keyed by the Ray node
+inside Ray workers, so processes on two nodes of a test cluster on one machine never share a file by accident.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+"""URI schemes handled by pyarrow.fs (anything else with ``://`` is refused)."""
+
+
+def is_uri(s: str | os.PathLike | None) -> bool:
+    """True for ``scheme://...`` with a remote scheme (``file://`` counts as a local path)."""
+    return isinstance(s, str) and "://" in s and not s.startswith("file://")
+
+
+def check_uri(s: str, where: str = "path") -> None:
+    """ConfigError unless ``s`` is a local path or a URI of a scheme kcpt can store to."""
+    from kcpt.errors import ConfigError
+
+    if is_uri(s) and urlparse(s).scheme not in REMOTE_SCHEMES:
+        raise ConfigError(f"{where}: '{s}': unsupported URI scheme '{urlparse(s).scheme}' (use a local path, "
+                          f"a shared-FS path, or one of {', '.join(x + '://' for x in REMOTE_SCHEMES)})")
+    if is_uri(s) and not urlparse(s).netloc:
+        raise ConfigError(f"{where}: '{s}': no bucket in the URI (expected e.g. s3://bucket/prefix)")
+
+
+def local_path(s: str) -> Path:
+    """A local path string (``file://`` stripped, ``~`` expanded), absolute."""
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    return Path(s).expanduser().resolve()
+
+
+def join(root: str | os.PathLike, *parts: str) -> str:
+    """``root/part/...`` for a URI (string join) or a local path."""
+    if is_uri(str(root)):
+        return "/".join([str(root).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(root, *parts))
+
+
+def display(ref: str | os.PathLike) -> str:
+    return str(ref)
+
+
+# --------------------------------------------------------------------------- node-local scratch
+
+
+def _node_key() -> str:
+    """The Ray node id inside a Ray worker/actor process, else ``"local"``."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            from ray._private.worker import WORKER_MODE, global_worker
+
+            if global_worker.mode == WORKER_MODE:
+                return "node-" + ray.get_runtime_context().get_node_id()[:16]
+    except Exception:  # noqa: BLE001 - no Ray, or an old Ray: a plain local scratch
+        pass
+    return "local"
+
+
+def scratch_root() -> Path:
+    """Node-local scratch for mirrors and downloads (``$KCPT_SCRATCH`` or ``<tmp>/kcpt-scratch``, per Ray node)."""
+    base = os.environ.get("KCPT_SCRATCH") or os.path.join(tempfile.gettempdir(), f"kcpt-scratch-{os.getuid()}")
+    p = Path(base) / _node_key()
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def local_path_for(uri: str) -> Path:
+    """The node-local mirror path of a remote URI (``<scratch>/uri/<scheme>/<bucket>/<key>``)."""
+    u = urlparse(uri)
+    parts = [p for p in u.path.split("/") if p not in ("", ".", "..")]
+    return scratch_root().joinpath("uri", u.scheme, u.netloc, *parts)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created), for processes of one node."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- remote store
+
+
+class Store:
+    """Files under one remote URI root, through pyarrow.fs. Paths given to methods are relative (``a/b.json``)."""
+
+    def __init__(self, uri: str) -> None:
+        import pyarrow.fs as pafs
+
+        check_uri(uri)
+        self.uri = uri.rstrip("/")
+        try:
+            self.fs, self.base = pafs.FileSystem.from_uri(self.uri)
+        except Exception as e:  # noqa: BLE001 - ArrowInvalid / OSError from the filesystem factory
+            from kcpt.errors import ConfigError
+
+            raise ConfigError(f"{uri}: cannot open this storage URI ({e}); check the bucket name and credentials "
+                              "(AWS_* / AWS_ENDPOINT_URL, or GOOGLE_APPLICATION_CREDENTIALS)") from None
+        self.base = self.base.rstrip("/")
+
+    def _p(self, rel: str = "") -> str:
+        rel = rel.strip("/")
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def uri_of(self, rel: str) -> str:
+        return join(self.uri, rel) if rel else self.uri
+
+    def child(self, rel: str) -> Store:
+        return Store(self.uri_of(rel))
+
+    # ----------------------------------------------------------------- queries
+    def info(self, rel: str = "") -> Any:
+        return self.fs.get_file_info(self._p(rel))
+
+    def is_file(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.info(rel).type == pafs.FileType.File
+
+    def exists(self, rel: str = "") -> bool:
+        import pyarrow.fs as pafs
+
+        if self.info(rel).type != pafs.FileType.NotFound:
+            return True
+        return bool(self.listdir(rel))  # object stores: a "directory" exists while it holds objects
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names directly under ``rel`` (files and sub-directories); [] when absent."""
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self._p(rel), recursive=False, allow_not_found=True)
+        base = self._p(rel).rstrip("/") + "/"
+        return sorted({i.path[len(base):].split("/")[0] for i in self.fs.get_file_info(sel)
+                       if i.path.startswith(base)})
+
+    def walk(self, rel: str = "") -> dict[str, int]:
+        """Every file under ``rel``: relative path → size in bytes."""
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self._p(rel), recursive=True, allow_not_found=True)
+        base = self._p(rel).rstrip("/") + "/"
+        return {i.path[len(base):]: int(i.size) for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File and i.path.startswith(base)}
+
+    # ----------------------------------------------------------------- bytes
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self._p(rel)) as f:
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """One object, written whole (atomic on object stores)."""
+        with self.fs.open_output_stream(self._p(rel)) as f:
+            f.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def delete(self, rel: str) -> None:
+        import pyarrow.fs as pafs
+
+        if self.info(rel).type == pafs.FileType.File:
+            self.fs.delete_file(self._p(rel))
+
+    def delete_tree(self, rel: str) -> None:
+        import pyarrow.fs as pafs
+
+        if self.info(rel).type == pafs.FileType.Directory or self.walk(rel):
+            self.fs.delete_dir(self._p(rel))
+
+    # ----------------------------------------------------------------- files and trees
+    def upload_file(self, local: Path, rel: str) -> None:
+        with open(local, "rb") as src, self.fs.open_output_stream(self._p(rel)) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+    def download_file(self, rel: str, local: Path) -> None:
+        """Download to ``local`` atomically (a temp sibling renamed into place)."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.dl-{os.getpid()}")
+        with self.fs.open_input_stream(self._p(rel)) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        os.replace(tmp, local)
+
+    def upload_tree(self, local: Path, rel: str, *, last: tuple[str, ...] = (), only: set[str] | None = None) -> None:
+        """Upload the files under ``local`` to ``rel`` (``only``: these relative names); the names in ``last``
+        (e.g. ``manifest.json``) after every other file."""
+        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        if only is not None:
+            files = [f for f in files if f in only]
+        for name in [f for f in files if f not in last] + [f for f in last if f in files]:
+            self.upload_file(local / name, f"{rel}/{name}" if rel else name)
+
+    def download_tree(self, rel: str, local: Path, *, skip: Callable[[str], bool] | None = None) -> dict[str, int]:
+        """Download every file under ``rel`` into ``local``; returns name → size."""
+        files = self.walk(rel)
+        for name in files:
+            if skip is None or not skip(name):
+                self.download_file(f"{rel}/{name}" if rel else name, local / name)
+        return files
+
+
+def store_and_rel(uri: str) -> tuple[Store, str]:
+    """``(Store(bucket root), key)`` for a URI."""
+    u = urlparse(uri)
+    return Store(f"{u.scheme}://{u.netloc}"), u.path.strip("/")
+
+
+# --------------------------------------------------------------------------- whole directories
+
+
+def publish_tree(local: Path, uri: str, *, marker: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+    """Upload directory ``local`` to ``uri`` so that readers see it whole or not at all: an existing ``marker``
+    there is retracted first, stale files are removed (except ``keep``: files other processes uploaded there
+    for this publication), then every file, then ``marker`` last. ``local`` is then marked as fetched (a later
+    :func:`fetch_tree` of ``uri`` on this node reuses it)."""
+    store, rel = store_and_rel(uri)
+    store.delete(f"{rel}/{marker}")
+    have = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()} - {MARKER_COPY}
+    for name in store.walk(rel):
+        if name not in have and name not in keep:
+            store.delete(f"{rel}/{name}")
+    store.upload_tree(local, rel, last=(marker,), only=have)
+    if local == local_path_for(uri):
+        (local / MARKER_COPY).write_bytes((local / marker).read_bytes())
+
+
+def retract_tree(uri: str, *, marker: str) -> None:
+    """Delete a published directory: its marker first (it is never seen half-deleted), then the rest."""
+    store, rel = store_and_rel(uri)
+    store.delete(f"{rel}/{marker}")
+    store.delete_tree(rel)
+
+
+def _complete_locally(local: Path, marker_bytes: bytes, sizes: dict[str, int]) -> bool:
+    m = local / MARKER_COPY
+    if not m.is_file() or m.read_bytes() != marker_bytes:
+        return False
+    return all((local / n).is_file() and (local / n).stat().st_size == s for n, s in sizes.items())
+
+
+MARKER_COPY = ".kcpt-fetched"
+"""Written last into a fetched directory: the bytes of the remote marker it was fetched against."""
+
+
+def fetch_tree(ref: str | os.PathLike, *, marker: str, files_of: Callable[[dict[str, Any]], dict[str, int]] | None
+               = None) -> Path:
+    """A local directory holding the published directory ``ref`` (a URI: downloaded once per node into scratch,
+    reused while the remote marker is unchanged; a local path: itself).
+
+    ``marker`` names the JSON file published last (see :func:`publish_tree`); ``files_of(marker_json)`` lists the
+    files it vouches for (name → size), which must all be present (a half-uploaded directory is refused with
+    ``FileNotFoundError``). Without ``files_of`` every file present is taken."""
+    if not is_uri(str(ref)):
+        return local_path(str(ref)) if isinstance(ref, str) else Path(ref)
+    uri = str(ref)
+    store, rel = store_and_rel(uri)
+    try:
+        marker_bytes = store.read_bytes(f"{rel}/{marker}")
+    except (FileNotFoundError, OSError):
+        raise FileNotFoundError(f"{uri}: no {marker} (not published, or an upload was interrupted)") from None
+    listed = files_of(json.loads(marker_bytes)) if files_of is not None else None
+    local = local_path_for(uri)
+    with file_lock(local.parent / f".{local.name}.fetch-lock"):
+        sizes = listed if listed is not None else {}
+        if local.is_dir() and _complete_locally(local, marker_bytes, sizes):
+            return local
+        remote = store.walk(rel)
+        missing = [n for n, s in (listed or {}).items() if remote.get(n) != s]
+        if missing:
+            raise FileNotFoundError(f"{uri}: {marker} lists files that are missing or of another size: "
+                                    f"{missing[:3]} (an upload in progress or interrupted)")
+        tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}-{hashlib.sha1(os.urandom(8)).hexdigest()[:6]}")
+        try:
+            for name in remote:
+                if name != marker:
+                    store.download_file(f"{rel}/{name}", tmp / name)
+            (tmp / marker).write_bytes(marker_bytes)
+            (tmp / MARKER_COPY).write_bytes(marker_bytes)
+            if local.exists():
+                shutil.rmtree(local)
+            os.rename(tmp, local)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return local

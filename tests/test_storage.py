@@ -1,0 +1,149 @@
+"""Storage by URI (kcpt.storage) against a real S3 API (moto's server on 127.0.0.1): publication order, half
+uploads never taken as complete, per-node fetch caching, and a whole plan run in-process with every root on S3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kcpt import storage
+from kcpt.errors import CheckpointError, ConfigError
+from kcpt.storage import Store, fetch_tree, publish_tree, retract_tree
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def _manifest(files: dict[str, bytes]) -> bytes:
+    return json.dumps({"complete": True, "files": {n: len(d) for n, d in files.items()}}).encode()
+
+
+def test_uri_rules():
+    assert storage.is_uri("s3://b/x") and storage.is_uri("gs://b/x")
+    assert not storage.is_uri("/a/b") and not storage.is_uri("file:///a/b") and not storage.is_uri("runs")
+    assert storage.join("s3://b/x/", "runs", "r") == "s3://b/x/runs/r"
+    with pytest.raises(ConfigError, match="unsupported URI scheme 'ftp'"):
+        storage.check_uri("ftp://host/x", "train.output_dir")
+    with pytest.raises(ConfigError, match="no bucket"):
+        storage.check_uri("s3:///x", "train.output_dir")
+
+
+def test_publish_uploads_the_marker_last_and_fetch_refuses_half_uploads(s3_prefix, tmp_path, monkeypatch):
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    files = {"a.bin": b"1" * 100, "sub/b.bin": b"2" * 50}
+    src = _tree(tmp_path / "src", {**files, "manifest.json": _manifest(files)})
+    uri = f"{s3_prefix}/ck"
+    order: list[str] = []
+    real = Store.upload_file
+
+    def spy(self, local, rel):
+        order.append(rel.rsplit("ck/", 1)[-1])
+        real(self, local, rel)
+
+    monkeypatch.setattr(Store, "upload_file", spy)
+    publish_tree(src, uri, marker="manifest.json")
+    assert order[-1] == "manifest.json" and set(order) == {"a.bin", "sub/b.bin", "manifest.json"}
+    monkeypatch.setattr(Store, "upload_file", real)
+
+    got = fetch_tree(uri, marker="manifest.json", files_of=lambda m: m["files"])
+    assert got.is_relative_to(tmp_path / "scratch") and (got / "sub/b.bin").read_bytes() == files["sub/b.bin"]
+    # a second fetch on this node reuses the copy (no download)
+    monkeypatch.setattr(Store, "download_file", lambda *a: pytest.fail("downloaded again"))
+    assert fetch_tree(uri, marker="manifest.json", files_of=lambda m: m["files"]) == got
+    monkeypatch.undo()
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch2"))  # another node
+
+    store = Store(uri)
+    store.delete("sub/b.bin")  # a half-uploaded directory: the manifest lists a file that is not there
+    with pytest.raises(FileNotFoundError, match="missing"):
+        fetch_tree(uri, marker="manifest.json", files_of=lambda m: m["files"])
+    retract_tree(uri, marker="manifest.json")
+    assert store.walk() == {}
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        fetch_tree(uri, marker="manifest.json")
+
+
+def test_republish_retracts_first_and_removes_stale_files(s3_prefix, tmp_path, monkeypatch):
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    uri = f"{s3_prefix}/ds"
+    one = {"old.bin": b"x"}
+    publish_tree(_tree(tmp_path / "one", {**one, "manifest.json": _manifest(one)}), uri, marker="manifest.json")
+    two = {"new.bin": b"yy"}
+    seen_marker_during_upload = []
+    real = Store.upload_file
+
+    def spy(self, local, rel):
+        seen_marker_during_upload.append(self.is_file(rel.rsplit("/", 1)[0] + "/manifest.json"))
+        real(self, local, rel)
+
+    monkeypatch.setattr(Store, "upload_file", spy)
+    publish_tree(_tree(tmp_path / "two", {**two, "manifest.json": _manifest(two)}), uri, marker="manifest.json")
+    assert seen_marker_during_upload == [False, False]  # the old marker was gone before the first byte
+    assert set(Store(uri).walk()) == {"new.bin", "manifest.json"}
+
+
+def test_run_dir_at_a_uri_skips_checkpoints_without_manifest(s3_prefix, tmp_path, monkeypatch):
+    from kcpt.train.rundir import RunDir
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    rd = RunDir(f"{s3_prefix}/run")
+    for name in ("00-cpt-step000010", "00-cpt-step000020", "01-stage1-step000010"):
+        d = rd.checkpoints / name
+        _tree(d, {"model.safetensors": b"w", "manifest.json": _manifest({"model.safetensors": b"w"})})
+        rd.publish_checkpoint(name)
+    assert rd.latest_checkpoint(["cpt", "stage1"]) == f"{s3_prefix}/run/checkpoints/01-stage1-step000010"
+    rd.remote.delete("checkpoints/01-stage1-step000010/manifest.json")  # an upload cut before its manifest
+    assert rd.latest_checkpoint(["cpt", "stage1"]) == f"{s3_prefix}/run/checkpoints/00-cpt-step000020"
+    with pytest.raises(CheckpointError, match="incomplete or missing"):
+        from kcpt.train.checkpoint import fetch
+
+        fetch(f"{s3_prefix}/run/checkpoints/01-stage1-step000010")
+    rd.prune_checkpoints(1, keep=[f"{s3_prefix}/run/checkpoints/00-cpt-step000010"])
+    assert rd.remote_checkpoints() == ["00-cpt-step000010", "00-cpt-step000020"]
+    rd.prune_checkpoints(1, keep=[])
+    assert rd.remote_checkpoints() == ["00-cpt-step000020"]
+
+
+def test_run_dir_not_made_by_kcpt_is_refused_at_a_uri(s3_prefix, tmp_path, monkeypatch):
+    from kcpt.errors import InputError
+    from kcpt.train.rundir import RunDir
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    Store(f"{s3_prefix}/theirs").write_text("data.csv", "a,b\n")
+    with pytest.raises(InputError, match="kcpt did not create it"):
+        RunDir(f"{s3_prefix}/theirs").check_owned()
+
+
+def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkeypatch):
+    """Prepared data, run files and checkpoints go to the bucket; a second run reuses the published data
+    without preparing; a resume downloads the latest checkpoint from S3 into a fresh node scratch."""
+    from kcpt.config import load_config
+    from kcpt.train.launch import run_plan
+    from kcpt.train.rundir import read_metrics
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.chdir(tmp_path)
+    tiny = ["data.seq_len=64", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+            "model.tiny.intermediate_size=64", "logging.progress=false", "plan.0.max_steps=6", "plan.0.eval_every=3",
+            "plan.1.max_steps=4", "plan.1.eval_every=2"]
+    cfg = load_config(None, [*tiny, f"train.output_dir={s3_prefix}/runs", f"data.prepared_root={s3_prefix}/prep"])
+    res = run_plan(cfg, stages=["cpt", "stage1"], resume="never", in_process=True)
+    assert res.run_dir == f"{s3_prefix}/runs/demo"
+    first = read_metrics(res.run_dir)
+    assert [(r["stage"], r["step"]) for r in first] == [("cpt", 0), ("cpt", 3), ("cpt", 6), ("stage1", 0),
+                                                        ("stage1", 2), ("stage1", 4)]
+    assert set(Path(tmp_path).iterdir()) == {tmp_path / "scratch"}  # nothing in the working directory
+
+    # a fresh node: empty scratch; the data is downloaded (not prepared again) and the run resumes from S3
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch-b"))
+    import kcpt.data.prepare as prep
+
+    monkeypatch.setattr(prep, "prepare_dataset", lambda *a, **k: pytest.fail("prepared again"))
+    again = run_plan(cfg, stages=["cpt", "stage1"], resume="auto", in_process=True)
+    assert read_metrics(again.run_dir) == first  # resumed at the end: nothing re-run, nothing lost

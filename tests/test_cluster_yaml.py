@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -136,15 +137,27 @@ def test_setup_commands_install_kcpt_on_a_fresh_node(path: Path, tmp_path: Path)
     assert sdk.returncode == 0, sdk.stderr
 
 
+def old_pythons() -> list[str]:
+    """Real interpreters older than 3.11 on this machine (pyenv keeps some next to this one), by absolute path."""
+    found = []
+    for exe in sorted(Path(sys.base_prefix).parent.glob("3.*/bin/python3")):
+        p = subprocess.run([str(exe), "-c", "import sys; print(sys.version_info >= (3, 11))"], capture_output=True,
+                           text=True)
+        if p.returncode == 0 and p.stdout.strip() == "False":
+            found.append(str(exe))
+    return found
+
+
 def test_setup_script_without_python_311_says_what_to_install(tmp_path: Path):
-    """Off a cloud VM, no Python >= 3.11 → exit 2 naming what to install; apt is never tried."""
+    """Off a cloud VM, no Python >= 3.11 (only older real interpreters, or none) → exit 2 naming what to install;
+    apt is never tried."""
     cfg = load(CLUSTER_DIR / "aws-gpu.yaml")
     home = tmp_path / "home"
     stage_home(home, REPO, cfg)
     dmi = tmp_path / "dmi"
     dmi.mkdir()
     (dmi / "sys_vendor").write_text("QEMU\n")  # not Amazon EC2 / Google: not a cloud VM
-    env = node_env(home, KCPT_PYTHON="python3.10 no-such-python", KCPT_DMI_DIR=str(dmi))
+    env = node_env(home, KCPT_PYTHON=" ".join([*old_pythons(), "no-such-python"]), KCPT_DMI_DIR=str(dmi))
     p = subprocess.run(["bash", str(home / "kcpt" / "cluster" / "setup-node.sh")], env=env, cwd=home,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr

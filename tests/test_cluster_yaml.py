@@ -55,9 +55,9 @@ def test_gpu_nodes_boot_an_image_with_nvidia_drivers():
     aws = load(CLUSTER_DIR / "aws-gpu.yaml")
     for name, nt in aws["available_node_types"].items():
         image = nt["node_config"]["ImageId"]
-        # a Deep Learning AMI via AWS's public SSM parameter (or a pinned ami-… id looked up from it, README §0)
-        assert image.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-") \
-            or image.startswith("ami-"), (name, image)
+        # a Deep Learning AMI via AWS's public SSM parameter (users may pin the ami-… id it names, README §0)
+        assert image.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-"), \
+            (name, image)
         assert "IamInstanceProfile" in nt["node_config"], f"{name}: no instance profile → no bucket access"
     gcp = load(CLUSTER_DIR / "gcp-gpu.yaml")
     for name, nt in gcp["available_node_types"].items():

@@ -169,7 +169,8 @@ def _assert_study_consistent(exp: Path, study: optuna.Study, num_samples: int) -
 
 @pytest.mark.slow
 def test_two_concurrent_trials_on_postgres(tune_experiment, tmp_path):
-    pgserver = pytest.importorskip("pgserver", reason="pip install 'kcpt[postgres]' pgserver (in the dev extra)")
+    import pgserver  # the dev extra installs it (and kcpt[postgres])
+
     from kcpt.tune.launch import tune_stage3
 
     server = pgserver.get_server(tmp_path / "pg", cleanup_mode="stop")

@@ -58,11 +58,17 @@ def open_storage(url: str) -> Any:
         path = journal_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         return optuna.storages.RDBStorage(url)
     except ModuleNotFoundError as e:
         extra = " (pip install 'kcpt[postgres]')" if url.startswith("postgres") else ""
         raise ConfigError(f"tune.storage: the database driver for '{redact(url)}' is not installed: {e}{extra}") from e
+    except SQLAlchemyError as e:
+        first = str(e.orig if getattr(e, "orig", None) is not None else e).strip().splitlines()[0]
+        raise ConfigError(f"tune.storage: cannot open the Optuna storage {redact(url)}: {type(e).__name__}: "
+                          f"{first.replace(url, redact(url))}") from None
 
 
 def redact(url: str) -> str:

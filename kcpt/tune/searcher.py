@@ -11,6 +11,8 @@ reaches the study, and a trial stopped early by ASHA becomes COMPLETE with an ea
   PRUNED (its intermediate ``gate_score`` values stay for the sampler), an errored one FAIL;
 - stores the gate summary (``gate_passed``, ``steps_to_gate``, …, ``checkpoint_path``, ``run_dir``,
   ``ray_trial_id``) as Optuna user attributes, so the study alone holds the trial table.
+- after a resume (``Tuner.restore`` from a save older than the study), a re-run trial that the study already
+  holds as finished is neither reported nor told again: its first outcome stays, no error.
 
 The best trial is ``study.best_trial`` (feasible trials only), never Tune's ``get_best_result``.
 """

@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure-dir", default="experiments/bench-measure")
     ap.add_argument("--set", dest="overrides", action="append",
                     default=["tune.stage_overrides.max_steps=30", "tune.stage_overrides.eval_every=5",
-                             "tune.stage_overrides.stop.rule=max_steps"],
+                             "tune.stage_overrides.stop.rule=max_steps",
+                             "tune.num_workers=1"],  # as measured (trials then defaulted to 1 worker)
                     help="config overrides of the measurement (default: stage 3 of 30 steps, eval every 5, "
                          "no early stop so every curve is complete)")
     ap.add_argument("--seeds", type=int, default=10)

@@ -470,15 +470,20 @@ class TuneConfig(Strict):
     num_samples: int = Field(6, ge=1)
     max_concurrent: int = Field(1, ge=1)
     storage: str | None = None
-    """Optuna storage URL; default ``sqlite:///<experiment_dir>/optuna.db``."""
+    """Optuna storage (see :mod:`kcpt.tune.study_storage`): ``None`` or ``sqlite`` — ``sqlite:///<experiment
+    dir>/optuna.db`` (one machine); ``journal`` — Optuna's JournalStorage in ``<experiment dir>/optuna.journal``,
+    ``journal:///abs/path.journal`` — a journal file anywhere (a shared filesystem every node mounts); any other
+    value is an SQLAlchemy URL (``sqlite:///…``, ``postgresql+psycopg2://user:pw@host/db`` with
+    ``pip install 'kcpt[postgres]'``, ``mysql+pymysql://…``)."""
     study_name: str = "kcpt-stage3"
     experiment_dir: str = "experiments"
     sampler_seed: int = 0
     n_startup_trials: int = Field(3, ge=0)
     space: SearchSpace = SearchSpace()
     asha: AshaConfig = AshaConfig()
-    num_workers: int = Field(1, ge=1)
-    """Ray Train workers per trial."""
+    num_workers: int | None = Field(None, ge=1)
+    """Ray Train workers per trial; ``None`` (default): ``train.num_workers`` — trials train at the world size
+    (and global batch) the prerequisite stages and ``best_config.yaml`` use. See :meth:`KcptConfig.tune_workers`."""
     stage_overrides: dict[str, Any] = {}
     """Dotted stage-config path → value applied to the tuned stage of every trial (e.g. ``{"max_steps": 40}``)."""
     infeasible_penalty: float = Field(100.0, ge=0)
@@ -580,6 +585,10 @@ class KcptConfig(Strict):
             if st.name == name:
                 return st
         raise KeyError(name)
+
+    def tune_workers(self) -> int:
+        """Ray Train workers of each tune trial: ``tune.num_workers``, else ``train.num_workers``."""
+        return self.tune.num_workers if self.tune.num_workers is not None else self.train.num_workers
 
     def sha256(self) -> str:
         """Hash of the resolved config (what the run trains), excluding run naming and output places."""

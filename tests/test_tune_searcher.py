@@ -150,3 +150,26 @@ def test_trial_stopped_on_the_eval_that_ended_its_stage_is_complete(tmp_path):
     a, b = optuna.load_study(study_name="done", storage=storage).get_trials()
     assert a.state == TrialState.COMPLETE and a.value == pytest.approx(last["gate_objective"])
     assert b.state == TrialState.PRUNED
+
+
+def test_searcher_restored_from_an_older_save_does_not_tell_a_trial_twice(tmp_path):
+    """After a resume, Tune may re-run a trial whose first run was already told (its saved state predates the
+    tell): the re-run's results and completion leave the study's first outcome as it was, without an error."""
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.log")))
+    searcher = ConstrainedOptunaSearch(space=SpaceSampler(SearchSpace()), metric="gate_score", mode="min",
+                                       study_name="resumed", storage=storage)
+    tracker = GateTracker(SPEC)
+    searcher.suggest("a")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune's last saved state: trial "a" running
+    evals = scripted_evals(1e-4, 0.7)
+    for i, m in enumerate(evals, 1):
+        searcher.on_trial_result("a", {**m, **tracker.update(m), "training_iteration": i})
+    final = {**tracker.outcome.as_metrics(), FINAL_KEY: True}
+    searcher.on_trial_complete("a", final)
+    restored = ConstrainedOptunaSearch(space=SpaceSampler(SearchSpace()), metric="gate_score", mode="min")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_result("a", {**evals[0], **GateTracker(SPEC).update(evals[0]), "training_iteration": 1})
+    restored.on_trial_complete("a", {**final, "gate_objective": 123.0})
+    (t,) = optuna.load_study(study_name="resumed", storage=storage).get_trials()
+    assert t.state == TrialState.COMPLETE and t.value == pytest.approx(final["gate_objective"])
+    assert len(t.intermediate_values) == len(evals)

@@ -98,7 +98,9 @@ def load_study(exp_dir: str | Path, storage: str | None = None) -> Any:
     import optuna
 
     m = load_manifest(exp_dir)
-    return optuna.load_study(study_name=m["study_name"], storage=storage or m["storage"])
+    from kcpt.tune.study_storage import open_storage
+
+    return optuna.load_study(study_name=m["study_name"], storage=open_storage(storage or m["storage"]))
 
 
 def param_importances(study_or_dir: Any) -> dict[str, float] | None:

@@ -8,7 +8,6 @@ checkpoints of the demo plan, tune stage 3 on the embedded demo, print the trial
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,29 +16,18 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value (YAML), e.g. --set tune.stage_overrides.max_steps=40 (repeatable)")
     p.add_argument("--num-samples", type=int, help="trials to run (tune.num_samples)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (tune.max_concurrent)")
-    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<experiment dir>/optuna.db)")
+    p.add_argument("--storage", help="Optuna storage: sqlite (default: <experiment dir>/optuna.db), journal "
+                   "(<experiment dir>/optuna.journal), journal:///shared/file.journal, or an SQLAlchemy URL "
+                   "(postgresql+psycopg2://user:pw@host/db)")
     p.add_argument("--study-name", help="Optuna study name (tune.study_name)")
     p.add_argument("--experiment-dir", help="where results go (default: <tune.experiment_dir>/<study>-<hash8>)")
     p.add_argument("--resume", action="store_true",
-                   help="restore the Tune experiment in the experiment dir (the study continues from its storage)")
+                   help="continue the experiment in the experiment dir (Tune's saved state and the study; trials "
+                        "that were running re-run from their latest checkpoints); starts it if there is none")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing experiment (its files and its Optuna study) and start again")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
-
-
-def check_experiment_dir(exp_dir: Path) -> None:
-    """The experiment directory must be absent, empty, or a kcpt tune experiment (``experiment.json``): tuning
-    writes ``config.yaml``, ``best_config.yaml``, ... there and must never overwrite a user's files."""
-    from kcpt.errors import InputError
-
-    if not exp_dir.exists():
-        return
-    if not exp_dir.is_dir():
-        raise InputError("experiment directory exists and is not a directory; choose another --experiment-dir",
-                         path=str(exp_dir))
-    if (exp_dir / "experiment.json").is_file() or next(exp_dir.iterdir(), None) is None:
-        return
-    raise InputError("exists but is not a kcpt tune experiment (no experiment.json); kcpt writes only into its own "
-                     "experiment directories: choose another --experiment-dir or move it away", path=str(exp_dir))
 
 
 def tune_from_args(args: argparse.Namespace) -> int:
@@ -61,12 +49,18 @@ def tune_from_args(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"tune.space.{key}: unknown dataset '{getattr(cfg.tune.space, key)}' (defined: "
                               f"{sorted(cfg.data.datasets)})")
-    check_experiment_dir(Path(args.experiment_dir).resolve() if args.experiment_dir else
-                         Path(cfg.tune.experiment_dir).resolve() / f"{cfg.tune.study_name}-{cfg.sha256()[:8]}")
+    from kcpt.tune.experiment import check_experiment, resolve_experiment
+
+    abs_cfg, exp_dir, storage = resolve_experiment(cfg, args.experiment_dir)
+    mode = check_experiment(exp_dir, storage_url=storage, study_name=cfg.tune.study_name, resume=args.resume,
+                            overwrite=args.overwrite, config_sha256=abs_cfg.sha256())
+    print(f"tune experiment {exp_dir}: {mode}", flush=True)
     from kcpt.tune.launch import tune_stage3  # imports Ray and torch: only after the config was validated
 
-    res = tune_stage3(cfg, experiment_dir=args.experiment_dir, resume=args.resume, address=args.address,
-                      sampler=args.sampler)
+    res = tune_stage3(cfg, experiment_dir=args.experiment_dir, resume=args.resume, overwrite=args.overwrite,
+                      address=args.address, sampler=args.sampler)
+    if res.extra.get("interrupted_trials"):
+        print(f"trials marked FAIL (interrupted, no Tune trial owned them): {res.extra['interrupted_trials']}")
     print("\n" + res.table)
     pre = res.prerequisites
     print(f"\nstarted every trial from {pre.init_checkpoint} (baseline_raw_best={pre.baseline_raw_best}; "

@@ -44,7 +44,9 @@ def read_manifest(experiment_dir: str | Path) -> dict[str, Any]:
 
 def load_study(experiment_dir: str | Path, storage: str | None = None) -> optuna.Study:
     m = read_manifest(experiment_dir)
-    return optuna.load_study(study_name=m["study_name"], storage=storage or m["storage"])
+    from kcpt.tune.study_storage import open_storage
+
+    return optuna.load_study(study_name=m["study_name"], storage=open_storage(storage or m["storage"]))
 
 
 def _num(v: Any) -> float | None:

@@ -13,7 +13,7 @@ Experiment directory (absolute)::
 
     experiment.json   what was tuned: storage URL, study name, baseline, eps, exam target, paths
     config.yaml       the base config
-    optuna.db         the Optuna study (default storage; any SQLAlchemy URL via ``storage``)
+    optuna.db         the Optuna study (default; ``tune.storage``: journal file or any RDB, see study_storage)
     tune/             Ray Tune's experiment (result.json / progress.csv / TensorBoard events per trial)
     runs/<trial_id>/  the stage-loop run dir of each trial (metrics.jsonl, summary.json, checkpoints/, tb/)
     trials.parquet    one row per trial;  best_config.yaml   the full config of the best feasible trial
@@ -36,9 +36,17 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import CheckpointError, ConfigError
 from kcpt.hashing import sha256_json
+from kcpt.tune.experiment import (
+    check_experiment,
+    clear_experiment,
+    fail_interrupted_trials,
+    finished_trials,
+    resolve_experiment,
+)
 from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
 from kcpt.tune.searcher import DONE_KEY, FINAL_KEY, ConstrainedOptunaSearch, make_sampler
 from kcpt.tune.space import SpaceSampler, apply_params
+from kcpt.tune.study_storage import open_storage
 
 TUNE_RUN_NAME = "tune"
 METRIC = "gate_score"
@@ -215,7 +223,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     base = config_from_dict(ctx.base_config, "<tune base config>")
     cfg = apply_params(base, config, ctx.stage)
-    cfg.train.num_workers = base.tune.num_workers
+    cfg.train.num_workers = base.tune_workers()
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(ctx.runs_dir) / trial_id
     spec = GateSpec.from_stage(cfg.stage(ctx.stage), ctx.baseline_raw_best, cfg.tune.infeasible_penalty)
@@ -248,40 +256,9 @@ class TuneRunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def absolute_paths(cfg: KcptConfig) -> KcptConfig:
-    """A copy with every relative path made absolute against the current directory: trials run in their own
-    working directories (and, on a cluster, on other nodes), so ``prepared_root``, ``output_dir``, the
-    experiment dir and local dataset inputs must not depend on the cwd."""
-    from kcpt.config import config_from_dict
-
-    d = cfg.model_dump(mode="json")
-    d["data"]["prepared_root"] = str(Path(d["data"]["prepared_root"]).resolve())
-    d["train"]["output_dir"] = str(Path(d["train"]["output_dir"]).resolve())
-    d["tune"]["experiment_dir"] = str(Path(d["tune"]["experiment_dir"]).resolve())
-    for ds in d["data"]["datasets"].values():
-        ds["inputs"] = [i if ":" in i.split("/")[0] or Path(i).is_absolute() else str(Path(i).resolve())
-                        for i in ds["inputs"]]
-    for key in ("name_or_path",):
-        v = d["model"][key]
-        if v != "tiny" and Path(v).exists():
-            d["model"][key] = str(Path(v).resolve())
-    v = d["tokenizer"]["path"]
-    if v != "demo" and Path(v).exists():
-        d["tokenizer"]["path"] = str(Path(v).resolve())
-    return config_from_dict(d, "<absolute paths>")
-
-
-def default_experiment_dir(cfg: KcptConfig) -> Path:
-    return Path(cfg.tune.experiment_dir).resolve() / f"{cfg.tune.study_name}-{cfg.sha256()[:8]}"
-
-
-def default_storage(experiment_dir: Path) -> str:
-    return f"sqlite:///{Path(experiment_dir).resolve() / 'optuna.db'}"
-
-
 def ray_cpus_needed(cfg: KcptConfig) -> int:
     """Logical CPUs for a local Ray: per concurrent trial 1 (the trial) + its Train workers; at least 3."""
-    per_trial = 1 + math.ceil(cfg.tune.num_workers * cfg.train.cpus_per_worker)
+    per_trial = 1 + math.ceil(cfg.tune_workers() * cfg.train.cpus_per_worker)
     return max(3, cfg.tune.max_concurrent * per_trial)
 
 
@@ -315,14 +292,13 @@ def _logger_callbacks(cfg: KcptConfig, experiment_dir: Path) -> list[Any]:
 
 def build_searcher(cfg: KcptConfig, *, storage: str, study_name: str, sampler: str = "tpe"
                    ) -> ConstrainedOptunaSearch:
-    import optuna
-
+    """The searcher on the study ``study_name`` in ``storage`` (a URL of :mod:`kcpt.tune.study_storage`)."""
     space = cfg.tune.space
     return ConstrainedOptunaSearch(
         space=SpaceSampler(space),
         metric=METRIC, mode="min",
         sampler=make_sampler(sampler, seed=cfg.tune.sampler_seed, n_startup_trials=cfg.tune.n_startup_trials),
-        study_name=study_name, storage=optuna.storages.RDBStorage(storage) if "://" in storage else None,
+        study_name=study_name, storage=open_storage(storage),
     )
 
 
@@ -340,20 +316,31 @@ def build_scheduler(cfg: KcptConfig) -> Any:
 
 
 def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, resume: bool = False,
-                address: str | None = None, runner: TrialRunner | None = None,
+                overwrite: bool = False, address: str | None = None, runner: TrialRunner | None = None,
                 prerequisites: Prerequisites | None = None, sampler: str = "tpe",
                 verbose: int = 1) -> TuneRunResult:
     """Tune ``cfg.tune.stage`` (see the module docstring). ``cfg.tune`` supplies num_samples, max_concurrent,
-    storage (default SQLite in the experiment dir), study_name. ``resume`` restores the Tune experiment (and the
-    study continues from its storage). ``runner`` replaces the real stage loop (tests of the plumbing only)."""
+    storage (:mod:`kcpt.tune.study_storage`), study_name. ``runner`` replaces the real stage loop (tests of the
+    plumbing only).
+
+    An existing experiment (``experiment.json``, or the study already in its storage) needs ``resume`` or
+    ``overwrite`` (:func:`kcpt.tune.experiment.check_experiment`). ``resume`` restores Tune's experiment state
+    (``Tuner.restore``): finished trials stay, trials that were running are re-run under the same Ray trial id and
+    Optuna trial number (their run dirs resume from their latest checkpoints), and the search continues to
+    ``num_samples``. Optuna trials still RUNNING once the run ends (asked for after Tune's last saved state, so
+    no Tune trial owns them) are marked FAIL with ``interrupted=True``. ``overwrite`` deletes the study and the
+    experiment's files first."""
     from kcpt.tune.export import export_results, format_table
 
-    cfg = absolute_paths(cfg)
-    exp_dir = Path(experiment_dir).resolve() if experiment_dir else default_experiment_dir(cfg)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    storage = cfg.tune.storage or default_storage(exp_dir)
+    cfg, exp_dir, storage = resolve_experiment(cfg, experiment_dir)
     study_name = cfg.tune.study_name
+    mode = check_experiment(exp_dir, storage_url=storage, study_name=study_name, resume=resume,
+                            overwrite=overwrite, config_sha256=cfg.sha256())
+    if mode == "overwrite":
+        clear_experiment(exp_dir, storage_url=storage, study_name=study_name)
+    exp_dir.mkdir(parents=True, exist_ok=True)
     stage = cfg.tune.stage
+    interrupted: list[int] = []
     started = init_ray(cfg, address)
     try:
         pre = prerequisites or ensure_prerequisites(cfg, stage=stage, address=address)
@@ -368,6 +355,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             "init_checkpoint": None if pre.init_checkpoint is None else str(pre.init_checkpoint),
             "prereq_run_dir": str(pre.run_dir), "tune_dir": str(exp_dir / TUNE_RUN_NAME),
             "runs_dir": str(exp_dir / "runs"), "config_sha256": cfg.sha256(), "sampler": sampler,
+            "trial_workers": cfg.tune_workers(),
         }
         (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         ctx = TrialContext(cfg.model_dump(mode="json"), stage,
@@ -377,23 +365,26 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
                            runner or run_stage_trial)
         trainable = tune.with_parameters(run_trial, ctx=ctx)
         tune_path = exp_dir / TUNE_RUN_NAME
-        if resume and tune.Tuner.can_restore(str(tune_path)):
+        if mode == "resume" and tune.Tuner.can_restore(str(tune_path)):
             tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_errored=True,
                                        restart_errored=False, resume_unfinished=True)
         else:
+            # a resume that finds no saved Tune state (killed before its first save) runs what is missing
+            num_samples = cfg.tune.num_samples - (finished_trials(storage, study_name) if mode == "resume" else 0)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
                     search_alg=build_searcher(cfg, storage=storage, study_name=study_name, sampler=sampler),
                     scheduler=build_scheduler(cfg), metric=METRIC, mode="min",
-                    num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent),
+                    num_samples=max(num_samples, 0), max_concurrent_trials=cfg.tune.max_concurrent),
                 run_config=tune.RunConfig(name=TUNE_RUN_NAME, storage_path=str(exp_dir), verbose=verbose,
                                           callbacks=_logger_callbacks(cfg, exp_dir)),
             )
         tuner.fit()
+        interrupted = fail_interrupted_trials(storage, study_name)
     finally:
         if started:
             ray.shutdown()
     paths = export_results(exp_dir)
     return TuneRunResult(exp_dir, storage, study_name, pre, paths.trials, paths.best_config, paths.best,
-                         format_table(paths.table))
+                         format_table(paths.table), {"mode": mode, "interrupted_trials": interrupted})

@@ -11,6 +11,8 @@ reaches the study, and a trial stopped early by ASHA becomes COMPLETE with an ea
   PRUNED (its intermediate ``gate_score`` values stay for the sampler), an errored one FAIL;
 - stores the gate summary (``gate_passed``, ``steps_to_gate``, …, ``checkpoint_path``, ``run_dir``,
   ``ray_trial_id``) as Optuna user attributes, so the study alone holds the trial table.
+- after a resume (``Tuner.restore`` from a save older than the study), a re-run trial that the study already
+  holds as finished is neither reported nor told again: its first outcome stays, no error.
 
 The best trial is ``study.best_trial`` (feasible trials only), never Tune's ``get_best_result``.
 """
@@ -78,8 +80,21 @@ class ConstrainedOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr("ray_trial_id", trial_id)
         return cfg
 
+    def _already_finished(self, trial_id: str) -> bool:
+        """True when the study already holds a final state for this trial: a trial re-run after a resume whose
+        first run was told before the driver died (Tune's saved state was older). Its first outcome stays."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return False
+        if ot_trial.study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            logger.warning("trial %s (Optuna #%d) is already finished in the study; its re-run is not told",
+                           trial_id, ot_trial.number)
+            self._completed_trials.add(trial_id)
+            return True
+        return False
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials:
+        if trial_id in self._completed_trials or self._already_finished(trial_id):
             return
         self._last_results[trial_id] = dict(result)
         if result.get(FINAL_KEY):
@@ -90,7 +105,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
+        if trial_id in self._completed_trials or self._already_finished(trial_id):
             return
         ot_trial = self._ot_trials[trial_id]
         final = self._final_results.get(trial_id)

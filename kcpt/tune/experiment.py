@@ -1,0 +1,155 @@
+"""The life of a tune experiment directory: new, resumed, or overwritten — never silently reused or destroyed.
+
+An experiment *exists* when its directory holds ``experiment.json`` or its Optuna study is already in the
+storage. Then tuning needs ``resume`` (continue it: Tune's state in ``<exp>/tune`` and the study) or
+``overwrite`` (delete the directory's kcpt files and the study, start again); neither is an
+:class:`~kcpt.errors.InputError` naming both flags. Ray-free (only Optuna): the CLI checks before importing Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from kcpt.config import KcptConfig
+from kcpt.errors import InputError
+from kcpt.tune.study_storage import delete_study, open_storage, redact, resolve_storage, study_exists
+
+#: What kcpt writes into an experiment directory (``--overwrite`` removes exactly these).
+EXPERIMENT_ENTRIES = ("experiment.json", "config.yaml", "optuna.db", "optuna.journal", "optuna.journal.lock",
+                      "tune", "runs", "trials.parquet", "best_config.yaml", "best_trial.json")
+
+Mode = Literal["new", "resume", "overwrite"]
+
+
+def absolute_paths(cfg: KcptConfig) -> KcptConfig:
+    """A copy with every relative path made absolute against the current directory: trials run in their own
+    working directories (and, on a cluster, on other nodes), so ``prepared_root``, ``output_dir``, the
+    experiment dir and local dataset inputs must not depend on the cwd."""
+    from kcpt.config import config_from_dict
+
+    d = cfg.model_dump(mode="json")
+    d["data"]["prepared_root"] = str(Path(d["data"]["prepared_root"]).resolve())
+    d["train"]["output_dir"] = str(Path(d["train"]["output_dir"]).resolve())
+    d["tune"]["experiment_dir"] = str(Path(d["tune"]["experiment_dir"]).resolve())
+    for ds in d["data"]["datasets"].values():
+        ds["inputs"] = [i if ":" in i.split("/")[0] or Path(i).is_absolute() else str(Path(i).resolve())
+                        for i in ds["inputs"]]
+    for key in ("name_or_path",):
+        v = d["model"][key]
+        if v != "tiny" and Path(v).exists():
+            d["model"][key] = str(Path(v).resolve())
+    v = d["tokenizer"]["path"]
+    if v != "demo" and Path(v).exists():
+        d["tokenizer"]["path"] = str(Path(v).resolve())
+    return config_from_dict(d, "<absolute paths>")
+
+
+def default_experiment_dir(cfg: KcptConfig) -> Path:
+    """``<tune.experiment_dir>/<study_name>-<config hash8>`` (``cfg`` with absolute paths)."""
+    return Path(cfg.tune.experiment_dir).resolve() / f"{cfg.tune.study_name}-{cfg.sha256()[:8]}"
+
+
+def resolve_experiment(cfg: KcptConfig, experiment_dir: str | Path | None = None
+                       ) -> tuple[KcptConfig, Path, str]:
+    """``(cfg with absolute paths, experiment dir, Optuna storage URL)`` of a tune run."""
+    cfg = absolute_paths(cfg)
+    exp_dir = Path(experiment_dir).resolve() if experiment_dir else default_experiment_dir(cfg)
+    return cfg, exp_dir, resolve_storage(cfg.tune.storage, exp_dir)
+
+
+def check_experiment_dir(exp_dir: Path) -> None:
+    """The experiment directory must be absent, empty, or a kcpt tune experiment (``experiment.json``): tuning
+    writes ``config.yaml``, ``best_config.yaml``, ... there and must never overwrite a user's files."""
+    if not exp_dir.exists():
+        return
+    if not exp_dir.is_dir():
+        raise InputError("experiment directory exists and is not a directory; choose another --experiment-dir",
+                         path=str(exp_dir))
+    if (exp_dir / "experiment.json").is_file() or next(exp_dir.iterdir(), None) is None:
+        return
+    raise InputError("exists but is not a kcpt tune experiment (no experiment.json); kcpt writes only into its own "
+                     "experiment directories: choose another --experiment-dir or move it away", path=str(exp_dir))
+
+
+def experiment_exists(exp_dir: Path, storage_url: str, study_name: str) -> bool:
+    return (exp_dir / "experiment.json").is_file() or study_exists(storage_url, study_name)
+
+
+def _check_same_experiment(exp_dir: Path, storage_url: str, config_sha256: str | None) -> None:
+    path = exp_dir / "experiment.json"
+    if not path.is_file():
+        return
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot resume: not valid JSON ({e})", path=str(path)) from None
+    if m.get("storage") not in (None, storage_url):
+        raise InputError(f"cannot resume: the experiment's study is in {redact(str(m['storage']))}, not in "
+                         f"{redact(storage_url)}: pass the same --storage / tune.storage", path=str(path))
+    if config_sha256 and m.get("config_sha256") not in (None, config_sha256):
+        raise InputError("cannot resume with another config: resume with the one the experiment was started with "
+                         f"(--config {exp_dir / 'config.yaml'}), or --overwrite", path=str(path))
+
+
+def check_experiment(exp_dir: Path, *, storage_url: str, study_name: str, resume: bool = False,
+                     overwrite: bool = False, config_sha256: str | None = None) -> Mode:
+    """Refuse to reuse an existing experiment without ``resume`` / ``overwrite``; returns what the run will do
+    (``"resume"`` of an experiment that does not exist yet starts it: ``"new"``). A resume must use the
+    experiment's storage and config (``config_sha256``, when given). Changes nothing."""
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other", path=str(exp_dir))
+    check_experiment_dir(exp_dir)
+    if not experiment_exists(exp_dir, storage_url, study_name):
+        return "new"
+    if resume:
+        _check_same_experiment(exp_dir, storage_url, config_sha256)
+        return "resume"
+    if overwrite:
+        return "overwrite"
+    raise InputError(f"a tune experiment already exists here (study '{study_name}' in {redact(storage_url)}): "
+                     "pass --resume to continue it, or --overwrite to delete its trials and study and start again",
+                     path=str(exp_dir))
+
+
+def clear_experiment(exp_dir: Path, *, storage_url: str, study_name: str) -> None:
+    """``--overwrite``: delete the study from its storage and kcpt's files from the experiment directory."""
+    delete_study(storage_url, study_name)
+    for name in EXPERIMENT_ENTRIES:
+        p = exp_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def finished_trials(storage_url: str, study_name: str) -> int:
+    """COMPLETE + PRUNED trials of the study (0 when it does not exist)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if not study_exists(storage_url, study_name):
+        return 0
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def fail_interrupted_trials(storage_url: str, study_name: str) -> list[int]:
+    """Mark the study's RUNNING trials FAIL with ``interrupted=True`` and return their numbers. Called when the
+    tune run is over: a trial still RUNNING then belongs to no live Tune trial (its driver was killed after
+    asking Optuna for it and before Tune saved its state)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if not study_exists(storage_url, study_name):
+        return []
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    numbers = []
+    for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
+        trial = optuna.trial.Trial(study, t._trial_id)
+        trial.set_user_attr("interrupted", True)
+        study.tell(trial, state=TrialState.FAIL)
+        numbers.append(t.number)
+    return numbers

@@ -73,7 +73,7 @@ def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
 
 def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path | None = None,
              init_checkpoint: Path | None = None, baseline_raw_best: float | None = None,
-             resume: Literal["auto", "never"] = "auto", force: bool = False, address: str | None = None,
+             resume: Literal["auto", "never", "overwrite"] = "auto", force: bool = False, address: str | None = None,
              callbacks: list | None = None, reference_checkpoint: Path | None = None,
              in_process: bool = False) -> PlanResult:
     """Run ``stages`` (default: the whole plan, in order) in one Ray Train ``fit()``; returns the summaries.
@@ -83,8 +83,9 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     - ``reference_checkpoint``: the KL reference for ``kl_reference: cpt_best`` when this run has no CPT stage
       (default: ``init_checkpoint``);
     - ``resume="auto"``: continue exactly from the run directory's latest checkpoint if there is one (its
-      tokenizer/data hashes must match unless ``force``); ``"never"``: start over (previous results in the run
-      directory are deleted);
+      tokenizer/data hashes must match unless ``force``); ``"never"``: a new run — refused (InputError naming
+      ``--resume`` and ``--overwrite``) if the run directory already holds results (:meth:`RunDir.has_results`);
+      ``"overwrite"``: start over, deleting the previous results once everything was validated;
     - ``address``: an existing Ray cluster; default a local Ray started (and stopped) here;
     - ``callbacks``: passed to ``RunConfig(callbacks=...)``;
     - ``in_process``: no Ray — one worker in this process (debugging, fast tests; ``train.num_workers`` ignored).
@@ -107,11 +108,13 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
         except KeyError:
             raise ConfigError(f"stages: no stage named '{s}' in plan ({[x.name for x in cfg.plan]})") from None
     check_baselines(cfg, stages, baseline_raw_best)
-    if resume not in ("auto", "never"):
-        raise ConfigError(f"resume must be 'auto' or 'never', got {resume!r}")
+    if resume not in ("auto", "never", "overwrite"):
+        raise ConfigError(f"resume must be 'auto', 'never' or 'overwrite', got {resume!r}")
     rd = RunDir(Path(run_dir) if run_dir is not None else run_dir_for(cfg)).root.resolve()
     rd = RunDir(rd)
     rd.check_owned()  # never write into (or clean) a directory kcpt did not create
+    if resume == "never":
+        rd.refuse_existing()  # no silent destruction: only "overwrite" replaces a run that has results
 
     # Validate everything (inputs exist and read, tokenizer loads, checkpoints fit) before deleting anything.
     if cfg.train.deepspeed is not None:
@@ -130,7 +133,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             ckpt_lib.verify_weights(p)
 
     resume_from: Path | None = None
-    if resume == "never":
+    if resume in ("never", "overwrite"):
         protect = [Path(i) for n in needed for i in cfg.data.datasets[n].inputs if not i.startswith("demo:")]
         protect += [Path(p) for p in (init_checkpoint, reference_checkpoint) if p is not None]
         rd.start_over(protect)
@@ -146,7 +149,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             if order != stages:
                 raise CheckpointError(f"{resume_from}: the run directory holds a run of stages "
                                       f"{order}, not {stages}; use another run name or "
-                                      "resume='never'")
+                                      "--overwrite")
             ckpt_lib.verify_weights(resume_from)
             log.info("resuming from %s", resume_from)
 

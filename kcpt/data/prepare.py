@@ -2,8 +2,15 @@
 
 :func:`prepare_all` is what training calls: one tokenizer for all datasets (loaded/trained once and saved under
 ``<prepared_root>/tokenizer-<sha12>/``), and each dataset cached at ``<prepared_root>/<name>-<key12>/`` where
-the key hashes the dataset config, ``seq_len``, filters, template, tokenizer hash and the input files' hashes;
-a dataset whose directory exists is reused as is. :func:`prepare_dataset` writes one dataset to a given
+the key hashes the dataset config, ``seq_len``, filters, template, tokenizer hash and the input files' content
+hashes; a dataset whose directory exists is reused as is.
+
+Finding the cache entry reads no input byte: a stat key (the same settings + each input's absolute path and
+``(name, size, mtime_ns)`` of every file it stands for, :func:`kcpt.data.sources.input_stat`) is looked up in
+``<prepared_root>/.keys/<name>-<statkey16>.json``, which names the prepared directory. Only on a miss (new or
+changed size/mtime) are the inputs hashed — once: the same hashes name the directory and go into its manifest
+(``inputs[].sha256``; checkpoints bind to the manifest's hash). A file touched but unchanged is therefore hashed
+again but not prepared again, and its checkpoints stay valid. :func:`prepare_dataset` writes one dataset to a given
 directory (the ``kcpt prepare`` command uses it). With ``data.ray_data`` the Ray Data pipeline
 (:mod:`kcpt.data.ray_pipeline`) does the same work, streaming.
 """
@@ -11,6 +18,9 @@ directory (the ``kcpt prepare`` command uses it). With ``data.ray_data`` the Ray
 from __future__ import annotations
 
 import fcntl
+import json
+import os
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -27,8 +37,9 @@ from kcpt.data.exam_io import read_exam_items
 from kcpt.data.packing import DEFAULT_WINDOW, Segment, pack_segments, tokenize_documents
 from kcpt.data.rejects import RejectReport
 from kcpt.data.shards import MANIFEST, check_output_dir, input_entries, write_prepared
-from kcpt.data.sources import input_sha256, read_documents
+from kcpt.data.sources import input_sha256, input_stat, read_documents
 from kcpt.data.types import Document, ExamItem
+from kcpt.errors import InputError
 from kcpt.hashing import sha256_json
 from kcpt.model.tokenizer import load_tokenizer, pad_token_id, save_tokenizer, tokenizer_sha256
 
@@ -66,10 +77,10 @@ def input_hashes(paths: list[Path]) -> list[str]:
     return [input_sha256(p) for p in paths]
 
 
-def dataset_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, paths: list[Path]) -> str:
-    """Cache key of a prepared dataset: what the rows depend on (not where they are written)."""
+def _settings(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str) -> dict[str, Any]:
+    """Everything but the inputs that the prepared rows depend on."""
     data = cfg.data
-    return sha256_json({
+    return {
         "format": PREPARE_FORMAT_VERSION,
         "dataset": ds.model_dump(mode="json"),
         "seq_len": data.seq_len,
@@ -78,14 +89,29 @@ def dataset_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, pat
         "filters": data.filters.model_dump(mode="json") if ds.kind == "raw" else None,
         "template": data.template.model_dump(mode="json") if ds.kind == "exam" else None,
         "tokenizer_sha256": tok_sha,
-        "inputs": input_hashes(paths),
         "name": name,
-    })
+    }
+
+
+def dataset_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, paths: list[Path],
+                hashes: list[str] | None = None) -> str:
+    """Cache key of a prepared dataset: what the rows depend on (not where they are written); ``hashes``: the
+    inputs' content hashes if already computed."""
+    return sha256_json({**_settings(name, ds, cfg, tok_sha),
+                        "inputs": hashes if hashes is not None else input_hashes(paths)})
+
+
+def stat_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, paths: list[Path]) -> str:
+    """Lookup key of a prepared dataset from ``os.stat`` only (see the module docstring): no input byte is read."""
+    return sha256_json({**_settings(name, ds, cfg, tok_sha),
+                        "inputs": [[str(p.resolve()), input_stat(p)] for p in paths]})
 
 
 def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
-                    progress: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
-    """Prepare one dataset into ``out_dir`` (written atomically) and return it.
+                    progress: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None,
+                    input_sha256s: list[str] | None = None) -> Path:
+    """Prepare one dataset into ``out_dir`` (written atomically) and return it. ``input_sha256s``: the inputs'
+    content hashes for the manifest when the caller already computed them (:func:`prepare_all` does).
 
     Raw: documents are read, normalised, filtered and deduplicated (counted rejects), tokenized with EOS,
     chunked to ``data.seq_len`` and packed. Exam: items are validated, rendered, encoded answer-only (items
@@ -98,7 +124,7 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
         from kcpt.data.ray_pipeline import prepare_dataset_ray
 
         return prepare_dataset_ray(name, ds, cfg, out_dir, tokenizer, overwrite=overwrite, extra=extra,
-                                   progress=progress)
+                                   progress=progress, input_sha256s=input_sha256s)
     paths = resolve_inputs(ds.inputs)
     report = RejectReport()
     kept: Counter[str] = Counter()
@@ -121,7 +147,7 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
 
     def rows_then_inputs():
         yield from rows
-        inputs.extend(input_entries(paths, dict(kept)))
+        inputs.extend(input_entries(paths, dict(kept), input_sha256s))
 
     write_prepared(out, rows_then_inputs(), tokenizer=tokenizer, seq_len=seq_len, kind=ds.kind, inputs=inputs,
                    report=report, extra=manifest_extra(name, ds, cfg, "local", extra), overwrite=overwrite)
@@ -175,8 +201,47 @@ def prepare_tokenizer(cfg: KcptConfig, root: Path):
     return tok, sha, tdir
 
 
+KEYS_DIR = ".keys"
+"""Under ``prepared_root``: one small JSON per stat key naming the prepared directory (see the module docstring)."""
+
+
+def _indexed(root: Path, index: Path) -> Path | None:
+    """The prepared directory ``index`` names, if the index and that directory's manifest exist."""
+    try:
+        target = root / json.loads(index.read_text(encoding="utf-8"))["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return target if (target / MANIFEST).is_file() else None
+
+
+def _prepare_by_content(cfg: KcptConfig, name: str, tok, sha: str, tdir: Path, paths: list[Path], skey: str,
+                        progress: bool) -> Path:
+    """Hash the inputs (the one read of their bytes for the key), prepare ``<name>-<contentkey12>`` unless it
+    exists, record it under the stat key. InputError if an input changed meanwhile (its size/mtime moved)."""
+    root, ds = Path(cfg.data.prepared_root), cfg.data.datasets[name]
+    hashes = input_hashes(paths)
+    target = root / f"{name}-{dataset_key(name, ds, cfg, sha, paths, hashes)[:12]}"
+    made = False
+    with _lock(root / f".{target.name}.lock"):
+        if not (target / MANIFEST).is_file():
+            prepare_dataset(name, ds, cfg, target, tok, progress=progress, overwrite=target.exists(),
+                            extra={"cache_key": target.name, "tokenizer_dir": str(tdir)}, input_sha256s=hashes)
+            made = True
+    if stat_key(name, ds, cfg, sha, paths) != skey:
+        if made:
+            shutil.rmtree(target, ignore_errors=True)
+        raise InputError(f"data.datasets.{name}.inputs: an input changed while it was being prepared; run again",
+                         path=", ".join(str(p) for p in paths))
+    index = root / KEYS_DIR / f"{name}-{skey[:16]}.json"
+    index.parent.mkdir(exist_ok=True)
+    tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"dir": target.name, "stat_key": skey}) + "\n", encoding="utf-8")
+    os.replace(tmp, index)
+    return target
+
+
 def prepared_dir(cfg: KcptConfig, name: str, tok_sha: str) -> Path:
-    """Where :func:`prepare_all` keeps dataset ``name`` for this config and tokenizer."""
+    """Where :func:`prepare_all` keeps dataset ``name`` for this config and tokenizer (hashes the inputs)."""
     ds = cfg.data.datasets[name]
     key = dataset_key(name, ds, cfg, tok_sha, resolve_inputs(ds.inputs))
     return Path(cfg.data.prepared_root) / f"{name}-{key[:12]}"
@@ -185,8 +250,9 @@ def prepared_dir(cfg: KcptConfig, name: str, tok_sha: str) -> Path:
 def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress: bool = True) -> dict[str, Path]:
     """Prepare (or reuse) every dataset of ``cfg.data.datasets`` (or only ``names``); returns name → directory.
 
-    One tokenizer serves all datasets. A dataset directory that exists (with its manifest) is reused; a file
-    lock per dataset keeps concurrent callers from preparing the same one twice.
+    One tokenizer serves all datasets. A dataset whose stat key is indexed (inputs unchanged in path, size and
+    mtime) is reused without reading an input byte; otherwise the inputs are hashed and a directory with the same
+    content key is reused or prepared. File locks keep concurrent callers from preparing the same one twice.
     """
     root = Path(cfg.data.prepared_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -199,11 +265,13 @@ def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress
             from kcpt.errors import ConfigError
 
             raise ConfigError(f"data.datasets: no dataset named '{name}' (defined: {sorted(cfg.data.datasets)})")
-        target = prepared_dir(cfg, name, sha)
-        with _lock(root / f".{target.name}.lock"):
-            if not (target / MANIFEST).is_file():
-                prepare_dataset(name, cfg.data.datasets[name], cfg, target, tok, progress=progress,
-                                overwrite=target.exists(), extra={"cache_key": target.name,
-                                                                  "tokenizer_dir": str(tdir)})
+        paths = resolve_inputs(cfg.data.datasets[name].inputs)
+        skey = stat_key(name, cfg.data.datasets[name], cfg, sha, paths)
+        index = root / KEYS_DIR / f"{name}-{skey[:16]}.json"
+        target = _indexed(root, index)
+        if target is None:
+            with _lock(root / f".{index.name}.lock"):
+                target = _indexed(root, index) or _prepare_by_content(cfg, name, tok, sha, tdir, paths, skey,
+                                                                       progress)
         out[name] = target
     return out

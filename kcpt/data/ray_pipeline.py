@@ -225,7 +225,8 @@ def ensure_ray() -> None:
 
 def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
                         overwrite: bool = False, extra: dict[str, Any] | None = None,
-                        window: int = DEFAULT_WINDOW, progress: bool = True) -> Path:
+                        window: int = DEFAULT_WINDOW, progress: bool = True,
+                        input_sha256s: list[str] | None = None) -> Path:
     """Ray Data version of :func:`kcpt.data.prepare.prepare_dataset` (same outputs; rows may be grouped
     differently because packing runs per window of each block). ``progress``: Ray Data's progress bars."""
     from kcpt.data.demo import resolve_inputs
@@ -274,8 +275,9 @@ def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: 
             if not shards:  # keep the layout valid for an empty dataset
                 pq.write_table(rows_to_table([]), tmp / shard_name(0))
                 shards = [shard_name(0)]
-            finish_prepared(tmp, tokenizer=tokenizer, stats=stats, kind=ds.kind, inputs=input_entries(paths, kept),
-                            report=report, shards=shards, extra=manifest_extra(name, ds, cfg, "ray_data", extra))
+            finish_prepared(tmp, tokenizer=tokenizer, stats=stats, kind=ds.kind,
+                            inputs=input_entries(paths, kept, input_sha256s), report=report, shards=shards,
+                            extra=manifest_extra(name, ds, cfg, "ray_data", extra))
     finally:
         ray.kill(state)
     return out

@@ -22,6 +22,8 @@ def _common(p: argparse.ArgumentParser, *, inputs: bool) -> None:
     p.add_argument("--strict", action="store_true", help="turn every counted skip into an error")
     p.add_argument("--config", default=None, metavar="YAML", help="kcpt config (tokenizer, data.filters, ...)")
     p.add_argument("--ray", action="store_true", help="run the Ray Data pipeline (data.ray_data)")
+    p.add_argument("--address", default=None, help="with --ray: the Ray cluster to join (default: RAY_ADDRESS, "
+                                                   "set inside `ray job submit`; else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -99,7 +101,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     progress = cfg.logging.progress
     if args.prepare_kind == "demo":
         cfg.data.prepared_root = args.out
-        dirs = prepare_all(cfg, progress=progress)
+        dirs = prepare_all(cfg, progress=progress, address=args.address)
     else:
         ds = DatasetConfig(kind=args.prepare_kind, inputs=list(args.input),
                            text_field=getattr(args, "text_field", "text"),
@@ -107,7 +109,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
         out = Path(args.out)
         name = args.name or out.resolve().name
-        dirs = {name: prepare_dataset(name, ds, cfg, out, tok, progress=progress, overwrite=args.overwrite)}
+        dirs = {name: prepare_dataset(name, ds, cfg, out, tok, progress=progress, overwrite=args.overwrite,
+                                           address=args.address)}
     for d in dirs.values():
         print(format_manifest(d, read_manifest(d)))
     if dirs:

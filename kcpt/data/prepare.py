@@ -109,9 +109,10 @@ def stat_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, paths:
 
 def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
                     progress: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None,
-                    input_sha256s: list[str] | None = None) -> Path:
+                    input_sha256s: list[str] | None = None, address: str | None = None) -> Path:
     """Prepare one dataset into ``out_dir`` (written atomically) and return it. ``input_sha256s``: the inputs'
-    content hashes for the manifest when the caller already computed them (:func:`prepare_all` does).
+    content hashes for the manifest when the caller already computed them (:func:`prepare_all` does);
+    ``address``: the Ray cluster the Ray Data path joins (default ``RAY_ADDRESS``, else a local Ray).
 
     Raw: documents are read, normalised, filtered and deduplicated (counted rejects), tokenized with EOS,
     chunked to ``data.seq_len`` and packed. Exam: items are validated, rendered, encoded answer-only (items
@@ -124,7 +125,7 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
         from kcpt.data.ray_pipeline import prepare_dataset_ray
 
         return prepare_dataset_ray(name, ds, cfg, out_dir, tokenizer, overwrite=overwrite, extra=extra,
-                                   progress=progress, input_sha256s=input_sha256s)
+                                   progress=progress, input_sha256s=input_sha256s, address=address)
     paths = resolve_inputs(ds.inputs)
     report = RejectReport()
     kept: Counter[str] = Counter()
@@ -215,7 +216,7 @@ def _indexed(root: Path, index: Path) -> Path | None:
 
 
 def _prepare_by_content(cfg: KcptConfig, name: str, tok, sha: str, tdir: Path, paths: list[Path], skey: str,
-                        progress: bool) -> Path:
+                        progress: bool, address: str | None) -> Path:
     """Hash the inputs (the one read of their bytes for the key), prepare ``<name>-<contentkey12>`` unless it
     exists, record it under the stat key. InputError if an input changed meanwhile (its size/mtime moved)."""
     root, ds = Path(cfg.data.prepared_root), cfg.data.datasets[name]
@@ -225,7 +226,8 @@ def _prepare_by_content(cfg: KcptConfig, name: str, tok, sha: str, tdir: Path, p
     with _lock(root / f".{target.name}.lock"):
         if not (target / MANIFEST).is_file():
             prepare_dataset(name, ds, cfg, target, tok, progress=progress, overwrite=target.exists(),
-                            extra={"cache_key": target.name, "tokenizer_dir": str(tdir)}, input_sha256s=hashes)
+                            extra={"cache_key": target.name, "tokenizer_dir": str(tdir)}, input_sha256s=hashes,
+                            address=address)
             made = True
     if stat_key(name, ds, cfg, sha, paths) != skey:
         if made:
@@ -247,8 +249,10 @@ def prepared_dir(cfg: KcptConfig, name: str, tok_sha: str) -> Path:
     return Path(cfg.data.prepared_root) / f"{name}-{key[:12]}"
 
 
-def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress: bool = True) -> dict[str, Path]:
+def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress: bool = True,
+                address: str | None = None) -> dict[str, Path]:
     """Prepare (or reuse) every dataset of ``cfg.data.datasets`` (or only ``names``); returns name → directory.
+    ``address``: the Ray cluster ``data.ray_data`` joins (default ``RAY_ADDRESS``, else a local Ray).
 
     One tokenizer serves all datasets. A dataset whose stat key is indexed (inputs unchanged in path, size and
     mtime) is reused without reading an input byte; otherwise the inputs are hashed and a directory with the same
@@ -260,18 +264,29 @@ def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress
     tok, sha, tdir = prepare_tokenizer(cfg, root)
     wanted = list(cfg.data.datasets) if names is None else list(names)
     out: dict[str, Path] = {}
-    for name in wanted:
-        if name not in cfg.data.datasets:
-            from kcpt.errors import ConfigError
+    started = False  # with data.ray_data: one Ray for all datasets to prepare (none when every one is cached)
+    try:
+        for name in wanted:
+            if name not in cfg.data.datasets:
+                from kcpt.errors import ConfigError
 
-            raise ConfigError(f"data.datasets: no dataset named '{name}' (defined: {sorted(cfg.data.datasets)})")
-        paths = resolve_inputs(cfg.data.datasets[name].inputs)
-        skey = stat_key(name, cfg.data.datasets[name], cfg, sha, paths)
-        index = root / KEYS_DIR / f"{name}-{skey[:16]}.json"
-        target = _indexed(root, index)
-        if target is None:
-            with _lock(root / f".{index.name}.lock"):
-                target = _indexed(root, index) or _prepare_by_content(cfg, name, tok, sha, tdir, paths, skey,
-                                                                       progress)
-        out[name] = target
+                raise ConfigError(f"data.datasets: no dataset named '{name}' (defined: {sorted(cfg.data.datasets)})")
+            paths = resolve_inputs(cfg.data.datasets[name].inputs)
+            skey = stat_key(name, cfg.data.datasets[name], cfg, sha, paths)
+            index = root / KEYS_DIR / f"{name}-{skey[:16]}.json"
+            target = _indexed(root, index)
+            if target is None:
+                if cfg.data.ray_data and not started:
+                    from kcpt.data.ray_pipeline import ensure_ray
+
+                    started = ensure_ray(address)
+                with _lock(root / f".{index.name}.lock"):
+                    target = _indexed(root, index) or _prepare_by_content(cfg, name, tok, sha, tdir, paths, skey,
+                                                                           progress, address)
+            out[name] = target
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     return out

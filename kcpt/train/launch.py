@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,17 +53,13 @@ def latest_checkpoint(run_dir: RunDir, stages: list[str]) -> Path | None:
 
 
 def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
-    """Connect to ``address`` or start a local Ray with explicit ``num_cpus``; True if this call started it."""
-    import ray
+    """Join ``address`` / ``RAY_ADDRESS`` or start a local Ray sized for the workers (:mod:`kcpt.raystart`); True
+    if this call started it."""
+    from kcpt.raystart import start_ray
 
-    if ray.is_initialized():
+    need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1
+    if not start_ray(address, num_cpus=need, num_gpus=cfg.train.num_workers if cfg.train.use_gpu else None):
         return False
-    address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`: join, never size that Ray
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1
-        ray.init(num_cpus=need, num_gpus=cfg.train.num_workers if cfg.train.use_gpu else None)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = cfg.logging.progress
@@ -122,7 +117,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
 
         deepspeed_config(cfg)  # the user's DeepSpeed JSON merges with kcpt's keys (ConfigError otherwise)
     needed = datasets_needed(cfg, stages)
-    prepared = prepare_all(cfg, needed, progress=cfg.logging.progress)
+    prepared = prepare_all(cfg, needed, progress=cfg.logging.progress, address=address)
     prepared = {k: Path(v).resolve() for k, v in prepared.items()}
     expected = expected_manifest(cfg, prepared)
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):

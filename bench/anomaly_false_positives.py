@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(None, [f"train.output_dir={root / 'runs'}", f"data.prepared_root={root / 'prepared'}",
                                  "logging.progress=false", "train.run_name=demo"])
         t0 = time.perf_counter()
-        res = run_plan(cfg, resume="never")
+        res = run_plan(cfg, resume="overwrite")
         runs.append(("demo plan", res.run_dir, time.perf_counter() - t0))
     cfg = load_config(None, uneven_overrides(root / "uneven-data", root, args.steps))
     t0 = time.perf_counter()
-    res = run_plan(cfg, resume="never")
+    res = run_plan(cfg, resume="overwrite")
     runs.append(("uneven answers (mb 2)", res.run_dir, time.perf_counter() - t0))
     print("| run | stage | steps | rollbacks | grad norm: mean of intervals | max step | max/mean |")
     print("|---|---|---|---|---|---|---|")

@@ -71,7 +71,7 @@ def per_step_syncs(prepared_root: Path, out: Path, *, steps: int = 8, eval_every
 
     loop.StageRunner.train_step, torch.optim.AdamW.step = train_step, opt_step
     try:
-        run_plan(cfg, resume="never", in_process=True)
+        run_plan(cfg, resume="overwrite", in_process=True)
     finally:
         loop.StageRunner.train_step, torch.optim.AdamW.step = orig_step, orig_opt
     return records

@@ -124,7 +124,7 @@ def ray_loop(cfg, steps: int, run_dir: Path) -> dict[str, float]:
     from kcpt.train.launch import run_plan
 
     t0 = time.perf_counter()
-    res = run_plan(cfg, resume="never", run_dir=run_dir)
+    res = run_plan(cfg, resume="overwrite", run_dir=run_dir)
     wall = time.perf_counter() - t0
     recs = [r for r in res.metrics if r["step"] > 0]
     tokens = recs[-1]["tokens_seen"]

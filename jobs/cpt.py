@@ -1,6 +1,7 @@
 """CPT only: next-token CE on packed raw Korean rows until the plateau rule stops it.
 
-    python jobs/cpt.py [--config PATH] [--set key=value ...] [--run-name NAME] [--resume] [--force] [--address ADDR]
+    python jobs/cpt.py [--config PATH] [--set key=value ...] [--run-name NAME]
+                      [--resume | --overwrite] [--force] [--address ADDR]
 
 With no flags it runs the embedded demo's CPT stage on 2 local CPU workers and prints the stage table.
 """

@@ -1,7 +1,7 @@
 """The whole plan (CPT → stage 1 → stage 2 → stage 3) in one Ray Train run.
 
     python jobs/train_stages.py [--config PATH] [--stages a,b] [--set key=value ...] [--run-name NAME]
-                                [--resume] [--force] [--address ADDR]
+                                [--resume | --overwrite] [--force] [--address ADDR]
 
 With no flags it runs the embedded demo plan on 2 local CPU workers (a few minutes), prints a per-stage
 summary table and the run directory.

@@ -338,7 +338,7 @@ def test_run_with_a_bad_deepspeed_json_deletes_nothing(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "r").create(cfg)
     (rd.checkpoints / "0-cpt-step10").mkdir()
     with pytest.raises(ConfigError, match="gradient_clipping"):
-        run_plan(cfg, stages=["cpt"], resume="never")
+        run_plan(cfg, stages=["cpt"], resume="overwrite")
     assert (rd.checkpoints / "0-cpt-step10").is_dir()
 
 
@@ -518,7 +518,7 @@ def test_run_with_a_typo_in_a_data_path_deletes_nothing(tmp_path: Path) -> None:
     (rd.checkpoints / "0-cpt-step10").mkdir()
     rd.append_metrics({"stage": "cpt", "step": 10})
     with pytest.raises(InputError, match="does not exist"):
-        run_plan(cfg, stages=["cpt"], resume="never")
+        run_plan(cfg, stages=["cpt"], resume="overwrite")
     assert (rd.checkpoints / "0-cpt-step10").is_dir() and read_metrics(rd.root) == [{"stage": "cpt", "step": 10}]
 
 

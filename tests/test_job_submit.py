@@ -1,9 +1,11 @@
-"""`ray job submit` of jobs/tune_stage3.py and jobs/cpt.py to a real local Ray cluster (head started with
-`ray start`): inside a submitted job RAY_ADDRESS is set, and every entry point joins that Ray instead of sizing
-one (``num_cpus`` would be refused).
+"""Every entry point under `ray job submit` against a real local Ray cluster (head started with `ray start`):
+``jobs/tune_stage3.py``, ``jobs/cpt.py``, ``jobs/train_stages.py`` and ``kcpt prepare … --ray``. Inside a submitted
+job RAY_ADDRESS is set, and every entry point joins that Ray (kcpt.raystart) instead of sizing one (``num_cpus``
+would be refused): each job's log shows it connected to the existing cluster.
 
-Reuses the session experiment's prerequisite checkpoints (same plan, output_dir and prepared_root: same config
-hash), so the tune job only tunes stage 3. The cluster is stopped in a finally (`ray stop --force`).
+One head for the module (stopped in a finally: `ray stop --force`). The tune job reuses the session experiment's
+prerequisite checkpoints (same plan, output_dir and prepared_root: same config hash), so it only tunes stage 3;
+the training jobs run tiny plans (a few steps per stage, one worker).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+JOINED = "Connecting to existing Ray cluster"  # what ray.init(address=...) logs; a local start logs "Started"
 
 pytestmark = pytest.mark.slow
 
@@ -36,54 +39,102 @@ def ray_cli(*args: str, env: dict, timeout: int = 120) -> subprocess.CompletedPr
     return subprocess.run([ray_bin, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def test_ray_job_submit_tunes_stage3(tune_experiment, tmp_path):
+@pytest.fixture(scope="module")
+def head():
+    """A `ray start --head` cluster (4 CPUs); yields a function that submits a job and returns (status, logs)."""
     import ray
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
     if ray.is_initialized():
         ray.shutdown()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     port, dash = free_port(), free_port()
-    exp_dir = tmp_path / "job-exp"
+    runtime_env = {"excludes": [".git", "runs", "prepared", "experiments", "*.egg-info", ".pytest_cache"],
+                   "env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+                                "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
     try:
         r = ray_cli("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-port",
                     str(dash), "--num-cpus", "4", "--include-dashboard", "true", "--disable-usage-stats", env=env)
         assert r.returncode == 0, r.stderr
         address = f"http://127.0.0.1:{dash}"
-        runtime_env = {"excludes": [".git", "runs", "prepared", "experiments", "*.egg-info", ".pytest_cache"],
-                       "env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}}
-        sets = [a for o in tune_experiment.overrides if not o.startswith("tune.num_samples") for a in ("--set", o)]
-        sub_id = f"kcpt-tune-{int(time.time())}"
-        r = ray_cli("job", "submit", "--address", address, "--working-dir", ".", "--submission-id", sub_id,
-                    "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--",
-                    "python", "jobs/tune_stage3.py", "--num-samples", "2", "--study-name", "job-study",
-                    "--experiment-dir", str(exp_dir), *sets, env=env)
-        assert r.returncode == 0, r.stdout + r.stderr
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
         client = JobSubmissionClient(address)
-        deadline = time.time() + 420
-        status = client.get_job_status(sub_id)
-        while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
-            time.sleep(3)
-            status = client.get_job_status(sub_id)
-        logs = client.get_job_logs(sub_id)
-        assert status == JobStatus.SUCCEEDED, logs[-4000:]
-        assert "reused" in logs  # prerequisites came from the session experiment (same config hash)
-        df = pd.read_parquet(exp_dir / "trials.parquet")
-        assert len(df) == 2 and set(df["status"]) <= {"COMPLETE", "PRUNED"}
-        study = optuna.load_study(study_name="job-study", storage=f"sqlite:///{exp_dir / 'optuna.db'}")
-        assert len(study.trials) == 2 and all("raw_gate" in t.constraints for t in study.trials)
-        assert (exp_dir / "best_config.yaml").is_file() == bool(df["feasible"].any())
-        assert (exp_dir / "best_trial.json").is_file()
 
-        cpt_id = f"kcpt-cpt-{int(time.time())}"
-        run_dir = tmp_path / "cpt-run"
-        r = ray_cli("job", "submit", "--address", address, "--working-dir", ".", "--submission-id", cpt_id,
-                    "--runtime-env-json", json.dumps(runtime_env), "--",
-                    "python", "jobs/cpt.py", "--run-dir", str(run_dir), *sets, "--set", "plan.0.max_steps=6",
-                    "--set", "plan.0.eval_every=3", env=env, timeout=300)
-        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["stage_order"] == ["cpt"] and summary["stages"]["cpt"]["steps"] == 6
+        def submit(name: str, *entrypoint: str, timeout: int = 420) -> tuple[JobStatus, str]:
+            sub_id = f"kcpt-{name}-{int(time.time() * 1000)}"
+            r = ray_cli("job", "submit", "--address", address, "--working-dir", ".", "--submission-id", sub_id,
+                        "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--", *entrypoint, env=env)
+            assert r.returncode == 0, r.stdout + r.stderr
+            deadline = time.time() + timeout
+            status = client.get_job_status(sub_id)
+            while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
+                time.sleep(2)
+                status = client.get_job_status(sub_id)
+            return status, client.get_job_logs(sub_id)
+
+        yield submit
     finally:
         ray_cli("stop", "--force", env=env)
+
+
+def test_ray_job_submit_tunes_stage3(head, tune_experiment, tmp_path):
+    from ray.job_submission import JobStatus
+
+    exp_dir = tmp_path / "job-exp"
+    sets = [a for o in tune_experiment.overrides if not o.startswith("tune.num_samples") for a in ("--set", o)]
+    status, logs = head("tune", "python", "jobs/tune_stage3.py", "--num-samples", "2", "--study-name", "job-study",
+                        "--experiment-dir", str(exp_dir), *sets)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "reused" in logs  # prerequisites came from the session experiment (same config hash)
+    assert JOINED in logs
+    df = pd.read_parquet(exp_dir / "trials.parquet")
+    assert len(df) == 2 and set(df["status"]) <= {"COMPLETE", "PRUNED"}
+    study = optuna.load_study(study_name="job-study", storage=f"sqlite:///{exp_dir / 'optuna.db'}")
+    assert len(study.trials) == 2 and all("raw_gate" in t.constraints for t in study.trials)
+    assert (exp_dir / "best_config.yaml").is_file() == bool(df["feasible"].any())
+    assert (exp_dir / "best_trial.json").is_file()
+
+
+TINY = ["train.num_workers=1", "logging.progress=false", "logging.tensorboard=false", "train.max_eval_rows=32",
+        *(f"plan.{i}.{k}" for i in range(4) for k in ("max_steps=4", "eval_every=2"))]
+
+
+def test_ray_job_submit_train_and_prepare_entry_points(head, tmp_path):
+    from ray.job_submission import JobStatus
+
+    from kcpt.data.demo import konlpy_corpus_dir
+    from kcpt.data.shards import read_manifest
+
+    # kcpt prepare … --ray: the Ray Data pipeline on the cluster's Ray
+    corpus = tmp_path / "corpus.jsonl"
+    text = (konlpy_corpus_dir() / "kolaw" / "constitution.txt").read_text(encoding="utf-8")
+    corpus.write_text("".join(json.dumps({"text": text[i:i + 400]}, ensure_ascii=False) + "\n"
+                              for i in range(0, 8000, 400)), encoding="utf-8")
+    out = tmp_path / "prepared-raw"
+    status, logs = head("prepare", "kcpt", "prepare", "raw", "--input", str(corpus), "--out", str(out), "--ray",
+                        "--seq-len", "64", "--no-progress")
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert JOINED in logs and "pack efficiency" in logs
+    assert read_manifest(out)["pipeline"] == "ray_data" and read_manifest(out)["rows"] > 0
+
+    sets = [a for o in (*TINY, f"data.prepared_root={tmp_path / 'prepared'}", f"train.output_dir={tmp_path / 'runs'}")
+            for a in ("--set", o)]
+    # jobs/cpt.py: the CPT stage only
+    cpt_dir = tmp_path / "runs" / "cpt"
+    status, logs = head("cpt", "python", "jobs/cpt.py", "--run-dir", str(cpt_dir), *sets)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert JOINED in logs
+    summary = json.loads((cpt_dir / "summary.json").read_text())
+    assert summary["stage_order"] == ["cpt"] and summary["stages"]["cpt"]["steps"] == 4
+    # the same run again without --resume: refused in one line, nothing replaced
+    status, logs = head("cpt-again", "python", "jobs/cpt.py", "--run-dir", str(cpt_dir), *sets)
+    assert status == JobStatus.FAILED and "--resume" in logs and "--overwrite" in logs
+    assert json.loads((cpt_dir / "summary.json").read_text()) == summary
+
+    # jobs/train_stages.py: the whole plan in one Ray Train run
+    plan_dir = tmp_path / "runs" / "plan"
+    status, logs = head("plan", "python", "jobs/train_stages.py", "--run-dir", str(plan_dir), *sets)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert JOINED in logs
+    summary = json.loads((plan_dir / "summary.json").read_text())
+    assert summary["stage_order"] == ["cpt", "stage1", "stage2", "stage3"]
+    assert all(summary["stages"][s]["steps"] >= 1 for s in summary["stage_order"])

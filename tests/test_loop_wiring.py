@@ -126,8 +126,8 @@ def test_stage_needing_a_baseline_is_refused_before_any_step(prepared_root, tmp_
     # said explicitly: the stage runs without the raw bound
     off = cfg_of(prepared_root, tmp_path, plan.replace("rule: exam,", "rule: exam, raw_bound: false,"))
     assert run_plan(off, resume="never", in_process=True).summaries["s"]["steps"] >= 1
-    # given at launch: fine
-    res = run_plan(cfg, resume="never", in_process=True, baseline_raw_best=9.0)
+    # given at launch: fine (the same run name again: replaced on purpose)
+    res = run_plan(cfg, resume="overwrite", in_process=True, baseline_raw_best=9.0)
     assert res.summaries["s"]["baseline_raw_best"] == 9.0
 
 

@@ -95,3 +95,14 @@ def test_strict_error_inside_a_task_reaches_the_caller(ray_local, tok, tmp_path)
                             progress=False)
     assert "\n" not in str(err.value) and not isinstance(err.value, ray.exceptions.RayError)
     assert not (tmp_path / "o").exists()
+
+
+def test_all_rejected_input_writes_valid_empty_dataset(ray_local, tok, tmp_path):
+    """Ray Data writes no file for zero rows: the dataset is still complete (one empty shard), as locally."""
+    inp = tmp_path / "rep.jsonl"
+    inp.write_text("".join(json.dumps({"text": f"헌법 제{i}조는 권리를 정한다. " * 4}, ensure_ascii=False) + "\n"
+                           for i in range(5)), encoding="utf-8")
+    cfg = load_config()
+    ml, mr, _, on_ray = _prepare_both("rep", DatasetConfig(kind="raw", inputs=[str(inp)]), cfg, tmp_path, tok)
+    assert ml["rows"] == mr["rows"] == 0 and mr["rejects"] == ml["rejects"] and sum(mr["rejects"].values()) == 5
+    assert read_rows(on_ray).num_rows == 0

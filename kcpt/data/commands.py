@@ -24,6 +24,8 @@ def _common(p: argparse.ArgumentParser, *, inputs: bool) -> None:
     p.add_argument("--strict", action="store_true", help="turn every counted skip into an error")
     p.add_argument("--config", default=None, metavar="YAML", help="kcpt config (tokenizer, data.filters, ...)")
     p.add_argument("--ray", action="store_true", help="run the Ray Data pipeline (data.ray_data)")
+    p.add_argument("--address", default=None, help="with --ray: the Ray cluster to join (default: RAY_ADDRESS, "
+                                                   "set inside `ray job submit`; else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -104,7 +106,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     progress = cfg.logging.progress
     if args.prepare_kind == "demo":
         cfg.data.prepared_root = args.out
-        dirs = prepare_all(cfg, progress=progress)
+        dirs = prepare_all(cfg, progress=progress, address=args.address)
     else:
         ds = DatasetConfig(kind=args.prepare_kind, inputs=list(args.input),
                            text_field=getattr(args, "text_field", "text"),
@@ -115,7 +117,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         name = args.name or out.resolve().name
         if remote and storage.Store(args.out).listdir() and not args.overwrite:
             raise InputError("exists; --overwrite replaces it", path=args.out)
-        made = prepare_dataset(name, ds, cfg, out, tok, progress=progress, overwrite=args.overwrite or remote)
+        made = prepare_dataset(name, ds, cfg, out, tok, progress=progress, overwrite=args.overwrite or remote,
+                               address=args.address)
         if remote:
             storage.publish_tree(made, args.out, marker=MANIFEST)
         dirs = {name: args.out if remote else made}

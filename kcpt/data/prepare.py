@@ -2,8 +2,15 @@
 
 :func:`prepare_all` is what training calls: one tokenizer for all datasets (loaded/trained once and saved under
 ``<prepared_root>/tokenizer-<sha12>/``), and each dataset cached at ``<prepared_root>/<name>-<key12>/`` where
-the key hashes the dataset config, ``seq_len``, filters, template, tokenizer hash and the input files' hashes;
-a dataset whose directory exists is reused as is. :func:`prepare_dataset` writes one dataset to a given
+the key hashes the dataset config, ``seq_len``, filters, template, tokenizer hash and the input files' content
+hashes; a dataset whose directory exists is reused as is.
+
+Finding the cache entry reads no input byte: a stat key (the same settings + each input's absolute path and
+``(name, size, mtime_ns)`` of every file it stands for, :func:`kcpt.data.sources.input_stat`) is looked up in
+``<prepared_root>/.keys/<name>-<statkey16>.json``, which names the prepared directory. Only on a miss (new or
+changed size/mtime) are the inputs hashed — once: the same hashes name the directory and go into its manifest
+(``inputs[].sha256``; checkpoints bind to the manifest's hash). A file touched but unchanged is therefore hashed
+again but not prepared again, and its checkpoints stay valid. :func:`prepare_dataset` writes one dataset to a given
 directory (the ``kcpt prepare`` command uses it). With ``data.ray_data`` the Ray Data pipeline
 (:mod:`kcpt.data.ray_pipeline`) does the same work, streaming.
 """
@@ -11,6 +18,9 @@ directory (the ``kcpt prepare`` command uses it). With ``data.ray_data`` the Ray
 from __future__ import annotations
 
 import fcntl
+import json
+import os
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -27,8 +37,9 @@ from kcpt.data.exam_io import read_exam_items
 from kcpt.data.packing import DEFAULT_WINDOW, Segment, pack_segments, tokenize_documents
 from kcpt.data.rejects import RejectReport
 from kcpt.data.shards import MANIFEST, check_output_dir, input_entries, write_prepared
-from kcpt.data.sources import input_sha256, read_documents
+from kcpt.data.sources import input_sha256, input_stat, read_documents
 from kcpt.data.types import Document, ExamItem
+from kcpt.errors import InputError
 from kcpt.hashing import sha256_json
 from kcpt.model.tokenizer import load_tokenizer, pad_token_id, save_tokenizer, tokenizer_sha256
 
@@ -66,10 +77,10 @@ def input_hashes(paths: list[Path]) -> list[str]:
     return [input_sha256(p) for p in paths]
 
 
-def dataset_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, paths: list[Path]) -> str:
-    """Cache key of a prepared dataset: what the rows depend on (not where they are written)."""
+def _settings(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str) -> dict[str, Any]:
+    """Everything but the inputs that the prepared rows depend on."""
     data = cfg.data
-    return sha256_json({
+    return {
         "format": PREPARE_FORMAT_VERSION,
         "dataset": ds.model_dump(mode="json"),
         "seq_len": data.seq_len,
@@ -78,14 +89,30 @@ def dataset_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, pat
         "filters": data.filters.model_dump(mode="json") if ds.kind == "raw" else None,
         "template": data.template.model_dump(mode="json") if ds.kind == "exam" else None,
         "tokenizer_sha256": tok_sha,
-        "inputs": input_hashes(paths),
         "name": name,
-    })
+    }
+
+
+def dataset_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, paths: list[Path],
+                hashes: list[str] | None = None) -> str:
+    """Cache key of a prepared dataset: what the rows depend on (not where they are written); ``hashes``: the
+    inputs' content hashes if already computed."""
+    return sha256_json({**_settings(name, ds, cfg, tok_sha),
+                        "inputs": hashes if hashes is not None else input_hashes(paths)})
+
+
+def stat_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, paths: list[Path]) -> str:
+    """Lookup key of a prepared dataset from ``os.stat`` only (see the module docstring): no input byte is read."""
+    return sha256_json({**_settings(name, ds, cfg, tok_sha),
+                        "inputs": [[str(p.resolve()), input_stat(p)] for p in paths]})
 
 
 def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
-                    progress: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
-    """Prepare one dataset into ``out_dir`` (written atomically) and return it.
+                    progress: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None,
+                    input_sha256s: list[str] | None = None, address: str | None = None) -> Path:
+    """Prepare one dataset into ``out_dir`` (written atomically) and return it. ``input_sha256s``: the inputs'
+    content hashes for the manifest when the caller already computed them (:func:`prepare_all` does);
+    ``address``: the Ray cluster the Ray Data path joins (default ``RAY_ADDRESS``, else a local Ray).
 
     Raw: documents are read, normalised, filtered and deduplicated (counted rejects), tokenized with EOS,
     chunked to ``data.seq_len`` and packed. Exam: items are validated, rendered, encoded answer-only (items
@@ -98,7 +125,7 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
         from kcpt.data.ray_pipeline import prepare_dataset_ray
 
         return prepare_dataset_ray(name, ds, cfg, out_dir, tokenizer, overwrite=overwrite, extra=extra,
-                                   progress=progress)
+                                   progress=progress, input_sha256s=input_sha256s, address=address)
     paths = resolve_inputs(ds.inputs)
     report = RejectReport()
     kept: Counter[str] = Counter()
@@ -121,7 +148,7 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
 
     def rows_then_inputs():
         yield from rows
-        inputs.extend(input_entries(paths, dict(kept)))
+        inputs.extend(input_entries(paths, dict(kept), input_sha256s))
 
     write_prepared(out, rows_then_inputs(), tokenizer=tokenizer, seq_len=seq_len, kind=ds.kind, inputs=inputs,
                    report=report, extra=manifest_extra(name, ds, cfg, "local", extra), overwrite=overwrite)
@@ -175,22 +202,72 @@ def prepare_tokenizer(cfg: KcptConfig, root: Path):
     return tok, sha, tdir
 
 
+KEYS_DIR = ".keys"
+"""Under ``prepared_root``: one small JSON per stat key naming the prepared directory (see the module docstring)."""
+
+
+def _indexed(root: Path, index: Path) -> Path | None:
+    """The prepared directory ``index`` names, if the index and that directory's manifest exist."""
+    try:
+        target = root / json.loads(index.read_text(encoding="utf-8"))["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return target if (target / MANIFEST).is_file() else None
+
+
+def _prepare_by_content(cfg: KcptConfig, root: Path, name: str, tok, sha: str, tdir: Path, paths: list[Path],
+                        skey: str, progress: bool, address: str | None) -> Path:
+    """Hash the inputs (the one read of their bytes for the key), prepare ``<root>/<name>-<contentkey12>`` unless
+    it exists (or, with a URI ``prepared_root``, was published there: then it is downloaded), record it under the
+    stat key. InputError if an input changed meanwhile (its size/mtime moved)."""
+    from kcpt import storage
+
+    ds = cfg.data.datasets[name]
+    hashes = input_hashes(paths)
+    target = root / f"{name}-{dataset_key(name, ds, cfg, sha, paths, hashes)[:12]}"
+    made = False
+    with _lock(root / f".{target.name}.lock"):
+        if storage.is_uri(cfg.data.prepared_root) and not (target / MANIFEST).is_file():
+            try:  # published by a run on another node: download instead of preparing
+                storage.fetch_tree(storage.join(cfg.data.prepared_root, target.name), marker=MANIFEST)
+            except FileNotFoundError:
+                pass
+        if not (target / MANIFEST).is_file():
+            prepare_dataset(name, ds, cfg, target, tok, progress=progress, overwrite=target.exists(),
+                            extra={"cache_key": target.name, "tokenizer_dir": str(tdir)}, input_sha256s=hashes,
+                            address=address)
+            made = True
+    if stat_key(name, ds, cfg, sha, paths) != skey:
+        if made:
+            shutil.rmtree(target, ignore_errors=True)
+        raise InputError(f"data.datasets.{name}.inputs: an input changed while it was being prepared; run again",
+                         path=", ".join(str(p) for p in paths))
+    index = root / KEYS_DIR / f"{name}-{skey[:16]}.json"
+    index.parent.mkdir(exist_ok=True)
+    tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"dir": target.name, "stat_key": skey}) + "\n", encoding="utf-8")
+    os.replace(tmp, index)
+    return target
+
+
 def prepared_dir(cfg: KcptConfig, name: str, tok_sha: str) -> Path:
-    """Where :func:`prepare_all` keeps dataset ``name`` for this config and tokenizer."""
+    """Where :func:`prepare_all` keeps dataset ``name`` for this config and tokenizer (hashes the inputs)."""
     ds = cfg.data.datasets[name]
     key = dataset_key(name, ds, cfg, tok_sha, resolve_inputs(ds.inputs))
     return Path(cfg.data.prepared_root) / f"{name}-{key[:12]}"
 
 
-def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress: bool = True
-                ) -> dict[str, Path | str]:
+def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress: bool = True,
+                address: str | None = None) -> dict[str, Path | str]:
     """Prepare (or reuse) every dataset of ``cfg.data.datasets`` (or only ``names``); returns name → ref (the
-    local directory, or the URI when ``data.prepared_root`` is one).
+    local directory, or its URI when ``data.prepared_root`` is one). ``address``: the Ray cluster
+    ``data.ray_data`` joins (default ``RAY_ADDRESS``, else a local Ray).
 
-    One tokenizer serves all datasets. A dataset directory that exists (with its manifest) is reused; a file
-    lock per dataset keeps concurrent callers on one node from preparing the same one twice. With a URI root
-    the work happens in a node-local mirror: a dataset already published there is downloaded instead of
-    prepared, a new one is prepared locally and published (files first, ``manifest.json`` last).
+    One tokenizer serves all datasets. A dataset whose stat key is indexed (inputs unchanged in path, size and
+    mtime) is reused without reading an input byte; otherwise the inputs are hashed and a directory with the same
+    content key is reused or prepared. File locks keep concurrent callers from preparing the same one twice.
+    With a URI root the work happens in a node-local mirror: a dataset already published there is downloaded
+    instead of prepared, a new one is prepared locally and published (files first, ``manifest.json`` last).
     """
     from kcpt import storage
 
@@ -203,24 +280,35 @@ def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress
     tok, sha, tdir = prepare_tokenizer(cfg, root)
     wanted = list(cfg.data.datasets) if names is None else list(names)
     out: dict[str, Path | str] = {}
-    for name in wanted:
-        if name not in cfg.data.datasets:
-            from kcpt.errors import ConfigError
+    started = False  # with data.ray_data: one Ray for all datasets to prepare (none when every one is cached)
+    try:
+        for name in wanted:
+            if name not in cfg.data.datasets:
+                from kcpt.errors import ConfigError
 
-            raise ConfigError(f"data.datasets: no dataset named '{name}' (defined: {sorted(cfg.data.datasets)})")
-        target = root / prepared_dir(cfg, name, sha).name
-        uri = storage.join(cfg.data.prepared_root, target.name) if remote else None
-        with _lock(root / f".{target.name}.lock"):
-            if uri is not None and not (target / MANIFEST).is_file():
-                try:
-                    storage.fetch_tree(uri, marker=MANIFEST)  # published by an earlier run: reuse
-                except FileNotFoundError:
-                    pass
-            if not (target / MANIFEST).is_file():
-                prepare_dataset(name, cfg.data.datasets[name], cfg, target, tok, progress=progress,
-                                overwrite=target.exists(), extra={"cache_key": target.name,
-                                                                  "tokenizer_dir": str(tdir)})
-            if uri is not None and not storage.Store(uri).is_file(MANIFEST):
-                storage.publish_tree(target, uri, marker=MANIFEST)
-        out[name] = uri if uri is not None else target
+                raise ConfigError(f"data.datasets: no dataset named '{name}' (defined: {sorted(cfg.data.datasets)})")
+            paths = resolve_inputs(cfg.data.datasets[name].inputs)
+            skey = stat_key(name, cfg.data.datasets[name], cfg, sha, paths)
+            index = root / KEYS_DIR / f"{name}-{skey[:16]}.json"
+            target = _indexed(root, index)
+            if target is None:
+                if cfg.data.ray_data and not started:
+                    from kcpt.data.ray_pipeline import ensure_ray
+
+                    started = ensure_ray(address)
+                with _lock(root / f".{index.name}.lock"):
+                    target = _indexed(root, index) or _prepare_by_content(cfg, root, name, tok, sha, tdir, paths,
+                                                                           skey, progress, address)
+            if remote:
+                uri = storage.join(cfg.data.prepared_root, target.name)
+                if not storage.Store(uri).is_file(MANIFEST):
+                    storage.publish_tree(target, uri, marker=MANIFEST)
+                out[name] = uri
+            else:
+                out[name] = target
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     return out

@@ -25,6 +25,7 @@ Exam item ids are claimed at the same actor, so a duplicate id is caught across 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -217,22 +218,37 @@ def _quiet_ray_data() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def ensure_ray() -> None:
-    """Connect to Ray (``ray.init()``: an existing cluster via RAY_ADDRESS, else a local one) if not yet."""
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join ``address`` / ``RAY_ADDRESS`` or start a local Ray with ``num_cpus`` (default: this machine's CPU
+    count), unless Ray is up already (:func:`kcpt.raystart.start_ray`). True if this call started it."""
+    from kcpt.raystart import start_ray
+
+    return start_ray(address, num_cpus=num_cpus or os.cpu_count() or 1, log_to_driver=False)
 
 
 def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
                         overwrite: bool = False, extra: dict[str, Any] | None = None,
-                        window: int = DEFAULT_WINDOW, progress: bool = True) -> Path:
+                        window: int = DEFAULT_WINDOW, progress: bool = True,
+                        input_sha256s: list[str] | None = None, address: str | None = None) -> Path:
     """Ray Data version of :func:`kcpt.data.prepare.prepare_dataset` (same outputs; rows may be grouped
-    differently because packing runs per window of each block). ``progress``: Ray Data's progress bars."""
+    differently because packing runs per window of each block). ``progress``: Ray Data's progress bars.
+    ``address``: the Ray to join (default ``RAY_ADDRESS``, else a local Ray started and stopped here)."""
+    started = ensure_ray(address)
+    try:
+        return _run_pipeline(name, ds, cfg, out_dir, tokenizer, overwrite=overwrite, extra=extra, window=window,
+                             progress=progress, input_sha256s=input_sha256s)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_pipeline(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
+                  overwrite: bool, extra: dict[str, Any] | None, window: int, progress: bool,
+                  input_sha256s: list[str] | None) -> Path:
     from kcpt.data.demo import resolve_inputs
     from kcpt.data.sources import iter_input_files
     from kcpt.model.tokenizer import pad_token_id
 
-    ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = progress
     data = cfg.data
     paths = resolve_inputs(ds.inputs)
@@ -267,15 +283,16 @@ def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: 
             for i, f in enumerate(written):
                 f.rename(tmp / shard_name(i))
                 shards.append(shard_name(i))
-            shutil.rmtree(tmp / "_ray")
+            shutil.rmtree(tmp / "_ray", ignore_errors=True)  # absent when no row was written
             report, kept, stats = ray.get(state.result.remote())
             report.merge(driver_report)
             stats = stats or PackStats(data.seq_len)
             if not shards:  # keep the layout valid for an empty dataset
                 pq.write_table(rows_to_table([]), tmp / shard_name(0))
                 shards = [shard_name(0)]
-            finish_prepared(tmp, tokenizer=tokenizer, stats=stats, kind=ds.kind, inputs=input_entries(paths, kept),
-                            report=report, shards=shards, extra=manifest_extra(name, ds, cfg, "ray_data", extra))
+            finish_prepared(tmp, tokenizer=tokenizer, stats=stats, kind=ds.kind,
+                            inputs=input_entries(paths, kept, input_sha256s), report=report, shards=shards,
+                            extra=manifest_extra(name, ds, cfg, "ray_data", extra))
     finally:
         ray.kill(state)
     return out

@@ -156,8 +156,10 @@ def write_shards(rows: Iterable[PackedRow], directory: Path, *, rows_per_shard: 
     return names
 
 
-def input_entries(paths: list[Path], documents: dict[str, int]) -> list[dict[str, Any]]:
-    """``[{path, sha256, documents}]`` for the manifest; ``documents`` maps a file path to kept documents/items.
+def input_entries(paths: list[Path], documents: dict[str, int], hashes: list[str] | None = None
+                  ) -> list[dict[str, Any]]:
+    """``[{path, sha256, documents}]`` for the manifest; ``documents`` maps a file path to kept documents/items;
+    ``hashes``: the inputs' content hashes when the caller already computed them (else they are computed here).
 
     A directory input is hashed over the files its walk reads and credited with the documents read from them.
     Each file's documents are credited once, to the first input that names or holds it (an input given twice,
@@ -171,7 +173,9 @@ def input_entries(paths: list[Path], documents: dict[str, int]) -> list[dict[str
             if src == str(p) or src.startswith(f"{p}[") or p in Path(src).parents:
                 credited[i] += n
                 break
-    return [{"path": str(p), "sha256": input_sha256(p), "documents": credited[i]} for i, p in enumerate(paths)]
+    hashes = hashes if hashes is not None else [input_sha256(p) for p in paths]
+    return [{"path": str(p), "sha256": h, "documents": credited[i]}
+            for i, (p, h) in enumerate(zip(paths, hashes, strict=True))]
 
 
 def finish_prepared(tmp: Path, *, tokenizer, stats: PackStats, kind: str, inputs: list[dict[str, Any]],

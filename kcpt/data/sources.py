@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
@@ -206,6 +206,31 @@ def input_sha256(path: Path) -> str:
             with reading(f):
                 h.update((sha256_dir(f) if f.is_dir() else sha256_file(f)).encode())
         return h.hexdigest()
+
+
+def input_stat(path: Path) -> list[list[Any]]:
+    """Cheap identity of one input, from ``os.stat`` only (no byte is read): ``[[name, size, mtime_ns], ...]``
+    for the file itself (name ``""``), for exactly the files a directory walk reads, or for every file of a HF
+    ``save_to_disk`` directory (names relative to ``path``). Used as the prepared-data cache key; a change in
+    size or modification time changes it (a rewrite that keeps both, e.g. restored with ``os.utime``, does not:
+    the same trade-off as make and rsync's quick check)."""
+    def entry(f: Path, name: str) -> list[Any]:
+        st = os.stat(f)
+        return [name, st.st_size, st.st_mtime_ns]
+
+    def tree(d: Path, prefix: str) -> list[list[Any]]:
+        return [entry(f, f"{prefix}{f.relative_to(d).as_posix()}") for f in sorted(d.rglob("*")) if f.is_file()]
+
+    with reading(path):
+        if not path.is_dir():
+            return [entry(path, "")]
+        if is_hf_dataset_dir(path):
+            return tree(path, "")
+        out: list[list[Any]] = []
+        for f in iter_input_files([path]):
+            rel = f.relative_to(path).as_posix()
+            out += tree(f, f"{rel}/") if f.is_dir() else [entry(f, rel)]
+        return out
 
 
 # --------------------------------------------------------------------------- line streaming

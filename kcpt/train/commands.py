@@ -14,8 +14,12 @@ def add_train_arguments(p: argparse.ArgumentParser, *, with_stages: bool = True)
     p.add_argument("--run-dir", help="explicit run directory (overrides output_dir/run_name)")
     if with_stages:
         p.add_argument("--stages", help="comma-separated stage names to run (default: the whole plan)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run directory's latest checkpoint (default: start the run over)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from the run directory's latest checkpoint (default: a new run; a run name "
+                            "that already has results is refused)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run directory's previous results (checkpoints, metrics, summary)")
     p.add_argument("--force", action="store_true", help="resume/load even if tokenizer or data hashes differ")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray with explicit num_cpus)")
     p.add_argument("--init-checkpoint", help="the first stage starts from this kcpt checkpoint")
@@ -33,10 +37,11 @@ def cpt_stages(cfg) -> list[str]:
 
 
 def preflight(cfg, stages: list[str] | None, *, run_dir: str | None = None, init_checkpoint: str | None = None,
-              check_run_dir: bool = True) -> None:
+              check_run_dir: bool = True, new_run: bool = False) -> None:
     """Checks that need neither Ray nor torch, run before either is imported (a typo is reported in well under
-    a second): the stages exist, the inputs of the datasets they use exist, the run directory is kcpt's own,
-    the init checkpoint is a directory. Raises ConfigError / InputError / CheckpointError."""
+    a second): the stages exist, the inputs of the datasets they use exist, the run directory is kcpt's own
+    (and, with ``new_run``, holds no results yet), the init checkpoint is a directory. Raises ConfigError /
+    InputError / CheckpointError."""
     from kcpt.data.sources import check_inputs_exist
     from kcpt.errors import CheckpointError, ConfigError
     from kcpt.train.rundir import RunDir, run_dir_for
@@ -64,7 +69,10 @@ def preflight(cfg, stages: list[str] | None, *, run_dir: str | None = None, init
     if cfg.model.name_or_path != "tiny" and model_dir.is_dir() and not (model_dir / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {model_dir} has no config.json (not a Hugging Face model directory)")
     if check_run_dir:
-        RunDir(Path(run_dir) if run_dir else run_dir_for(cfg)).check_owned()
+        rd = RunDir(Path(run_dir) if run_dir else run_dir_for(cfg))
+        rd.check_owned()
+        if new_run:
+            rd.refuse_existing()
     if init_checkpoint is not None and not Path(init_checkpoint).is_dir():
         raise CheckpointError(f"--init-checkpoint {init_checkpoint}: no such checkpoint directory")
 
@@ -80,14 +88,15 @@ def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, 
         stages = cpt_stages(cfg)
     if stages is None and getattr(args, "stages", None):
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    preflight(cfg, stages, run_dir=args.run_dir, init_checkpoint=args.init_checkpoint)
+    resume = "auto" if args.resume else "overwrite" if args.overwrite else "never"
+    preflight(cfg, stages, run_dir=args.run_dir, init_checkpoint=args.init_checkpoint, new_run=resume == "never")
 
     from kcpt.analysis.run_report import format_stage_table
     from kcpt.train.launch import run_plan  # imports torch and Ray: only after the config was validated
 
     result = run_plan(cfg, stages=stages, run_dir=Path(args.run_dir) if args.run_dir else None,
                       init_checkpoint=Path(args.init_checkpoint) if args.init_checkpoint else None,
-                      baseline_raw_best=args.baseline_raw_best, resume="auto" if args.resume else "never",
+                      baseline_raw_best=args.baseline_raw_best, resume=resume,
                       force=args.force, address=args.address)
     print(format_stage_table(result.summaries, result.metrics))
     print(f"\nbaseline_raw_best: {result.baseline_raw_best}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,17 +79,13 @@ def check_cluster_paths(cfg: KcptConfig, run_dir: str | Path | None, checkpoints
 
 
 def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
-    """Connect to ``address`` or start a local Ray with explicit ``num_cpus``; True if this call started it."""
-    import ray
+    """Join ``address`` / ``RAY_ADDRESS`` or start a local Ray sized for the workers (:mod:`kcpt.raystart`); True
+    if this call started it."""
+    from kcpt.raystart import start_ray
 
-    if ray.is_initialized():
+    need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1
+    if not start_ray(address, num_cpus=need, num_gpus=cfg.train.num_workers if cfg.train.use_gpu else None):
         return False
-    address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`: join, never size that Ray
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1
-        ray.init(num_cpus=need, num_gpus=cfg.train.num_workers if cfg.train.use_gpu else None)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = cfg.logging.progress
@@ -99,7 +94,7 @@ def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
 
 def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path | str | None = None,
              init_checkpoint: Path | str | None = None, baseline_raw_best: float | None = None,
-             resume: Literal["auto", "never"] = "auto", force: bool = False, address: str | None = None,
+             resume: Literal["auto", "never", "overwrite"] = "auto", force: bool = False, address: str | None = None,
              callbacks: list | None = None, reference_checkpoint: Path | str | None = None,
              in_process: bool = False) -> PlanResult:
     """Run ``stages`` (default: the whole plan, in order) in one Ray Train ``fit()``; returns the summaries.
@@ -109,8 +104,9 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     - ``reference_checkpoint``: the KL reference for ``kl_reference: cpt_best`` when this run has no CPT stage
       (default: ``init_checkpoint``);
     - ``resume="auto"``: continue exactly from the run directory's latest checkpoint if there is one (its
-      tokenizer/data hashes must match unless ``force``); ``"never"``: start over (previous results in the run
-      directory are deleted);
+      tokenizer/data hashes must match unless ``force``); ``"never"``: a new run — refused (InputError naming
+      ``--resume`` and ``--overwrite``) if the run directory already holds results (:meth:`RunDir.has_results`);
+      ``"overwrite"``: start over, deleting the previous results once everything was validated;
     - ``address``: an existing Ray cluster; default a local Ray started (and stopped) here;
     - ``callbacks``: passed to ``RunConfig(callbacks=...)``;
     - ``in_process``: no Ray — one worker in this process (debugging, fast tests; ``train.num_workers`` ignored).
@@ -128,8 +124,8 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
         except KeyError:
             raise ConfigError(f"stages: no stage named '{s}' in plan ({[x.name for x in cfg.plan]})") from None
     check_baselines(cfg, stages, baseline_raw_best)
-    if resume not in ("auto", "never"):
-        raise ConfigError(f"resume must be 'auto' or 'never', got {resume!r}")
+    if resume not in ("auto", "never", "overwrite"):
+        raise ConfigError(f"resume must be 'auto', 'never' or 'overwrite', got {resume!r}")
     for key, value in (("train.output_dir", cfg.train.output_dir), ("data.prepared_root", cfg.data.prepared_root),
                        ("run_dir", run_dir)):
         if value is not None:
@@ -137,6 +133,8 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     ref = str(run_dir) if run_dir is not None else run_dir_for(cfg)
     rd = RunDir(ref if storage.is_uri(ref) else storage.local_path(ref))
     rd.check_owned()  # never write into (or clean) a directory kcpt did not create
+    if resume == "never":
+        rd.refuse_existing()  # no silent destruction: only "overwrite" replaces a run that has results
     if cfg.train.deepspeed is not None:
         from kcpt.train.engine import deepspeed_config
 
@@ -152,7 +150,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             check_cluster_paths(cfg, run_dir, [init_checkpoint, reference_checkpoint])
         return _run_plan(cfg, stages, rd, init_checkpoint=init_checkpoint, reference_checkpoint=reference_checkpoint,
                          baseline_raw_best=baseline_raw_best, resume=resume, force=force, callbacks=callbacks,
-                         in_process=in_process)
+                         in_process=in_process, address=address)
     finally:
         if started:
             import ray
@@ -162,7 +160,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
 
 def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint: str | None,
               reference_checkpoint: str | None, baseline_raw_best: float | None, resume: str, force: bool,
-              callbacks: list | None, in_process: bool) -> PlanResult:
+              callbacks: list | None, in_process: bool, address: str | None) -> PlanResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -171,7 +169,7 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
     # Validate everything (inputs exist and read, tokenizer loads, checkpoints fit) before deleting anything.
     needed = datasets_needed(cfg, stages)
     prepared = {k: v if storage.is_uri(str(v)) else Path(v).resolve()
-                for k, v in prepare_all(cfg, needed, progress=cfg.logging.progress).items()}
+                for k, v in prepare_all(cfg, needed, progress=cfg.logging.progress, address=address).items()}
     expected = expected_manifest(cfg, {k: fetch_prepared(v) for k, v in prepared.items()})
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
@@ -182,7 +180,7 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
             ckpt_lib.verify_weights(local)
 
     resume_from: str | None = None
-    if resume == "never":
+    if resume in ("never", "overwrite"):
         protect = [Path(i) for n in needed for i in cfg.data.datasets[n].inputs
                    if not i.startswith("demo:") and not storage.is_uri(i)]
         protect += [Path(p) for p in (init_checkpoint, reference_checkpoint) if p is not None and not storage.is_uri(p)]
@@ -200,7 +198,7 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
             if order != stages:
                 raise CheckpointError(f"{resume_from}: the run directory holds a run of stages "
                                       f"{order}, not {stages}; use another run name or "
-                                      "resume='never'")
+                                      "--overwrite")
             ckpt_lib.verify_weights(local)
             log.info("resuming from %s", resume_from)
 

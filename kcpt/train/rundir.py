@@ -21,6 +21,12 @@ never takes a half-uploaded checkpoint as complete); :meth:`RunDir.pull` refresh
 Safety: kcpt writes into (and, when a run starts over, deletes the entries above from) a directory only when it
 is absent, empty, or holds the marker — never a directory it did not create (:meth:`RunDir.check_owned`).
 Starting over removes only the entries listed above, and only after the run was validated.
+
+No silent destruction: a run directory that :meth:`RunDir.has_results` (a checkpoint, ``summary.json`` or an
+eval record in ``metrics.jsonl``) is continued (``--resume``) or replaced (``--overwrite``) only when asked;
+otherwise :meth:`RunDir.refuse_existing` stops the run before anything is touched. A directory that holds no
+results yet (only the marker/config, Ray state, fault markers of a run that died before its first eval) is
+started over without asking: nothing a user could want is lost.
 """
 
 from __future__ import annotations
@@ -233,6 +239,25 @@ class RunDir:
             raise InputError(f"exists but kcpt did not create it (no {MARKER}); kcpt writes and deletes only in "
                              "its own run directories: choose another train.run_name / --run-dir, or move it away",
                              path=str(root))
+
+    def has_results(self) -> bool:
+        """True if the directory holds anything of a previous run worth keeping: a visible checkpoint,
+        ``summary.json`` or a non-empty ``metrics.jsonl`` (reads no file contents)."""
+        if self.remote is not None:
+            info = self.remote.walk("")
+            return "summary.json" in info or info.get("metrics.jsonl", 0) > 0 or bool(self.remote_checkpoints())
+        if self.summary_path.is_file():
+            return True
+        if self.metrics_path.is_file() and self.metrics_path.stat().st_size > 0:
+            return True
+        return self.checkpoints.is_dir() and any(p.is_dir() and not p.name.startswith(".")
+                                                 for p in self.checkpoints.iterdir())
+
+    def refuse_existing(self) -> None:
+        """InputError (one line naming ``--resume`` and ``--overwrite``) if the directory :meth:`has_results`."""
+        if (self.remote is not None or self.root.is_dir()) and self.has_results():
+            raise InputError("this run name already has results; pass --resume to continue it or --overwrite to "
+                             "replace it (or choose another --run-name)", path=self.location)
 
     def start_over(self, protect: list[Path] = ()) -> None:
         """Delete the previous results (:data:`OWNED_ENTRIES` only) of an owned run directory, refusing if any

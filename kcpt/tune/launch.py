@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,15 +264,9 @@ def ray_cpus_needed(cfg: KcptConfig) -> int:
 def init_ray(cfg: KcptConfig, address: str | None = None) -> bool:
     """Join ``address`` (or ``RAY_ADDRESS``, set inside ``ray job submit``) or start a local Ray with explicit
     ``num_cpus``. Returns True when this call started Ray (the caller shuts it down)."""
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=cfg.tune.num_cpus or ray_cpus_needed(cfg))
-    return True
+    from kcpt.raystart import start_ray
+
+    return start_ray(address, num_cpus=cfg.tune.num_cpus or ray_cpus_needed(cfg))
 
 
 def _logger_callbacks(cfg: KcptConfig, experiment_dir: Path) -> list[Any]:

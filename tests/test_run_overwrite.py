@@ -1,0 +1,97 @@
+"""No silent destruction: a run name that already has results is continued (``--resume``) or replaced
+(``--overwrite``) only when asked; otherwise the run is refused (exit 2, one line naming both flags) and nothing in
+the run directory changes. A run directory without results yet is simply started over."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kcpt.config import load_config
+from kcpt.errors import InputError
+from kcpt.train.launch import run_plan
+from kcpt.train.rundir import RunDir, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = [
+    "data.seq_len=64", "logging.progress=false", "logging.tensorboard=false", "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
+    "train.micro_batch_size=4", "train.eval_batch_size=16", "train.max_eval_rows=16", "train.num_workers=1",
+    "tune.stage=s", "train.run_name=r",
+    "plan=[{name: s, sets_baseline: true, sources: {raw_train: 1.0}, max_steps: 2, eval_every: 2,"
+    " stop: {rule: max_steps}}]",
+]
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(None, [*BASE, f"data.prepared_root={tmp_path / 'prepared'}",
+                              f"train.output_dir={tmp_path / 'runs'}", *extra])
+
+
+def test_has_results(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path / "r")
+    assert not rd.has_results()
+    rd.create(load_config())  # marker + config.yaml + empty checkpoints/: a run that died before any result
+    (rd.checkpoints / ".0-cpt-step2.tmp-x").mkdir()  # a half-written checkpoint is not a result
+    rd.ray_storage.mkdir()
+    assert not rd.has_results()
+    rd.refuse_existing()
+    rd.append_metrics({"stage": "cpt", "step": 0})
+    assert rd.has_results()
+    rd.metrics_path.unlink()
+    (rd.checkpoints / "0-cpt-step2").mkdir()
+    assert rd.has_results()
+    with pytest.raises(InputError, match=r"--resume .*--overwrite"):
+        rd.refuse_existing()
+
+
+def test_rerun_refuses_and_only_overwrite_replaces(tmp_path: Path) -> None:
+    first = run_plan(_cfg(tmp_path), resume="never", in_process=True)
+    before = read_metrics(first.run_dir)
+    ckpts = sorted(p.name for p in (first.run_dir / "checkpoints").iterdir())
+    assert before and ckpts
+    with pytest.raises(InputError) as err:
+        run_plan(_cfg(tmp_path), resume="never", in_process=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "--resume" in msg and "--overwrite" in msg and str(first.run_dir) in msg
+    assert read_metrics(first.run_dir) == before  # untouched
+    assert sorted(p.name for p in (first.run_dir / "checkpoints").iterdir()) == ckpts
+    (first.run_dir / "checkpoints" / ckpts[0] / "sentinel").write_text("old")
+    again = run_plan(_cfg(tmp_path), resume="overwrite", in_process=True)
+    assert again.run_dir == first.run_dir
+    assert not (first.run_dir / "checkpoints" / ckpts[0] / "sentinel").exists()  # replaced, on request
+    assert [r["step"] for r in read_metrics(again.run_dir)] == [r["step"] for r in before]
+
+
+def test_run_dir_without_results_starts_over(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    rd = RunDir(tmp_path / "runs" / "r").create(cfg)  # what a run that failed before its first eval leaves
+    (rd.root / "aborted.json").write_text('{"message": "old"}')
+    res = run_plan(cfg, resume="never", in_process=True)
+    assert res.summaries["s"]["steps"] == 2 and not (rd.root / "aborted.json").exists()
+
+
+def _results_dir(tmp_path: Path) -> RunDir:
+    rd = RunDir(tmp_path / "runs" / "r").create(_cfg(tmp_path))
+    (rd.checkpoints / "0-s-step000002").mkdir()
+    rd.append_metrics({"stage": "s", "step": 2})
+    return rd
+
+
+@pytest.mark.parametrize("cmd", [["jobs/cpt.py"], ["jobs/train_stages.py"], ["-m", "kcpt.cli", "train"]])
+def test_entry_points_refuse_an_existing_run_in_one_line(tmp_path: Path, cmd: list[str]) -> None:
+    rd = _results_dir(tmp_path)
+    sets = [a for o in BASE for a in ("--set", o)]
+    roots = ["--set", f"train.output_dir={tmp_path / 'runs'}", "--set", f"data.prepared_root={tmp_path / 'p'}"]
+    res = subprocess.run([sys.executable, *cmd, *sets, *roots], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--resume" in lines[0] and "--overwrite" in lines[0], res.stderr
+    assert (rd.checkpoints / "0-s-step000002").is_dir() and read_metrics(rd.root) == [{"stage": "s", "step": 2}]
+    both = subprocess.run([sys.executable, *cmd, "--resume", "--overwrite"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert both.returncode == 2 and "not allowed with" in both.stderr

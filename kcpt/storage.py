@@ -319,3 +319,47 @@ def fetch_tree(ref: str | os.PathLike, *, marker: str, files_of: Callable[[dict[
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return local
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _sync_file(store: Store, rel: str, local: Path, size: int, mtime_ns: int | None) -> None:
+    if local.is_file():
+        st = local.stat()
+        if st.st_size == size and (mtime_ns is None or st.st_mtime_ns == mtime_ns):
+            return
+    store.download_file(rel, local)
+    if mtime_ns is not None:
+        os.utime(local, ns=(mtime_ns, mtime_ns))
+
+
+def fetch_input(uri: str) -> Path:
+    """A node-local copy of an input file, or of every file under a prefix, at ``uri``. A file is downloaded again
+    only when its size or modification time at the URI changed, and its local mtime is set to the remote one, so
+    prepared-data cache keys (path, size, mtime) stay put from run to run. FileNotFoundError when nothing is
+    there."""
+    import pyarrow.fs as pafs
+
+    check_uri(uri, "input")
+    store, rel = store_and_rel(uri)
+    local = local_path_for(uri)
+    info = store.info(rel)
+    if info.type == pafs.FileType.File:
+        _sync_file(store, rel, local, int(info.size), info.mtime_ns)
+        return local
+    sel = pafs.FileSelector(store._p(rel), recursive=True, allow_not_found=True)
+    base = store._p(rel).rstrip("/") + "/"
+    found = [i for i in store.fs.get_file_info(sel) if i.type == pafs.FileType.File and i.path.startswith(base)]
+    if not found:
+        raise FileNotFoundError(f"{uri}: no such object or prefix")
+    with file_lock(local.parent / f".{local.name}.fetch-lock"):
+        names = set()
+        for i in found:
+            name = i.path[len(base):]
+            names.add(name)
+            _sync_file(store, f"{rel}/{name}", local / name, int(i.size), i.mtime_ns)
+        for p in [p for p in local.rglob("*") if p.is_file()]:  # deleted at the URI: gone here too
+            if p.relative_to(local).as_posix() not in names and not p.name.startswith("."):
+                p.unlink()
+    return local

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +76,24 @@ def two_nodes(s3_server, tmp_path_factory):
             os.environ["KCPT_SCRATCH"] = old
 
 
+def test_demo_plan_end_to_end_locally(local_run):
+    """The embedded demo plan as `python jobs/train_stages.py` runs it (2 workers, seq_len 256): every stage
+    stops on its own rule, stage 3 passes its gate, the exam loss ends far below where exam training started
+    while the raw val loss stays within tolerance of the CPT baseline."""
+    res, s = local_run, local_run.summaries
+    assert list(s) == ["cpt", "stage1", "stage2", "stage3"]
+    assert res.baseline_raw_best == pytest.approx(s["cpt"]["min_raw_val_loss"])
+    s3 = s["stage3"]
+    assert s3["passed"] and s3["stop_reason"] == "gate"
+    stop3 = load_config(None, []).stage("stage3").stop
+    assert s3["best_exam_val_loss"] <= stop3.exam_target
+    assert s3["best_raw_val_loss"] <= res.baseline_raw_best * (1 + stop3.raw_tolerance)
+    recs = read_metrics(res.run_dir)
+    exam_start = next(r["exam_val_loss"] for r in recs if r["stage"] == "stage1" and r["step"] == 0)
+    assert exam_start - s3["best_exam_val_loss"] > 1.0  # nats, on the same exam_val set
+    assert all(r["rollbacks"] == 0 for r in recs)
+
+
 def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(local_run, two_nodes, s3_prefix, tmp_path,
                                                               monkeypatch):
     cwd = tmp_path / "driver-cwd"
@@ -130,3 +149,47 @@ def test_relative_local_path_on_a_multi_node_cluster_is_refused(two_nodes, tmp_p
     with pytest.raises(ConfigError, match=r"train.output_dir: 'runs' is a relative local path.*s3://"):
         run_plan(cfg, resume="never")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "prepared").exists()
+
+
+def test_tune_with_every_root_on_s3_and_reading_results_from_there(two_nodes, s3_prefix, tmp_path, monkeypatch):
+    """A 2-trial tune on the 2-node cluster: prerequisites, Tune's state, the trials' run dirs, trials.parquet,
+    best_config.yaml and the study snapshot all land in the bucket; `kcpt report` and the notebook read them back
+    from s3:// in a fresh scratch (as another machine would)."""
+    import nbformat
+    from conftest import TUNE_TEST_OVERRIDES
+    from nbclient import NotebookClient
+
+    from kcpt.tune.launch import tune_stage3
+
+    monkeypatch.chdir(tmp_path)
+    exp_uri = f"{s3_prefix}/experiments/e1"
+    cfg = load_config(None, [*TUNE_TEST_OVERRIDES, f"train.output_dir={s3_prefix}/runs",
+                             f"data.prepared_root={s3_prefix}/prepared", f"tune.experiment_dir={s3_prefix}/experiments",
+                             "tune.num_samples=2"])
+    res = tune_stage3(cfg, experiment_dir=exp_uri, verbose=0)
+    assert res.extra["experiment_uri"] == exp_uri
+    exp = Store(exp_uri)
+    names = set(exp.listdir())
+    assert {"experiment.json", "config.yaml", "optuna.db", "trials.parquet", "best_trial.json", "tune", "runs"} <= names
+    assert ("best_config.yaml" in names) == (res.best is not None)
+    manifest = json.loads(exp.read_text("experiment.json"))
+    assert manifest["runs_dir"] == f"{exp_uri}/runs" and manifest["prereq_run_dir"].startswith(f"{s3_prefix}/runs/")
+    assert len(exp.listdir("runs")) == 2  # one run directory per trial, in the bucket
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "reader"))  # another machine: nothing local
+    out = subprocess.run([sys.executable, "-m", "kcpt.cli", "report", exp_uri], capture_output=True, text=True,
+                         timeout=120, env={**os.environ})
+    assert out.returncode == 0, out.stderr
+    assert "exam@sel" in out.stdout
+    from kcpt.analysis import trials as kt
+
+    study = kt.load_study(exp_uri)  # the published study snapshot, opened from the fresh mirror
+    assert len(study.trials) == 2 and len(kt.load_trials(exp_uri)) == 2
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "inspect_trials.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    params[0].source = f"EXPERIMENT_DIR = {exp_uri!r}"
+    NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "exam@sel" in text

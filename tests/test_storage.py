@@ -147,3 +147,46 @@ def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkey
     monkeypatch.setattr(prep, "prepare_dataset", lambda *a, **k: pytest.fail("prepared again"))
     again = run_plan(cfg, stages=["cpt", "stage1"], resume="auto", in_process=True)
     assert read_metrics(again.run_dir) == first  # resumed at the end: nothing re-run, nothing lost
+
+
+def test_dataset_inputs_at_a_uri_are_downloaded_once_and_cached_by_size_and_mtime(s3_prefix, tmp_path, monkeypatch):
+    """Raw text under an s3:// prefix prepares like a local directory; an unchanged prefix is neither downloaded
+    nor prepared again; a changed object is downloaded again and gives a new dataset."""
+    from kcpt.config import load_config
+    from kcpt.data.prepare import prepare_all
+    from kcpt.data.shards import read_manifest
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    docs = {"a/one.txt": "서울의 겨울은 건조하고 바람이 차다. 시민들은 두꺼운 외투를 입고 출근길에 나선다. "
+                         "한강 공원에는 산책하는 사람이 줄었지만 자전거를 타는 사람은 여전히 많다.",
+            "b/two.txt": "제주도는 화산섬으로 한라산과 오름이 유명하다. 감귤 농사가 활발하고 해녀 문화가 남아 있다. "
+                         "봄이면 유채꽃이 들판을 노랗게 물들인다."}
+    for name, text in docs.items():
+        Store(f"{s3_prefix}/corpus").write_text(name, text)
+    base = load_config(None, ["logging.progress=false", f"data.prepared_root={tmp_path / 'prep'}",
+                              "data.txt_split=file", "data.filters.min_chars=10"])
+
+    def with_input(uri: str):
+        cfg = base.model_copy(deep=True)
+        cfg.data.datasets["raw_train"].inputs = [uri]
+        return cfg
+
+    cfg = with_input(f"{s3_prefix}/corpus")
+    first = prepare_all(cfg, ["raw_train"])["raw_train"]
+    m = read_manifest(first)
+    assert sum(i["documents"] for i in m["inputs"]) == 2 and m["rows"] > 0, (m["inputs"], m["rejects"])
+
+    monkeypatch.setattr(Store, "download_file", lambda *a: pytest.fail("downloaded an unchanged input again"))
+    assert prepare_all(cfg, ["raw_train"])["raw_train"] == first
+    monkeypatch.undo()
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    Store(f"{s3_prefix}/corpus").write_text("b/two.txt", "부산은 항구 도시로 해운대 해수욕장과 자갈치 시장이 "
+                                                          "널리 알려져 있다. 가을에는 국제 영화제가 열린다.")
+    changed = prepare_all(cfg, ["raw_train"])["raw_train"]
+    assert changed != first and read_manifest(changed)["inputs"] != m["inputs"]
+
+    from kcpt.errors import InputError
+
+    bad = with_input(f"{s3_prefix}/nothing-here")
+    with pytest.raises(InputError, match="input URI does not exist"):
+        prepare_all(bad, ["raw_train"], progress=False)

@@ -25,7 +25,14 @@ from kcpt.errors import InputError
 
 
 def experiment_dir_of(path: str | Path) -> Path:
-    """The experiment directory for ``path`` (the directory itself or its ``trials.parquet``)."""
+    """The local experiment directory for ``path`` (the directory itself or its ``trials.parquet``; a URI such as
+    ``s3://bucket/experiments/x``: its node-local mirror with the small files freshly pulled)."""
+    from kcpt import storage
+    from kcpt.tune.experiment import mirror_of
+
+    if storage.is_uri(str(path)):
+        uri = str(path).rstrip("/")
+        return mirror_of(uri[: -len("/trials.parquet")] if uri.endswith("/trials.parquet") else uri)
     p = Path(path)
     return p.parent if p.name == "trials.parquet" else p
 
@@ -65,26 +72,19 @@ def load_trials(exp_dir: str | Path) -> pd.DataFrame:
 def load_curves(exp_dir: str | Path, trials: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per eval of every trial: trial_number, ray_trial_id, step, tokens_seen, raw_val_loss,
     exam_val_loss, raw_ratio, train_loss (read from each trial's run dir ``metrics.jsonl``)."""
+    from kcpt import storage
+    from kcpt.train.rundir import read_metrics
+
     exp = experiment_dir_of(exp_dir)
     trials = load_trials(exp) if trials is None else trials
     manifest = load_manifest(exp)
-    runs = Path(manifest.get("runs_dir") or exp / "runs")
+    runs = str(manifest.get("runs_dir") or exp / "runs")
     rows: list[dict[str, Any]] = []
     keys = ("step", "tokens_seen", "raw_val_loss", "exam_val_loss", "raw_ratio", "train_loss")
     for _, t in trials.iterrows():
-        run_dir = Path(t["run_dir"]) if isinstance(t.get("run_dir"), str) else runs / str(t["ray_trial_id"])
-        path = run_dir / "metrics.jsonl"
-        if not path.is_file():
-            continue
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                m = json.loads(line)
-            except (ValueError, RecursionError) as e:
-                raise InputError(f"not JSON: {e}", path=str(path), line=line_no) from None
-            if not isinstance(m, dict):
-                raise InputError("not a JSON object", path=str(path), line=line_no)
+        run_dir = t["run_dir"] if isinstance(t.get("run_dir"), str) and t["run_dir"] else \
+            storage.join(runs, str(t["ray_trial_id"]))
+        for m in read_metrics(run_dir):  # a local path or a URI; a bad line is an InputError naming it
             if m.get("stage") not in (None, manifest.get("stage")):
                 continue
             rows.append({"trial_number": int(t["trial_number"]), "ray_trial_id": t["ray_trial_id"],
@@ -97,10 +97,16 @@ def load_study(exp_dir: str | Path, storage: str | None = None) -> Any:
     """The Optuna study (``storage`` overrides the URL recorded in experiment.json, e.g. a tunnelled DB)."""
     import optuna
 
-    m = load_manifest(exp_dir)
+    exp = experiment_dir_of(exp_dir)
+    m = load_manifest(exp)
     from kcpt.tune.study_storage import open_storage
 
-    return optuna.load_study(study_name=m["study_name"], storage=open_storage(storage or m["storage"]))
+    url = storage or m["storage"]
+    for scheme, name in (("sqlite:///", "optuna.db"), ("journal:///", "optuna.journal")):
+        # a study file kept in the experiment dir, read from another copy of it (a mirror of a URI experiment)
+        if url.startswith(scheme) and not Path(url[len(scheme):]).exists() and (exp / name).is_file():
+            url = f"{scheme}{exp / name}"
+    return optuna.load_study(study_name=m["study_name"], storage=open_storage(url))
 
 
 def param_importances(study_or_dir: Any) -> dict[str, float] | None:

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kcpt import storage
 from kcpt.errors import InputError
 from kcpt.fsutil import remove_stale_siblings, temp_sibling
 
@@ -430,8 +431,9 @@ def demo_statistics(out_dir: Path | None = None) -> dict:
 
 
 def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Map config ``inputs`` to paths: ``demo:<split>`` → that demo split's JSONL (built on first use); any other
-    string → a path that must exist (else :class:`InputError` naming it). Directories are returned as is."""
+    """Map config ``inputs`` to paths: ``demo:<split>`` → that demo split's JSONL (built on first use); a URI
+    (``s3://…``) → its node-local copy (:func:`kcpt.storage.fetch_input`); any other string → a path that must
+    exist (else :class:`InputError` naming it). Directories are returned as is."""
     out: list[Path] = []
     for inp in inputs:
         if inp.startswith("demo:"):
@@ -439,6 +441,11 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
             if split not in SPLITS:
                 raise InputError(f"unknown demo split '{split}'; known: {', '.join(SPLITS)}", path=inp)
             out.append(build_demo_corpus()[split])
+        elif storage.is_uri(inp):  # s3://bucket/file or prefix: a node-local copy (downloaded when changed)
+            try:
+                out.append(storage.fetch_input(inp))
+            except FileNotFoundError:
+                raise InputError("input URI does not exist (no object or prefix there)", path=inp) from None
         else:
             p = Path(inp).expanduser()
             if not p.exists():

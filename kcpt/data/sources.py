@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
+from kcpt import storage
 from kcpt.data.rejects import RejectReport, reject
 from kcpt.data.types import Document
 from kcpt.errors import InputError
@@ -88,6 +89,12 @@ def check_inputs_exist(inputs: Sequence[str], *, where: str) -> None:
             if inp.startswith("demo:"):
                 if inp[len("demo:"):] not in SPLITS:
                     raise InputError(f"unknown demo split; known: {', '.join(SPLITS)}", path=inp)
+                continue
+            if storage.is_uri(inp):
+                storage.check_uri(inp, where)
+                store, rel = storage.store_and_rel(inp)
+                if not store.is_file(rel) and not store.walk(rel):
+                    raise InputError("input URI does not exist (no object or prefix there)", path=inp)
                 continue
             st = _stat(Path(inp).expanduser())
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):

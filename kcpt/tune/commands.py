@@ -70,12 +70,15 @@ def tune_from_args(args: argparse.Namespace) -> int:
     else:
         print(f"best feasible trial: #{res.best['trial_number']} objective={res.best['objective']:.4f} "
               f"constraint={res.best['constraint']:.4f} params={res.best['params']}")
-    print(f"experiment: {res.experiment_dir}")
-    print(f"  trials:      {res.trials_path}")
-    print(f"  best config: {res.best_config_path}")
+    where = res.extra.get("experiment_uri") or res.experiment_dir
+    print(f"experiment: {where}")
+    if res.extra.get("experiment_uri"):
+        print(f"  (local mirror: {res.experiment_dir})")
+    print(f"  trials:      {where}/trials.parquet")
+    print(f"  best config: {f'{where}/best_config.yaml' if res.best_config_path else None}")
     print(f"  optuna:      {res.storage}  (study '{res.study_name}'; optuna-dashboard {res.storage})")
-    print(f"  tensorboard: tensorboard --logdir {res.experiment_dir / 'tune'}")
-    print(f"  report:      kcpt report {res.experiment_dir}")
+    print(f"  tensorboard: tensorboard --logdir {where}/tune")
+    print(f"  report:      kcpt report {where}")
     return 0
 
 

@@ -4,6 +4,12 @@ An experiment *exists* when its directory holds ``experiment.json`` or its Optun
 storage. Then tuning needs ``resume`` (continue it: Tune's state in ``<exp>/tune`` and the study) or
 ``overwrite`` (delete the directory's kcpt files and the study, start again); neither is an
 :class:`~kcpt.errors.InputError` naming both flags. Ray-free (only Optuna): the CLI checks before importing Ray.
+
+An experiment directory may be a URI (``s3://bucket/experiments``): the driver works in a node-local mirror of
+its small files (:data:`SMALL_FILES`: the manifest, config, exports and a SQLite/journal study), pulled before the
+run and published after every finished trial and at the end; Ray Tune keeps its own state at ``<uri>/tune`` and
+the trials' run directories are ``<uri>/runs/<trial>``. A study shared by several drivers at once needs a
+database URL (``tune.storage``); the published SQLite file is a snapshot for one driver at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+from kcpt import storage as store_lib
 from kcpt.config import KcptConfig
 from kcpt.errors import InputError
 from kcpt.tune.study_storage import delete_study, open_storage, redact, resolve_storage, study_exists
@@ -23,6 +30,38 @@ EXPERIMENT_ENTRIES = ("experiment.json", "config.yaml", "optuna.db", "optuna.jou
 
 Mode = Literal["new", "resume", "overwrite"]
 
+SMALL_FILES = ("experiment.json", "config.yaml", "optuna.db", "optuna.journal", "trials.parquet", "best_config.yaml",
+               "best_trial.json")
+"""What a URI experiment's mirror pulls and publishes (everything else lives at the URI only)."""
+
+
+def mirror_of(exp: str | Path) -> Path:
+    """The local directory of an experiment: itself, or (a URI) its node-local mirror with the small files pulled
+    fresh from the URI."""
+    if not store_lib.is_uri(str(exp)):
+        return Path(exp)
+    uri = str(exp).rstrip("/")
+    store_lib.check_uri(uri, "experiment directory")
+    local = store_lib.local_path_for(uri)
+    local.mkdir(parents=True, exist_ok=True)
+    remote = store_lib.Store(uri)
+    for name in SMALL_FILES:
+        if remote.is_file(name):
+            remote.download_file(name, local / name)
+        else:
+            (local / name).unlink(missing_ok=True)
+    return local
+
+
+def publish_experiment(uri: str | None, local: Path) -> None:
+    """Upload the mirror's small files to the experiment's URI (no-op for a local experiment)."""
+    if uri is None:
+        return
+    remote = store_lib.Store(uri)
+    for name in SMALL_FILES:
+        if (local / name).is_file():
+            remote.upload_file(local / name, name)
+
 
 def absolute_paths(cfg: KcptConfig) -> KcptConfig:
     """A copy with every relative path made absolute against the current directory: trials run in their own
@@ -31,9 +70,13 @@ def absolute_paths(cfg: KcptConfig) -> KcptConfig:
     from kcpt.config import config_from_dict
 
     d = cfg.model_dump(mode="json")
-    d["data"]["prepared_root"] = str(Path(d["data"]["prepared_root"]).resolve())
-    d["train"]["output_dir"] = str(Path(d["train"]["output_dir"]).resolve())
-    d["tune"]["experiment_dir"] = str(Path(d["tune"]["experiment_dir"]).resolve())
+
+    def absolute(v: str) -> str:
+        return v if store_lib.is_uri(v) else str(Path(v).resolve())
+
+    d["data"]["prepared_root"] = absolute(d["data"]["prepared_root"])
+    d["train"]["output_dir"] = absolute(d["train"]["output_dir"])
+    d["tune"]["experiment_dir"] = absolute(d["tune"]["experiment_dir"])
     for ds in d["data"]["datasets"].values():
         ds["inputs"] = [i if ":" in i.split("/")[0] or Path(i).is_absolute() else str(Path(i).resolve())
                         for i in ds["inputs"]]
@@ -47,16 +90,31 @@ def absolute_paths(cfg: KcptConfig) -> KcptConfig:
     return config_from_dict(d, "<absolute paths>")
 
 
-def default_experiment_dir(cfg: KcptConfig) -> Path:
-    """``<tune.experiment_dir>/<study_name>-<config hash8>`` (``cfg`` with absolute paths)."""
-    return Path(cfg.tune.experiment_dir).resolve() / f"{cfg.tune.study_name}-{cfg.sha256()[:8]}"
+def default_experiment_dir(cfg: KcptConfig) -> Path | str:
+    """``<tune.experiment_dir>/<study_name>-<config hash8>`` (``cfg`` with absolute paths; a URI stays one)."""
+    name = f"{cfg.tune.study_name}-{cfg.sha256()[:8]}"
+    if store_lib.is_uri(cfg.tune.experiment_dir):
+        return store_lib.join(cfg.tune.experiment_dir, name)
+    return Path(cfg.tune.experiment_dir).resolve() / name
+
+
+def experiment_uri(cfg: KcptConfig, experiment_dir: str | Path | None = None) -> str | None:
+    """The experiment's URI when it lives in an object store, else None (``cfg`` with absolute paths)."""
+    ref = str(experiment_dir) if experiment_dir else str(default_experiment_dir(cfg))
+    return ref.rstrip("/") if store_lib.is_uri(ref) else None
 
 
 def resolve_experiment(cfg: KcptConfig, experiment_dir: str | Path | None = None
                        ) -> tuple[KcptConfig, Path, str]:
-    """``(cfg with absolute paths, experiment dir, Optuna storage URL)`` of a tune run."""
+    """``(cfg with absolute paths, experiment dir, Optuna storage URL)`` of a tune run. For a URI experiment the
+    directory is its local mirror (:func:`mirror_of`, small files pulled) and a default SQLite/journal study
+    lives there."""
     cfg = absolute_paths(cfg)
-    exp_dir = Path(experiment_dir).resolve() if experiment_dir else default_experiment_dir(cfg)
+    uri = experiment_uri(cfg, experiment_dir)
+    if uri is not None:
+        exp_dir = mirror_of(uri)
+    else:
+        exp_dir = Path(experiment_dir).resolve() if experiment_dir else Path(default_experiment_dir(cfg))
     return cfg, exp_dir, resolve_storage(cfg.tune.storage, exp_dir)
 
 
@@ -114,9 +172,15 @@ def check_experiment(exp_dir: Path, *, storage_url: str, study_name: str, resume
                      path=str(exp_dir))
 
 
-def clear_experiment(exp_dir: Path, *, storage_url: str, study_name: str) -> None:
-    """``--overwrite``: delete the study from its storage and kcpt's files from the experiment directory."""
+def clear_experiment(exp_dir: Path, *, storage_url: str, study_name: str, uri: str | None = None) -> None:
+    """``--overwrite``: delete the study from its storage and kcpt's files from the experiment directory (and,
+    with ``uri``, from the object store)."""
     delete_study(storage_url, study_name)
+    if uri is not None:
+        remote = store_lib.Store(uri)
+        for name in EXPERIMENT_ENTRIES:
+            remote.delete(name)
+            remote.delete_tree(name)
     for name in EXPERIMENT_ENTRIES:
         p = exp_dir / name
         if p.is_dir() and not p.is_symlink():

@@ -17,6 +17,10 @@ Experiment directory (absolute)::
     tune/             Ray Tune's experiment (result.json / progress.csv / TensorBoard events per trial)
     runs/<trial_id>/  the stage-loop run dir of each trial (metrics.jsonl, summary.json, checkpoints/, tb/)
     trials.parquet    one row per trial;  best_config.yaml   the full config of the best feasible trial
+
+The experiment directory, ``train.output_dir`` (prerequisite run) and ``data.prepared_root`` may be URIs
+(``s3://…``): Tune's state and the trials' run directories then live in the bucket, and the small files above
+are published there after every finished trial (:mod:`kcpt.tune.experiment`).
 """
 
 from __future__ import annotations
@@ -32,14 +36,17 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from kcpt import storage as store_lib
 from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import CheckpointError, ConfigError
 from kcpt.hashing import sha256_json
 from kcpt.tune.experiment import (
     check_experiment,
     clear_experiment,
+    experiment_uri,
     fail_interrupted_trials,
     finished_trials,
+    publish_experiment,
     resolve_experiment,
 )
 from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
@@ -58,10 +65,10 @@ METRIC = "gate_score"
 class Prerequisites:
     """Where every trial starts: the previous stage's best checkpoint and the baseline raw loss."""
 
-    run_dir: Path
-    init_checkpoint: Path | None
+    run_dir: Path | str
+    init_checkpoint: Path | str | None
     baseline_raw_best: float | None
-    reference_checkpoint: Path | None = None
+    reference_checkpoint: Path | str | None = None
     """The KL reference (``kl_reference: cpt_best``): the best checkpoint of the stage that set the baseline."""
     reused: bool = False
 
@@ -96,40 +103,47 @@ def _best_checkpoint_from_summary(summary: Mapping[str, Any], stage: str) -> str
     return str(bc[stage]) if bc.get(stage) else None
 
 
-def _read_prerequisites(cfg: KcptConfig, run_dir: Path, before: list[str]) -> Prerequisites:
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+def _read_prerequisites(cfg: KcptConfig, run_dir: Path | str, before: list[str]) -> Prerequisites:
+    from kcpt.train.rundir import RunDir
 
-    def best(stage: str) -> Path | None:
+    summary = RunDir(run_dir).pull().read_summary()
+
+    def best(stage: str) -> Path | str | None:
         ckpt = _best_checkpoint_from_summary(summary, stage)
         if ckpt is None:
             return None
-        return Path(ckpt) if Path(ckpt).is_absolute() else run_dir / ckpt
+        if store_lib.is_uri(ckpt) or Path(ckpt).is_absolute():
+            return ckpt if store_lib.is_uri(ckpt) else Path(ckpt)
+        return store_lib.join(run_dir, ckpt) if store_lib.is_uri(str(run_dir)) else Path(run_dir) / ckpt
 
     last = before[-1] if before else None
     init = best(last) if last else None
     if last and init is None:
-        raise CheckpointError(f"{run_dir / 'summary.json'}: no best checkpoint recorded for stage '{last}'")
+        raise CheckpointError(f"{run_dir}/summary.json: no best checkpoint recorded for stage '{last}'")
     ref_stage = next((s for s in before if cfg.stage(s).sets_baseline), None)
     baseline = summary.get("baseline_raw_best")
     return Prerequisites(run_dir, init, None if baseline is None else float(baseline),
                          best(ref_stage) if ref_stage else None)
 
 
-def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Path | None = None,
+def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Path | str | None = None,
                          address: str | None = None) -> Prerequisites:
     """Run (or reuse) the stages before ``stage`` in ``<root>/prereq-<hash12>/`` and return where trials start.
 
     Reused when that run dir's ``summary.json`` records every stage before ``stage``. ``root`` defaults to
     ``train.output_dir``.
     """
+    from kcpt.train.rundir import RunDir
+
     before = stages_before(cfg, stage)
-    root = Path(root if root is not None else cfg.train.output_dir).resolve()
-    run_dir = root / f"prereq-{prerequisite_key(cfg, stage)[:12]}"
-    summary_path = run_dir / "summary.json"
+    root = str(root if root is not None else cfg.train.output_dir)
+    name = f"prereq-{prerequisite_key(cfg, stage)[:12]}"
+    run_dir: Path | str = store_lib.join(root, name) if store_lib.is_uri(root) else Path(root).resolve() / name
     if not before:
         return Prerequisites(run_dir, None, None)
-    if summary_path.exists():
-        done = json.loads(summary_path.read_text(encoding="utf-8")).get("stages") or {}
+    rd = RunDir(run_dir).pull()
+    if rd.summary_path.exists():
+        done = rd.read_summary().get("stages") or {}
         if all(s in done for s in before):
             pre = _read_prerequisites(cfg, run_dir, before)
             pre.reused = True
@@ -176,8 +190,8 @@ TrialRunner = Callable[..., Any]
 """``runner(cfg, *, stage, run_dir, init_checkpoint, baseline_raw_best, callbacks) -> PlanResult | dict``."""
 
 
-def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path, init_checkpoint: Path | None,
-                    baseline_raw_best: float | None, reference_checkpoint: Path | None,
+def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path | str, init_checkpoint: Path | str | None,
+                    baseline_raw_best: float | None, reference_checkpoint: Path | str | None,
                     callbacks: list[Any]) -> Any:
     """Default trial runner: the real stage loop, one TorchTrainer, via :func:`kcpt.train.launch.run_plan`."""
     from kcpt.train.launch import run_plan
@@ -200,18 +214,21 @@ class TrialContext:
     runner: TrialRunner = run_stage_trial
 
 
-def _stage_evals(run_dir: Path, stage: str) -> list[dict[str, Any]]:
+def _stage_evals(run_dir: Path | str, stage: str) -> list[dict[str, Any]]:
     from kcpt.train.rundir import read_metrics
 
     return [m for m in read_metrics(run_dir) if m.get("stage") in (None, stage)]
 
 
-def _best_checkpoint_of(result: Any, run_dir: Path, stage: str) -> str | None:
+def _best_checkpoint_of(result: Any, run_dir: Path | str, stage: str) -> str | None:
+    from kcpt.train.rundir import RunDir
+
     best = _plan_field(result, "best_checkpoints") or {}
     if isinstance(best, Mapping) and best.get(stage):
         return str(best[stage])
-    if (run_dir / "summary.json").exists():
-        return _best_checkpoint_from_summary(json.loads((run_dir / "summary.json").read_text("utf-8")), stage)
+    rd = RunDir(run_dir).pull()
+    if rd.summary_path.exists():
+        return _best_checkpoint_from_summary(rd.read_summary(), stage)
     return None
 
 
@@ -224,13 +241,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     cfg = apply_params(base, config, ctx.stage)
     cfg.train.num_workers = base.tune_workers()
     trial_id = tune.get_context().get_trial_id()
-    run_dir = Path(ctx.runs_dir) / trial_id
+    run_dir = (store_lib.join(ctx.runs_dir, trial_id) if store_lib.is_uri(ctx.runs_dir)
+               else Path(ctx.runs_dir) / trial_id)
     spec = GateSpec.from_stage(cfg.stage(ctx.stage), ctx.baseline_raw_best, cfg.tune.infeasible_penalty)
     extra = {"run_dir": str(run_dir), "trial_dir": tune.get_context().get_trial_dir()}
     result = ctx.runner(cfg, stage=ctx.stage, run_dir=run_dir,
-                        init_checkpoint=None if ctx.init_checkpoint is None else Path(ctx.init_checkpoint),
-                        baseline_raw_best=ctx.baseline_raw_best,
-                        reference_checkpoint=Path(ctx.reference_checkpoint) if ctx.reference_checkpoint else None,
+                        init_checkpoint=ctx.init_checkpoint, baseline_raw_best=ctx.baseline_raw_best,
+                        reference_checkpoint=ctx.reference_checkpoint,
                         callbacks=[GateReportCallback(spec, ctx.stage, extra, max_steps=cfg.stage(ctx.stage).max_steps,
                                                       stops_at_gate=cfg.stage(ctx.stage).stop.rule == "gate")])
     outcome = gate_outcome(_stage_evals(run_dir, ctx.stage), spec)
@@ -242,9 +259,21 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 # --------------------------------------------------------------------------- the tune job
 
 
+class PublishExperiment(tune.Callback):
+    """Publishes a URI experiment's small files (study snapshot included) after every finished trial, so a driver
+    lost mid-experiment leaves a resumable state in the bucket."""
+
+    def __init__(self, uri: str, local: Path) -> None:
+        self.uri, self.local = uri, local
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        publish_experiment(self.uri, self.local)
+
+
 @dataclass
 class TuneRunResult:
     experiment_dir: Path
+    """The experiment's local directory (for a URI experiment: its mirror; see ``experiment_uri``)."""
     storage: str
     study_name: str
     prerequisites: Prerequisites
@@ -326,11 +355,13 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     from kcpt.tune.export import export_results, format_table
 
     cfg, exp_dir, storage = resolve_experiment(cfg, experiment_dir)
+    uri = experiment_uri(cfg, experiment_dir)
+    location = uri or str(exp_dir)  # where Tune's state and the trials' run dirs live
     study_name = cfg.tune.study_name
     mode = check_experiment(exp_dir, storage_url=storage, study_name=study_name, resume=resume,
                             overwrite=overwrite, config_sha256=cfg.sha256())
     if mode == "overwrite":
-        clear_experiment(exp_dir, storage_url=storage, study_name=study_name)
+        clear_experiment(exp_dir, storage_url=storage, study_name=study_name, uri=uri)
     exp_dir.mkdir(parents=True, exist_ok=True)
     stage = cfg.tune.stage
     interrupted: list[int] = []
@@ -346,20 +377,22 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             "baseline_raw_best": pre.baseline_raw_best, "eps": st.stop.raw_tolerance,
             "exam_target": st.stop.exam_target, "consecutive": st.stop.consecutive,
             "init_checkpoint": None if pre.init_checkpoint is None else str(pre.init_checkpoint),
-            "prereq_run_dir": str(pre.run_dir), "tune_dir": str(exp_dir / TUNE_RUN_NAME),
-            "runs_dir": str(exp_dir / "runs"), "config_sha256": cfg.sha256(), "sampler": sampler,
+            "prereq_run_dir": str(pre.run_dir), "tune_dir": store_lib.join(location, TUNE_RUN_NAME),
+            "runs_dir": store_lib.join(location, "runs"), "config_sha256": cfg.sha256(), "sampler": sampler,
+            "experiment_uri": uri,
             "trial_workers": cfg.tune_workers(),
         }
         (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        publish_experiment(uri, exp_dir)
         ctx = TrialContext(cfg.model_dump(mode="json"), stage,
                            None if pre.init_checkpoint is None else str(pre.init_checkpoint),
-                           pre.baseline_raw_best, str(exp_dir / "runs"),
+                           pre.baseline_raw_best, store_lib.join(location, "runs"),
                            None if pre.reference_checkpoint is None else str(pre.reference_checkpoint),
                            runner or run_stage_trial)
         trainable = tune.with_parameters(run_trial, ctx=ctx)
-        tune_path = exp_dir / TUNE_RUN_NAME
-        if mode == "resume" and tune.Tuner.can_restore(str(tune_path)):
-            tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_errored=True,
+        tune_path = store_lib.join(location, TUNE_RUN_NAME)
+        if mode == "resume" and tune.Tuner.can_restore(tune_path):
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,
                                        restart_errored=False, resume_unfinished=True)
         else:
             # a resume that finds no saved Tune state (killed before its first save) runs what is missing
@@ -370,8 +403,9 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
                     search_alg=build_searcher(cfg, storage=storage, study_name=study_name, sampler=sampler),
                     scheduler=build_scheduler(cfg), metric=METRIC, mode="min",
                     num_samples=max(num_samples, 0), max_concurrent_trials=cfg.tune.max_concurrent),
-                run_config=tune.RunConfig(name=TUNE_RUN_NAME, storage_path=str(exp_dir), verbose=verbose,
-                                          callbacks=_logger_callbacks(cfg, exp_dir)),
+                run_config=tune.RunConfig(name=TUNE_RUN_NAME, storage_path=location, verbose=verbose,
+                                          callbacks=[*_logger_callbacks(cfg, exp_dir),
+                                                     *([PublishExperiment(uri, exp_dir)] if uri else [])]),
             )
         tuner.fit()
         interrupted = fail_interrupted_trials(storage, study_name)
@@ -379,5 +413,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
         if started:
             ray.shutdown()
     paths = export_results(exp_dir)
+    publish_experiment(uri, exp_dir)
     return TuneRunResult(exp_dir, storage, study_name, pre, paths.trials, paths.best_config, paths.best,
-                         format_table(paths.table), {"mode": mode, "interrupted_trials": interrupted})
+                         format_table(paths.table), {"mode": mode, "interrupted_trials": interrupted,
+                                                     "experiment_uri": uri})

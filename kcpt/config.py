@@ -761,6 +761,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         if "plan" not in data:
             data["plan"] = [s.model_dump(mode="json") for s in _demo_plan()]
+        if any(ov.strip().startswith("data.datasets.") for ov in overrides):  # edit the default datasets in place
+            d = data.setdefault("data", {})
+            if isinstance(d, dict) and "datasets" not in d:
+                d["datasets"] = {k: v.model_dump(mode="json") for k, v in _demo_datasets().items()}
         for ov in overrides:
             if "=" not in ov:
                 raise ConfigError(f"override '{ov}': expected key.path=value")

@@ -53,3 +53,11 @@ def test_shipped_configs_load_and_demo_yaml_equals_the_defaults():
     for p in sorted(root.glob("*.yaml")):
         load_config(p)  # every shipped config validates
     assert load_config(root / "demo.yaml").plan == load_config().plan
+
+
+def test_overriding_a_default_datasets_inputs_keeps_its_other_fields_and_the_other_datasets():
+    """`--set data.datasets.raw_train.inputs=[s3://…]` on the embedded demo (the cluster README's command)."""
+    cfg = load_config(None, ["data.datasets.raw_train.inputs=[s3://bucket/corpus/]"])
+    assert cfg.data.datasets["raw_train"].kind == "raw"
+    assert cfg.data.datasets["raw_train"].inputs == ["s3://bucket/corpus/"]
+    assert {"raw_val", "qa_train", "exam_val"} <= set(cfg.data.datasets)

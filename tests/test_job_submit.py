@@ -59,10 +59,12 @@ def head():
         address = f"http://127.0.0.1:{dash}"
         client = JobSubmissionClient(address)
 
-        def submit(name: str, *entrypoint: str, timeout: int = 420) -> tuple[JobStatus, str]:
+        def submit(name: str, *entrypoint: str, timeout: int = 420, env_vars: dict | None = None
+                   ) -> tuple[JobStatus, str]:
             sub_id = f"kcpt-{name}-{int(time.time() * 1000)}"
+            renv = {**runtime_env, "env_vars": {**runtime_env["env_vars"], **(env_vars or {})}}
             r = ray_cli("job", "submit", "--address", address, "--working-dir", ".", "--submission-id", sub_id,
-                        "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--", *entrypoint, env=env)
+                        "--runtime-env-json", json.dumps(renv), "--no-wait", "--", *entrypoint, env=env)
             assert r.returncode == 0, r.stdout + r.stderr
             deadline = time.time() + timeout
             status = client.get_job_status(sub_id)
@@ -138,3 +140,39 @@ def test_ray_job_submit_train_and_prepare_entry_points(head, tmp_path):
     summary = json.loads((plan_dir / "summary.json").read_text())
     assert summary["stage_order"] == ["cpt", "stage1", "stage2", "stage3"]
     assert all(summary["stages"][s]["steps"] >= 1 for s in summary["stage_order"])
+
+
+def test_walkthrough_inputs_and_outputs_in_a_bucket(head, s3_prefix, tmp_path):
+    """cluster/README.md §3-4 on this machine: inputs uploaded to the bucket, `ray job submit` of
+    jobs/train_stages.py with every root and input on s3:// and the credentials/endpoint (and an HF_TOKEN) passed
+    in the job's runtime env — the head was started without them — then `kcpt report s3://…` from here."""
+    from ray.job_submission import JobStatus
+
+    from kcpt.data.demo import build_demo_corpus
+    from kcpt.storage import Store
+
+    bucket = Store(s3_prefix)
+    splits = build_demo_corpus()
+    for split, path in splits.items():
+        bucket.upload_file(path, f"inputs/{split}{path.suffix}")
+    aws = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION")}
+    inputs = {"raw_train": ["raw_train"], "raw_val": ["raw_val"], "qa_train": ["qa_train"],
+              "example_train": ["example_train"], "exam_val": ["qa_val", "example_val"]}
+    sets = [*TINY, f"train.output_dir={s3_prefix}/runs", f"data.prepared_root={s3_prefix}/prepared",
+            *(f"data.datasets.{ds}.inputs=[{','.join(f'{s3_prefix}/inputs/{x}.jsonl' for x in xs)}]"
+              for ds, xs in inputs.items())]
+    status, logs = head("walkthrough", "python", "jobs/train_stages.py", "--run-name", "walk",
+                        *(a for o in sets for a in ("--set", o)), env_vars={**aws, "HF_TOKEN": "hf_dummy"})
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert JOINED in logs and f"{s3_prefix}/runs/walk" in logs
+    run = Store(f"{s3_prefix}/runs/walk")
+    summary = json.loads(run.read_text("summary.json"))
+    assert summary["stage_order"] == ["cpt", "stage1", "stage2", "stage3"]
+    prepared = json.loads(Store(f"{s3_prefix}/prepared").read_text(
+        next(n for n in Store(f"{s3_prefix}/prepared").listdir() if n.startswith("raw_train-")) + "/manifest.json"))
+    assert prepared["inputs"][0]["path"].endswith("raw_train.jsonl") and prepared["rows"] > 0
+    out = subprocess.run([sys.executable, "-m", "kcpt.cli", "report", f"{s3_prefix}/runs/walk"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "stage3" in out.stdout and f"{s3_prefix}/runs/walk" in out.stdout

@@ -190,3 +190,27 @@ def test_dataset_inputs_at_a_uri_are_downloaded_once_and_cached_by_size_and_mtim
     bad = with_input(f"{s3_prefix}/nothing-here")
     with pytest.raises(InputError, match="input URI does not exist"):
         prepare_all(bad, ["raw_train"], progress=False)
+
+
+def test_kcpt_prepare_writes_to_a_uri_and_refuses_to_overwrite_without_the_flag(s3_prefix, tmp_path):
+    import json as _json
+    import os
+    import subprocess
+    import sys
+
+    items = tmp_path / "qa.jsonl"
+    items.write_text("".join(_json.dumps({"id": f"q{i}", "question": f"{i}번 문제: 대한민국의 수도는 어디인가?",
+                                          "answer": "서울", "kind": "qa"}, ensure_ascii=False) + "\n"
+                             for i in range(6)), encoding="utf-8")
+    out = f"{s3_prefix}/prepared/qa"
+    env = {**os.environ, "KCPT_SCRATCH": str(tmp_path / "scratch")}
+    cmd = [sys.executable, "-m", "kcpt.cli", "prepare", "exam", "--input", str(items), "--out", out,
+           "--seq-len", "64", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert out in r.stdout
+    manifest = _json.loads(Store(out).read_text("manifest.json"))
+    assert manifest["kind"] == "exam" and manifest["rows"] > 0
+    assert any(n.endswith(".parquet") for n in Store(out).walk())
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert again.returncode == 2 and "--overwrite" in again.stderr

@@ -7,7 +7,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kcpt.model.audit import audit_tokenizer, expand_tokenizer_and_model, propose_korean_tokens
+from kcpt.model.audit import (
+    audit_tokenizer,
+    expand_tokenizer_and_model,
+    expand_vocabulary,
+    propose_korean_tokens,
+)
 
 TEXTS = [
     "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.",
@@ -48,21 +53,39 @@ def test_expansion_uses_folded_init_and_shortens_korean():
                                          tie_word_embeddings=False))
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
-    pieces = expand_tokenizer_and_model(tok, model, new)
-    assert list(pieces) == new
-    assert model.get_input_embeddings().weight.shape[0] == len(tok)
-    for word, old_ids in pieces.items():
-        nid = tok.convert_tokens_to_ids(word)
+    grown, pieces = expand_tokenizer_and_model(tok, model, new)
+    assert len(grown) == len(tok) + len(pieces) and model.get_input_embeddings().weight.shape[0] == len(grown)
+    for token, old_ids in pieces.items():  # every new entry (words and the merge chain's prefixes): folded init
+        nid = grown.convert_tokens_to_ids(token)
+        assert nid >= len(tok)
         torch.testing.assert_close(model.get_input_embeddings().weight[nid], old_in[old_ids].mean(0))
         torch.testing.assert_close(model.get_output_embeddings().weight[nid], old_out[old_ids].mean(0))
-        assert tok.decode(tok(word, add_special_tokens=False)["input_ids"]) == word
+    for word in new:  # each word is ONE token, after a space and at the start
+        assert len(grown.tokenize(" " + word)) == 1 and len(grown.tokenize(word)) == 1
+        assert grown.decode(grown(word, add_special_tokens=False)["input_ids"]) == word
     # old rows untouched, Korean now takes fewer tokens, text still round-trips
     torch.testing.assert_close(model.get_input_embeddings().weight[: old_in.shape[0]], old_in)
-    after = audit_tokenizer(tok, TEXTS)
+    after = audit_tokenizer(grown, TEXTS)
     assert after.tokens < before.tokens
-    assert tok.decode(tok(TEXTS[0], add_special_tokens=False)["input_ids"]) == TEXTS[0]
+    for text in TEXTS[:3]:
+        assert grown.decode(grown(text, add_special_tokens=False)["input_ids"]) == text
     # a second call with the same words adds nothing
-    assert expand_tokenizer_and_model(tok, model, new) == {}
+    assert expand_tokenizer_and_model(grown, model, new) == (grown, {})
+
+
+def test_new_words_keep_their_leading_space_form_in_korean_text_with_spaces():
+    """`텍스트를 클릭합니다` with both words added: two tokens, no lone space token between them (added tokens
+    gave ['텍스트를', 'Ġ', '클릭합니다'] and sequences the model never saw)."""
+    tok = _byte_bpe(300)
+    words = ["텍스트를", "클릭합니다", "확인합니다"]
+    grown, _ = expand_vocabulary(tok, words)
+    text = "텍스트를 클릭합니다. 다음 텍스트를 확인합니다"
+    one = {w: grown.tokenize(w) for w in ("텍스트를", " 클릭합니다", " 텍스트를", " 확인합니다")}
+    assert all(len(v) == 1 for v in one.values())
+    assert grown.tokenize(text) == [*one["텍스트를"], *one[" 클릭합니다"], ".", *tok.tokenize(" 다음"),
+                                    *one[" 텍스트를"], *one[" 확인합니다"]]
+    assert grown.decode(grown(text, add_special_tokens=False)["input_ids"]) == text
+    assert len(grown(text)["input_ids"]) < len(tok(text)["input_ids"])
 
 
 @pytest.mark.parametrize("min_tokens", [3, 100])
@@ -92,4 +115,7 @@ def test_cli_audits_and_writes_expanded_tokenizer(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "tokens / Hangul syllable" in res.stdout and "expanded tokenizer" in res.stdout
-    assert len(AutoTokenizer.from_pretrained(out)) == len(base) + 5
+    grown = AutoTokenizer.from_pretrained(out)
+    assert len(grown) > len(base)
+    proposed = res.stdout.split("proposed 5 new tokens: ")[1].splitlines()[0].split()
+    assert len(proposed) == 5 and all(len(grown.tokenize(" " + w)) == 1 for w in proposed)

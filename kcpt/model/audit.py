@@ -11,10 +11,12 @@ out predicting the same distribution it did before, instead of from random rows.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -111,29 +113,97 @@ def propose_korean_tokens(tokenizer: Any, texts: Iterable[str], *, max_new: int 
     return [w for _, w in sorted(scored)[:max_new]]
 
 
-def expand_tokenizer_and_model(tokenizer: Any, model: Any, new_tokens: Sequence[str]) -> dict[str, list[int]]:
-    """Add ``new_tokens`` to ``tokenizer`` (in place) and grow ``model``'s embeddings with folded init.
+def expand_vocabulary(tokenizer: Any, words: Sequence[str]) -> tuple[Any, dict[str, list[int]]]:
+    """A copy of a BPE ``tokenizer`` in which each of ``words`` becomes ONE token where it stands in text, as the
+    base tokenizer places it: in its leading-space form (``Ġ…`` for byte-level BPE, ``▁…`` for Metaspace) and in
+    its bare form (start of a line), through real vocabulary entries and merges — not added tokens, which would
+    split the space off as a token of its own (``텍스트를 클릭합니다`` → ``['텍스트를', 'Ġ', '클릭합니다']``).
+
+    For each form the model's tokens ``p1 … pn`` are chained by merges ``(p1, p2)``, ``(p1p2, p3)``, … appended
+    after every existing merge, so all original merges still apply first and then the chain rebuilds the word;
+    the intermediate tokens ``p1p2``, ``p1p2p3`` … become vocabulary entries too (a chain can cut into a word
+    added before it: that word is chained again from its new pieces, until every word is whole). Returns
+    ``(new tokenizer, {new token: ids of its pieces in the ORIGINAL tokenizer})`` in id order (the folded init of
+    :func:`expand_tokenizer_and_model`). Words the base already keeps whole, or that pre-tokenize into several
+    pieces, add nothing. ``ValueError`` for a tokenizer whose model is not BPE."""
+    import tempfile
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    original = tokenizer.backend_tokenizer
+    data = json.loads(original.to_str())
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"vocabulary expansion needs a BPE tokenizer (this one is {model.get('type')}); "
+                         "use tokenizer.add_tokens for other models")
+    vocab: dict[str, int] = model["vocab"]
+    old_vocab = dict(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
+    known = set(merges)
+    next_id = max([*vocab.values(), *(t["id"] for t in data.get("added_tokens", [])), len(tokenizer) - 1]) + 1
+    forms = []
+    for word in words:
+        for form in (" " + word, word):
+            text = original.normalizer.normalize_str(form) if original.normalizer is not None else form
+            pre = original.pre_tokenizer.pre_tokenize_str(text) if original.pre_tokenizer is not None else [(text, 0)]
+            if len(pre) == 1 and pre[0][0] not in vocab:
+                forms.append(pre[0][0])
+    added: dict[str, list[int]] = {}
+    current = original
+    for _ in range(8):  # chains appended for one word can cut into another's: repeat on what is not whole yet
+        pending = [(f, [t.value for t in current.model.tokenize(f)]) for f in forms]
+        pending = [(f, pieces) for f, pieces in pending if len(pieces) > 1]
+        if not pending:
+            break
+        for _, pieces in pending:
+            cur = pieces[0]
+            for nxt in pieces[1:]:
+                joined = cur + nxt
+                if (cur, nxt) not in known:
+                    merges.append((cur, nxt))
+                    known.add((cur, nxt))
+                if joined not in vocab:
+                    vocab[joined] = next_id
+                    next_id += 1
+                    added[joined] = [old_vocab[t.value] for t in original.model.tokenize(joined)]
+                cur = joined
+        model["merges"] = [list(m) for m in merges]
+        current = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
+    else:
+        raise RuntimeError("vocabulary expansion did not converge: a word still splits after 8 rounds of merges")
+    if not added:
+        return tokenizer, {}
+    with tempfile.TemporaryDirectory(prefix="kcpt-tok-") as d:
+        tokenizer.save_pretrained(d)
+        (Path(d) / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        new_tok = AutoTokenizer.from_pretrained(d)
+    return new_tok, dict(sorted(added.items(), key=lambda kv: vocab[kv[0]]))
+
+
+def expand_tokenizer_and_model(tokenizer: Any, model: Any, new_tokens: Sequence[str]
+                               ) -> tuple[Any, dict[str, list[int]]]:
+    """:func:`expand_vocabulary` + grow ``model``'s embeddings with folded init; returns the new tokenizer and
+    ``{token: old_ids}``.
 
     Each new input-embedding row (and output row when the head is not tied) is the mean of the rows of the
-    tokens the ORIGINAL tokenizer produced for that string. Returns ``{token: old_ids}``. Tokens already known
-    are skipped.
+    tokens the ORIGINAL tokenizer produced for that string. Words already kept whole add nothing.
     """
-    pieces = {t: _encode(tokenizer, t) for t in new_tokens if t not in tokenizer.get_vocab()}
+    new_tok, pieces = expand_vocabulary(tokenizer, new_tokens)
     if not pieces:
-        return {}
+        return tokenizer, {}
     old_size = model.get_input_embeddings().weight.shape[0]
-    tokenizer.add_tokens(list(pieces))
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.resize_token_embeddings(len(new_tok), mean_resizing=False)
     emb_in = model.get_input_embeddings().weight
     emb_out = model.get_output_embeddings()
     tied = emb_out is None or emb_out.weight.data_ptr() == emb_in.data_ptr()
     with torch.no_grad():
         for tok, old_ids in pieces.items():
-            new_id = tokenizer.convert_tokens_to_ids(tok)
+            new_id = new_tok.convert_tokens_to_ids(tok)
             if new_id < old_size:
                 raise ValueError(f"token {tok!r} got id {new_id} inside the old vocabulary ({old_size})")
             idx = torch.tensor(old_ids)
             emb_in[new_id] = emb_in[idx].mean(dim=0)
             if not tied:
                 emb_out.weight[new_id] = emb_out.weight[idx].mean(dim=0)
-    return pieces
+    return new_tok, pieces

@@ -28,7 +28,12 @@ def _run(args: argparse.Namespace) -> int:
     from kcpt.data.rejects import RejectReport
     from kcpt.data.sources import read_documents
     from kcpt.errors import KcptError
-    from kcpt.model.audit import audit_tokenizer, expand_tokenizer_and_model, propose_korean_tokens
+    from kcpt.model.audit import (
+        audit_tokenizer,
+        expand_tokenizer_and_model,
+        expand_vocabulary,
+        propose_korean_tokens,
+    )
     from kcpt.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(TokenizerConfig(path=args.tokenizer))
@@ -51,10 +56,10 @@ def _run(args: argparse.Namespace) -> int:
                 from transformers import AutoModelForCausalLM
 
                 model = AutoModelForCausalLM.from_pretrained(args.model)
-                expand_tokenizer_and_model(tok, model, new)
+                tok, _ = expand_tokenizer_and_model(tok, model, new)
                 model.save_pretrained(out)
             else:
-                tok.add_tokens(new)
+                tok, _ = expand_vocabulary(tok, new)
             tok.save_pretrained(out)
             after = audit_tokenizer(tok, texts)
             print(f"expanded tokenizer ({len(tok)} tokens) written to {out}; "

@@ -214,3 +214,39 @@ def test_kcpt_prepare_writes_to_a_uri_and_refuses_to_overwrite_without_the_flag(
     assert any(n.endswith(".parquet") for n in Store(out).walk())
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_checkpoint_upload_runs_in_the_background_and_errors_surface(s3_prefix, tmp_path, monkeypatch):
+    """publish_checkpoint(background=True) returns while the upload is still going (training goes on); the
+    checkpoint is not visible until its manifest lands; wait_published joins it; an upload error is raised by
+    the next wait, not lost."""
+    import threading
+
+    from kcpt.train.rundir import RunDir
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    rd = RunDir(f"{s3_prefix}/run")
+    files = {"model.safetensors": b"w" * 1000}
+    _tree(rd.checkpoints / "00-cpt-step000010", {**files, "manifest.json": _manifest(files)})
+    gate = threading.Event()
+    real = Store.upload_file
+
+    def held(self, local, rel):  # an upload held back until the test lets it go
+        gate.wait(timeout=30)
+        real(self, local, rel)
+
+    monkeypatch.setattr(Store, "upload_file", held)
+    rd.publish_checkpoint("00-cpt-step000010", background=True)
+    assert rd.latest_checkpoint(["cpt"]) is None  # returned at once; nothing visible yet
+    gate.set()
+    rd.wait_published()
+    assert rd.latest_checkpoint(["cpt"]) == f"{s3_prefix}/run/checkpoints/00-cpt-step000010"
+
+    def broken(self, local, rel):  # an injected failure (e.g. credentials expired mid-run)
+        raise OSError("injected upload failure")
+
+    monkeypatch.setattr(Store, "upload_file", broken)
+    _tree(rd.checkpoints / "00-cpt-step000020", {**files, "manifest.json": _manifest(files)})
+    rd.publish_checkpoint("00-cpt-step000020", background=True)
+    with pytest.raises(OSError, match="injected upload failure"):
+        rd.wait_published()

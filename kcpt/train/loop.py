@@ -538,7 +538,9 @@ class StageRunner:
                     stage_index=plan.stage_pos, metrics=metrics)
                 ckpt_lib.save_checkpoint(path, model=module, tokenizer=self.tokenizer, trainer_state=state,
                                          manifest=manifest, staging=staging, include_rng=False, extra_files=extra)
-                self.run_dir.publish_checkpoint(path.name, keep_remote=set(extra))
+                # at a URI: uploaded by a background thread while training goes on (joined before the next
+                # save, at the end of the stage and of the run); visible once its manifest, sent last, is there
+                self.run_dir.publish_checkpoint(path.name, keep_remote=set(extra), background=True)
         barrier()
         return self.run_dir.checkpoint_ref(path.name)
 
@@ -549,6 +551,7 @@ class StageRunner:
             self._run_plan()
         except TrainingAborted as e:
             if self.rank == 0:
+                self.run_dir.wait_published()
                 self.run_dir.write_aborted(str(e))
             barrier()
 
@@ -792,6 +795,7 @@ class StageRunner:
         plan.summaries[stage.name] = summary
         plan.best[stage.name] = best_path
         if self.rank == 0:
+            self.run_dir.wait_published()  # the summary names only checkpoints that are complete at the URI
             s = self.run_dir.read_summary()
             s.setdefault("stages", {})[stage.name] = summary
             order = s.setdefault("stage_order", [])

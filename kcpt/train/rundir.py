@@ -78,6 +78,8 @@ class RunDir:
         else:
             self.root = Path(ref[len("file://"):] if ref.startswith("file://") else ref)
             self.location = str(self.root)
+        self._uploader: Any = None
+        self._uploads: list[Any] = []
 
     def __repr__(self) -> str:
         return f"RunDir({self.location!r})"
@@ -114,16 +116,37 @@ class RunDir:
         return storage.join(self.location, "checkpoints", name) if self.remote is not None \
             else str(self.checkpoints / name)
 
-    def publish_checkpoint(self, name: str, keep_remote: set[str] = frozenset()) -> None:
+    def publish_checkpoint(self, name: str, keep_remote: set[str] = frozenset(), *, background: bool = False
+                           ) -> None:
         """Upload the mirror's complete checkpoint ``name`` (manifest last; ``keep_remote``: files other ranks
-        uploaded themselves)."""
-        if self.remote is not None:
-            from kcpt.train.checkpoint import MANIFEST
+        uploaded themselves). ``background``: in this process's upload thread, so training goes on while it
+        uploads (one upload at a time, in order); :meth:`wait_published` joins it and re-raises its error."""
+        if self.remote is None:
+            return
+        from kcpt.train.checkpoint import MANIFEST
 
+        def upload() -> None:
             storage.publish_tree(self.checkpoints / name, self.checkpoint_ref(name), marker=MANIFEST,
                                  keep=keep_remote)
 
+        if not background:
+            self.wait_published()
+            upload()
+            return
+        if self._uploader is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kcpt-upload")
+        self._uploads.append(self._uploader.submit(upload))
+
+    def wait_published(self) -> None:
+        """Block until every background checkpoint upload is done; the first failure is raised here."""
+        pending, self._uploads = self._uploads, []
+        for f in pending:
+            f.result()
+
     def retract_checkpoint(self, name: str) -> None:
+        self.wait_published()
         if self.remote is not None:
             from kcpt.train.checkpoint import MANIFEST
 
@@ -143,6 +166,7 @@ class RunDir:
         the (stage position, step) in the names; ``keep`` holds checkpoint refs)."""
         from kcpt.train import checkpoint as ckpt_lib
 
+        self.wait_published()  # never delete a mirror copy an upload still reads
         if self.remote is None:
             ckpt_lib.prune_checkpoints(self.checkpoints, keep_last, keep=[k for k in keep if not storage.is_uri(k)])
             return

@@ -119,3 +119,81 @@ def test_cli_audits_and_writes_expanded_tokenizer(tmp_path):
     assert len(grown) > len(base)
     proposed = res.stdout.split("proposed 5 new tokens: ")[1].splitlines()[0].split()
     assert len(proposed) == 5 and all(len(grown.tokenize(" " + w)) == 1 for w in proposed)
+
+
+def test_new_tokens_the_data_never_shows_are_flagged_undertrained():
+    """Expand with six words, train a tiny Llama on text that contains only three of them: the other three new
+    rows stay at their folded init and are flagged; the three in the data are not."""
+    import copy
+
+    from kcpt.model.undertrained import find_undertrained
+
+    tok = _byte_bpe(300)
+    seen, unseen = ["대한민국은", "국민에게", "권리를"], ["인간으로서의", "행복을", "보장할"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         tie_word_embeddings=False))
+    grown, _ = expand_tokenizer_and_model(tok, model, seen + unseen)
+    init = copy.deepcopy(model)
+    text = "대한민국은 국민에게 권리를 준다. 그리고 대한민국은 국민에게 권리를 지킨다. " * 4
+    ids = torch.tensor([grown(text, add_special_tokens=False)["input_ids"]])
+    assert all(grown.convert_tokens_to_ids(grown.tokenize(" " + w)[0]) in ids for w in seen[1:])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    report = find_undertrained(model, grown, first_new_id=len(tok), init=init)
+    flagged = {f.token_id for f in report.undertrained if "barely moved from its init" in f.reasons}
+
+    def spaced(w: str) -> int:  # the id of the word's leading-space form (the form the text uses)
+        return grown.convert_tokens_to_ids(grown.tokenize(" " + w)[0])
+
+    for w in unseen:
+        assert spaced(w) in flagged, (w, report.summary())
+    for w in seen[1:]:  # (the first word starts the text: its bare form is the one used)
+        assert spaced(w) not in flagged, (w, report.summary())
+    assert grown.convert_tokens_to_ids(grown.tokenize(seen[0])[0]) not in flagged
+    assert report.checked == len(grown) - len(tok) and "look undertrained" in report.summary()
+
+
+def test_cli_reports_undertrained_tokens_of_a_checkpoint(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "ko.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), encoding="utf-8")
+    base = _byte_bpe(300)
+    base.save_pretrained(tmp_path / "tok")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(base), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "base")
+    init = tmp_path / "expanded"
+    cli = [sys.executable, "-m", "kcpt.cli", "audit-tokenizer", "--tokenizer", str(tmp_path / "tok"), "--input",
+           str(src)]
+    r = subprocess.run([*cli, "--expand", "3", "--model", str(tmp_path / "base"), "--out", str(init)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    first_new = json.loads((init / "kcpt-expansion.json").read_text())["first_new_id"]
+    assert first_new == len(base)
+    # a "trained" checkpoint: every old row and ONE new row moved; the other new rows kept their init
+    model = AutoModelForCausalLM.from_pretrained(init)
+    with torch.no_grad():
+        for w in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            w[:first_new] += 0.5 * torch.randn_like(w[:first_new])
+            w[first_new] += 0.5 * torch.randn_like(w[first_new])
+    model.save_pretrained(tmp_path / "ckpt")
+    r = subprocess.run([*cli, "--checkpoint", str(tmp_path / "ckpt"), "--init", str(init), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    flagged = {f["token_id"] for f in rep["undertrained"] if "barely moved from its init" in f["reasons"]}
+    assert first_new not in flagged
+    assert flagged == set(range(first_new + 1, first_new + rep["checked"]))
+    r = subprocess.run([*cli, "--checkpoint", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--init" in r.stderr

@@ -19,6 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="HF model dir to expand with folded embedding init (with --out)")
     p.add_argument("--out", default=None, help="write the expanded tokenizer (and model) here")
     p.add_argument("--json", action="store_true", help="print the audit as JSON")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="a trained checkpoint (kcpt checkpoint or HF model dir; a URI works) of a model expanded with "
+                        "--expand --model --out INIT: report its undertrained new tokens (needs --init)")
+    p.add_argument("--init", default=None, metavar="INIT",
+                   help="the expanded, untrained model directory that --out wrote (rows are compared with it)")
     p.set_defaults(func=_run)
 
 
@@ -36,6 +41,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     from kcpt.model.tokenizer import load_tokenizer
 
+    if args.checkpoint is not None:
+        return _undertrained(args)
     tok = load_tokenizer(TokenizerConfig(path=args.tokenizer))
     report = RejectReport()
     texts = [d.text for d in read_documents(resolve_inputs(args.input), text_field=args.text_field, report=report)]
@@ -56,12 +63,43 @@ def _run(args: argparse.Namespace) -> int:
                 from transformers import AutoModelForCausalLM
 
                 model = AutoModelForCausalLM.from_pretrained(args.model)
+                first_new = len(tok)
                 tok, _ = expand_tokenizer_and_model(tok, model, new)
                 model.save_pretrained(out)
+                (out / EXPANSION_FILE).write_text(json.dumps({"first_new_id": first_new, "words": new},
+                                                             ensure_ascii=False), encoding="utf-8")
             else:
                 tok, _ = expand_vocabulary(tok, new)
             tok.save_pretrained(out)
             after = audit_tokenizer(tok, texts)
             print(f"expanded tokenizer ({len(tok)} tokens) written to {out}; "
                   f"tokens/syllable {audit.tokens_per_hangul_syllable:.2f} -> {after.tokens_per_hangul_syllable:.2f}")
+    return 0
+
+
+EXPANSION_FILE = "kcpt-expansion.json"
+"""Written beside an expanded model: ``{"first_new_id": …, "words": […]}`` (what ``--checkpoint`` checks)."""
+
+
+def _undertrained(args: argparse.Namespace) -> int:
+    """``--checkpoint CKPT --init INIT``: the new tokens of CKPT that training left near their init."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kcpt.errors import KcptError
+    from kcpt.model.undertrained import find_undertrained
+    from kcpt.train.checkpoint import fetch
+
+    if args.init is None:
+        raise KcptError("--checkpoint needs --init: the expanded model directory written by --expand --model --out")
+    meta = Path(args.init) / EXPANSION_FILE
+    if not meta.is_file():
+        raise KcptError(f"{meta}: missing; --init must be a model written by `kcpt audit-tokenizer --expand N "
+                        "--model M --out DIR`")
+    first_new = int(json.loads(meta.read_text(encoding="utf-8"))["first_new_id"])
+    ckpt = fetch(args.checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    init = AutoModelForCausalLM.from_pretrained(args.init)
+    tok = AutoTokenizer.from_pretrained(ckpt if (Path(ckpt) / "tokenizer.json").is_file() else args.init)
+    report = find_undertrained(model, tok, first_new_id=first_new, init=init)
+    print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) if args.json else report.summary())
     return 0

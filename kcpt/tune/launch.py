@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,12 @@ from kcpt.tune.study_storage import open_storage
 
 TUNE_RUN_NAME = "tune"
 METRIC = "gate_score"
+STOPPED_TRIAL_GRACE_S = 15
+"""Seconds Tune waits for a stopped (ASHA-pruned) trial before it kills the trial actor. A trial's function is
+blocked in its TorchTrainer.fit() and never sees Tune's stop request, so with Tune's default
+(``TUNE_FORCE_TRIAL_CLEANUP_S`` = 600) a pruned trial kept training — and holding its workers and placement
+group — for up to 10 minutes. Killing the trial actor takes its Train controller with it, and Ray Train's
+placement-group cleaner frees the workers. Set ``TUNE_FORCE_TRIAL_CLEANUP_S`` yourself to override."""
 
 
 # --------------------------------------------------------------------------- prerequisites
@@ -365,6 +372,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     exp_dir.mkdir(parents=True, exist_ok=True)
     stage = cfg.tune.stage
     interrupted: list[int] = []
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))  # read by Tune's controller
     started = init_ray(cfg, address)
     try:
         pre = prerequisites or ensure_prerequisites(cfg, stage=stage, address=address)

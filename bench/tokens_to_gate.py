@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from kcpt.config import KcptConfig, config_from_dict, load_config
-from kcpt.tune.launch import ensure_prerequisites, stage_token_budget, tune_stage3
+from kcpt.tune.launch import ensure_prerequisites, tune_stage3
 from kcpt.tune.space import apply_params, recipe_points
 
 VARIANTS = ("default", "recipe_step", "tuned")
@@ -50,6 +50,13 @@ def variant_configs(cfg: KcptConfig, best_config: Path | None) -> dict[str, Kcpt
     if best_config is not None:
         out["tuned"] = load_config(best_config)
     return out
+
+
+def stage_budget(cfg: KcptConfig, *, ray: bool) -> int:
+    """Tokens of the stage run to ``max_steps`` as this bench runs it (in-process: one worker)."""
+    t = cfg.train
+    world = cfg.train.num_workers if ray else 1
+    return cfg.stage(cfg.tune.stage).max_steps * t.micro_batch_size * cfg.data.seq_len * t.grad_accum * world
 
 
 def run_variant(cfg: KcptConfig, seed: int, run_dir: Path, pre: Any, *, ray: bool) -> dict[str, Any]:
@@ -117,15 +124,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"tune: {args.trials} trials in {time.perf_counter() - t0:.0f} s; best: "
           f"{json.dumps(tuned.best and tuned.best['params'])}")
     variants = variant_configs(cfg, tuned.best_config_path)
-    budget = stage_token_budget(cfg)
+    budget = stage_budget(variants["default"], ray=args.ray)
     results: dict[str, Any] = {"budget_tokens": budget, "tokens_before": pre.tokens_before, "trials": args.trials,
                                "tuned_params": tuned.best and tuned.best["params"], "variants": {}}
     for name, vcfg in variants.items():
         runs = [run_variant(vcfg, seed, out / "runs" / f"{name}-seed{seed}", pre, ray=args.ray)
                 for seed in range(args.seeds)]
-        results["variants"][name] = {"runs": runs, **stats(runs, stage_token_budget(vcfg), pre.tokens_before)}
-    print(f"\nstage-3 tokens to gate, {args.seeds} seeds (stage budget {budget} tokens at the base batch shape; "
-          f"tuned from K={args.trials} trials)")
+        results["variants"][name] = {"runs": runs, **stats(runs, stage_budget(vcfg, ray=args.ray),
+                                                           pre.tokens_before)}
+    print(f"\nstage-3 tokens to gate, {args.seeds} seeds, {'Ray Train' if args.ray else 'in-process, 1 worker'} "
+          f"(stage budget {budget} tokens; tuned from K={args.trials} trials)")
     print(f"{'config':12} {'passed':>7} {'mean':>9} {'min':>9} {'max':>9} {'censored':>9} {'plan mean':>10} "
           f"{'exam':>7} {'raw':>7} {'raw/base':>8}")
     for name in VARIANTS:

@@ -446,10 +446,13 @@ class SearchSpace(Strict):
     """Also sample β = 0 ("off") as a categorical choice."""
     extra: dict[str, FloatRange] = {}
     """More float parameters as dotted stage-config paths, e.g. ``{"lr.min_ratio": {low: 0.05, high: 0.3}}``."""
-    mixture_shapes: list[Literal["fixed", "recipe_step"]] = Field(default_factory=lambda: ["fixed"], min_length=1)
+    mixture_shapes: list[Literal["fixed", "linear", "recipe_step"]] = Field(default_factory=lambda: ["fixed"],
+                                                                             min_length=1)
     """Mixture shapes the tuner may choose (a categorical ``mixture_shape`` when more than one): ``fixed`` —
-    ``exam_fraction`` for the whole stage; ``recipe_step`` — the recipe's exam:raw schedule 70:30 → 50:50 →
-    60:40 as step phases at 0, 1/3 and 2/3 of the stage (``exam_fraction`` is then not sampled)."""
+    ``exam_fraction`` for the whole stage; ``linear`` — the exam share moves linearly from ``exam_fraction`` at
+    the start to ``exam_fraction_end`` (also sampled, same range) at the end; ``recipe_step`` — the recipe's
+    exam:raw schedule 70:30 → 50:50 → 60:40 as step phases at 0, 1/3 and 2/3 of the stage (``exam_fraction`` is
+    then not sampled)."""
     qa_source: str = "qa_train"
     """Stage-3 source that gets ``exam_fraction · qa_fraction`` of the mixture."""
     example_source: str = "example_train"
@@ -460,8 +463,14 @@ class SearchSpace(Strict):
 
 class AshaConfig(Strict):
     enabled: bool = True
+    time_attr: Literal["tokens", "evals"] = "tokens"
+    """ASHA's fidelity: ``tokens`` — training tokens of the tuned stage (``tokens_seen``), so trials with different
+    batch shapes are compared at equal training cost; ``evals`` — reported evals (``training_iteration``)."""
     grace_period: int = Field(2, ge=1)
-    """In evals."""
+    """In evals of the base config's tuned stage (with ``time_attr: tokens``: that many evals' worth of tokens at
+    the base batch shape, unless ``grace_tokens`` is set)."""
+    grace_tokens: int | None = Field(None, ge=1)
+    """Grace period in training tokens (``time_attr: tokens`` only); overrides ``grace_period``."""
     reduction_factor: int = Field(2, ge=2)
 
 
@@ -486,6 +495,13 @@ class TuneConfig(Strict):
     (and global batch) the prerequisite stages and ``best_config.yaml`` use. See :meth:`KcptConfig.tune_workers`."""
     stage_overrides: dict[str, Any] = {}
     """Dotted stage-config path → value applied to the tuned stage of every trial (e.g. ``{"max_steps": 40}``)."""
+    objective: Literal["tokens_to_gate", "exam"] = "tokens_to_gate"
+    """What the search minimises among feasible trials (see :mod:`kcpt.tune.objective`): ``tokens_to_gate`` —
+    lexicographic: gate passed first, then fewer training tokens to the pass, then lower exam loss; ``exam`` —
+    the exam val loss at the selected eval. Infeasible trials rank last either way (Optuna's constraint)."""
+    enqueue_recipe: bool = True
+    """Enqueue the recipe's own settings (the tuned stage as configured, and the recipe's step schedule when
+    ``space.mixture_shapes`` offers it) as the first trials of a new study (Optuna ``enqueue_trial``)."""
     infeasible_penalty: float = Field(100.0, ge=0)
     """``gate_score`` (what ASHA compares) = objective + penalty · max(0, constraint)."""
     num_cpus: int | None = Field(None, ge=1)

@@ -41,3 +41,46 @@ def test_option_table_on_cpu(capsys):
     out = capsys.readouterr().out
     for v in ("today", "+fused_loss", "+compile", "all"):
         assert f"| {v} |" in out
+
+
+# the tune benches on the real loop, reduced: a tiny stage 3 whose gate holds at its `consecutive`-th eval
+TINY_TUNE = ["plan.0.max_steps=6", "plan.0.eval_every=3", "plan.1.max_steps=6", "plan.1.eval_every=3",
+             "plan.2.max_steps=6", "plan.2.eval_every=3", "tune.stage_overrides.max_steps=8",
+             "tune.stage_overrides.eval_every=2", "tune.stage_overrides.stop.exam_target=100.0",
+             "tune.stage_overrides.stop.raw_tolerance=1.0", "tune.stage_overrides.stop.consecutive=2",
+             "tune.n_startup_trials=1", "train.num_workers=1", "tune.num_workers=1", "train.micro_batch_size=4",
+             "data.seq_len=64", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+             "model.tiny.intermediate_size=64", "train.max_eval_rows=32"]
+
+
+@pytest.mark.slow
+def test_tokens_to_gate_bench_compares_default_recipe_step_and_tuned(tmp_path, capsys):
+    sets = [x for o in [*TINY_TUNE, f"data.prepared_root={tmp_path / 'prepared'}"] for x in ("--set", o)]
+    res = _load("tokens_to_gate").main([*sets, "--seeds", "2", "--trials", "2", "--out", str(tmp_path / "b")])
+    per_step = 4 * 64
+    assert res["budget_tokens"] == 8 * per_step and res["tokens_before"] >= 3 * 3 * per_step  # ≥ 1 eval/stage
+    assert set(res["variants"]) == {"default", "recipe_step", "tuned"}
+    for name, v in res["variants"].items():
+        assert [r["seed"] for r in v["runs"]] == [0, 1]
+        # every run records its tokens to gate: this gate holds at the 2nd eval (step 4), whatever the config
+        assert [r["tokens_to_gate"] for r in v["runs"]] == [4 * per_step] * 2, name
+        assert v["mean"] == v["min"] == v["max"] == v["censored_mean"] == 4 * per_step
+        assert v["plan_mean"] == res["tokens_before"] + 4 * per_step and v["final_exam"] is not None
+    assert res["ratio_tuned_default"] == 1.0
+    out = capsys.readouterr().out
+    assert "ratio tuned/default" in out and "recipe_step" in out and "tuned" in out
+
+
+@pytest.mark.slow
+def test_tune_efficiency_real_loop_mode(tmp_path, capsys):
+    real = [x for o in [*TINY_TUNE, f"data.prepared_root={tmp_path / 'prepared'}"] for x in ("--real-set", o)]
+    assert _load("tune_efficiency").main(["--no-proxy", "--real-seeds", "1", "--real-trials", "2", *real,
+                                          "--real-dir", str(tmp_path / "e"), "--json", str(tmp_path / "r.json")]) == 0
+    import json
+
+    r = json.loads((tmp_path / "r.json").read_text())["real"]
+    for kind in ("tpe", "random"):
+        # the recipe's trial is enqueued first and its gate holds: the first trial passes for both samplers
+        assert r["raw"][kind]["first"] == [1] and r["rows"][kind]["passing"] == 1
+        assert r["raw"][kind]["best"][0] is not None and r["raw"][kind]["best"][0] < 1.0   # passed: value < 1
+    assert "real loop, ratio TPE/random" in capsys.readouterr().out

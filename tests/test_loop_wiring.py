@@ -6,6 +6,7 @@ from the chosen Pareto-front checkpoint, and a deterministic abort ends the run 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -202,3 +203,31 @@ def test_checkpoint_every_k_evals_besides_best_stop_and_front():
     assert not any(checkpoint_due(TrainConfig(checkpoint_every_eval=False), st, s, **plain) for s in range(5, 41, 5))
     for key in plain:
         assert checkpoint_due(t3, st, 5, **{**plain, key: True})
+
+
+def test_tokens_to_gate_is_recorded_per_eval_per_stage_and_for_the_plan(prepared_root, tmp_path):
+    # a CPT stage, then a gated stage whose gate always holds (loose bounds): it passes at its 2nd eval (step 4)
+    plan = ('[{name: cpt, sources: {raw_train: 1.0}, max_steps: 6, eval_every: 3, sets_baseline: true, '
+            'stop: {rule: max_steps}}, '
+            '{name: s, sources: {qa_train: 0.5, raw_train: 0.5}, eval_exam: qa_val, max_steps: 10, eval_every: 2, '
+            'stop: {rule: gate, exam_target: 100.0, raw_tolerance: 1.0, consecutive: 2}}]')
+    res = run_plan(cfg_of(prepared_root, tmp_path, plan, "tune.stage=s"), resume="never", in_process=True)
+    per_step = 4 * 64                                  # micro_batch 4 × seq_len 64, one worker, no accumulation
+    cpt_tokens = res.summaries["cpt"]["tokens_seen"]
+    assert cpt_tokens == 6 * per_step
+    first, second = evals(res, "s")                    # the gate rule ends the stage at its 2nd consecutive pass
+    assert first["tokens_to_gate"] is None and first["plan_tokens_to_gate"] is None
+    assert second["tokens_to_gate"] == 4 * per_step == second["tokens_seen"]
+    assert second["plan_tokens_to_gate"] == cpt_tokens + 4 * per_step
+    s = res.summaries["s"]
+    assert (s["tokens_to_gate"], s["plan_tokens_to_gate"]) == (4 * per_step, cpt_tokens + 4 * per_step)
+    assert res.summaries["cpt"]["tokens_to_gate"] is None          # no gate in a max_steps stage
+    summary = json.loads((Path(res.run_dir) / "summary.json").read_text())
+    assert summary["first_gate"] == {"stage": "s", "tokens_to_gate": 4 * per_step,
+                                     "plan_tokens_to_gate": cpt_tokens + 4 * per_step}
+    # a gate that never holds: null everywhere, no first_gate
+    never = plan.replace("exam_target: 100.0", "exam_target: 0.001")
+    res = run_plan(cfg_of(prepared_root, tmp_path, never, "tune.stage=s"), resume="overwrite", in_process=True)
+    assert all(r["tokens_to_gate"] is None for r in evals(res, "s"))
+    assert res.summaries["s"]["tokens_to_gate"] is None and res.summaries["s"]["steps"] == 10
+    assert "first_gate" not in json.loads((Path(res.run_dir) / "summary.json").read_text())

@@ -173,3 +173,58 @@ def test_searcher_restored_from_an_older_save_does_not_tell_a_trial_twice(tmp_pa
     (t,) = optuna.load_study(study_name="resumed", storage=storage).get_trials()
     assert t.state == TrialState.COMPLETE and t.value == pytest.approx(final["gate_objective"])
     assert len(t.intermediate_values) == len(evals)
+
+
+TOKENS_SPEC = GateSpec(baseline_raw_best=2.0, eps=0.03, exam_target=1.5, consecutive=2, penalty=100.0,
+                       objective="tokens_to_gate", token_scale=6000.0, tokens_before=500)
+
+
+def test_tokens_objective_is_lexicographic_passed_then_tokens_then_exam():
+    def outcome(exam_slope: float, tokens_per_eval: int = 1000):
+        evals = [{"step": 10 * k, "tokens_seen": tokens_per_eval * k, "raw_ratio": 1.0,
+                  "exam_val_loss": 2.0 - exam_slope * k} for k in range(1, 7)]
+        return gate_outcome(evals, TOKENS_SPEC)
+    fast, slow, never, never_better = outcome(0.3), outcome(0.15), outcome(0.02), outcome(0.05)
+    assert (fast.tokens_to_gate, slow.tokens_to_gate, never.tokens_to_gate) == (3000, 5000, None)  # 2nd pass
+    assert fast.plan_tokens_to_gate == 3500 and never.plan_tokens_to_gate is None
+    # passing wins over not passing, fewer tokens over more; among the never-passing the exam loss decides
+    assert fast.gate_objective < slow.gate_objective < 1.0 <= never_better.gate_objective < never.gate_objective
+    # equal tokens to the pass: the exam loss decides
+    tie_a = gate_outcome([{"step": 10, "tokens_seen": 1000, "raw_ratio": 1.0, "exam_val_loss": 1.4},
+                          {"step": 20, "tokens_seen": 2000, "raw_ratio": 1.0, "exam_val_loss": 1.0}], TOKENS_SPEC)
+    tie_b = gate_outcome([{"step": 10, "tokens_seen": 1000, "raw_ratio": 1.0, "exam_val_loss": 1.4},
+                          {"step": 20, "tokens_seen": 2000, "raw_ratio": 1.0, "exam_val_loss": 1.3}], TOKENS_SPEC)
+    assert tie_a.tokens_to_gate == tie_b.tokens_to_gate and tie_a.gate_objective < tie_b.gate_objective
+    # a passing trial that needed twice the budget still beats a non-passing one
+    assert outcome(0.3, tokens_per_eval=4000).gate_objective < never_better.gate_objective
+    # infeasible: the constraint (not the value) ranks it last; the ASHA score carries the penalty
+    bad = gate_outcome([{"step": 10, "tokens_seen": 1000, "raw_ratio": 1.2, "exam_val_loss": 1.0}], TOKENS_SPEC)
+    assert bad.gate_constraint > 0 and bad.gate_score > 10
+
+
+def test_recipe_points_are_enqueued_first_and_only_into_a_new_study(tmp_path):
+    from kcpt.config import load_config
+    from kcpt.tune.space import recipe_points
+
+    cfg = load_config(None, ["tune.space.mixture_shapes=[fixed, linear, recipe_step]"])
+    points = recipe_points(cfg)     # demo stage 3: 70:30 exam:raw (qa = examples), LR 5e-4, KL β 0.1
+    assert points == [
+        {"mixture_shape": "fixed", "qa_fraction": 0.5, "lr": 5e-4, "kl_on": True, "kl_beta": 0.1,
+         "exam_fraction": pytest.approx(0.7)},
+        {"mixture_shape": "recipe_step", "qa_fraction": 0.5, "lr": 5e-4, "kl_on": True, "kl_beta": 0.1}]
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
+    space = cfg.tune.space
+
+    def searcher():
+        return ConstrainedOptunaSearch(space=SpaceSampler(space), metric="gate_score", mode="min",
+                                       study_name="enq", storage=storage, enqueue=points,
+                                       sampler=optuna.samplers.RandomSampler(seed=0))
+    s = searcher()
+    first, second, third = s.suggest("a"), s.suggest("b"), s.suggest("c")
+    assert first["exam_fraction"] == pytest.approx(0.7) and first["lr"] == 5e-4 and first["kl_beta"] == 0.1
+    assert second["mixture_shape"] == "recipe_step" and "exam_fraction" not in second
+    assert third["lr"] != 5e-4                                     # then the sampler's own points
+    again = searcher()                                             # the same study, resumed / shared
+    again.suggest("d")
+    trials = optuna.load_study(study_name="enq", storage=storage).get_trials()
+    assert [t.user_attrs.get("enqueued") for t in trials] == ["recipe", "recipe", None, None]

@@ -71,7 +71,7 @@ def test_recipe_step_schedule_is_a_searchable_shape():
         trial = study.ask()
         p = suggest_params(trial, space)
         shapes.add(trial.params["mixture_shape"])
-        assert ("exam_fraction" in p) == (trial.params["mixture_shape"] == "fixed")
+        assert ("exam_fraction" in p) == (trial.params["mixture_shape"] != "recipe_step")
         study.tell(trial, 1.0)
     assert shapes == {"fixed", "recipe_step"}
     cfg = load_config(None, ["tune.space.mixture_shapes=[fixed, recipe_step]"])
@@ -80,3 +80,23 @@ def test_recipe_step_schedule_is_a_searchable_shape():
     exam = [ph.weights["qa_train"] + ph.weights["example_train"] for ph in st.mixture_schedule]
     assert exam == pytest.approx([0.7, 0.5, 0.6])
     assert [ph.start_frac for ph in st.mixture_schedule] == pytest.approx([0.0, 1 / 3, 2 / 3])
+
+
+def test_linear_shape_moves_the_exam_share_from_start_to_end():
+    space = SearchSpace(mixture_shapes=["fixed", "linear"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(12):
+        trial = study.ask()
+        p = suggest_params(trial, space)
+        assert ("exam_fraction_end" in p) == (trial.params["mixture_shape"] == "linear")
+        study.tell(trial, 1.0)
+    cfg = load_config(None, ["tune.space.mixture_shapes=[fixed, linear]"])
+    st = apply_params(cfg, {"mixture_shape": "linear", "exam_fraction": 0.8, "exam_fraction_end": 0.4,
+                            "qa_fraction": 0.5, "lr": 1e-3}).stage("stage3")
+    assert st.mixture_mode == "linear"
+    exam = [(ph.start_frac, ph.weights["qa_train"] + ph.weights["example_train"]) for ph in st.mixture_schedule]
+    assert exam == [(0.0, pytest.approx(0.8)), (1.0, pytest.approx(0.4))]
+    from kcpt.train.mixture import MixtureSampler
+    w = MixtureSampler(st.sources, seed=0, schedule=st.mixture_schedule, max_steps=st.max_steps, mode="linear")
+    mid = w.weights_at(st.max_steps // 2)
+    assert mid["raw_train"] == pytest.approx(0.4, abs=0.01)        # halfway: exam 0.6, raw 0.4

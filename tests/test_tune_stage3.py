@@ -84,3 +84,28 @@ def test_kcpt_report_prints_the_trial_table(tune_experiment, capsys):
     for status in df["status"]:
         assert status in out
     assert "exam@sel" in out and "raw_gate" in out
+
+
+def test_recipe_trial_runs_first_and_every_trial_records_tokens_to_gate(tune_experiment):
+    from kcpt.train.rundir import read_metrics
+    from kcpt.tune.space import recipe_points
+
+    exp = tune_experiment.exp_dir
+    m = load_manifest(exp)
+    assert m["objective"] == "tokens_to_gate" and m["asha_time_attr"] == "tokens_seen"
+    df = load_trials(exp).sort_values("trial_number")
+    (recipe,) = recipe_points(tune_experiment.cfg)
+    first = df.iloc[0]
+    for k, v in recipe.items():                       # trial #0 is the recipe's own stage 3, enqueued
+        assert first[f"param_{k}"] == (pytest.approx(v) if isinstance(v, float) else v), k
+    assert df.iloc[1]["param_lr"] != pytest.approx(recipe["lr"])
+    for _, row in df.iterrows():
+        evals = [r for r in read_metrics(row["run_dir"]) if r["stage"] == m["stage"] and r["step"] > 0]
+        loop_tokens = evals[-1]["tokens_to_gate"]     # the stage loop's own record, in every eval
+        if pd.isna(row["tokens_to_gate"]):
+            assert not row["gate_passed"] and loop_tokens is None and pd.isna(row["plan_tokens_to_gate"])
+        else:
+            assert row["gate_passed"] and row["tokens_to_gate"] == loop_tokens
+            assert row["plan_tokens_to_gate"] == m["tokens_before"] + row["tokens_to_gate"]
+        assert evals[-1]["tokens_seen"] > 0
+    assert m["tokens_before"] > 0

@@ -156,9 +156,11 @@ def trials_table(trials: pd.DataFrame) -> str:
     """Fixed-width table: number, status, objective, constraint, feasible, gate, steps to gate, params."""
     if trials.empty:
         return "(no trials)"
-    cols = [("trial_number", "#"), ("status", "status"), ("objective", "exam@sel"), ("constraint", "raw_gate"),
-            ("feasible", "feasible"), ("gate_passed", "gate"), ("steps_to_gate", "steps→gate"),
+    cols = [("trial_number", "#"), ("status", "status"), ("objective", "objective"),
+            ("selected_exam_val_loss", "exam@sel"), ("constraint", "raw_gate"), ("feasible", "feasible"),
+            ("gate_passed", "gate"), ("steps_to_gate", "steps→gate"), ("tokens_to_gate", "tokens→gate"),
             ("selected_step", "sel_step")]
+    cols = [(c, h) for c, h in cols if c in trials.columns]
     cols += [(c, c.removeprefix("param_")) for c in trials.columns if c.startswith("param_")]
     header = [h for _, h in cols]
     rows = [[_fmt(r.get(c)) for c, _ in cols] for _, r in trials.iterrows()]
@@ -184,8 +186,9 @@ def format_trials_report(exp_dir: str | Path) -> str:
              "", trials_table(trials), ""]
     best = best_trial_info(exp)
     if best:
-        lines.append(f"best feasible trial: #{best['trial_number']} exam@sel={_fmt(best['objective'])} "
-                     f"raw_gate={_fmt(best['constraint'])} gate_passed={_fmt(best.get('gate_passed'))}")
+        lines.append(f"best feasible trial: #{best['trial_number']} objective={_fmt(best['objective'])} "
+                     f"exam@sel={_fmt(best.get('selected_exam_val_loss'))} raw_gate={_fmt(best['constraint'])} "
+                     f"gate_passed={_fmt(best.get('gate_passed'))} tokens_to_gate={_fmt(best.get('tokens_to_gate'))}")
         lines.append(f"  params: {best['params']}")
         lines.append(f"  checkpoint: {best.get('checkpoint_path')}")
         lines.append(f"  config: {exp / 'best_config.yaml'}")

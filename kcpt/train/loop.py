@@ -162,6 +162,8 @@ class StageRun:
     tokens_seen: int = 0
     lr_scale: float = 1.0
     good_steps: int = 0
+    tokens_to_gate: int | None = None
+    """``tokens_seen`` at the eval where the gate first held ``stop.consecutive`` evals in a row (None: not yet)."""
     evals: list[dict[str, Any]] = field(default_factory=list)
     """Per eval with a checkpoint: ``{step, raw, exam, checkpoint}`` (Pareto front and hand-off)."""
 
@@ -615,6 +617,7 @@ class StageRunner:
         if resume is not None:
             run.step, run.tokens_seen = int(resume["step"]), int(resume["tokens_seen"])
             run.lr_scale, run.good_steps = float(resume["lr_scale"]), int(resume.get("good_steps", 0))
+            run.tokens_to_gate = resume.get("tokens_to_gate")
             engine.load_state(ckpt_lib.fetch(resume_path) / ENGINE_DIR)
             for s, st in resume["sources"].items():
                 streams[s].load_state_dict(st)
@@ -723,6 +726,8 @@ class StageRunner:
             d = update_stop(run.stop_state, stage.stop, step=run.step, raw=raw, exam=exam,
                             baseline_raw_best=plan.baseline_raw_best, final=final)
             run.decision = d
+            if run.tokens_to_gate is None and d.gate_ok and d.gate_streak >= stage.stop.consecutive:
+                run.tokens_to_gate = run.tokens_seen
         base = plan.baseline_raw_best
         metrics: dict[str, Any] = {
             "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen,
@@ -735,6 +740,7 @@ class StageRunner:
             "epoch": {s: round(b.epoch, 4) for s, b in run.streams.items()},
             "stop": d.stop if d else False, "stop_reason": d.reason if d else "",
             "new_best": d.new_best if d else False,
+            "tokens_to_gate": run.tokens_to_gate, "plan_tokens_to_gate": self.plan_tokens(plan, run.tokens_to_gate),
         }
         ckpt_path = None
         on_front = d is not None and _joins_front(run.evals, raw, exam)
@@ -742,7 +748,7 @@ class StageRunner:
             path = self.run_dir.checkpoint_ref(self.checkpoint_path(plan, stage, run.step).name)
             evals = [*run.evals, {"step": run.step, "raw": raw, "exam": exam, "checkpoint": path}]
             state = {"plan": plan.to_dict(), "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen,
-                     "lr_scale": run.lr_scale, "good_steps": run.good_steps,
+                     "lr_scale": run.lr_scale, "good_steps": run.good_steps, "tokens_to_gate": run.tokens_to_gate,
                      "sources": {s: b.state_dict() for s, b in run.streams.items()},
                      "mixture": run.sampler.state_dict(), "anomaly": run.detector.state_dict(),
                      "stop": run.stop_state.to_dict(), "decision": d.to_dict(), "evals": evals}
@@ -752,6 +758,14 @@ class StageRunner:
         metrics["checkpoint"] = ckpt_path
         self.report(metrics, ckpt_path, tb, run.step)
         return Interval(run.sources, self.device)
+
+    def plan_tokens(self, plan: PlanState, stage_tokens: int | None) -> int | None:
+        """Training tokens of this run from its start (the base model for a whole plan) to ``stage_tokens`` into
+        the current stage: the stages it finished before, plus ``stage_tokens``. None when that is None. (A tune
+        trial runs one stage from the prerequisites' checkpoint; its trials.parquet row adds their tokens.)"""
+        if stage_tokens is None:
+            return None
+        return sum(int(s.get("tokens_seen") or 0) for s in plan.summaries.values()) + stage_tokens
 
     # ----------------------------------------------------------------- reporting
     def report(self, metrics: dict[str, Any], ckpt_path: str | None, tb: ScalarLogger, step: int) -> None:
@@ -791,6 +805,7 @@ class StageRunner:
             "baseline_raw_best": plan.baseline_raw_best, "gate_streak": decision.gate_streak if decision else 0,
             "rollbacks": run.detector.rollbacks, "lr_scale": run.lr_scale, "evals": len(hist),
             "pareto_front": front, "handoff": cands,
+            "tokens_to_gate": run.tokens_to_gate, "plan_tokens_to_gate": self.plan_tokens(plan, run.tokens_to_gate),
         }
         plan.summaries[stage.name] = summary
         plan.best[stage.name] = best_path
@@ -803,6 +818,9 @@ class StageRunner:
                 order.append(stage.name)
             s["baseline_raw_best"] = plan.baseline_raw_best
             s["cpt_best"] = plan.cpt_best
+            if run.tokens_to_gate is not None and not s.get("first_gate"):  # whole plan: base model → first pass
+                s["first_gate"] = {"stage": stage.name, "tokens_to_gate": run.tokens_to_gate,
+                                   "plan_tokens_to_gate": summary["plan_tokens_to_gate"]}
             self.run_dir.write_summary(s)
             self.run_dir.prune_checkpoints(self.cfg.train.keep_last, keep_list(plan))
         barrier()

@@ -22,7 +22,7 @@ from kcpt.tune.space import apply_params, mixture_weights
 
 #: Columns of trials.parquet besides one ``param_<name>`` column per sampled parameter.
 TRIAL_COLUMNS = ("trial_number", "ray_trial_id", "status", "objective", "constraint", "feasible", "gate_passed",
-                 "steps_to_gate", "tokens_to_gate", "selected_step", "selected_raw_val_loss",
+                 "steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "selected_raw_val_loss",
                  "selected_exam_val_loss", "selected_raw_ratio", "num_evals", "stopped_early", "checkpoint_path",
                  "run_dir", "trial_dir")
 
@@ -75,7 +75,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "constraint": c, "feasible": bool(t.state == optuna.trial.TrialState.COMPLETE and c is not None
                                               and c <= 0),
             "gate_passed": bool(ua.get("gate_passed", False)), "steps_to_gate": _int("steps_to_gate"),
-            "tokens_to_gate": _int("tokens_to_gate"), "selected_step": _int("selected_step"),
+            "tokens_to_gate": _int("tokens_to_gate"), "plan_tokens_to_gate": _int("plan_tokens_to_gate"),
+            "selected_step": _int("selected_step"),
             "selected_raw_val_loss": _num(ua.get("selected_raw_val_loss")),
             "selected_exam_val_loss": _num(ua.get("selected_exam_val_loss")),
             "selected_raw_ratio": _num(ua.get("selected_raw_ratio")),
@@ -87,10 +88,15 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             row[f"param_{k}"] = v
         rows.append(row)
     df = pd.DataFrame(rows, columns=None if rows else list(TRIAL_COLUMNS))
-    for k in ("steps_to_gate", "tokens_to_gate", "selected_step"):
+    for k in ("steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step"):
         if k in df:
             df[k] = df[k].astype("Int64")
     return df
+
+
+def _int_attr(t: optuna.trial.FrozenTrial, key: str) -> int | None:
+    v = _num(t.user_attrs.get(key))
+    return None if v is None or v < 0 else int(v)
 
 
 def best_feasible_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -122,7 +128,10 @@ def export_results(experiment_dir: str | Path) -> ExportPaths:
                      "params": params, "mixture": mixture_weights(params, cfg.tune.space)
                      if "exam_fraction" in params else None,
                      "checkpoint_path": best.user_attrs.get("checkpoint_path"),
-                     "gate_passed": best.user_attrs.get("gate_passed")}
+                     "gate_passed": best.user_attrs.get("gate_passed"),
+                     "tokens_to_gate": _int_attr(best, "tokens_to_gate"),
+                     "plan_tokens_to_gate": _int_attr(best, "plan_tokens_to_gate"),
+                     "selected_exam_val_loss": _num(best.user_attrs.get("selected_exam_val_loss"))}
     else:
         if best_cfg_path.exists():
             best_cfg_path.unlink()
@@ -135,8 +144,9 @@ def format_table(df: pd.DataFrame) -> str:
     """The trial table as fixed-width text (one line per trial, sampled params abbreviated)."""
     if df.empty:
         return "(no trials)"
-    cols = {"trial_number": "#", "status": "status", "objective": "exam@sel", "constraint": "raw_gate",
-            "feasible": "feas", "gate_passed": "gate", "steps_to_gate": "steps_gate", "selected_step": "sel_step"}
+    cols = {"trial_number": "#", "status": "status", "objective": "objective", "selected_exam_val_loss": "exam@sel",
+            "constraint": "raw_gate", "feasible": "feas", "gate_passed": "gate", "steps_to_gate": "steps_gate",
+            "tokens_to_gate": "tokens_gate", "selected_step": "sel_step"}
     params = [c for c in df.columns if c.startswith("param_")]
     out = df[[c for c in cols if c in df.columns] + params].rename(columns=cols)
     out = out.rename(columns={p: p.removeprefix("param_") for p in params})

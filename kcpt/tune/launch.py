@@ -52,7 +52,7 @@ from kcpt.tune.experiment import (
 )
 from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
 from kcpt.tune.searcher import DONE_KEY, FINAL_KEY, ConstrainedOptunaSearch, make_sampler
-from kcpt.tune.space import SpaceSampler, apply_params
+from kcpt.tune.space import SpaceSampler, apply_params, recipe_points
 from kcpt.tune.study_storage import open_storage
 
 TUNE_RUN_NAME = "tune"
@@ -63,6 +63,8 @@ blocked in its TorchTrainer.fit() and never sees Tune's stop request, so with Tu
 (``TUNE_FORCE_TRIAL_CLEANUP_S`` = 600) a pruned trial kept training — and holding its workers and placement
 group — for up to 10 minutes. Killing the trial actor takes its Train controller with it, and Ray Train's
 placement-group cleaner frees the workers. Set ``TUNE_FORCE_TRIAL_CLEANUP_S`` yourself to override."""
+TOKENS_ATTR = "tokens_seen"
+"""ASHA's time attribute with ``tune.asha.time_attr: tokens``: the stage loop's cumulative training tokens."""
 
 
 # --------------------------------------------------------------------------- prerequisites
@@ -78,6 +80,8 @@ class Prerequisites:
     reference_checkpoint: Path | str | None = None
     """The KL reference (``kl_reference: cpt_best``): the best checkpoint of the stage that set the baseline."""
     reused: bool = False
+    tokens_before: int = 0
+    """Training tokens of the stages before the tuned one (base model → its start checkpoint)."""
 
 
 def stages_before(cfg: KcptConfig, stage: str | None = None) -> list[str]:
@@ -129,8 +133,9 @@ def _read_prerequisites(cfg: KcptConfig, run_dir: Path | str, before: list[str])
         raise CheckpointError(f"{run_dir}/summary.json: no best checkpoint recorded for stage '{last}'")
     ref_stage = next((s for s in before if cfg.stage(s).sets_baseline), None)
     baseline = summary.get("baseline_raw_best")
+    tokens = sum(int(((summary.get("stages") or {}).get(s) or {}).get("tokens_seen") or 0) for s in before)
     return Prerequisites(run_dir, init, None if baseline is None else float(baseline),
-                         best(ref_stage) if ref_stage else None)
+                         best(ref_stage) if ref_stage else None, tokens_before=tokens)
 
 
 def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Path | str | None = None,
@@ -219,6 +224,7 @@ class TrialContext:
     runs_dir: str
     reference_checkpoint: str | None = None
     runner: TrialRunner = run_stage_trial
+    tokens_before: int = 0
 
 
 def _stage_evals(run_dir: Path | str, stage: str) -> list[dict[str, Any]]:
@@ -239,6 +245,26 @@ def _best_checkpoint_of(result: Any, run_dir: Path | str, stage: str) -> str | N
     return None
 
 
+def tokens_per_step(cfg: KcptConfig) -> int:
+    """Training tokens (row positions) of one optimizer step of a tune trial at ``cfg``'s batch shape."""
+    t = cfg.train
+    return t.micro_batch_size * cfg.data.seq_len * t.grad_accum * cfg.tune_workers()
+
+
+def stage_token_budget(cfg: KcptConfig, stage: str | None = None) -> int:
+    """Training tokens of the tuned stage run to its ``max_steps`` (``tune.stage_overrides`` applied)."""
+    stage = stage or cfg.tune.stage
+    return apply_params(cfg, {}, stage).stage(stage).max_steps * tokens_per_step(cfg)
+
+
+def gate_spec(cfg: KcptConfig, stage: str, baseline_raw_best: float | None, tokens_before: int = 0) -> GateSpec:
+    """The trials' gate objective: ``tune.objective``, scaled by the BASE config's stage token budget (the same
+    ``T0`` for every trial, whatever its sampled settings)."""
+    st = apply_params(cfg, {}, stage).stage(stage)
+    return GateSpec.from_stage(st, baseline_raw_best, cfg.tune.infeasible_penalty, objective=cfg.tune.objective,
+                               token_scale=float(stage_token_budget(cfg, stage)), tokens_before=tokens_before)
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable: run the tuned stage with the sampled ``config`` and report its gate summary
     as a last result with ``trial_final=True`` (the searcher tells Optuna COMPLETE only for such trials)."""
@@ -250,15 +276,17 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_dir = (store_lib.join(ctx.runs_dir, trial_id) if store_lib.is_uri(ctx.runs_dir)
                else Path(ctx.runs_dir) / trial_id)
-    spec = GateSpec.from_stage(cfg.stage(ctx.stage), ctx.baseline_raw_best, cfg.tune.infeasible_penalty)
+    spec = gate_spec(base, ctx.stage, ctx.baseline_raw_best, ctx.tokens_before)
     extra = {"run_dir": str(run_dir), "trial_dir": tune.get_context().get_trial_dir()}
     result = ctx.runner(cfg, stage=ctx.stage, run_dir=run_dir,
                         init_checkpoint=ctx.init_checkpoint, baseline_raw_best=ctx.baseline_raw_best,
                         reference_checkpoint=ctx.reference_checkpoint,
                         callbacks=[GateReportCallback(spec, ctx.stage, extra, max_steps=cfg.stage(ctx.stage).max_steps,
                                                       stops_at_gate=cfg.stage(ctx.stage).stop.rule == "gate")])
-    outcome = gate_outcome(_stage_evals(run_dir, ctx.stage), spec)
+    evals = _stage_evals(run_dir, ctx.stage)
+    outcome = gate_outcome(evals, spec)
     final = {**outcome.as_metrics(), **extra, FINAL_KEY: True,
+             "tokens_seen": max([int(m.get("tokens_seen") or 0) for m in evals], default=0),
              "checkpoint_path": _best_checkpoint_of(result, run_dir, ctx.stage) or ""}
     tune.report(final)
 
@@ -328,6 +356,7 @@ def build_searcher(cfg: KcptConfig, *, storage: str, study_name: str, sampler: s
         metric=METRIC, mode="min",
         sampler=make_sampler(sampler, seed=cfg.tune.sampler_seed, n_startup_trials=cfg.tune.n_startup_trials),
         study_name=study_name, storage=open_storage(storage),
+        enqueue=recipe_points(cfg) if cfg.tune.enqueue_recipe else None,
     )
 
 
@@ -336,12 +365,18 @@ def build_scheduler(cfg: KcptConfig) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    st = cfg.stage(cfg.tune.stage)
-    max_steps = int(cfg.tune.stage_overrides.get("max_steps", st.max_steps))
-    eval_every = int(cfg.tune.stage_overrides.get("eval_every", st.eval_every))
-    max_t = math.ceil(max_steps / eval_every) + 2  # evals (+ the step-0 eval and the final summary report)
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=cfg.tune.asha.grace_period,
-                         reduction_factor=cfg.tune.asha.reduction_factor)
+    a = cfg.tune.asha
+    st = apply_params(cfg, {}, cfg.tune.stage).stage(cfg.tune.stage)
+    if a.time_attr == "tokens":
+        # fidelity = training tokens of the stage; max_t beyond the budget so ASHA never stops a trial at its
+        # last eval before the trial's own final report (a trial with larger batches may also pass the budget)
+        per_eval = st.eval_every * tokens_per_step(cfg)
+        return ASHAScheduler(time_attr=TOKENS_ATTR, max_t=2 * stage_token_budget(cfg) + per_eval,
+                             grace_period=a.grace_tokens or a.grace_period * per_eval,
+                             reduction_factor=a.reduction_factor)
+    max_t = math.ceil(st.max_steps / st.eval_every) + 2  # evals (+ the step-0 eval and the final summary report)
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=a.grace_period,
+                         reduction_factor=a.reduction_factor)
 
 
 def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, resume: bool = False,
@@ -380,7 +415,12 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
         dump_config(cfg, exp_dir / "config.yaml")
         manifest = {
             "kind": "kcpt-tune", "stage": stage, "study_name": study_name, "storage": storage,
-            "metric": METRIC, "objective": "gate_objective (exam_val_loss at the selected eval, min)",
+            "metric": METRIC, "objective": cfg.tune.objective,
+            "objective_value": ("gate_objective: exam_val_loss at the selected eval, min" if cfg.tune.objective
+                                == "exam" else "gate_objective: lexicographic (gate passed, tokens_to_gate, "
+                                "exam_val_loss), min; see kcpt.tune.objective"),
+            "token_scale": stage_token_budget(cfg), "tokens_before": pre.tokens_before,
+            "asha_time_attr": TOKENS_ATTR if cfg.tune.asha.time_attr == "tokens" else "training_iteration",
             "constraint": "raw_gate = raw_ratio - (1 + eps) at the selected eval (<= 0 feasible)",
             "baseline_raw_best": pre.baseline_raw_best, "eps": st.stop.raw_tolerance,
             "exam_target": st.stop.exam_target, "consecutive": st.stop.consecutive,
@@ -396,7 +436,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
                            None if pre.init_checkpoint is None else str(pre.init_checkpoint),
                            pre.baseline_raw_best, store_lib.join(location, "runs"),
                            None if pre.reference_checkpoint is None else str(pre.reference_checkpoint),
-                           runner or run_stage_trial)
+                           runner or run_stage_trial, pre.tokens_before)
         trainable = tune.with_parameters(run_trial, ctx=ctx)
         tune_path = store_lib.join(location, TUNE_RUN_NAME)
         if mode == "resume" and tune.Tuner.can_restore(tune_path):

@@ -5,11 +5,24 @@ For one trial (the evals of one stage-3 run, in order), with ``eps`` = ``stop.ra
 - feasible evals: ``raw_ratio ≤ 1 + eps`` where ``raw_ratio = raw_val_loss / baseline_raw_best``;
 - selected eval: the feasible eval with the lowest exam val loss; when none is feasible, the eval with the
   lowest raw ratio (and the trial is infeasible);
-- ``objective`` = exam val loss at the selected eval (minimised);
-- ``constraint`` = raw_ratio − (1 + eps) at the selected eval (≤ 0 feasible);
-- ``score`` = objective + penalty · max(0, constraint): one number ASHA can rank trials by;
 - ``gate_passed``: the stage gate (raw ≤ baseline·(1+eps) AND exam ≤ target) held for ``consecutive`` evals
-  in a row; ``steps_to_gate`` / ``tokens_to_gate`` at the eval where it first did.
+  in a row; ``steps_to_gate`` / ``tokens_to_gate`` (the eval's ``tokens_seen``: training tokens of the stage) at
+  the eval where it first did; ``plan_tokens_to_gate`` adds ``tokens_before`` (the stages before it);
+- ``objective`` (minimised), by ``GateSpec.objective``:
+
+  - ``"exam"``: the exam val loss at the selected eval;
+  - ``"tokens_to_gate"``: lexicographic in one number — gate passed before not passed, then fewer tokens to the
+    pass, then lower exam loss. With ``u(x) = x / (1 + x)`` (monotone, in [0, 1)) and ``T0 = token_scale``
+    (the base stage's token budget): passed → ``(1 − δ)·t/(t + T0) + δ·u(exam)`` ∈ [0, 1) with ``t`` =
+    tokens_to_gate and δ = :data:`TIE_WEIGHT`; not passed → ``1 + u(exam)`` ∈ [1, 2). So a passing trial
+    always beats a non-passing one, fewer tokens win, and exam decides only between near-equal token counts
+    (δ is far below one eval's share of the budget); a never-passing study degrades to the exam objective.
+    Feasibility comes first through the constraint (Optuna ranks feasible trials before infeasible ones; TPE
+    reads it), so no penalty enters the value told to Optuna.
+
+- ``constraint`` = raw_ratio − (1 + eps) at the selected eval (≤ 0 feasible);
+- ``score`` = objective + penalty · max(0, constraint): one number ASHA can rank trials by (running: at every
+  eval it is the objective of the evals so far, so ASHA compares trials at equal tokens).
 
 Evals at step 0 (the stage's starting point) are never selected: they measure the stage-2 checkpoint.
 """
@@ -19,12 +32,28 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 #: Keys of the running gate metrics added to every reported eval (see :meth:`GateTracker.update`).
 GATE_KEYS = ("gate_score", "gate_objective", "gate_constraint", "gate_feasible", "gate_passed", "steps_to_gate",
-             "tokens_to_gate", "selected_step", "selected_raw_val_loss", "selected_exam_val_loss",
-             "selected_raw_ratio", "num_evals")
+             "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "selected_raw_val_loss",
+             "selected_exam_val_loss", "selected_raw_ratio", "num_evals")
+
+TIE_WEIGHT = 0.01
+"""δ of the ``tokens_to_gate`` objective: the exam loss's weight next to the token term."""
+
+
+def _unit(x: float) -> float:
+    x = max(x, 0.0)
+    return x / (1.0 + x)
+
+
+def lexicographic_value(passed: bool, tokens_to_gate: int | None, exam: float, token_scale: float) -> float:
+    """The ``tokens_to_gate`` objective (see the module docstring): < 1 when passed, in [1, 2) otherwise."""
+    if passed and tokens_to_gate is not None:
+        t = float(tokens_to_gate)
+        return (1.0 - TIE_WEIGHT) * t / (t + token_scale) + TIE_WEIGHT * _unit(exam)
+    return 1.0 + _unit(exam)
 
 
 @dataclass(frozen=True)
@@ -36,12 +65,19 @@ class GateSpec:
     exam_target: float | None
     consecutive: int = 1
     penalty: float = 100.0
+    objective: Literal["exam", "tokens_to_gate"] = "exam"
+    token_scale: float = 1.0e6
+    """``T0`` of the ``tokens_to_gate`` objective: the base config's token budget of the stage."""
+    tokens_before: int = 0
+    """Training tokens of the stages before the gated one (``plan_tokens_to_gate`` = this + tokens_to_gate)."""
 
     @classmethod
-    def from_stage(cls, stage: Any, baseline_raw_best: float | None, penalty: float = 100.0) -> GateSpec:
+    def from_stage(cls, stage: Any, baseline_raw_best: float | None, penalty: float = 100.0, *,
+                   objective: Literal["exam", "tokens_to_gate"] = "exam", token_scale: float = 1.0e6,
+                   tokens_before: int = 0) -> GateSpec:
         """From a :class:`~kcpt.config.StageConfig` (its ``stop`` section)."""
         return cls(baseline_raw_best, stage.stop.raw_tolerance, stage.stop.exam_target, stage.stop.consecutive,
-                   penalty)
+                   penalty, objective, token_scale, tokens_before)
 
 
 @dataclass
@@ -55,6 +91,7 @@ class GateOutcome:
     gate_passed: bool = False
     steps_to_gate: int | None = None
     tokens_to_gate: int | None = None
+    plan_tokens_to_gate: int | None = None
     selected_step: int | None = None
     selected_raw_val_loss: float | None = None
     selected_exam_val_loss: float | None = None
@@ -68,7 +105,7 @@ class GateOutcome:
                   "selected_exam_val_loss", "selected_raw_ratio"):
             if d[k] is None:
                 d[k] = math.nan
-        for k in ("steps_to_gate", "tokens_to_gate", "selected_step"):
+        for k in ("steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step"):
             if d[k] is None:
                 d[k] = -1
         return d
@@ -123,11 +160,13 @@ class GateTracker:
             o.steps_to_gate = step
             tok = _num(m.get("tokens_seen"))
             o.tokens_to_gate = None if tok is None else int(tok)
+            o.plan_tokens_to_gate = None if tok is None else s.tokens_before + int(tok)
         exam_sel, msel, ratio_sel = self._best_feasible or self._best_ratio  # type: ignore[misc]
         o.gate_feasible = self._best_feasible is not None
-        o.gate_objective = exam_sel
+        o.gate_objective = (exam_sel if s.objective == "exam" else
+                            lexicographic_value(o.gate_passed, o.tokens_to_gate, exam_sel, s.token_scale))
         o.gate_constraint = ratio_sel - (1.0 + s.eps)
-        o.gate_score = exam_sel + s.penalty * max(0.0, o.gate_constraint)
+        o.gate_score = o.gate_objective + s.penalty * max(0.0, o.gate_constraint)
         o.selected_step = int(msel.get("step", -1))
         o.selected_raw_val_loss = _num(msel.get("raw_val_loss"))
         o.selected_exam_val_loss = exam_sel

@@ -11,6 +11,8 @@ reaches the study, and a trial stopped early by ASHA becomes COMPLETE with an ea
   PRUNED (its intermediate ``gate_score`` values stay for the sampler), an errored one FAIL;
 - stores the gate summary (``gate_passed``, ``steps_to_gate``, …, ``checkpoint_path``, ``run_dir``,
   ``ray_trial_id``) as Optuna user attributes, so the study alone holds the trial table.
+- enqueues ``enqueue`` (the recipe's settings, :func:`kcpt.tune.space.recipe_points`) as the first trials of a
+  study that has none yet (``study.enqueue_trial``): a resumed or shared study is not enqueued twice;
 - after a resume (``Tuner.restore`` from a save older than the study), a re-run trial that the study already
   holds as finished is neither reported nor told again: its first outcome stays, no error.
 
@@ -62,12 +64,20 @@ class ConstrainedOptunaSearch(OptunaSearch):
     """
 
     def __init__(self, *args: Any, objective_key: str = "gate_objective", constraint_key: str = "gate_constraint",
-                 **kwargs: Any):
+                 enqueue: list[dict[str, Any]] | None = None, **kwargs: Any):
+        self._enqueue = list(enqueue or [])
         super().__init__(*args, **kwargs)
         self._objective_key = objective_key
         self._constraint_key = constraint_key
         self._final_results: dict[str, dict[str, Any]] = {}
         self._last_results: dict[str, dict[str, Any]] = {}
+
+    def _setup_study(self, mode: Any) -> None:
+        super()._setup_study(mode)
+        if self._enqueue and not self._ot_study.get_trials(deepcopy=False):
+            for point in self._enqueue:
+                self._ot_study.enqueue_trial(point, user_attrs={"enqueued": "recipe"})
+            logger.info("enqueued %d recipe trial(s) first", len(self._enqueue))
 
     @property
     def study(self) -> optuna.Study:

@@ -7,13 +7,17 @@ Parameters (flat names, as stored in the Optuna study):
 - ``lr``: peak learning rate (log-uniform when the range says ``log``).
 - ``kl_on`` (categorical, only when ``kl_allow_off``) and ``kl_beta`` (log-uniform, sampled only when on);
   β = 0 means "KL off".
-- ``mixture_shape`` (categorical, only when ``mixture_shapes`` lists more than one): ``fixed`` or
-  ``recipe_step`` (the recipe's 70:30 → 50:50 → 60:40 exam:raw step schedule; no ``exam_fraction`` then).
+- ``mixture_shape`` (categorical, only when ``mixture_shapes`` lists more than one): ``fixed``, ``linear``
+  (``exam_fraction`` → ``exam_fraction_end`` linearly over the stage; ``exam_fraction_end`` is sampled only
+  then) or ``recipe_step`` (the recipe's 70:30 → 50:50 → 60:40 exam:raw step schedule; no ``exam_fraction``).
 - every ``extra`` entry, named by its dotted stage-config path (e.g. ``lr.min_ratio``).
+
+:func:`recipe_points` gives the recipe's own settings as parameter dicts, enqueued as the first trials.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +26,9 @@ import optuna
 from kcpt.config import KcptConfig, SearchSpace, _set_dotted, config_from_dict
 from kcpt.errors import ConfigError
 
-FIXED_PARAMS = ("exam_fraction", "qa_fraction", "lr", "kl_on", "kl_beta", "mixture_shape")
+logger = logging.getLogger(__name__)
+
+FIXED_PARAMS = ("exam_fraction", "exam_fraction_end", "qa_fraction", "lr", "kl_on", "kl_beta", "mixture_shape")
 
 RECIPE_EXAM_SCHEDULE = ((0.0, 0.7), (1 / 3, 0.5), (2 / 3, 0.6))
 """The recipe's stage-3 schedule: (start fraction of the stage, exam share of the mixture), held as steps."""
@@ -43,6 +49,9 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
             continue
         r = getattr(space, name)
         p[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
+    if shape == "linear":
+        r = space.exam_fraction
+        p["exam_fraction_end"] = trial.suggest_float("exam_fraction_end", r.low, r.high, log=r.log)
     kl_on = trial.suggest_categorical("kl_on", [True, False]) if space.kl_allow_off else True
     if kl_on:
         r = space.kl_beta
@@ -106,6 +115,11 @@ def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None =
     if params.get("mixture_shape") == "recipe_step" and "qa_fraction" in params:
         phases = recipe_schedule(float(params["qa_fraction"]), space)
         st["sources"], st["mixture_schedule"], st["mixture_mode"] = phases[0]["weights"], phases, "step"
+    elif params.get("mixture_shape") == "linear" and "exam_fraction_end" in params:
+        start = mixture_weights(params, space)
+        end = mixture_weights({**params, "exam_fraction": params["exam_fraction_end"]}, space)
+        st["sources"], st["mixture_mode"] = start, "linear"
+        st["mixture_schedule"] = [{"start_frac": 0.0, "weights": start}, {"start_frac": 1.0, "weights": end}]
     elif "exam_fraction" in params and "qa_fraction" in params:
         st["sources"] = mixture_weights(params, space)
         st["mixture_schedule"] = []
@@ -120,3 +134,54 @@ def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None =
         if path not in FIXED_PARAMS:
             _set_dotted(st, path, value)
     return config_from_dict(data, source=f"tune params for stage '{stage}'")
+
+
+def _clip(name: str, v: float, r: Any) -> float:
+    if not r.low <= v <= r.high:
+        logger.warning("recipe %s=%g lies outside the search range [%g, %g]: enqueued at the bound", name, v,
+                       r.low, r.high)
+    return min(max(v, r.low), r.high)
+
+
+def recipe_points(cfg: KcptConfig, stage: str | None = None) -> list[dict[str, Any]]:
+    """The recipe's settings as Optuna parameter dicts (names as in :func:`suggest_params`), to enqueue first:
+
+    1. the tuned stage as configured (its ``sources`` split into exam / qa fractions, ``lr.peak``, ``kl_beta``;
+       β = 0 is "KL off"), as a ``fixed`` mixture — the recipe default (the demo: 70:30 exam:raw);
+    2. when ``space.mixture_shapes`` offers ``recipe_step``: the same with the recipe's 70:30 → 50:50 → 60:40
+       step schedule.
+
+    Values outside the search ranges are clipped to them (with a warning). A stage whose sources are not the
+    space's qa / example / raw sources, or a space without the ``fixed`` shape, gives no first point.
+    """
+    stage = stage or cfg.tune.stage
+    space = cfg.tune.space
+    st = apply_params(cfg, {}, stage).stage(stage)  # with tune.stage_overrides
+    w = dict(st.sources)
+    total = sum(w.values())
+    known = {space.qa_source, space.example_source, space.raw_source}
+    if not total or set(w) - known:
+        logger.warning("stage '%s' sources %s are not the search space's: no recipe trial enqueued", stage, list(w))
+        return []
+    qa, ex, raw = (w.get(k, 0.0) / total for k in (space.qa_source, space.example_source, space.raw_source))
+    base: dict[str, Any] = {
+        "qa_fraction": _clip("qa_fraction", qa / (qa + ex) if qa + ex else 0.5, space.qa_fraction),
+        "lr": _clip("lr", float(st.lr.peak), space.lr),
+    }
+    if st.kl_beta > 0:
+        if space.kl_allow_off:
+            base["kl_on"] = True
+        base["kl_beta"] = _clip("kl_beta", float(st.kl_beta), space.kl_beta)
+    elif space.kl_allow_off:
+        base["kl_on"] = False
+    else:
+        base["kl_beta"] = space.kl_beta.low
+    shapes = list(space.mixture_shapes)
+    multi = len(shapes) > 1
+    points = []
+    if "fixed" in shapes:
+        points.append({**({"mixture_shape": "fixed"} if multi else {}), **base,
+                       "exam_fraction": _clip("exam_fraction", 1.0 - raw, space.exam_fraction)})
+    if "recipe_step" in shapes:
+        points.append({**({"mixture_shape": "recipe_step"} if multi else {}), **base})
+    return points

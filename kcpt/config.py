@@ -195,6 +195,10 @@ class DataConfig(Strict):
     datasets: dict[str, DatasetConfig] = Field(default_factory=_demo_datasets)
     ray_data: bool = False
     """Prepare with the Ray Data pipeline (``map_batches``, streaming) instead of in-process."""
+    max_reject_fraction: float | None = Field(None, ge=0.0, le=1.0)
+    """None (default): rejects are reported (a warning above 10 % of a raw dataset or for any exam item, see
+    :mod:`kcpt.data.report`). A number: a job stops (exit 2) when one reject reason drops more than this fraction
+    of a dataset's documents/items."""
 
 
 # --------------------------------------------------------------------------- plan (stages)
@@ -496,6 +500,10 @@ class LoggingConfig(Strict):
     tensorboard: bool = True
     mlflow_tracking_uri: str | None = None
     progress: bool = True
+    """The console's progress: a bar per stage / for tune on a terminal, plain lines otherwise; eval lines."""
+    verbose: bool = False
+    """Ray's own output on the console (``--verbose``); default: it goes to Ray's log files only
+    (:mod:`kcpt.console`)."""
 
 
 class KcptConfig(Strict):

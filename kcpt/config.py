@@ -373,6 +373,9 @@ class FaultConfig(Strict):
     crash_at_step: int | None = Field(None, ge=1)
     """The worker of rank ``crash_rank`` exits abruptly at this step (Ray Train replaces the worker group)."""
     crash_rank: int = Field(0, ge=0)
+    raise_at_step: int | None = Field(None, ge=1)
+    """The worker of rank ``crash_rank`` raises a plain ``RuntimeError`` (a bug, not a KcptError) at this step,
+    every attempt: its traceback must reach the console."""
 
 
 class TrainConfig(Strict):

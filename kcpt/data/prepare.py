@@ -298,7 +298,7 @@ def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress
                 if cfg.data.ray_data and not started:
                     from kcpt.data.ray_pipeline import ensure_ray
 
-                    started = ensure_ray(address)
+                    started = ensure_ray(address, verbose=cfg.logging.verbose)
                 with _lock(root / f".{index.name}.lock"):
                     target = _indexed(root, index)
                     if target is None:

@@ -49,14 +49,14 @@ def exam_manifest(kept: int, truncated: dict[int, int], seq_len: int = 64, other
 
 
 def test_seq_len_fix_covers_the_named_fraction():
-    # 27 kept (fit 64), 63 dropped with lengths 70..132 (one each): 95 % of 90 = 85.5 → 86 items → 59 dropped
-    # must fit → the 59th length is 128 → N = 128 (a multiple of 8) covers 27 + 59 = 86 of 90
-    r = DatasetReport("qa", exam_manifest(27, {70 + i: 1 for i in range(63)}))
+    # 27 kept (fit 64), 63 dropped with lengths 70, 72, …, 194: 95 % of 90 → 86 items → 59 dropped must fit → the
+    # 59th length is 186 → rounded up to a multiple of 8: N = 192, which fits 62 dropped: 89 of 90 items
+    r = DatasetReport("qa", exam_manifest(27, {70 + 2 * i: 1 for i in range(63)}))
     n, p, n_all = seq_len_fix(r)
-    assert (n, n_all) == (128, 136) and math.isclose(p, 86 / 90)
+    assert (n, n_all) == (192, 200) and math.isclose(p, 89 / 90)
     (w,) = data_warnings([r])
     assert "qa: 63 of 90 items (70%) dropped as answer_truncated" in w
-    assert "data.seq_len=128 covers 96% of the items (136 covers all)" in w
+    assert "data.seq_len=192 covers 99% of the items (200 covers all)" in w
 
 
 def test_warning_threshold_raw_over_10_percent_exam_any():
@@ -218,12 +218,18 @@ def expected_fix(items: list[dict], seq_len: int, prepared_root: Path) -> tuple[
 
 @pytest.mark.slow
 def test_lossy_dataset_console_warns_with_the_fix_and_limit_stops(tmp_path):
+    import yaml
+
+    from kcpt.config import KcptConfig
+
     items = long_answer_exam(tmp_path / "my_qa.jsonl")
+    datasets = KcptConfig().model_dump(mode="json")["data"]["datasets"]
+    datasets["qa_train"]["inputs"] = [str(tmp_path / "my_qa.jsonl")]  # the user's own QA set
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump({"data": {"datasets": datasets, "seq_len": 64}}), "utf-8")
     prepared = tmp_path / "prepared"
-    base = [*TINY, f"data.prepared_root={prepared}", f"train.output_dir={tmp_path}", "data.seq_len=64",
-            f"data.datasets.qa_train.inputs=[{tmp_path / 'my_qa.jsonl'}]"]
-    res = run_job("train_stages.py", "--run-dir", str(tmp_path / "run"), "--stages", "stage1",
-                  "--baseline-raw-best", "10", *sets(*base))
+    base = [*TINY, f"data.prepared_root={prepared}", f"train.output_dir={tmp_path}"]
+    res = run_job("train_stages.py", "--config", str(tmp_path / "my.yaml"), "--run-dir", str(tmp_path / "run"),
+                  "--stages", "cpt,stage1", *sets(*base))
     console = res.stdout + res.stderr
     assert res.returncode == 0, console[-3000:]
     assert_quiet(console)
@@ -235,8 +241,8 @@ def test_lossy_dataset_console_warns_with_the_fix_and_limit_stops(tmp_path):
     assert f"data.seq_len={n} covers {p}% of the items" in warning
     assert res.stdout.index(warning) < res.stdout.index("[stage1] step")  # said before training
 
-    again = run_job("train_stages.py", "--run-dir", str(tmp_path / "run2"), "--stages", "stage1",
-                    "--baseline-raw-best", "10", *sets(*base, "data.max_reject_fraction=0.5"))
+    again = run_job("train_stages.py", "--config", str(tmp_path / "my.yaml"), "--run-dir", str(tmp_path / "run2"),
+                    "--stages", "cpt,stage1", *sets(*base, "data.max_reject_fraction=0.5"))
     assert again.returncode == 2
     assert again.stderr.strip() == ("error: data.max_reject_fraction: dataset 'qa_train' dropped 70.0% of its 90 "
                                     "items as answer_truncated, above the limit 0.5")

@@ -255,12 +255,27 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
     except KcptError:
         raise
     except Exception as e:  # unwrap Ray's wrapper around a KcptError raised inside a worker
-        cause: BaseException | None = e
-        while cause is not None:
-            if isinstance(cause, KcptError):
-                raise type(cause)(str(cause)) from e
-            cause = cause.__cause__ or getattr(cause, "cause", None)
+        cause = worker_kcpt_error(e)
+        if cause is not None:
+            raise type(cause)(str(cause)) from e
         raise
+
+
+def worker_kcpt_error(e: BaseException) -> KcptError | None:
+    """The KcptError inside Ray's error ``e`` (its causes, a RayTaskError's ``cause``, a Train V2
+    ``WorkerGroupError``'s ``worker_failures``), or None."""
+    todo: list[BaseException] = [e]
+    seen: set[int] = set()
+    while todo:
+        err = todo.pop(0)
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, KcptError):
+            return err
+        todo += [c for c in (err.__cause__, getattr(err, "cause", None)) if isinstance(c, BaseException)]
+        todo += [c for c in (getattr(err, "worker_failures", None) or {}).values() if isinstance(c, BaseException)]
+    return None
 
 
 def _result(rd: RunDir, stages: list[str], t0: float) -> PlanResult:

@@ -277,3 +277,14 @@ def test_prepare_command_prints_the_table_and_the_warning(tmp_path):
     assert any(ln.split()[:4] == ["out", "exam", "90", "27"] and ln.endswith("prepared") for ln in out)
     assert any(ln.startswith("warning: out: 63 of 90 items (70%) dropped as answer_truncated") and
                "data.seq_len=" in ln for ln in out)
+
+
+def test_kcpt_error_inside_train_v2_worker_group_error_is_found():
+    from ray.train import WorkerGroupError
+
+    from kcpt.errors import ConfigError
+    from kcpt.train.launch import worker_kcpt_error
+
+    inner = ConfigError("stage 'stage1': kl_reference 'cpt_best' but no stage of this run set a baseline")
+    assert worker_kcpt_error(WorkerGroupError("rank 0 failed", {0: inner})) is inner
+    assert worker_kcpt_error(WorkerGroupError("rank 0 failed", {0: RuntimeError("a bug")})) is None

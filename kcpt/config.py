@@ -195,6 +195,10 @@ class DataConfig(Strict):
     datasets: dict[str, DatasetConfig] = Field(default_factory=_demo_datasets)
     ray_data: bool = False
     """Prepare with the Ray Data pipeline (``map_batches``, streaming) instead of in-process."""
+    max_reject_fraction: float | None = Field(None, ge=0.0, le=1.0)
+    """None (default): rejects are reported (a warning above 10 % of a raw dataset or for any exam item, see
+    :mod:`kcpt.data.report`). A number: a job stops (exit 2) when one reject reason drops more than this fraction
+    of a dataset's documents/items."""
 
 
 # --------------------------------------------------------------------------- plan (stages)
@@ -369,6 +373,9 @@ class FaultConfig(Strict):
     crash_at_step: int | None = Field(None, ge=1)
     """The worker of rank ``crash_rank`` exits abruptly at this step (Ray Train replaces the worker group)."""
     crash_rank: int = Field(0, ge=0)
+    raise_at_step: int | None = Field(None, ge=1)
+    """The worker of rank ``crash_rank`` raises a plain ``RuntimeError`` (a bug, not a KcptError) at this step,
+    every attempt: its traceback must reach the console."""
 
 
 class TrainConfig(Strict):
@@ -512,6 +519,10 @@ class LoggingConfig(Strict):
     tensorboard: bool = True
     mlflow_tracking_uri: str | None = None
     progress: bool = True
+    """The console's progress: a bar per stage / for tune on a terminal, plain lines otherwise; eval lines."""
+    verbose: bool = False
+    """Ray's own output on the console (``--verbose``); default: it goes to Ray's log files only
+    (:mod:`kcpt.console`)."""
 
 
 class KcptConfig(Strict):

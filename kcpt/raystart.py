@@ -16,21 +16,30 @@ def ray_address(address: str | None = None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def start_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None, **init_kwargs: Any) -> bool:
+def start_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None, verbose: bool = False,
+              **init_kwargs: Any) -> bool:
     """Connect to :func:`ray_address` or start a local Ray with ``num_cpus`` (and ``num_gpus``).
 
     Returns True when this call initialised Ray (the caller calls ``ray.shutdown()`` when done), False when Ray
     was already initialised in this process (e.g. inside a Tune trial or a job that joined already).
-    ``init_kwargs`` go to ``ray.init`` either way (e.g. ``log_to_driver``).
+    ``verbose``: Ray's own output on this console (default: in Ray's log files, :func:`kcpt.console.ray_init_kwargs`);
+    one kcpt line says which Ray was used and where its logs are. ``init_kwargs`` go to ``ray.init`` either way.
     """
     import ray
 
+    from kcpt.console import ray_init_kwargs
+
     if ray.is_initialized():
         return False
+    init_kwargs = {**ray_init_kwargs(verbose), **init_kwargs}
     joined = ray_address(address)
     if joined:
-        ray.init(address=joined, **init_kwargs)
+        ctx = ray.init(address=joined, **init_kwargs)
+        what = f"joined the Ray cluster at {joined}"
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: no ~/.ray/auth_token
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **init_kwargs)
+        ctx = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **init_kwargs)
+        what = f"started a local Ray ({num_cpus} CPUs)"
+    session = (getattr(ctx, "address_info", None) or {}).get("session_dir")
+    print(f"ray: {what}; Ray's logs: {session}/logs" if session else f"ray: {what}", flush=True)
     return True

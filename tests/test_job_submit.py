@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-JOINED = "Connecting to existing Ray cluster"  # what ray.init(address=...) logs; a local start logs "Started"
+JOINED = "ray: joined the Ray cluster at"  # kcpt's line (kcpt.raystart); a local start says "started a local Ray"
 
 pytestmark = pytest.mark.slow
 

@@ -27,6 +27,7 @@ def _common(p: argparse.ArgumentParser, *, inputs: bool) -> None:
     p.add_argument("--address", default=None, help="with --ray: the Ray cluster to join (default: RAY_ADDRESS, "
                                                    "set inside `ray job submit`; else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="with --ray: show Ray's own output on the console")
 
 
 def register(subparsers: Any) -> None:
@@ -60,6 +61,8 @@ def _config(args: argparse.Namespace) -> KcptConfig:
         overrides.append("data.ray_data=true")
     if args.no_progress:
         overrides.append("logging.progress=false")
+    if args.verbose:
+        overrides.append("logging.verbose=true")
     return load_config(args.config, overrides)
 
 
@@ -99,14 +102,17 @@ def run_prepare(args: argparse.Namespace) -> int:
             check_output_dir(args.out, [i for i in args.input if not i.startswith("demo:")],
                              overwrite=args.overwrite)
 
+    from kcpt.console import is_tty
     from kcpt.data.prepare import prepare_all, prepare_dataset
+    from kcpt.data.report import announce_data
     from kcpt.data.shards import MANIFEST, fetch_prepared, read_manifest
     from kcpt.model.tokenizer import load_tokenizer
 
-    progress = cfg.logging.progress
+    progress = cfg.logging.progress and is_tty()
+    statuses: dict[str, str] = {}
     if args.prepare_kind == "demo":
         cfg.data.prepared_root = args.out
-        dirs = prepare_all(cfg, progress=progress, address=args.address)
+        dirs = prepare_all(cfg, progress=progress, address=args.address, statuses=statuses)
     else:
         ds = DatasetConfig(kind=args.prepare_kind, inputs=list(args.input),
                            text_field=getattr(args, "text_field", "text"),
@@ -124,6 +130,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         dirs = {name: args.out if remote else made}
     for d in dirs.values():
         print(format_manifest(d, read_manifest(fetch_prepared(d))))
+    print()
+    announce_data(dirs, statuses, limit=cfg.data.max_reject_fraction, filters=cfg.data.filters.model_dump(mode="json"))
     if dirs:
         m = read_manifest(fetch_prepared(next(iter(dirs.values()))))
         print(f"tokenizer: vocab {m['vocab_size']}, sha256 {m['tokenizer_sha256'][:12]}")

@@ -21,7 +21,10 @@ REASON_TOO_MANY_CHOICES = "too_many_choices"
 
 
 class ExamTooLong(InputError):
-    """The rendered item (prompt + answer + EOS) is longer than ``seq_len`` tokens; it is never cut."""
+    """The rendered item (prompt + answer + EOS) is longer than ``seq_len`` tokens; it is never cut. ``length``:
+    its size in tokens."""
+
+    length: int = 0
 
 
 class TooManyChoices(InputError):
@@ -71,9 +74,11 @@ def encode_exam_item(item: ExamItem, tokenizer, template: ExamTemplate, seq_len:
     else:  # the tokenizer appended EOS itself (offsets (0, 0)): it is part of the answer
         labels[-1] = eos
     if len(ids) > seq_len:
-        raise ExamTooLong(f"item '{item.id}': rendered prompt + answer is {len(ids)} tokens > seq_len {seq_len}; "
+        err = ExamTooLong(f"item '{item.id}': rendered prompt + answer is {len(ids)} tokens > seq_len {seq_len}; "
                           f"raise data.seq_len or shorten the item [{REASON_TOO_LONG}]", path=item.source or None,
                           line=item.line)
+        err.length = len(ids)
+        raise err
     return EncodedSegment(ids, labels, source)
 
 
@@ -88,6 +93,9 @@ def encode_exam_items(items: Iterable[ExamItem], tokenizer, template: ExamTempla
         except (ExamTooLong, TooManyChoices) as e:
             if strict:
                 raise
-            report.add(REASON_TOO_LONG if isinstance(e, ExamTooLong) else REASON_TOO_MANY_CHOICES, str(e))
+            if isinstance(e, ExamTooLong):  # its length goes into the manifest: the fix names a seq_len
+                report.add(REASON_TOO_LONG, str(e), length=e.length)
+            else:
+                report.add(REASON_TOO_MANY_CHOICES, str(e))
             continue
         yield seg

@@ -216,10 +216,11 @@ def _indexed(root: Path, index: Path) -> Path | None:
 
 
 def _prepare_by_content(cfg: KcptConfig, root: Path, name: str, tok, sha: str, tdir: Path, paths: list[Path],
-                        skey: str, progress: bool, address: str | None) -> Path:
+                        skey: str, progress: bool, address: str | None) -> tuple[Path, bool]:
     """Hash the inputs (the one read of their bytes for the key), prepare ``<root>/<name>-<contentkey12>`` unless
     it exists (or, with a URI ``prepared_root``, was published there: then it is downloaded), record it under the
-    stat key. InputError if an input changed meanwhile (its size/mtime moved)."""
+    stat key; returns it and whether it was prepared now. InputError if an input changed meanwhile (its size/mtime
+    moved)."""
     from kcpt import storage
 
     ds = cfg.data.datasets[name]
@@ -247,7 +248,7 @@ def _prepare_by_content(cfg: KcptConfig, root: Path, name: str, tok, sha: str, t
     tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"dir": target.name, "stat_key": skey}) + "\n", encoding="utf-8")
     os.replace(tmp, index)
-    return target
+    return target, made
 
 
 def prepared_dir(cfg: KcptConfig, name: str, tok_sha: str) -> Path:
@@ -258,10 +259,11 @@ def prepared_dir(cfg: KcptConfig, name: str, tok_sha: str) -> Path:
 
 
 def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress: bool = True,
-                address: str | None = None) -> dict[str, Path | str]:
+                address: str | None = None, statuses: dict[str, str] | None = None) -> dict[str, Path | str]:
     """Prepare (or reuse) every dataset of ``cfg.data.datasets`` (or only ``names``); returns name → ref (the
     local directory, or its URI when ``data.prepared_root`` is one). ``address``: the Ray cluster
-    ``data.ray_data`` joins (default ``RAY_ADDRESS``, else a local Ray).
+    ``data.ray_data`` joins (default ``RAY_ADDRESS``, else a local Ray). ``statuses`` (filled if given): name →
+    ``prepared`` (now) or ``reused`` (from the cache, or downloaded from a URI ``prepared_root``).
 
     One tokenizer serves all datasets. A dataset whose stat key is indexed (inputs unchanged in path, size and
     mtime) is reused without reading an input byte; otherwise the inputs are hashed and a directory with the same
@@ -291,14 +293,19 @@ def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress
             skey = stat_key(name, cfg.data.datasets[name], cfg, sha, paths)
             index = root / KEYS_DIR / f"{name}-{skey[:16]}.json"
             target = _indexed(root, index)
+            made = False
             if target is None:
                 if cfg.data.ray_data and not started:
                     from kcpt.data.ray_pipeline import ensure_ray
 
-                    started = ensure_ray(address)
+                    started = ensure_ray(address, verbose=cfg.logging.verbose)
                 with _lock(root / f".{index.name}.lock"):
-                    target = _indexed(root, index) or _prepare_by_content(cfg, root, name, tok, sha, tdir, paths,
-                                                                           skey, progress, address)
+                    target = _indexed(root, index)
+                    if target is None:
+                        target, made = _prepare_by_content(cfg, root, name, tok, sha, tdir, paths, skey, progress,
+                                                           address)
+            if statuses is not None:
+                statuses[name] = "prepared" if made else "reused"
             if remote:
                 uri = storage.join(cfg.data.prepared_root, target.name)
                 if not storage.Store(uri).is_file(MANIFEST):

@@ -218,12 +218,13 @@ def _quiet_ray_data() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False) -> bool:
     """Join ``address`` / ``RAY_ADDRESS`` or start a local Ray with ``num_cpus`` (default: this machine's CPU
-    count), unless Ray is up already (:func:`kcpt.raystart.start_ray`). True if this call started it."""
+    count), unless Ray is up already (:func:`kcpt.raystart.start_ray`; ``verbose``: Ray's output on the console).
+    True if this call started it."""
     from kcpt.raystart import start_ray
 
-    return start_ray(address, num_cpus=num_cpus or os.cpu_count() or 1, log_to_driver=False)
+    return start_ray(address, num_cpus=num_cpus or os.cpu_count() or 1, verbose=verbose)
 
 
 def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
@@ -233,7 +234,7 @@ def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: 
     """Ray Data version of :func:`kcpt.data.prepare.prepare_dataset` (same outputs; rows may be grouped
     differently because packing runs per window of each block). ``progress``: Ray Data's progress bars.
     ``address``: the Ray to join (default ``RAY_ADDRESS``, else a local Ray started and stopped here)."""
-    started = ensure_ray(address)
+    started = ensure_ray(address, verbose=cfg.logging.verbose)
     try:
         return _run_pipeline(name, ds, cfg, out_dir, tokenizer, overwrite=overwrite, extra=extra, window=window,
                              progress=progress, input_sha256s=input_sha256s)

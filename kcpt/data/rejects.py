@@ -25,10 +25,14 @@ class RejectReport:
         self._notices: Counter[str] = Counter()
         self._examples: dict[str, list[str]] = {}
         self._notice_examples: dict[str, list[str]] = {}
+        self._lengths: dict[str, Counter[int]] = {}
 
-    def add(self, reason: str, message: str) -> None:
-        """Count one dropped item under ``reason``; ``message`` names file/line/field."""
+    def add(self, reason: str, message: str, *, length: int | None = None) -> None:
+        """Count one dropped item under ``reason``; ``message`` names file/line/field; ``length``: its size in
+        tokens when known (``answer_truncated``), kept as a histogram so a fix can be computed later."""
         self._rejects[reason] += 1
+        if length is not None:
+            self._lengths.setdefault(reason, Counter())[int(length)] += 1
         ex = self._examples.setdefault(reason, [])
         if len(ex) < self.max_examples:
             ex.append(message)
@@ -44,6 +48,8 @@ class RejectReport:
         """Add ``other``'s counts; keep examples up to ``max_examples`` per reason."""
         self._rejects.update(other._rejects)
         self._notices.update(other._notices)
+        for reason, hist in other._lengths.items():
+            self._lengths.setdefault(reason, Counter()).update(hist)
         for mine, theirs in ((self._examples, other._examples), (self._notice_examples, other._notice_examples)):
             for key, msgs in theirs.items():
                 ex = mine.setdefault(key, [])
@@ -60,6 +66,11 @@ class RejectReport:
         return dict(sorted(self._notices.items()))
 
     @property
+    def lengths(self) -> dict[str, dict[int, int]]:
+        """Reason → {length in tokens: items} for the rejects whose length was recorded (sorted)."""
+        return {r: dict(sorted(h.items())) for r, h in sorted(self._lengths.items())}
+
+    @property
     def total(self) -> int:
         """Number of rejected items over all reasons."""
         return sum(self._rejects.values())
@@ -69,7 +80,8 @@ class RejectReport:
         examples = {k: list(v) for k, v in sorted(self._examples.items())}
         for k, v in sorted(self._notice_examples.items()):
             examples.setdefault(k, []).extend(v)
-        return {"rejects": self.counts, "notices": self.notices, "examples": examples}
+        return {"rejects": self.counts, "notices": self.notices, "examples": examples,
+                "lengths": {r: {str(k): n for k, n in h.items()} for r, h in self.lengths.items()}}
 
     @classmethod
     def from_dict(cls, data: dict, max_examples: int = 5) -> RejectReport:
@@ -77,6 +89,8 @@ class RejectReport:
         rep = cls(max_examples=max_examples)
         rep._rejects.update(data.get("rejects", {}))
         rep._notices.update(data.get("notices", {}))
+        for reason, hist in (data.get("lengths") or {}).items():
+            rep._lengths[reason] = Counter({int(k): int(n) for k, n in hist.items()})
         for key, msgs in data.get("examples", {}).items():
             target = rep._examples if key in rep._rejects else rep._notice_examples
             target[key] = list(msgs)[:max_examples]
@@ -103,7 +117,7 @@ class RejectReport:
 
 
 def reject(report: RejectReport, reason: str, message: str, *, strict: bool, path: str | None = None,
-           line: int | None = None, field: str | None = None) -> None:
+           line: int | None = None, field: str | None = None, length: int | None = None) -> None:
     """Count a reject in ``report`` — or, with ``strict``, raise :class:`InputError`.
 
     The message is prefixed with ``path: line N: field 'f':`` (the same text in both modes).
@@ -111,4 +125,4 @@ def reject(report: RejectReport, reason: str, message: str, *, strict: bool, pat
     err = InputError(f"{message} [{reason}]", path=path, line=line, field=field)
     if strict:
         raise err
-    report.add(reason, str(err))
+    report.add(reason, str(err), length=length)

@@ -6,7 +6,8 @@ Layout of a prepared directory ``DIR``::
                                  (list<int32>, length seq_len each) and source (string)
     DIR/tokenizer/               the tokenizer the ids belong to (save_pretrained)
     DIR/manifest.json            seq_len, rows, tokens (non-pad), pack_efficiency, tokenizer_sha256,
-                                 inputs [{path, sha256, documents}], rejects {reason: n}, kind, kcpt_version,
+                                 inputs [{path, sha256, documents}], rejects {reason: n}, reject_lengths
+                                 {reason: {tokens: n}} (``answer_truncated`` items' token lengths), kind, kcpt_version,
                                  created, shards, ... (see :func:`write_prepared`)
 
 Everything is written into a temporary sibling directory that is renamed to ``DIR`` at the end, so an
@@ -202,6 +203,7 @@ def finish_prepared(tmp: Path, *, tokenizer, stats: PackStats, kind: str, inputs
         "rejects": report.counts,
         "notices": report.notices,
         "reject_examples": report.to_dict()["examples"],
+        "reject_lengths": report.to_dict()["lengths"],
         "shards": shards,
         "kcpt_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

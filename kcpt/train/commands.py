@@ -24,6 +24,13 @@ def add_train_arguments(p: argparse.ArgumentParser, *, with_stages: bool = True)
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray with explicit num_cpus)")
     p.add_argument("--init-checkpoint", help="the first stage starts from this kcpt checkpoint")
     p.add_argument("--baseline-raw-best", type=float, help="raw val baseline when no stage of the run sets it")
+    add_verbose_argument(p)
+
+
+def add_verbose_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output on the console (default: only kcpt's lines; Ray's go to its log "
+                        "files, named when Ray starts) — the same as --set logging.verbose=true")
 
 
 def cpt_stages(cfg) -> list[str]:
@@ -83,6 +90,8 @@ def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, 
     overrides = list(args.overrides)
     if args.run_name:
         overrides.append(f"train.run_name={args.run_name}")
+    if args.verbose:
+        overrides.append("logging.verbose=true")
     cfg = load_config(args.config, overrides)
     if cpt_only:
         stages = cpt_stages(cfg)

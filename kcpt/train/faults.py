@@ -48,8 +48,13 @@ class FaultInjector:
         self.markers.marker_append(f"fired-{kind}-{self.stage}-{step}")
 
     def maybe_crash(self, step: int) -> None:
-        """Exit this process abruptly (no cleanup, like a lost node) when the crash is due and not yet fired."""
-        if not self.active or self.cfg.crash_at_step != step:
+        """Exit this process abruptly (no cleanup, like a lost node) when the crash is due and not yet fired; raise
+        a RuntimeError when ``raise_at_step`` is due."""
+        if not self.active:
+            return
+        if self.cfg.raise_at_step == step and self.rank == self.cfg.crash_rank:
+            raise RuntimeError(f"injected fault: stage {self.stage} step {step} (train.faults.raise_at_step)")
+        if self.cfg.crash_at_step != step:
             return
         marker = f"crash-{self.stage}-{step}"
         if self.markers.marker_exists(marker):

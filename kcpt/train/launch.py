@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 from kcpt import storage
 from kcpt.config import KcptConfig
+from kcpt.console import Console, console_feed, is_tty
+from kcpt.data.report import announce_data
 from kcpt.data.shards import fetch_prepared
 from kcpt.errors import CheckpointError, ConfigError, KcptError, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
@@ -84,7 +86,8 @@ def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
     from kcpt.raystart import start_ray
 
     need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1
-    if not start_ray(address, num_cpus=need, num_gpus=cfg.train.num_workers if cfg.train.use_gpu else None):
+    if not start_ray(address, num_cpus=need, num_gpus=cfg.train.num_workers if cfg.train.use_gpu else None,
+                     verbose=cfg.logging.verbose):
         return False
     from ray.data import DataContext
 
@@ -96,7 +99,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
              init_checkpoint: Path | str | None = None, baseline_raw_best: float | None = None,
              resume: Literal["auto", "never", "overwrite"] = "auto", force: bool = False, address: str | None = None,
              callbacks: list | None = None, reference_checkpoint: Path | str | None = None,
-             in_process: bool = False) -> PlanResult:
+             in_process: bool = False, console: bool = True, data_table: bool = True) -> PlanResult:
     """Run ``stages`` (default: the whole plan, in order) in one Ray Train ``fit()``; returns the summaries.
 
     - ``init_checkpoint``: the first stage starts from these weights (e.g. stage 3 from the stage-2 best);
@@ -109,7 +112,10 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
       ``"overwrite"``: start over, deleting the previous results once everything was validated;
     - ``address``: an existing Ray cluster; default a local Ray started (and stopped) here;
     - ``callbacks``: passed to ``RunConfig(callbacks=...)``;
-    - ``in_process``: no Ray — one worker in this process (debugging, fast tests; ``train.num_workers`` ignored).
+    - ``in_process``: no Ray — one worker in this process (debugging, fast tests; ``train.num_workers`` ignored);
+    - ``console``: print the eval lines / progress bars and the stage decisions here (:mod:`kcpt.console`);
+    - ``data_table``: print the data table (:mod:`kcpt.data.report`) before training and apply
+      ``data.max_reject_fraction`` (InputError, before anything is deleted or trained).
 
     A stage whose stop rule needs ``baseline_raw_best`` that neither an earlier stage nor ``baseline_raw_best``
     provides is refused here, before anything runs. A deterministic abort inside the loop (too many anomaly
@@ -150,7 +156,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             check_cluster_paths(cfg, run_dir, [init_checkpoint, reference_checkpoint])
         return _run_plan(cfg, stages, rd, init_checkpoint=init_checkpoint, reference_checkpoint=reference_checkpoint,
                          baseline_raw_best=baseline_raw_best, resume=resume, force=force, callbacks=callbacks,
-                         in_process=in_process, address=address)
+                         in_process=in_process, address=address, console=console, data_table=data_table)
     finally:
         if started:
             import ray
@@ -160,16 +166,19 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
 
 def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint: str | None,
               reference_checkpoint: str | None, baseline_raw_best: float | None, resume: str, force: bool,
-              callbacks: list | None, in_process: bool, address: str | None) -> PlanResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+              callbacks: list | None, in_process: bool, address: str | None, console: bool,
+              data_table: bool) -> PlanResult:
     from kcpt.data.prepare import prepare_all
 
     # Validate everything (inputs exist and read, tokenizer loads, checkpoints fit) before deleting anything.
     needed = datasets_needed(cfg, stages)
+    statuses: dict[str, str] = {}
     prepared = {k: v if storage.is_uri(str(v)) else Path(v).resolve()
-                for k, v in prepare_all(cfg, needed, progress=cfg.logging.progress, address=address).items()}
+                for k, v in prepare_all(cfg, needed, progress=cfg.logging.progress and is_tty(),
+                                        address=address, statuses=statuses).items()}
+    if data_table:
+        announce_data(prepared, statuses, limit=cfg.data.max_reject_fraction,
+                      filters=cfg.data.filters.model_dump(mode="json"))
     expected = expected_manifest(cfg, {k: fetch_prepared(v) for k, v in prepared.items()})
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
@@ -202,7 +211,6 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
             ckpt_lib.verify_weights(local)
             log.info("resuming from %s", resume_from)
 
-    t = cfg.train
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "stages": stages, "run_dir": rd.location,
         "prepared": {k: str(v) for k, v in prepared.items()},
@@ -211,9 +219,23 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         "resume_from": str(resume_from) if resume_from else None,
     }
     t0 = time.perf_counter()
-    if in_process:
-        stage_loop_per_worker(loop_config, LocalSession())
-        return _result(rd, stages, t0)
+    shown = Console(progress=cfg.logging.progress) if console else None
+    with console_feed(shown, in_process=in_process) as feed:
+        loop_config["console"] = feed
+        if in_process:
+            stage_loop_per_worker(loop_config, LocalSession())
+            return _result(rd, stages, t0)
+        _fit(cfg, loop_config, rd, callbacks)
+    return _result(rd, stages, t0)
+
+
+def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: list | None) -> None:
+    """One ``TorchTrainer.fit()``; a KcptError raised in a worker is raised here as itself, anything else as Ray's
+    error (which carries the worker's traceback)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
     try:
         trainer = TorchTrainer(
             stage_loop_per_worker,
@@ -233,13 +255,27 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
     except KcptError:
         raise
     except Exception as e:  # unwrap Ray's wrapper around a KcptError raised inside a worker
-        cause: BaseException | None = e
-        while cause is not None:
-            if isinstance(cause, KcptError):
-                raise type(cause)(str(cause)) from e
-            cause = cause.__cause__ or getattr(cause, "cause", None)
+        cause = worker_kcpt_error(e)
+        if cause is not None:
+            raise type(cause)(str(cause)) from e
         raise
-    return _result(rd, stages, t0)
+
+
+def worker_kcpt_error(e: BaseException) -> KcptError | None:
+    """The KcptError inside Ray's error ``e`` (its causes, a RayTaskError's ``cause``, a Train V2
+    ``WorkerGroupError``'s ``worker_failures``), or None."""
+    todo: list[BaseException] = [e]
+    seen: set[int] = set()
+    while todo:
+        err = todo.pop(0)
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, KcptError):
+            return err
+        todo += [c for c in (err.__cause__, getattr(err, "cause", None)) if isinstance(c, BaseException)]
+        todo += [c for c in (getattr(err, "worker_failures", None) or {}).values() if isinstance(c, BaseException)]
+    return None
 
 
 def _result(rd: RunDir, stages: list[str], t0: float) -> PlanResult:

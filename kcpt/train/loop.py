@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from kcpt.config import KcptConfig, StageConfig
+from kcpt.console import Throttle, eval_line  # noqa: F401 - eval_line: re-exported
 from kcpt.data.shards import fetch_prepared
 from kcpt.errors import ConfigError, TrainingAborted
 from kcpt.model.attention import model_inputs
@@ -383,6 +383,9 @@ class StageRunner:
             self.run_dir.pull()  # a run directory at a URI: this node's mirror starts from the published files
         # prepared datasets given as URIs are downloaded once per node (file lock) into node-local scratch
         self.prepared: dict[str, str] = {k: str(fetch_prepared(v)) for k, v in config["prepared"].items()}
+        # the driver's console (kcpt.console.console_feed): rank 0 sends it stage/progress/eval events
+        self.feed = config.get("console") if self.rank == 0 else None
+        self._progress_due = Throttle()
         self.ds_config = deepspeed_config(self.cfg) if self.cfg.train.deepspeed is not None else None
         if self.cfg.model.dtype == "float16" and self.ds_config is None:
             raise ConfigError("model.dtype float16 needs loss scaling: use train.deepspeed, or model.dtype bfloat16")
@@ -646,6 +649,7 @@ class StageRunner:
     def run_stage(self, stage: StageConfig, plan: PlanState, resume_path: str | None,
                   resume: dict[str, Any] | None) -> None:
         run = self.start_stage(stage, plan, resume_path, resume)
+        self.emit({"kind": "stage_start", "stage": stage.name, "step": run.step, "max_steps": stage.max_steps})
         tb = ScalarLogger(self.run_dir, stage.name, self.cfg.logging.tensorboard and self.rank == 0,
                           purge_step=run.step + 1 if resume is not None else None)
         interval = Interval(run.sources, self.device)
@@ -710,6 +714,8 @@ class StageRunner:
         run.tokens_seen += step_tokens
         interval.tokens += step_tokens
         interval.seconds += time.perf_counter() - t0
+        if self.feed is not None and self.feed.wants_progress and self._progress_due():
+            self.emit({"kind": "progress", "stage": stage.name, "step": run.step, "tokens": run.tokens_seen})
 
     # ----------------------------------------------------------------- eval, stop rule, checkpoint
     def evaluate(self, run: StageRun, plan: PlanState, interval: Interval, tb: ScalarLogger, *,
@@ -772,10 +778,13 @@ class StageRunner:
         if self.rank == 0:
             self.run_dir.append_metrics(metrics)
             tb.log({k: v for k, v in metrics.items() if k not in ("step", "stage")}, step)
-            if self.cfg.logging.progress:  # the process's own stdout (Ray forwards it to the driver once;
-                sys.__stdout__.write(eval_line(metrics) + "\n")  # Train V2's patched print() would tee it twice)
-                sys.__stdout__.flush()
+            self.emit({"kind": "eval", "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)}})
         self.session.report({k: v for k, v in metrics.items() if not isinstance(v, dict)}, ckpt_path, self.rank)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Send a console event to the driver (rank 0 only, when the driver listens)."""
+        if self.feed is not None:
+            self.feed.send(event)
 
     def finish_stage(self, run: StageRun, plan: PlanState) -> None:
         """Record the stage summary, its best checkpoint and Pareto front, the baseline, the hand-off choices."""
@@ -823,6 +832,9 @@ class StageRunner:
                                    "plan_tokens_to_gate": summary["plan_tokens_to_gate"]}
             self.run_dir.write_summary(s)
             self.run_dir.prune_checkpoints(self.cfg.train.keep_last, keep_list(plan))
+            self.emit({"kind": "stage_end", "summary": {**{k: v for k, v in summary.items()
+                                                              if isinstance(v, int | float | str | bool | None)},
+                                                           "sets_baseline": stage.sets_baseline}})
         barrier()
 
 
@@ -840,19 +852,6 @@ def _joins_front(evals: list[dict[str, Any]], raw: float, exam: float | None) ->
         if e["raw"] <= raw and ex_le and (e["raw"] < raw or (exam is not None and e["exam"] < exam)):
             return False
     return True
-
-
-def eval_line(m: dict[str, Any]) -> str:
-    """One human line per eval (printed by rank 0; Ray forwards it to the driver)."""
-    def f(key: str, fmt: str = ".4f") -> str:
-        v = m.get(key)
-        return "-" if v is None else format(v, fmt)
-
-    gate = "" if m.get("gate_ok") is None else f"  gate {'ok' if m['gate_ok'] else 'no'} ×{m.get('gate_streak', 0)}"
-    stop = f"  → {m['stop_reason']}" if m.get("stop") else ""
-    return (f"[{m['stage']}] step {m['step']:>5}  train {f('train_loss')}  raw {f('raw_val_loss')} "
-            f"(×{f('raw_ratio', '.3f')})  exam {f('exam_val_loss')}  kl {f('kl')}  lr {f('lr', '.2e')}  "
-            f"{f('tokens_per_s', '.0f')} tok/s{gate}{stop}")
 
 
 def stage_loop_per_worker(config: dict[str, Any], session: RaySession | LocalSession | None = None) -> None:

@@ -28,12 +28,17 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="delete an existing experiment (its files and its Optuna study) and start again")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
+    from kcpt.train.commands import add_verbose_argument
+
+    add_verbose_argument(p)
 
 
 def tune_from_args(args: argparse.Namespace) -> int:
     from kcpt.config import load_config
 
     overrides = list(args.overrides)
+    if args.verbose:
+        overrides.append("logging.verbose=true")
     for flag, key in (("num_samples", "tune.num_samples"), ("max_concurrent", "tune.max_concurrent"),
                       ("storage", "tune.storage"), ("study_name", "tune.study_name")):
         v = getattr(args, flag)

@@ -51,6 +51,7 @@ from kcpt.tune.experiment import (
     resolve_experiment,
 )
 from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
+from kcpt.tune.progress import TuneConsole
 from kcpt.tune.searcher import DONE_KEY, FINAL_KEY, ConstrainedOptunaSearch, make_sampler
 from kcpt.tune.space import SpaceSampler, apply_params, recipe_points
 from kcpt.tune.study_storage import open_storage
@@ -162,7 +163,7 @@ def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Pat
             return pre
     from kcpt.train.launch import run_plan
 
-    run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address)
+    run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address, data_table=False)
     return _read_prerequisites(cfg, run_dir, before)
 
 
@@ -210,7 +211,7 @@ def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path | str, init_ch
 
     return run_plan(cfg, stages=[stage], run_dir=run_dir, init_checkpoint=init_checkpoint,
                     baseline_raw_best=baseline_raw_best, reference_checkpoint=reference_checkpoint,
-                    resume="auto", callbacks=callbacks)
+                    resume="auto", callbacks=callbacks, console=False, data_table=False)
 
 
 @dataclass
@@ -330,7 +331,7 @@ def init_ray(cfg: KcptConfig, address: str | None = None) -> bool:
     ``num_cpus``. Returns True when this call started Ray (the caller shuts it down)."""
     from kcpt.raystart import start_ray
 
-    return start_ray(address, num_cpus=cfg.tune.num_cpus or ray_cpus_needed(cfg))
+    return start_ray(address, num_cpus=cfg.tune.num_cpus or ray_cpus_needed(cfg), verbose=cfg.logging.verbose)
 
 
 def _logger_callbacks(cfg: KcptConfig, experiment_dir: Path) -> list[Any]:
@@ -379,10 +380,38 @@ def build_scheduler(cfg: KcptConfig) -> Any:
                          reduction_factor=a.reduction_factor)
 
 
+def quiet_tune(verbose: bool) -> None:
+    """Unless ``verbose``: Tune's legacy output engine (``RAY_AIR_NEW_OUTPUT=0``: with ``verbose=0`` it prints
+    nothing, where the new engine still prints its experiment box and paths) and Optuna's INFO logs off; the
+    console shows :class:`~kcpt.tune.progress.TuneConsole`'s lines instead."""
+    import os
+
+    import optuna
+
+    if verbose:
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def show_data(cfg: KcptConfig, stages: list[str], *, address: str | None = None) -> None:
+    """Prepare (or reuse) the datasets ``stages`` use and print the data table (:mod:`kcpt.data.report`)."""
+    from kcpt.console import is_tty
+    from kcpt.data.prepare import prepare_all
+    from kcpt.data.report import announce_data
+    from kcpt.train.loop import datasets_needed
+
+    statuses: dict[str, str] = {}
+    prepared = prepare_all(cfg, datasets_needed(cfg, stages), progress=cfg.logging.progress and is_tty(),
+                           address=address, statuses=statuses)
+    announce_data(prepared, statuses, limit=cfg.data.max_reject_fraction,
+                  filters=cfg.data.filters.model_dump(mode="json"))
+
+
 def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, resume: bool = False,
                 overwrite: bool = False, address: str | None = None, runner: TrialRunner | None = None,
                 prerequisites: Prerequisites | None = None, sampler: str = "tpe",
-                verbose: int = 1) -> TuneRunResult:
+                verbose: int | None = None) -> TuneRunResult:
     """Tune ``cfg.tune.stage`` (see the module docstring). ``cfg.tune`` supplies num_samples, max_concurrent,
     storage (:mod:`kcpt.tune.study_storage`), study_name. ``runner`` replaces the real stage loop (tests of the
     plumbing only).
@@ -393,7 +422,12 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     Optuna trial number (their run dirs resume from their latest checkpoints), and the search continues to
     ``num_samples``. Optuna trials still RUNNING once the run ends (asked for after Tune's last saved state, so
     no Tune trial owns them) are marked FAIL with ``interrupted=True``. ``overwrite`` deletes the study and the
-    experiment's files first."""
+    experiment's files first.
+
+    Console (:mod:`kcpt.console`): the data table of every dataset the prerequisites and the tuned stage use
+    (``data.max_reject_fraction`` applies), the prerequisite stages' eval lines when they run, then one line per
+    trial (:class:`~kcpt.tune.progress.TuneConsole`); Tune's own ``verbose`` is 0 unless ``logging.verbose``
+    (or ``verbose`` is given)."""
     from kcpt.tune.export import export_results, format_table
 
     cfg, exp_dir, storage = resolve_experiment(cfg, experiment_dir)
@@ -408,9 +442,14 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     stage = cfg.tune.stage
     interrupted: list[int] = []
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))  # read by Tune's controller
+    quiet_tune(cfg.logging.verbose)
     started = init_ray(cfg, address)
     try:
+        show_data(cfg, [*stages_before(cfg, stage), stage], address=address)
         pre = prerequisites or ensure_prerequisites(cfg, stage=stage, address=address)
+        print(f"prerequisites ({', '.join(stages_before(cfg, stage)) or 'none'}): "
+              f"{'reused' if pre.reused else 'made'} in {pre.run_dir}; every trial starts from {pre.init_checkpoint}",
+              flush=True)
         st = apply_params(cfg, {}, stage).stage(stage)
         dump_config(cfg, exp_dir / "config.yaml")
         manifest = {
@@ -451,9 +490,12 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
                     search_alg=build_searcher(cfg, storage=storage, study_name=study_name, sampler=sampler),
                     scheduler=build_scheduler(cfg), metric=METRIC, mode="min",
                     num_samples=max(num_samples, 0), max_concurrent_trials=cfg.tune.max_concurrent),
-                run_config=tune.RunConfig(name=TUNE_RUN_NAME, storage_path=location, verbose=verbose,
-                                          callbacks=[*_logger_callbacks(cfg, exp_dir),
-                                                     *([PublishExperiment(uri, exp_dir)] if uri else [])]),
+                run_config=tune.RunConfig(
+                    name=TUNE_RUN_NAME, storage_path=location,
+                    verbose=(1 if cfg.logging.verbose else 0) if verbose is None else verbose,
+                    callbacks=[*_logger_callbacks(cfg, exp_dir),
+                               TuneConsole(max(num_samples, 0), progress=cfg.logging.progress),
+                               *([PublishExperiment(uri, exp_dir)] if uri else [])]),
             )
         tuner.fit()
         interrupted = fail_interrupted_trials(storage, study_name)

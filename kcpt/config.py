@@ -195,6 +195,12 @@ class DataConfig(Strict):
     datasets: dict[str, DatasetConfig] = Field(default_factory=_demo_datasets)
     ray_data: bool = False
     """Prepare with the Ray Data pipeline (``map_batches``, streaming) instead of in-process."""
+    loader: Literal["stream", "memory"] = "stream"
+    """How training workers read the prepared rows: ``stream`` (default: row groups read lazily from the
+    prepared directory or URI, a bounded window in memory; :mod:`kcpt.train.streams`) or ``memory`` (every row
+    of every source decoded into RAM per worker: small data only; :mod:`kcpt.train.batches`)."""
+    stream_window_rows: int = Field(1024, ge=1)
+    """``stream``: rows per shuffle window (whole row groups; at most ~3 windows per source are in memory)."""
 
 
 # --------------------------------------------------------------------------- plan (stages)

@@ -106,9 +106,15 @@ def to_batch(rows: PackedRows, idx: np.ndarray, device: torch.device | str = "cp
     needs, with no device→host read."""
     from kcpt.model.attention import host_cu_seqlens
 
-    batch = {c: torch.from_numpy(getattr(rows, c)[idx].astype(np.int64)).to(device) for c in _COLUMNS}
+    pin = torch.device(device).type == "cuda"  # pinned host memory: the copies overlap with compute
+
+    def put(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
+
+    batch = {c: put(getattr(rows, c)[idx].astype(np.int64)) for c in _COLUMNS}
     cu, max_len = host_cu_seqlens(rows.position_ids[idx])
-    batch["cu_seqlens"] = torch.from_numpy(cu).to(device)
+    batch["cu_seqlens"] = put(cu)
     batch["max_seqlen"] = torch.tensor(max_len)
     return batch
 

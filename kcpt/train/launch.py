@@ -170,7 +170,7 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
     needed = datasets_needed(cfg, stages)
     prepared = {k: v if storage.is_uri(str(v)) else Path(v).resolve()
                 for k, v in prepare_all(cfg, needed, progress=cfg.logging.progress, address=address).items()}
-    expected = expected_manifest(cfg, {k: fetch_prepared(v) for k, v in prepared.items()})
+    expected = expected_manifest(cfg, {k: fetch_prepared(v, shards=False) for k, v in prepared.items()})
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
             local = ckpt_lib.fetch(p)

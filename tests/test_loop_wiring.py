@@ -202,3 +202,30 @@ def test_checkpoint_every_k_evals_besides_best_stop_and_front():
     assert not any(checkpoint_due(TrainConfig(checkpoint_every_eval=False), st, s, **plain) for s in range(5, 41, 5))
     for key in plain:
         assert checkpoint_due(t3, st, 5, **{**plain, key: True})
+
+
+@pytest.mark.parametrize("loader", ["stream", "memory"])
+def test_resume_from_a_mid_stage_checkpoint_is_exact_with_either_loader(prepared_root, tmp_path, loader):
+    """A run resumed from its step-4 checkpoint (the later ones deleted, as if the run died after step 4) ends
+    with the uninterrupted run's metrics: the data cursors (stream: epoch + rows consumed; memory: batch
+    index), the mixture sampler and the RNG continue exactly. The two loaders give different row orders."""
+    import shutil
+
+    plan = ('[{name: s, sources: {qa_train: 0.5, raw_train: 0.5}, max_steps: 12, eval_every: 4, '
+            'stop: {rule: max_steps}}]')
+    cfg = cfg_of(prepared_root, tmp_path, plan, f"data.loader={loader}", "train.keep_last=5")
+    res = run_plan(cfg, resume="never", in_process=True)
+    want = [r for r in read_metrics(res.run_dir) if r["step"] > 0]
+    for c in list_checkpoints(Path(res.run_dir) / "checkpoints"):
+        if not str(c).endswith("step000004"):
+            shutil.rmtree(c)
+    again = run_plan(cfg, resume="auto", in_process=True)
+    got = [r for r in read_metrics(again.run_dir) if r["step"] > 0]
+    assert [r["step"] for r in got] == [4, 8, 12]
+    for g, w in zip(got, want, strict=True):
+        for k in ("train_loss", "train_loss_qa_train", "train_loss_raw_train", "raw_val_loss", "grad_norm"):
+            assert g[k] == pytest.approx(w[k], abs=1e-6, rel=0), (g["step"], k)
+    other = "memory" if loader == "stream" else "stream"
+    res2 = run_plan(cfg_of(prepared_root, tmp_path / "other", plan, f"data.loader={other}"), resume="never",
+                    in_process=True)
+    assert evals(res2, "s")[0]["train_loss"] != pytest.approx(want[0]["train_loss"], abs=1e-6)

@@ -9,9 +9,9 @@ Order (a pure function of ``seed``, the source name, the epoch, ``rank`` and ``w
 
 - a *block* is one row group of one shard (prepared shards are written with row groups of
   :data:`kcpt.data.shards.ROW_GROUP_ROWS` rows);
-- epoch ``e`` permutes the blocks with ``rng(seed, crc32(source), e)``, then groups consecutive blocks of that
-  order into windows of at least ``window_rows`` rows; the rows of window ``w`` are permuted with
-  ``rng(seed, crc32(source), e, w)`` (a seeded block shuffle + a seeded local shuffle);
+- epoch ``e`` permutes the blocks with ``rng(seed, crc32(source), e, 1)``, then groups consecutive blocks of
+  that order into windows of at least ``window_rows`` rows; the rows of window ``w`` are permuted with
+  ``rng(seed, crc32(source), e, 2, w)`` (a seeded block shuffle + a seeded local shuffle);
 - the epoch's sequence of ``N`` rows is cut into ``world`` contiguous equal parts of ``P = N // world`` rows
   (the last ``N mod world`` rows are skipped this epoch, and come back in another position next epoch);
   rank ``r`` reads only the windows that overlap its part — every rank holds exactly ``P`` rows per epoch, so
@@ -155,7 +155,7 @@ class StreamBatches:
     # ----------------------------------------------------------------- order
     def _epoch(self, e: int) -> _Epoch:
         if e not in self._epochs:
-            order = np.random.default_rng(_seed(self.seed, self.name, e)).permutation(len(self.reader.blocks))
+            order = np.random.default_rng(_seed(self.seed, self.name, e, 1)).permutation(len(self.reader.blocks))
             windows: list[list[Block]] = [[]]
             size = 0
             for i in order:
@@ -183,7 +183,7 @@ class StreamBatches:
         if (e, w) not in self._perms:
             ep = self._epoch(e)
             n = int(ep.starts[w + 1] - ep.starts[w])
-            self._perms[(e, w)] = np.random.default_rng(_seed(self.seed, self.name, e, w)).permutation(n)
+            self._perms[(e, w)] = np.random.default_rng(_seed(self.seed, self.name, e, 2, w)).permutation(n)
             while len(self._perms) > 4:
                 self._perms.popitem(last=False)
         return self._perms[(e, w)]

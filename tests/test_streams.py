@@ -141,3 +141,18 @@ def test_streams_straight_from_an_s3_uri(s3_prefix, tmp_path):
     assert head.input_ids[:, 0].tolist() == list(range(13))
     with pytest.raises(InputError, match="no manifest.json"):
         ShardReader(f"{s3_prefix}/absent", seq_len=T, name="v")
+
+
+def test_memory_loader_maps_one_decoded_copy_per_node(tmp_path, monkeypatch):
+    """The ``memory`` loader decodes a dataset once into node scratch (.npy) and memory-maps it: a second
+    reader (another rank) maps the same files, read-only, with the same rows as a plain decode."""
+    from kcpt.train.batches import load_packed_rows, mapped_packed_rows
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    ref = make_prepared(tmp_path / "d", 50, per_shard=20, row_group=5)
+    a, b = mapped_packed_rows(ref, "x", T), mapped_packed_rows(ref, "x", T)
+    plain = load_packed_rows(ref, "x", T)
+    assert isinstance(a.input_ids, np.memmap) and a.input_ids.filename == b.input_ids.filename
+    assert not a.labels.flags.writeable
+    for c in ("input_ids", "position_ids", "labels"):
+        assert np.array_equal(getattr(a, c), getattr(plain, c))

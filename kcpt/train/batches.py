@@ -75,6 +75,33 @@ def _column(table: pa.Table, name: str, path: str, seq_len: int | None) -> np.nd
 def load_packed_rows(prepared_dir: str | Path, name: str | None = None,
                      seq_len: int | None = None) -> PackedRows:
     """Read every ``part-*.parquet`` shard of a prepared dataset (sorted by file name) into memory."""
+    return _decode_rows(prepared_dir, name, seq_len)
+
+
+def mapped_packed_rows(prepared_dir: str | Path, name: str | None = None, seq_len: int | None = None) -> PackedRows:
+    """All rows of a prepared dataset as read-only memory maps of uncompressed ``.npy`` files: decoded once per
+    node (file lock) into node scratch, keyed by the dataset's manifest hash, then mapped by every rank, so
+    ranks on one node share the page cache instead of each holding a decoded copy (the ``memory`` loader)."""
+    from kcpt import storage
+    from kcpt.data.shards import prepared_sha256
+
+    key = f"{prepared_sha256(prepared_dir)[:24]}-T{seq_len or 0}"
+    root = storage.scratch_root() / "rows" / key
+    with storage.file_lock(root.parent / f".{key}.lock"):
+        if not (root / "done").is_file():
+            rows = _decode_rows(prepared_dir, name, seq_len)
+            root.mkdir(parents=True, exist_ok=True)
+            for c in _COLUMNS:
+                tmp = root / f".{c}.npy.tmp"
+                with open(tmp, "wb") as f:
+                    np.save(f, np.ascontiguousarray(getattr(rows, c)))
+                tmp.replace(root / f"{c}.npy")
+            (root / "done").write_text("ok")
+    arrays = {c: np.load(root / f"{c}.npy", mmap_mode="r") for c in _COLUMNS}
+    return PackedRows(name or Path(prepared_dir).name, **arrays)
+
+
+def _decode_rows(prepared_dir: str | Path, name: str | None, seq_len: int | None) -> PackedRows:
     files = shard_files(prepared_dir)
     parts: dict[str, list[np.ndarray]] = {c: [] for c in _COLUMNS}
     for f in files:

@@ -50,7 +50,7 @@ from kcpt.model.attention import model_inputs
 from kcpt.model.loading import autocast, compile_layers, load_causal_lm
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.anomaly import AnomalyDetector
-from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, load_packed_rows
+from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, mapped_packed_rows
 from kcpt.train.engine import (
     DeepSpeedEngine,
     Engine,
@@ -433,7 +433,7 @@ class StageRunner:
 
     def rows_of(self, name: str) -> PackedRows:
         if name not in self.rows:
-            self.rows[name] = load_packed_rows(self.prepared[name], name=name, seq_len=self.cfg.data.seq_len)
+            self.rows[name] = mapped_packed_rows(self.prepared[name], name=name, seq_len=self.cfg.data.seq_len)
         return self.rows[name]
 
     def reader_of(self, name: str) -> ShardReader:

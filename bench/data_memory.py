@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             prepared = prepare_all(cfg, ["raw_train", "raw_val"], progress=False)
             m = read_manifest(prepared["raw_train"])
             facts[k] = (m["rows"], m["tokens"], m["rows"] * m["seq_len"] * 12 / 2**20)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
-                                                          os.environ.get("PYTHONPATH", "")]))
+        path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+        env = dict(os.environ, KCPT_SCRATCH=str(work / "scratch"), PYTHONPATH=path)
         for loader in loaders:
             for k in scales:
                 spec = {"work": str(work), "scale": k, "loader": loader, "steps": args.steps, "extra": args.set}

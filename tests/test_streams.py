@@ -156,3 +156,19 @@ def test_memory_loader_maps_one_decoded_copy_per_node(tmp_path, monkeypatch):
     assert not a.labels.flags.writeable
     for c in ("input_ids", "position_ids", "labels"):
         assert np.array_equal(getattr(a, c), getattr(plain, c))
+
+
+def test_stream_loader_fetches_only_manifest_and_tokenizer_from_a_uri(s3_prefix, tmp_path, monkeypatch):
+    from kcpt.data.shards import fetch_prepared
+    from kcpt.storage import Store
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    ref = make_prepared(tmp_path / "d", 30, per_shard=10, row_group=5)
+    (ref / "tokenizer").mkdir()
+    (ref / "tokenizer" / "tokenizer.json").write_text("{}")
+    Store(s3_prefix).upload_tree(ref, "prep", last=("manifest.json",))
+    meta = fetch_prepared(f"{s3_prefix}/prep", shards=False)
+    assert (meta / "manifest.json").is_file() and (meta / "tokenizer" / "tokenizer.json").is_file()
+    assert not list(meta.glob("*.parquet"))
+    full = fetch_prepared(f"{s3_prefix}/prep")  # the memory loader's copy: a separate, complete mirror
+    assert full != meta and len(list(full.glob("*.parquet"))) == 3

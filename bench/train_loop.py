@@ -1,6 +1,7 @@
 """Tokens/s of the Ray Train stage loop against a plain single-process PyTorch loop, same model and data.
 
     python bench/train_loop.py [--steps 60] [--model small|medium] [--workers 1,2] [--threads 2]
+                               [--loaders stream,memory] [--repeat 1]
     python bench/train_loop.py --gpu [--steps 20] [--peak-tflops auto]     # Llama-3.2-1B shape, seq 2048, bf16
     python bench/train_loop.py --options [--steps 12]                      # the same option table on the CPU
 
@@ -11,7 +12,9 @@ stage: raw_train, next-token CE, AdamW, clip 1.0, warmup+cosine). Reported per c
   interval; evals and checkpoints excluded), the plain loop's over the same steps;
 - end-to-end tokens/s: all trained tokens ÷ wall time including setup (``ray.init``, ``fit()`` start, model
   build, data load);
-- the ratio Ray ÷ plain for both (goal ≥ 0.95 steady-state with 1 worker).
+- the ratio Ray ÷ plain for both (goal ≥ 0.95 steady-state with 1 worker);
+- per ``data.loader`` (``--loaders``; each Ray configuration runs once per loader, round-robin ``--repeat``
+  times, medians shown): the streaming loader's steady tokens/s ÷ the in-RAM loader's (goal ≥ 0.95).
 
 The plain loop uses ``--threads`` torch threads; the Ray loop with W workers gets ``threads / W`` CPUs per worker
 (so both use the same cores).
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -51,7 +55,7 @@ MODELS = {
 }
 
 
-def bench_config(args: argparse.Namespace, workers: int, run_name: str, out: Path):
+def bench_config(args: argparse.Namespace, workers: int, run_name: str, out: Path, loader: str = "stream"):
     from kcpt.config import load_config
 
     seq_len = args.seq_len
@@ -62,7 +66,7 @@ def bench_config(args: argparse.Namespace, workers: int, run_name: str, out: Pat
           f"train.num_workers={workers}", f"train.cpus_per_worker={max(1, args.threads // workers)}",
           f"train.use_gpu={str(args.gpu).lower()}", "train.eval_at_start=false", "train.max_eval_rows=8",
           "train.checkpoint_every_eval=false", "train.anomaly.k_mad=1000", f"train.output_dir={out}",
-          f"train.run_name={run_name}", f"plan={plan}", "tune.stage=cpt"]
+          f"train.run_name={run_name}", f"plan={plan}", "tune.stage=cpt", f"data.loader={loader}"]
     return load_config(None, ov)
 
 
@@ -336,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of every variant, round-robin; the median is shown")
     p.add_argument("--prepared-root", default=str(Path(tempfile.gettempdir()) / "kcpt-bench-prepared"))
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--loaders", default="stream,memory", help="data.loader values to run the Ray loop with")
     args = p.parse_args(argv)
     if args.gpu or args.options:
         options_table(args)
@@ -349,7 +354,6 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if args.gpu else "cpu"
     rows = []
     for w in workers:
-        cfg = bench_config(args, w, f"ray-{w}", out)
         # plain loop with the same global batch (w × batch rows per step) on all the cores
         plain_cfg = bench_config(args, 1, "plain", out)
         plain_cfg = plain_cfg.model_copy(update={"train": plain_cfg.train.model_copy(
@@ -357,37 +361,54 @@ def main(argv: list[str] | None = None) -> int:
         base = plain_loop(plain_cfg, args.steps, device)
         ray.init(num_cpus=args.threads + 1, num_gpus=w if args.gpu else None, include_dashboard=False,
                  log_to_driver=False)
+        loaders = args.loaders.split(",")
+        runs: dict[str, list[dict[str, float]]] = {ld: [] for ld in loaders}
         try:
-            got = ray_loop(cfg, args.steps, out / f"ray-{w}")
+            for _ in range(args.repeat):
+                for ld in loaders:
+                    runs[ld].append(ray_loop(bench_config(args, w, f"ray-{w}-{ld}", out, ld), args.steps,
+                                             out / f"ray-{w}-{ld}"))
         finally:
             ray.shutdown()
-        row = {"workers": w, "model": args.model, "params": base["params"],
-               "tokens_per_step": args.batch * w * args.seq_len,
-               "plain_steady_tok_s": base["steady_tok_s"], "ray_steady_tok_s": got["steady_tok_s"],
-               "steady_ratio": got["steady_tok_s"] / base["steady_tok_s"],
-               "plain_e2e_tok_s": base["e2e_tok_s"], "ray_e2e_tok_s": got["e2e_tok_s"],
-               "e2e_ratio": got["e2e_tok_s"] / base["e2e_tok_s"], "ray_wall_s": got["wall_s"],
-               "plain_wall_s": base["wall_s"]}
-        if args.gpu:
-            row["ray_tok_s_per_gpu"] = got["steady_tok_s"] / w
-            row["mfu"] = 6 * base["params"] * row["ray_tok_s_per_gpu"] / (args.peak_tflops * 1e12)
-            row["plain_mfu"] = 6 * base["params"] * base["steady_tok_s"] / (args.peak_tflops * 1e12)
-        rows.append(row)
-    hdr = ["workers", "plain tok/s", "ray tok/s", "ratio", "plain e2e tok/s", "ray e2e tok/s", "e2e ratio",
-           "ray wall s"] + (["tok/s/GPU", "MFU"] if args.gpu else [])
+        for ld in loaders:
+            got = {k: statistics.median(r[k] for r in runs[ld]) for k in runs[ld][0]}
+            rows.append(_row(args, w, ld, base, got))
+        if "memory" in runs:
+            mem = next(r for r in rows if r["workers"] == w and r["loader"] == "memory")
+            for r in rows:
+                if r["workers"] == w:
+                    r["vs_memory"] = r["ray_steady_tok_s"] / mem["ray_steady_tok_s"]
+    hdr = ["workers", "loader", "plain tok/s", "ray tok/s", "ratio", "vs memory", "plain e2e tok/s", "ray e2e tok/s",
+           "e2e ratio", "ray wall s"] + (["tok/s/GPU", "MFU"] if args.gpu else [])
     print(f"\nmodel {args.model} ({rows[0]['params'] / 1e6:.2f}M params), seq_len {args.seq_len}, {args.batch} "
-          f"rows/worker/step, {args.steps} steps, {args.threads} threads")
+          f"rows/worker/step, {args.steps} steps, {args.threads} threads, {args.repeat} run(s) per loader")
     print(" | ".join(hdr))
     for r in rows:
-        cells = [str(r["workers"]), f"{r['plain_steady_tok_s']:.0f}", f"{r['ray_steady_tok_s']:.0f}",
-                 f"{r['steady_ratio']:.3f}", f"{r['plain_e2e_tok_s']:.0f}", f"{r['ray_e2e_tok_s']:.0f}",
-                 f"{r['e2e_ratio']:.3f}", f"{r['ray_wall_s']:.1f}"]
+        vs = r.get("vs_memory")
+        cells = [str(r["workers"]), r["loader"], f"{r['plain_steady_tok_s']:.0f}", f"{r['ray_steady_tok_s']:.0f}",
+                 f"{r['steady_ratio']:.3f}", "-" if vs is None else f"{vs:.3f}", f"{r['plain_e2e_tok_s']:.0f}",
+                 f"{r['ray_e2e_tok_s']:.0f}", f"{r['e2e_ratio']:.3f}", f"{r['ray_wall_s']:.1f}"]
         if args.gpu:
             cells += [f"{r['ray_tok_s_per_gpu']:.0f}", f"{r['mfu']:.3f}"]
         print(" | ".join(cells))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _row(args: argparse.Namespace, w: int, loader: str, base: dict, got: dict) -> dict:
+    row = {"workers": w, "loader": loader, "model": args.model, "params": base["params"],
+           "tokens_per_step": args.batch * w * args.seq_len,
+               "plain_steady_tok_s": base["steady_tok_s"], "ray_steady_tok_s": got["steady_tok_s"],
+               "steady_ratio": got["steady_tok_s"] / base["steady_tok_s"],
+               "plain_e2e_tok_s": base["e2e_tok_s"], "ray_e2e_tok_s": got["e2e_tok_s"],
+               "e2e_ratio": got["e2e_tok_s"] / base["e2e_tok_s"], "ray_wall_s": got["wall_s"],
+               "plain_wall_s": base["wall_s"]}
+    if args.gpu:
+        row["ray_tok_s_per_gpu"] = got["steady_tok_s"] / w
+        row["mfu"] = 6 * base["params"] * row["ray_tok_s_per_gpu"] / (args.peak_tflops * 1e12)
+        row["plain_mfu"] = 6 * base["params"] * base["steady_tok_s"] / (args.peak_tflops * 1e12)
+    return row
 
 
 if __name__ == "__main__":

@@ -199,6 +199,12 @@ class DataConfig(Strict):
     """None (default): rejects are reported (a warning above 10 % of a raw dataset or for any exam item, see
     :mod:`kcpt.data.report`). A number: a job stops (exit 2) when one reject reason drops more than this fraction
     of a dataset's documents/items."""
+    loader: Literal["stream", "memory"] = "stream"
+    """How training workers read the prepared rows: ``stream`` (default: row groups read lazily from the
+    prepared directory or URI, a bounded window in memory; :mod:`kcpt.train.streams`) or ``memory`` (every row
+    of every source decoded into RAM per worker: small data only; :mod:`kcpt.train.batches`)."""
+    stream_window_rows: int = Field(1024, ge=1)
+    """``stream``: rows per shuffle window (whole row groups; at most ~3 windows per source are in memory)."""
 
 
 # --------------------------------------------------------------------------- plan (stages)

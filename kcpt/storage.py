@@ -279,13 +279,14 @@ MARKER_COPY = ".kcpt-fetched"
 
 
 def fetch_tree(ref: str | os.PathLike, *, marker: str, files_of: Callable[[dict[str, Any]], dict[str, int]] | None
-               = None) -> Path:
+               = None, skip: Callable[[str], bool] | None = None, mirror_suffix: str = "") -> Path:
     """A local directory holding the published directory ``ref`` (a URI: downloaded once per node into scratch,
     reused while the remote marker is unchanged; a local path: itself).
 
     ``marker`` names the JSON file published last (see :func:`publish_tree`); ``files_of(marker_json)`` lists the
     files it vouches for (name → size), which must all be present (a half-uploaded directory is refused with
-    ``FileNotFoundError``). Without ``files_of`` every file present is taken."""
+    ``FileNotFoundError``). Without ``files_of`` every file present is taken. ``skip(name)``: files not to download
+    (a partial copy, kept in its own mirror named with ``mirror_suffix``)."""
     if not is_uri(str(ref)):
         return local_path(str(ref)) if isinstance(ref, str) else Path(ref)
     uri = str(ref)
@@ -296,6 +297,8 @@ def fetch_tree(ref: str | os.PathLike, *, marker: str, files_of: Callable[[dict[
         raise FileNotFoundError(f"{uri}: no {marker} (not published, or an upload was interrupted)") from None
     listed = files_of(json.loads(marker_bytes)) if files_of is not None else None
     local = local_path_for(uri)
+    if mirror_suffix:
+        local = local.with_name(local.name + mirror_suffix)
     with file_lock(local.parent / f".{local.name}.fetch-lock"):
         sizes = listed if listed is not None else {}
         if local.is_dir() and _complete_locally(local, marker_bytes, sizes):
@@ -308,7 +311,7 @@ def fetch_tree(ref: str | os.PathLike, *, marker: str, files_of: Callable[[dict[
         tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}-{hashlib.sha1(os.urandom(8)).hexdigest()[:6]}")
         try:
             for name in remote:
-                if name != marker:
+                if name != marker and (skip is None or not skip(name)):
                     store.download_file(f"{rel}/{name}", tmp / name)
             (tmp / marker).write_bytes(marker_bytes)
             (tmp / MARKER_COPY).write_bytes(marker_bytes)

@@ -84,3 +84,21 @@ def test_tune_efficiency_real_loop_mode(tmp_path, capsys):
         assert r["raw"][kind]["first"] == [1] and r["rows"][kind]["passing"] == 1
         assert r["raw"][kind]["best"][0] is not None and r["raw"][kind]["best"][0] < 1.0   # passed: value < 1
     assert "real loop, ratio TPE/random" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_data_memory_bench_prints_both_loaders(capsys, tmp_path):
+    rows = _load("data_memory").main(["--scales", "1,2", "--steps", "1", "--work", str(tmp_path)])
+    assert [(r["loader"], r["scale"]) for r in rows] == [("stream", 1), ("stream", 2), ("memory", 1), ("memory", 2)]
+    by = {(r["loader"], r["scale"]): r for r in rows}
+    assert by["stream", 2]["rows"] > by["stream", 1]["rows"]  # the repeated corpus is really larger (dedup off)
+    assert all(r["peak_rss_mb"] > 0 for r in rows) and by["memory", 1]["ratio"] == 1.0
+    out = capsys.readouterr().out
+    assert "| stream | ×2 |" in out and "| memory | ×1 |" in out
+
+
+@pytest.mark.slow
+def test_train_loop_bench_has_a_loader_column(capsys):
+    assert _load("train_loop").main(["--workers", "2", "--steps", "4", "--batch", "2", "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "workers | loader | " in out and "\n2 | stream | " in out and "\n2 | memory | " in out

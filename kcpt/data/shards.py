@@ -40,6 +40,8 @@ MANIFEST = "manifest.json"
 PREPARED_FORMAT = "kcpt-packed-v1"
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_ROWS_PER_SHARD = 8192
+ROW_GROUP_ROWS = 1024
+"""Rows per Parquet row group: the unit the streaming loader reads and shuffles (:mod:`kcpt.train.streams`)."""
 
 
 def shard_name(index: int) -> str:
@@ -142,7 +144,7 @@ def write_shards(rows: Iterable[PackedRow], directory: Path, *, rows_per_shard: 
 
     def flush() -> None:
         name = shard_name(len(names))
-        pq.write_table(rows_to_table(buf), directory / name)
+        pq.write_table(rows_to_table(buf), directory / name, row_group_size=ROW_GROUP_ROWS)
         names.append(name)
         buf.clear()
 
@@ -260,14 +262,19 @@ def iter_rows(directory: str | Path, batch_size: int = 1024) -> Iterator[pa.Reco
         yield from pq.ParquetFile(p).iter_batches(batch_size=batch_size)
 
 
-def fetch_prepared(ref: str | Path) -> Path:
+def fetch_prepared(ref: str | Path, *, shards: bool = True) -> Path:
     """The local directory of prepared dataset ``ref``: a local path as is; a URI downloaded once per node into
-    scratch and reused while its manifest (uploaded last) is unchanged (:func:`kcpt.storage.fetch_tree`)."""
+    scratch and reused while its manifest (uploaded last) is unchanged (:func:`kcpt.storage.fetch_tree`).
+    ``shards=False``: only the manifest and the tokenizer (into a separate mirror): the streaming loader reads
+    the shards from the URI itself."""
     from kcpt import storage
 
     if not storage.is_uri(str(ref)):
         return Path(ref)
     try:
+        if not shards:
+            return storage.fetch_tree(str(ref), marker=MANIFEST, skip=lambda n: n.endswith(".parquet"),
+                                      mirror_suffix=".meta")
         return storage.fetch_tree(str(ref), marker=MANIFEST)
     except FileNotFoundError as e:
         raise InputError(f"prepared dataset not found or incompletely uploaded ({e}); prepare it again",

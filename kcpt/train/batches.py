@@ -75,6 +75,33 @@ def _column(table: pa.Table, name: str, path: str, seq_len: int | None) -> np.nd
 def load_packed_rows(prepared_dir: str | Path, name: str | None = None,
                      seq_len: int | None = None) -> PackedRows:
     """Read every ``part-*.parquet`` shard of a prepared dataset (sorted by file name) into memory."""
+    return _decode_rows(prepared_dir, name, seq_len)
+
+
+def mapped_packed_rows(prepared_dir: str | Path, name: str | None = None, seq_len: int | None = None) -> PackedRows:
+    """All rows of a prepared dataset as read-only memory maps of uncompressed ``.npy`` files: decoded once per
+    node (file lock) into node scratch, keyed by the dataset's manifest hash, then mapped by every rank, so
+    ranks on one node share the page cache instead of each holding a decoded copy (the ``memory`` loader)."""
+    from kcpt import storage
+    from kcpt.data.shards import prepared_sha256
+
+    key = f"{prepared_sha256(prepared_dir)[:24]}-T{seq_len or 0}"
+    root = storage.scratch_root() / "rows" / key
+    with storage.file_lock(root.parent / f".{key}.lock"):
+        if not (root / "done").is_file():
+            rows = _decode_rows(prepared_dir, name, seq_len)
+            root.mkdir(parents=True, exist_ok=True)
+            for c in _COLUMNS:
+                tmp = root / f".{c}.npy.tmp"
+                with open(tmp, "wb") as f:
+                    np.save(f, np.ascontiguousarray(getattr(rows, c)))
+                tmp.replace(root / f"{c}.npy")
+            (root / "done").write_text("ok")
+    arrays = {c: np.load(root / f"{c}.npy", mmap_mode="r") for c in _COLUMNS}
+    return PackedRows(name or Path(prepared_dir).name, **arrays)
+
+
+def _decode_rows(prepared_dir: str | Path, name: str | None, seq_len: int | None) -> PackedRows:
     files = shard_files(prepared_dir)
     parts: dict[str, list[np.ndarray]] = {c: [] for c in _COLUMNS}
     for f in files:
@@ -106,9 +133,15 @@ def to_batch(rows: PackedRows, idx: np.ndarray, device: torch.device | str = "cp
     needs, with no device→host read."""
     from kcpt.model.attention import host_cu_seqlens
 
-    batch = {c: torch.from_numpy(getattr(rows, c)[idx].astype(np.int64)).to(device) for c in _COLUMNS}
+    pin = torch.device(device).type == "cuda"  # pinned host memory: the copies overlap with compute
+
+    def put(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
+
+    batch = {c: put(getattr(rows, c)[idx].astype(np.int64)) for c in _COLUMNS}
     cu, max_len = host_cu_seqlens(rows.position_ids[idx])
-    batch["cu_seqlens"] = torch.from_numpy(cu).to(device)
+    batch["cu_seqlens"] = put(cu)
     batch["max_seqlen"] = torch.tensor(max_len)
     return batch
 

@@ -179,7 +179,7 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
     if data_table:
         announce_data(prepared, statuses, limit=cfg.data.max_reject_fraction,
                       filters=cfg.data.filters.model_dump(mode="json"))
-    expected = expected_manifest(cfg, {k: fetch_prepared(v) for k, v in prepared.items()})
+    expected = expected_manifest(cfg, {k: fetch_prepared(v, shards=False) for k, v in prepared.items()})
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
             local = ckpt_lib.fetch(p)

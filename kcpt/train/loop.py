@@ -50,7 +50,7 @@ from kcpt.model.attention import model_inputs
 from kcpt.model.loading import autocast, compile_layers, load_causal_lm
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.anomaly import AnomalyDetector
-from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, load_packed_rows
+from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, mapped_packed_rows
 from kcpt.train.engine import (
     DeepSpeedEngine,
     Engine,
@@ -71,6 +71,7 @@ from kcpt.train.mixture import MixtureSampler
 from kcpt.train.rundir import RunDir, ScalarLogger
 from kcpt.train.schedule import lr_at
 from kcpt.train.stopping import StopDecision, StopState, update_stop
+from kcpt.train.streams import ShardReader, StreamBatches
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class StageRun:
     stage: StageConfig
     engine: Engine
     ref: torch.nn.Module | None
-    streams: dict[str, SourceBatches]
+    streams: dict[str, SourceBatches | StreamBatches]
     sampler: MixtureSampler
     detector: AnomalyDetector
     faults: FaultInjector
@@ -381,8 +382,11 @@ class StageRunner:
         self.run_dir = RunDir(config["run_dir"])
         if self.rank == 0:
             self.run_dir.pull()  # a run directory at a URI: this node's mirror starts from the published files
-        # prepared datasets given as URIs are downloaded once per node (file lock) into node-local scratch
-        self.prepared: dict[str, str] = {k: str(fetch_prepared(v)) for k, v in config["prepared"].items()}
+        # prepared datasets given as URIs: the memory loader downloads them once per node (file lock) into
+        # node-local scratch; the stream loader fetches manifest + tokenizer only and reads shards from the URI
+        self.streaming = self.cfg.data.loader == "stream"
+        self.prepared: dict[str, str] = {k: str(fetch_prepared(v, shards=not self.streaming))
+                                         for k, v in config["prepared"].items()}
         # the driver's console (kcpt.console.console_feed): rank 0 sends it stage/progress/eval events
         self.feed = config.get("console") if self.rank == 0 else None
         self._progress_due = Throttle()
@@ -434,12 +438,40 @@ class StageRunner:
 
     def rows_of(self, name: str) -> PackedRows:
         if name not in self.rows:
-            self.rows[name] = load_packed_rows(self.prepared[name], name=name, seq_len=self.cfg.data.seq_len)
+            self.rows[name] = mapped_packed_rows(self.prepared[name], name=name, seq_len=self.cfg.data.seq_len)
         return self.rows[name]
+
+    def reader_of(self, name: str) -> ShardReader:
+        return ShardReader(self.config["prepared"][name], seq_len=self.cfg.data.seq_len, name=name)
+
+    def stream_of(self, name: str, kind: str) -> SourceBatches | StreamBatches:
+        """This rank's batches of training source ``name`` under ``data.loader``; ``kind`` its loss (``full`` on
+        an exam source rebuilds the labels from ``input_ids``)."""
+        t = self.cfg.train
+        relabel = kind == "full" and self.cfg.data.datasets[name].kind == "exam"
+        if self.streaming:
+            return StreamBatches(self.reader_of(name), rank=self.rank, world=self.world,
+                                 batch_size=t.micro_batch_size, seed=t.seed,
+                                 window_rows=self.cfg.data.stream_window_rows, device=self.device,
+                                 transform=(lambda a: (a[0], a[1], full_labels(*a))) if relabel else None)
+        rows = self.rows_of(name)
+        if relabel:
+            rows = PackedRows(rows.name, rows.input_ids, rows.position_ids,
+                              full_labels(rows.input_ids, rows.position_ids, rows.labels))
+        return SourceBatches(rows, rank=self.rank, world=self.world, batch_size=t.micro_batch_size, seed=t.seed,
+                             device=self.device)
+
+    def eval_rows(self, name: str) -> PackedRows:
+        """An eval set's rows: under the stream loader only the first ``train.max_eval_rows`` are read."""
+        if self.streaming:
+            reader = self.reader_of(name)
+            cap = self.cfg.train.max_eval_rows
+            return reader.head(reader.rows if cap is None else cap)
+        return self.rows_of(name)
 
     def eval_set(self, name: str) -> list[dict[str, torch.Tensor]]:
         if name not in self.eval_cache:
-            self.eval_cache[name] = eval_batches(self.rows_of(name), rank=self.rank, world=self.world,
+            self.eval_cache[name] = eval_batches(self.eval_rows(name), rank=self.rank, world=self.world,
                                                  batch_size=self.cfg.train.eval_batch_size,
                                                  max_rows=self.cfg.train.max_eval_rows, device=self.device)
         return self.eval_cache[name]
@@ -601,14 +633,7 @@ class StageRunner:
         sources = stage_sources(stage)
         start = resume_path if resume is not None else plan.start_from
         engine = self.build_engine(self.load_model(start), stage)
-        streams = {s: SourceBatches(self.rows_of(s), rank=self.rank, world=self.world,
-                                    batch_size=t.micro_batch_size, seed=t.seed, device=self.device)
-                   for s in sources}
-        for s, k in kinds.items():  # labels from input_ids for exam rows trained with the full loss
-            if k == "full" and self.cfg.data.datasets[s].kind == "exam":
-                r = streams[s].rows
-                streams[s].rows = PackedRows(r.name, r.input_ids, r.position_ids,
-                                             full_labels(r.input_ids, r.position_ids, r.labels))
+        streams = {s: self.stream_of(s, kinds[s]) for s in sources}
         run = StageRun(
             stage=stage, engine=engine, ref=self.reference_model(stage, plan), streams=streams,
             sampler=MixtureSampler(stage.sources, seed=t.seed, schedule=stage.mixture_schedule,
@@ -668,6 +693,9 @@ class StageRunner:
         finally:
             tb.close()
             run.engine.close()
+            for s in run.streams.values():
+                if isinstance(s, StreamBatches):
+                    s.close()
         self.finish_stage(run, plan)
 
     # ----------------------------------------------------------------- one optimizer step

@@ -288,3 +288,20 @@ def test_kcpt_error_inside_train_v2_worker_group_error_is_found():
     inner = ConfigError("stage 'stage1': kl_reference 'cpt_best' but no stage of this run set a baseline")
     assert worker_kcpt_error(WorkerGroupError("rank 0 failed", {0: inner})) is inner
     assert worker_kcpt_error(WorkerGroupError("rank 0 failed", {0: RuntimeError("a bug")})) is None
+
+
+def test_tune_console_pickles_with_the_experiment_state():
+    """Tune pickles its callbacks (experiment state, restore): a console writing to a capture buffer (pytest's,
+    a notebook's) must still pickle, and a restored one writes to stdout."""
+    import io
+    import pickle
+    import sys
+
+    from kcpt.tune.progress import TuneConsole
+
+    class Unpicklable(io.StringIO):
+        def __reduce__(self):
+            raise TypeError("cannot pickle this stream")
+
+    restored = pickle.loads(pickle.dumps(TuneConsole(3, stream=Unpicklable(), progress=False)))
+    assert restored.stream is sys.stdout and restored.total == 3

@@ -39,6 +39,17 @@ class TuneConsole(Callback):
         self.best: tuple[float, str, dict[str, Any]] | None = None
         self._bar: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its callbacks with the experiment state: the stream and the bar stay behind (a restored
+        console writes to this process's stdout)."""
+        state = dict(self.__dict__)
+        state["stream"], state["_bar"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.stream = self.stream or sys.stdout
+
     # ------------------------------------------------------------------ output
     def _write(self, line: str) -> None:
         if self.bars and self._bar is None:

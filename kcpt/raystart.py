@@ -38,7 +38,8 @@ def start_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None
         what = f"joined the Ray cluster at {joined}"
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: no ~/.ray/auth_token
-        ctx = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **init_kwargs)
+        # address="local": always a new private instance, never a `ray start` cluster found on this machine
+        ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **init_kwargs)
         what = f"started a local Ray ({num_cpus} CPUs)"
     session = (getattr(ctx, "address_info", None) or {}).get("session_dir")
     print(f"ray: {what}; Ray's logs: {session}/logs" if session else f"ray: {what}", flush=True)

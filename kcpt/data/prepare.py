@@ -17,13 +17,11 @@ directory (the ``kcpt prepare`` command uses it). With ``data.ray_data`` the Ray
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ from kcpt.data.types import Document, ExamItem
 from kcpt.errors import InputError
 from kcpt.hashing import sha256_json
 from kcpt.model.tokenizer import load_tokenizer, pad_token_id, save_tokenizer, tokenizer_sha256
+from kcpt.storage import file_lock
 
 PREPARE_FORMAT_VERSION = 3
 """Bump when prepared rows would change for the same inputs (part of the cache key)."""
@@ -175,17 +174,6 @@ def encode_counting(items: Iterable[ExamItem], tokenizer, cfg: KcptConfig, repor
             yield seg
 
 
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def prepare_tokenizer(cfg: KcptConfig, root: Path):
     """Load (or train) the configured tokenizer and save it once under ``root/tokenizer-<sha12>/``.
 
@@ -194,7 +182,7 @@ def prepare_tokenizer(cfg: KcptConfig, root: Path):
     tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
     sha = tokenizer_sha256(tok)
     tdir = root / f"tokenizer-{sha[:12]}"
-    with _lock(root / f".tokenizer-{sha[:12]}.lock"):
+    with file_lock(root / f".tokenizer-{sha[:12]}.lock"):
         if not tdir.is_dir():
             tmp = root / f".tokenizer-{sha[:12]}.tmp"
             save_tokenizer(tok, tmp)
@@ -227,7 +215,7 @@ def _prepare_by_content(cfg: KcptConfig, root: Path, name: str, tok, sha: str, t
     hashes = input_hashes(paths)
     target = root / f"{name}-{dataset_key(name, ds, cfg, sha, paths, hashes)[:12]}"
     made = False
-    with _lock(root / f".{target.name}.lock"):
+    with file_lock(root / f".{target.name}.lock"):
         if storage.is_uri(cfg.data.prepared_root) and not (target / MANIFEST).is_file():
             try:  # published by a run on another node: download instead of preparing
                 storage.fetch_tree(storage.join(cfg.data.prepared_root, target.name), marker=MANIFEST)
@@ -299,7 +287,7 @@ def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress
                     from kcpt.data.ray_pipeline import ensure_ray
 
                     started = ensure_ray(address, verbose=cfg.logging.verbose)
-                with _lock(root / f".{index.name}.lock"):
+                with file_lock(root / f".{index.name}.lock"):
                     target = _indexed(root, index)
                     if target is None:
                         target, made = _prepare_by_content(cfg, root, name, tok, sha, tdir, paths, skey, progress,

@@ -24,7 +24,10 @@ def test_loss_memory_bench_fused_is_smaller_at_equal_results(capsys):
                                       "--chunk", "64"])
     (r,) = rows
     assert r["ratio"] > 2.0, r                      # logits path: several [N, V] float32 copies; fused: chunks
-    assert r["ce_rel_diff"] < 1e-5 and r["kl_rel_diff"] < 1e-5
+    assert r["ce_rel_diff"] < 1e-5
+    # KL here (~0.02 nats/token) is the difference of two ~log(V) = 9.7-nat sums, so float32 rounding (6e-8) is
+    # amplified ~500x in its relative error (seen: 1.2e-5 on one machine); a wrong or missing term shows as O(1e-1).
+    assert r["kl_rel_diff"] < 1e-3
     assert r["grad_max_abs_diff"] < 1e-6
     assert "| 4x128 |" in capsys.readouterr().out
 

@@ -150,6 +150,6 @@ def test_latest_checkpoint_follows_stage_order_then_step(tmp_path):
     for name in ["00-cpt-step000040", "00-cpt-step000100", "01-stage3-step000010", "01-other-step000090",
                  ".01-stage3-step000020.tmp-1-abc", "notes"]:
         (rd.checkpoints / name).mkdir(parents=True)
-    assert latest_checkpoint(rd, ["cpt", "stage3"]).name == "01-stage3-step000010"
-    assert latest_checkpoint(rd, ["cpt"]).name == "00-cpt-step000100"
+    assert latest_checkpoint(rd, ["cpt", "stage3"]) == str(rd.checkpoints / "01-stage3-step000010")
+    assert latest_checkpoint(rd, ["cpt"]) == str(rd.checkpoints / "00-cpt-step000100")
     assert latest_checkpoint(rd, ["stage3"]) is None  # position 0 of this plan is not 'cpt'

@@ -200,7 +200,6 @@ def run_variant(opts: dict, *, shape: dict, device: str, batch: int, seq: int, g
 
     from kcpt.config import ModelConfig
     from kcpt.model.loading import autocast, compile_layers
-    from kcpt.train import fused_loss
     from kcpt.train.engine import TorchEngine, all_reduce_, make_adamw, rank_world
     from kcpt.train.loop import accumulate_step
 
@@ -210,7 +209,6 @@ def run_variant(opts: dict, *, shape: dict, device: str, batch: int, seq: int, g
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model.config.use_cache = False
-    fused_loss.install(model)
     if opts["compile"]:
         compile_layers(model)
     n_params = sum(p.numel() for p in model.parameters())

@@ -60,10 +60,16 @@ def test_without_grad_no_gradient_is_computed():
 
 def test_model_fused_forward_equals_logits_path():
     """The tiny Llama's ``kcpt_loss`` forward mode (base model → chunked head) gives the loss and parameter
-    gradients of the logits path, with a KL reference given as final hidden states."""
+    gradients of the logits path, with a KL reference given as final hidden states; the wrapper leaves the LM
+    itself as it was (its own forward, state dict keys)."""
+    from kcpt.train.fused_loss import LossHeadLM
+
     mc = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
-    model = build_tiny_model(mc.model_copy(update={"seed": 1}), 40)
-    ref = freeze(build_tiny_model(mc.model_copy(update={"seed": 2}), 40))
+    lm = build_tiny_model(mc.model_copy(update={"seed": 1}), 40)
+    keys = list(lm.state_dict())
+    model = LossHeadLM(lm)
+    assert "forward" not in vars(lm) and list(lm.state_dict()) == keys and model.config is lm.config
+    ref = LossHeadLM(freeze(build_tiny_model(mc.model_copy(update={"seed": 2}), 40)))
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 40, (2, 12), generator=g)
     pos = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])  # packed row: 2 documents
@@ -98,3 +104,21 @@ def test_bf16_head_without_autocast_runs_and_is_close():
     assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
     assert float(ce2) == pytest.approx(float(ce), rel=2e-2)
     assert (wb.grad.float() - gw).abs().max() < 0.05 * gw.abs().max()
+
+
+def test_fused_step_refuses_a_bare_reference():
+    """A bare HF LM takes ``kcpt_hidden=True`` into its ``**kwargs`` and returns logits: the step refuses it
+    rather than mistaking an output object for hidden states."""
+    from kcpt.train.engine import TorchEngine, make_adamw
+    from kcpt.train.fused_loss import has_loss_head
+    from kcpt.train.loop import accumulate_step
+
+    mc = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    engine = TorchEngine(build_tiny_model(mc, 40), lambda g: make_adamw(g, lr=1e-3, betas=(0.9, 0.95), fused=False), clip=1.0,
+                         weight_decay=0.0, device=torch.device("cpu"))
+    bare = freeze(build_tiny_model(mc.model_copy(update={"seed": 2}), 40))
+    assert not has_loss_head(bare) and has_loss_head(engine.wrapped)
+    ids = torch.randint(0, 40, (1, 8))
+    batch = {"input_ids": ids, "position_ids": torch.arange(8)[None], "labels": ids.clone()}
+    with pytest.raises(TypeError, match="LossHeadLM"):
+        accumulate_step(engine, [(batch, True)], ref=bare, kl_beta=0.1, fused=True)

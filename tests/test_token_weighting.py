@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from kcpt.config import ModelConfig, TinyModelConfig
 from kcpt.model.loading import build_tiny_model, freeze
+from kcpt.train.fused_loss import LossHeadLM
 from kcpt.train.losses import kl_to_reference_sum, token_ce_sum
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "kcpt" / "torch_extensions"))
@@ -45,7 +46,7 @@ def _micro(rows: dict[str, torch.Tensor], m: int) -> dict[str, torch.Tensor]:
 
 def _models():
     model = build_tiny_model(MODEL.model_copy(update={"seed": 1}), VOCAB)
-    ref = freeze(build_tiny_model(MODEL.model_copy(update={"seed": 2}), VOCAB))
+    ref = LossHeadLM(freeze(build_tiny_model(MODEL.model_copy(update={"seed": 2}), VOCAB)))
     return model, ref
 
 

@@ -47,9 +47,6 @@ def tiny_llama_config(cfg: ModelConfig, vocab_size: int, *, pad_token_id: int | 
 
 
 def _finish(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
-    from kcpt.train import fused_loss
-
-    fused_loss.install(model)  # adds the fused-loss / hidden-state forward modes; the plain forward is unchanged
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -105,7 +105,9 @@ class Engine(ABC):
     """What the stage loop needs from a training backend (see the module docstring)."""
 
     module: torch.nn.Module
-    """The (unwrapped) HF model: evals, saving, the reference for parameter counts."""
+    """The (unwrapped) HF model: saving, the reference for parameter counts."""
+    loss_module: fused_loss.LossHeadLM
+    """The HF model with the fused-loss forward modes, inside the backend's wrapper (evals call it)."""
     grad_world: int
     """Ranks the backend averages gradients over: the factor a token-summed loss is multiplied by."""
     stable_step: int | None = None
@@ -179,16 +181,17 @@ class TorchEngine(Engine):
     def __init__(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory, *, clip: float,
                  weight_decay: float, device: torch.device) -> None:
         super().__init__()
-        self.module = fused_loss.install(model)
+        self.module = model
+        self.loss_module = fused_loss.LossHeadLM(model)
         self.clip = clip
         self.optimizer = optimizer_factory(param_groups(model, weight_decay))
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
-            self.wrapped: torch.nn.Module = DistributedDataParallel(model, device_ids=ids)
+            self.wrapped: torch.nn.Module = DistributedDataParallel(self.loss_module, device_ids=ids)
         else:
-            self.wrapped = model
+            self.wrapped = self.loss_module
         self.grad_world = self.world
         self._snapshot: tuple[list[torch.Tensor], list[tuple[int, str]], list[Any]] | None = None
 
@@ -390,13 +393,14 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         super().__init__()
-        fused_loss.install(model)
+        wrapper = fused_loss.LossHeadLM(model)
         if ds_config.get("zero_optimization", {}).get("stage") == 3:
-            # the fused loss reads the head weight in the top module's forward: ZeRO-3 gathers it there too
-            deepspeed.zero.register_external_parameter(model, fused_loss.head_weight(model))
+            # the fused loss reads the head weight in the wrapper's forward: ZeRO-3 gathers it there too
+            deepspeed.zero.register_external_parameter(wrapper, fused_loss.head_weight(model))
         optimizer = optimizer_factory(param_groups(model, weight_decay))
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        self.module = self.engine.module
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=ds_config)
+        self.loss_module = self.engine.module
+        self.module = self.loss_module.module
         self.grad_world = self.world
         self._scratch = Path(tempfile.gettempdir()) / "kcpt-rollback" / scratch_key
         self._lr = float(self.optimizer.param_groups[0]["lr"])
@@ -465,7 +469,7 @@ def frozen_reference(model: torch.nn.Module, cfg: KcptConfig) -> torch.nn.Module
     ``offload_params``), so no rank holds the whole reference."""
     from kcpt.model.loading import freeze
 
-    model = freeze(fused_loss.install(model))
+    model = fused_loss.LossHeadLM(freeze(model)).eval()
     ds = cfg.train.deepspeed
     if ds is None or ds.zero_stage != 3:
         return model

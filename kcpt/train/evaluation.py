@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from kcpt.model.attention import model_inputs
+from kcpt.train import fused_loss
 from kcpt.train.batches import Batch
 from kcpt.train.losses import token_ce_sum
 
@@ -41,7 +42,7 @@ def eval_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device
     for b in batches:
         inputs = model_inputs(model, b)
         if fused:
-            _, s, c, _ = model(**inputs, kcpt_loss={"labels": b["labels"]})
+            _, s, c, _ = fused_loss.with_loss_head(model)(**inputs, kcpt_loss={"labels": b["labels"]})
         else:
             out = model(**inputs)
             s, c = token_ce_sum(out.logits, b["labels"])

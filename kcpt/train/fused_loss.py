@@ -15,18 +15,18 @@ chunk (logits, ∂hidden, ∂W), no recomputation. The causal shift and the ``-1
 same positions. Masked positions are computed and weighted by 0 (no boolean indexing: that would be a
 device→host sync per micro-batch on GPU).
 
-The model side: :func:`install` gives an HF causal LM a ``forward`` that, called with ``kcpt_loss={...}``,
-runs the base model (``model.base_model``: embeddings, decoder layers, final norm) and returns
-``(objective, ce_sum, ce_count, kl_sum)`` instead of logits — through the DDP / DeepSpeed wrapper, so gradient
-sync and ZeRO-3 gathering happen as for any forward (under ZeRO-3 the head weight is registered as an external
-parameter of the top module, see :func:`kcpt.train.engine.DeepSpeedEngine`). With ``kcpt_hidden=True`` it returns
-the final hidden states (the KL reference). Without either flag the model's own forward runs unchanged.
+The model side: :class:`LossHeadLM` wraps an HF causal LM (``.module``, as DDP names what it wraps). Its
+``forward`` called with ``kcpt_loss={...}`` runs the base model (``lm.base_model``: embeddings, decoder layers,
+final norm) and returns ``(objective, ce_sum, ce_count, kl_sum)`` instead of logits; the engines put DDP /
+DeepSpeed around the wrapper, so gradient sync and ZeRO-3 gathering happen as for any forward (under ZeRO-3 the
+head weight is registered as an external parameter of the wrapper, see :class:`kcpt.train.engine.DeepSpeedEngine`).
+With ``kcpt_hidden=True`` it returns the final hidden states (the KL reference). Without either flag it is the
+LM's own forward. The LM itself is not modified: its state dict and ``save_pretrained`` are those of the LM.
 """
 
 from __future__ import annotations
 
 import math
-import types
 from typing import Any
 
 import torch
@@ -164,24 +164,41 @@ def fused_ce_kl(hidden: Tensor, weight: Tensor, labels: Tensor, *, ce_scale: Ten
 # --------------------------------------------------------------------------- the model side
 
 
-def _fused_forward(self: Any, *args: Any, kcpt_loss: dict[str, Any] | None = None, kcpt_hidden: bool = False,
-                   **kwargs: Any) -> Any:
-    if kcpt_loss is None and not kcpt_hidden:
-        return type(self).forward(self, *args, **kwargs)
-    kwargs.setdefault("use_cache", False)
-    hidden = self.base_model(*args, **kwargs).last_hidden_state
-    if kcpt_hidden:
-        return hidden
-    assert kcpt_loss is not None
-    return fused_ce_kl(hidden, self.get_output_embeddings().weight, **kcpt_loss)
+class LossHeadLM(torch.nn.Module):
+    """An HF causal LM (``module``) with two more forward modes (see the module docstring). ``config`` and
+    ``get_output_embeddings`` are the LM's, so code that reads them works on the wrapper too."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = lm
+
+    @property
+    def config(self) -> Any:
+        return self.module.config
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.module.get_output_embeddings()
+
+    def forward(self, *args: Any, kcpt_loss: dict[str, Any] | None = None, kcpt_hidden: bool = False,
+                **kwargs: Any) -> Any:
+        if kcpt_loss is None and not kcpt_hidden:
+            return self.module(*args, **kwargs)
+        kwargs.setdefault("use_cache", False)
+        hidden = self.module.base_model(*args, **kwargs).last_hidden_state
+        if kcpt_hidden:
+            return hidden
+        assert kcpt_loss is not None
+        return fused_ce_kl(hidden, self.module.get_output_embeddings().weight, **kcpt_loss)
 
 
-def install(model: torch.nn.Module) -> torch.nn.Module:
-    """Give ``model`` (an HF causal LM) the ``kcpt_loss`` / ``kcpt_hidden`` forward modes (see the module
-    docstring); idempotent. The state dict, ``save_pretrained`` and the plain forward are unchanged."""
-    if not isinstance(model.__dict__.get("forward"), types.MethodType):
-        model.forward = types.MethodType(_fused_forward, model)
-    return model
+def with_loss_head(model: torch.nn.Module) -> LossHeadLM:
+    """``model`` if it is a :class:`LossHeadLM`, else a new one around it (no copy: it shares the parameters)."""
+    return model if isinstance(model, LossHeadLM) else LossHeadLM(model)
+
+
+def has_loss_head(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a :class:`LossHeadLM` or a DDP / DeepSpeed wrapper of one."""
+    return isinstance(model, LossHeadLM) or isinstance(getattr(model, "module", None), LossHeadLM)
 
 
 def head_weight(model: torch.nn.Module) -> torch.nn.Parameter:

@@ -49,6 +49,7 @@ from kcpt.errors import ConfigError, TrainingAborted
 from kcpt.model.attention import model_inputs
 from kcpt.model.loading import autocast, compile_layers, load_causal_lm
 from kcpt.train import checkpoint as ckpt_lib
+from kcpt.train import fused_loss
 from kcpt.train.anomaly import AnomalyDetector
 from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, mapped_packed_rows
 from kcpt.train.engine import (
@@ -301,6 +302,9 @@ def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], b
     objective = torch.zeros((), dtype=torch.float64, device=device)
     kl_total = torch.zeros((), dtype=torch.float64, device=device)
     ce_parts = []
+    if fused and ref is not None and not fused_loss.has_loss_head(ref):
+        raise TypeError("the fused loss needs the KL reference's final hidden states: pass a LossHeadLM "
+                        "(kcpt.train.engine.frozen_reference), not the bare LM")
     for i, (batch, kl) in enumerate(micro):
         attn: dict[str, Any] = {}  # packed attention inputs, built once per micro-batch (model and reference)
         with engine.accumulate(last=i == len(micro) - 1):
@@ -750,7 +754,7 @@ class StageRunner:
                  final: bool = False, initial: bool = False) -> Interval:
         """Raw (+ exam) val loss, the stop rule, metrics, and a checkpoint when due; returns a fresh interval."""
         stage, t = run.stage, self.cfg.train
-        module = run.engine.module
+        module = run.engine.loss_module  # under ZeRO-3 the head weight is gathered in this wrapper's forward
         with self.amp():
             raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device, fused=t.fused_loss)["loss"]
             exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device, fused=t.fused_loss)["loss"]

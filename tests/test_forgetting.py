@@ -99,11 +99,11 @@ def test_losses_are_the_loops_raw_val_loss(run, report):
     t = report.table
     raw = t[(t.kind == "source") & (t.bucket == "raw_val")]
     start = next(m for m in metrics if m["stage"] == "cpt" and m["step"] == 0)
-    assert raw[raw.stage == "base"].loss.item() == pytest.approx(start["raw_val_loss"], rel=1e-5)
+    assert raw[raw.stage == "base"].loss.item() == pytest.approx(start["raw_val_loss"], rel=1e-6)
     for stage in ("cpt", "s1"):
         row = raw[raw.stage == stage]
         rec = next(m for m in metrics if m.get("checkpoint") == row.checkpoint.item())
-        assert row.loss.item() == pytest.approx(rec["raw_val_loss"], rel=1e-5)
+        assert row.loss.item() == pytest.approx(rec["raw_val_loss"], rel=1e-6)  # observed: ≤ 1e-7
     # CPT moved the model: its best is better than the base on held-out raw text, and drifted from it
     cpt = _rows(t, "cpt", "all")
     assert cpt.delta_base.item() < 0 and cpt.kl_base.item() > 0 and cpt.delta_cpt_best.item() == 0
@@ -113,10 +113,11 @@ def test_losses_are_the_loops_raw_val_loss(run, report):
 def test_kl_is_p_base_against_p_ckpt_as_the_loop_computes_it(run, report):
     """Independently, with the loop's own loss functions on plain logits: the mean CE of the checkpoint and the
     mean KL(p_base ‖ p_ckpt) over the probe rows (the report's ``all`` row)."""
+    from transformers import AutoTokenizer
+
     from kcpt.eval.probe import build_probe
     from kcpt.model.loading import load_causal_lm
     from kcpt.train.losses import kl_to_reference_sum, token_ce_sum
-    from transformers import AutoTokenizer
 
     cfg = load_config(Path(run) / "config.yaml")
     best = _rows(report.table, "s1", "all").checkpoint.item()

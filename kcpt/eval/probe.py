@@ -5,7 +5,7 @@ read from the dataset's inputs in input order and cleaned, filtered and deduplic
 (the run's ``data`` settings), tokenized one by one with the run's tokenizer (EOS appended, as
 :func:`kcpt.data.packing.tokenize_documents`), and taken until ``probe_tokens`` tokens (the document that crosses
 the budget is cut there). Each document is chunked to ≤ ``seq_len`` (:func:`~kcpt.data.packing.chunk_document`)
-and the chunks are laid into rows in order (next fit) under the packed-row contract of :mod:`kcpt.data.types`:
+and the chunks are laid into rows in order (first fit) under the packed-row contract of :mod:`kcpt.data.types`:
 position ids restart at every chunk, the first token of every chunk has no label. With a budget that covers a
 whole dataset the probe scores the same tokens as the run's raw val loss on it.
 
@@ -189,15 +189,22 @@ def build_probe(cfg: KcptConfig, tokenizer: Any, *, probe_tokens: int | None = N
 
 
 def _lay_out(chunks: list[tuple[int, Sequence[int]]], seq_len: int, pad_id: int) -> tuple[PackedRows, np.ndarray]:
-    """Chunks → rows in order (a chunk that does not fit starts a new row), with the document of every label."""
-    starts: list[list[tuple[int, Sequence[int]]]] = [[]]
-    fill = 0
+    """Chunks → rows, each chunk into the first row with room for it (first fit, in order: deterministic, and
+    rows hold several documents as prepared rows do), with the document of every label."""
+    starts: list[list[tuple[int, Sequence[int]]]] = []
+    fill: list[int] = []
+    open_rows: list[int] = []
     for d, ids in chunks:
-        if fill + len(ids) > seq_len:
+        r = next((r for r in open_rows if fill[r] + len(ids) <= seq_len), None)
+        if r is None:
+            r = len(starts)
             starts.append([])
-            fill = 0
-        starts[-1].append((d, ids))
-        fill += len(ids)
+            fill.append(0)
+            open_rows.append(r)
+        starts[r].append((d, ids))
+        fill[r] += len(ids)
+        if fill[r] == seq_len:
+            open_rows.remove(r)
     n = len(starts)
     input_ids = np.full((n, seq_len), pad_id, dtype=np.int32)
     labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int32)

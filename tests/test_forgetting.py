@@ -193,6 +193,26 @@ def test_cli_prints_the_table_and_writes_the_files(run, capsys):
     assert meta["probe"]["probe_tokens"] == 200 and len(meta["rows"]) == len(table) > 0
     assert set(table.stage) == {"base", "cpt", "s1"}
     pd.testing.assert_frame_equal(load_forgetting(run_dir).table, table, check_dtype=False)
+    assert main(["report", str(run_dir)]) == 0  # the plain run report shows the whole-probe rows
+    out = capsys.readouterr().out
+    assert "From forgetting.json" in out and "KL base" in out and "domain=" not in out
+
+
+def test_raw_records_keep_requested_fields(tmp_path):
+    """The probe's field buckets read user fields: JSONL keys and Parquet columns (only those asked for)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kcpt.data.rejects import RejectReport
+    from kcpt.data.sources import read_documents
+
+    (tmp_path / "a.jsonl").write_text('{"text": "가나다", "domain": "law", "other": 1}\n{"text": "라마바"}\n',
+                                      encoding="utf-8")
+    pq.write_table(pa.table({"text": ["사아자"], "domain": ["news"], "other": [2]}), tmp_path / "b.parquet")
+    docs = list(read_documents([tmp_path / "a.jsonl", tmp_path / "b.parquet"], report=RejectReport(),
+                               meta_fields=["domain"]))
+    assert [d.meta.get("domain") for d in docs] == ["law", None, "news"]
+    assert all("other" not in d.meta for d in docs)
 
 
 @pytest.mark.parametrize("argv, needle", [

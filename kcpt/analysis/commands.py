@@ -10,11 +10,8 @@ from pathlib import Path
 
 
 def _forgetting(args: argparse.Namespace) -> int:
-    import transformers
-
     from kcpt.eval.forgetting import forgetting_report
 
-    transformers.utils.logging.disable_progress_bar()
     which = args.checkpoint or "best"
     if isinstance(which, list) and which in (["best"], ["all"]):
         which = which[0]

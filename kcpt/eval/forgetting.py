@@ -26,10 +26,11 @@ prints the table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,10 +167,25 @@ class _Loader:
                 m.stage = m.stage or manifest.get("stage")
                 m.step = m.step if m.step is not None else manifest.get("step")
             path = local
-        model = load_causal_lm(self.cfg.model, vocab_size=len(self.tokenizer), path=path,
-                               pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
-                               dtype=torch.float32)
+        with _quiet_loading():
+            model = load_causal_lm(self.cfg.model, vocab_size=len(self.tokenizer), path=path,
+                                   pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
+                                   dtype=torch.float32)
         return freeze(model).to(self.device)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No transformers "Loading weights" progress bars while the report loads its models (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _run_tokenizer(refs: list[ModelRef]) -> tuple[Any, str | None]:
@@ -200,8 +216,6 @@ def score_documents(model: torch.nn.Module, refs: dict[str, torch.nn.Module], pr
 
     Forwards as the loop's eval does (packed rows, :func:`~kcpt.model.attention.model_inputs`); the final hidden
     states go through the output head ``chunk`` tokens at a time (:func:`kcpt.train.fused_loss.auto_chunk`)."""
-    import contextlib
-
     import torch.nn.functional as F
 
     from kcpt.model.attention import model_inputs
@@ -385,8 +399,8 @@ def load_forgetting(run_dir: str | Path) -> ForgettingReport:
     return ForgettingReport(pd.DataFrame(rows, columns=COLUMNS), data)
 
 
-def format_forgetting(report: ForgettingReport) -> str:
-    """The table as text: one line per (checkpoint / stage, bucket)."""
+def format_forgetting(report: ForgettingReport, kinds: Sequence[str] | None = None) -> str:
+    """The table as text: one line per (checkpoint / stage, bucket); ``kinds``: only these bucket kinds."""
     from kcpt.analysis.run_report import _f, _table
 
     m = report.meta
@@ -401,7 +415,8 @@ def format_forgetting(report: ForgettingReport) -> str:
     header = ["stage", "step", "bucket", "docs", "tokens", "loss", "Δ base", "Δ cpt best", "KL base",
               "KL cpt best"]
     lines = []
-    for r in report.table.to_dict(orient="records"):
+    table = report.table if kinds is None else report.table[report.table["kind"].isin(list(kinds))]
+    for r in table.to_dict(orient="records"):
         bucket = "all" if r["kind"] == "all" else f"{r['kind']}={r['bucket']}"
         lines.append([str(r["stage"]), _f(_opt_int(r["step"])), bucket, str(r["documents"]), str(r["tokens"]),
                       _f(_opt(r["loss"])), _signed(r["delta_base"]), _signed(r["delta_cpt_best"]),

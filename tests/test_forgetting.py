@@ -70,8 +70,12 @@ def _domain_file(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("forgetting")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("forgetting")
+
+
+@pytest.fixture(scope="module")
+def run(root):
     cfg = load_config(None, _overrides(root, _domain_file(root), str(root / "runs")))
     res = run_plan(cfg, resume="never", in_process=True, console=False, data_table=False)
     return res.run_dir
@@ -108,6 +112,23 @@ def test_losses_are_the_loops_raw_val_loss(run, report):
     cpt = _rows(t, "cpt", "all")
     assert cpt.delta_base.item() < 0 and cpt.kl_base.item() > 0 and cpt.delta_cpt_best.item() == 0
     assert report.meta["base"]["how"] == "the configured model" and report.meta["cpt_best"]
+
+
+def test_base_of_a_run_started_from_a_checkpoint_is_that_checkpoint(root, run, report):
+    """A run of stage s1 alone from the CPT best (``init_checkpoint``): its base is that checkpoint, and the base
+    row reproduces the stage's step-0 eval (the model it started from)."""
+    cpt_best = _rows(report.table, "cpt", "all").checkpoint.item()
+    cfg = load_config(None, [*_overrides(root, root / "probe_dom.jsonl", str(root / "runs")), "train.run_name=r2",
+                             "plan.1.max_steps=2", "plan.1.eval_every=2"])
+    res = run_plan(cfg, stages=["s1"], init_checkpoint=cpt_best, resume="never", in_process=True, console=False,
+                   data_table=False)
+    rep = forgetting_report(res.run_dir, probe_tokens=100_000, device="cpu", write=False)
+    assert rep.meta["base"] == {"ref": cpt_best, "model": "tiny", "how": "the run's init checkpoint"}
+    assert rep.meta["cpt_best"] is None and rep.table.cpt_best_loss.isna().all()
+    start = next(m for m in read_metrics(res.run_dir) if m["stage"] == "s1" and m["step"] == 0)
+    t = rep.table
+    base = t[(t.stage == "base") & (t.kind == "source") & (t.bucket == "raw_val")]
+    assert base.loss.item() == pytest.approx(start["raw_val_loss"], rel=1e-6)
 
 
 def test_kl_is_p_base_against_p_ckpt_as_the_loop_computes_it(run, report):

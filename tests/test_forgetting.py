@@ -284,3 +284,13 @@ def test_s3_run_directory(s3_prefix, tmp_path):
     assert set(rep.table.stage) == {"base", "cpt", "s1"}
     assert all(c.startswith(uri) for c in rep.table[rep.table.stage != "base"].checkpoint)
     assert not any(math.isnan(x) for x in rep.table.kl_base)
+
+
+def test_starting_a_run_over_removes_its_old_forgetting_report(tmp_path):
+    from kcpt.train.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run").create(load_config())
+    for name in ("forgetting.json", "forgetting.parquet"):
+        (rd.root / name).write_text("old")
+    rd.start_over()
+    assert not (rd.root / "forgetting.json").exists() and not (rd.root / "forgetting.parquet").exists()

@@ -2,8 +2,9 @@
 set holds the demo's raw_val and a raw JSONL with a ``domain`` field the demo does not have.
 
 - the base model against itself: loss delta 0 and KL 0 (exactly: the same forward twice);
-- the probe scores the same tokens as the loop's raw val loss: the report's loss on raw_val equals metrics.jsonl's
-  ``raw_val_loss`` of each checkpoint, and the base row equals the CPT step-0 eval (the tiny base is rebuilt);
+- the probe scores the same tokens as the loop's raw val loss (here prepare cut no tail into extra pieces): the
+  report's loss on raw_val equals metrics.jsonl's ``raw_val_loss`` of each checkpoint, and the base row equals the
+  CPT step-0 eval (the tiny base is rebuilt);
 - a deliberately perturbed checkpoint shows positive KL to the base and to the CPT best;
 - source / length / field buckets each partition the probe set (documents and tokens add up to ``all``);
 - ``kcpt report RUN --forgetting`` prints the table and writes forgetting.json / forgetting.parquet; bad flags are
@@ -99,9 +100,15 @@ def test_base_against_itself_is_zero(report):
 
 def test_losses_are_the_loops_raw_val_loss(run, report):
     """Same tokens, same isolation, same initial model: the report reproduces the loop's raw val losses."""
+    from kcpt.train.batches import load_packed_rows
+
     metrics = read_metrics(run)
     t = report.table
     raw = t[(t.kind == "source") & (t.bucket == "raw_val")]
+    # precondition: prepare's packer cut no document tail into extra pieces here (a cut piece restarts its
+    # positions and loses its first label; then the loop scores slightly other tokens than the probe)
+    (prepared,) = (Path(run).parents[1] / "prepared").glob("raw_val-*")
+    assert int((load_packed_rows(prepared).labels != -100).sum()) == raw[raw.stage == "base"].tokens.item()
     start = next(m for m in metrics if m["stage"] == "cpt" and m["step"] == 0)
     assert raw[raw.stage == "base"].loss.item() == pytest.approx(start["raw_val_loss"], rel=1e-6)
     for stage in ("cpt", "s1"):

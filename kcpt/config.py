@@ -1,10 +1,10 @@
 """One validated config tree for everything kcpt does.
 
-``KcptConfig`` holds ``model``, ``tokenizer``, ``data``, ``plan`` (the stages), ``train``, ``tune`` and
-``logging``. Every section has defaults that run the embedded demo on 2 CPU cores. Load YAML with
-:func:`load_config`; an unknown key or a wrong type raises :class:`~kcpt.errors.ConfigError` naming the file
-and the dotted key path. A stage is data (see :class:`StageConfig`): CPT, stage 1, stage 2 and stage 3 are four
-entries of ``plan`` run by one loop.
+``KcptConfig`` holds ``model``, ``tokenizer``, ``data``, ``plan`` (the stages), ``train``, ``tune``,
+``logging`` and ``eval`` (evaluation reports). Every section has defaults that run the embedded demo on 2 CPU
+cores. Load YAML with :func:`load_config`; an unknown key or a wrong type raises
+:class:`~kcpt.errors.ConfigError` naming the file and the dotted key path. A stage is data (see
+:class:`StageConfig`): CPT, stage 1, stage 2 and stage 3 are four entries of ``plan`` run by one loop.
 """
 
 from __future__ import annotations
@@ -531,6 +531,73 @@ class LoggingConfig(Strict):
     (:mod:`kcpt.console`)."""
 
 
+# --------------------------------------------------------------------------- evaluation (reports)
+
+
+class FieldBucket(Strict):
+    """Buckets by a field of the raw records (a JSONL key, a Parquet / HF column): one bucket per value, or per
+    ``pattern`` match (the first capture group if the regex has one, else the whole match)."""
+
+    field: str
+    pattern: str | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression ({e})") from None
+        return v
+
+
+class BucketsConfig(Strict):
+    """Evaluation buckets of the forgetting / drift report (:mod:`kcpt.eval.forgetting`). Each kind partitions the
+    probe set on its own: ``source`` by probe dataset, ``length_bands`` by the document's length in tokens,
+    ``fields`` by a field of the raw record (a document without it is in bucket ``(missing)``)."""
+
+    source: bool = True
+    length_bands: list[int] = Field(default_factory=lambda: [256, 1024])
+    """Band edges in tokens (strictly increasing, > 0): ``[256, 1024]`` gives ``<256``, ``256-1023``, ``>=1024``;
+    ``[]``: no length buckets."""
+    fields: dict[str, FieldBucket] = {}
+    """Bucket name → field, e.g. ``{domain: {field: domain}}`` or ``{origin: {field: id, pattern: "^([a-z]+)-"}}``."""
+
+    @field_validator("fields")
+    @classmethod
+    def _not_reserved(cls, v: dict[str, FieldBucket]) -> dict[str, FieldBucket]:
+        for name in v:
+            if name in ("all", "source", "length"):
+                raise ValueError(f"'{name}' is a built-in bucket kind; name the field bucket otherwise")
+        return v
+
+    @field_validator("length_bands")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= 0 for b in v) or any(b >= c for b, c in zip(v, v[1:], strict=False)):
+            raise ValueError(f"band edges must be > 0 and strictly increasing, got {v}")
+        return v
+
+
+class ForgettingConfig(Strict):
+    """The fixed probe set of the forgetting / drift report: the first ``probe_tokens`` tokens of each probe
+    dataset (its documents in input order, read, cleaned and tokenized as ``prepare`` does; the document that
+    crosses the budget is cut there)."""
+
+    datasets: list[str] | None = None
+    """Raw datasets to probe; ``None``: every ``eval_raw`` of the plan (held-out raw text)."""
+    probe_tokens: int = Field(16384, ge=1)
+    """Token budget per probe dataset."""
+    batch_size: int = Field(8, ge=1)
+    """Probe rows per forward."""
+
+
+class EvalConfig(Strict):
+    buckets: BucketsConfig = BucketsConfig()
+    forgetting: ForgettingConfig = ForgettingConfig()
+
+
 class KcptConfig(Strict):
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -539,6 +606,7 @@ class KcptConfig(Strict):
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
     logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _references(self) -> KcptConfig:
@@ -557,6 +625,15 @@ class KcptConfig(Strict):
                 raise ValueError(f"plan.{i} ({st.name}): stop.rule '{st.stop.rule}' needs eval_exam")
         if self.tune.stage not in seen and self.plan:
             raise ValueError(f"tune.stage: no stage named '{self.tune.stage}' in plan")
+        for i, r in enumerate(self.eval.forgetting.datasets or []):
+            if r not in names:
+                raise ValueError(f"eval.forgetting.datasets.{i}: unknown dataset '{r}' (defined: {sorted(names)})")
+            if self.data.datasets[r].kind != "raw":
+                raise ValueError(f"eval.forgetting.datasets.{i}: '{r}' is an exam dataset; the probe set is raw text")
+        for name in self.eval.buckets.fields:
+            problem = unsafe_name(name)
+            if problem:
+                raise ValueError(f"eval.buckets.fields.{name}: {problem}")
         return self
 
     @model_validator(mode="after")
@@ -629,6 +706,10 @@ class KcptConfig(Strict):
         d["train"].pop("run_name", None)
         d["train"].pop("output_dir", None)
         d.pop("logging", None)
+        for key in ("buckets", "forgetting"):  # report settings: they change no trained weight
+            d["eval"].pop(key, None)
+        if not d["eval"]:
+            d.pop("eval")
         return sha256_json(d)
 
 

@@ -1,4 +1,5 @@
-"""notebooks/inspect_trials.ipynb runs top to bottom against the session's tune experiment."""
+"""notebooks/inspect_trials.ipynb runs top to bottom against the session's tune experiment (and the forgetting report
+of its prerequisite run)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def test_inspect_trials_notebook_executes(tune_experiment, tmp_path):
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for o in c.get("outputs", []))
     assert "exam@sel" in text and "baseline_raw_best" in text
-    assert images >= 4  # curves, scatter, Pareto, importances
+    assert "forgetting and drift" in text and "KL base" in text
+    assert images >= 6  # curves, scatter, Pareto, importances, forgetting (all, length)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors

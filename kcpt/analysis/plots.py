@@ -1,5 +1,6 @@
-"""Matplotlib figures of a tuning experiment (inputs from :mod:`kcpt.analysis.trials`). Each function draws
-on the given axes (or a new figure) and returns the figure."""
+"""Matplotlib figures of a tuning experiment (inputs from :mod:`kcpt.analysis.trials`) and of a run's forgetting /
+drift table (:mod:`kcpt.eval.forgetting`). Each function draws on the given axes (or a new figure) and returns the
+figure."""
 
 from __future__ import annotations
 
@@ -87,5 +88,30 @@ def plot_importances(importances: Mapping[str, float] | None, ax: Any = None) ->
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names])
         ax.set(xlabel="importance (Optuna default evaluator)", title="parameter importances")
+    fig.tight_layout()
+    return fig
+
+
+def plot_forgetting(table: pd.DataFrame, kind: str = "all", ax: Any = None) -> Any:
+    """The forgetting / drift table (:func:`kcpt.eval.forgetting.forgetting_report`) per stage: raw loss minus the
+    base model's (left; below 0: better than the base) and KL(p_base ‖ p_ckpt) (right), one line per bucket of
+    ``kind`` (``all``, ``source``, ``length`` or a field bucket), stages in run order (the base model first)."""
+    fig, (ax_delta, ax_kl) = _axes(ax, 2)
+    rows = table[table["kind"] == kind]
+    if rows.empty:
+        raise ValueError(f"no bucket kind '{kind}' in the table (kinds: {sorted(table['kind'].unique())})")
+    point = [str(s) if pd.isna(st) else f"{s}@{int(st)}" for s, st in zip(rows["stage"], rows["step"], strict=True)]
+    labels = list(dict.fromkeys(point))
+    x_of = pd.Series([labels.index(p) for p in point], index=rows.index)
+    for bucket, g in rows.groupby("bucket", sort=False):
+        x = x_of[g.index]
+        ax_delta.plot(x, g["delta_base"], marker="o", label=str(bucket))
+        ax_kl.plot(x, g["kl_base"], marker="o", label=str(bucket))
+    ax_delta.axhline(0.0, color="grey", ls="--", lw=1)
+    ax_delta.set(ylabel="raw loss − base loss (nats)", title=f"forgetting vs base ({kind})")
+    ax_kl.set(ylabel="KL(p_base ‖ p_ckpt) per token (nats)", title=f"drift from base ({kind})")
+    for a in (ax_delta, ax_kl):
+        a.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        a.legend(fontsize="small")
     fig.tight_layout()
     return fig

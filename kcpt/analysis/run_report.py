@@ -136,4 +136,18 @@ def format_run_report(run_dir: str | Path) -> str:
         parts.append(_table(["stage", "step", "raw", "exam", "exam set", "gate ok", "checkpoint"], rows))
     else:
         parts.append("(none: no eval with both losses saved a checkpoint)")
+    parts += _forgetting_part(run_dir)
     return "\n".join(parts)
+
+
+def _forgetting_part(run_dir: str | Path) -> list[str]:
+    """The whole-probe rows of the run's ``forgetting.json`` when one was written (``kcpt report RUN --forgetting``
+    computes it; the per-bucket table is there)."""
+    from kcpt.eval.forgetting import format_forgetting, load_forgetting
+
+    try:
+        report = load_forgetting(run_dir)
+    except InputError:
+        return []
+    return ["", f"From forgetting.json (computed {report.meta.get('created')}; every bucket: kcpt report RUN "
+            "--forgetting):", format_forgetting(report, kinds=["all"])]

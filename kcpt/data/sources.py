@@ -395,8 +395,8 @@ def iter_json_lines(path: Path, *, report: RejectReport, strict: bool, max_line_
         yield lineno, rec
 
 
-def _read_jsonl(path: Path, *, text_field: str, report: RejectReport, strict: bool, max_line_chars: int
-                ) -> Iterator[Document]:
+def _read_jsonl(path: Path, *, text_field: str, report: RejectReport, strict: bool, max_line_chars: int,
+                meta_fields: Sequence[str] = ()) -> Iterator[Document]:
     where = {"path": str(path)}
     for lineno, rec in iter_json_lines(path, report=report, strict=strict, max_line_chars=max_line_chars):
         if not isinstance(rec, dict):
@@ -415,6 +415,7 @@ def _read_jsonl(path: Path, *, text_field: str, report: RejectReport, strict: bo
         meta: dict = {"line": lineno}
         if isinstance(rec.get("id"), str | int):
             meta["id"] = rec["id"]
+        meta.update({f: rec[f] for f in meta_fields if f in rec})
         yield Document(text=text, source=str(path), doc_id=f"{path}:{lineno}", meta=meta)
 
 
@@ -427,7 +428,8 @@ def is_utf8_encodable(text: str) -> bool:
     return True
 
 
-def _read_parquet(path: Path, *, text_field: str, report: RejectReport, strict: bool) -> Iterator[Document]:
+def _read_parquet(path: Path, *, text_field: str, report: RejectReport, strict: bool,
+                  meta_fields: Sequence[str] = ()) -> Iterator[Document]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -441,17 +443,21 @@ def _read_parquet(path: Path, *, text_field: str, report: RejectReport, strict: 
     typ = schema.field(text_field).type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
         raise InputError(f"column must hold strings, found {typ}", path=str(path), field=text_field)
+    extra = [f for f in dict.fromkeys(meta_fields) if f in schema.names and f != text_field]
     row = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
+    for batch in pf.iter_batches(columns=[text_field, *extra], batch_size=1024):
+        values = [batch.column(i).to_pylist() for i in range(1, len(extra) + 1)]
+        for k, text in enumerate(batch.column(0).to_pylist()):
             row += 1
             if text is None:
                 reject(report, "missing_field", f"row {row}: null", strict=strict, path=str(path), field=text_field)
                 continue
-            yield Document(text=text, source=str(path), doc_id=f"{path}:row{row}", meta={"row": row})
+            meta = {"row": row, **{f: v[k] for f, v in zip(extra, values, strict=True)}}
+            yield Document(text=text, source=str(path), doc_id=f"{path}:row{row}", meta=meta)
 
 
-def _read_hf_dir(path: Path, *, text_field: str, report: RejectReport, strict: bool) -> Iterator[Document]:
+def _read_hf_dir(path: Path, *, text_field: str, report: RejectReport, strict: bool,
+                 meta_fields: Sequence[str] = ()) -> Iterator[Document]:
     import datasets
 
     try:
@@ -466,24 +472,28 @@ def _read_hf_dir(path: Path, *, text_field: str, report: RejectReport, strict: b
         feat = ds.features[text_field]
         if not (isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string")):
             raise InputError(f"column must hold strings, found {feat}", path=label, field=text_field)
+        extra = [f for f in dict.fromkeys(meta_fields) if f in ds.column_names and f != text_field]
         row = 0
-        for batch in ds.select_columns([text_field]).iter(batch_size=1024):
-            for text in batch[text_field]:
+        for batch in ds.select_columns([text_field, *extra]).iter(batch_size=1024):
+            for k, text in enumerate(batch[text_field]):
                 row += 1
                 if text is None:
                     reject(report, "missing_field", f"row {row}: null", strict=strict, path=label, field=text_field)
                     continue
-                yield Document(text=text, source=label, doc_id=f"{label}:row{row}", meta={"row": row})
+                meta = {"row": row, **{f: batch[f][k] for f in extra}}
+                yield Document(text=text, source=label, doc_id=f"{label}:row{row}", meta=meta)
 
 
 def read_documents(paths: Sequence[str | Path], *, text_field: str = "text", report: RejectReport,
                    strict: bool = False, max_line_chars: int = 1_000_000,
-                   txt_split: Literal["file", "blank_lines"] = "file", progress: bool = False) -> Iterator[Document]:
+                   txt_split: Literal["file", "blank_lines"] = "file", progress: bool = False,
+                   meta_fields: Sequence[str] = ()) -> Iterator[Document]:
     """Yield raw (uncleaned) :class:`Document` s from files/directories in ``paths`` (see module docstring).
 
     ``doc_id`` is ``<file>#<k>`` for the k-th document of a ``.txt``, ``<file>:<line>`` for JSONL and
     ``<file>:row<r>`` for Parquet/HF rows; ``meta`` holds ``line`` or ``row`` (1-based) and, for JSONL, ``id``
-    when the record has one. Skips are counted in ``report`` (or raise with ``strict``).
+    when the record has one, plus each of ``meta_fields`` the record (JSONL key) or row (Parquet / HF column)
+    has. Skips are counted in ``report`` (or raise with ``strict``).
     """
     if txt_split not in ("file", "blank_lines"):
         raise InputError(f"txt_split must be 'file' or 'blank_lines', got {txt_split!r}")
@@ -493,15 +503,17 @@ def read_documents(paths: Sequence[str | Path], *, text_field: str = "text", rep
         for p in files:
             with reading(p):
                 if p.is_dir():
-                    yield from _read_hf_dir(p, text_field=text_field, report=report, strict=strict)
+                    yield from _read_hf_dir(p, text_field=text_field, report=report, strict=strict,
+                                            meta_fields=meta_fields)
                 elif p.suffix.lower() == ".txt":
                     yield from _read_txt(p, report=report, strict=strict, max_line_chars=max_line_chars,
                                          txt_split=txt_split)
                 elif p.suffix.lower() == ".jsonl":
                     yield from _read_jsonl(p, text_field=text_field, report=report, strict=strict,
-                                           max_line_chars=max_line_chars)
+                                           max_line_chars=max_line_chars, meta_fields=meta_fields)
                 else:
-                    yield from _read_parquet(p, text_field=text_field, report=report, strict=strict)
+                    yield from _read_parquet(p, text_field=text_field, report=report, strict=strict,
+                                             meta_fields=meta_fields)
             bar.update(1)
     finally:
         bar.close()

@@ -10,6 +10,7 @@
   ray/               Ray Train storage (its own small pointer checkpoints and state)
   faults/            markers of injected faults that already fired
   aborted.json       only after a deterministic abort (e.g. too many anomaly rollbacks): {"message": ...}
+  forgetting.json    the forgetting / drift report (``kcpt report RUN --forgetting``; + forgetting.parquet)
   kcpt-run.json      the marker that kcpt made this directory (written first, never removed)
 ```
 
@@ -43,7 +44,8 @@ from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import InputError
 
 MARKER = "kcpt-run.json"
-OWNED_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "tb", "ray", "faults", "aborted.json")
+OWNED_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "tb", "ray", "faults", "aborted.json",
+                 "forgetting.json", "forgetting.parquet")
 """What starting a run over removes (nothing else in the run directory is ever deleted)."""
 
 

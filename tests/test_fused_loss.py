@@ -114,8 +114,8 @@ def test_fused_step_refuses_a_bare_reference():
     from kcpt.train.loop import accumulate_step
 
     mc = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
-    engine = TorchEngine(build_tiny_model(mc, 40), lambda g: make_adamw(g, lr=1e-3, betas=(0.9, 0.95), fused=False), clip=1.0,
-                         weight_decay=0.0, device=torch.device("cpu"))
+    engine = TorchEngine(build_tiny_model(mc, 40), lambda g: make_adamw(g, lr=1e-3, betas=(0.9, 0.95), fused=False),
+                         clip=1.0, weight_decay=0.0, device=torch.device("cpu"))
     bare = freeze(build_tiny_model(mc.model_copy(update={"seed": 2}), 40))
     assert not has_loss_head(bare) and has_loss_head(engine.wrapped)
     ids = torch.randint(0, 40, (1, 8))

@@ -220,7 +220,7 @@ def score_documents(model: torch.nn.Module, refs: dict[str, torch.nn.Module], pr
 
     from kcpt.model.attention import model_inputs
     from kcpt.train.batches import eval_batches
-    from kcpt.train.fused_loss import auto_chunk
+    from kcpt.train.fused_loss import auto_chunk, with_loss_head
 
     n_docs = len(probe.docs)
     acc = {k: torch.zeros(n_docs, dtype=torch.float64, device=device)
@@ -228,6 +228,7 @@ def score_documents(model: torch.nn.Module, refs: dict[str, torch.nn.Module], pr
     amp = amp or contextlib.nullcontext
     head = model.get_output_embeddings()
     ref_heads = {r: m.get_output_embeddings() for r, m in refs.items()}
+    hidden_of = {"": with_loss_head(model), **{r: with_loss_head(m) for r, m in refs.items()}}
     batches = eval_batches(probe.rows, rank=0, world=1, batch_size=batch_size, device=device)
     for b, batch in enumerate(batches):
         doc = torch.from_numpy(probe.doc_of[b * batch_size:(b + 1) * batch_size, 1:]).to(device)
@@ -235,8 +236,10 @@ def score_documents(model: torch.nn.Module, refs: dict[str, torch.nn.Module], pr
         doc = doc[valid].long()
         targets = batch["labels"][:, 1:][valid]
         with amp():
-            hidden = model(**model_inputs(model, batch), kcpt_hidden=True)[:, :-1][valid]
-            ref_hidden = {r: m(**model_inputs(m, batch), kcpt_hidden=True)[:, :-1][valid] for r, m in refs.items()}
+            inputs = model_inputs(model, batch)
+            hidden = hidden_of[""](**inputs, kcpt_hidden=True)[:, :-1][valid]
+            ref_hidden = {r: hidden_of[r](**model_inputs(m, batch), kcpt_hidden=True)[:, :-1][valid]
+                          for r, m in refs.items()}
         acc["count"].index_add_(0, doc, torch.ones_like(doc, dtype=torch.float64))
         chunk = auto_chunk(head.weight.shape[0], max(1, len(doc)))
         for s in range(0, len(doc), chunk):

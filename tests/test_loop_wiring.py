@@ -293,6 +293,10 @@ def test_exam_accuracy_at_every_eval_equals_an_independent_score(prepared_root, 
     summary = res.summaries["s"]
     assert summary["exam_metric"] == "accuracy" and summary["best_exam_acc"] == last["exam_acc"]
     assert summary["best_exam_val_loss"] == last["exam_val_loss"]
+    from kcpt.analysis.run_report import format_run_report
+
+    report = format_run_report(res.run_dir)  # `kcpt report RUN`: the stage table shows the accuracy
+    assert "acc best" in report and f"{last['exam_acc']:.3f}" in report
 
 
 def test_accuracy_stop_on_a_set_without_choices_is_refused_at_the_first_eval(prepared_root, tmp_path):

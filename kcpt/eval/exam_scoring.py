@@ -321,8 +321,7 @@ def score_exam(model, tokenizer, items: list[ExamItem], template: ExamTemplate, 
     dev = torch.device(device) if device is not None else _device_of(model)
     mc = [it for it in items if it.choices]
     short = [it for it in items if not it.choices]
-    for it in mc:
-        _gold(it)  # a bad item fails before any forward
+    check_items(mc)  # a bad item fails before any forward
     was_training = model.training
     model.eval()
     try:
@@ -333,6 +332,14 @@ def score_exam(model, tokenizer, items: list[ExamItem], template: ExamTemplate, 
     finally:
         model.train(was_training)
     return summarize([res[it.id] for it in items])
+
+
+def check_items(items: list[ExamItem]) -> None:
+    """InputError for the first multiple-choice item whose answer is not one of its choices. Call it on the WHOLE
+    list on every rank before slicing: one rank raising alone would leave the others waiting in a collective."""
+    for it in items:
+        if it.choices:
+            _gold(it)
 
 
 def rank_slice(items: list[Any], rank: int, world: int, max_items: int | None = None) -> list[Any]:

@@ -484,7 +484,7 @@ class StageRunner:
         None, with a warning, for a dataset prepared before kcpt wrote items (prepare it again)."""
         if name not in self.exam_item_cache:
             from kcpt.data.exam_io import ITEMS_FILE, read_items_file
-            from kcpt.eval.exam_scoring import rank_slice
+            from kcpt.eval.exam_scoring import check_items, rank_slice
 
             path = Path(self.prepared[name]) / ITEMS_FILE
             if not path.is_file():
@@ -493,7 +493,9 @@ class StageRunner:
                                 "again", name, ITEMS_FILE)
                 self.exam_item_cache[name] = None
             else:
-                self.exam_item_cache[name] = rank_slice(read_items_file(path), self.rank, self.world,
+                items = read_items_file(path)
+                check_items(items)  # every rank checks every item: an error is raised on all ranks together
+                self.exam_item_cache[name] = rank_slice(items, self.rank, self.world,
                                                         self.cfg.eval.exam_accuracy_max_items)
         return self.exam_item_cache[name]
 

@@ -95,8 +95,8 @@ MC = ExamItem(id="mc1", kind="example", question="대한민국의 수도는?", a
 def test_mc_prediction_is_the_manual_argmax(model, tok, norm):
     prompt = render_prompt(MC, T)
     manual = [_manual_loglik(model, tok, prompt, c) for c in MC.choices]
-    if norm == "chars":  # the continuation lm-eval sees: the prompt's trailing space + the choice
-        scores = [s / (1 + len(c)) for (s, _), c in zip(manual, MC.choices, strict=True)]
+    if norm == "chars":  # lm-eval acc_norm: per character of the choice string
+        scores = [s / len(c) for (s, _), c in zip(manual, MC.choices, strict=True)]
     elif norm == "tokens":
         scores = [s / n for s, n in manual]
     else:

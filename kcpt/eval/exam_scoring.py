@@ -8,15 +8,17 @@ choice's first syllable — counts as an answer token). The EOS the exam loss ap
 log-likelihood is that of the choice text, as lm-evaluation-harness scores a continuation. The prediction is
 the choice with the highest score under ``length_norm``:
 
-- ``"chars"`` (default; lm-eval's ``acc_norm``): log-likelihood / characters of the continuation, where the
-  continuation is the prompt's trailing whitespace + the choice (what lm-eval sees with
-  ``doc_to_text = prompt.rstrip()`` and ``target_delimiter`` = that whitespace, ``" "`` for the default template);
+- ``"chars"`` (default; lm-eval's ``acc_norm``): log-likelihood / ``len(choice)`` characters (lm-eval divides by
+  the length of the choice string, without the ``target_delimiter``);
 - ``"none"`` (lm-eval's ``acc``): the plain log-likelihood sum;
 - ``"tokens"``: log-likelihood / answer tokens.
 
-Ties go to the earliest choice (``argmax``). The one difference from lm-eval on the same text: a whitespace-only
-token ending exactly at the boundary is a prompt token here and a continuation token in lm-eval (never produced by
-the demo tokenizer, whose spaces merge into the next word).
+Ties go to the earliest choice (``argmax``). lm-eval scores the same tokens: its ``_encode_pair`` moves the
+context's trailing whitespace into the continuation and takes ``enc(context + continuation)[len(enc(context)):]``
+— with ``doc_to_text`` = the rendered prompt (or ``prompt.rstrip()`` with ``target_delimiter: " "``) and
+``doc_to_choice`` = the choices, that is this module's answer span whenever the prompt's trailing whitespace merges
+into the choice's first token (as with the demo tokenizer). Where a whitespace-only token ends exactly at the
+boundary, it is a prompt token here and a continuation token in lm-eval.
 
 **Short answer** (no ``choices``). The context is the prompt without its trailing whitespace (the tokens of the
 prompt that start before ``len(prompt.rstrip())``): in training the space after ``답:`` is part of the answer's
@@ -187,10 +189,6 @@ def sequence_logliks(model: torch.nn.Module, seqs: Sequence[tuple[list[int], lis
     return out
 
 
-def _continuation_chars(prompt: str, choice: str) -> int:
-    return len(prompt) - len(prompt.rstrip()) + len(choice)
-
-
 def _pick(scores: list[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
@@ -207,7 +205,7 @@ def _score_mc(model, tokenizer, items: list[ExamItem], template: ExamTemplate, *
     by_item: dict[str, list[float]] = {}
     for (it, j), (s, n) in zip(owner, ll, strict=True):
         if length_norm == "chars":
-            v = s / max(1, _continuation_chars(render_prompt(it, template), it.choices[j]))
+            v = s / max(1, len(it.choices[j]))
         elif length_norm == "tokens":
             v = s / max(1, n)
         else:

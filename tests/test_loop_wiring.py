@@ -297,6 +297,12 @@ def test_exam_accuracy_at_every_eval_equals_an_independent_score(prepared_root, 
 
     report = format_run_report(res.run_dir)  # `kcpt report RUN`: the stage table shows the accuracy
     assert "acc best" in report and f"{last['exam_acc']:.3f}" in report
+    # a target the accuracy does not reach (the loss, ~8 nats, would "reach" it): the stage runs to max_steps
+    res = run_plan(cfg_of(prepared_root, tmp_path / "high", plan.replace("exam_target: 0.05", "exam_target: 0.9")
+                          .replace("{rule: exam,", "{rule: exam, patience: 9,")), resume="never", in_process=True)
+    high = [r for r in read_metrics(res.run_dir) if r["stage"] == "s"]
+    assert [r["step"] for r in high] == [0, 2, 4] and all(r["exam_acc"] < 0.9 for r in high)
+    assert high[-1]["stop_reason"] == "max_steps: exam not done"
 
 
 def test_accuracy_stop_on_a_set_without_choices_is_refused_at_the_first_eval(prepared_root, tmp_path):

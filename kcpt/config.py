@@ -228,6 +228,11 @@ class StopConfig(Strict):
     - ``gate`` (stage 3): raw ≤ baseline_raw_best · (1 + ``raw_tolerance``) AND exam ≤ ``exam_target`` for
       ``consecutive`` evals in a row.
     - ``max_steps``: run to ``max_steps``.
+
+    "exam" is the metric ``exam_metric`` names: ``loss`` (answer-only exam val loss in nats; met when
+    exam ≤ ``exam_target``) or ``accuracy`` (multiple-choice exam accuracy, a fraction in [0, 1]; met when
+    exam ≥ ``exam_target``; needs ``eval.exam_accuracy``). ``exam_target``, ``min_delta`` and the plateau
+    are in that metric's units and direction.
     """
 
     rule: Literal["plateau", "exam", "gate", "max_steps"] = "plateau"
@@ -237,6 +242,9 @@ class StopConfig(Strict):
     """A significant improvement is at least max(``min_delta``, ``min_delta_relative`` · best) nats."""
     min_delta_relative: float = Field(0.002, ge=0.0)
     exam_target: float | None = None
+    exam_metric: Literal["loss", "accuracy"] = "loss"
+    """What the ``exam``/``gate`` rules (target, plateau, best eval) and the tuner's objective use: ``loss``
+    (lower is better) or ``accuracy`` (``exam_acc``, higher is better)."""
     raw_tolerance: float = Field(0.03, ge=0.0)
     consecutive: int = Field(5, ge=1)
     raw_bound: bool = True
@@ -594,8 +602,25 @@ class ForgettingConfig(Strict):
 
 
 class EvalConfig(Strict):
+    """Evaluation beyond the two losses (see :mod:`kcpt.eval`)."""
+
+    exam_accuracy: bool = True
+    """At every eval of a stage with ``eval_exam``: score the held-out exam items (the prepared dataset's
+    ``items.jsonl``) — multiple choice by length-normalised log-likelihood (``exam_acc``), short answers by
+    greedy decoding (``exam_em``, ``exam_f1``); :mod:`kcpt.eval.exam_scoring`."""
+    exam_accuracy_max_items: int | None = Field(None, ge=1)
+    """Score only the first N items of the eval exam set (cost cap); None: all."""
+    exam_length_norm: Literal["chars", "tokens", "none"] = "chars"
+    """Multiple-choice ranking: log-likelihood per character of the choice (lm-eval ``acc_norm``), per token,
+    or the plain sum (lm-eval ``acc``)."""
+    exam_batch_size: int | None = Field(None, ge=1)
+    """Sequences per forward when scoring (choices; prompts being decoded); None: ``train.eval_batch_size``."""
+    exam_max_new_tokens: int | None = Field(None, ge=1)
+    """Greedy decoding limit for short answers; None: longest reference answer in tokens + 8."""
     buckets: BucketsConfig = BucketsConfig()
+    """Evaluation buckets of the forgetting report (by source, length band, user fields)."""
     forgetting: ForgettingConfig = ForgettingConfig()
+    """The forgetting/drift report's probe set (:mod:`kcpt.eval.forgetting`)."""
 
 
 class KcptConfig(Strict):
@@ -605,8 +630,8 @@ class KcptConfig(Strict):
     plan: list[StageConfig] = Field(default_factory=_demo_plan)
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
-    logging: LoggingConfig = LoggingConfig()
     eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _references(self) -> KcptConfig:
@@ -654,7 +679,13 @@ class KcptConfig(Strict):
             if not st.stop.raw_tolerance <= 1.0:
                 raise ValueError(f"plan.{i}.stop.raw_tolerance: must be ≤ 1 (a fraction: 0.03 = 3 %), got "
                                  f"{st.stop.raw_tolerance}")
-            if st.stop.exam_target is not None and not st.stop.exam_target > 0:
+            if st.stop.exam_metric == "accuracy":
+                if st.stop.exam_target is not None and not 0 < st.stop.exam_target <= 1:
+                    raise ValueError(f"plan.{i}.stop.exam_target: exam_metric is accuracy, so the target is a "
+                                     f"fraction in (0, 1] (0.6 = 60 % right), got {st.stop.exam_target}")
+                if not self.eval.exam_accuracy:
+                    raise ValueError(f"plan.{i}.stop.exam_metric: accuracy needs eval.exam_accuracy: true")
+            elif st.stop.exam_target is not None and not st.stop.exam_target > 0:
                 raise ValueError(f"plan.{i}.stop.exam_target: must be > 0 (a loss), got {st.stop.exam_target}")
             for j, ph in enumerate(st.mixture_schedule):
                 if any(w < 0 for w in ph.weights.values()) or sum(ph.weights.values()) <= 0:

@@ -50,8 +50,10 @@ def eval_line(m: dict[str, Any]) -> str:
     """One human line per eval."""
     gate = "" if m.get("gate_ok") is None else f"  gate {'ok' if m['gate_ok'] else 'no'} ×{m.get('gate_streak', 0)}"
     stop = f"  → {m['stop_reason']}" if m.get("stop") else ""
+    acc = "".join(f" {name} {_fmt(m[k], '.3f')}" for k, name in (("exam_acc", "acc"), ("exam_em", "em"),
+                                                                  ("exam_f1", "f1")) if m.get(k) is not None)
     return (f"[{m['stage']}] step {m['step']:>5}  train {_fmt(m.get('train_loss'))}  raw {_fmt(m.get('raw_val_loss'))} "
-            f"(×{_fmt(m.get('raw_ratio'), '.3f')})  exam {_fmt(m.get('exam_val_loss'))}  kl {_fmt(m.get('kl'))}  "
+            f"(×{_fmt(m.get('raw_ratio'), '.3f')})  exam {_fmt(m.get('exam_val_loss'))}{acc}  kl {_fmt(m.get('kl'))}  "
             f"lr {_fmt(m.get('lr'), '.2e')}  {_fmt(m.get('tokens_per_s'), '.0f')} tok/s{gate}{stop}")
 
 
@@ -59,7 +61,8 @@ def stage_end_line(s: dict[str, Any]) -> str:
     """The stage decision: why it stopped, passed or not, the best eval and the checkpoint it hands off."""
     verdict = "passed" if s.get("passed") else "did not pass"
     best = (f"best step {s.get('best_step')} (raw {_fmt(s.get('best_raw_val_loss'))}, exam "
-            f"{_fmt(s.get('best_exam_val_loss'))})")
+            f"{_fmt(s.get('best_exam_val_loss'))}"
+            + (f", acc {_fmt(s['best_exam_acc'], '.3f')}" if s.get("best_exam_acc") is not None else "") + ")")
     base = f"; baseline_raw_best {_fmt(s.get('baseline_raw_best'))}" if s.get("sets_baseline") else ""
     return (f"[{s['stage']}] {verdict}: {s.get('stop_reason') or 'no decision'} after {s.get('steps')} steps; "
             f"{best}{base}; hands off {s.get('best_checkpoint') or '(no checkpoint)'}")

@@ -121,6 +121,11 @@ def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(local_run, two_nod
                 assert got[key].get(k) is None, (key, k)
             else:
                 assert got[key][k] == pytest.approx(w[k], abs=1e-6, rel=0), (key, k)
+        if w.get("eval_exam"):  # exam accuracy: the items reached both nodes' workers from the bucket (items.jsonl)
+            g = got[key]
+            assert g["exam_items_mc"] == w["exam_items_mc"] > 0 and g["exam_items_short"] == w["exam_items_short"]
+            # argmax decisions: equal up to a near-tie flipped by float rounding (one item at most)
+            assert abs(g["exam_acc"] - w["exam_acc"]) <= 1 / w["exam_items_mc"] + 1e-12, key
     assert res.summaries["stage3"]["passed"] == local_run.summaries["stage3"]["passed"]
     # every output is in the bucket: run files, published checkpoints (manifest present), TensorBoard, Ray's own
     assert {"metrics.jsonl", "summary.json", "config.yaml", "kcpt-run.json", "checkpoints", "tb", "ray"} <= \

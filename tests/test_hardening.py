@@ -70,6 +70,9 @@ def _prepare(capsys, *args: str) -> tuple[int, str, str]:
     ("plan.3.stop.exam_target=nan", "plan.3.stop.exam_target: must be a finite number"),
     ("plan.3.stop.raw_tolerance=1.5", "plan.3.stop.raw_tolerance: must be ≤ 1"),
     ("plan.3.stop.exam_target=0", "plan.3.stop.exam_target: must be > 0"),
+    ("plan.3.stop.exam_metric=accuracy", "plan.3.stop.exam_target: exam_metric is accuracy, so the target is a "
+                                         "fraction in (0, 1] (0.6 = 60 % right), got 3.1"),
+    ("plan.3.stop.exam_metric=acc", "plan.3.stop.exam_metric: Input should be 'loss' or 'accuracy'"),
     ("train.adam_betas=[0.9, 1.0]", "train.adam_betas.1: must be in [0, 1)"),
     ("train.adam_betas=[-0.1, 0.9]", "train.adam_betas.0: must be in [0, 1)"),
     ("plan.3.mixture_schedule=[{start_frac: 0.5, weights: {raw_train: -1.0, qa_train: 2.0}}]",
@@ -93,6 +96,16 @@ def test_config_values_that_cannot_work_are_refused(override: str, needle: str) 
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert needle in str(e.value)
+
+
+def test_exam_accuracy_stop_needs_the_scorer_on_and_a_fraction_target() -> None:
+    ok = load_config(None, ["plan.3.stop.exam_metric=accuracy", "plan.3.stop.exam_target=0.6"])
+    assert ok.stage("stage3").stop.exam_metric == "accuracy" and ok.eval.exam_accuracy
+    with pytest.raises(ConfigError, match=r"plan.3.stop.exam_metric: accuracy needs eval.exam_accuracy: true"):
+        load_config(None, ["plan.3.stop.exam_metric=accuracy", "plan.3.stop.exam_target=0.6",
+                           "eval.exam_accuracy=false"])
+    with pytest.raises(ConfigError, match="eval.exam_accuracy_max_items"):
+        load_config(None, ["eval.exam_accuracy_max_items=0"])
 
 
 @pytest.mark.parametrize(("override", "needle"), [

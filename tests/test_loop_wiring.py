@@ -259,3 +259,54 @@ def test_resume_from_a_mid_stage_checkpoint_is_exact_with_either_loader(prepared
     res2 = run_plan(cfg_of(prepared_root, tmp_path / "other", plan, f"data.loader={other}"), resume="never",
                     in_process=True)
     assert evals(res2, "s")[0]["train_loss"] != pytest.approx(want[0]["train_loss"], abs=1e-6)
+
+
+def test_exam_accuracy_at_every_eval_equals_an_independent_score(prepared_root, tmp_path):
+    """exam_acc / exam_em / exam_f1 in metrics.jsonl at every eval (step 0 too) are what score_exam gives for
+    the checkpoint on the prepared set's items.jsonl; the gate's accuracy metric stops the stage on its target."""
+    from transformers import AutoTokenizer
+
+    from kcpt.data.exam_io import read_items_file
+    from kcpt.eval.exam_scoring import score_exam
+    from kcpt.model.loading import load_causal_lm
+
+    plan = ('[{name: s, sources: {example_train: 1.0}, max_steps: 4, eval_every: 2, eval_exam: example_val, '
+            'stop: {rule: exam, exam_metric: accuracy, exam_target: 0.05, raw_bound: false}}]')
+    cfg = cfg_of(prepared_root, tmp_path, plan)
+    res = run_plan(cfg, resume="never", in_process=True)
+    recs = [r for r in read_metrics(res.run_dir) if r["stage"] == "s"]
+    prepared = next(p for p in prepared_root.iterdir() if p.name.startswith("example_val-"))
+    items = read_items_file(prepared / "items.jsonl")
+    n_mc = sum(1 for it in items if it.choices)
+    assert 0 < n_mc < len(items)
+    assert [r["step"] for r in recs] == [0, 2]  # stopped at the first eval after step 0: acc ≥ 0.05
+    for r in recs:
+        assert r["exam_items_mc"] == n_mc and r["exam_items_short"] == len(items) - n_mc
+        assert r["exam_acc"] is not None and r["exam_em"] is not None and r["exam_f1"] is not None
+    last = recs[-1]
+    assert last["exam_acc"] >= 0.05 and last["stop"] and last["stop_reason"] == "exam_target"
+    model = load_causal_lm(cfg.model, path=last["checkpoint"]).eval()
+    tok = AutoTokenizer.from_pretrained(str(prepared / "tokenizer"))
+    s = score_exam(model, tok, items, cfg.data.template, batch_size=5)
+    assert (last["exam_acc"], last["exam_em"]) == (s.accuracy, s.exact_match)
+    assert last["exam_f1"] == pytest.approx(s.f1, abs=1e-12)
+    summary = res.summaries["s"]
+    assert summary["exam_metric"] == "accuracy" and summary["best_exam_acc"] == last["exam_acc"]
+    assert summary["best_exam_val_loss"] == last["exam_val_loss"]
+    from kcpt.analysis.run_report import format_run_report
+
+    report = format_run_report(res.run_dir)  # `kcpt report RUN`: the stage table shows the accuracy
+    assert "acc best" in report and f"{last['exam_acc']:.3f}" in report
+    # a target the accuracy does not reach (the loss, ~8 nats, would "reach" it): the stage runs to max_steps
+    res = run_plan(cfg_of(prepared_root, tmp_path / "high", plan.replace("exam_target: 0.05", "exam_target: 0.9")
+                          .replace("{rule: exam,", "{rule: exam, patience: 9,")), resume="never", in_process=True)
+    high = [r for r in read_metrics(res.run_dir) if r["stage"] == "s"]
+    assert [r["step"] for r in high] == [0, 2, 4] and all(r["exam_acc"] < 0.9 for r in high)
+    assert high[-1]["stop_reason"] == "max_steps: exam not done"
+
+
+def test_accuracy_stop_on_a_set_without_choices_is_refused_at_the_first_eval(prepared_root, tmp_path):
+    plan = ('[{name: s, sources: {qa_train: 1.0}, max_steps: 4, eval_every: 2, eval_exam: qa_val, '
+            'stop: {rule: exam, exam_metric: accuracy, exam_target: 0.5, raw_bound: false}}]')
+    with pytest.raises(ConfigError, match="eval set 'qa_val' gave no exam accuracy: it has no multiple-choice"):
+        run_plan(cfg_of(prepared_root, tmp_path, plan), resume="never", in_process=True)

@@ -96,6 +96,11 @@ def test_cli_exam_labels_only_answer_and_counts_too_long(tmp_path):
     (row,) = read_rows(out).to_pylist()
     labelled = [t for t in row["labels"] if t != IGNORE_INDEX]
     assert labelled[-1] == tok.eos_token_id and tok.decode(labelled[:-1]).strip() == "국민"
+    # items.jsonl: the kept items only (exam accuracy reads it), covered by the manifest's hash
+    from kcpt.data.exam_io import read_items_file
+
+    assert [(i.id, i.answer, i.line) for i in read_items_file(out / "items.jsonl")] == [("q1", "국민", 1)]
+    assert m["items"] == 1 and m["items_sha256"] == sha256_file(out / "items.jsonl")
 
 
 def test_prepare_all_caches_by_content(tmp_path):

@@ -83,6 +83,9 @@ def test_dedup_is_exact_across_blocks_and_exam_matches(ray_local, tok, tmp_path)
     ml, mr, local, on_ray = _prepare_both("qa_val", exam, load_config(), tmp_path / "exam", tok)
     assert _tokens(on_ray, tok.pad_token_id) == _tokens(local, tok.pad_token_id)
     assert mr["label_tokens"] == ml["label_tokens"] and mr["rejects"] == ml["rejects"] == {"duplicate_id": 3}
+    # the kept items (exam accuracy reads them), in input order, the same from both pipelines
+    assert (on_ray / "items.jsonl").read_bytes() == (local / "items.jsonl").read_bytes()
+    assert mr["items"] == ml["items"] == len(qa.read_text(encoding="utf-8").splitlines())
 
 
 def test_strict_error_inside_a_task_reaches_the_caller(ray_local, tok, tmp_path):

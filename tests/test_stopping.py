@@ -18,6 +18,10 @@ PLATEAU_ABS = StopConfig(rule="plateau", patience=2, min_delta=0.05, min_delta_r
 EXAM = StopConfig(rule="exam", patience=2, exam_target=1.0, raw_tolerance=0.03, min_delta_relative=0.002)
 EXAM_NO_BOUND = EXAM.model_copy(update={"raw_bound": False})
 GATE = StopConfig(rule="gate", exam_target=1.0, raw_tolerance=0.03, consecutive=3)
+# exam accuracy (a fraction, higher is better): target 0.6, plateau needs +0.05 over the reference
+EXAM_ACC = StopConfig(rule="exam", exam_metric="accuracy", patience=2, exam_target=0.6, raw_tolerance=0.03,
+                      min_delta=0.05, min_delta_relative=0.0)
+GATE_ACC = StopConfig(rule="gate", exam_metric="accuracy", exam_target=0.6, raw_tolerance=0.03, consecutive=2)
 
 CASES = [
     # --- plateau (CPT): patience 2, 0.2 % relative
@@ -84,6 +88,22 @@ CASES = [
     ("gate_exam_miss_resets_streak", GATE, 2.0, False,
      [(2.05, 0.9), (2.05, 0.9), (2.05, 1.1), (2.05, 0.9)],
      [GO, GO, GO, GO]),
+    # --- exam accuracy: exam ≥ target, rising accuracy is an improvement, falling is not
+    ("acc_target_met_from_below", EXAM_ACC, 2.0, False,
+     [(2.0, 0.3), (2.0, 0.5), (2.0, 0.6)],
+     [GO, GO, (True, True, "exam_target")]),
+    ("acc_rising_resets_plateau", EXAM_ACC, 2.0, False,
+     [(2.0, 0.1), (2.0, 0.2), (2.0, 0.3), (2.0, 0.4)],
+     [GO, GO, GO, GO]),
+    ("acc_falling_is_a_plateau", EXAM_ACC, 2.0, False,
+     [(2.0, 0.4), (2.0, 0.3), (2.0, 0.2)],
+     [GO, GO, (True, True, "exam_plateau")]),
+    ("acc_gate_needs_acc_at_or_over_target", GATE_ACC, 2.0, False,
+     [(2.0, 0.59), (2.0, 0.6), (2.0, 0.9)],
+     [GO, GO, (True, True, "gate")]),
+    ("acc_gate_low_acc_resets_streak", GATE_ACC, 2.0, False,
+     [(2.0, 0.7), (2.0, 0.1), (2.0, 0.7)],
+     [GO, GO, GO]),
     ("gate_not_held_at_max_steps_fails", GATE, 2.0, True,
      [(2.05, 0.9), (2.05, 0.9)],
      [GO, (True, False, "max_steps: gate held 2 consecutive evals, needs 3")]),
@@ -177,3 +197,24 @@ def test_missing_inputs_are_clear_errors():
         StopConfig(rule="gate", exam_target=1.0, raw_bound=False)
     with pytest.raises(ValueError, match="exam val loss"):
         update_stop(StopState(), EXAM, step=1, raw=2.0, exam=None, baseline_raw_best=2.0)
+
+
+def test_best_eval_under_accuracy_is_the_argmax():
+    state = StopState()
+    bests = []
+    for i, acc in enumerate([0.2, 0.5, 0.4, 0.55]):
+        d = update_stop(state, GATE_ACC.model_copy(update={"exam_target": 0.9}), step=i + 1, raw=2.0, exam=acc,
+                        baseline_raw_best=2.0, record={"exam_loss": 3.0 - acc})
+        bests.append(d.new_best)
+    assert bests == [False, False, False, False]  # gate never ok: no eligible eval
+    state = StopState()
+    bests = [update_stop(state, EXAM_ACC, step=i + 1, raw=2.0, exam=acc, baseline_raw_best=2.0,
+                         record={"exam_loss": 3.0 - acc}).new_best for i, acc in enumerate([0.2, 0.5, 0.4, 0.55])]
+    assert bests == [True, True, False, True]
+    assert state.best_step == 4 and state.best_metric == 0.55 and state.best_exam == 0.55
+    assert state.history[2]["exam_loss"] == pytest.approx(2.6) and state.history[2]["exam"] == 0.4
+
+
+def test_accuracy_improvement_is_upward():
+    assert improved(0.6, 0.5, EXAM_ACC, higher=True) and not improved(0.5, 0.6, EXAM_ACC, higher=True)
+    assert not improved(0.52, 0.5, EXAM_ACC, higher=True)  # below min_delta 0.05

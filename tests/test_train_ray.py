@@ -92,7 +92,7 @@ def uninterrupted(ray_session, prepared_root, tmp_path_factory):
     return run_plan(cfg, resume="never")
 
 
-def test_plan_runs_both_stages_and_reports(uninterrupted):
+def test_plan_runs_both_stages_and_reports(uninterrupted, prepared_root):
     res = uninterrupted
     assert list(res.summaries) == ["cpt", "stage3"]
     cpt, s3 = res.summaries["cpt"], res.summaries["stage3"]
@@ -107,6 +107,10 @@ def test_plan_runs_both_stages_and_reports(uninterrupted):
             assert k in r
         assert r["kl"] is not None and r["kl"] > 0
         assert r["raw_val_ppl"] == pytest.approx(math.exp(r["raw_val_loss"]), rel=1e-6)
+        # exam accuracy: each of the 2 ranks scored its share; the gathered counts cover every item once
+        (items,) = prepared_root.glob("qa_val-*/items.jsonl")
+        assert r["exam_items_short"] == len(items.read_text(encoding="utf-8").splitlines()) and r["exam_items_mc"] == 0
+        assert r["exam_acc"] is None and 0 <= r["exam_em"] <= 1 and 0 <= r["exam_f1"] <= 1
     # stage 3 started from the CPT best checkpoint: its step-0 eval equals the CPT best raw loss
     s3_start = next(r for r in recs if r["stage"] == "stage3" and r["step"] == 0)
     assert s3_start["raw_val_loss"] == pytest.approx(cpt["best_raw_val_loss"], abs=1e-6)

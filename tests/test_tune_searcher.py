@@ -228,3 +228,21 @@ def test_recipe_points_are_enqueued_first_and_only_into_a_new_study(tmp_path):
     again.suggest("d")
     trials = optuna.load_study(study_name="enq", storage=storage).get_trials()
     assert [t.user_attrs.get("enqueued") for t in trials] == ["recipe", "recipe", None, None]
+
+
+def test_objective_follows_the_gates_accuracy_metric():
+    """stop.exam_metric accuracy: the selected eval has the HIGHEST exam_acc among feasible evals, the value told
+    to Optuna is the error rate 1 − acc (minimised), and the gate streak needs acc ≥ target."""
+    spec = GateSpec(baseline_raw_best=2.0, eps=0.03, exam_target=0.6, consecutive=2, objective="exam",
+                    exam_metric="accuracy")
+    evals = [{"step": 5, "raw_ratio": 1.0, "exam_val_loss": 1.0, "exam_acc": 0.5},
+             {"step": 10, "raw_ratio": 1.0, "exam_val_loss": 1.2, "exam_acc": 0.7},   # worse loss, better acc
+             {"step": 15, "raw_ratio": 1.1, "exam_val_loss": 0.5, "exam_acc": 0.9},   # infeasible
+             {"step": 20, "raw_ratio": 1.0, "exam_val_loss": 1.3, "exam_acc": 0.65}]
+    o = gate_outcome(evals, spec)
+    assert o.selected_step == 10 and o.selected_exam_acc == 0.7 and o.selected_exam_val_loss == 1.2
+    assert o.gate_objective == pytest.approx(0.3)
+    assert not o.gate_passed  # the raw miss at step 15 broke the streak; 20 alone is one
+    o = gate_outcome([*evals, {"step": 25, "raw_ratio": 1.0, "exam_val_loss": 1.3, "exam_acc": 0.6}], spec)
+    assert o.gate_passed and o.steps_to_gate == 25
+    assert gate_outcome(evals, GateSpec(2.0, 0.03, 1.5, 2, objective="exam")).selected_step == 5  # loss: lowest

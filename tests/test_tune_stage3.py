@@ -41,6 +41,8 @@ def test_outputs_exist_and_agree_with_the_study(tune_experiment):
             # the selected eval is feasible exactly when the constraint is ≤ 0
             assert (row["selected_raw_ratio"] <= 1 + m["eps"] + 1e-12) == (row["constraint"] <= 0)
         assert row["run_dir"] and row["num_evals"] >= 1
+        # exam accuracy reached the trial table (exam_val has multiple-choice and short-answer items)
+        assert 0 <= row["selected_exam_acc"] <= 1 and 0 <= row["selected_exam_f1"] <= 1
 
 
 def test_trials_started_from_the_same_checkpoint_and_baseline(tune_experiment):
@@ -52,6 +54,7 @@ def test_trials_started_from_the_same_checkpoint_and_baseline(tune_experiment):
     # every trial's step-0 eval measures the same stage-2 checkpoint: identical raw and exam losses
     assert starts["trial_number"].nunique() == 3
     assert starts["raw_val_loss"].nunique() == 1 and starts["exam_val_loss"].nunique() == 1
+    assert starts["exam_acc"].nunique() == 1 and curves["exam_acc"].notna().all()  # scored at every eval
     ratio = starts["raw_ratio"].iloc[0]
     assert ratio == pytest.approx(starts["raw_val_loss"].iloc[0] / m["baseline_raw_best"], rel=1e-6)
 

@@ -39,9 +39,11 @@ def start_values(metrics: list[dict[str, Any]], stage: str) -> dict[str, Any]:
 
 
 def format_stage_table(summaries: dict[str, dict[str, Any]], metrics: list[dict[str, Any]] | None = None) -> str:
-    """One line per stage: steps, stop reason, passed, start → best raw / exam loss, baseline, gate streak."""
+    """One line per stage: steps, stop reason, passed, start → best raw / exam loss and exam accuracy (``-`` when
+    not scored), baseline, gate streak."""
     metrics = metrics or []
-    header = ["stage", "steps", "stop", "passed", "raw start", "raw best", "exam start", "exam best", "baseline",
+    header = ["stage", "steps", "stop", "passed", "raw start", "raw best", "exam start", "exam best", "acc start",
+              "acc best", "baseline",
               "raw/base", "gate streak", "rollbacks"]
     rows = []
     for name, s in summaries.items():
@@ -50,7 +52,8 @@ def format_stage_table(summaries: dict[str, dict[str, Any]], metrics: list[dict[
         raw_best = s.get("best_raw_val_loss")
         rows.append([name, _f(s.get("steps")), s.get("stop_reason") or "-", _f(s.get("passed")),
                      _f(st.get("raw_val_loss")), _f(raw_best), _f(st.get("exam_val_loss")),
-                     _f(s.get("best_exam_val_loss")), _f(base),
+                     _f(s.get("best_exam_val_loss")), _f(st.get("exam_acc"), 3), _f(s.get("best_exam_acc"), 3),
+                     _f(base),
                      _f(raw_best / base if raw_best is not None and base else None, 3),
                      _f(s.get("gate_streak")), _f(s.get("rollbacks"))])
     return _table(header, rows)
@@ -71,11 +74,13 @@ def pareto_checkpoints(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 _NUM = (int, float)
 _METRIC_TYPES: dict[str, tuple[type, ...]] = {
-    "stage": (str,), "step": (int,), "raw_val_loss": _NUM, "exam_val_loss": _NUM, "checkpoint": (str,),
+    "stage": (str,), "step": (int,), "raw_val_loss": _NUM, "exam_val_loss": _NUM, "exam_acc": _NUM,
+    "checkpoint": (str,),
     "gate_ok": (bool,), "eval_raw": (str,), "eval_exam": (str,)}
 _SUMMARY_TYPES: dict[str, tuple[type, ...]] = {
     "steps": (int,), "stop_reason": (str,), "passed": (bool,), "best_raw_val_loss": _NUM,
-    "best_exam_val_loss": _NUM, "baseline_raw_best": _NUM, "gate_streak": (int,), "rollbacks": (int,)}
+    "best_exam_val_loss": _NUM, "best_exam_acc": _NUM,
+    "baseline_raw_best": _NUM, "gate_streak": (int,), "rollbacks": (int,)}
 
 
 def _wrong_type(rec: dict[str, Any], types: dict[str, tuple[type, ...]], required: tuple[str, ...] = ()) -> str | None:

@@ -71,7 +71,8 @@ def load_trials(exp_dir: str | Path) -> pd.DataFrame:
 
 def load_curves(exp_dir: str | Path, trials: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per eval of every trial: trial_number, ray_trial_id, step, tokens_seen, raw_val_loss,
-    exam_val_loss, raw_ratio, train_loss (read from each trial's run dir ``metrics.jsonl``)."""
+    exam_val_loss, exam_acc, exam_em, exam_f1, raw_ratio, train_loss (read from each trial's run dir
+    ``metrics.jsonl``; exam accuracy columns are NaN where a run did not score it)."""
     from kcpt import storage
     from kcpt.train.rundir import read_metrics
 
@@ -80,7 +81,8 @@ def load_curves(exp_dir: str | Path, trials: pd.DataFrame | None = None) -> pd.D
     manifest = load_manifest(exp)
     runs = str(manifest.get("runs_dir") or exp / "runs")
     rows: list[dict[str, Any]] = []
-    keys = ("step", "tokens_seen", "raw_val_loss", "exam_val_loss", "raw_ratio", "train_loss")
+    keys = ("step", "tokens_seen", "raw_val_loss", "exam_val_loss", "exam_acc", "exam_em", "exam_f1", "raw_ratio",
+            "train_loss")
     for _, t in trials.iterrows():
         run_dir = t["run_dir"] if isinstance(t.get("run_dir"), str) and t["run_dir"] else \
             storage.join(runs, str(t["ray_trial_id"]))
@@ -157,7 +159,8 @@ def trials_table(trials: pd.DataFrame) -> str:
     if trials.empty:
         return "(no trials)"
     cols = [("trial_number", "#"), ("status", "status"), ("objective", "objective"),
-            ("selected_exam_val_loss", "exam@sel"), ("constraint", "raw_gate"), ("feasible", "feasible"),
+            ("selected_exam_val_loss", "exam@sel"), ("selected_exam_acc", "acc@sel"), ("constraint", "raw_gate"),
+            ("feasible", "feasible"),
             ("gate_passed", "gate"), ("steps_to_gate", "steps→gate"), ("tokens_to_gate", "tokens→gate"),
             ("selected_step", "sel_step")]
     cols = [(c, h) for c, h in cols if c in trials.columns]
@@ -179,7 +182,7 @@ def format_trials_report(exp_dir: str | Path) -> str:
     lines = [f"experiment: {exp}",
              f"stage: {m.get('stage')}  study: {m.get('study_name')}  storage: {m.get('storage')}",
              f"baseline_raw_best: {_fmt(m.get('baseline_raw_best'))}  eps: {_fmt(m.get('eps'))}  "
-             f"exam_target: {_fmt(m.get('exam_target'))}",
+             f"exam_target: {_fmt(m.get('exam_target'))} ({m.get('exam_metric') or 'loss'})",
              f"trials: {len(trials)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}); "
              f"feasible: {int(trials['feasible'].sum()) if not trials.empty else 0}; "
              f"gate passed: {int(trials['gate_passed'].sum()) if not trials.empty else 0}",

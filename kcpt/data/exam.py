@@ -51,18 +51,12 @@ def render_prompt(item: ExamItem, template: ExamTemplate) -> str:
     return template.prompt_with_choices.format(question=item.question, choices=choices)
 
 
-def encode_exam_item(item: ExamItem, tokenizer, template: ExamTemplate, seq_len: int,
-                     source: str = "") -> EncodedSegment:
-    """Render, tokenize once with offsets, append EOS; labels -100 on prompt-only tokens.
-
-    Special-token strings inside the item's text are tokenized as plain text (``split_special_tokens``).
-
-    Raises :class:`ExamTooLong` when the result is longer than ``seq_len`` tokens. ``source`` is the dataset
-    name the packed row will carry.
-    """
-    prompt = render_prompt(item, template)
+def answer_labels(prompt: str, answer: str, tokenizer) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` of ``prompt + answer`` + EOS, tokenized once with offsets: a token is a prompt token
+    (label -100) when its span ends at or before ``len(prompt)``; every other token, and the EOS, is labelled
+    with its id. The one boundary rule of the exam loss (and of exam accuracy, :mod:`kcpt.eval.exam_scoring`)."""
     answer_start = len(prompt)
-    enc = tokenizer(prompt + item.answer, add_special_tokens=True, split_special_tokens=True,
+    enc = tokenizer(prompt + answer, add_special_tokens=True, split_special_tokens=True,
                     return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [tid if end > answer_start else IGNORE_INDEX
@@ -73,6 +67,19 @@ def encode_exam_item(item: ExamItem, tokenizer, template: ExamTemplate, seq_len:
         labels.append(eos)
     else:  # the tokenizer appended EOS itself (offsets (0, 0)): it is part of the answer
         labels[-1] = eos
+    return ids, labels
+
+
+def encode_exam_item(item: ExamItem, tokenizer, template: ExamTemplate, seq_len: int,
+                     source: str = "") -> EncodedSegment:
+    """Render, tokenize once with offsets, append EOS; labels -100 on prompt-only tokens.
+
+    Special-token strings inside the item's text are tokenized as plain text (``split_special_tokens``).
+
+    Raises :class:`ExamTooLong` when the result is longer than ``seq_len`` tokens. ``source`` is the dataset
+    name the packed row will carry.
+    """
+    ids, labels = answer_labels(render_prompt(item, template), item.answer, tokenizer)
     if len(ids) > seq_len:
         err = ExamTooLong(f"item '{item.id}': rendered prompt + answer is {len(ids)} tokens > seq_len {seq_len}; "
                           f"raise data.seq_len or shorten the item [{REASON_TOO_LONG}]", path=item.source or None,

@@ -148,3 +148,39 @@ def _items_of(path: Path, *, report: RejectReport, strict: bool, kind: str | Non
             continue
         item.source, item.line = str(path), lineno
         yield item
+
+
+ITEMS_FILE = "items.jsonl"
+"""In a prepared exam dataset: the items its rows were encoded from (kept items only, in input order), one JSON
+object per line with ``id, kind, answer, prompt, question, choices, source, line``; the manifest records its
+sha256 (``items_sha256``), so a checkpoint's data hash covers it. Exam accuracy reads it in every worker."""
+
+
+def item_record(item: ExamItem) -> dict[str, Any]:
+    """``item`` as one line of :data:`ITEMS_FILE`."""
+    return {"id": item.id, "kind": item.kind, "answer": item.answer, "prompt": item.prompt,
+            "question": item.question, "choices": item.choices, "source": item.source, "line": item.line}
+
+
+def write_items_file(path: Path, items: Sequence[ExamItem]) -> None:
+    """Write ``items`` as :data:`ITEMS_FILE` lines (UTF-8, not ASCII-escaped)."""
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for it in items:
+            f.write(json.dumps(item_record(it), ensure_ascii=False) + "\n")
+
+
+def read_items_file(path: str | Path) -> list[ExamItem]:
+    """The items of an :data:`ITEMS_FILE` (written by ``kcpt prepare``; InputError naming the line if damaged)."""
+    import json
+
+    out: list[ExamItem] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                out.append(ExamItem(**json.loads(line)))
+            except (ValueError, TypeError) as e:
+                raise InputError(f"damaged exam items file ({e}); prepare the dataset again", path=str(path),
+                                 line=lineno) from None
+    return out

@@ -42,7 +42,7 @@ from kcpt.hashing import sha256_json
 from kcpt.model.tokenizer import load_tokenizer, pad_token_id, save_tokenizer, tokenizer_sha256
 from kcpt.storage import file_lock
 
-PREPARE_FORMAT_VERSION = 3
+PREPARE_FORMAT_VERSION = 4
 """Bump when prepared rows would change for the same inputs (part of the cache key)."""
 TOKENIZE_BATCH = 256
 """Documents per batched tokenizer call."""
@@ -128,6 +128,7 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
     paths = resolve_inputs(ds.inputs)
     report = RejectReport()
     kept: Counter[str] = Counter()
+    kept_items: list[ExamItem] = []  # exam: the encoded items, written as items.jsonl beside the rows
     seq_len = data.seq_len
     if ds.kind == "raw":
         docs = read_documents(paths, text_field=ds.text_field, report=report, strict=data.strict,
@@ -140,7 +141,7 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
         items: Iterable[ExamItem] = read_exam_items(paths, report=report, strict=data.strict, kind=ds.exam_kind,
                                                     max_line_chars=data.filters.max_line_chars)
         items = tqdm(items, desc=f"encoding {name}", unit="item", disable=not progress)
-        segments = encode_counting(items, tokenizer, cfg, report, name, kept)
+        segments = encode_counting(items, tokenizer, cfg, report, name, kept, kept_items)
     rows = pack_segments(segments, seq_len, pad_token_id(tokenizer), window=DEFAULT_WINDOW)
     inputs: list[dict[str, Any]] = []  # filled once the rows are consumed (kept counts are known only then)
     out = Path(out_dir)
@@ -150,7 +151,8 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
         inputs.extend(input_entries(paths, dict(kept), input_sha256s))
 
     write_prepared(out, rows_then_inputs(), tokenizer=tokenizer, seq_len=seq_len, kind=ds.kind, inputs=inputs,
-                   report=report, extra=manifest_extra(name, ds, cfg, "local", extra), overwrite=overwrite)
+                   report=report, extra=manifest_extra(name, ds, cfg, "local", extra), overwrite=overwrite,
+                   items=kept_items if ds.kind == "exam" else None)
     return out
 
 
@@ -164,13 +166,16 @@ def manifest_extra(name: str, ds: DatasetConfig, cfg: KcptConfig, pipeline: str,
 
 
 def encode_counting(items: Iterable[ExamItem], tokenizer, cfg: KcptConfig, report: RejectReport, name: str,
-                    kept: Counter[str]) -> Iterator[Segment]:
+                    kept: Counter[str], kept_items: list[ExamItem] | None = None) -> Iterator[Segment]:
     """Encode exam items (:func:`~kcpt.data.exam.encode_exam_items`), counting kept items per input file in
-    ``kept``; a too-long item is counted in ``report`` (or raised with ``data.strict``)."""
+    ``kept`` (and appending them to ``kept_items`` when given); a too-long item is counted in ``report`` (or
+    raised with ``data.strict``)."""
     for item in items:
         for seg in encode_exam_items([item], tokenizer, cfg.data.template, cfg.data.seq_len, report=report,
                                      strict=cfg.data.strict, source=name):
             kept[item.source] += 1
+            if kept_items is not None:
+                kept_items.append(item)
             yield seg
 
 

@@ -61,6 +61,7 @@ class PipelineState:
         self.kept: Counter[str] = Counter()
         self.stats: PackStats | None = None
         self.seen: dict[bytes, str] = {}
+        self.items: list[Any] = []
 
     def claim(self, digests: list[str], doc_ids: list[str]) -> list[str | None]:
         """For each hex digest: None if it is the first claim (kept), else the label given with the first claim."""
@@ -76,6 +77,13 @@ class PipelineState:
     def merge(self, report: RejectReport, kept: dict[str, int]) -> None:
         self.report.merge(report)
         self.kept.update(kept)
+
+    def add_items(self, items: list[Any]) -> None:
+        """Exam items kept by one file's task (the driver writes them as ``items.jsonl``)."""
+        self.items.extend(items)
+
+    def kept_items(self) -> list[Any]:
+        return self.items
 
     def add_stats(self, stats: PackStats) -> None:
         if self.stats is None:
@@ -146,12 +154,14 @@ def _read_encode_exam(batch: dict[str, np.ndarray], *, state, cfg: KcptConfig, t
     for path in batch["path"]:
         report = RejectReport()
         kept: Counter[str] = Counter()
+        kept_items: list[ExamItem] = []
         items = read_exam_items([str(path)], report=report, strict=data.strict,
                                 max_line_chars=data.filters.max_line_chars)
         items = _claim_ids(items, state=state, report=report, strict=data.strict, kind=exam_kind)
-        for chunk in batched(encode_counting(items, tokenizer, cfg, report, name, kept), READ_BATCH):
+        for chunk in batched(encode_counting(items, tokenizer, cfg, report, name, kept, kept_items), READ_BATCH):
             yield _segments_batch(chunk)
         ray.get(state.merge.remote(report, dict(kept)))
+        ray.get(state.add_items.remote(kept_items))
 
 
 def _claim_ids(items: Iterable[ExamItem], *, state, report: RejectReport, strict: bool,
@@ -291,9 +301,14 @@ def _run_pipeline(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | 
             if not shards:  # keep the layout valid for an empty dataset
                 pq.write_table(rows_to_table([]), tmp / shard_name(0))
                 shards = [shard_name(0)]
+            items = None
+            if ds.kind == "exam":  # in input order, as the local path writes them
+                order = {str(f): i for i, f in enumerate(files)}
+                items = sorted(ray.get(state.kept_items.remote()),
+                               key=lambda it: (order.get(it.source, len(order)), it.line or 0))
             finish_prepared(tmp, tokenizer=tokenizer, stats=stats, kind=ds.kind,
                             inputs=input_entries(paths, kept, input_sha256s), report=report, shards=shards,
-                            extra=manifest_extra(name, ds, cfg, "ray_data", extra))
+                            extra=manifest_extra(name, ds, cfg, "ray_data", extra), items=items)
     finally:
         ray.kill(state)
     return out

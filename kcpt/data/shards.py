@@ -5,6 +5,8 @@ Layout of a prepared directory ``DIR``::
     DIR/part-00000.parquet ...   rows with ROW_SCHEMA (kcpt.data.types): input_ids, position_ids, labels
                                  (list<int32>, length seq_len each) and source (string)
     DIR/tokenizer/               the tokenizer the ids belong to (save_pretrained)
+    DIR/items.jsonl              exam datasets: the items the rows were encoded from (exam accuracy reads them;
+                                 manifest ``items_sha256``)
     DIR/manifest.json            seq_len, rows, tokens (non-pad), pack_efficiency, tokenizer_sha256,
                                  inputs [{path, sha256, documents}], rejects {reason: n}, reject_lengths
                                  {reason: {tokens: n}} (``answer_truncated`` items' token lengths), kind, kcpt_version,
@@ -182,11 +184,18 @@ def input_entries(paths: list[Path], documents: dict[str, int], hashes: list[str
 
 
 def finish_prepared(tmp: Path, *, tokenizer, stats: PackStats, kind: str, inputs: list[dict[str, Any]],
-                    report, shards: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Save the tokenizer and write ``manifest.json`` into the (temporary) dataset dir; returns the manifest."""
+                    report, shards: list[str], extra: dict[str, Any] | None = None,
+                    items: list[Any] | None = None) -> dict[str, Any]:
+    """Save the tokenizer, the exam ``items`` (as ``items.jsonl``, :data:`kcpt.data.exam_io.ITEMS_FILE`) and
+    ``manifest.json`` into the (temporary) dataset dir; returns the manifest."""
+    from kcpt.data.exam_io import ITEMS_FILE, write_items_file
     from kcpt.model.tokenizer import save_tokenizer, tokenizer_sha256  # transformers: only when writing
 
     save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
+    item_keys: dict[str, Any] = {}
+    if items is not None:
+        write_items_file(tmp / ITEMS_FILE, items)
+        item_keys = {"items_file": ITEMS_FILE, "items": len(items), "items_sha256": sha256_file(tmp / ITEMS_FILE)}
     manifest: dict[str, Any] = {
         "format": PREPARED_FORMAT,
         "kind": kind,
@@ -207,6 +216,7 @@ def finish_prepared(tmp: Path, *, tokenizer, stats: PackStats, kind: str, inputs
         "reject_examples": report.to_dict()["examples"],
         "reject_lengths": report.to_dict()["lengths"],
         "shards": shards,
+        **item_keys,
         "kcpt_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
@@ -217,18 +227,20 @@ def finish_prepared(tmp: Path, *, tokenizer, stats: PackStats, kind: str, inputs
 
 def write_prepared(out_dir: str | Path, rows: Iterable[PackedRow], *, tokenizer, seq_len: int, kind: str,
                    inputs: list[dict[str, Any]], report, extra: dict[str, Any] | None = None,
-                   rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, overwrite: bool = False) -> dict[str, Any]:
+                   rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, overwrite: bool = False,
+                   items: list[Any] | None = None) -> dict[str, Any]:
     """Write packed ``rows`` (consumed as a stream), the tokenizer and the manifest to ``out_dir`` atomically.
 
     ``inputs``: ``[{path, sha256, documents}]`` (see :func:`input_entries`; it may be filled while ``rows`` is
     consumed — it is read after); ``report``: the RejectReport of reading/cleaning/encoding (read after the
-    rows are consumed); ``extra``: more manifest keys. Returns the manifest.
+    rows are consumed); ``extra``: more manifest keys; ``items`` (exam datasets): the encoded ExamItems (read
+    after the rows are consumed), written as ``items.jsonl``. Returns the manifest.
     """
     stats = PackStats(seq_len)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         shards = write_shards(rows, tmp, rows_per_shard=rows_per_shard, stats=stats)
         return finish_prepared(tmp, tokenizer=tokenizer, stats=stats, kind=kind, inputs=inputs, report=report,
-                               shards=shards, extra=extra)
+                               shards=shards, extra=extra, items=items)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -76,8 +76,9 @@ from kcpt.train.streams import ShardReader, StreamBatches
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("stage", "step", "tokens_seen", "train_loss", "raw_val_loss", "raw_val_ppl", "exam_val_loss", "kl",
-               "grad_norm", "lr", "tokens_per_s", "gate_ok", "gate_streak", "raw_ratio")
+METRIC_KEYS = ("stage", "step", "tokens_seen", "train_loss", "raw_val_loss", "raw_val_ppl", "exam_val_loss",
+               "exam_acc", "exam_em", "exam_f1", "kl", "grad_norm", "lr", "tokens_per_s", "gate_ok", "gate_streak",
+               "raw_ratio")
 """Keys every eval record carries (besides ``train_loss_<source>``, ``rollbacks``, ``checkpoint``, ...)."""
 
 POINTER_FILE = "kcpt_checkpoint.json"
@@ -408,6 +409,7 @@ class StageRunner:
                     else lambda: autocast(self.cfg.model, self.device))
         self.rows: dict[str, PackedRows] = {}
         self.eval_cache: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self.exam_item_cache: dict[str, list[Any] | None] = {}
         self.tokenizer = self._load_tokenizer()
         self._expected: dict[str, Any] | None = None
         # every rank's torch RNG starts from (seed, rank): dropout is reproducible run to run
@@ -479,6 +481,45 @@ class StageRunner:
                                                  batch_size=self.cfg.train.eval_batch_size,
                                                  max_rows=self.cfg.train.max_eval_rows, device=self.device)
         return self.eval_cache[name]
+
+    def exam_items(self, name: str) -> list[Any] | None:
+        """This rank's share of the held-out exam items of eval set ``name`` (the prepared dataset's
+        ``items.jsonl``, fetched with its manifest on every node; capped at ``eval.exam_accuracy_max_items``);
+        None, with a warning, for a dataset prepared before kcpt wrote items (prepare it again)."""
+        if name not in self.exam_item_cache:
+            from kcpt.data.exam_io import ITEMS_FILE, read_items_file
+            from kcpt.eval.exam_scoring import check_items, rank_slice
+
+            path = Path(self.prepared[name]) / ITEMS_FILE
+            if not path.is_file():
+                if self.rank == 0:
+                    log.warning("eval set %s has no %s (prepared by an older kcpt): no exam accuracy; prepare it "
+                                "again", name, ITEMS_FILE)
+                self.exam_item_cache[name] = None
+            else:
+                items = read_items_file(path)
+                check_items(items)  # every rank checks every item: an error is raised on all ranks together
+                self.exam_item_cache[name] = rank_slice(items, self.rank, self.world,
+                                                        self.cfg.eval.exam_accuracy_max_items)
+        return self.exam_item_cache[name]
+
+    def exam_accuracy(self, module: torch.nn.Module, name: str) -> dict[str, float | int | None]:
+        """``exam_acc`` / ``exam_em`` / ``exam_f1`` (+ item counts) of eval set ``name`` over all ranks: each rank
+        scores its disjoint share (:func:`kcpt.eval.exam_scoring.score_exam`, collective), the results are
+        gathered. Empty when ``eval.exam_accuracy`` is off or the set has no items file."""
+        items = self.exam_items(name) if self.cfg.eval.exam_accuracy else None
+        if items is None:
+            return {}
+        from kcpt.eval.exam_scoring import gather_scores, score_exam
+
+        ev = self.cfg.eval
+        local = score_exam(module, self.tokenizer, items, self.cfg.data.template, device=self.device,
+                           batch_size=ev.exam_batch_size or self.cfg.train.eval_batch_size,
+                           max_new_tokens=ev.exam_max_new_tokens,
+                           length_norm=ev.exam_length_norm)
+        s = gather_scores(local)
+        return {"exam_acc": s.accuracy, "exam_em": s.exact_match, "exam_f1": s.f1, "exam_items_mc": s.n_mc,
+                "exam_items_short": s.n_short}
 
     def load_model(self, path: str | None, *, trained: bool = True) -> torch.nn.Module:
         """A trained model keeps float32 master weights (autocast / DeepSpeed give the compute dtype);
@@ -755,14 +796,25 @@ class StageRunner:
         """Raw (+ exam) val loss, the stop rule, metrics, and a checkpoint when due; returns a fresh interval."""
         stage, t = run.stage, self.cfg.train
         module = run.engine.loss_module  # under ZeRO-3 the head weight is gathered in this wrapper's forward
+        t0 = time.perf_counter()
         with self.amp():
             raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device, fused=t.fused_loss)["loss"]
             exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device, fused=t.fused_loss)["loss"]
                     if stage.eval_exam else None)
+        t1 = time.perf_counter()
+        with self.amp():
+            acc = self.exam_accuracy(run.engine.module, stage.eval_exam) if stage.eval_exam else {}
+        timing = {"eval_loss_s": t1 - t0, "exam_acc_s": time.perf_counter() - t1 if acc else None}
+        gate_exam = acc.get("exam_acc") if stage.stop.exam_metric == "accuracy" else exam
+        if gate_exam is None and stage.stop.exam_metric == "accuracy" and stage.stop.rule in ("exam", "gate"):
+            raise ConfigError(f"stage '{stage.name}': stop.exam_metric is accuracy, but eval set '{stage.eval_exam}' "
+                              "gave no exam accuracy: it has no multiple-choice items (or no items.jsonl: prepare "
+                              "it again). Use stop.exam_metric: loss or an eval_exam set with choices")
         d = None
         if not initial:
-            d = update_stop(run.stop_state, stage.stop, step=run.step, raw=raw, exam=exam,
-                            baseline_raw_best=plan.baseline_raw_best, final=final)
+            d = update_stop(run.stop_state, stage.stop, step=run.step, raw=raw, exam=gate_exam,
+                            baseline_raw_best=plan.baseline_raw_best, final=final,
+                            record={"exam_loss": exam, "exam_acc": acc.get("exam_acc")})
             run.decision = d
             if run.tokens_to_gate is None and d.gate_ok and d.gate_streak >= stage.stop.consecutive:
                 run.tokens_to_gate = run.tokens_seen
@@ -770,6 +822,8 @@ class StageRunner:
         metrics: dict[str, Any] = {
             "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen,
             "raw_val_loss": raw, "raw_val_ppl": ppl(raw), "exam_val_loss": exam,
+            "exam_acc": acc.get("exam_acc"), "exam_em": acc.get("exam_em"), "exam_f1": acc.get("exam_f1"),
+            **{k: v for k, v in acc.items() if k.startswith("exam_items")}, **timing,
             "eval_raw": stage.eval_raw, "eval_exam": stage.eval_exam, "lr": run.engine.lr,
             **interval.summary(),
             "gate_ok": d.gate_ok if d else None, "gate_streak": d.gate_streak if d else 0,
@@ -839,10 +893,15 @@ class StageRunner:
             "stop_reason": decision.reason if decision else "", "passed": bool(decision and decision.passed),
             "best_step": best_step, "best_checkpoint": best_path,
             "best_raw_val_loss": best_rec["raw"] if best_rec else None,
-            "best_exam_val_loss": best_rec["exam"] if best_rec else None,
-            "min_raw_val_loss": stop_state.best_raw, "min_exam_val_loss": stop_state.best_exam,
+            "best_exam_val_loss": _exam_loss(best_rec) if best_rec else None,
+            "best_exam_acc": best_rec.get("exam_acc") if best_rec else None,
+            "exam_metric": stage.stop.exam_metric,
+            "min_raw_val_loss": stop_state.best_raw,
+            "min_exam_val_loss": min((x for h in hist if (x := _exam_loss(h)) is not None), default=None),
+            "max_exam_acc": max((h["exam_acc"] for h in hist if h.get("exam_acc") is not None), default=None),
             "final_raw_val_loss": hist[-1]["raw"] if hist else None,
-            "final_exam_val_loss": hist[-1]["exam"] if hist else None,
+            "final_exam_val_loss": _exam_loss(hist[-1]) if hist else None,
+            "final_exam_acc": hist[-1].get("exam_acc") if hist else None,
             "baseline_raw_best": plan.baseline_raw_best, "gate_streak": decision.gate_streak if decision else 0,
             "rollbacks": run.detector.rollbacks, "lr_scale": run.lr_scale, "evals": len(hist),
             "pareto_front": front, "handoff": cands,
@@ -868,6 +927,12 @@ class StageRunner:
                                                               if isinstance(v, int | float | str | bool | None)},
                                                            "sets_baseline": stage.sets_baseline}})
         barrier()
+
+
+def _exam_loss(h: dict[str, Any]) -> float | None:
+    """The exam val loss of a stop-history entry (``exam`` is in ``stop.exam_metric`` units; entries of older
+    checkpoints have no ``exam_loss`` and always held the loss)."""
+    return h["exam_loss"] if "exam_loss" in h else h.get("exam")
 
 
 def checkpoint_due(t: Any, stage: StageConfig, step: int, *, new_best: bool, stop: bool, on_front: bool) -> bool:

@@ -2,16 +2,21 @@
 and ``max_steps``. See :class:`kcpt.config.StopConfig` for the rules in words.
 
 :func:`update_stop` mutates a :class:`StopState` (JSON-serialisable: ``to_dict``/``from_dict``, checkpointed
-with the trainer state) and returns a :class:`StopDecision`. Losses are in nats (lower is better).
+with the trainer state) and returns a :class:`StopDecision`. Raw is a loss in nats (lower is better). The exam
+value is in the units of ``stop.exam_metric``: ``loss`` (the answer-only exam val loss, lower is better; the
+target is met when exam ≤ target) or ``accuracy`` (exam accuracy, a fraction, higher is better; met when
+exam ≥ target). Every comparison of exam values below — improvement, plateau, best — follows that direction.
 
 Two notions of "better" are kept apart:
 
 - *significant improvement* (:func:`improved`: by at least ``max(min_delta, min_delta_relative·|ref|)`` over the
-  value at the last significant improvement, ``raw_ref`` / ``exam_ref``) resets the patience counters;
+  value at the last significant improvement, ``raw_ref`` / ``exam_ref``, in the metric's direction) resets the
+  patience counters;
 - the *best eval* of the stage (``best_metric`` / ``best_step``, ``StopDecision.new_best``) is the plain argmin
-  of the rule's ranking metric among eligible evals — the checkpoint to keep as the stage's best:
-  ``plateau``/``max_steps``: raw loss, every eval eligible; ``exam``: exam loss among evals whose raw loss is
-  within tolerance (all evals only with ``stop.raw_bound: false``); ``gate``: exam loss among gate-ok evals.
+  (argmax for exam accuracy) of the rule's ranking metric among eligible evals — the checkpoint to keep as the
+  stage's best: ``plateau``/``max_steps``: raw loss, every eval eligible; ``exam``: the exam metric among evals
+  whose raw loss is within tolerance (all evals only with ``stop.raw_bound: false``); ``gate``: the exam metric
+  among gate-ok evals.
   ``best_step`` stays ``None`` until an eligible eval happens.
 """
 
@@ -31,6 +36,7 @@ class StopState:
     """Lowest raw val loss seen in the stage (becomes ``baseline_raw_best`` when the stage ``sets_baseline``)."""
     best_raw_step: int | None = None
     best_exam: float | None = None
+    """Best exam value of the stage in ``stop.exam_metric`` units (lowest loss / highest accuracy)."""
     best_exam_step: int | None = None
     evals_since_raw_improve: int = 0
     evals_since_exam_improve: int = 0
@@ -81,8 +87,9 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def improved(new: float, best: float | None, stop: StopConfig) -> bool:
-    """``new`` improves on ``best`` by at least ``max(min_delta, min_delta_relative·|best|)`` (and by > 0).
+def improved(new: float, best: float | None, stop: StopConfig, *, higher: bool = False) -> bool:
+    """``new`` improves on ``best`` by at least ``max(min_delta, min_delta_relative·|best|)`` (and by > 0):
+    lower is better, or higher with ``higher`` (exam accuracy).
 
     A non-finite ``new`` never improves; anything finite improves on ``None``.
     """
@@ -90,7 +97,8 @@ def improved(new: float, best: float | None, stop: StopConfig) -> bool:
         return False
     if best is None or not math.isfinite(best):
         return True
-    gain, need = best - new, max(stop.min_delta, stop.min_delta_relative * abs(best))
+    gain = new - best if higher else best - new
+    need = max(stop.min_delta, stop.min_delta_relative * abs(best))
     return gain > 0 and (gain >= need or math.isclose(gain, need, rel_tol=1e-9))
 
 
@@ -104,16 +112,39 @@ def _le(x: float, bound: float) -> bool:
     return x <= bound or math.isclose(x, bound, rel_tol=1e-12, abs_tol=0.0)
 
 
+def exam_higher_is_better(stop: StopConfig) -> bool:
+    """The exam metric of ``stop`` is accuracy (higher is better), not a loss."""
+    return stop.exam_metric == "accuracy"
+
+
+def exam_target_met(exam: float | None, stop: StopConfig) -> bool:
+    """``exam`` meets ``stop.exam_target``: loss ≤ target, or accuracy ≥ target (False without a target)."""
+    if exam is None or stop.exam_target is None or not _finite(exam):
+        return False
+    return _le(stop.exam_target, exam) if exam_higher_is_better(stop) else _le(exam, stop.exam_target)
+
+
+def _better(new: float, best: float | None, higher: bool) -> bool:
+    return best is None or (new > best if higher else new < best)
+
+
 def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, exam: float | None,
-                baseline_raw_best: float | None, final: bool = False) -> StopDecision:
+                baseline_raw_best: float | None, final: bool = False,
+                record: dict[str, Any] | None = None) -> StopDecision:
     """Record one eval (at optimizer step ``step``) and decide whether the stage stops.
+
+    ``exam``: in ``stop.exam_metric`` units (see the module docstring). ``record``: more keys for this eval's
+    ``history`` entry (the loop adds the exam loss and accuracy there, whichever the rule uses).
 
     ``final``: this is the last eval of the stage (``max_steps`` reached); the decision then always stops.
     ``exam`` is required for the ``exam`` and ``gate`` rules; ``baseline_raw_best`` for ``gate`` and for ``exam``
     unless ``stop.raw_bound`` is false (the launcher refuses such a stage before any step; this is the backstop).
     """
     if stop.rule in ("exam", "gate") and exam is None:
-        raise ValueError(f"stop rule '{stop.rule}' needs an exam val loss at every eval")
+        raise ValueError(f"stop rule '{stop.rule}' needs an exam "
+                         f"{'val loss' if stop.exam_metric == 'loss' else 'accuracy'} at every eval"
+                         + (" (eval.exam_accuracy on, and multiple-choice items in the stage's eval_exam set)"
+                            if stop.exam_metric == "accuracy" else ""))
     if stop.needs_baseline and baseline_raw_best is None:
         raise ConfigError(f"stop rule '{stop.rule}' needs baseline_raw_best (run a stage with sets_baseline first, "
                           "give the baseline explicitly" + (", or set stop.raw_bound: false)" if stop.rule == "exam"
@@ -127,23 +158,24 @@ def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, ex
     if _finite(raw) and (state.best_raw is None or raw < state.best_raw):
         state.best_raw, state.best_raw_step = raw, step
 
+    higher = exam_higher_is_better(stop)
     exam_improved = False
     if exam is not None:
-        exam_improved = improved(exam, state.exam_ref, stop)
+        exam_improved = improved(exam, state.exam_ref, stop, higher=higher)
         if exam_improved:
             state.exam_ref, state.evals_since_exam_improve = exam, 0
         else:
             state.evals_since_exam_improve += 1
-        if _finite(exam) and (state.best_exam is None or exam < state.best_exam):
+        if _finite(exam) and _better(exam, state.best_exam, higher):
             state.best_exam, state.best_exam_step = exam, step
 
     use_bound = baseline_raw_best is not None and stop.raw_bound
     bound = raw_bound(baseline_raw_best, stop) if use_bound else None
     raw_ok = None if bound is None else (_finite(raw) and _le(raw, bound))
-    exam_hit = exam is not None and stop.exam_target is not None and _finite(exam) and _le(exam, stop.exam_target)
+    exam_hit = exam_target_met(exam, stop)
 
     stop_now, passed, reason, gate_ok = False, False, "", False
-    eligible, metric = True, raw
+    eligible, metric, metric_higher = True, raw, False
     if stop.rule == "plateau":
         if state.evals_since_raw_improve >= stop.patience:
             stop_now, passed, reason = True, True, "plateau"
@@ -153,7 +185,7 @@ def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, ex
         if final:
             stop_now, passed, reason = True, True, "max_steps"
     elif stop.rule == "exam":
-        metric, eligible = exam, raw_ok is not False
+        metric, eligible, metric_higher = exam, raw_ok is not False, higher
         if exam_hit:
             exam_reason = "exam_target"
         elif state.evals_since_exam_improve >= stop.patience:
@@ -171,7 +203,7 @@ def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, ex
             stop_now = True
             reason = "max_steps: exam not done" + (", raw over tolerance" if raw_ok is False else "")
     elif stop.rule == "gate":
-        metric = exam
+        metric, metric_higher = exam, higher
         gate_ok = bool(raw_ok) and exam_hit
         eligible = gate_ok
         state.gate_streak = state.gate_streak + 1 if gate_ok else 0
@@ -184,12 +216,12 @@ def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, ex
         raise ConfigError(f"unknown stop rule '{stop.rule}'")
 
     new_best = False
-    if eligible and _finite(metric) and (state.best_metric is None or metric < state.best_metric):
+    if eligible and _finite(metric) and _better(metric, state.best_metric, metric_higher):
         state.best_metric, state.best_step, new_best = metric, step, True
 
     decision = StopDecision(stop=stop_now, passed=passed, reason=reason, gate_ok=gate_ok,
                             gate_streak=state.gate_streak, raw_improved=raw_improved, exam_improved=exam_improved,
                             raw_ok=raw_ok, new_best=new_best, raw_bound=bound)
-    state.history.append({"step": step, "raw": raw, "exam": exam, **{k: v for k, v in decision.to_dict().items()
-                                                                        if k != "raw_bound"}})
+    state.history.append({"step": step, "raw": raw, "exam": exam, **(record or {}),
+                          **{k: v for k, v in decision.to_dict().items() if k != "raw_bound"}})
     return decision

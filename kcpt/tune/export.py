@@ -23,7 +23,8 @@ from kcpt.tune.space import apply_params, mixture_weights
 #: Columns of trials.parquet besides one ``param_<name>`` column per sampled parameter.
 TRIAL_COLUMNS = ("trial_number", "ray_trial_id", "status", "objective", "constraint", "feasible", "gate_passed",
                  "steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "selected_raw_val_loss",
-                 "selected_exam_val_loss", "selected_raw_ratio", "num_evals", "stopped_early", "checkpoint_path",
+                 "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em", "selected_exam_f1",
+                 "selected_raw_ratio", "num_evals", "stopped_early", "checkpoint_path",
                  "run_dir", "trial_dir")
 
 
@@ -79,6 +80,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "selected_step": _int("selected_step"),
             "selected_raw_val_loss": _num(ua.get("selected_raw_val_loss")),
             "selected_exam_val_loss": _num(ua.get("selected_exam_val_loss")),
+            "selected_exam_acc": _num(ua.get("selected_exam_acc")),
+            "selected_exam_em": _num(ua.get("selected_exam_em")),
+            "selected_exam_f1": _num(ua.get("selected_exam_f1")),
             "selected_raw_ratio": _num(ua.get("selected_raw_ratio")),
             "num_evals": int(ua.get("num_evals") or 0), "stopped_early": bool(ua.get("stopped_early", False)),
             "checkpoint_path": ua.get("checkpoint_path") or None, "run_dir": ua.get("run_dir"),
@@ -131,7 +135,8 @@ def export_results(experiment_dir: str | Path) -> ExportPaths:
                      "gate_passed": best.user_attrs.get("gate_passed"),
                      "tokens_to_gate": _int_attr(best, "tokens_to_gate"),
                      "plan_tokens_to_gate": _int_attr(best, "plan_tokens_to_gate"),
-                     "selected_exam_val_loss": _num(best.user_attrs.get("selected_exam_val_loss"))}
+                     "selected_exam_val_loss": _num(best.user_attrs.get("selected_exam_val_loss")),
+                     "selected_exam_acc": _num(best.user_attrs.get("selected_exam_acc"))}
     else:
         if best_cfg_path.exists():
             best_cfg_path.unlink()

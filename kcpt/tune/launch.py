@@ -451,13 +451,15 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
               f"{'reused' if pre.reused else 'made'} in {pre.run_dir}; every trial starts from {pre.init_checkpoint}",
               flush=True)
         st = apply_params(cfg, {}, stage).stage(stage)
+        exam_value = "1 - exam_acc" if st.stop.exam_metric == "accuracy" else "exam_val_loss"
         dump_config(cfg, exp_dir / "config.yaml")
         manifest = {
             "kind": "kcpt-tune", "stage": stage, "study_name": study_name, "storage": storage,
             "metric": METRIC, "objective": cfg.tune.objective,
-            "objective_value": ("gate_objective: exam_val_loss at the selected eval, min" if cfg.tune.objective
+            "objective_value": (f"gate_objective: {exam_value} at the selected eval, min" if cfg.tune.objective
                                 == "exam" else "gate_objective: lexicographic (gate passed, tokens_to_gate, "
-                                "exam_val_loss), min; see kcpt.tune.objective"),
+                                f"{exam_value}), min; see kcpt.tune.objective"),
+            "exam_metric": st.stop.exam_metric,
             "token_scale": stage_token_budget(cfg), "tokens_before": pre.tokens_before,
             "asha_time_attr": TOKENS_ATTR if cfg.tune.asha.time_attr == "tokens" else "training_iteration",
             "constraint": "raw_gate = raw_ratio - (1 + eps) at the selected eval (<= 0 feasible)",

@@ -3,7 +3,10 @@
 For one trial (the evals of one stage-3 run, in order), with ``eps`` = ``stop.raw_tolerance``:
 
 - feasible evals: ``raw_ratio ≤ 1 + eps`` where ``raw_ratio = raw_val_loss / baseline_raw_best``;
-- selected eval: the feasible eval with the lowest exam val loss; when none is feasible, the eval with the
+- the exam value follows the gate's metric (``stop.exam_metric``): the exam val loss, or with ``accuracy`` the
+  exam error rate ``1 − exam_acc`` (so "lower is better" holds for both, and the target test
+  ``exam_acc ≥ target`` is ``1 − exam_acc ≤ 1 − target``);
+- selected eval: the feasible eval with the lowest exam value; when none is feasible, the eval with the
   lowest raw ratio (and the trial is infeasible);
 - ``gate_passed``: the stage gate (raw ≤ baseline·(1+eps) AND exam ≤ target) held for ``consecutive`` evals
   in a row; ``steps_to_gate`` / ``tokens_to_gate`` (the eval's ``tokens_seen``: training tokens of the stage) at
@@ -37,7 +40,8 @@ from typing import Any, Literal
 #: Keys of the running gate metrics added to every reported eval (see :meth:`GateTracker.update`).
 GATE_KEYS = ("gate_score", "gate_objective", "gate_constraint", "gate_feasible", "gate_passed", "steps_to_gate",
              "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "selected_raw_val_loss",
-             "selected_exam_val_loss", "selected_raw_ratio", "num_evals")
+             "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em", "selected_exam_f1",
+             "selected_raw_ratio", "num_evals")
 
 TIE_WEIGHT = 0.01
 """δ of the ``tokens_to_gate`` objective: the exam loss's weight next to the token term."""
@@ -70,6 +74,21 @@ class GateSpec:
     """``T0`` of the ``tokens_to_gate`` objective: the base config's token budget of the stage."""
     tokens_before: int = 0
     """Training tokens of the stages before the gated one (``plan_tokens_to_gate`` = this + tokens_to_gate)."""
+    exam_metric: Literal["loss", "accuracy"] = "loss"
+    """The gate's exam metric (``stop.exam_metric``): the exam value is the loss, or ``1 − exam_acc``."""
+
+    def exam_value(self, m: Mapping[str, Any]) -> float | None:
+        """The exam value of one eval (lower is better): ``exam_val_loss``, or ``1 − exam_acc``."""
+        if self.exam_metric == "accuracy":
+            acc = _num(m.get("exam_acc"))
+            return None if acc is None else 1.0 - acc
+        return _num(m.get("exam_val_loss"))
+
+    def exam_target_value(self) -> float | None:
+        """``exam_target`` on the :meth:`exam_value` scale."""
+        if self.exam_target is None:
+            return None
+        return 1.0 - self.exam_target if self.exam_metric == "accuracy" else self.exam_target
 
     @classmethod
     def from_stage(cls, stage: Any, baseline_raw_best: float | None, penalty: float = 100.0, *,
@@ -77,7 +96,7 @@ class GateSpec:
                    tokens_before: int = 0) -> GateSpec:
         """From a :class:`~kcpt.config.StageConfig` (its ``stop`` section)."""
         return cls(baseline_raw_best, stage.stop.raw_tolerance, stage.stop.exam_target, stage.stop.consecutive,
-                   penalty, objective, token_scale, tokens_before)
+                   penalty, objective, token_scale, tokens_before, stage.stop.exam_metric)
 
 
 @dataclass
@@ -95,6 +114,9 @@ class GateOutcome:
     selected_step: int | None = None
     selected_raw_val_loss: float | None = None
     selected_exam_val_loss: float | None = None
+    selected_exam_acc: float | None = None
+    selected_exam_em: float | None = None
+    selected_exam_f1: float | None = None
     selected_raw_ratio: float | None = None
     num_evals: int = 0
 
@@ -102,7 +124,8 @@ class GateOutcome:
         """Flat dict with the :data:`GATE_KEYS` (``None`` becomes NaN for numeric keys, so loggers accept it)."""
         d = asdict(self)
         for k in ("gate_score", "gate_objective", "gate_constraint", "selected_raw_val_loss",
-                  "selected_exam_val_loss", "selected_raw_ratio"):
+                  "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em", "selected_exam_f1",
+                  "selected_raw_ratio"):
             if d[k] is None:
                 d[k] = math.nan
         for k in ("steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step"):
@@ -140,7 +163,7 @@ class GateTracker:
         """Add one eval's metrics (stage-loop names); return the running :class:`GateOutcome` as metrics."""
         o, s = self.outcome, self.spec
         step = int(m.get("step", -1))
-        ratio, exam = self.raw_ratio(m), _num(m.get("exam_val_loss"))
+        ratio, exam = self.raw_ratio(m), s.exam_value(m)
         if step == 0 or ratio is None or exam is None:
             return o.as_metrics()
         o.num_evals += 1
@@ -153,7 +176,8 @@ class GateTracker:
         if "gate_streak" in m and _num(m.get("gate_streak")) is not None:
             self._streak = int(m["gate_streak"])
         else:
-            ok = feasible and (s.exam_target is None or exam <= s.exam_target)
+            target = s.exam_target_value()
+            ok = feasible and (target is None or exam <= target)
             self._streak = self._streak + 1 if ok else 0
         if not o.gate_passed and self._streak >= s.consecutive:
             o.gate_passed = True
@@ -169,7 +193,10 @@ class GateTracker:
         o.gate_score = o.gate_objective + s.penalty * max(0.0, o.gate_constraint)
         o.selected_step = int(msel.get("step", -1))
         o.selected_raw_val_loss = _num(msel.get("raw_val_loss"))
-        o.selected_exam_val_loss = exam_sel
+        o.selected_exam_val_loss = _num(msel.get("exam_val_loss"))
+        o.selected_exam_acc = _num(msel.get("exam_acc"))
+        o.selected_exam_em = _num(msel.get("exam_em"))
+        o.selected_exam_f1 = _num(msel.get("exam_f1"))
         o.selected_raw_ratio = ratio_sel
         return o.as_metrics()
 

@@ -3,14 +3,14 @@
 **The exam set as lm-eval tasks** (:func:`export_exam_tasks`): a group ``kcpt_exam`` of
 
 - ``kcpt_exam_mc`` (``output_type: multiple_choice``) for items with ``choices``: ``doc_to_text`` is the prompt
-  exactly as kcpt renders it (:func:`kcpt.data.exam.render_prompt`) minus its trailing whitespace, and each
-  choice carries that whitespace in front (``target_delimiter: ""``), so context + continuation is kcpt's text
-  character for character. lm-eval tokenizes ``context + continuation`` once and scores the tokens after those
-  of the context: the same tokens as kcpt's boundary rule (a token ending after the prompt is an answer token;
-  BPE merges the prompt's trailing space into the choice's first word). ``acc`` is the plain log-likelihood
-  argmax, ``acc_norm`` divides by the continuation's characters (whitespace + choice), as
-  :func:`kcpt.eval.exam_scoring.score_exam` with ``length_norm="none"`` / ``"chars"``; ``doc_to_target`` is the
-  index of the choice equal to the answer.
+  exactly as kcpt renders it (:func:`kcpt.data.exam.render_prompt`, ending in ``"답: "``), ``doc_to_choice`` the
+  choices, ``target_delimiter: ""`` (the prompt's own trailing space is the delimiter), ``doc_to_target`` the index
+  of the choice equal to the answer. lm-eval 0.4.13 (``TemplateLM._encode_pair``) moves the context's trailing
+  whitespace into the continuation, tokenizes ``context + continuation`` once and scores the tokens after those of
+  the (stripped) context: the tokens kcpt's boundary rule scores (a token ending after the prompt is an answer
+  token; BPE merges the prompt's trailing space into the choice's first word). ``acc`` is the argmax of the
+  log-likelihoods, ``acc_norm`` divides them by ``len(choice)`` characters, as
+  :func:`kcpt.eval.exam_scoring.score_exam` with ``length_norm="none"`` / ``"chars"``.
 - ``kcpt_exam_gen`` (``generate_until``) for short-answer items: greedy decoding from the prompt without its
   trailing whitespace until EOS or ``max_gen_toks`` (the longest reference answer in tokens + 8), scored with
   kcpt's normalised ``exact_match`` and character-level ``char_f1`` (:mod:`kcpt.eval.exam_scoring`).
@@ -65,12 +65,6 @@ EXIT_TASK_ERROR = 3
 results file."""
 
 # ----------------------------------------------------------------------------------------------------- export
-
-
-def split_prompt(prompt: str) -> tuple[str, str]:
-    """``(context, whitespace)``: the prompt without its trailing whitespace, and that whitespace."""
-    context = prompt.rstrip()
-    return context, prompt[len(context):]
 
 
 def gold_index(item: ExamItem) -> int:
@@ -135,15 +129,14 @@ def export_exam_tasks(items: list[ExamItem], template: ExamTemplate, out_dir: st
     mc, gen, skipped = [], [], []
     for it in items:
         try:
-            context, ws = split_prompt(render_prompt(it, template))
+            prompt = render_prompt(it, template)
         except TooManyChoices as e:
             skipped.append(str(e))
             continue
         if it.choices:
-            mc.append({"id": it.id, "context": context, "choices": [ws + c for c in it.choices],
-                       "label": gold_index(it)})
+            mc.append({"id": it.id, "prompt": prompt, "choices": it.choices, "label": gold_index(it)})
         else:
-            gen.append({"id": it.id, "context": context, "answer": it.answer})
+            gen.append({"id": it.id, "context": prompt.rstrip(), "answer": it.answer})
     if not mc and not gen:
         raise InputError("no exam item to evaluate" + (f" ({len(skipped)} skipped: {skipped[0]})" if skipped else ""))
     tasks = []
@@ -151,7 +144,7 @@ def export_exam_tasks(items: list[ExamItem], template: ExamTemplate, out_dir: st
         _write_jsonl(out / f"{MC_TASK}.jsonl", mc)
         (out / f"{MC_TASK}.yaml").write_text(_task_yaml(
             MC_TASK, out / f"{MC_TASK}.jsonl",
-            {"output_type": "multiple_choice", "doc_to_text": "context", "doc_to_choice": "choices",
+            {"output_type": "multiple_choice", "doc_to_text": "prompt", "doc_to_choice": "choices",
              "doc_to_target": "label", "target_delimiter": ""}, ["acc", "acc_norm"]), encoding="utf-8")
         tasks.append(MC_TASK)
     max_gen = None

@@ -1,4 +1,4 @@
-"""`kcpt` command line: prepare, train, tune, report, audit-tokenizer.
+"""`kcpt` command line: prepare, train, tune, report, audit-tokenizer, eval.
 
 Each subcommand lives beside the code it drives (``register(subparsers)`` in ``kcpt.<area>.commands``);
 this module only wires them together and turns :class:`~kcpt.errors.KcptError` into a one-line message.
@@ -15,7 +15,7 @@ from kcpt import __version__
 from kcpt.errors import EXIT_BAD_INPUT, exit_message
 
 _COMMAND_MODULES = ["kcpt.data.commands", "kcpt.train.commands", "kcpt.tune.commands",
-                    "kcpt.analysis.commands", "kcpt.model.commands"]
+                    "kcpt.analysis.commands", "kcpt.model.commands", "kcpt.eval.commands"]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,6 +1,7 @@
-"""Report of one training run directory: per-stage table and the Pareto-optimal checkpoints.
+"""Report of one training run directory: per-stage table, the Pareto-optimal checkpoints and the lm-eval results
+of ``kcpt eval`` (``eval/lm_eval-*.json``).
 
-Reads only files (``summary.json``, ``metrics.jsonl``); needs no Ray. The Pareto front is over
+Reads only files (``summary.json``, ``metrics.jsonl``, ``eval/``); needs no Ray. The Pareto front is over
 (raw val loss, exam val loss), both minimised, among the evals that saved a checkpoint and measured an exam loss.
 """
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from kcpt.analysis.pareto import pareto_records
 from kcpt.errors import InputError
+from kcpt.eval.harness import format_lm_eval_results, load_lm_eval_results
 from kcpt.train.rundir import RunDir, read_metrics
 
 
@@ -142,6 +144,10 @@ def format_run_report(run_dir: str | Path) -> str:
     else:
         parts.append("(none: no eval with both losses saved a checkpoint)")
     parts += _forgetting_part(run_dir)
+    lm_eval = load_lm_eval_results(run_dir)
+    if lm_eval:
+        parts += ["", "lm-evaluation-harness (kcpt eval; eval/lm_eval-<checkpoint>.json):",
+                  format_lm_eval_results(lm_eval)]
     return "\n".join(parts)
 
 

@@ -17,15 +17,15 @@ import ray
 from kcpt import storage
 from kcpt.config import DatasetConfig, load_config
 from kcpt.data.prepare import prepare_dataset
-from kcpt.data.rejects import RejectReport
-from kcpt.data.sources import BadLine, LineRange, iter_text_lines
 from kcpt.data.ray_pipeline import prepare_dataset_ray, read_prepared
+from kcpt.data.rejects import RejectReport
 from kcpt.data.shards import MANIFEST, fetch_prepared, read_manifest, read_rows
+from kcpt.data.sources import BadLine, LineRange, iter_text_lines
 from kcpt.errors import InputError
 from kcpt.model.tokenizer import load_tokenizer
 
 SYLLABLES = "가나다라마바사아자차카타파하고노도로모보소오조호구누두루무부수우주기니디리미비시이지치히강산물길봄"
-BLOCK = 16 << 10  # bytes per JSONL read task: big.jsonl (~85 KB) becomes 6 of them
+BLOCK = 4 << 10  # bytes per read task: big.jsonl (~85 KB) becomes 21, c.parquet 3 (one per row group)
 
 
 def _doc(rng: random.Random) -> str:
@@ -121,9 +121,9 @@ def test_big_file_is_split_and_manifest_matches_in_process(ray_s3, corpus, tmp_p
     out = prepare_dataset_ray("scale", ds, ref["cfg"], tmp_path / "ray", ref["tok"], progress=False,
                               block_bytes=BLOCK, actors=1, dedup_shards=4)
     mr, ml = read_manifest(out), ref["local"]
-    big_tasks = -(-paths[1].stat().st_size // BLOCK)
+    a_tasks, big_tasks = (-(-p.stat().st_size // BLOCK) for p in paths[:2])
     run = mr["ray_data"]
-    assert big_tasks >= 5 and run["read_tasks"] == 1 + big_tasks + 3 + 1  # a, big's ranges, c's row groups, d
+    assert big_tasks == 21 and run["read_tasks"] == a_tasks + big_tasks + 3 + 1  # JSONL ranges, c's row groups, d
     assert run["tokenizer_actors"] == 1 < run["tokenize_batches"]  # one tokenizer load served every batch
     sizes = run["dedup_shard_sizes"]  # the digests are spread over the shards; none holds them all
     assert len(sizes) == 4 and sum(sizes) == 20 + 273 + 58 + 0 and max(sizes) < sum(sizes) / 2
@@ -148,10 +148,14 @@ def test_uri_inputs_read_by_tasks_and_output_published_manifest_last(ray_s3, cor
     assert out == f"{s3_prefix}/out" and not storage.local_path_for(f"{s3_prefix}/in").exists()  # no download
     names = store.walk("out")
     mr = json.loads(store.read_text(f"out/{MANIFEST}"))
-    assert set(mr["shards"]) == {n for n in names if n.endswith(".parquet")} and mr["ray_data"]["read_tasks"] > 5
+    assert mr["shards"] == sorted(n for n in names if n.endswith(".parquet")) and mr["ray_data"]["read_tasks"] > 20
     _same_manifest(mr, ref["local"], f"{s3_prefix}/in/", f"{paths[0].parent}/")
     assert read_prepared(out).count() == mr["rows"]
     local = fetch_prepared(out)
     assert _tokens(local, ref["tok"].pad_token_id) == _tokens(ref["local_dir"], ref["tok"].pad_token_id)
     with pytest.raises(InputError, match="already holds files"):
         prepare_dataset_ray("scale", ds, ref["cfg"], out, ref["tok"], progress=False)
+    small = DatasetConfig(kind="raw", inputs=[f"{s3_prefix}/in/d.txt"])  # replaces it: the old shards are gone
+    prepare_dataset_ray("small", small, ref["cfg"], out, ref["tok"], progress=False, overwrite=True)
+    m2 = json.loads(store.read_text(f"out/{MANIFEST}"))
+    assert m2["name"] == "small" and sorted(n for n in store.walk("out") if n.endswith(".parquet")) == m2["shards"]

@@ -15,8 +15,8 @@ through Ray Data (raw):
    the kept one. Dedup is therefore exact and deterministic: the copy kept is the first in input order (file
    order, then line/row), the one the in-process path keeps, whatever the task order. No actor holds every hash:
    each shard holds ~1/N of them (about 150 bytes per unique document);
-4. ``map_batches(Tokenize)`` in an actor pool (``concurrency=actors``): the tokenizer is deserialised once per
-   actor, not per batch; tokenize + EOS + chunk → one row per segment;
+4. ``map_batches(Tokenize)`` in an actor pool (``compute=ActorPoolStrategy(size=actors)``): the tokenizer is
+   deserialised once per actor, not per batch; tokenize + EOS + chunk → one row per segment;
 5. ``map_batches(_pack, batch_size=window)``: best-fit decreasing per window of segments → packed rows;
 6. ``write_parquet`` straight to the destination: a local ``out_dir`` is written in its temporary sibling and
    renamed at the end (shards renamed ``part-NNNNN.parquet``); a URI ``out_dir`` (``s3://…``) gets the shards
@@ -61,6 +61,7 @@ from kcpt.data.shards import (
     MANIFEST,
     PREPARED_FORMAT,
     atomic_dir,
+    check_output_dir,
     finish_prepared,
     input_entries,
     read_manifest,
@@ -360,7 +361,7 @@ def _rows(name: str, ds: DatasetConfig, cfg: KcptConfig, tokenizer, paths: list[
     data = cfg.data
     files = expand_inputs(paths, driver_report)
     tok_args = {"fn_constructor_kwargs": {"tokenizer": tokenizer, "cfg": cfg, "name": name, "state": state},
-                "concurrency": actors, "num_cpus": 1, "batch_size": TOKENIZE_BATCH}
+                "compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": 1, "batch_size": TOKENIZE_BATCH}
     if ds.kind == "raw":
         units = plan_units(files, text_field=ds.text_field, block_bytes=block_bytes or default_block_bytes())
         docs = ray.data.read_datasource(InputSource(units, state=state, text_field=ds.text_field,
@@ -369,7 +370,9 @@ def _rows(name: str, ds: DatasetConfig, cfg: KcptConfig, tokenizer, paths: list[
         texts = docs.map_batches(_clean_offer, batch_size=TOKENIZE_BATCH, fn_kwargs={
             "state": state, "shards": shards, "cfg": cfg})
         if data.filters.dedup:  # the barrier: every digest's first copy is known before any is kept
-            texts = texts.materialize().map_batches(_keep_first, batch_size=TOKENIZE_BATCH, fn_kwargs={
+            with _task_errors():
+                texts = texts.materialize()
+            texts = texts.map_batches(_keep_first, batch_size=TOKENIZE_BATCH, fn_kwargs={
                 "state": state, "shards": shards, "strict": data.strict})
         segments = texts.map_batches(Tokenize, **tok_args)
     else:
@@ -385,24 +388,31 @@ def _rows(name: str, ds: DatasetConfig, cfg: KcptConfig, tokenizer, paths: list[
     return rows, files
 
 
-def _write(rows: ray.data.Dataset, target: str, run: str) -> None:
-    """``write_parquet`` (files named ``part-<run>_<write uuid>_<task>.parquet``: this run's shards, told apart
-    from any other file at the target), surfacing a user-facing error raised inside a
-    task as itself (one line)."""
+@contextmanager
+def _task_errors() -> Iterator[None]:
+    """Run Ray Data execution, surfacing a user-facing error raised inside a task as itself (one line)."""
     try:
         with _quiet_ray_data():
-            if storage.is_uri(target):
-                import pyarrow.fs as pafs
-
-                fs, key = pafs.FileSystem.from_uri(target)
-                rows.write_parquet(key, filesystem=fs, filename_provider=FilenameProvider(f"part-{run}", "parquet"))
-            else:
-                rows.write_parquet(target, filename_provider=FilenameProvider(f"part-{run}", "parquet"))
+            yield
     except Exception as e:
         cause = _kcpt_cause(e)
         if cause is not None:
             raise cause from None
         raise
+
+
+def _write(rows: ray.data.Dataset, target: str, run: str) -> None:
+    """``write_parquet`` to a local directory or URI, files named ``part-<run>_<write uuid>_<task>.parquet`` (this
+    run's shards, told apart from any other file at the target)."""
+    names = FilenameProvider(f"part-{run}", "parquet")
+    with _task_errors():
+        if storage.is_uri(target):
+            import pyarrow.fs as pafs
+
+            fs, key = pafs.FileSystem.from_uri(target)
+            rows.write_parquet(key, filesystem=fs, filename_provider=names)
+        else:
+            rows.write_parquet(target, filename_provider=names)
 
 
 def _run_pipeline(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
@@ -414,13 +424,14 @@ def _run_pipeline(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | 
     remote = storage.is_uri(str(out_dir))
     if remote:
         _check_uri_out(str(out_dir), overwrite=overwrite)
+    else:
+        check_output_dir(out_dir, overwrite=overwrite)  # before any work (atomic_dir checks again at the end)
     if actors is None:
         actors = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     driver_report = RejectReport()
     state = PipelineState.remote()
     shards = [DedupShard.remote() for _ in range(max(1, dedup_shards))]
-    rows, files = _rows(name, ds, cfg, tokenizer, paths, state=state, shards=shards, driver_report=driver_report,
-                        window=window, block_bytes=block_bytes, actors=actors)
+    files: list[tuple[str, int]] = []
 
     def finish(tmp: Path, shard_names: list[str]) -> None:
         report, kept, stats, counters = ray.get(state.result.remote())
@@ -434,6 +445,8 @@ def _run_pipeline(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | 
                                                    "ray_data": run})
 
     try:
+        rows, files[:] = _rows(name, ds, cfg, tokenizer, paths, state=state, shards=shards,
+                               driver_report=driver_report, window=window, block_bytes=block_bytes, actors=actors)
         if remote:
             _write_uri(rows, str(out_dir), finish)
             return str(out_dir)

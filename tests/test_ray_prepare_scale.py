@@ -159,3 +159,25 @@ def test_uri_inputs_read_by_tasks_and_output_published_manifest_last(ray_s3, cor
     prepare_dataset_ray("small", small, ref["cfg"], out, ref["tok"], progress=False, overwrite=True)
     m2 = json.loads(store.read_text(f"out/{MANIFEST}"))
     assert m2["name"] == "small" and sorted(n for n in store.walk("out") if n.endswith(".parquet")) == m2["shards"]
+
+
+def test_prepare_all_with_a_uri_root_writes_there_directly(ray_s3, corpus, s3_prefix):
+    """data.ray_data + a URI prepared_root: the tasks write the dataset at the URI (manifest last); the node-local
+    mirror keeps only its manifest and tokenizer (for the cache index); a second call reuses it."""
+    from kcpt.data.prepare import prepare_all
+
+    paths, ref = corpus
+    cfg = load_config(None, ["data.seq_len=128", "data.ray_data=true", f"data.prepared_root={s3_prefix}/prepared",
+                             "logging.progress=false"])
+    cfg.data.datasets = {"small": DatasetConfig(kind="raw", inputs=[str(paths[0]), str(paths[3])])}
+    statuses: dict[str, str] = {}
+    uri = prepare_all(cfg, statuses=statuses)["small"]
+    assert statuses == {"small": "prepared"} and str(uri).startswith(f"{s3_prefix}/prepared/small-")
+    store, rel = storage.store_and_rel(str(uri))
+    m = json.loads(store.read_text(f"{rel}/{MANIFEST}"))
+    assert m["pipeline"] == "ray_data" and m["rejects"] == {"duplicate": 1} and m["rows"] > 0
+    assert sorted(n for n in store.walk(rel) if n.endswith(".parquet")) == m["shards"]
+    mirror = storage.local_path_for(str(uri))
+    assert (mirror / MANIFEST).is_file() and not list(mirror.glob("*.parquet"))
+    assert prepare_all(cfg, statuses=statuses)["small"] == uri and statuses == {"small": "reused"}
+    assert read_rows(fetch_prepared(uri)).num_rows == m["rows"]  # the shards are fetched on demand

@@ -352,16 +352,18 @@ def _inputs(ds: DatasetConfig) -> list[str | Path]:
 
 
 def _rows(name: str, ds: DatasetConfig, cfg: KcptConfig, tokenizer, paths: list[str | Path], *, state, shards,
-          driver_report: RejectReport, window: int, block_bytes: int | None, actors: int
+          driver_report: RejectReport, window: int, block_bytes: int | None, actors: int, actor_cpus: float
           ) -> tuple[ray.data.Dataset, list[tuple[str, int]]]:
-    """The dataset of packed rows (lazy) and the files it reads."""
+    """The dataset of packed rows (lazy) and the files it reads. ``actor_cpus``: CPUs per tokenizer actor (less
+    than one on a one-CPU cluster, so the pool never takes every CPU from the tasks that feed it)."""
     from kcpt.data.ray_read import InputSource, default_block_bytes, expand_inputs, plan_units
     from kcpt.model.tokenizer import pad_token_id
 
     data = cfg.data
     files = expand_inputs(paths, driver_report)
     tok_args = {"fn_constructor_kwargs": {"tokenizer": tokenizer, "cfg": cfg, "name": name, "state": state},
-                "compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": 1, "batch_size": TOKENIZE_BATCH}
+                "compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": actor_cpus,
+                "batch_size": TOKENIZE_BATCH}
     if ds.kind == "raw":
         units = plan_units(files, text_field=ds.text_field, block_bytes=block_bytes or default_block_bytes())
         docs = ray.data.read_datasource(InputSource(units, state=state, text_field=ds.text_field,
@@ -426,8 +428,9 @@ def _run_pipeline(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | 
         _check_uri_out(str(out_dir), overwrite=overwrite)
     else:
         check_output_dir(out_dir, overwrite=overwrite)  # before any work (atomic_dir checks again at the end)
+    cpus = float(ray.cluster_resources().get("CPU", 2))
     if actors is None:
-        actors = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+        actors = max(1, int(cpus) - 1)
     driver_report = RejectReport()
     state = PipelineState.remote()
     shards = [DedupShard.remote() for _ in range(max(1, dedup_shards))]
@@ -446,7 +449,8 @@ def _run_pipeline(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | 
 
     try:
         rows, files[:] = _rows(name, ds, cfg, tokenizer, paths, state=state, shards=shards,
-                               driver_report=driver_report, window=window, block_bytes=block_bytes, actors=actors)
+                               driver_report=driver_report, window=window, block_bytes=block_bytes, actors=actors,
+                               actor_cpus=min(1.0, cpus / (actors + 1)))
         if remote:
             _write_uri(rows, str(out_dir), finish)
             return str(out_dir)

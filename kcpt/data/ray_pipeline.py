@@ -266,7 +266,7 @@ def _read_exam(batch: dict[str, np.ndarray], *, state, shards: list, cfg: KcptCo
                                 f"(keeping only {exam_kind!r})")
             if out:
                 yield {"item": out}
-        ray.get(state.merge.remote(report, {}))
+        ray.get([state.merge.remote(report, {}), state.bump.remote("read_tasks")])
 
 
 def _pack(batch: dict[str, np.ndarray], *, state, seq_len: int, pad_id: int) -> pa.Table:
@@ -354,8 +354,8 @@ def _inputs(ds: DatasetConfig) -> list[str | Path]:
 def _rows(name: str, ds: DatasetConfig, cfg: KcptConfig, tokenizer, paths: list[str | Path], *, state, shards,
           driver_report: RejectReport, window: int, block_bytes: int | None, actors: int, actor_cpus: float
           ) -> tuple[ray.data.Dataset, list[tuple[str, int]]]:
-    """The dataset of packed rows (lazy) and the files it reads. ``actor_cpus``: CPUs per tokenizer actor (less
-    than one on a one-CPU cluster, so the pool never takes every CPU from the tasks that feed it)."""
+    """The dataset of packed rows (lazy) and the files it reads. ``actor_cpus``: CPUs per tokenizer actor (the pool
+    leaves one CPU to the tasks that feed it: on a one-CPU cluster its actors reserve none)."""
     from kcpt.data.ray_read import InputSource, default_block_bytes, expand_inputs, plan_units
     from kcpt.model.tokenizer import pad_token_id
 
@@ -450,7 +450,7 @@ def _run_pipeline(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | 
     try:
         rows, files[:] = _rows(name, ds, cfg, tokenizer, paths, state=state, shards=shards,
                                driver_report=driver_report, window=window, block_bytes=block_bytes, actors=actors,
-                               actor_cpus=min(1.0, cpus / (actors + 1)))
+                               actor_cpus=max(0.0, min(1.0, (cpus - 1) / actors)))
         if remote:
             _write_uri(rows, str(out_dir), finish)
             return str(out_dir)

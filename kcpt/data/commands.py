@@ -123,11 +123,15 @@ def run_prepare(args: argparse.Namespace) -> int:
         name = args.name or out.resolve().name
         if remote and storage.Store(args.out).listdir() and not args.overwrite:
             raise InputError("exists; --overwrite replaces it", path=args.out)
-        made = prepare_dataset(name, ds, cfg, out, tok, progress=progress, overwrite=args.overwrite or remote,
-                               address=args.address)
-        if remote:
-            storage.publish_tree(made, args.out, marker=MANIFEST)
-        dirs = {name: args.out if remote else made}
+        if remote and cfg.data.ray_data:  # the Ray Data tasks write the shards there, the manifest last
+            prepare_dataset(name, ds, cfg, args.out, tok, progress=progress, overwrite=args.overwrite,
+                            address=args.address)
+        else:  # in-process: prepared in the node-local mirror, then published (files first, manifest last)
+            made = prepare_dataset(name, ds, cfg, out, tok, progress=progress, overwrite=args.overwrite or remote,
+                                   address=args.address)
+            if remote:
+                storage.publish_tree(made, args.out, marker=MANIFEST)
+        dirs = {name: args.out if remote else out}
     for d in dirs.values():
         print(format_manifest(d, read_manifest(fetch_prepared(d))))
     print()

@@ -108,8 +108,9 @@ def stat_key(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str, paths:
 
 def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,
                     progress: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None,
-                    input_sha256s: list[str] | None = None, address: str | None = None) -> Path:
-    """Prepare one dataset into ``out_dir`` (written atomically) and return it. ``input_sha256s``: the inputs'
+                    input_sha256s: list[str] | None = None, address: str | None = None) -> Path | str:
+    """Prepare one dataset into ``out_dir`` (written atomically; a URI only with ``data.ray_data``, written
+    there directly by the Ray Data tasks, manifest last) and return it. ``input_sha256s``: the inputs'
     content hashes for the manifest when the caller already computed them (:func:`prepare_all` does);
     ``address``: the Ray cluster the Ray Data path joins (default ``RAY_ADDRESS``, else a local Ray).
 
@@ -118,13 +119,20 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
     longer than ``seq_len`` are counted as ``answer_truncated``) and packed. ``data.strict`` turns every counted
     skip into an :class:`~kcpt.errors.InputError`. Rows carry ``source = name``.
     """
+    from kcpt import storage
+
     data = cfg.data
-    check_output_dir(out_dir, [p for p in resolve_inputs(ds.inputs)], overwrite=overwrite)
+    if not storage.is_uri(str(out_dir)):  # URI inputs cannot be or hold a local out_dir: not fetched for this
+        check_output_dir(out_dir, resolve_inputs([i for i in ds.inputs if not storage.is_uri(i)]),
+                         overwrite=overwrite)
     if data.ray_data:
         from kcpt.data.ray_pipeline import prepare_dataset_ray
 
         return prepare_dataset_ray(name, ds, cfg, out_dir, tokenizer, overwrite=overwrite, extra=extra,
                                    progress=progress, input_sha256s=input_sha256s, address=address)
+    if storage.is_uri(str(out_dir)):
+        raise InputError("the in-process path writes local directories only (a URI out_dir needs data.ray_data, "
+                         "or prepare_all with a URI data.prepared_root)", path=str(out_dir))
     paths = resolve_inputs(ds.inputs)
     report = RejectReport()
     kept: Counter[str] = Counter()
@@ -227,13 +235,18 @@ def _prepare_by_content(cfg: KcptConfig, root: Path, name: str, tok, sha: str, t
             except FileNotFoundError:
                 pass
         if not (target / MANIFEST).is_file():
-            prepare_dataset(name, ds, cfg, target, tok, progress=progress, overwrite=target.exists(),
-                            extra={"cache_key": target.name, "tokenizer_dir": str(tdir)}, input_sha256s=hashes,
-                            address=address)
+            extra = {"cache_key": target.name, "tokenizer_dir": str(tdir)}
+            if storage.is_uri(cfg.data.prepared_root) and cfg.data.ray_data:
+                _prepare_to_uri(cfg, name, ds, tok, target, extra, hashes, progress, address)
+            else:
+                prepare_dataset(name, ds, cfg, target, tok, progress=progress, overwrite=target.exists(), extra=extra,
+                                input_sha256s=hashes, address=address)
             made = True
     if stat_key(name, ds, cfg, sha, paths) != skey:
         if made:
             shutil.rmtree(target, ignore_errors=True)
+            if storage.is_uri(cfg.data.prepared_root):
+                storage.retract_tree(storage.join(cfg.data.prepared_root, target.name), marker=MANIFEST)
         raise InputError(f"data.datasets.{name}.inputs: an input changed while it was being prepared; run again",
                          path=", ".join(str(p) for p in paths))
     index = root / KEYS_DIR / f"{name}-{skey[:16]}.json"
@@ -242,6 +255,23 @@ def _prepare_by_content(cfg: KcptConfig, root: Path, name: str, tok, sha: str, t
     tmp.write_text(json.dumps({"dir": target.name, "stat_key": skey}) + "\n", encoding="utf-8")
     os.replace(tmp, index)
     return target, made
+
+
+def _prepare_to_uri(cfg: KcptConfig, name: str, ds: DatasetConfig, tok, target: Path, extra: dict[str, Any],
+                    hashes: list[str], progress: bool, address: str | None) -> None:
+    """With ``data.ray_data`` and a URI ``prepared_root``: the Ray Data tasks write the dataset at its URI (shards,
+    then tokenizer, manifest last); the node-local ``target`` gets only its manifest and tokenizer (for the stat-key
+    index; :func:`kcpt.storage.fetch_tree` downloads the shards on demand, as it is not marked fetched)."""
+    from kcpt import storage
+
+    uri = storage.join(cfg.data.prepared_root, target.name)
+    storage.retract_tree(uri, marker=MANIFEST)  # leftovers of a killed run under kcpt's own cache name
+    prepare_dataset(name, ds, cfg, uri, tok, progress=progress, extra=extra, input_sha256s=hashes, address=address)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp = target.with_name(f".{target.name}.meta-{os.getpid()}")
+    store, rel = storage.store_and_rel(uri)
+    store.download_tree(rel, tmp, skip=lambda n: n.endswith(".parquet"))
+    tmp.rename(target)
 
 
 def prepared_dir(cfg: KcptConfig, name: str, tok_sha: str) -> Path:
@@ -262,7 +292,8 @@ def prepare_all(cfg: KcptConfig, names: Iterable[str] | None = None, *, progress
     mtime) is reused without reading an input byte; otherwise the inputs are hashed and a directory with the same
     content key is reused or prepared. File locks keep concurrent callers from preparing the same one twice.
     With a URI root the work happens in a node-local mirror: a dataset already published there is downloaded
-    instead of prepared, a new one is prepared locally and published (files first, ``manifest.json`` last).
+    instead of prepared, a new one is prepared locally and published (files first, ``manifest.json`` last) — or,
+    with ``data.ray_data``, written at the URI by the Ray Data tasks (the mirror keeps its manifest and tokenizer).
     """
     from kcpt import storage
 

@@ -161,9 +161,10 @@ def write_shards(rows: Iterable[PackedRow], directory: Path, *, rows_per_shard: 
     return names
 
 
-def input_entries(paths: list[Path], documents: dict[str, int], hashes: list[str] | None = None
+def input_entries(paths: list[str | Path], documents: dict[str, int], hashes: list[str] | None = None
                   ) -> list[dict[str, Any]]:
-    """``[{path, sha256, documents}]`` for the manifest; ``documents`` maps a file path to kept documents/items;
+    """``[{path, sha256, documents}]`` for the manifest (``paths``: local paths or URIs, whose files are the keys
+    below it); ``documents`` maps a file path to kept documents/items;
     ``hashes``: the inputs' content hashes when the caller already computed them (else they are computed here).
 
     A directory input is hashed over the files its walk reads and credited with the documents read from them.
@@ -171,14 +172,20 @@ def input_entries(paths: list[Path], documents: dict[str, int], hashes: list[str
     or a file inside a directory also given, is read once and counted once).
     """
     from kcpt.data.sources import input_sha256
+    from kcpt.storage import is_uri
+
+    def holds(p: str | Path, src: str) -> bool:
+        if src == str(p) or src.startswith(f"{p}["):
+            return True
+        return src.startswith(str(p).rstrip("/") + "/") if is_uri(str(p)) else Path(p) in Path(src).parents
 
     credited = [0] * len(paths)
     for src, n in documents.items():  # each source file is credited to ONE input (the first that holds it)
         for i, p in enumerate(paths):
-            if src == str(p) or src.startswith(f"{p}[") or p in Path(src).parents:
+            if holds(p, src):
                 credited[i] += n
                 break
-    hashes = hashes if hashes is not None else [input_sha256(p) for p in paths]
+    hashes = hashes if hashes is not None else [input_sha256(Path(p)) for p in paths]
     return [{"path": str(p), "sha256": h, "documents": credited[i]}
             for i, (p, h) in enumerate(zip(paths, hashes, strict=True))]
 

@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,39 +252,80 @@ class BadLine:
     message: str
 
 
-def iter_text_lines(path: Path, *, report: RejectReport, max_line_chars: int = 1_000_000
-                    ) -> Iterator[tuple[int, str] | BadLine]:
-    """Stream ``(lineno, line)`` (1-based, without the line ending) or :class:`BadLine` for each line.
+@dataclass(frozen=True)
+class LineRange:
+    """The lines of a file that START in the byte range ``[start, end)`` (``end`` None: to the end of the file);
+    ``first_lineno`` is the 1-based number of the first of them. A range not at 0 begins after the first newline
+    at or after byte ``start - 1``, so consecutive ranges read every line exactly once (the line that crosses
+    ``end`` belongs to this range, the partial line at ``start`` to the previous one)."""
 
-    The caller decides how to count a :class:`BadLine`; BOM and CRLF fixes are noted in ``report`` here.
-    At most ``4 * max_line_chars + 4`` bytes of one line are held in memory.
+    start: int = 0
+    end: int | None = None
+    first_lineno: int = 1
+
+
+def open_binary(path: str | Path):
+    """A binary, seekable, buffered reader for a local path or a URI (``s3://…``, through :mod:`pyarrow.fs`: the
+    object is read directly, nothing is downloaded first)."""
+    if storage.is_uri(str(path)):
+        import io
+
+        import pyarrow.fs as pafs
+
+        fs, key = pafs.FileSystem.from_uri(str(path))
+        return io.BufferedReader(fs.open_input_file(key), _SKIP_CHUNK)
+    return open(path, "rb")
+
+
+def _skip_line(f) -> int:
+    """Read through the next newline (in chunks, whatever the line's length); returns the bytes skipped."""
+    skipped = 0
+    while True:
+        chunk = f.readline(_SKIP_CHUNK)
+        skipped += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return skipped
+
+
+def iter_text_lines(path: str | Path, *, report: RejectReport, max_line_chars: int = 1_000_000,
+                    span: LineRange = LineRange(), on_crlf: Callable[[int], None] | None = None
+                    ) -> Iterator[tuple[int, str] | BadLine]:
+    """Stream ``(lineno, line)`` (1-based, without the line ending) or :class:`BadLine` for each line (of ``span``
+    only: see :class:`LineRange`; ``path`` may be a URI, read with :func:`open_binary`).
+
+    The caller decides how to count a :class:`BadLine`; BOM and CRLF fixes are noted in ``report`` here
+    (``on_crlf(lineno)`` instead, when given, at every CRLF line: a caller reading one file in ranges notes it
+    once per file). At most ``4 * max_line_chars + 4`` bytes of one line are held in memory.
     """
     limit = 4 * max_line_chars + 4
     crlf_noted = False
-    with open(path, "rb") as f:
-        lineno = 0
-        while True:
+    with open_binary(path) as f:
+        pos = 0
+        if span.start > 0:
+            f.seek(span.start - 1)
+            pos = span.start - 1 + _skip_line(f)
+        lineno = span.first_lineno - 1
+        while span.end is None or pos < span.end:
             raw = f.readline(limit)
             if not raw:
                 break
+            pos += len(raw)
             lineno += 1
             cut = not raw.endswith(b"\n") and len(raw) == limit  # decided before the BOM shortens it
             if lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM):]
                 report.note("bom_stripped", f"{path}: line 1: UTF-8 byte order mark stripped")
             if cut:
-                skipped = len(raw)
-                while True:
-                    chunk = f.readline(_SKIP_CHUNK)
-                    skipped += len(chunk)
-                    if not chunk or chunk.endswith(b"\n"):
-                        break
+                rest = _skip_line(f)
+                pos += rest
                 yield BadLine(lineno, "line_too_long",
-                              f"line of {skipped} bytes is longer than max_line_chars={max_line_chars}")
+                              f"line of {len(raw) + rest} bytes is longer than max_line_chars={max_line_chars}")
                 continue
             if raw.endswith(b"\r\n"):
                 raw = raw[:-2]
-                if not crlf_noted:
+                if on_crlf is not None:
+                    on_crlf(lineno)
+                elif not crlf_noted:
                     crlf_noted = True
                     report.note("crlf_normalised", f"{path}: line {lineno}: CRLF line endings normalised to LF")
             elif raw.endswith(b"\n"):
@@ -305,8 +346,9 @@ def iter_text_lines(path: Path, *, report: RejectReport, max_line_chars: int = 1
 # --------------------------------------------------------------------------- per-format readers
 
 
-def _read_txt(path: Path, *, report: RejectReport, strict: bool, max_line_chars: int, txt_split: str
-              ) -> Iterator[Document]:
+def read_txt(path: str | Path, *, report: RejectReport, strict: bool, max_line_chars: int, txt_split: str
+             ) -> Iterator[Document]:
+    """The documents of one ``.txt`` file (see the module docstring for ``txt_split``)."""
     k = 0
     lines: list[str] = []
     start = 0
@@ -363,14 +405,16 @@ def _read_txt(path: Path, *, report: RejectReport, strict: bool, max_line_chars:
         yield doc
 
 
-def iter_json_lines(path: Path, *, report: RejectReport, strict: bool, max_line_chars: int
+def iter_json_lines(path: str | Path, *, report: RejectReport, strict: bool, max_line_chars: int,
+                    span: LineRange = LineRange(), on_crlf: Callable[[int], None] | None = None
                     ) -> Iterator[tuple[int, object]]:
-    """Stream ``(lineno, decoded JSON value)`` for each line of a JSONL file (any JSON type; the caller checks).
+    """Stream ``(lineno, decoded JSON value)`` for each line of a JSONL file (any JSON type; the caller checks);
+    ``span``/``on_crlf``: as in :func:`iter_text_lines`.
 
     Bad lines (``invalid_utf8``, ``line_too_long``) and ``bad_json`` are counted rejects (raised with
     ``strict``); blank lines are skipped with a ``blank_line`` notice.
     """
-    for item in iter_text_lines(path, report=report, max_line_chars=max_line_chars):
+    for item in iter_text_lines(path, report=report, max_line_chars=max_line_chars, span=span, on_crlf=on_crlf):
         if isinstance(item, BadLine):
             reject(report, item.reason, item.message, strict=strict, path=str(path), line=item.lineno)
             continue
@@ -395,10 +439,14 @@ def iter_json_lines(path: Path, *, report: RejectReport, strict: bool, max_line_
         yield lineno, rec
 
 
-def _read_jsonl(path: Path, *, text_field: str, report: RejectReport, strict: bool, max_line_chars: int,
-                meta_fields: Sequence[str] = ()) -> Iterator[Document]:
+def read_jsonl(path: str | Path, *, text_field: str, report: RejectReport, strict: bool, max_line_chars: int,
+               span: LineRange = LineRange(), on_crlf: Callable[[int], None] | None = None,
+               meta_fields: Sequence[str] = ()) -> Iterator[Document]:
+    """The documents of one JSONL file (or of the lines of ``span``; see :func:`iter_text_lines`); ``meta_fields``:
+    record keys kept in ``Document.meta``."""
     where = {"path": str(path)}
-    for lineno, rec in iter_json_lines(path, report=report, strict=strict, max_line_chars=max_line_chars):
+    for lineno, rec in iter_json_lines(path, report=report, strict=strict, max_line_chars=max_line_chars,
+                                       span=span, on_crlf=on_crlf):
         if not isinstance(rec, dict):
             reject(report, "not_object", f"expected a JSON object, got {type(rec).__name__}", strict=strict,
                    line=lineno, **where)
@@ -428,13 +476,14 @@ def is_utf8_encodable(text: str) -> bool:
     return True
 
 
-def _read_parquet(path: Path, *, text_field: str, report: RejectReport, strict: bool,
-                  meta_fields: Sequence[str] = ()) -> Iterator[Document]:
+def open_parquet(path: str | Path, text_field: str):
+    """``pyarrow.parquet.ParquetFile`` of a local path or URI whose ``text_field`` is a string column (else
+    InputError naming the file and field)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_binary(path) if storage.is_uri(str(path)) else path)
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"cannot read as Parquet: {e}", path=str(path)) from None
     schema = pf.schema_arrow
@@ -443,9 +492,28 @@ def _read_parquet(path: Path, *, text_field: str, report: RejectReport, strict: 
     typ = schema.field(text_field).type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
         raise InputError(f"column must hold strings, found {typ}", path=str(path), field=text_field)
-    extra = [f for f in dict.fromkeys(meta_fields) if f in schema.names and f != text_field]
-    row = 0
-    for batch in pf.iter_batches(columns=[text_field, *extra], batch_size=1024):
+    return pf
+
+
+def read_parquet(path: str | Path, *, text_field: str, report: RejectReport, strict: bool,
+                 row_groups: list[int] | None = None, first_row: int = 1,
+                 meta_fields: Sequence[str] = ()) -> Iterator[Document]:
+    """The documents of one Parquet file (or of its ``row_groups``, whose first row is number ``first_row``);
+    ``meta_fields``: columns kept in ``Document.meta``."""
+    pf = open_parquet(path, text_field)
+    try:
+        yield from _parquet_docs(pf, path, text_field=text_field, report=report, strict=strict,
+                                 row_groups=row_groups, first_row=first_row, meta_fields=meta_fields)
+    finally:
+        pf.close()
+
+
+def _parquet_docs(pf, path: str | Path, *, text_field: str, report: RejectReport, strict: bool,
+                  row_groups: list[int] | None, first_row: int, meta_fields: Sequence[str] = ()) -> Iterator[Document]:
+    names = pf.schema_arrow.names
+    extra = [f for f in dict.fromkeys(meta_fields) if f in names and f != text_field]
+    row = first_row - 1
+    for batch in pf.iter_batches(columns=[text_field, *extra], batch_size=1024, row_groups=row_groups):
         values = [batch.column(i).to_pylist() for i in range(1, len(extra) + 1)]
         for k, text in enumerate(batch.column(0).to_pylist()):
             row += 1
@@ -506,14 +574,14 @@ def read_documents(paths: Sequence[str | Path], *, text_field: str = "text", rep
                     yield from _read_hf_dir(p, text_field=text_field, report=report, strict=strict,
                                             meta_fields=meta_fields)
                 elif p.suffix.lower() == ".txt":
-                    yield from _read_txt(p, report=report, strict=strict, max_line_chars=max_line_chars,
+                    yield from read_txt(p, report=report, strict=strict, max_line_chars=max_line_chars,
                                          txt_split=txt_split)
                 elif p.suffix.lower() == ".jsonl":
-                    yield from _read_jsonl(p, text_field=text_field, report=report, strict=strict,
-                                           max_line_chars=max_line_chars, meta_fields=meta_fields)
+                    yield from read_jsonl(p, text_field=text_field, report=report, strict=strict,
+                                          max_line_chars=max_line_chars, meta_fields=meta_fields)
                 else:
-                    yield from _read_parquet(p, text_field=text_field, report=report, strict=strict,
-                                             meta_fields=meta_fields)
+                    yield from read_parquet(p, text_field=text_field, report=report, strict=strict,
+                                            meta_fields=meta_fields)
             bar.update(1)
     finally:
         bar.close()

@@ -167,6 +167,11 @@ class DatasetConfig(Strict):
     text_field: str = "text"
     exam_kind: Literal["qa", "example"] | None = None
     """Keep only exam items of this kind (``None``: all)."""
+    oversample_new_tokens: int = Field(1, ge=1)
+    """Raw datasets: write each document that holds a token added by vocabulary expansion (an id ≥
+    ``first_new_id`` of the tokenizer directory's ``kcpt-expansion.json``, written by ``kcpt audit-tokenizer
+    --expand N --model M --out DIR``) this many times, so the new embeddings train on more occurrences
+    (1: off; counted as the ``oversampled_new_tokens`` notice)."""
 
 
 def _demo_datasets() -> dict[str, DatasetConfig]:

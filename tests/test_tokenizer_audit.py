@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -197,3 +199,44 @@ def test_cli_reports_undertrained_tokens_of_a_checkpoint(tmp_path):
     assert flagged == set(range(first_new + 1, first_new + rep["checked"]))
     r = subprocess.run([*cli, "--checkpoint", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--init" in r.stderr
+
+
+def test_oversample_new_tokens_writes_documents_with_new_tokens_factor_times(tmp_path):
+    """CPT on an expanded tokenizer: with ``oversample_new_tokens: 3`` each raw document holding a new token is
+    written 3 times (counted as a notice), the others once; without kcpt-expansion.json it is a ConfigError."""
+    from kcpt.config import load_config
+    from kcpt.data.prepare import prepare_dataset
+    from kcpt.data.shards import read_manifest
+    from kcpt.errors import ConfigError
+    from kcpt.model.commands import EXPANSION_FILE
+
+    base = _byte_bpe(300)
+    grown, _ = expand_vocabulary(base, ["텍스트를", "클릭합니다"])
+    tok_dir = tmp_path / "tok"
+    grown.save_pretrained(tok_dir)
+    docs = ["화면의 텍스트를 클릭합니다 그리고 기다립니다", "국가는 국민의 권리를 보장한다 언제나 그렇다",
+            "다시 텍스트를 읽어 봅니다 천천히 읽습니다", "대한민국의 영토는 한반도와 그 부속도서로 한다"]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs),
+                                      encoding="utf-8")
+    sets = [f"tokenizer.path={tok_dir}", "data.seq_len=512", "data.filters.min_chars=5",
+            "data.datasets.c={kind: raw, inputs: [" + str(tmp_path / "c.jsonl") + "]}"]
+
+    def prepare(factor: int, out: str):
+        cfg = load_config(None, [*sets, f"data.datasets.c.oversample_new_tokens={factor}"])
+        out_dir = prepare_dataset("c", cfg.data.datasets["c"], cfg, tmp_path / out, grown, progress=False)
+        manifest = read_manifest(out_dir)
+        return manifest, manifest["tokens"]
+
+    with pytest.raises(ConfigError, match=EXPANSION_FILE):
+        prepare(3, "missing")
+    (tok_dir / EXPANSION_FILE).write_text(json.dumps({"first_new_id": len(base), "words": []}), encoding="utf-8")
+    once, tokens_once = prepare(1, "once")
+    three, tokens_three = prepare(3, "three")
+    ids = [grown(d, add_special_tokens=True)["input_ids"] for d in docs]
+    per_doc = [len(i) + 1 for i in ids]  # + EOS
+    new = [k for k, i in enumerate(ids) if max(i) >= len(base)]  # the added words and their merge-chain pieces
+    assert {0, 2} <= set(new) and len(new) < len(docs)
+    assert tokens_once == sum(per_doc)
+    assert tokens_three == sum(per_doc) + 2 * sum(per_doc[k] for k in new)
+    assert three["notices"]["oversampled_new_tokens"] == len(new)
+    assert "oversampled_new_tokens" not in once.get("notices", {})

@@ -17,7 +17,7 @@ smallest remaining capacity that still fits (a bisect over the distinct remainin
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,22 +118,43 @@ def chunk_document(ids: Sequence[int], seq_len: int, source: str = "") -> list[S
     return out
 
 
-def tokenize_documents(texts: Sequence[str], tokenizer, seq_len: int, source: str = "") -> list[Segment]:
+def tokenize_documents(texts: Sequence[str], tokenizer, seq_len: int, source: str = "", *,
+                       copies: Callable[[int, list[int]], int] | None = None) -> list[Segment]:
     """Tokenize raw texts in one batch call, append EOS to each, and chunk to ≤ ``seq_len``.
 
     The tokenizer's own special tokens (e.g. Llama's BOS) are kept; EOS is appended unless already last.
     Special-token strings inside the text (a literal ``<|endoftext|>`` in a web page) are plain text
-    (``split_special_tokens``): a document's only EOS is the appended one.
+    (``split_special_tokens``): a document's only EOS is the appended one. ``copies(i, ids)``: how many times
+    document ``i`` (token ids ``ids``) is written (default once; see :class:`NewTokenOversampler`).
     """
     if not texts:
         return []
     eos = tokenizer.eos_token_id
     out: list[Segment] = []
-    for ids in tokenizer(list(texts), add_special_tokens=True, split_special_tokens=True)["input_ids"]:
+    for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=True, split_special_tokens=True)["input_ids"]):
         if not ids or ids[-1] != eos:
             ids = [*ids, eos]
-        out.extend(chunk_document(ids, seq_len, source))
+        segs = chunk_document(ids, seq_len, source)
+        for _ in range(copies(i, ids) if copies is not None else 1):
+            out.extend(segs)
     return out
+
+
+@dataclass
+class NewTokenOversampler:
+    """``copies`` rule of :func:`tokenize_documents`: a document holding a token added by vocabulary expansion
+    (id ≥ ``first_new_id``) is written ``factor`` times, so the new embeddings get more updates during CPT;
+    ``documents`` counts the documents oversampled so far."""
+
+    first_new_id: int
+    factor: int
+    documents: int = 0
+
+    def __call__(self, i: int, ids: list[int]) -> int:
+        if self.factor > 1 and max(ids) >= self.first_new_id:
+            self.documents += 1
+            return self.factor
+        return 1
 
 
 def _build_row(members: list[Segment], seq_len: int, pad_id: int) -> PackedRow:

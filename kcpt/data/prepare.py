@@ -32,12 +32,12 @@ from kcpt.data.cleaning import clean_documents
 from kcpt.data.demo import resolve_inputs
 from kcpt.data.exam import encode_exam_items
 from kcpt.data.exam_io import read_exam_items
-from kcpt.data.packing import DEFAULT_WINDOW, Segment, pack_segments, tokenize_documents
+from kcpt.data.packing import DEFAULT_WINDOW, NewTokenOversampler, Segment, pack_segments, tokenize_documents
 from kcpt.data.rejects import RejectReport
 from kcpt.data.shards import MANIFEST, check_output_dir, input_entries, write_prepared
 from kcpt.data.sources import input_sha256, input_stat, read_documents
 from kcpt.data.types import Document, ExamItem
-from kcpt.errors import InputError
+from kcpt.errors import ConfigError, InputError
 from kcpt.hashing import sha256_json
 from kcpt.model.tokenizer import load_tokenizer, pad_token_id, save_tokenizer, tokenizer_sha256
 from kcpt.storage import file_lock
@@ -66,10 +66,41 @@ def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
         yield buf
 
 
-def raw_segments(docs: Iterable[Document], tokenizer, seq_len: int, source: str) -> Iterator[Segment]:
-    """Tokenize cleaned documents in batches; each gets EOS and is chunked to ≤ ``seq_len``."""
+def raw_segments(docs: Iterable[Document], tokenizer, seq_len: int, source: str, *,
+                 oversampler: NewTokenOversampler | None = None,
+                 report: RejectReport | None = None) -> Iterator[Segment]:
+    """Tokenize cleaned documents in batches; each gets EOS and is chunked to ≤ ``seq_len``; with
+    ``oversampler``, a document holding new tokens is written ``factor`` times (a notice in ``report``)."""
     for batch in batched(docs, TOKENIZE_BATCH):
-        yield from tokenize_documents([d.text for d in batch], tokenizer, seq_len, source)
+        if oversampler is None:
+            yield from tokenize_documents([d.text for d in batch], tokenizer, seq_len, source)
+            continue
+
+        def copies(i: int, ids: list[int], batch: list[Document] = batch) -> int:
+            n = oversampler(i, ids)
+            if n > 1 and report is not None:
+                report.note("oversampled_new_tokens", f"{batch[i].doc_id}: holds new tokens, written {n}x")
+            return n
+
+        yield from tokenize_documents([d.text for d in batch], tokenizer, seq_len, source, copies=copies)
+
+
+def new_token_oversampler(name: str, ds: DatasetConfig, cfg: KcptConfig) -> NewTokenOversampler | None:
+    """The oversampling rule of raw dataset ``name`` (``oversample_new_tokens`` > 1), with ``first_new_id`` from
+    the tokenizer directory's ``kcpt-expansion.json``; None when off. ConfigError when the tokenizer was not
+    expanded by kcpt (no such file)."""
+    if ds.kind != "raw" or ds.oversample_new_tokens <= 1:
+        return None
+    import json
+
+    from kcpt.model.commands import EXPANSION_FILE
+
+    meta = Path(cfg.tokenizer.path) / EXPANSION_FILE
+    if not meta.is_file():
+        raise ConfigError(f"data.datasets.{name}.oversample_new_tokens: {meta} not found; the tokenizer must be one "
+                          "expanded by `kcpt audit-tokenizer --expand N --model M --out DIR` (tokenizer.path: DIR)")
+    first_new = int(json.loads(meta.read_text(encoding="utf-8"))["first_new_id"])
+    return NewTokenOversampler(first_new, ds.oversample_new_tokens)
 
 
 def input_hashes(paths: list[Path]) -> list[str]:
@@ -144,7 +175,8 @@ def prepare_dataset(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str 
                               progress=progress)
         cleaned = _count_kept(clean_documents(docs, data.filters, report, strict=data.strict), kept)
         cleaned = tqdm(cleaned, desc=f"tokenizing {name}", unit="doc", disable=not progress)
-        segments: Iterable[Segment] = raw_segments(cleaned, tokenizer, seq_len, name)
+        segments: Iterable[Segment] = raw_segments(cleaned, tokenizer, seq_len, name,
+                                                   oversampler=new_token_oversampler(name, ds, cfg), report=report)
     else:
         items: Iterable[ExamItem] = read_exam_items(paths, report=report, strict=data.strict, kind=ds.exam_kind,
                                                     max_line_chars=data.filters.max_line_chars)

@@ -54,8 +54,15 @@ from ray.data.datasource import FilenameProvider
 
 from kcpt import storage
 from kcpt.config import DatasetConfig, KcptConfig
-from kcpt.data.packing import DEFAULT_WINDOW, PackStats, Segment, pack_window, tokenize_documents
-from kcpt.data.prepare import TOKENIZE_BATCH, batched, encode_counting, manifest_extra
+from kcpt.data.packing import (
+    DEFAULT_WINDOW,
+    NewTokenOversampler,
+    PackStats,
+    Segment,
+    pack_window,
+    tokenize_documents,
+)
+from kcpt.data.prepare import TOKENIZE_BATCH, batched, encode_counting, manifest_extra, new_token_oversampler
 from kcpt.data.rejects import RejectReport, reject
 from kcpt.data.shards import (
     MANIFEST,
@@ -225,15 +232,21 @@ class Tokenize:
     """Actor-pool UDF: the tokenizer arrives once per actor (constructor), then serves every batch it gets.
     Raw batches (``text``) are tokenized + EOS + chunked; exam batches (``item``: JSON) are rendered + encoded."""
 
-    def __init__(self, tokenizer, cfg: KcptConfig, name: str, state) -> None:
+    def __init__(self, tokenizer, cfg: KcptConfig, name: str, state,
+                 oversampler: NewTokenOversampler | None = None) -> None:
         self.tokenizer, self.cfg, self.name, self.state = tokenizer, cfg, name, state
+        self.oversampler = oversampler
         state.bump.remote("tokenizer_actors")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         self.state.bump.remote("tokenize_batches")
         if "text" in batch:
-            return _segments_batch(tokenize_documents([str(t) for t in batch["text"]], self.tokenizer,
-                                                      self.cfg.data.seq_len, self.name))
+            before = self.oversampler.documents if self.oversampler is not None else 0
+            segs = tokenize_documents([str(t) for t in batch["text"]], self.tokenizer, self.cfg.data.seq_len,
+                                      self.name, copies=self.oversampler)
+            if self.oversampler is not None and self.oversampler.documents > before:
+                self.state.bump.remote("oversampled_new_tokens", self.oversampler.documents - before)
+            return _segments_batch(segs)
         report, kept, kept_items = RejectReport(), Counter(), []
         items = [ExamItem(**json.loads(str(j))) for j in batch["item"]]
         segs = list(encode_counting(items, self.tokenizer, self.cfg, report, self.name, kept, kept_items))
@@ -369,7 +382,8 @@ def _rows(name: str, ds: DatasetConfig, cfg: KcptConfig, tokenizer, paths: list[
 
     data = cfg.data
     files = expand_inputs(paths, driver_report)
-    tok_args = {"fn_constructor_kwargs": {"tokenizer": tokenizer, "cfg": cfg, "name": name, "state": state},
+    tok_args = {"fn_constructor_kwargs": {"tokenizer": tokenizer, "cfg": cfg, "name": name, "state": state,
+                                          "oversampler": new_token_oversampler(name, ds, cfg)},
                 "compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": actor_cpus,
                 "batch_size": TOKENIZE_BATCH}
     if ds.kind == "raw":
@@ -447,6 +461,9 @@ def _run_pipeline(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | 
     def finish(tmp: Path, shard_names: list[str]) -> None:
         report, kept, stats, counters = ray.get(state.result.remote())
         report.merge(driver_report)
+        over = new_token_oversampler(name, ds, cfg)
+        for _ in range(counters.get("oversampled_new_tokens", 0)):
+            report.note("oversampled_new_tokens", f"documents holding new tokens written {over.factor}x")
         run = {"read_tasks": counters.get("read_tasks", 0), "tokenizer_actors": counters.get("tokenizer_actors", 0),
                "tokenize_batches": counters.get("tokenize_batches", 0), "files": len(files),
                "dedup_shard_sizes": ray.get([s.size.remote() for s in shards])}

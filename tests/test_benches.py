@@ -59,7 +59,7 @@ TINY_TUNE = ["plan.0.max_steps=6", "plan.0.eval_every=3", "plan.1.max_steps=6", 
 @pytest.mark.slow
 def test_tokens_to_gate_bench_compares_default_recipe_step_and_tuned(tmp_path, capsys):
     sets = [x for o in [*TINY_TUNE, f"data.prepared_root={tmp_path / 'prepared'}"] for x in ("--set", o)]
-    res = _load("tokens_to_gate").main([*sets, "--seeds", "1", "--trials", "2", "--out", str(tmp_path / "b")])
+    res = _load("tokens_to_gate").main([*sets, "--seeds", "1", "--trials", "1", "--out", str(tmp_path / "b")])
     per_step = 4 * 64
     assert res["budget_tokens"] == 8 * per_step and res["tokens_before"] >= 3 * 3 * per_step  # ≥ 1 eval/stage
     assert set(res["variants"]) == {"default", "recipe_step", "tuned"}
@@ -77,7 +77,7 @@ def test_tokens_to_gate_bench_compares_default_recipe_step_and_tuned(tmp_path, c
 @pytest.mark.slow
 def test_tune_efficiency_real_loop_mode(tmp_path, capsys):
     real = [x for o in [*TINY_TUNE, f"data.prepared_root={tmp_path / 'prepared'}"] for x in ("--real-set", o)]
-    assert _load("tune_efficiency").main(["--no-proxy", "--real-seeds", "1", "--real-trials", "2", *real,
+    assert _load("tune_efficiency").main(["--no-proxy", "--real-seeds", "1", "--real-trials", "1", *real,
                                           "--real-dir", str(tmp_path / "e"), "--json", str(tmp_path / "r.json")]) == 0
     import json
 

@@ -122,14 +122,6 @@ def test_plan_runs_both_stages_and_reports(uninterrupted, prepared_root):
     assert (res.run_dir / "tb" / "stage3").is_dir()
 
 
-def test_worker_crash_resumes_exactly(uninterrupted, prepared_root, tmp_path):
-    cfg = small_cfg(prepared_root, tmp_path, "crashed", "train.faults.stage=stage3",
-                    "train.faults.crash_at_step=5", "train.faults.crash_rank=1")
-    res = run_plan(cfg, resume="never")
-    assert (res.run_dir / "faults" / "crash-stage3-5").exists()  # the worker really died at stage-3 step 5
-    _assert_same_metrics(res.run_dir, uninterrupted.run_dir)
-
-
 def test_full_resume_refuses_changed_tokenizer_or_data(uninterrupted, prepared_root, tmp_path):
     run_dir = uninterrupted.run_dir
     assert list_checkpoints(run_dir / "checkpoints")

@@ -215,11 +215,13 @@ def _score_mc(model, tokenizer, items: list[ExamItem], template: ExamTemplate, *
     for it in items:
         k = _pick(by_item[it.id])
         pred = it.choices[k]
-        res[it.id] = {"id": it.id, "kind": "mc", "correct": k == _gold(it), "f1": None, "pred": pred}
+        res[it.id] = {"id": it.id, "kind": "mc", "correct": k == gold_index(it), "f1": None, "pred": pred}
     return res
 
 
-def _gold(item: ExamItem) -> int:
+def gold_index(item: ExamItem) -> int:
+    """Index of the choice equal to the item's answer (NFC, whitespace-collapsed); InputError naming the item's
+    file and line when none is."""
     assert item.choices is not None
     want = normalize_answer(item.answer)
     for j, c in enumerate(item.choices):
@@ -337,7 +339,7 @@ def check_items(items: list[ExamItem]) -> None:
     list on every rank before slicing: one rank raising alone would leave the others waiting in a collective."""
     for it in items:
         if it.choices:
-            _gold(it)
+            gold_index(it)
 
 
 def rank_slice(items: list[Any], rank: int, world: int, max_items: int | None = None) -> list[Any]:

@@ -67,21 +67,6 @@ results file."""
 # ----------------------------------------------------------------------------------------------------- export
 
 
-def gold_index(item: ExamItem) -> int:
-    """Index of the choice equal to the item's answer (NFC, whitespace-collapsed); InputError naming the item's
-    file and line when none is."""
-    from kcpt.eval.exam_scoring import normalize_answer
-
-    assert item.choices
-    want = normalize_answer(item.answer)
-    for j, c in enumerate(item.choices):
-        if normalize_answer(c) == want:
-            return j
-    raise InputError(f"exam item '{item.id}': its answer is not one of its choices (the answer of a multiple-"
-                     "choice item is the text of the right choice)", path=item.source or None, line=item.line,
-                     field="answer")
-
-
 @dataclass
 class ExamExport:
     """What :func:`export_exam_tasks` wrote: the task directory and the task names in it (the group first)."""
@@ -122,7 +107,7 @@ def export_exam_tasks(items: list[ExamItem], template: ExamTemplate, out_dir: st
     template's labels is left out (its message in ``skipped``); an MC item whose answer is no choice is an
     :class:`InputError`. At least one item must remain."""
     from kcpt.data.exam import TooManyChoices, render_prompt
-    from kcpt.eval.exam_scoring import GEN_EXTRA_TOKENS
+    from kcpt.eval.exam_scoring import GEN_EXTRA_TOKENS, gold_index
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

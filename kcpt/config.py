@@ -204,12 +204,20 @@ class DataConfig(Strict):
     """None (default): rejects are reported (a warning above 10 % of a raw dataset or for any exam item, see
     :mod:`kcpt.data.report`). A number: a job stops (exit 2) when one reject reason drops more than this fraction
     of a dataset's documents/items."""
-    loader: Literal["stream", "memory"] = "stream"
+    loader: Literal["ray_data", "stream", "memory"] = "stream"
     """How training workers read the prepared rows: ``stream`` (default: row groups read lazily from the
-    prepared directory or URI, a bounded window in memory; :mod:`kcpt.train.streams`) or ``memory`` (every row
-    of every source decoded into RAM per worker: small data only; :mod:`kcpt.train.batches`)."""
+    prepared directory or URI by the worker itself, a bounded window in memory, seekable resume;
+    :mod:`kcpt.train.streams`), ``ray_data`` (each source a Ray Dataset handed to the ``TorchTrainer`` and pulled
+    with ``get_dataset_shard``: reads run in Ray Data tasks; :mod:`kcpt.train.ray_stream`) or ``memory`` (every
+    row of every source decoded into RAM per worker: small data only; :mod:`kcpt.train.batches`)."""
     stream_window_rows: int = Field(1024, ge=1)
-    """``stream``: rows per shuffle window (whole row groups; at most ~3 windows per source are in memory)."""
+    """``stream``: rows per shuffle window (whole row groups; at most ~3 windows per source are in memory);
+    ``ray_data``: rows of the local shuffle buffer."""
+    ray_data_materialize_rows: int = Field(65536, ge=0)
+    """``ray_data``: a source of at most this many rows is read once into Ray's object store and repeated, so a
+    Ray Data execution (0.1-3 s to start) is not paid every few steps for a small exam set."""
+    ray_data_read_cpus: float = Field(0.25, gt=0)
+    """``ray_data``: CPUs each read task reserves (the training workers hold theirs)."""
 
 
 # --------------------------------------------------------------------------- plan (stages)

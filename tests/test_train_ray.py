@@ -88,8 +88,23 @@ def test_nan_and_grad_spike_roll_back_and_finish(ray_session, prepared_root, tmp
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, prepared_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    cfg = small_cfg(prepared_root, out, "straight")
+    cfg = small_cfg(prepared_root, out, "straight", *RAY_DATA)
     return run_plan(cfg, resume="never")
+
+
+RAY_DATA = ("data.loader=ray_data",)
+"""The module's uninterrupted run reads its sources through TorchTrainer(datasets=…) + get_dataset_shard (the
+DeepSpeed and fault tests use the default loader)."""
+
+
+def test_worker_killed_mid_stage_resumes_exactly_with_the_ray_data_loader(uninterrupted, prepared_root, tmp_path):
+    """Rank 1 dies at stage-3 step 5; Ray Train replaces the worker group, which resumes from the step-3 checkpoint:
+    each source's Ray Data split starts the checkpoint's epoch again and skips the rows already handed out, so
+    every eval equals the uninterrupted run's (1e-6)."""
+    crashed = run_plan(small_cfg(prepared_root, tmp_path, "crash", *RAY_DATA, "train.faults.stage=stage3",
+                                 "train.faults.crash_at_step=5", "train.faults.crash_rank=1"), resume="never")
+    assert (crashed.run_dir / "faults" / "crash-stage3-5").exists()
+    _assert_same_metrics(crashed.run_dir, uninterrupted.run_dir)
 
 
 def test_plan_runs_both_stages_and_reports(uninterrupted, prepared_root):
@@ -125,10 +140,10 @@ def test_plan_runs_both_stages_and_reports(uninterrupted, prepared_root):
 def test_full_resume_refuses_changed_tokenizer_or_data(uninterrupted, prepared_root, tmp_path):
     run_dir = uninterrupted.run_dir
     assert list_checkpoints(run_dir / "checkpoints")
-    changed_data = small_cfg(prepared_root, tmp_path, "x", "data.filters.min_chars=21")
+    changed_data = small_cfg(prepared_root, tmp_path, "x", *RAY_DATA, "data.filters.min_chars=21")
     with pytest.raises(CheckpointError, match=r"data_sha256\['raw_train'\]"):
         run_plan(changed_data, run_dir=run_dir, resume="auto")
-    changed_tok = small_cfg(prepared_root, tmp_path, "x", "tokenizer.vocab_size=3000")
+    changed_tok = small_cfg(prepared_root, tmp_path, "x", *RAY_DATA, "tokenizer.vocab_size=3000")
     with pytest.raises(CheckpointError, match="tokenizer_sha256"):
         run_plan(changed_tok, run_dir=run_dir, resume="auto")
 

@@ -236,10 +236,19 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
+    data: dict[str, Any] = {}
+    if cfg.data.loader == "ray_data":  # each training source a Ray Dataset, split equally across the workers
+        from kcpt.train.loop import stage_sources
+        from kcpt.train.ray_stream import data_config, source_datasets
+
+        names = list(dict.fromkeys(s for st in loop_config["stages"] for s in stage_sources(cfg.stage(st))))
+        data = {"datasets": source_datasets(cfg, loop_config["prepared"], names),
+                "dataset_config": data_config(names)}
     try:
         trainer = TorchTrainer(
             stage_loop_per_worker,
             train_loop_config=loop_config,
+            **data,
             torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                          resources_per_worker={"CPU": t.cpus_per_worker,

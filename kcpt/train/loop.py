@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -69,6 +70,7 @@ from kcpt.train.faults import FaultInjector
 from kcpt.train.handoff import handoff_candidates, keep_list
 from kcpt.train.losses import kl_to_reference_sum, token_ce_sum
 from kcpt.train.mixture import MixtureSampler
+from kcpt.train.ray_stream import RayDataBatches, shard_paths
 from kcpt.train.rundir import RunDir, ScalarLogger
 from kcpt.train.schedule import lr_at
 from kcpt.train.stopping import StopDecision, StopState, update_stop
@@ -153,7 +155,7 @@ class StageRun:
     stage: StageConfig
     engine: Engine
     ref: torch.nn.Module | None
-    streams: dict[str, SourceBatches | StreamBatches]
+    streams: dict[str, SourceBatches | StreamBatches | RayDataBatches]
     sampler: MixtureSampler
     detector: AnomalyDetector
     faults: FaultInjector
@@ -351,6 +353,12 @@ def accumulate_step(engine: Engine, micro: list[tuple[dict[str, torch.Tensor], b
 class RaySession:
     """Reports to Ray Train (with a checkpoint: a pointer into the run dir, for Ray's and Tune's bookkeeping)."""
 
+    def dataset_shard(self, name: str) -> Any:
+        """This worker's ``DataIterator`` of the trainer's dataset ``name`` (``data.loader: ray_data``)."""
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
     def report(self, metrics: dict[str, Any], ckpt_path: str | None, rank: int) -> None:
         import ray.train
 
@@ -367,6 +375,10 @@ class LocalSession:
 
     def __init__(self) -> None:
         self.reports: list[dict[str, Any]] = []
+
+    def dataset_shard(self, name: str) -> Any:
+        """No trainer datasets in-process: ``data.loader: ray_data`` reads like ``stream`` here."""
+        return None
 
     def report(self, metrics: dict[str, Any], ckpt_path: str | None, rank: int) -> None:
         self.reports.append(dict(metrics, checkpoint=ckpt_path))
@@ -389,7 +401,7 @@ class StageRunner:
             self.run_dir.pull()  # a run directory at a URI: this node's mirror starts from the published files
         # prepared datasets given as URIs: the memory loader downloads them once per node (file lock) into
         # node-local scratch; the stream loader fetches manifest + tokenizer only and reads shards from the URI
-        self.streaming = self.cfg.data.loader == "stream"
+        self.streaming = self.cfg.data.loader in ("stream", "ray_data")
         self.prepared: dict[str, str] = {k: str(fetch_prepared(v, shards=not self.streaming))
                                          for k, v in config["prepared"].items()}
         # the driver's console (kcpt.console.console_feed): rank 0 sends it stage/progress/eval events
@@ -450,11 +462,17 @@ class StageRunner:
     def reader_of(self, name: str) -> ShardReader:
         return ShardReader(self.config["prepared"][name], seq_len=self.cfg.data.seq_len, name=name)
 
-    def stream_of(self, name: str, kind: str) -> SourceBatches | StreamBatches:
+    def stream_of(self, name: str, kind: str) -> SourceBatches | StreamBatches | RayDataBatches:
         """This rank's batches of training source ``name`` under ``data.loader``; ``kind`` its loss (``full`` on
         an exam source rebuilds the labels from ``input_ids``)."""
         t = self.cfg.train
         relabel = kind == "full" and self.cfg.data.datasets[name].kind == "exam"
+        shard = self.session.dataset_shard(name) if self.cfg.data.loader == "ray_data" else None
+        if shard is not None:
+            return RayDataBatches(shard, name=name, rank=self.rank, world=self.world, batch_size=t.micro_batch_size,
+                                  seed=t.seed, shuffle_rows=self.cfg.data.stream_window_rows,
+                                  source_rows=shard_paths(self.config["prepared"][name])[1], device=self.device,
+                                  transform=(lambda a: (a[0], a[1], full_labels(*a))) if relabel else None)
         if self.streaming:
             return StreamBatches(self.reader_of(name), rank=self.rank, world=self.world,
                                  batch_size=t.micro_batch_size, seed=t.seed,
@@ -739,7 +757,7 @@ class StageRunner:
             tb.close()
             run.engine.close()
             for s in run.streams.values():
-                if isinstance(s, StreamBatches):
+                if isinstance(s, StreamBatches | RayDataBatches):
                     s.close()
         self.finish_stage(run, plan)
 
@@ -830,6 +848,7 @@ class StageRunner:
             "raw_ratio": raw / base if base else None, "baseline_raw_best": base,
             "rollbacks": run.detector.rollbacks, "lr_scale": run.lr_scale,
             "epoch": {s: round(b.epoch, 4) for s, b in run.streams.items()},
+            "host_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "stop": d.stop if d else False, "stop_reason": d.reason if d else "",
             "new_best": d.new_best if d else False,
             "tokens_to_gate": run.tokens_to_gate, "plan_tokens_to_gate": self.plan_tokens(plan, run.tokens_to_gate),

@@ -1,0 +1,235 @@
+"""Training sources as Ray Datasets: ``TorchTrainer(datasets=…)`` on the driver, ``get_dataset_shard`` on the
+workers (``data.loader: ray_data``).
+
+Driver (:func:`source_datasets`): one Ray Dataset per training source of the plan, read from the prepared
+Parquet shards (local directory or URI) by Ray Data's own reader, one read task per shard file. The
+:func:`data_config` splits every one equally across the workers (``streaming_split(equal=True)``) with
+``preserve_order``, so which rows each split gets is a function of the block sequence alone (Ray's
+``OutputSplitter`` then hands each block to the split with the fewest rows so far, no locality reordering) —
+the same run to run, whatever the consumers' timing. A *small* source (at most
+``data.ray_data_materialize_rows`` rows: exam items, the demo corpus) is read once into Ray's object store
+(shared by a node's workers) and repeated so that one Ray Data execution holds at least
+:data:`MIN_ROWS_PER_EXECUTION` rows: a new execution costs 0.1-3 s, which an epoch of a few dozen rows would pay
+every few steps.
+
+Order of a source (a pure function of the seed, the source name, the rank and the world size):
+
+- the shard files, permuted once by ``rng(seed, crc32(source))``; within a file, row groups in order;
+- execution ``e`` of the worker's split, its rows shuffled in a local buffer of ``data.stream_window_rows`` rows
+  seeded by ``(seed, crc32(source), e, rank)`` (``iter_batches(local_shuffle_seed=…)``), so every epoch comes
+  in a new seeded order;
+- micro-batches of ``B`` rows are cut from the endless concatenation of executions: a source that runs out
+  starts its next execution inside the same batch, so every batch has exactly ``B`` rows, and every rank holds
+  the same number of rows per execution (``equal=True``), so no rank starves while another has data.
+
+Resume: the checkpoint stores ``(epoch, rows)`` — the execution being read and the rows of it already handed
+out; a resumed worker starts that execution and discards ``rows`` rows (re-reading at most one execution of the
+source: a Ray Data iterator cannot seek, ray#48224) and then continues with exactly the rows an uninterrupted
+run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from kcpt import storage
+from kcpt.errors import InputError
+from kcpt.train.batches import _COLUMNS, Batch, PackedRows, to_batch
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""``(input_ids, position_ids, labels)`` int32 [rows, T]."""
+
+MIN_ROWS_PER_EXECUTION = 4096
+"""A materialized small source is repeated until one Ray Data execution holds at least this many rows."""
+
+LOADER = "ray_data"
+
+
+def _seed_int(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def shard_paths(ref: str) -> tuple[list[str], int, Any]:
+    """``(shard paths in file order, rows, pyarrow filesystem)`` of the prepared dataset at ``ref`` (local or URI),
+    from its manifest."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from kcpt.data.shards import MANIFEST
+
+    if storage.is_uri(ref):
+        fs, base = pafs.FileSystem.from_uri(ref.rstrip("/"))
+    else:
+        fs, base = pafs.LocalFileSystem(), str(storage.local_path(ref))
+    base = base.rstrip("/")
+    try:
+        with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
+            manifest = json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        raise InputError("not a prepared dataset (no manifest.json); run `kcpt prepare` first", path=ref) from None
+    return [f"{base}/{s}" for s in manifest["shards"]], int(manifest.get("rows", 0)), fs
+
+
+def source_dataset(name: str, ref: str, *, seed: int, materialize_rows: int, read_cpus: float) -> Any:
+    """The Ray Dataset of training source ``name`` (prepared at ``ref``): shard files in a seeded order, one read
+    task per file; materialized and repeated when it has at most ``materialize_rows`` rows (module docstring)."""
+    import ray.data
+
+    files, rows, fs = shard_paths(ref)
+    if rows <= 0:
+        raise InputError("prepared dataset has no rows", path=ref)
+    order = np.random.default_rng([seed, zlib.crc32(name.encode())]).permutation(len(files))
+    ds = ray.data.read_parquet([files[i] for i in order], filesystem=fs, override_num_blocks=len(files),
+                               num_cpus=read_cpus).select_columns(list(_COLUMNS))
+    if rows <= materialize_rows:
+        ds = ds.materialize()
+        repeat = math.ceil(MIN_ROWS_PER_EXECUTION / rows)
+        if repeat > 1:
+            ds = ds.union(*([ds] * (repeat - 1)))
+    return ds
+
+
+def source_datasets(cfg: Any, prepared: dict[str, str], names: list[str]) -> dict[str, Any]:
+    """``TorchTrainer(datasets=…)`` for the training sources ``names`` of the plan."""
+    d = cfg.data
+    return {n: source_dataset(n, str(prepared[n]), seed=cfg.train.seed, materialize_rows=d.ray_data_materialize_rows,
+                              read_cpus=d.ray_data_read_cpus) for n in names}
+
+
+def data_config(names: list[str]) -> Any:
+    """Every source split equally across the workers, in a preserved (deterministic) order."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=list(names), execution_options=ExecutionOptions(preserve_order=True))
+
+
+def execution_rows(rows: int, materialize_rows: int) -> int:
+    """Rows of one Ray Data execution of a source of ``rows`` rows (the repeat of a small source included)."""
+    return rows * (math.ceil(MIN_ROWS_PER_EXECUTION / rows) if rows <= materialize_rows else 1)
+
+
+class RayDataBatches:
+    """Endless micro-batches of one source for one rank, pulled from ``get_dataset_shard(source)``.
+
+    Same interface as :class:`kcpt.train.streams.StreamBatches`: ``next()`` → a :data:`Batch` of exactly
+    ``batch_size`` rows, ``cursor`` (batches handed out), ``epoch`` (passes over the source, fractional),
+    ``state_dict()`` / ``load_state_dict()``, ``close()``. ``shard`` is the worker's ``DataIterator``;
+    ``source_rows`` the source's rows (for ``epoch``); ``transform(arrays)`` may rewrite a batch's arrays."""
+
+    def __init__(self, shard: Any, *, name: str, rank: int, world: int, batch_size: int, seed: int,
+                 shuffle_rows: int, source_rows: int, device: torch.device | str = "cpu",
+                 transform: Callable[[Arrays], Arrays] | None = None, prefetch_batches: int = 2) -> None:
+        self.shard, self.name, self.rank, self.world = shard, name, rank, world
+        self.batch_size, self.seed, self.shuffle_rows = batch_size, seed, shuffle_rows
+        self.per_rank_pass = max(1, source_rows // world)
+        self.device, self.transform, self.prefetch_batches = device, transform, prefetch_batches
+        self.cursor = 0
+        self.exec_epoch = 0
+        """The execution (epoch of the Ray Dataset) being read."""
+        self.rows = 0
+        """Rows of execution ``exec_epoch`` already handed out."""
+        self._skip = 0
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
+        self._buf: Arrays | None = None
+
+    # ----------------------------------------------------------------- reading
+    def _open(self) -> None:
+        self.close()
+        gen = self.shard.iter_batches(
+            batch_size=self.batch_size, batch_format="numpy", prefetch_batches=self.prefetch_batches,
+            local_shuffle_buffer_size=self.shuffle_rows if self.shuffle_rows > 1 else None,
+            local_shuffle_seed=_seed_int(self.seed, zlib.crc32(self.name.encode()), self.exec_epoch, self.rank),
+            drop_last=False)
+        self._it = iter(gen)
+
+    def _pull(self) -> Arrays | None:
+        assert self._it is not None
+        try:
+            b = next(self._it)
+        except StopIteration:
+            return None
+        arrays = tuple(np.stack(list(b[c])) if b[c].dtype == object else np.asarray(b[c]) for c in _COLUMNS)
+        arrays = tuple(a.astype(np.int32, copy=False) for a in arrays)
+        return self.transform(arrays) if self.transform is not None else arrays  # type: ignore[return-value]
+
+    def _refill(self) -> None:
+        """Fill the (empty) buffer with the next batch of the current execution, or start the next one."""
+        if self._it is None:  # first read, or the first after a resume: skip what the checkpoint handed out
+            self._open()
+            skip = self._skip
+            while skip > 0:
+                got = self._pull()
+                if got is None:
+                    raise InputError(f"source '{self.name}': the checkpoint handed out {self._skip} rows of epoch "
+                                     f"{self.exec_epoch}, the data now has fewer; resume with the same prepared "
+                                     "data and train.num_workers")
+                n = len(got[0])
+                if n > skip:
+                    self._buf = tuple(a[skip:] for a in got)  # type: ignore[assignment]
+                skip -= min(n, skip)
+            self._skip = 0
+            if self._buf is not None:
+                return
+        got = self._pull()
+        if got is None:  # this execution is done: the next one, in a new seeded order
+            self.exec_epoch += 1
+            self.rows = 0
+            self._open()
+            got = self._pull()
+            if got is None:
+                raise InputError(f"dataset '{self.name}' gave worker {self.rank} no rows: it has fewer rows than "
+                                 f"the {self.world} workers")
+        self._buf = got
+
+    def next(self) -> Batch:
+        parts: list[Arrays] = []
+        need = self.batch_size
+        while need > 0:
+            if self._buf is None or len(self._buf[0]) == 0:
+                self._buf = None
+                self._refill()
+            assert self._buf is not None
+            take = min(need, len(self._buf[0]))
+            parts.append(tuple(a[:take] for a in self._buf))  # type: ignore[arg-type]
+            self._buf = tuple(a[take:] for a in self._buf)  # type: ignore[assignment]
+            self.rows += take
+            need -= take
+        ids, pos, lab = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        self.cursor += 1
+        return to_batch(PackedRows(self.name, ids, pos, lab), np.arange(self.batch_size), self.device)
+
+    # ----------------------------------------------------------------- state
+    @property
+    def epoch(self) -> float:
+        """Passes over the source so far (this rank's share of one pass is ``source_rows // world`` rows)."""
+        return self.cursor * self.batch_size / self.per_rank_pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": LOADER, "cursor": self.cursor, "epoch": self.exec_epoch, "rows": self.rows,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("loader") != LOADER:
+            raise InputError(f"source '{self.name}': the checkpoint's data position was written by the "
+                             f"{state.get('loader', 'stream or memory')} loader; resume with that data.loader")
+        bs = int(state.get("batch_size", self.batch_size))
+        if bs != self.batch_size:
+            raise InputError(f"source '{self.name}': the checkpoint's position counts batches of {bs} rows, "
+                             f"this run uses {self.batch_size}; resume with the same train.micro_batch_size")
+        self.close()
+        self.cursor, self.exec_epoch, self.rows = int(state["cursor"]), int(state["epoch"]), int(state["rows"])
+        self._skip, self._buf = self.rows, None
+
+    def close(self) -> None:
+        """End the current execution's iterator (Ray's split coordinator is told this split stopped reading)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()

@@ -1,14 +1,16 @@
 """Peak RSS of one training worker against corpus size, for the streaming and the in-RAM loader.
 
-    python bench/data_memory.py [--scales 1,8,32] [--loaders stream,memory] [--steps 20] [--json out.json]
+    python bench/data_memory.py [--scales 1,8,32] [--loaders ray_data,stream,memory] [--steps 20] [--json out.json]
 
 The demo plan's CPT stage (demo model, seq_len 256, batch 8, the same ``--steps`` for every row) trains on the
 demo raw corpus repeated ``k`` times (``k`` copies of ``raw_train.jsonl``, dedup off so every copy is kept;
 ``raw_val`` as eval set). The corpora are prepared first, in this process; then each (loader, k) trains in a
 fresh child process (``run_plan(in_process=True)``: the same StageRunner a Ray Train worker runs, without Ray's
-own processes), which reports its peak RSS (``getrusage`` max RSS). Printed per row: rows and tokens of the
+own processes), which reports its peak RSS (``getrusage`` max RSS); ``ray_data`` needs the trainer's datasets, so
+it runs one Ray Train worker, whose own peak RSS is in its eval records (``host_peak_rss_mb``; Ray Data's read
+tasks and object store are other processes). Printed per row: rows and tokens of the
 training source, what the in-RAM loader holds for them (``rows × seq_len × 12`` bytes: three int32 arrays),
-the peak RSS, and the peak ÷ the same loader's peak at the smallest scale (goal for ``stream``: ≤ 1.25 at 32×).
+the peak RSS, and the peak ÷ the same loader's peak at the smallest scale (goal for streaming: ≤ 1.25 at 32×).
 """
 
 from __future__ import annotations
@@ -55,16 +57,25 @@ def child(spec: dict) -> None:
     """Train once in this process and print ``{"peak_rss_mb": ...}`` (the last line of stdout)."""
     from kcpt.train.launch import run_plan
 
-    cfg = bench_cfg(Path(spec["work"]), spec["scale"], spec["loader"], spec["steps"], spec.get("extra", []))
-    run_plan(cfg, resume="overwrite", in_process=True)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_mb": peak_kb / 1024}))
+    loader = spec["loader"]
+    extra = [*spec.get("extra", []), *(["train.num_workers=1", "train.cpus_per_worker=1"] if loader == "ray_data"
+                                      else [])]
+    cfg = bench_cfg(Path(spec["work"]), spec["scale"], loader, spec["steps"], extra)
+    if loader == "ray_data":  # needs the TorchTrainer's datasets: one Ray Train worker; its own peak is recorded
+        from kcpt.train.rundir import read_metrics
+
+        res = run_plan(cfg, resume="overwrite", console=False)
+        peak_mb = max(r["host_peak_rss_mb"] for r in read_metrics(res.run_dir))
+    else:
+        run_plan(cfg, resume="overwrite", in_process=True)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": peak_mb}))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scales", default="1,8,32")
-    p.add_argument("--loaders", default="stream,memory")
+    p.add_argument("--loaders", default="ray_data,stream,memory")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     p.add_argument("--set", action="append", default=[], help="extra config overrides (key=value) for every run")

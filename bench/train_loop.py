@@ -1,7 +1,7 @@
 """Tokens/s of the Ray Train stage loop against a plain single-process PyTorch loop, same model and data.
 
     python bench/train_loop.py [--steps 60] [--model small|medium] [--workers 1,2] [--threads 2]
-                               [--loaders stream,memory] [--repeat 1]
+                               [--loaders ray_data,stream,memory] [--repeat 1]
     python bench/train_loop.py --gpu [--steps 20] [--peak-tflops auto]     # Llama-3.2-1B shape, seq 2048, bf16
     python bench/train_loop.py --options [--steps 12]                      # the same option table on the CPU
 
@@ -14,7 +14,7 @@ stage: raw_train, next-token CE, AdamW, clip 1.0, warmup+cosine). Reported per c
   build, data load);
 - the ratio Ray ÷ plain for both (goal ≥ 0.95 steady-state with 1 worker);
 - per ``data.loader`` (``--loaders``; each Ray configuration runs once per loader, round-robin ``--repeat``
-  times, medians shown): the streaming loader's steady tokens/s ÷ the in-RAM loader's (goal ≥ 0.95).
+  times, medians shown): each streaming loader's steady tokens/s ÷ the in-RAM loader's (goal ≥ 0.95).
 
 The plain loop uses ``--threads`` torch threads; the Ray loop with W workers gets ``threads / W`` CPUs per worker
 (so both use the same cores).
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of every variant, round-robin; the median is shown")
     p.add_argument("--prepared-root", default=str(Path(tempfile.gettempdir()) / "kcpt-bench-prepared"))
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--loaders", default="stream,memory", help="data.loader values to run the Ray loop with")
+    p.add_argument("--loaders", default="ray_data,stream,memory", help="data.loader values to run the Ray loop with")
     args = p.parse_args(argv)
     if args.gpu or args.options:
         options_table(args)

@@ -110,10 +110,12 @@ def test_writer_failure_is_raised_on_the_training_thread_naming_the_checkpoint(p
 
 
 def test_resume_from_an_async_checkpoint_is_exact(prepared_root, tmp_path):
-    """A run stopped by an error at step 10 (checkpoints 4 and 8 written asynchronously) and resumed ends with the
-    metrics of the run that was not stopped (1e-6)."""
+    """A run stopped by an error at step 10 (checkpoints 4 and 8 written asynchronously, each only after the next
+    step ran: the snapshot, not the live state, is written) and resumed ends with the metrics of the run that was
+    not stopped (1e-6)."""
     straight = run_plan(cfg_of(prepared_root, tmp_path / "a"), resume="never", in_process=True)
-    broken = cfg_of(prepared_root, tmp_path / "b", "train.faults.raise_at_step=10")
+    broken = cfg_of(prepared_root, tmp_path / "b", "train.faults.raise_at_step=10",
+                    "train.faults.checkpoint_write_lag_steps=1")
     with pytest.raises(RuntimeError, match="injected fault"):
         run_plan(broken, resume="never", in_process=True)
     assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "b" / "r" / "checkpoints")][-1] == "00-s-step000008"
@@ -125,3 +127,19 @@ def test_resume_from_an_async_checkpoint_is_exact(prepared_root, tmp_path):
     for step, w in want.items():
         for k in ("train_loss", "raw_val_loss", "grad_norm", "lr", "tokens_seen"):
             assert got[step][k] == pytest.approx(w[k], abs=1e-6, rel=0), (step, k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_snapshot_is_ordered_before_later_kernels():
+    """Non-blocking copies into pinned buffers on the current stream: an in-place update queued after
+    ``take`` does not reach the copy; a second take reuses the pinned buffers."""
+    hs = ckpt_lib.HostSnapshot()
+    w = torch.randn(1024, 1024, device="cuda")
+    want = w.cpu()
+    snap = hs.take({"w": w, "tied": w})
+    w.mul_(3.0)                                   # queued after the copy
+    got = snap.wait()
+    assert got["w"] is got["tied"] and got["w"].is_pinned()
+    assert torch.equal(got["w"], want)
+    buf = got["w"]
+    assert hs.take({"w": w, "tied": w}).wait()["w"] is buf

@@ -219,12 +219,12 @@ class HostSnapshot:
 
     :meth:`take` rebuilds dicts / lists / tuples and copies every tensor into host memory: a tensor reached
     twice (tied weights: two state-dict keys over one storage) is copied once and stays shared, so
-    ``save_pretrained(state_dict=...)`` sees the same ties as on the live model. CPU tensors are cloned; CUDA
-    tensors are copied with ``non_blocking`` into pinned buffers kept between saves (allocated once) on the
-    current stream — the kernels queued after them (the next optimizer step) run after the copies in stream
-    order, so the host never waits here. :meth:`wait` (the writer thread) blocks until the copies are done and
-    returns the copy. Only one snapshot may be in flight: the caller joins the previous write first (the
-    pinned buffers are reused)."""
+    ``save_pretrained(state_dict=...)`` sees the same ties as on the live model. Buffers are allocated once and
+    kept between saves (no allocation or page faults per save). CUDA tensors are copied with ``non_blocking``
+    into pinned buffers on the current stream — the kernels queued after them (the next optimizer step) run
+    after the copies in stream order, so the host never waits here. :meth:`wait` (the writer thread) blocks
+    until the copies are done and returns the copy. Only one snapshot may be in flight: the caller joins the
+    previous write first (the buffers are reused)."""
 
     def __init__(self) -> None:
         self._pool: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -250,15 +250,12 @@ class HostSnapshot:
                      tuple(t.stride()), t.dtype)
             if alias in memo:
                 return memo[alias]
-            if t.is_cuda:
-                buf = self._pool.get(key)
-                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                    buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-                    self._pool[key] = buf
-                buf.copy_(t, non_blocking=True)
-                self._cuda = True
-            else:
-                buf = t.clone()
+            buf = self._pool.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+                self._pool[key] = buf
+            buf.copy_(t, non_blocking=t.is_cuda)
+            self._cuda = self._cuda or t.is_cuda
             memo[alias] = buf
             return buf
         if isinstance(obj, Mapping):

@@ -25,9 +25,10 @@ heads, MLP 8192, tied embeddings; random init, no download), packed rows of seq 
 lengths), bf16 autocast over fp32 master weights, no gradient checkpointing, the loop's own step
 (:func:`kcpt.train.loop.accumulate_step` + the engine's clip/step + the one host read per step). Printed per
 variant: tokens/s/GPU, MFU = 6·N·tokens/s ÷ the GPU's bf16 dense peak, peak memory. Variants: ``today`` (logits
-path, sdpa, foreach AdamW, eager), ``+fused_loss``, ``+flash_attention_2`` / ``+flex_attention`` (where
-available), ``+fused_adamw``, ``+compile``, ``all``; with 2+ GPUs also ``all`` on 2 GPUs under DDP (NCCL). Without
-CUDA ``--gpu`` prints that it skipped and exits 0.
+path, sdpa, foreach AdamW, eager), ``+fused_loss`` (torch chunks), ``+fused_loss (liger)`` (where liger_kernel
+is installed), ``+flash_attention_2`` / ``+flex_attention`` (where available), ``+fused_adamw``, ``+compile``,
+``all`` (and ``all (torch loss)`` when Liger is in ``all``); with 2+ GPUs also ``all`` on 2 GPUs under DDP (NCCL).
+Without CUDA ``--gpu`` prints that it skipped and exits 0.
 """
 
 from __future__ import annotations
@@ -154,20 +155,31 @@ def gpu_peak_tflops(name: str) -> float | None:
 
 
 def variants(device: str) -> list[tuple[str, dict]]:
-    """(name, options) of the table: today's path, each option alone, all together (unavailable ones left out)."""
-    from kcpt.model.attention import available
+    """(name, options) of the table: today's path, each option alone, all together (unavailable ones left out).
+    ``loss_kernel``: the fused loss's kernel (``torch`` chunks; ``liger`` where liger_kernel imports on CUDA —
+    then also ``+fused_loss (liger)`` alone and ``all`` with the torch chunks, since Liger's CE adds one host
+    sync per micro-batch: the table shows which is faster)."""
+    import torch
 
-    today = {"fused_loss": False, "attn": "sdpa", "fused_adamw": False, "compile": False}
+    from kcpt.model.attention import available
+    from kcpt.train.fused_loss import resolve_kernel
+
+    liger = resolve_kernel("auto", torch.device(device)) == "liger"
+    today = {"fused_loss": False, "loss_kernel": "torch", "attn": "sdpa", "fused_adamw": False, "compile": False}
     fast_attn = next((a for a in ("flash_attention_3", "flash_attention_2", "flex_attention")
                       if available(a) is None and (a != "flex_attention" or device != "cpu")), None)
     out = [("today", today), ("+fused_loss", {**today, "fused_loss": True})]
+    if liger:
+        out.append(("+fused_loss (liger)", {**today, "fused_loss": True, "loss_kernel": "liger"}))
     if fast_attn is not None:
         out.append((f"+{fast_attn}", {**today, "attn": fast_attn}))
     if device != "cpu":
         out.append(("+fused_adamw", {**today, "fused_adamw": True}))
     out.append(("+compile", {**today, "compile": True}))
-    out.append(("all", {"fused_loss": True, "attn": fast_attn or "sdpa", "fused_adamw": device != "cpu",
-                        "compile": True}))
+    every = {"fused_loss": True, "attn": fast_attn or "sdpa", "fused_adamw": device != "cpu", "compile": True}
+    out.append(("all", {**every, "loss_kernel": "liger" if liger else "torch"}))
+    if liger:
+        out.append(("all (torch loss)", {**every, "loss_kernel": "torch"}))
     return out
 
 
@@ -213,7 +225,8 @@ def run_variant(opts: dict, *, shape: dict, device: str, batch: int, seq: int, g
         compile_layers(model)
     n_params = sum(p.numel() for p in model.parameters())
     engine = TorchEngine(model, lambda g: make_adamw(g, lr=1e-4, betas=(0.9, 0.95), fused=opts["fused_adamw"]),
-                         clip=1.0, weight_decay=0.1, device=torch.device(device))
+                         clip=1.0, weight_decay=0.1, device=torch.device(device),
+                         loss_kernel=opts.get("loss_kernel", "torch"))
     mc = ModelConfig(dtype=dtype)
     dev = torch.device(device)
     g = np.random.default_rng(rank)
@@ -254,6 +267,19 @@ def _ddp_worker(rank: int, world: int, port: int, opts: dict, kw: dict, out: str
         dist.destroy_process_group()
 
 
+def _release(gpu: bool) -> None:
+    """Free one variant's model before the next: compiled layers keep their modules alive in dynamo's caches
+    (a 1B model + AdamW state is ~20 GB per variant on the GPU)."""
+    import gc
+
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+
+
 def options_table(args: argparse.Namespace) -> list[dict]:
     import torch
 
@@ -277,8 +303,7 @@ def options_table(args: argparse.Namespace) -> list[dict]:
             r = run_variant(opts, device=device, **kw)
             r.update(variant=vname, gpus=1, **opts)
             runs.setdefault(vname, []).append(r)
-            if gpu:
-                torch.cuda.empty_cache()
+            _release(gpu)
     rows = []
     for rs in runs.values():  # the median run (by tokens/s) of each variant
         rs = sorted(rs, key=lambda r: r["tok_s"])

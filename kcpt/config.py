@@ -403,6 +403,12 @@ class FaultConfig(Strict):
     raise_at_step: int | None = Field(None, ge=1)
     """The worker of rank ``crash_rank`` raises a plain ``RuntimeError`` (a bug, not a KcptError) at this step,
     every attempt: its traceback must reach the console."""
+    checkpoint_write_lag_steps: int | None = Field(None, ge=1)
+    """A slow asynchronous checkpoint write: each write waits, before writing, until training has run this many
+    steps past the save (or the loop joins the write), and records in ``faults/checkpoint-writes`` at which
+    step it began."""
+    checkpoint_write_error_at_step: int | None = Field(None, ge=1)
+    """The asynchronous write of the checkpoint saved at this step fails (an ``OSError`` in the writer thread)."""
 
 
 class TrainConfig(Strict):
@@ -434,9 +440,16 @@ class TrainConfig(Strict):
     stop and new Pareto-front points; ``false``: only those."""
     checkpoint_every_evals: int = Field(1, ge=1)
     """Periodic checkpoints at every K-th eval of a stage (a new best, the stop and a new front point are always
-    saved). A checkpoint is a blocking collective write (weights + optimizer + fsync) while every rank waits;
-    a larger K makes evals cheaper, but a worker failure resumes from the last checkpoint: up to
-    ``K · eval_every`` steps are recomputed."""
+    saved). A checkpoint costs a host copy of the weights + optimizer (``async_checkpoint``; a blocking write
+    otherwise) and disk / upload traffic; a larger K makes evals cheaper, but a worker failure resumes from the
+    last checkpoint: up to ``K · eval_every`` steps are recomputed."""
+    async_checkpoint: bool = True
+    """Write checkpoints off the critical path: at the save the weights, optimizer and trainer state are copied
+    to host memory (the only part the training steps wait for); a background thread writes, fsyncs, verifies
+    and publishes them while training goes on, and is joined at the next eval, at the stage end and at exit
+    (a write error is raised there, naming the checkpoint). Ray Train is told of a checkpoint after it is
+    complete (with the next eval's report). Under DeepSpeed checkpoints stay synchronous (its
+    ``save_checkpoint`` is a collective of every rank). ``false``: every save is written before the step goes on."""
     compile: bool = False
     """``torch.compile`` each decoder layer of the trained model (:func:`kcpt.model.loading.compile_layers`). Not
     with ZeRO-3 (its parameter-gathering hooks run inside every layer)."""
@@ -447,6 +460,11 @@ class TrainConfig(Strict):
     """CE and KL from the final hidden states in chunks over tokens (:mod:`kcpt.train.fused_loss`): no
     full-vocabulary float32 logits (of the model or the KL reference) in training or eval. ``false``: the
     plain path through the logits (:mod:`kcpt.train.losses`), kept for comparison."""
+    fused_loss_kernel: Literal["auto", "torch", "liger"] = "auto"
+    """Kernel of the fused loss: ``torch`` (chunks in plain torch), ``liger`` (Liger-Kernel's Triton fused linear
+    cross-entropy, CUDA only, the ``kcpt[gpu]`` extra; micro-batches with KL keep the torch chunks), ``auto``
+    (liger when installed and training on CUDA, else torch). ``liger`` without the package or without CUDA is
+    refused when the stage starts. See :mod:`kcpt.train.fused_loss`."""
     loss_chunk_tokens: int | None = Field(None, ge=1)
     """Tokens per chunk of the fused loss; default: about 64 MiB of float32 logits per chunk."""
     faults: FaultConfig = FaultConfig()
@@ -749,6 +767,7 @@ class KcptConfig(Strict):
         d = self.model_dump(mode="json")
         d["train"].pop("run_name", None)
         d["train"].pop("output_dir", None)
+        d["train"].pop("async_checkpoint", None)  # how checkpoints are written changes no trained weight
         d.pop("logging", None)
         for key in ("buckets", "forgetting"):  # report settings: they change no trained weight
             d["eval"].pop(key, None)

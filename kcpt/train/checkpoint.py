@@ -16,6 +16,10 @@ or no directory named ``path``; other checkpoints are never touched. Re-saving o
 the old one aside first (``.<name>.old-<pid>``), renames the new one in, then deletes the old one. Deleting
 (pruning) renames a checkpoint to a hidden name before removing it, so a half-deleted one is never listed.
 Leftover hidden dirs of dead saves are removed by :func:`prune_checkpoints` and :func:`remove_stale_temps`.
+
+Asynchronous saves (``train.async_checkpoint``): :class:`HostSnapshot` copies the state to host memory on the
+training thread; :func:`save_checkpoint` then runs in a writer thread on that copy (:func:`state_dict_saver`
+for the weights), with the same atomicity.
 """
 
 from __future__ import annotations
@@ -207,6 +211,71 @@ def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_sta
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+class HostSnapshot:
+    """A copy on the host of a nested structure of tensors (state dicts), taken on the training thread so that a
+    background thread can write it while training changes the live tensors.
+
+    :meth:`take` rebuilds dicts / lists / tuples and copies every tensor into host memory: a tensor reached
+    twice (tied weights: two state-dict keys over one storage) is copied once and stays shared, so
+    ``save_pretrained(state_dict=...)`` sees the same ties as on the live model. Buffers are allocated once and
+    kept between saves (no allocation or page faults per save). CUDA tensors are copied with ``non_blocking``
+    into pinned buffers on the current stream — the kernels queued after them (the next optimizer step) run
+    after the copies in stream order, so the host never waits here. :meth:`wait` (the writer thread) blocks
+    until the copies are done and returns the copy. Only one snapshot may be in flight: the caller joins the
+    previous write first (the buffers are reused)."""
+
+    def __init__(self) -> None:
+        self._pool: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._copy: Any = None
+        self._event: Any = None
+
+    def take(self, obj: Any) -> HostSnapshot:
+        memo: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._cuda = False
+        self._copy = self._walk(obj, (), memo)
+        self._event = torch.cuda.current_stream().record_event() if self._cuda else None
+        return self
+
+    def wait(self) -> Any:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._copy
+
+    def _walk(self, obj: Any, key: tuple[Any, ...], memo: dict[tuple[Any, ...], torch.Tensor]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            alias = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                     tuple(t.stride()), t.dtype)
+            if alias in memo:
+                return memo[alias]
+            buf = self._pool.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+                self._pool[key] = buf
+            buf.copy_(t, non_blocking=t.is_cuda)
+            self._cuda = self._cuda or t.is_cuda
+            memo[alias] = buf
+            return buf
+        if isinstance(obj, Mapping):
+            return {k: self._walk(v, (*key, k), memo) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._walk(v, (*key, i), memo) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple):
+            return tuple(self._walk(v, (*key, i), memo) for i, v in enumerate(obj))
+        return obj
+
+
+def state_dict_saver(state_dict: dict[str, torch.Tensor]) -> Callable[[Any, Path], None]:
+    """A ``save_model_fn`` for :func:`save_checkpoint` that writes ``state_dict`` (a :class:`HostSnapshot` of the
+    model's) with the model's ``save_pretrained``: the same files as the live save, without reading the live
+    weights (the model supplies only its config and tie information)."""
+
+    def save(model: Any, directory: Path) -> None:
+        unwrap_model(model).save_pretrained(directory, state_dict=dict(state_dict))
+
+    return save
 
 
 def remove_stale_temps(root: str | Path, *, name: str | None = None, keep: Path | None = None) -> list[Path]:

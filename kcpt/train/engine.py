@@ -26,7 +26,9 @@ copy per ``stable_every`` accepted steps); the DeepSpeed engine saves its own pa
 
 Full state (``save_state`` / ``load_state``, collective): DDP — rank 0 writes ``optimizer.pt``; DeepSpeed —
 ``engine.save_checkpoint`` of every rank (partitioned optimizer + fp32 master weights). The kcpt checkpoint
-holds it under ``engine/`` beside the HF weights, bound by the same manifest.
+holds it under ``engine/`` beside the HF weights, bound by the same manifest. The DDP engine also splits it
+(``state_snapshot`` on the training thread, ``write_state`` in the checkpoint writer thread: asynchronous
+checkpoints); DeepSpeed's ``save_checkpoint`` is a collective of every rank and stays synchronous.
 """
 
 from __future__ import annotations
@@ -165,6 +167,18 @@ class Engine(ABC):
     def load_state(self, directory: Path) -> None:
         """Load what :meth:`save_state` wrote (every rank calls)."""
 
+    async_state: bool = False
+    """Whether :meth:`state_snapshot` / :meth:`write_state` split :meth:`save_state` into a snapshot on the
+    training thread and a write elsewhere (asynchronous checkpoints); else the loop saves synchronously."""
+
+    def state_snapshot(self) -> Any:
+        """What :meth:`write_state` needs (live references: the caller copies it to the host at once)."""
+        raise NotImplementedError
+
+    def write_state(self, snapshot: Any, directory: Path) -> None:
+        """Write a host copy of :meth:`state_snapshot` as :meth:`save_state` would (any thread)."""
+        raise NotImplementedError
+
     def train(self) -> None:
         self.module.train()
 
@@ -179,10 +193,10 @@ class TorchEngine(Engine):
     """A bare module (one worker) or DDP; torch AdamW (``fused`` on CUDA); in-memory rollback point."""
 
     def __init__(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory, *, clip: float,
-                 weight_decay: float, device: torch.device) -> None:
+                 weight_decay: float, device: torch.device, loss_kernel: str = "torch") -> None:
         super().__init__()
         self.module = model
-        self.loss_module = fused_loss.LossHeadLM(model)
+        self.loss_module = fused_loss.LossHeadLM(model, loss_kernel)
         self.clip = clip
         self.optimizer = optimizer_factory(param_groups(model, weight_decay))
         if self.world > 1:
@@ -285,10 +299,20 @@ class TorchEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return self.stable_step
 
+    async_state = True
+
     def save_state(self, directory: Path) -> None:
         if self.rank == 0:
+            self.write_state(self.optimizer.state_dict(), directory)
+
+    def state_snapshot(self) -> Any:
+        """Rank 0: the optimizer's state dict (references to the live moments); other ranks: None."""
+        return self.optimizer.state_dict() if self.rank == 0 else None
+
+    def write_state(self, snapshot: Any, directory: Path) -> None:
+        if snapshot is not None:
             directory.mkdir(parents=True, exist_ok=True)
-            torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+            torch.save(snapshot, directory / OPTIMIZER_FILE)
 
     def load_state(self, directory: Path) -> None:
         f = directory / OPTIMIZER_FILE
@@ -389,11 +413,11 @@ class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO-2/3 engine; rollback points are DeepSpeed checkpoints in node-local scratch."""
 
     def __init__(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory, *, ds_config: dict[str, Any],
-                 weight_decay: float, scratch_key: str) -> None:
+                 weight_decay: float, scratch_key: str, loss_kernel: str = "torch") -> None:
         import deepspeed
 
         super().__init__()
-        wrapper = fused_loss.LossHeadLM(model)
+        wrapper = fused_loss.LossHeadLM(model, loss_kernel)
         if ds_config.get("zero_optimization", {}).get("stage") == 3:
             # the fused loss reads the head weight in the wrapper's forward: ZeRO-3 gathers it there too
             deepspeed.zero.register_external_parameter(wrapper, fused_loss.head_weight(model))

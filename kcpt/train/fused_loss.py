@@ -22,6 +22,16 @@ DeepSpeed around the wrapper, so gradient sync and ZeRO-3 gathering happen as fo
 head weight is registered as an external parameter of the wrapper, see :class:`kcpt.train.engine.DeepSpeedEngine`).
 With ``kcpt_hidden=True`` it returns the final hidden states (the KL reference). Without either flag it is the
 LM's own forward. The LM itself is not modified: its state dict and ``save_pretrained`` are those of the LM.
+
+Kernels (``train.fused_loss_kernel``, :func:`resolve_kernel`): ``torch`` — the chunked implementation here;
+``liger`` — Liger-Kernel's Triton fused linear cross-entropy (``liger_kernel``, CUDA only) for the CE of
+micro-batches without KL; ``auto`` — ``liger`` when ``liger_kernel`` imports and the device is CUDA, else
+``torch``. Micro-batches with the KL term always use the torch chunks: Liger's fused linear JSD at
+``jsd_beta=0`` is exactly KL(p_ref ‖ p_θ) per token (teacher = reference), but it allocates a ``[B·T, V]``
+float32 loss buffer (the full-vocabulary copy this module exists to avoid), returns a token mean (one
+``.item()`` host sync per call), and cannot share the model's logits with the CE term (the head matmuls would
+run twice). Liger's CE also reads its target count with ``.item()``: one device→host sync per micro-batch,
+which ``torch`` does not have (choose ``torch`` where the host is the bottleneck).
 """
 
 from __future__ import annotations
@@ -125,17 +135,62 @@ class _FusedCEKL(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None, None
 
 
+KERNELS = ("auto", "torch", "liger")
+
+
+def liger_available() -> bool:
+    """Whether Liger-Kernel's fused linear cross-entropy can be imported (the ``kcpt[gpu]`` extra)."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or triton failing to load on a machine without a GPU
+        return False
+    return True
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``torch`` or ``liger`` for ``train.fused_loss_kernel`` on ``device`` (see the module docstring); ``liger``
+    without the package or without CUDA is a :class:`~kcpt.errors.ConfigError` naming the fix."""
+    from kcpt.errors import ConfigError
+
+    if kernel not in KERNELS:
+        raise ConfigError(f"train.fused_loss_kernel: {kernel!r} is not one of {', '.join(KERNELS)}")
+    if kernel == "torch":
+        return "torch"
+    if kernel == "auto":
+        return "liger" if device.type == "cuda" and liger_available() else "torch"
+    if device.type != "cuda":
+        raise ConfigError(f"train.fused_loss_kernel: liger runs on CUDA only, and this worker trains on {device}: "
+                          "set train.use_gpu: true on a GPU machine, or train.fused_loss_kernel: torch (or auto)")
+    if not liger_available():
+        raise ConfigError("train.fused_loss_kernel: liger, but the liger_kernel package is not installed on this "
+                          "worker: pip install 'kcpt[gpu]' (or liger-kernel), or set train.fused_loss_kernel: "
+                          "torch (or auto)")
+    return "liger"
+
+
+def _liger_ce(h: Tensor, weight: Tensor, targets: Tensor, ce_scale: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The CE-only case through Liger's fused linear cross-entropy (sum over the targets ≠ -100)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    ce = liger_fused_linear_cross_entropy(h.contiguous(), weight, targets.contiguous(), ignore_index=IGNORE_INDEX,
+                                          reduction="sum")
+    ce_sum = ce.detach().float()
+    count = (targets != IGNORE_INDEX).sum()
+    return ce * ce_scale.to(ce.dtype), ce_sum, count, torch.zeros((), dtype=torch.float32, device=h.device)
+
+
 def fused_ce_kl(hidden: Tensor, weight: Tensor, labels: Tensor, *, ce_scale: Tensor | float = 1.0,
                 ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
                 kl_scale: Tensor | float | None = None, chunk_tokens: int | None = None,
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                kernel: str = "torch") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(objective, ce_sum, ce_count, kl_sum)`` of the head ``weight`` [V, H] on ``hidden`` [B, T, H].
 
     ``objective = ce_scale·CE_sum + kl_scale·KL_sum`` is differentiable w.r.t. ``hidden`` and ``weight``;
     ``ce_sum`` (float32), ``ce_count`` (int64) and ``kl_sum`` (float32; 0 without a reference) are detached
     values equal to :func:`kcpt.train.losses.token_ce_sum` / :func:`~kcpt.train.losses.kl_to_reference_sum` of
     the logits ``hidden @ weight.T``. ``ref_hidden`` [B, T, H_ref] and ``ref_weight`` [V, H_ref]: the frozen
-    reference's final hidden states and head (no gradient)."""
+    reference's final hidden states and head (no gradient). ``kernel``: ``torch`` or ``liger`` (resolved,
+    :func:`resolve_kernel`; ``liger`` applies to the CE-only case)."""
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"expected hidden [B, T, H] and labels [B, T], got {tuple(hidden.shape)} and "
                          f"{tuple(labels.shape)}")
@@ -154,6 +209,8 @@ def fused_ce_kl(hidden: Tensor, weight: Tensor, labels: Tensor, *, ce_scale: Ten
     b = None
     if rh is not None:
         b = kl_scale if isinstance(kl_scale, Tensor) else torch.tensor(float(kl_scale), device=dev)  # type: ignore[arg-type]
+    if kernel == "liger" and rh is None:
+        return _liger_ce(h, weight, targets, a.detach())
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     chunk = auto_chunk(weight.shape[0], h.shape[0], chunk_tokens)
     out = _FusedCEKL.apply(h, weight, targets, a.detach(), rh, ref_weight.detach() if ref_weight is not None else None,
@@ -168,9 +225,11 @@ class LossHeadLM(torch.nn.Module):
     """An HF causal LM (``module``) with two more forward modes (see the module docstring). ``config`` and
     ``get_output_embeddings`` are the LM's, so code that reads them works on the wrapper too."""
 
-    def __init__(self, lm: torch.nn.Module) -> None:
+    def __init__(self, lm: torch.nn.Module, kernel: str = "torch") -> None:
         super().__init__()
         self.module = lm
+        self.kernel = kernel
+        """``torch`` or ``liger``: the kernel of the ``kcpt_loss`` mode (:func:`resolve_kernel`)."""
 
     @property
     def config(self) -> Any:
@@ -188,7 +247,7 @@ class LossHeadLM(torch.nn.Module):
         if kcpt_hidden:
             return hidden
         assert kcpt_loss is not None
-        return fused_ce_kl(hidden, self.module.get_output_embeddings().weight, **kcpt_loss)
+        return fused_ce_kl(hidden, self.module.get_output_embeddings().weight, **{"kernel": self.kernel, **kcpt_loss})
 
 
 def with_loss_head(model: torch.nn.Module) -> LossHeadLM:

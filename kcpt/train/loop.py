@@ -424,6 +424,12 @@ class StageRunner:
         self.exam_item_cache: dict[str, list[Any] | None] = {}
         self.tokenizer = self._load_tokenizer()
         self._expected: dict[str, Any] | None = None
+        # asynchronous checkpoints (train.async_checkpoint): host copy buffers, the write in flight, the Ray
+        # report that names it (sent once it is complete: join_checkpoint)
+        self._host_snapshot = ckpt_lib.HostSnapshot()
+        self._write_pending = False
+        self._held_report: tuple[dict[str, Any], str | None] | None = None
+        self._writer_faults: FaultInjector | None = None
         # every rank's torch RNG starts from (seed, rank): dropout is reproducible run to run
         torch.manual_seed(self.cfg.train.seed * 1000 + self.rank)
 
@@ -567,12 +573,14 @@ class StageRunner:
         def optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
             return make_adamw(groups, lr=stage.lr.peak, betas=tuple(t.adam_betas), fused=t.fused_optimizer)
 
+        kernel = fused_loss.resolve_kernel(t.fused_loss_kernel, self.device)  # ConfigError before any step
         if self.ds_config is not None:
             key = f"{abs(hash(str(self.run_dir.root.resolve()))):x}-{stage.name}-{os.getpid()}"
             key = _broadcast(key)
             return DeepSpeedEngine(model, optimizer, ds_config=self.ds_config, weight_decay=t.weight_decay,
-                                   scratch_key=key)
-        return TorchEngine(model, optimizer, clip=t.clip_grad_norm, weight_decay=t.weight_decay, device=self.device)
+                                   scratch_key=key, loss_kernel=kernel)
+        return TorchEngine(model, optimizer, clip=t.clip_grad_norm, weight_decay=t.weight_decay, device=self.device,
+                           loss_kernel=kernel)
 
     def reference_model(self, stage: StageConfig, plan: PlanState) -> torch.nn.Module | None:
         if stage.kl_beta <= 0:
@@ -615,7 +623,11 @@ class StageRunner:
         barrier()
         if not shared:
             staging.mkdir(parents=True, exist_ok=True)
-        run.engine.save_state(staging / ENGINE_DIR)
+        write_async = self.cfg.train.async_checkpoint and run.engine.async_state
+        if write_async:
+            engine_state = run.engine.state_snapshot()  # rank 0's (live references; copied to the host below)
+        else:
+            run.engine.save_state(staging / ENGINE_DIR)
         state["rng_per_rank"] = _gather(ckpt_lib.capture_rng_state())
         uploaded: dict[str, int] = {}
         if not shared and self.run_dir.remote is not None:  # another node: publish what this rank wrote
@@ -636,13 +648,52 @@ class StageRunner:
                     **self.expected_manifest(), base_model=self.cfg.model.name_or_path,
                     restore_mode=run.stage.restore, step=run.step, stage=run.stage.name,
                     stage_index=plan.stage_pos, metrics=metrics)
-                ckpt_lib.save_checkpoint(path, model=module, tokenizer=self.tokenizer, trainer_state=state,
-                                         manifest=manifest, staging=staging, include_rng=False, extra_files=extra)
-                # at a URI: uploaded by a background thread while training goes on (joined before the next
-                # save, at the end of the stage and of the run); visible once its manifest, sent last, is there
-                self.run_dir.publish_checkpoint(path.name, keep_remote=set(extra), background=True)
+                if write_async:
+                    self._write_async(run, path, staging, state, manifest, engine_state, extra)
+                else:
+                    ckpt_lib.save_checkpoint(path, model=module, tokenizer=self.tokenizer, trainer_state=state,
+                                             manifest=manifest, staging=staging, include_rng=False,
+                                             extra_files=extra)
+                    # at a URI: uploaded by a background thread while training goes on (joined at the next eval,
+                    # the end of the stage and of the run); visible once its manifest, sent last, is there
+                    self.run_dir.publish_checkpoint(path.name, keep_remote=set(extra), background=True)
         barrier()
+        self._write_pending = write_async
         return self.run_dir.checkpoint_ref(path.name)
+
+    def _write_async(self, run: StageRun, path: Path, staging: Path, state: dict[str, Any],
+                     manifest: dict[str, Any], engine_state: Any, extra: dict[str, int]) -> None:
+        """Rank 0: copy weights, optimizer and trainer state to the host (the only part the next training steps
+        wait for), then write + fsync + verify + publish them in the run directory's writer thread
+        (:meth:`RunDir.write_checkpoint_async`; joined by :meth:`join_checkpoint`)."""
+        module, tokenizer = run.engine.module, self.tokenizer
+        snap = self._host_snapshot.take({"model": ckpt_lib.unwrap_model(module).state_dict(),
+                                         "engine": engine_state, "state": ckpt_lib.to_safe_state(state)})
+        gate = run.faults.checkpoint_write_gate(run.step, path)
+        self._writer_faults = run.faults
+
+        def write() -> None:
+            data = snap.wait()
+            gate()
+            run.engine.write_state(data["engine"], staging / ENGINE_DIR)
+            ckpt_lib.save_checkpoint(path, model=module, tokenizer=tokenizer, trainer_state=data["state"],
+                                     manifest=manifest, staging=staging, include_rng=False, extra_files=extra,
+                                     save_model_fn=ckpt_lib.state_dict_saver(data["model"]))
+
+        self.run_dir.write_checkpoint_async(path.name, write, keep_remote=set(extra))
+
+    def join_checkpoint(self) -> None:
+        """Collective: wait for the checkpoint write in flight (rank 0's writer thread; its failure is raised
+        here, naming the checkpoint), then send Ray the report held back until that checkpoint was complete.
+        Called at each eval, at the stage end and when the plan ends."""
+        if self._writer_faults is not None:
+            self._writer_faults.release_writes()
+        if self.rank == 0:
+            self.run_dir.wait_published()
+        self._write_pending = False
+        held, self._held_report = self._held_report, None
+        if held is not None:
+            self.session.report(*held, self.rank)
 
     # ----------------------------------------------------------------- the plan
     def run(self) -> None:
@@ -651,9 +702,19 @@ class StageRunner:
             self._run_plan()
         except TrainingAborted as e:
             if self.rank == 0:
+                if self._writer_faults is not None:
+                    self._writer_faults.release_writes()
                 self.run_dir.wait_published()
                 self.run_dir.write_aborted(str(e))
             barrier()
+        except BaseException:
+            # a write in flight still completes (a good checkpoint to resume from); its own error is secondary
+            if self._writer_faults is not None:
+                self._writer_faults.release_writes()
+            if self.rank == 0:
+                with contextlib.suppress(Exception):
+                    self.run_dir.wait_published()
+            raise
 
     def _run_plan(self) -> None:
         plan = PlanState(stage_order=list(self.config["stages"]),
@@ -766,6 +827,7 @@ class StageRunner:
         """One optimizer step of ``grad_accum`` micro-batches (:func:`accumulate_step`), the anomaly rule, the
         rollback point."""
         t, stage, engine = self.cfg.train, run.stage, run.engine
+        run.faults.progress(run.step)
         run.faults.maybe_crash(run.step)
         t0 = time.perf_counter()
         micro = []
@@ -813,6 +875,7 @@ class StageRunner:
                  final: bool = False, initial: bool = False) -> Interval:
         """Raw (+ exam) val loss, the stop rule, metrics, and a checkpoint when due; returns a fresh interval."""
         stage, t = run.stage, self.cfg.train
+        self.join_checkpoint()  # the previous eval's checkpoint (written while the steps ran) is complete
         module = run.engine.loss_module  # under ZeRO-3 the head weight is gathered in this wrapper's forward
         t0 = time.perf_counter()
         with self.amp():
@@ -884,7 +947,11 @@ class StageRunner:
             self.run_dir.append_metrics(metrics)
             tb.log({k: v for k, v in metrics.items() if k not in ("step", "stage")}, step)
             self.emit({"kind": "eval", "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)}})
-        self.session.report({k: v for k, v in metrics.items() if not isinstance(v, dict)}, ckpt_path, self.rank)
+        flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+        if self._write_pending:  # Ray is told of a checkpoint only once it is complete (join_checkpoint)
+            self._held_report = (flat, ckpt_path)
+        else:
+            self.session.report(flat, ckpt_path, self.rank)
 
     def emit(self, event: dict[str, Any]) -> None:
         """Send a console event to the driver (rank 0 only, when the driver listens)."""
@@ -893,6 +960,7 @@ class StageRunner:
 
     def finish_stage(self, run: StageRun, plan: PlanState) -> None:
         """Record the stage summary, its best checkpoint and Pareto front, the baseline, the hand-off choices."""
+        self.join_checkpoint()  # the stage's last checkpoint is complete (and reported) before it is named
         stage, stop_state, decision, saved = run.stage, run.stop_state, run.decision, run.saved
         hist = stop_state.history
         best_step = stop_state.best_step

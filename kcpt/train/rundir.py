@@ -135,17 +135,46 @@ class RunDir:
             self.wait_published()
             upload()
             return
+        self._submit(upload)
+
+    def _submit(self, job: Any) -> None:
         if self._uploader is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kcpt-upload")
-        self._uploads.append(self._uploader.submit(upload))
+            self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kcpt-checkpoint")
+        self._uploads.append(self._uploader.submit(job))
+
+    def write_checkpoint_async(self, name: str, write: Any, keep_remote: set[str] = frozenset()) -> None:
+        """Run ``write()`` (which writes the mirror's checkpoint ``name`` atomically: temp dir, fsync, read-back,
+        rename, manifest last), then its upload to the URI, in this process's background thread — one job at a
+        time, in order. :meth:`wait_published` joins it; any failure is raised there as a
+        :class:`~kcpt.errors.CheckpointError` naming the checkpoint (the previous checkpoints are untouched: a
+        failed write leaves no visible directory)."""
+        ref = self.checkpoint_ref(name)
+
+        def job() -> None:
+            from kcpt.errors import CheckpointError
+            from kcpt.train.checkpoint import MANIFEST
+
+            try:
+                write()
+                if self.remote is not None:
+                    storage.publish_tree(self.checkpoints / name, ref, marker=MANIFEST, keep=keep_remote)
+            except CheckpointError as e:
+                raise CheckpointError(f"asynchronous checkpoint write of {ref} failed: {e}") from e
+            except Exception as e:  # noqa: BLE001 - OSError, torch/safetensors errors, ...: reported with the path
+                raise CheckpointError(f"asynchronous checkpoint write of {ref} failed: {type(e).__name__}: {e}"
+                                      ) from e
+
+        self._submit(job)
 
     def wait_published(self) -> None:
-        """Block until every background checkpoint upload is done; the first failure is raised here."""
+        """Block until every background checkpoint write and upload is done; the first failure is raised here
+        (a :class:`~kcpt.errors.CheckpointError` naming the checkpoint for :meth:`write_checkpoint_async`)."""
         pending, self._uploads = self._uploads, []
-        for f in pending:
-            f.result()
+        errors = [e for f in pending if (e := f.exception()) is not None]  # every job has ended before any raise
+        if errors:
+            raise errors[0]
 
     def retract_checkpoint(self, name: str) -> None:
         self.wait_published()

@@ -125,3 +125,32 @@ def test_train_loop_bench_has_a_loader_column(capsys):
     assert _load("train_loop").main(["--workers", "2", "--steps", "4", "--batch", "2", "--seq-len", "64"]) == 0
     out = capsys.readouterr().out
     assert "workers | loader | " in out and "\n2 | stream | " in out and "\n2 | memory | " in out
+
+
+def test_tune_efficiency_proxy_counts_trials_to_the_first_gate_pass():
+    """The proxy's search on a scripted landscape (real Optuna): trials to the first pass and the best feasible
+    objective are those of the very trials the sampler drew (recomputed here from the same seed)."""
+    import optuna
+
+    from kcpt.config import SearchSpace
+    from kcpt.tune.objective import GateSpec, gate_outcome
+    from kcpt.tune.space import suggest_params
+
+    te = _load("tune_efficiency")
+
+    class Landscape:  # a higher LR lowers the exam loss faster and lifts the raw loss
+        models = [None] * 4
+
+        def evals(self, p):
+            return [{"step": k, "tokens_seen": k, "raw_ratio": 1.0 + 3.0 * p["lr"] * k,
+                     "exam_val_loss": 3.0 - 150.0 * p["lr"] * k * p["exam_fraction"]} for k in range(1, 5)]
+
+    space, land = SearchSpace(), Landscape()
+    spec = GateSpec(None, 0.02, 2.8, 2, objective="tokens_to_gate", token_scale=4.0)
+    first, best = te.search("random", 3, 25, land, spec, space, 3)
+    sampler = optuna.samplers.RandomSampler(seed=3)
+    study = optuna.create_study(sampler=sampler)
+    outcomes = [gate_outcome(land.evals(suggest_params(study.ask(), space)), spec) for _ in range(25)]
+    passed = [i + 1 for i, o in enumerate(outcomes) if o.gate_passed]
+    assert passed and isinstance(first, int) and first == passed[0] and 1 < first <= 25  # not trivially trial 1
+    assert best == min(o.gate_objective for o in outcomes if o.gate_feasible) < 1.0        # a pass: value < 1

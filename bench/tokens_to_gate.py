@@ -7,8 +7,11 @@ In one invocation, on the demo config (plus ``--set`` overrides):
 2. ``--trials`` K trials of the real tune job (:func:`kcpt.tune.launch.tune_stage3`: Ray Tune + Optuna TPE,
    objective ``tokens_to_gate``, the recipe's settings enqueued first, ASHA on training tokens) with
    ``train.seed = --tune-seed`` (not one of the evaluation seeds) give the tuned best (``best_config.yaml``);
+   the trials train at the world size the evaluation runs use (one worker in-process, ``train.num_workers``
+   with ``--ray``), so the tuned LR and mixture are chosen at the batch they are measured at;
 3. three stage-3 configurations, each run with ``--seeds`` seeds (``train.seed`` 0..n−1) on the real stage loop:
-   ``default`` — stage 3 as the config sets it (the demo: 70:30 exam:raw, its LR and KL β);
+   ``default`` — the recipe's default stage 3 as the issue defines it: the stage's mixture as configured (the
+   demo: 70:30 exam:raw), its LR, and no KL (``kl_beta`` = 0, whatever the config sets);
    ``recipe_step`` — the same with the recipe's 70:30 → 50:50 → 60:40 step schedule;
    ``tuned`` — the tuned best (absent when no trial was feasible).
 
@@ -42,11 +45,12 @@ VARIANTS = ("default", "recipe_step", "tuned")
 def variant_configs(cfg: KcptConfig, best_config: Path | None) -> dict[str, KcptConfig]:
     """Stage-3 configurations to compare (``tune.stage_overrides`` applied to each)."""
     stage = cfg.tune.stage
-    out = {"default": apply_params(cfg, {}, stage)}
+    no_kl = {"kl_on": False, "kl_beta": 0.0}  # the issue's default: no KL
+    out = {"default": apply_params(cfg, no_kl, stage)}
     data = cfg.model_dump(mode="json")
     data["tune"]["space"]["mixture_shapes"] = ["fixed", "recipe_step"]
     step_point = recipe_points(config_from_dict(data, "<bench>"), stage)[-1]
-    out["recipe_step"] = apply_params(cfg, step_point, stage)
+    out["recipe_step"] = apply_params(cfg, {**step_point, **no_kl}, stage)
     if best_config is not None:
         out["tuned"] = load_config(best_config)
     return out
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tcfg = load_config(args.config, [f"train.output_dir={out / 'runs'}", "logging.progress=false",
                                      *args.overrides, f"tune.num_samples={args.trials}",
                                      "tune.objective=tokens_to_gate", f"train.seed={args.tune_seed}",
-                                     "tune.study_name=bench-tokens-to-gate"])
+                                     "tune.study_name=bench-tokens-to-gate",
+                                     *([] if args.ray else ["tune.num_workers=1"])])
     tuned = tune_stage3(tcfg, experiment_dir=out / "tune", overwrite=True, prerequisites=pre, verbose=0)
     print(f"tune: {args.trials} trials in {time.perf_counter() - t0:.0f} s; best: "
           f"{json.dumps(tuned.best and tuned.best['params'])}")

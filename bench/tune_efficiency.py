@@ -13,7 +13,8 @@ this bench uses a documented cheap proxy whose landscape comes from MEASURED sta
    on the measured landscape: eps_proxy puts the raw bound at the ``--raw-quantile`` of the predicted selected
    raw ratios under uniform sampling, and the exam target at the exam quantile for which a uniformly sampled
    config passes the gate with probability ``--pass-rate`` (both reported). Objective / constraint / gate use
-   the same code as the real job (:func:`kcpt.tune.objective.gate_outcome`).
+   the same code as the real job (:func:`kcpt.tune.objective.gate_outcome`), and the job's default objective
+   (``tokens_to_gate``; each proxy eval counts as one token unit) unless ``--objective exam``.
 4. Search: for each seed, Optuna TPE (constraint via ``trial.set_constraint``, exactly as the tune job's
    searcher does) and random search each run ``--trials`` trials of the proxy with the job's search space.
 
@@ -95,7 +96,8 @@ class MeasuredLandscape:
             if m is None:
                 break
             raw_ratio, exam = m(x)[0]
-            out.append({"step": k + 1, "raw_ratio": float(raw_ratio), "exam_val_loss": float(exam)})
+            out.append({"step": k + 1, "tokens_seen": k + 1, "raw_ratio": float(raw_ratio),
+                        "exam_val_loss": float(exam)})
         return out
 
 
@@ -108,7 +110,7 @@ def uniform_params(rng: np.random.Generator, space: SearchSpace) -> dict:
 
 
 def calibrate(land: MeasuredLandscape, space: SearchSpace, raw_q: float, pass_rate: float, consecutive: int,
-              n: int = 4000) -> GateSpec:
+              n: int = 4000, objective: str = "tokens_to_gate") -> GateSpec:
     """eps from the raw quantile; exam target by bisection so that P(gate passes | uniform) ≈ pass_rate."""
     rng = np.random.default_rng(12345)
     samples = [land.evals(uniform_params(rng, space)) for _ in range(n)]
@@ -121,7 +123,7 @@ def calibrate(land: MeasuredLandscape, space: SearchSpace, raw_q: float, pass_ra
         spec = GateSpec(None, eps, mid, consecutive, 100.0)
         rate = np.mean([gate_outcome(ev, spec).gate_passed for ev in samples])
         lo, hi = (mid, hi) if rate < pass_rate else (lo, mid)
-    spec = GateSpec(None, eps, hi, consecutive, 100.0)
+    spec = GateSpec(None, eps, hi, consecutive, 100.0, objective, token_scale=float(len(land.models)))
     spec_rate = float(np.mean([gate_outcome(ev, spec).gate_passed for ev in samples]))
     print(f"proxy gate: eps={eps:+.4f} (raw quantile {raw_q}), exam_target={hi:.4f}, "
           f"P(pass | uniform)={spec_rate:.3f} over {n} samples")
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pass-rate", type=float, default=0.05)
     ap.add_argument("--raw-quantile", type=float, default=0.5)
     ap.add_argument("--consecutive", type=int, default=2)
+    ap.add_argument("--objective", choices=("tokens_to_gate", "exam"), default="tokens_to_gate",
+                    help="the objective the searches minimise (default: the tune job's default, tune.objective)")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--no-proxy", action="store_true", help="skip the proxy mode")
     ap.add_argument("--real-seeds", type=int, default=0, help="seeds of the real-loop mode (0: off)")
@@ -249,7 +253,7 @@ def proxy(args: argparse.Namespace) -> dict:
         print(f"measured {args.measure_trials} real stage-3 trials in {time.perf_counter() - t0:.0f} s")
     land = MeasuredLandscape(exps, space)
     print(f"landscape: {land.n_trials} measured trials, {len(land.models)} evals each, from {[str(e) for e in exps]}")
-    spec = calibrate(land, space, args.raw_quantile, args.pass_rate, args.consecutive)
+    spec = calibrate(land, space, args.raw_quantile, args.pass_rate, args.consecutive, objective=args.objective)
     res: dict[str, dict[str, list]] = {k: {"first": [], "best": []} for k in ("tpe", "random")}
     for seed in range(args.seeds):
         for kind in ("tpe", "random"):

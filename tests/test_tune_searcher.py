@@ -202,6 +202,27 @@ def test_tokens_objective_is_lexicographic_passed_then_tokens_then_exam():
     assert bad.gate_constraint > 0 and bad.gate_score > 10
 
 
+def test_not_passed_trials_rank_by_their_best_window_of_consecutive_evals():
+    """Before the gate holds, the tokens objective ranks by the worst exam value of the best window of
+    ``consecutive`` raw-feasible evals (what the gate tests), not by one lucky eval."""
+    spec = GateSpec(2.0, 0.03, 1.5, 2, objective="tokens_to_gate", token_scale=6000.0)
+
+    def run(exams, ratios=None):
+        ratios = ratios or [1.0] * len(exams)
+        return gate_outcome([{"step": 10 * k, "tokens_seen": 1000 * k, "raw_ratio": r, "exam_val_loss": e}
+                             for k, (e, r) in enumerate(zip(exams, ratios, strict=True), start=1)], spec)
+    dip, steady = run([2.0, 1.2, 2.0, 2.0]), run([1.7, 1.6, 1.6, 1.7])       # neither passes (target 1.5 twice)
+    assert not dip.gate_passed and not steady.gate_passed
+    assert dip.selected_exam_val_loss == 1.2 < steady.selected_exam_val_loss   # the selected eval is unchanged
+    assert 1.0 <= steady.gate_objective < dip.gate_objective                   # the steady window is closer
+    assert steady.gate_objective == pytest.approx(1.0 + 1.6 / 2.6)            # 1 + u(worst exam of [1.6, 1.6])
+    # a window needs every eval within the raw bound: the raw miss at eval 2 leaves the window (3, 4)
+    assert run([1.6, 1.6, 1.9, 1.8], [1.0, 1.1, 1.0, 1.0]).gate_objective == pytest.approx(1.0 + 1.9 / 2.9)
+    # fewer evals than a window: the best single feasible eval, as before
+    assert run([1.7]).gate_objective == pytest.approx(1.0 + 1.7 / 2.7)
+    assert run([1.4, 1.45]).gate_passed and run([1.4, 1.45]).gate_objective < 1.0
+
+
 def test_recipe_points_are_enqueued_first_and_only_into_a_new_study(tmp_path):
     from kcpt.config import load_config
     from kcpt.tune.space import recipe_points

@@ -17,7 +17,10 @@ For one trial (the evals of one stage-3 run, in order), with ``eps`` = ``stop.ra
   - ``"tokens_to_gate"``: lexicographic in one number — gate passed before not passed, then fewer tokens to the
     pass, then lower exam loss. With ``u(x) = x / (1 + x)`` (monotone, in [0, 1)) and ``T0 = token_scale``
     (the base stage's token budget): passed → ``(1 − δ)·t/(t + T0) + δ·u(exam)`` ∈ [0, 1) with ``t`` =
-    tokens_to_gate and δ = :data:`TIE_WEIGHT`; not passed → ``1 + u(exam)`` ∈ [1, 2). So a passing trial
+    tokens_to_gate and δ = :data:`TIE_WEIGHT`; not passed → ``1 + u(w)`` ∈ [1, 2), with ``w`` the worst exam
+    value of the best window of ``consecutive`` raw-feasible evals in a row (what the gate tests; the exam value
+    of the selected eval until such a window exists), so a run that came close to holding the gate ranks above
+    one with a single lucky eval. So a passing trial
     always beats a non-passing one, fewer tokens win, and exam decides only between near-equal token counts
     (δ is far below one eval's share of the budget); a never-passing study degrades to the exam objective.
     Feasibility comes first through the constraint (Optuna ranks feasible trials before infeasible ones; TPE
@@ -151,6 +154,8 @@ class GateTracker:
         self._best_feasible: tuple[float, Mapping[str, Any], float] | None = None
         self._best_ratio: tuple[float, Mapping[str, Any], float] | None = None
         self._streak = 0
+        self._recent: list[tuple[bool, float]] = []  # (raw within bound, exam value) of the last N evals
+        self._best_window: float | None = None
 
     def raw_ratio(self, m: Mapping[str, Any]) -> float | None:
         r = _num(m.get("raw_ratio"))
@@ -179,6 +184,10 @@ class GateTracker:
             target = s.exam_target_value()
             ok = feasible and (target is None or exam <= target)
             self._streak = self._streak + 1 if ok else 0
+        self._recent = [*self._recent, (feasible, exam)][-s.consecutive:]
+        if len(self._recent) == s.consecutive and all(f for f, _ in self._recent):
+            worst = max(e for _, e in self._recent)  # the window's exam value the gate has to beat
+            self._best_window = worst if self._best_window is None else min(self._best_window, worst)
         if not o.gate_passed and self._streak >= s.consecutive:
             o.gate_passed = True
             o.steps_to_gate = step
@@ -187,8 +196,11 @@ class GateTracker:
             o.plan_tokens_to_gate = None if tok is None else s.tokens_before + int(tok)
         exam_sel, msel, ratio_sel = self._best_feasible or self._best_ratio  # type: ignore[misc]
         o.gate_feasible = self._best_feasible is not None
+        # not passed yet: rank by how close the best window of `consecutive` raw-feasible evals came to the exam
+        # target (its worst exam value), the quantity the gate tests; before any such window, the best single eval
+        exam_rank = exam_sel if o.gate_passed or self._best_window is None else self._best_window
         o.gate_objective = (exam_sel if s.objective == "exam" else
-                            lexicographic_value(o.gate_passed, o.tokens_to_gate, exam_sel, s.token_scale))
+                            lexicographic_value(o.gate_passed, o.tokens_to_gate, exam_rank, s.token_scale))
         o.gate_constraint = ratio_sel - (1.0 + s.eps)
         o.gate_score = o.gate_objective + s.penalty * max(0.0, o.gate_constraint)
         o.selected_step = int(msel.get("step", -1))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,8 +159,10 @@ def test_tune_console_counts_done_running_pruned_best():
 
 
 def run_job(job: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    # Ray's default preemption watcher (conftest turns it off elsewhere): RAY_INTERNALS names its actor
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"}
     return subprocess.run([sys.executable, str(ROOT / "jobs" / job), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+                          cwd=ROOT, timeout=timeout, env=env)
 
 
 def sets(*overrides: str) -> list[str]:

@@ -9,6 +9,16 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train V2 fixed costs that a test pays on every fit() (and every tune trial's fit()), measured on 2 cores:
+# - the controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and a worker's
+#   ray.train.report() blocks until the controller took the previous report (Ray's result queue holds one), so
+#   short test stages that report an eval every second or two waited up to 2 s per report, and every fit() waited
+#   up to 2 s more to be seen finished;
+# - the preemption watcher is one more actor process per fit() (spot-instance drain notices: none here).
+# Both are Ray settings, propagated by Ray Train from the driver's environment to its controller and workers;
+# subprocesses started by tests (jobs, `ray start` heads, driver scripts) inherit them.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 # --------------------------------------------------------------------------- tuning (H4)

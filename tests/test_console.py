@@ -2,9 +2,9 @@
 
 Fast tests check the pieces (the seq_len fix from recorded lengths, the warning threshold, the limit, the console
 renderers); the end-to-end tests capture the real console (a subprocess, not a terminal) of the demo plan run
-small, of a run whose exam dataset loses most of its items to ``answer_truncated``, and of a worker that raises,
-and assert the table, the warning (with the seq_len computed from the item lengths), the worker's traceback and
-the absence of Ray's internals.
+small with a QA dataset that loses most of its items to ``answer_truncated`` (one run, read by two tests), and of
+a worker that raises, and assert the table, the warning (with the seq_len computed from the item lengths), the
+worker's traceback and the absence of Ray's internals.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,8 +159,10 @@ def test_tune_console_counts_done_running_pruned_best():
 
 
 def run_job(job: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    # Ray's default preemption watcher (conftest turns it off elsewhere): RAY_INTERNALS names its actor
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"}
     return subprocess.run([sys.executable, str(ROOT / "jobs" / job), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+                          cwd=ROOT, timeout=timeout, env=env)
 
 
 def sets(*overrides: str) -> list[str]:
@@ -169,26 +172,6 @@ def sets(*overrides: str) -> list[str]:
 def assert_quiet(console: str) -> None:
     for s in RAY_INTERNALS:
         assert s not in console, f"{s!r} on the console:\n{console}"
-
-
-@pytest.mark.slow
-def test_demo_plan_console(tmp_path):
-    res = run_job("train_stages.py", "--run-dir", str(tmp_path / "run"),
-                  *sets(*TINY, f"data.prepared_root={tmp_path / 'prepared'}", f"train.output_dir={tmp_path}"))
-    console = res.stdout + res.stderr
-    assert res.returncode == 0, console[-3000:]
-    assert_quiet(console)
-    out = res.stdout.splitlines()
-    start = out.index("data:")
-    assert out[start + 1].split()[:4] == ["dataset", "kind", "read", "kept"]
-    rows = {ln.split()[0]: ln for ln in out[start + 3:start + 8]}
-    assert set(rows) == {"raw_train", "raw_val", "qa_train", "exam_val", "example_train"}
-    assert all(r.endswith("prepared") for r in rows.values())  # a fresh prepared_root: prepared now
-    for stage in ("cpt", "stage1", "stage2", "stage3"):
-        assert sum(ln.startswith(f"[{stage}] step") for ln in out) == 2  # step 0 and step 2: one line per eval
-        assert any(ln.startswith(f"[{stage}] ") and "hands off" in ln for ln in out)
-    assert any(ln.startswith("stage ") and "raw best" in ln for ln in out)  # the final table
-    assert res.stderr.strip() == ""
 
 
 def long_answer_exam(path: Path) -> list[dict]:
@@ -216,12 +199,16 @@ def expected_fix(items: list[dict], seq_len: int, prepared_root: Path) -> tuple[
     return n, round(100 * sum(x <= n for x in lengths) / len(lengths))
 
 
-@pytest.mark.slow
-def test_lossy_dataset_console_warns_with_the_fix_and_limit_stops(tmp_path):
+@pytest.fixture(scope="module")
+def lossy_plan(tmp_path_factory):
+    """ONE console capture read by two tests: `jobs/train_stages.py` runs the demo plan (every stage, 2 steps) on
+    a fresh prepared_root, with the user's own QA set (``long_answer_exam``: 63 of 90 items do not fit
+    ``data.seq_len: 64``) in place of the demo's ``qa_train``."""
     import yaml
 
     from kcpt.config import KcptConfig
 
+    tmp_path = tmp_path_factory.mktemp("lossy_plan")
     items = long_answer_exam(tmp_path / "my_qa.jsonl")
     datasets = KcptConfig().model_dump(mode="json")["data"]["datasets"]
     datasets["qa_train"]["inputs"] = [str(tmp_path / "my_qa.jsonl")]  # the user's own QA set
@@ -229,7 +216,32 @@ def test_lossy_dataset_console_warns_with_the_fix_and_limit_stops(tmp_path):
     prepared = tmp_path / "prepared"
     base = [*TINY, f"data.prepared_root={prepared}", f"train.output_dir={tmp_path}"]
     res = run_job("train_stages.py", "--config", str(tmp_path / "my.yaml"), "--run-dir", str(tmp_path / "run"),
-                  "--stages", "cpt,stage1", *sets(*base))
+                  *sets(*base))
+    return SimpleNamespace(res=res, root=tmp_path, items=items, prepared=prepared, base=base)
+
+
+@pytest.mark.slow
+def test_demo_plan_console(lossy_plan):
+    res = lossy_plan.res
+    console = res.stdout + res.stderr
+    assert res.returncode == 0, console[-3000:]
+    assert_quiet(console)
+    out = res.stdout.splitlines()
+    start = out.index("data:")
+    assert out[start + 1].split()[:4] == ["dataset", "kind", "read", "kept"]
+    rows = {ln.split()[0]: ln for ln in out[start + 3:start + 8]}
+    assert set(rows) == {"raw_train", "raw_val", "qa_train", "exam_val", "example_train"}
+    assert all(r.endswith("prepared") for r in rows.values())  # a fresh prepared_root: prepared now
+    for stage in ("cpt", "stage1", "stage2", "stage3"):
+        assert sum(ln.startswith(f"[{stage}] step") for ln in out) == 2  # step 0 and step 2: one line per eval
+        assert any(ln.startswith(f"[{stage}] ") and "hands off" in ln for ln in out)
+    assert any(ln.startswith("stage ") and "raw best" in ln for ln in out)  # the final table
+    assert res.stderr.strip() == ""
+
+
+@pytest.mark.slow
+def test_lossy_dataset_console_warns_with_the_fix_and_limit_stops(lossy_plan):
+    res, tmp_path, items, prepared = lossy_plan.res, lossy_plan.root, lossy_plan.items, lossy_plan.prepared
     console = res.stdout + res.stderr
     assert res.returncode == 0, console[-3000:]
     assert_quiet(console)
@@ -242,7 +254,7 @@ def test_lossy_dataset_console_warns_with_the_fix_and_limit_stops(tmp_path):
     assert res.stdout.index(warning) < res.stdout.index("[stage1] step")  # said before training
 
     again = run_job("train_stages.py", "--config", str(tmp_path / "my.yaml"), "--run-dir", str(tmp_path / "run2"),
-                    "--stages", "cpt,stage1", *sets(*base, "data.max_reject_fraction=0.5"))
+                    "--stages", "cpt,stage1", *sets(*lossy_plan.base, "data.max_reject_fraction=0.5"))
     assert again.returncode == 2
     assert again.stderr.strip() == ("error: data.max_reject_fraction: dataset 'qa_train' dropped 70.0% of its 90 "
                                     "items as answer_truncated, above the limit 0.5")

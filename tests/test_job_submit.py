@@ -5,7 +5,8 @@ would be refused): each job's log shows it connected to the existing cluster.
 
 One head for the module (stopped in a finally: `ray stop --force`). The tune job reuses the session experiment's
 prerequisite checkpoints (same plan, output_dir and prepared_root: same config hash), so it only tunes stage 3;
-the training jobs run tiny plans (a few steps per stage, one worker).
+the training jobs run tiny plans (a few steps per stage, one worker). ``jobs/train_stages.py`` (the whole plan in
+one Ray Train run) is submitted once, by the walkthrough test, with every root and input in a bucket.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def head():
             deadline = time.time() + timeout
             status = client.get_job_status(sub_id)
             while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
-                time.sleep(2)
+                time.sleep(0.5)
                 status = client.get_job_status(sub_id)
             return status, client.get_job_logs(sub_id)
 
@@ -82,7 +83,9 @@ def test_ray_job_submit_tunes_stage3(head, tune_experiment, tmp_path):
     from ray.job_submission import JobStatus
 
     exp_dir = tmp_path / "job-exp"
-    sets = [a for o in tune_experiment.overrides if not o.startswith("tune.num_samples") for a in ("--set", o)]
+    # the session experiment's settings (its prerequisites are reused), trials of 8 steps: the job, not the search
+    sets = [a for o in (*tune_experiment.overrides, "tune.stage_overrides.max_steps=8")
+            if not o.startswith("tune.num_samples") for a in ("--set", o)]
     status, logs = head("tune", "python", "jobs/tune_stage3.py", "--num-samples", "1", "--study-name", "job-study",
                         "--experiment-dir", str(exp_dir), *sets)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
@@ -131,21 +134,14 @@ def test_ray_job_submit_train_and_prepare_entry_points(head, tmp_path):
     status, logs = head("cpt-again", "python", "jobs/cpt.py", "--run-dir", str(cpt_dir), *sets)
     assert status == JobStatus.FAILED and "--resume" in logs and "--overwrite" in logs
     assert json.loads((cpt_dir / "summary.json").read_text()) == summary
-
-    # jobs/train_stages.py: the whole plan in one Ray Train run
-    plan_dir = tmp_path / "runs" / "plan"
-    status, logs = head("plan", "python", "jobs/train_stages.py", "--run-dir", str(plan_dir), *sets)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert JOINED in logs
-    summary = json.loads((plan_dir / "summary.json").read_text())
-    assert summary["stage_order"] == ["cpt", "stage1", "stage2", "stage3"]
-    assert all(summary["stages"][s]["steps"] >= 1 for s in summary["stage_order"])
+    # jobs/train_stages.py (the whole plan in one Ray Train run): test_walkthrough_inputs_and_outputs_in_a_bucket
 
 
 def test_walkthrough_inputs_and_outputs_in_a_bucket(head, s3_prefix, tmp_path):
     """cluster/README.md §3-4 on this machine: inputs uploaded to the bucket, `ray job submit` of
-    jobs/train_stages.py with every root and input on s3:// and the credentials/endpoint (and an HF_TOKEN) passed
-    in the job's runtime env — the head was started without them — then `kcpt report s3://…` from here."""
+    jobs/train_stages.py (the whole plan in one Ray Train run) with every root and input on s3:// and the
+    credentials/endpoint (and an HF_TOKEN) passed in the job's runtime env — the head was started without them —
+    then `kcpt report s3://…` from here."""
     from ray.job_submission import JobStatus
 
     from kcpt.data.demo import build_demo_corpus
@@ -169,6 +165,7 @@ def test_walkthrough_inputs_and_outputs_in_a_bucket(head, s3_prefix, tmp_path):
     run = Store(f"{s3_prefix}/runs/walk")
     summary = json.loads(run.read_text("summary.json"))
     assert summary["stage_order"] == ["cpt", "stage1", "stage2", "stage3"]
+    assert all(summary["stages"][s]["steps"] >= 1 for s in summary["stage_order"])
     prepared = json.loads(Store(f"{s3_prefix}/prepared").read_text(
         next(n for n in Store(f"{s3_prefix}/prepared").listdir() if n.startswith("raw_train-")) + "/manifest.json"))
     assert prepared["inputs"][0]["path"].endswith("raw_train.jsonl") and prepared["rows"] > 0

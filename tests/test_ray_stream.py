@@ -8,6 +8,7 @@ repeated, and wraps inside a batch; a checkpoint of another loader is refused.""
 
 from __future__ import annotations
 
+import gc
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,6 +28,7 @@ def ray_local():
 
     DataContext.get_current().enable_progress_bars = False
     yield
+    gc.collect()  # iterators and split coordinators of the tests go before the Ray they belong to
     ray.shutdown()
 
 
@@ -49,6 +51,8 @@ def read(ref, world, batches, *, seed=0, batch=4, shuffle=16, materialize_rows=0
             b.load_state_dict(json.loads(json.dumps(state[r])))
         got = [int(x) for _ in range(batches) for x in b.next()["input_ids"][:, 0]]
         st = b.state_dict()
+        for _ in b._it or ():  # read the epoch to its end: no Ray Data prefetch thread outlives the test's Ray
+            pass
         b.close()
         return got, st
 

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kcpt import storage
 from kcpt.errors import InputError
 from kcpt.train.batches import _COLUMNS, Batch, PackedRows, to_batch
+from kcpt.train.streams import open_prepared
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 """``(input_ids, position_ids, labels)`` int32 [rows, T]."""
@@ -58,22 +58,7 @@ def _seed_int(*parts: int) -> int:
 def shard_paths(ref: str) -> tuple[list[str], int, Any]:
     """``(shard paths in file order, rows, pyarrow filesystem)`` of the prepared dataset at ``ref`` (local or URI),
     from its manifest."""
-    import json
-
-    import pyarrow.fs as pafs
-
-    from kcpt.data.shards import MANIFEST
-
-    if storage.is_uri(ref):
-        fs, base = pafs.FileSystem.from_uri(ref.rstrip("/"))
-    else:
-        fs, base = pafs.LocalFileSystem(), str(storage.local_path(ref))
-    base = base.rstrip("/")
-    try:
-        with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
-            manifest = json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        raise InputError("not a prepared dataset (no manifest.json); run `kcpt prepare` first", path=ref) from None
+    fs, base, manifest = open_prepared(ref)
     return [f"{base}/{s}" for s in manifest["shards"]], int(manifest.get("rows", 0)), fs
 
 

@@ -52,28 +52,34 @@ class Block:
     rows: int
 
 
+def open_prepared(ref: str) -> tuple[Any, str, dict[str, Any]]:
+    """``(pyarrow filesystem, base path, manifest)`` of the prepared dataset at ``ref`` (local directory or URI);
+    an :class:`InputError` when it has no manifest."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from kcpt.data.shards import MANIFEST
+
+    if storage.is_uri(ref):
+        fs, base = pafs.FileSystem.from_uri(ref.rstrip("/"))
+    else:
+        fs, base = pafs.LocalFileSystem(), str(storage.local_path(ref))
+    base = base.rstrip("/")
+    try:
+        with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
+            manifest = json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        raise InputError("not a prepared dataset (no manifest.json); run `kcpt prepare` first", path=ref) from None
+    return fs, base, manifest
+
+
 class ShardReader:
     """The row groups of a prepared dataset's shards (local directory or URI), read one at a time."""
 
     def __init__(self, ref: str, *, seq_len: int, name: str) -> None:
-        import pyarrow.fs as pafs
-
-        from kcpt.data.shards import MANIFEST
-
         self.ref, self.seq_len, self.name = str(ref), seq_len, name
-        if storage.is_uri(self.ref):
-            self.fs, base = pafs.FileSystem.from_uri(self.ref.rstrip("/"))
-        else:
-            self.fs, base = pafs.LocalFileSystem(), str(storage.local_path(self.ref))
-        self.base = base.rstrip("/")
-        import json
-
-        try:
-            with self.fs.open_input_stream(f"{self.base}/{MANIFEST}") as f:
-                manifest = json.loads(f.read())
-        except (FileNotFoundError, OSError):
-            raise InputError("not a prepared dataset (no manifest.json); run `kcpt prepare` first",
-                             path=self.ref) from None
+        self.fs, self.base, manifest = open_prepared(self.ref)
         self.files = [f"{self.base}/{s}" for s in manifest["shards"]]
         self.blocks: list[Block] = []
         self._meta: list[Any] = []

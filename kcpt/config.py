@@ -300,6 +300,9 @@ class StageConfig(Strict):
     """How weights go from one phase to the next: linear ramps, or steps (each phase holds until the next)."""
     max_steps: int = Field(100, ge=1)
     eval_every: int = Field(20, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Rows per worker per step in this stage; ``None``: ``train.micro_batch_size``. Tokens per optimizer step
+    are ``micro_batch_size · data.seq_len · train.grad_accum · num_workers``."""
     eval_raw: str = "raw_val"
     eval_exam: str | None = None
     lr: LRConfig = LRConfig()
@@ -505,6 +508,13 @@ class SearchSpace(Strict):
     the start to ``exam_fraction_end`` (also sampled, same range) at the end; ``recipe_step`` — the recipe's
     exam:raw schedule 70:30 → 50:50 → 60:40 as step phases at 0, 1/3 and 2/3 of the stage (``exam_fraction`` is
     then not sampled)."""
+    micro_batch_sizes: list[int] = []
+    """Micro-batch sizes (rows per worker per step) the tuner may choose (a categorical ``micro_batch_size``; empty:
+    the stage's own). Token-fair: a trial at micro-batch ``m`` runs the stage's ``max_steps``, ``eval_every`` and
+    ``lr.warmup_steps`` scaled by ``ref / m`` (``ref``: the stage's micro-batch), so every trial has the same
+    token budget, evaluates (and counts the gate's consecutive evals) at the same tokens and warms up over the
+    same tokens; only the number of optimizer steps those tokens make differs. Each size must scale
+    ``max_steps`` and ``eval_every`` to whole steps."""
     qa_source: str = "qa_train"
     """Stage-3 source that gets ``exam_fraction · qa_fraction`` of the mixture."""
     example_source: str = "example_train"
@@ -742,6 +752,13 @@ class KcptConfig(Strict):
                 _set_dotted(st, path, value)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+        ref = st.get("micro_batch_size") or self.train.micro_batch_size
+        for m in self.tune.space.micro_batch_sizes:
+            for key in ("max_steps", "eval_every"):
+                if m < 1 or (st[key] * ref) % m:
+                    raise ValueError(f"tune.space.micro_batch_sizes: {m} does not fit stage '{self.tune.stage}': "
+                                     f"{key} {st[key]} at micro-batch {ref} is {st[key] * ref} rows per worker, "
+                                     f"not a whole number of steps of {m} rows (token-fair scaling)")
         try:
             StageConfig.model_validate(st)
         except ValidationError as err:
@@ -751,6 +768,11 @@ class KcptConfig(Strict):
             raise ValueError(f"tune.stage_overrides / tune.space.extra: stage '{self.tune.stage}' would have "
                              f"{path}: {msg}") from None
         return self
+
+    def micro_batch(self, stage: str | StageConfig) -> int:
+        """Rows per worker per step of ``stage``: its own ``micro_batch_size`` or ``train.micro_batch_size``."""
+        st = self.stage(stage) if isinstance(stage, str) else stage
+        return st.micro_batch_size or self.train.micro_batch_size
 
     def stage(self, name: str) -> StageConfig:
         for st in self.plan:

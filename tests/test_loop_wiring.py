@@ -234,6 +234,27 @@ def test_tokens_to_gate_is_recorded_per_eval_per_stage_and_for_the_plan(prepared
     assert "first_gate" not in json.loads((Path(res.run_dir) / "summary.json").read_text())
 
 
+def test_a_stages_micro_batch_trains_as_the_same_train_setting_would(prepared_root, tmp_path):
+    """``plan[i].micro_batch_size`` overrides ``train.micro_batch_size`` for that stage only: the stage trains
+    exactly as a run with that train setting (same rows, losses, tokens); the other stages keep train's."""
+    stage = ('{name: s, sources: {qa_train: 0.5, raw_train: 0.5}, max_steps: 6, eval_every: 3, '
+             'stop: {rule: max_steps}%s}')
+    then = '{name: f, sources: {raw_train: 1.0}, max_steps: 2, eval_every: 2, stop: {rule: max_steps}}'
+    own = run_plan(cfg_of(prepared_root, tmp_path / "own", f"[{stage % ', micro_batch_size: 2'}, {then}]"),
+                   resume="never", in_process=True)
+    train = run_plan(cfg_of(prepared_root, tmp_path / "train", f"[{stage % ''}]", "train.micro_batch_size=2"),
+                     resume="never", in_process=True)
+    four = run_plan(cfg_of(prepared_root, tmp_path / "four", f"[{stage % ''}]"), resume="never", in_process=True)
+    got, want = evals(own, "s"), evals(train, "s")
+    assert [r["tokens_seen"] for r in got] == [3 * 2 * 64, 6 * 2 * 64] == [r["tokens_seen"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for k in ("train_loss", "raw_val_loss", "grad_norm"):
+            assert g[k] == pytest.approx(w[k], abs=1e-6, rel=0), (g["step"], k)
+    assert own.summaries["f"]["tokens_seen"] == 2 * 4 * 64          # the next stage: train's micro-batch 4
+    assert evals(four, "s")[0]["tokens_seen"] == 3 * 4 * 64
+    assert evals(four, "s")[0]["train_loss"] != pytest.approx(got[0]["train_loss"], abs=1e-6)  # other rows
+
+
 @pytest.mark.parametrize("loader", ["stream", "memory"])
 def test_resume_from_a_mid_stage_checkpoint_is_exact_with_either_loader(prepared_root, tmp_path, loader):
     """A run resumed from its step-4 checkpoint (the later ones deleted, as if the run died after step 4) ends

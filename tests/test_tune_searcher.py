@@ -267,3 +267,4 @@ def test_objective_follows_the_gates_accuracy_metric():
     o = gate_outcome([*evals, {"step": 25, "raw_ratio": 1.0, "exam_val_loss": 1.3, "exam_acc": 0.6}], spec)
     assert o.gate_passed and o.steps_to_gate == 25
     assert gate_outcome(evals, GateSpec(2.0, 0.03, 1.5, 2, objective="exam")).selected_step == 5  # loss: lowest
+

@@ -100,3 +100,28 @@ def test_linear_shape_moves_the_exam_share_from_start_to_end():
     w = MixtureSampler(st.sources, seed=0, schedule=st.mixture_schedule, max_steps=st.max_steps, mode="linear")
     mid = w.weights_at(st.max_steps // 2)
     assert mid["raw_train"] == pytest.approx(0.4, abs=0.01)        # halfway: exam 0.6, raw 0.4
+
+
+def test_micro_batch_choice_is_token_fair_and_enqueued_at_the_stages_own():
+    from kcpt.tune.launch import stage_token_budget, tokens_per_step
+    from kcpt.tune.space import recipe_points
+
+    cfg = load_config(None, ["tune.space.micro_batch_sizes=[2,4,8]"])
+    ref = cfg.stage("stage3")                                 # the demo: micro-batch 8 (train's), 100 steps
+    assert cfg.micro_batch("stage3") == 8 and recipe_points(cfg)[0]["micro_batch_size"] == 8
+    for m in (2, 4, 8):
+        c = apply_params(cfg, {"micro_batch_size": m})
+        st = c.stage("stage3")
+        assert c.micro_batch("stage3") == m == st.micro_batch_size
+        assert tokens_per_step(c) == m * 256 * 2             # 2 workers, seq_len 256
+        # the same tokens: budget, per eval (where the gate counts), of warm-up
+        assert stage_token_budget(c) == stage_token_budget(cfg)
+        assert st.eval_every * tokens_per_step(c) == ref.eval_every * tokens_per_step(cfg)
+        assert st.lr.warmup_steps * m == ref.lr.warmup_steps * 8
+    assert cfg.train.micro_batch_size == 8                    # the other stages keep train's
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {suggest_params(study.ask(), cfg.tune.space)["micro_batch_size"] for _ in range(30)}
+    assert seen == {2, 4, 8}
+    assert "micro_batch_size" not in suggest_params(study.ask(), SearchSpace())  # not searched by default
+    with pytest.raises(ConfigError, match=r"micro_batch_sizes: 3 does not fit stage 'stage3'.*max_steps 100"):
+        load_config(None, ["tune.space.micro_batch_sizes=[3]"])

@@ -350,9 +350,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: KcptConfig) -> dict[str, Any]:
-    """The DeepSpeed config of a run: the user's ``train.deepspeed.config`` JSON (if any) under kcpt's required
-    keys. A user file that sets a required key to another value raises :class:`ConfigError` naming it."""
+def deepspeed_config(cfg: KcptConfig, micro_batch: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a run (of a stage with its own ``micro_batch``; default
+    ``train.micro_batch_size``): the user's ``train.deepspeed.config`` JSON (if any) under kcpt's required keys.
+    A user file that sets a required key to another value raises :class:`ConfigError` naming it."""
     t, ds = cfg.train, cfg.train.deepspeed
     assert ds is not None
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -363,7 +364,7 @@ def deepspeed_config(cfg: KcptConfig) -> dict[str, Any]:
             raise ConfigError("train.deepspeed.offload_params needs zero_stage 3")
         zero["offload_param"] = {"device": "cpu"}
     required: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch or t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.clip_grad_norm,
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
@@ -384,7 +385,7 @@ def deepspeed_config(cfg: KcptConfig) -> dict[str, Any]:
             theirs, ours = _get_dotted(user, key), _get_dotted(required, key)
             if theirs is not None and theirs != "auto" and ours is not None and theirs != ours:
                 raise ConfigError(f"{ds.config}: {key} = {theirs!r}, but kcpt sets {ours!r} from the kcpt config "
-                                  "(train.micro_batch_size, grad_accum, clip_grad_norm, model.dtype, "
+                                  "(train.micro_batch_size or the stage's, grad_accum, clip_grad_norm, model.dtype, "
                                   "train.deepspeed): remove it from the JSON or change the kcpt config")
             if theirs == "auto":
                 _drop_dotted(user, key)

@@ -30,7 +30,7 @@ from kcpt.data.report import announce_data
 from kcpt.data.shards import fetch_prepared
 from kcpt.errors import CheckpointError, ConfigError, KcptError, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
-from kcpt.train.loop import LocalSession, check_baselines, datasets_needed, expected_manifest, stage_loop_per_worker
+from kcpt.train.plan import check_baselines, datasets_needed, expected_manifest
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_for
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,14 @@ class PlanResult:
     @property
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.run_dir)
+
+
+def stage_loop_per_worker(config: dict[str, Any], session: Any = None) -> None:
+    """Each Ray Train worker's entry: :func:`kcpt.train.loop.stage_loop_per_worker`, imported where it runs (the
+    driver never loads torch / transformers for it: ~4 s less per job start)."""
+    from kcpt.train import loop
+
+    loop.stage_loop_per_worker(config, session)
 
 
 def latest_checkpoint(run_dir: RunDir, stages: list[str]) -> str | None:
@@ -223,6 +231,8 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
     with console_feed(shown, in_process=in_process) as feed:
         loop_config["console"] = feed
         if in_process:
+            from kcpt.train.loop import LocalSession
+
             stage_loop_per_worker(loop_config, LocalSession())
             return _result(rd, stages, t0)
         _fit(cfg, loop_config, rd, callbacks)
@@ -238,7 +248,7 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
     t = cfg.train
     data: dict[str, Any] = {}
     if cfg.data.loader == "ray_data":  # each training source a Ray Dataset, split equally across the workers
-        from kcpt.train.loop import stage_sources
+        from kcpt.train.plan import stage_sources
         from kcpt.train.ray_stream import data_config, source_datasets
 
         names = list(dict.fromkeys(s for st in loop_config["stages"] for s in stage_sources(cfg.stage(st))))

@@ -70,6 +70,14 @@ from kcpt.train.faults import FaultInjector
 from kcpt.train.handoff import handoff_candidates, keep_list
 from kcpt.train.losses import kl_to_reference_sum, token_ce_sum
 from kcpt.train.mixture import MixtureSampler
+from kcpt.train.plan import (  # noqa: F401 - re-exported: the plan-level helpers live in the light module
+    check_baselines,
+    datasets_needed,
+    expected_manifest,
+    loss_kinds,
+    replay_sources,
+    stage_sources,
+)
 from kcpt.train.ray_stream import RayDataBatches, shard_paths
 from kcpt.train.rundir import RunDir, ScalarLogger
 from kcpt.train.schedule import lr_at
@@ -179,65 +187,6 @@ class StageRun:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def stage_sources(stage: StageConfig) -> list[str]:
-    """Every source the stage can draw: its ``sources`` and the names in its ``mixture_schedule``."""
-    names = list(stage.sources)
-    for ph in stage.mixture_schedule:
-        names += [n for n in ph.weights if n not in names]
-    return names
-
-
-def loss_kinds(cfg: KcptConfig, stage: StageConfig) -> dict[str, str]:
-    """Loss per source: ``stage.losses`` or the default by dataset kind (raw → full, exam → answer_only)."""
-    return {s: stage.losses.get(s, "full" if cfg.data.datasets[s].kind == "raw" else "answer_only")
-            for s in stage_sources(stage)}
-
-
-def replay_sources(cfg: KcptConfig, stage: StageConfig) -> list[str]:
-    """Sources whose batches get the KL term: ``stage.replay_sources`` or the stage's raw sources."""
-    if stage.replay_sources is not None:
-        return list(stage.replay_sources)
-    return [s for s in stage_sources(stage) if cfg.data.datasets[s].kind == "raw"]
-
-
-def datasets_needed(cfg: KcptConfig, stages: list[str]) -> list[str]:
-    names: list[str] = []
-    for name in stages:
-        st = cfg.stage(name)
-        for n in [*st.sources, *[k for ph in st.mixture_schedule for k in ph.weights], st.eval_raw,
-                  *([st.eval_exam] if st.eval_exam else [])]:
-            if n not in names:
-                names.append(n)
-    return names
-
-
-def check_baselines(cfg: KcptConfig, stages: list[str], baseline_raw_best: float | None) -> None:
-    """Refuse, before any step, a stage whose stop rule needs ``baseline_raw_best`` that nobody provides: no
-    earlier stage of this run ``sets_baseline`` and none was given (``--baseline-raw-best``)."""
-    known = baseline_raw_best is not None
-    for name in stages:
-        st = cfg.stage(name)
-        if st.stop.needs_baseline and not known:
-            raise ConfigError(
-                f"plan stage '{name}': stop rule '{st.stop.rule}' bounds raw val loss by baseline_raw_best · "
-                f"(1 + raw_tolerance), but no stage before it in this run sets_baseline and no baseline was given. "
-                "Run the CPT stage first, pass --baseline-raw-best (the CPT best raw val loss)"
-                + (", or set stop.raw_bound: false to run this stage without the raw bound" if st.stop.rule == "exam"
-                   else ""))
-        known = known or st.sets_baseline
-
-
-def expected_manifest(cfg: KcptConfig, prepared: dict[str, Path]) -> dict[str, Any]:
-    """Hashes a checkpoint of this run records and a full resume must match: tokenizer (from the prepared
-    data's manifest), each prepared dataset's manifest, the resolved config."""
-    from kcpt.data.shards import prepared_sha256, read_manifest
-
-    first = read_manifest(next(iter(prepared.values())))
-    return {"tokenizer_sha256": first["tokenizer_sha256"],
-            "data_sha256": {k: prepared_sha256(v) for k, v in prepared.items()},
-            "config_sha256": cfg.sha256()}
 
 
 def _checkpoint_step_key(state: dict[str, Any]) -> tuple[int, int]:
@@ -468,27 +417,27 @@ class StageRunner:
     def reader_of(self, name: str) -> ShardReader:
         return ShardReader(self.config["prepared"][name], seq_len=self.cfg.data.seq_len, name=name)
 
-    def stream_of(self, name: str, kind: str) -> SourceBatches | StreamBatches | RayDataBatches:
-        """This rank's batches of training source ``name`` under ``data.loader``; ``kind`` its loss (``full`` on
-        an exam source rebuilds the labels from ``input_ids``)."""
+    def stream_of(self, name: str, kind: str, batch_size: int) -> SourceBatches | StreamBatches | RayDataBatches:
+        """This rank's batches (``batch_size`` rows each) of training source ``name`` under ``data.loader``;
+        ``kind`` its loss (``full`` on an exam source rebuilds the labels from ``input_ids``)."""
         t = self.cfg.train
         relabel = kind == "full" and self.cfg.data.datasets[name].kind == "exam"
         shard = self.session.dataset_shard(name) if self.cfg.data.loader == "ray_data" else None
         if shard is not None:
-            return RayDataBatches(shard, name=name, rank=self.rank, world=self.world, batch_size=t.micro_batch_size,
+            return RayDataBatches(shard, name=name, rank=self.rank, world=self.world, batch_size=batch_size,
                                   seed=t.seed, shuffle_rows=self.cfg.data.stream_window_rows,
                                   source_rows=shard_paths(self.config["prepared"][name])[1], device=self.device,
                                   transform=(lambda a: (a[0], a[1], full_labels(*a))) if relabel else None)
         if self.streaming:
             return StreamBatches(self.reader_of(name), rank=self.rank, world=self.world,
-                                 batch_size=t.micro_batch_size, seed=t.seed,
+                                 batch_size=batch_size, seed=t.seed,
                                  window_rows=self.cfg.data.stream_window_rows, device=self.device,
                                  transform=(lambda a: (a[0], a[1], full_labels(*a))) if relabel else None)
         rows = self.rows_of(name)
         if relabel:
             rows = PackedRows(rows.name, rows.input_ids, rows.position_ids,
                               full_labels(rows.input_ids, rows.position_ids, rows.labels))
-        return SourceBatches(rows, rank=self.rank, world=self.world, batch_size=t.micro_batch_size, seed=t.seed,
+        return SourceBatches(rows, rank=self.rank, world=self.world, batch_size=batch_size, seed=t.seed,
                              device=self.device)
 
     def eval_rows(self, name: str) -> PackedRows:
@@ -577,7 +526,8 @@ class StageRunner:
         if self.ds_config is not None:
             key = f"{abs(hash(str(self.run_dir.root.resolve()))):x}-{stage.name}-{os.getpid()}"
             key = _broadcast(key)
-            return DeepSpeedEngine(model, optimizer, ds_config=self.ds_config, weight_decay=t.weight_decay,
+            ds_config = deepspeed_config(self.cfg, micro_batch=self.cfg.micro_batch(stage))
+            return DeepSpeedEngine(model, optimizer, ds_config=ds_config, weight_decay=t.weight_decay,
                                    scratch_key=key, loss_kernel=kernel)
         return TorchEngine(model, optimizer, clip=t.clip_grad_norm, weight_decay=t.weight_decay, device=self.device,
                            loss_kernel=kernel)
@@ -757,7 +707,7 @@ class StageRunner:
         sources = stage_sources(stage)
         start = resume_path if resume is not None else plan.start_from
         engine = self.build_engine(self.load_model(start), stage)
-        streams = {s: self.stream_of(s, kinds[s]) for s in sources}
+        streams = {s: self.stream_of(s, kinds[s], self.cfg.micro_batch(stage)) for s in sources}
         run = StageRun(
             stage=stage, engine=engine, ref=self.reference_model(stage, plan), streams=streams,
             sampler=MixtureSampler(stage.sources, seed=t.seed, schedule=stage.mixture_schedule,
@@ -863,7 +813,7 @@ class StageRunner:
             interval.acc[5] = torch.maximum(interval.acc[5], reduced[2])
             if run.good_steps % t.anomaly.stable_every == 0:
                 engine.mark_stable(run.step)
-        step_tokens = t.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.world  # row positions
+        step_tokens = self.cfg.micro_batch(stage) * self.cfg.data.seq_len * t.grad_accum * self.world  # row positions
         run.tokens_seen += step_tokens
         interval.tokens += step_tokens
         interval.seconds += time.perf_counter() - t0

@@ -208,7 +208,8 @@ class RayDataBatches:
         bs = int(state.get("batch_size", self.batch_size))
         if bs != self.batch_size:
             raise InputError(f"source '{self.name}': the checkpoint's position counts batches of {bs} rows, "
-                             f"this run uses {self.batch_size}; resume with the same train.micro_batch_size")
+                             f"this run uses {self.batch_size}; resume with the same micro-batch size "
+                             "(the stage's micro_batch_size or train.micro_batch_size)")
         self.close()
         self.cursor, self.exec_epoch, self.rows = int(state["cursor"]), int(state["epoch"]), int(state["rows"])
         self._skip, self._buf = self.rows, None

@@ -253,7 +253,8 @@ class StreamBatches:
         bs = int(state.get("batch_size", self.batch_size))
         if bs != self.batch_size:
             raise InputError(f"source '{self.name}': the checkpoint's stream cursor counts batches of {bs} rows, "
-                             f"this run uses {self.batch_size}; resume with the same train.micro_batch_size")
+                             f"this run uses {self.batch_size}; resume with the same micro-batch size "
+                             "(the stage's micro_batch_size or train.micro_batch_size)")
         self.cursor = int(state["cursor"])
 
     def close(self) -> None:

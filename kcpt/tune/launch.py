@@ -246,16 +246,19 @@ def _best_checkpoint_of(result: Any, run_dir: Path | str, stage: str) -> str | N
     return None
 
 
-def tokens_per_step(cfg: KcptConfig) -> int:
-    """Training tokens (row positions) of one optimizer step of a tune trial at ``cfg``'s batch shape."""
+def tokens_per_step(cfg: KcptConfig, stage: str | None = None) -> int:
+    """Training tokens (row positions) of one optimizer step of a tune trial of ``stage`` (default the tuned
+    one) at ``cfg``'s batch shape (``tune.stage_overrides`` applied)."""
+    stage = stage or cfg.tune.stage
     t = cfg.train
-    return t.micro_batch_size * cfg.data.seq_len * t.grad_accum * cfg.tune_workers()
+    mb = apply_params(cfg, {}, stage).micro_batch(stage)
+    return mb * cfg.data.seq_len * t.grad_accum * cfg.tune_workers()
 
 
 def stage_token_budget(cfg: KcptConfig, stage: str | None = None) -> int:
     """Training tokens of the tuned stage run to its ``max_steps`` (``tune.stage_overrides`` applied)."""
     stage = stage or cfg.tune.stage
-    return apply_params(cfg, {}, stage).stage(stage).max_steps * tokens_per_step(cfg)
+    return apply_params(cfg, {}, stage).stage(stage).max_steps * tokens_per_step(cfg, stage)
 
 
 def gate_spec(cfg: KcptConfig, stage: str, baseline_raw_best: float | None, tokens_before: int = 0) -> GateSpec:
@@ -399,7 +402,7 @@ def show_data(cfg: KcptConfig, stages: list[str], *, address: str | None = None)
     from kcpt.console import is_tty
     from kcpt.data.prepare import prepare_all
     from kcpt.data.report import announce_data
-    from kcpt.train.loop import datasets_needed
+    from kcpt.train.plan import datasets_needed
 
     statuses: dict[str, str] = {}
     prepared = prepare_all(cfg, datasets_needed(cfg, stages), progress=cfg.logging.progress and is_tty(),

@@ -10,6 +10,9 @@ Parameters (flat names, as stored in the Optuna study):
 - ``mixture_shape`` (categorical, only when ``mixture_shapes`` lists more than one): ``fixed``, ``linear``
   (``exam_fraction`` → ``exam_fraction_end`` linearly over the stage; ``exam_fraction_end`` is sampled only
   then) or ``recipe_step`` (the recipe's 70:30 → 50:50 → 60:40 exam:raw step schedule; no ``exam_fraction``).
+- ``micro_batch_size`` (categorical, only when ``micro_batch_sizes`` is not empty): rows per worker per step;
+  the stage's step counts are scaled so that tokens per eval and the token budget stay the same
+  (:func:`apply_params`).
 - every ``extra`` entry, named by its dotted stage-config path (e.g. ``lr.min_ratio``).
 
 :func:`recipe_points` gives the recipe's own settings as parameter dicts, enqueued as the first trials.
@@ -28,7 +31,8 @@ from kcpt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-FIXED_PARAMS = ("exam_fraction", "exam_fraction_end", "qa_fraction", "lr", "kl_on", "kl_beta", "mixture_shape")
+FIXED_PARAMS = ("exam_fraction", "exam_fraction_end", "qa_fraction", "lr", "kl_on", "kl_beta", "mixture_shape",
+                "micro_batch_size")
 
 RECIPE_EXAM_SCHEDULE = ((0.0, 0.7), (1 / 3, 0.5), (2 / 3, 0.6))
 """The recipe's stage-3 schedule: (start fraction of the stage, exam share of the mixture), held as steps."""
@@ -59,6 +63,8 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     else:
         p["kl_on"] = False
         p["kl_beta"] = 0.0
+    if space.micro_batch_sizes:
+        p["micro_batch_size"] = trial.suggest_categorical("micro_batch_size", list(space.micro_batch_sizes))
     for path, r in space.extra.items():
         p[path] = trial.suggest_float(path, r.low, r.high, log=r.log)
     return p
@@ -100,8 +106,9 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None = None) -> KcptConfig:
     """A new validated config whose tuned stage carries ``params`` (plus ``tune.stage_overrides``).
 
-    Sets the stage's ``sources`` (from the fractions), ``lr.peak``, ``kl_beta`` and every extra dotted path.
-    Raises ConfigError when a parameter does not fit the stage config.
+    Sets the stage's ``sources`` (from the fractions), ``lr.peak``, ``kl_beta``, ``micro_batch_size`` (with
+    ``max_steps``, ``eval_every`` and ``lr.warmup_steps`` scaled by old / new micro-batch: the same tokens) and
+    every extra dotted path. Raises ConfigError when a parameter does not fit the stage config.
     """
     stage = stage or cfg.tune.stage
     space = cfg.tune.space
@@ -130,6 +137,12 @@ def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None =
         st["kl_beta"] = float(params["kl_beta"])
     elif params.get("kl_on") is False:
         st["kl_beta"] = 0.0
+    if "micro_batch_size" in params:
+        m = int(params["micro_batch_size"])
+        ref = st.get("micro_batch_size") or cfg.train.micro_batch_size
+        st["micro_batch_size"] = m
+        for d, key in ((st, "max_steps"), (st, "eval_every"), (st["lr"], "warmup_steps")):
+            d[key] = max(1 if key != "warmup_steps" else 0, round(d[key] * ref / m))
     for path, value in params.items():
         if path not in FIXED_PARAMS:
             _set_dotted(st, path, value)
@@ -176,6 +189,12 @@ def recipe_points(cfg: KcptConfig, stage: str | None = None) -> list[dict[str, A
         base["kl_on"] = False
     else:
         base["kl_beta"] = space.kl_beta.low
+    if space.micro_batch_sizes:
+        mb = cfg.micro_batch(st)
+        base["micro_batch_size"] = min(space.micro_batch_sizes, key=lambda m: (abs(m - mb), m))
+        if base["micro_batch_size"] != mb:
+            logger.warning("recipe micro_batch_size=%d is not among tune.space.micro_batch_sizes %s: enqueued at %d",
+                           mb, space.micro_batch_sizes, base["micro_batch_size"])
     shapes = list(space.mixture_shapes)
     multi = len(shapes) > 1
     points = []

@@ -1,0 +1,70 @@
+"""Plan-level helpers the driver needs without the training stack (no torch, no transformers imported here):
+which sources a stage draws, their loss kinds, which datasets a run needs, the baseline check before any step,
+and the hashes a checkpoint of the run must carry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kcpt.config import KcptConfig, StageConfig
+from kcpt.errors import ConfigError
+
+
+def stage_sources(stage: StageConfig) -> list[str]:
+    """Every source the stage can draw: its ``sources`` and the names in its ``mixture_schedule``."""
+    names = list(stage.sources)
+    for ph in stage.mixture_schedule:
+        names += [n for n in ph.weights if n not in names]
+    return names
+
+
+def loss_kinds(cfg: KcptConfig, stage: StageConfig) -> dict[str, str]:
+    """Loss per source: ``stage.losses`` or the default by dataset kind (raw → full, exam → answer_only)."""
+    return {s: stage.losses.get(s, "full" if cfg.data.datasets[s].kind == "raw" else "answer_only")
+            for s in stage_sources(stage)}
+
+
+def replay_sources(cfg: KcptConfig, stage: StageConfig) -> list[str]:
+    """Sources whose batches get the KL term: ``stage.replay_sources`` or the stage's raw sources."""
+    if stage.replay_sources is not None:
+        return list(stage.replay_sources)
+    return [s for s in stage_sources(stage) if cfg.data.datasets[s].kind == "raw"]
+
+
+def datasets_needed(cfg: KcptConfig, stages: list[str]) -> list[str]:
+    names: list[str] = []
+    for name in stages:
+        st = cfg.stage(name)
+        for n in [*st.sources, *[k for ph in st.mixture_schedule for k in ph.weights], st.eval_raw,
+                  *([st.eval_exam] if st.eval_exam else [])]:
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def check_baselines(cfg: KcptConfig, stages: list[str], baseline_raw_best: float | None) -> None:
+    """Refuse, before any step, a stage whose stop rule needs ``baseline_raw_best`` that nobody provides: no
+    earlier stage of this run ``sets_baseline`` and none was given (``--baseline-raw-best``)."""
+    known = baseline_raw_best is not None
+    for name in stages:
+        st = cfg.stage(name)
+        if st.stop.needs_baseline and not known:
+            raise ConfigError(
+                f"plan stage '{name}': stop rule '{st.stop.rule}' bounds raw val loss by baseline_raw_best · "
+                f"(1 + raw_tolerance), but no stage before it in this run sets_baseline and no baseline was given. "
+                "Run the CPT stage first, pass --baseline-raw-best (the CPT best raw val loss)"
+                + (", or set stop.raw_bound: false to run this stage without the raw bound" if st.stop.rule == "exam"
+                   else ""))
+        known = known or st.sets_baseline
+
+
+def expected_manifest(cfg: KcptConfig, prepared: dict[str, Path]) -> dict[str, Any]:
+    """Hashes a checkpoint of this run records and a full resume must match: tokenizer (from the prepared
+    data's manifest), each prepared dataset's manifest, the resolved config."""
+    from kcpt.data.shards import prepared_sha256, read_manifest
+
+    first = read_manifest(next(iter(prepared.values())))
+    return {"tokenizer_sha256": first["tokenizer_sha256"],
+            "data_sha256": {k: prepared_sha256(v) for k, v in prepared.items()},
+            "config_sha256": cfg.sha256()}

@@ -60,7 +60,8 @@ def stage_budget(cfg: KcptConfig, *, ray: bool) -> int:
     """Tokens of the stage run to ``max_steps`` as this bench runs it (in-process: one worker)."""
     t = cfg.train
     world = cfg.train.num_workers if ray else 1
-    return cfg.stage(cfg.tune.stage).max_steps * t.micro_batch_size * cfg.data.seq_len * t.grad_accum * world
+    st = cfg.stage(cfg.tune.stage)
+    return st.max_steps * cfg.micro_batch(st) * cfg.data.seq_len * t.grad_accum * world
 
 
 def run_variant(cfg: KcptConfig, seed: int, run_dir: Path, pre: Any, *, ray: bool) -> dict[str, Any]:

@@ -102,8 +102,14 @@ def test_recipe_trial_runs_first_and_every_trial_records_tokens_to_gate(tune_exp
     for k, v in recipe.items():                       # trial #0 is the recipe's own stage 3, enqueued
         assert first[f"param_{k}"] == (pytest.approx(v) if isinstance(v, float) else v), k
     assert df.iloc[1]["param_lr"] != pytest.approx(recipe["lr"])
+    # the micro-batch is searched token-fair: every trial evaluates at the same tokens, a micro-batch of 4 in
+    # twice the steps of 8 (16 steps × 8 rows × 256 positions, 1 worker, eval every 4 steps at 8 rows)
+    assert set(df["param_micro_batch_size"]) == {4, 8}
     for _, row in df.iterrows():
         evals = [r for r in read_metrics(row["run_dir"]) if r["stage"] == m["stage"] and r["step"] > 0]
+        mb = int(row["param_micro_batch_size"])
+        assert [r["tokens_seen"] for r in evals] == [k * 4 * 8 * 256 for k in range(1, len(evals) + 1)]
+        assert [r["step"] for r in evals] == [k * 4 * 8 // mb for k in range(1, len(evals) + 1)]
         loop_tokens = evals[-1]["tokens_to_gate"]     # the stage loop's own record, in every eval
         if pd.isna(row["tokens_to_gate"]):
             assert not row["gate_passed"] and loop_tokens is None and pd.isna(row["plan_tokens_to_gate"])

@@ -56,9 +56,18 @@ TINY_TUNE = ["plan.0.max_steps=6", "plan.0.eval_every=3", "plan.1.max_steps=6", 
              "model.tiny.intermediate_size=64", "train.max_eval_rows=32"]
 
 
+@pytest.fixture(scope="module")
+def tiny_tune_roots(tmp_path_factory) -> list[str]:
+    """Overrides that put both tune benches' prepared data and runs under one directory: the benches' stage-3
+    runs start from the same prerequisites (same TINY_TUNE, same prerequisite key), so the second bench reuses
+    the first's ``prereq-<hash>`` run (kcpt.tune.launch.ensure_prerequisites) instead of training it again."""
+    root = tmp_path_factory.mktemp("tiny_tune")
+    return [f"data.prepared_root={root / 'prepared'}", f"train.output_dir={root / 'runs'}"]
+
+
 @pytest.mark.slow
-def test_tokens_to_gate_bench_compares_default_recipe_step_and_tuned(tmp_path, capsys):
-    sets = [x for o in [*TINY_TUNE, f"data.prepared_root={tmp_path / 'prepared'}"] for x in ("--set", o)]
+def test_tokens_to_gate_bench_compares_default_recipe_step_and_tuned(tmp_path, capsys, tiny_tune_roots):
+    sets = [x for o in [*TINY_TUNE, *tiny_tune_roots] for x in ("--set", o)]
     res = _load("tokens_to_gate").main([*sets, "--seeds", "1", "--trials", "1", "--out", str(tmp_path / "b")])
     per_step = 4 * 64
     assert res["budget_tokens"] == 8 * per_step and res["tokens_before"] >= 3 * 3 * per_step  # ≥ 1 eval/stage
@@ -95,8 +104,8 @@ def test_tokens_to_gate_default_is_the_issues_recipe_default():
 
 
 @pytest.mark.slow
-def test_tune_efficiency_real_loop_mode(tmp_path, capsys):
-    real = [x for o in [*TINY_TUNE, f"data.prepared_root={tmp_path / 'prepared'}"] for x in ("--real-set", o)]
+def test_tune_efficiency_real_loop_mode(tmp_path, capsys, tiny_tune_roots):
+    real = [x for o in [*TINY_TUNE, *tiny_tune_roots] for x in ("--real-set", o)]
     assert _load("tune_efficiency").main(["--no-proxy", "--real-seeds", "1", "--real-trials", "1", *real,
                                           "--real-dir", str(tmp_path / "e"), "--json", str(tmp_path / "r.json")]) == 0
     import json

@@ -20,6 +20,9 @@ tokens-to-gate mean/min/max over those seeds, the censored mean (a seed that nev
 whole token budget: a lower bound), plan tokens from the base model, and the final exam / raw val loss and raw
 ratio; then the tuned/default ratio of censored means (goal ≤ 0.5).
 
+``--set "tune.space.micro_batch_sizes=[2,4,8]"`` lets the tune choose the stage's micro-batch (token-fair: the
+same token budget and eval points, see docs/tuning.md); the ``tuned`` row then runs at that micro-batch.
+
 The stage runs in-process by default (the same StageRunner as under Ray Train, one worker, no per-run Ray
 start-up); ``--ray`` runs each under Ray Train at the config's world size.
 """

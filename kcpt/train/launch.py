@@ -30,7 +30,7 @@ from kcpt.data.report import announce_data
 from kcpt.data.shards import fetch_prepared
 from kcpt.errors import CheckpointError, ConfigError, KcptError, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
-from kcpt.train.plan import check_baselines, datasets_needed, expected_manifest
+from kcpt.train.plan import check_baselines, datasets_needed, expected_manifest, stage_sources
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_for
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,6 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
     t = cfg.train
     data: dict[str, Any] = {}
     if cfg.data.loader == "ray_data":  # each training source a Ray Dataset, split equally across the workers
-        from kcpt.train.plan import stage_sources
         from kcpt.train.ray_stream import data_config, source_datasets
 
         names = list(dict.fromkeys(s for st in loop_config["stages"] for s in stage_sources(cfg.stage(st))))

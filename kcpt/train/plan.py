@@ -36,8 +36,7 @@ def datasets_needed(cfg: KcptConfig, stages: list[str]) -> list[str]:
     names: list[str] = []
     for name in stages:
         st = cfg.stage(name)
-        for n in [*st.sources, *[k for ph in st.mixture_schedule for k in ph.weights], st.eval_raw,
-                  *([st.eval_exam] if st.eval_exam else [])]:
+        for n in [*stage_sources(st), st.eval_raw, *([st.eval_exam] if st.eval_exam else [])]:
             if n not in names:
                 names.append(n)
     return names

@@ -250,15 +250,19 @@ def tokens_per_step(cfg: KcptConfig, stage: str | None = None) -> int:
     """Training tokens (row positions) of one optimizer step of a tune trial of ``stage`` (default the tuned
     one) at ``cfg``'s batch shape (``tune.stage_overrides`` applied)."""
     stage = stage or cfg.tune.stage
-    t = cfg.train
-    mb = apply_params(cfg, {}, stage).micro_batch(stage)
-    return mb * cfg.data.seq_len * t.grad_accum * cfg.tune_workers()
+    return _step_tokens(apply_params(cfg, {}, stage), stage)
+
+
+def _step_tokens(applied: KcptConfig, stage: str) -> int:
+    t = applied.train
+    return applied.micro_batch(stage) * applied.data.seq_len * t.grad_accum * applied.tune_workers()
 
 
 def stage_token_budget(cfg: KcptConfig, stage: str | None = None) -> int:
     """Training tokens of the tuned stage run to its ``max_steps`` (``tune.stage_overrides`` applied)."""
     stage = stage or cfg.tune.stage
-    return apply_params(cfg, {}, stage).stage(stage).max_steps * tokens_per_step(cfg, stage)
+    applied = apply_params(cfg, {}, stage)
+    return applied.stage(stage).max_steps * _step_tokens(applied, stage)
 
 
 def gate_spec(cfg: KcptConfig, stage: str, baseline_raw_best: float | None, tokens_before: int = 0) -> GateSpec:

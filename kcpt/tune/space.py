@@ -141,8 +141,9 @@ def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None =
         m = int(params["micro_batch_size"])
         ref = st.get("micro_batch_size") or cfg.train.micro_batch_size
         st["micro_batch_size"] = m
-        for d, key in ((st, "max_steps"), (st, "eval_every"), (st["lr"], "warmup_steps")):
-            d[key] = max(1 if key != "warmup_steps" else 0, round(d[key] * ref / m))
+        # whole steps for max_steps / eval_every (checked when the config loads); warm-up rounds
+        st["max_steps"], st["eval_every"] = st["max_steps"] * ref // m, st["eval_every"] * ref // m
+        st["lr"]["warmup_steps"] = round(st["lr"]["warmup_steps"] * ref / m)
     for path, value in params.items():
         if path not in FIXED_PARAMS:
             _set_dotted(st, path, value)

@@ -8,7 +8,9 @@ In one invocation, on the demo config (plus ``--set`` overrides):
    objective ``tokens_to_gate``, the recipe's settings enqueued first, ASHA on training tokens) with
    ``train.seed = --tune-seed`` (not one of the evaluation seeds) give the tuned best (``best_config.yaml``);
    the trials train at the world size the evaluation runs use (one worker in-process, ``train.num_workers``
-   with ``--ray``), so the tuned LR and mixture are chosen at the batch they are measured at;
+   with ``--ray``), so the tuned LR and mixture are chosen at the batch they are measured at; the
+   ``--reeval-top-k`` best feasible trials then run at ``--reeval-seeds`` more seeds (``tune.reeval``: seeds
+   ``--tune-seed`` + 1 …, still not evaluation seeds) and the best mean over each one's runs is the tuned best;
 3. three stage-3 configurations, each run with ``--seeds`` seeds (``train.seed`` 0..n−1) on the real stage loop:
    ``default`` — the recipe's default stage 3 as the issue defines it: the stage's mixture as configured (the
    demo: 70:30 exam:raw), its LR, and no KL (``kl_beta`` = 0, whatever the config sets);
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--trials", type=int, default=6, help="K: trials of the tune that gives the tuned best")
     ap.add_argument("--tune-seed", type=int, default=1000, help="train.seed of the tune trials")
+    ap.add_argument("--reeval-top-k", type=int, default=3, help="tune.reeval.top_k (0: the single-run best)")
+    ap.add_argument("--reeval-seeds", type=int, default=2, help="tune.reeval.seeds")
     ap.add_argument("--out", default="experiments/bench-tokens-to-gate")
     ap.add_argument("--ray", action="store_true", help="run each stage-3 run under Ray Train")
     ap.add_argument("--json", help="also write the numbers here")
@@ -128,14 +132,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      *args.overrides, f"tune.num_samples={args.trials}",
                                      "tune.objective=tokens_to_gate", f"train.seed={args.tune_seed}",
                                      "tune.study_name=bench-tokens-to-gate",
+                                     f"tune.reeval.top_k={args.reeval_top_k}", f"tune.reeval.seeds={args.reeval_seeds}",
                                      *([] if args.ray else ["tune.num_workers=1"])])
     tuned = tune_stage3(tcfg, experiment_dir=out / "tune", overwrite=True, prerequisites=pre, verbose=0)
-    print(f"tune: {args.trials} trials in {time.perf_counter() - t0:.0f} s; best: "
-          f"{json.dumps(tuned.best and tuned.best['params'])}")
+    print(f"tune: {args.trials} trials + re-evaluation of the best {args.reeval_top_k} at {args.reeval_seeds} more "
+          f"seeds in {time.perf_counter() - t0:.0f} s; best: {json.dumps(tuned.best and tuned.best['params'])} "
+          f"({tuned.best and tuned.best.get('chosen_by')})")
     variants = variant_configs(cfg, tuned.best_config_path)
     budget = stage_budget(variants["default"], ray=args.ray)
     results: dict[str, Any] = {"budget_tokens": budget, "tokens_before": pre.tokens_before, "trials": args.trials,
-                               "tuned_params": tuned.best and tuned.best["params"], "variants": {}}
+                               "reeval": {"top_k": args.reeval_top_k, "seeds": args.reeval_seeds},
+                               "tuned_params": tuned.best and tuned.best["params"],
+                               "tuned_reeval": tuned.best and tuned.best.get("reeval"), "variants": {}}
     for name, vcfg in variants.items():
         runs = [run_variant(vcfg, seed, out / "runs" / f"{name}-seed{seed}", pre, ray=args.ray)
                 for seed in range(args.seeds)]

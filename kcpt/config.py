@@ -496,7 +496,9 @@ class SearchSpace(Strict):
     qa_fraction: FloatRange = FloatRange(low=0.2, high=0.8)
     """qa : examples share inside the exam part."""
     lr: FloatRange = FloatRange(low=1e-4, high=3e-3, log=True)
-    kl_beta: FloatRange = FloatRange(low=1e-3, high=1.0, log=True)
+    kl_beta: FloatRange = FloatRange(low=1e-3, high=3.0, log=True)
+    """KL weight β (log-uniform). The range reaches above 1: on the demo the fastest gate passes measured sit at
+    β ≈ 1 (docs/tuning.md), which a range ending at 1 only reaches at its edge."""
     kl_allow_off: bool = True
     """Also sample β = 0 ("off") as a categorical choice."""
     extra: dict[str, FloatRange] = {}
@@ -536,6 +538,17 @@ class AshaConfig(Strict):
     reduction_factor: int = Field(2, ge=2)
 
 
+class ReevalConfig(Strict):
+    top_k: int = Field(0, ge=0)
+    """Re-run the ``top_k`` best feasible trials with ``seeds`` more training seeds after the search, and choose
+    ``best_config.yaml`` by their mean over all runs (0: off, the study's single-seed best). One run per trial
+    is a noisy draw: with the ``tokens_to_gate`` objective, tokens are counted in whole evals and seeds move the
+    pass by one or two evals, more than separates the best few trials (docs/tuning.md)."""
+    seeds: int = Field(2, ge=1)
+    """Extra training seeds per re-evaluated trial: ``train.seed + 1`` … ``train.seed + seeds`` (the trials
+    ran at ``train.seed``)."""
+
+
 class TuneConfig(Strict):
     stage: str = "stage3"
     num_samples: int = Field(6, ge=1)
@@ -564,6 +577,8 @@ class TuneConfig(Strict):
     enqueue_recipe: bool = True
     """Enqueue the recipe's own settings (the tuned stage as configured, and the recipe's step schedule when
     ``space.mixture_shapes`` offers it) as the first trials of a new study (Optuna ``enqueue_trial``)."""
+    reeval: ReevalConfig = ReevalConfig()
+    """Re-evaluation of the best trials on more seeds before the best config is chosen (:mod:`kcpt.tune.reeval`)."""
     infeasible_penalty: float = Field(100.0, ge=0)
     """``gate_score`` (what ASHA compares) = objective + penalty · max(0, constraint)."""
     num_cpus: int | None = Field(None, ge=1)

@@ -68,7 +68,8 @@ def tiny_tune_roots(tmp_path_factory) -> list[str]:
 @pytest.mark.slow
 def test_tokens_to_gate_bench_compares_default_recipe_step_and_tuned(tmp_path, capsys, tiny_tune_roots):
     sets = [x for o in [*TINY_TUNE, *tiny_tune_roots] for x in ("--set", o)]
-    res = _load("tokens_to_gate").main([*sets, "--seeds", "1", "--trials", "1", "--out", str(tmp_path / "b")])
+    res = _load("tokens_to_gate").main([*sets, "--seeds", "1", "--trials", "1", "--reeval-top-k", "1",
+                                        "--reeval-seeds", "1", "--out", str(tmp_path / "b")])
     per_step = 4 * 64
     assert res["budget_tokens"] == 8 * per_step and res["tokens_before"] >= 3 * 3 * per_step  # ≥ 1 eval/stage
     assert set(res["variants"]) == {"default", "recipe_step", "tuned"}
@@ -80,6 +81,7 @@ def test_tokens_to_gate_bench_compares_default_recipe_step_and_tuned(tmp_path, c
         assert v["plan_mean"] == res["tokens_before"] + 4 * per_step and v["final_exam"] is not None
     v = res["variants"]
     assert res["ratio_tuned_default"] == v["tuned"]["censored_mean"] / v["default"]["censored_mean"] == 1.0
+    assert res["tuned_reeval"]["runs"] == 2 and res["tuned_reeval"]["seeds"] == [None, 1001]  # chosen on 2 runs
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in
             (["default"], ["recipe_step"], ["tuned"])}

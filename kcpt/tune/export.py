@@ -17,6 +17,7 @@ import pandas as pd
 
 from kcpt.config import dump_config, load_config
 from kcpt.errors import InputError
+from kcpt.tune import reeval
 from kcpt.tune.searcher import CONSTRAINT_NAME
 from kcpt.tune.space import apply_params, mixture_weights
 
@@ -25,7 +26,7 @@ TRIAL_COLUMNS = ("trial_number", "ray_trial_id", "status", "objective", "constra
                  "steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "selected_raw_val_loss",
                  "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em", "selected_exam_f1",
                  "selected_raw_ratio", "num_evals", "stopped_early", "checkpoint_path",
-                 "run_dir", "trial_dir")
+                 "run_dir", "trial_dir", "reeval_runs", "reeval_mean_score", "reeval_gate_passes")
 
 
 @dataclass
@@ -62,7 +63,9 @@ def _num(v: Any) -> float | None:
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per Optuna trial (see :data:`TRIAL_COLUMNS`); ``feasible`` is True only for COMPLETE trials
-    whose constraint is ≤ 0."""
+    whose constraint is ≤ 0. ``reeval_*``: over the trial's own run and its re-evaluation runs
+    (:mod:`kcpt.tune.reeval`; ``reeval_runs`` = 0 and the others empty for a trial not re-evaluated)."""
+    recs = reeval.records(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
@@ -86,13 +89,17 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "selected_raw_ratio": _num(ua.get("selected_raw_ratio")),
             "num_evals": int(ua.get("num_evals") or 0), "stopped_early": bool(ua.get("stopped_early", False)),
             "checkpoint_path": ua.get("checkpoint_path") or None, "run_dir": ua.get("run_dir"),
-            "trial_dir": ua.get("trial_dir"),
+            "trial_dir": ua.get("trial_dir"), "reeval_runs": 0, "reeval_mean_score": None,
+            "reeval_gate_passes": None,
         }
+        if t.number in recs:
+            r = reeval.summary(t, recs[t.number])
+            row.update(reeval_runs=r["runs"], reeval_mean_score=r["mean_score"], reeval_gate_passes=r["gate_passes"])
         for k, v in t.params.items():
             row[f"param_{k}"] = v
         rows.append(row)
     df = pd.DataFrame(rows, columns=None if rows else list(TRIAL_COLUMNS))
-    for k in ("steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step"):
+    for k in ("steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "reeval_gate_passes"):
         if k in df:
             df[k] = df[k].astype("Int64")
     return df
@@ -103,23 +110,17 @@ def _int_attr(t: optuna.trial.FrozenTrial, key: str) -> int | None:
     return None if v is None or v < 0 else int(v)
 
 
-def best_feasible_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """``study.best_trial`` (Optuna picks among feasible trials only); ``None`` when no trial is feasible."""
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
-
-
 def export_results(experiment_dir: str | Path) -> ExportPaths:
-    """Write ``trials.parquet``, ``best_trial.json`` and (when a feasible trial exists) ``best_config.yaml``."""
+    """Write ``trials.parquet``, ``best_trial.json`` and (when a feasible trial exists) ``best_config.yaml``:
+    the config of :func:`kcpt.tune.reeval.best_trial` (the best mean over re-evaluated trials' runs, else the
+    study's best feasible trial)."""
     exp = Path(experiment_dir)
     m = read_manifest(exp)
     study = load_study(exp)
     df = trials_frame(study)
     trials_path = exp / "trials.parquet"
     df.to_parquet(trials_path, index=False)
-    best = best_feasible_trial(study)
+    best, reeval_summary = reeval.best_trial(study)
     best_info: dict[str, Any] | None = None
     best_cfg_path: Path | None = exp / "best_config.yaml"
     if best is not None:
@@ -136,7 +137,10 @@ def export_results(experiment_dir: str | Path) -> ExportPaths:
                      "tokens_to_gate": _int_attr(best, "tokens_to_gate"),
                      "plan_tokens_to_gate": _int_attr(best, "plan_tokens_to_gate"),
                      "selected_exam_val_loss": _num(best.user_attrs.get("selected_exam_val_loss")),
-                     "selected_exam_acc": _num(best.user_attrs.get("selected_exam_acc"))}
+                     "selected_exam_acc": _num(best.user_attrs.get("selected_exam_acc")),
+                     "chosen_by": "study.best_trial (one run per trial)" if reeval_summary is None else
+                     f"lowest mean score over {reeval_summary['runs']} runs (tune.reeval)",
+                     "reeval": reeval_summary}
     else:
         if best_cfg_path.exists():
             best_cfg_path.unlink()

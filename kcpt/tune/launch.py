@@ -299,6 +299,42 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     tune.report(final)
 
 
+def reevaluate(study: Any, ctx: TrialContext, *, top_k: int, seeds: int, log: Callable[[str], None] = print
+               ) -> list[Any]:
+    """Re-run the ``top_k`` best feasible trials of ``study`` at ``seeds`` more training seeds (``train.seed + 1``
+    …) with ``ctx.runner`` — the trials' own runner and world size, from the same start checkpoint — and record
+    each run in the study (:mod:`kcpt.tune.reeval`). Runs already recorded (a resumed experiment) are skipped; a
+    run dir left by a killed run resumes. Returns the new records."""
+    from kcpt.config import config_from_dict
+    from kcpt.tune import reeval
+
+    base = config_from_dict(ctx.base_config, "<tune base config>")
+    spec = gate_spec(base, ctx.stage, ctx.baseline_raw_best, ctx.tokens_before)
+    done = {(r.trial_number, r.seed) for rs in reeval.records(study).values() for r in rs}
+    todo = [(t, base.train.seed + i) for t in reeval.candidates(study, top_k) for i in range(1, seeds + 1)]
+    new = []
+    for j, (t, seed) in enumerate(todo, 1):
+        if (t.number, seed) in done:
+            continue
+        cfg = apply_params(base, t.params, ctx.stage)
+        cfg.train.num_workers = base.tune_workers()
+        cfg.train.seed = seed
+        name = f"reeval-{t.number}-seed{seed}"
+        run_dir = store_lib.join(ctx.runs_dir, name) if store_lib.is_uri(ctx.runs_dir) else Path(ctx.runs_dir) / name
+        ctx.runner(cfg, stage=ctx.stage, run_dir=run_dir, init_checkpoint=ctx.init_checkpoint,
+                   baseline_raw_best=ctx.baseline_raw_best, reference_checkpoint=ctx.reference_checkpoint,
+                   callbacks=[])
+        o = gate_outcome(_stage_evals(run_dir, ctx.stage), spec)
+        rec = reeval.ReevalRecord(t.number, seed, math.inf if o.gate_score is None else float(o.gate_score),
+                                  o.gate_objective, o.gate_constraint, o.gate_passed, o.tokens_to_gate, str(run_dir))
+        reeval.save_record(study, rec)
+        new.append(rec)
+        log(f"re-eval {j}/{len(todo)}: trial #{t.number} at seed {seed}: "
+            f"{'gate held at ' + str(o.tokens_to_gate) + ' tokens' if o.gate_passed else 'gate did not hold'}, "
+            f"score {rec.score:.4f} (the trial's own run: {reeval.own_score(t):.4f})")
+    return new
+
+
 # --------------------------------------------------------------------------- the tune job
 
 
@@ -477,6 +513,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             "runs_dir": store_lib.join(location, "runs"), "config_sha256": cfg.sha256(), "sampler": sampler,
             "experiment_uri": uri,
             "trial_workers": cfg.tune_workers(),
+            "reeval": cfg.tune.reeval.model_dump(),
         }
         (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         publish_experiment(uri, exp_dir)
@@ -508,6 +545,14 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             )
         tuner.fit()
         interrupted = fail_interrupted_trials(storage, study_name)
+        if cfg.tune.reeval.top_k:
+            import optuna
+
+            study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+            print(f"re-evaluating the {cfg.tune.reeval.top_k} best feasible trial(s) at "
+                  f"{cfg.tune.reeval.seeds} more seed(s) each", flush=True)
+            reevaluate(study, ctx, top_k=cfg.tune.reeval.top_k, seeds=cfg.tune.reeval.seeds,
+                       log=lambda line: print(line, flush=True))
     finally:
         if started:
             ray.shutdown()

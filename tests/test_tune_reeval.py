@@ -1,0 +1,77 @@
+"""Re-evaluation records and the best-trial choice they drive (kcpt.tune.reeval, kcpt.tune.export), on a real
+Optuna study in SQLite; the re-evaluation runs themselves are tested on the real tune job (test_tune_stage3)."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pandas as pd
+import pytest
+
+from kcpt.config import dump_config, load_config
+from kcpt.tune import reeval
+from kcpt.tune.export import export_results
+from kcpt.tune.searcher import CONSTRAINT_NAME
+
+
+def _study(tmp_path):
+    """Trials #0 (value .30), #1 (.35), #2 (.20 but infeasible), #3 (.25 pruned), fixed params per trial."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="minimize")
+    dist = {"exam_fraction": optuna.distributions.FloatDistribution(0.4, 0.9),
+            "qa_fraction": optuna.distributions.FloatDistribution(0.2, 0.8),
+            "lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True)}
+    for i, (value, constraint, state) in enumerate([(0.30, -0.01, "COMPLETE"), (0.35, -0.02, "COMPLETE"),
+                                                    (0.20, 0.05, "COMPLETE"), (None, -0.01, "PRUNED")]):
+        t = study.ask(dist)
+        t.set_user_attr("gate_passed", value is not None and value < 1)
+        t.set_user_attr("tokens_to_gate", 1000 * (i + 1))
+        t.set_constraint(CONSTRAINT_NAME, constraint)
+        study.tell(t, value, state=getattr(optuna.trial.TrialState, state))
+    return study, storage
+
+
+def _record(n: int, seed: int, score: float, passed: bool = True) -> reeval.ReevalRecord:
+    return reeval.ReevalRecord(n, seed, score, score, -0.01, passed, 2000 if passed else None, f"/runs/{n}-{seed}")
+
+
+def test_candidates_are_the_best_complete_feasible_trials(tmp_path):
+    study, _ = _study(tmp_path)
+    assert [t.number for t in reeval.candidates(study, 2)] == [0, 1]  # #2 infeasible, #3 pruned
+    assert [t.number for t in reeval.candidates(study, 5)] == [0, 1]
+
+
+def test_the_best_trial_is_the_lowest_mean_over_its_runs(tmp_path):
+    study, _ = _study(tmp_path)
+    best, summary = reeval.best_trial(study)
+    assert best.number == 0 and summary is None           # no re-evaluation: the study's best feasible trial
+    reeval.save_record(study, _record(0, 1, 1.40, passed=False))   # #0 was lucky: its re-run never held
+    reeval.save_record(study, _record(1, 1, 0.33))
+    reeval.save_record(study, _record(1, 2, 0.34))
+    reeval.save_record(study, _record(0, 2, 0.31))
+    recs = reeval.records(study)
+    assert [r.seed for r in recs[0]] == [1, 2] and len(recs[1]) == 2
+    best, summary = reeval.best_trial(study)
+    assert best.number == 1
+    assert summary["mean_score"] == pytest.approx((0.35 + 0.33 + 0.34) / 3)
+    assert summary["gate_passes"] == 3 and summary["seeds"] == [None, 1, 2]
+    assert summary["tokens_to_gate"] == [2000, 2000, 2000]
+
+
+def test_export_writes_the_reevaluated_choice(tmp_path):
+    study, storage = _study(tmp_path)
+    dump_config(load_config(None, []), tmp_path / "config.yaml")
+    (tmp_path / "experiment.json").write_text(json.dumps({"study_name": "s", "storage": storage,
+                                                         "stage": "stage3"}))
+    reeval.save_record(study, _record(0, 1, 1.40, passed=False))
+    reeval.save_record(study, _record(1, 1, 0.33))
+    paths = export_results(tmp_path)
+    df = pd.read_parquet(paths.trials).set_index("trial_number")
+    assert df.loc[0, "reeval_runs"] == 2 and df.loc[0, "reeval_gate_passes"] == 1
+    assert df.loc[0, "reeval_mean_score"] == pytest.approx((0.30 + 1.40) / 2)
+    assert df.loc[2, "reeval_runs"] == 0 and pd.isna(df.loc[2, "reeval_mean_score"])
+    best = json.loads((tmp_path / "best_trial.json").read_text())
+    assert best["trial_number"] == 1 and "tune.reeval" in best["chosen_by"]
+    cfg = load_config(paths.best_config)
+    assert cfg.stage("stage3").lr.peak == pytest.approx(study.trials[1].params["lr"])

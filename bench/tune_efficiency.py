@@ -8,7 +8,10 @@ this bench uses a documented cheap proxy whose landscape comes from MEASURED sta
    ``--measure-trials`` random-search trials run by :func:`kcpt.tune.launch.tune_stage3` (ASHA off, so every
    curve is complete; stage 3 shortened via ``--set``).
 2. Fit: per eval index, an RBF interpolator (scipy, thin-plate, smoothed) from the normalised parameters
-   (exam_fraction, qa_fraction, log lr, KL: log β or "off") to raw_ratio and exam loss.
+   (exam_fraction, qa_fraction, log lr, KL: log β or "off", and log2 micro-batch when ``--set
+   "tune.space.micro_batch_sizes=[…]"`` makes it searchable) to raw_ratio and exam loss. The search space is the
+   config's (``tune.space`` after ``--set``): the one the measurement's tune searched and the proxy's searches
+   sample.
 3. Proxy gate: the tiny demo model never reaches the demo's exam target, so the proxy re-centres the gate
    on the measured landscape: eps_proxy puts the raw bound at the ``--raw-quantile`` of the predicted selected
    raw ratios under uniform sampling, and the exam target at the exam quantile for which a uniformly sampled
@@ -50,15 +53,21 @@ from kcpt.tune.space import suggest_params
 
 
 def features(params: dict, space: SearchSpace) -> np.ndarray:
-    """Parameters scaled to [0, 1]; KL off maps to −0.25 on the log-β axis (below its lowest value)."""
+    """Parameters scaled to [0, 1]; KL off maps to −0.25 on the log-β axis (below its lowest value); with
+    ``space.micro_batch_sizes``, a fifth axis: log2 of the micro-batch over the listed sizes' span."""
     def unit(v: float, r) -> float:
         if r.log:
             return (math.log(v) - math.log(r.low)) / (math.log(r.high) - math.log(r.low))
         return (v - r.low) / (r.high - r.low)
     beta = float(params.get("kl_beta") or 0.0)
     kl = unit(beta, space.kl_beta) if beta > 0 else -0.25
-    return np.array([unit(params["exam_fraction"], space.exam_fraction), unit(params["qa_fraction"],
-                     space.qa_fraction), unit(params["lr"], space.lr), kl])
+    x = [unit(params["exam_fraction"], space.exam_fraction), unit(params["qa_fraction"], space.qa_fraction),
+         unit(params["lr"], space.lr), kl]
+    sizes = space.micro_batch_sizes
+    if sizes:
+        lo, hi = math.log2(min(sizes)), math.log2(max(sizes))
+        x.append((math.log2(params["micro_batch_size"]) - lo) / (hi - lo) if hi > lo else 0.0)
+    return np.array(x)
 
 
 class MeasuredLandscape:
@@ -106,6 +115,8 @@ def uniform_params(rng: np.random.Generator, space: SearchSpace) -> dict:
         return float(math.exp(rng.uniform(math.log(r.low), math.log(r.high))) if r.log else rng.uniform(r.low, r.high))
     p = {"exam_fraction": draw(space.exam_fraction), "qa_fraction": draw(space.qa_fraction), "lr": draw(space.lr)}
     p["kl_beta"] = draw(space.kl_beta) if (not space.kl_allow_off or rng.random() < 0.5) else 0.0
+    if space.micro_batch_sizes:
+        p["micro_batch_size"] = int(rng.choice(space.micro_batch_sizes))
     return p
 
 
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def proxy(args: argparse.Namespace) -> dict:
     """The proxy mode (see the module docstring); prints and returns the figures."""
-    space = SearchSpace()
+    space = load_config(None, args.overrides).tune.space  # the space the measurement's tune job searched
     exps = [Path(p) for p in args.measured]
     if not args.no_measure:
         t0 = time.perf_counter()

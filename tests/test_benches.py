@@ -172,3 +172,20 @@ def test_tune_efficiency_proxy_counts_trials_to_the_first_gate_pass():
     passed = [i + 1 for i, o in enumerate(outcomes) if o.gate_passed]
     assert passed and isinstance(first, int) and first == passed[0] and 1 < first <= 25  # not trivially trial 1
     assert best == min(o.gate_objective for o in outcomes if o.gate_feasible) < 1.0        # a pass: value < 1
+
+
+def test_tune_efficiency_proxy_has_a_micro_batch_axis_when_the_space_searches_it():
+    """A searched micro-batch is the landscape's fifth axis (log2 over the listed sizes), so curves measured at
+    micro-batch 2 and 8 are not averaged into one point; without it the axes are the four of the old proxy."""
+    import numpy as np
+
+    from kcpt.config import load_config
+
+    te = _load("tune_efficiency")
+    p = {"exam_fraction": 0.4, "qa_fraction": 0.8, "lr": 1e-4, "kl_beta": 0.0}
+    space = load_config(None, ["tune.space.micro_batch_sizes=[2,4,8]"]).tune.space
+    assert [te.features({**p, "micro_batch_size": m}, space)[4] for m in (2, 4, 8)] == [0.0, 0.5, 1.0]
+    assert te.features({**p, "micro_batch_size": 2}, space)[:4] == pytest.approx([0.0, 1.0, 0.0, -0.25])
+    assert len(te.features(p, load_config(None, []).tune.space)) == 4
+    draws = {te.uniform_params(np.random.default_rng(s), space)["micro_batch_size"] for s in range(30)}
+    assert draws == {2, 4, 8}

@@ -9,6 +9,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from kcpt.analysis.trials import format_trials_report
 from kcpt.config import dump_config, load_config
 from kcpt.tune import reeval
 from kcpt.tune.export import export_results
@@ -75,3 +76,6 @@ def test_export_writes_the_reevaluated_choice(tmp_path):
     assert best["trial_number"] == 1 and "tune.reeval" in best["chosen_by"]
     cfg = load_config(paths.best_config)
     assert cfg.stage("stage3").lr.peak == pytest.approx(study.trials[1].params["lr"])
+    report = format_trials_report(tmp_path)                 # `kcpt report`: the runs and why #1 was chosen
+    assert "mean_score" in report and "best feasible trial: #1" in report
+    assert "gate held in 2/2 runs; tokens_to_gate per run (own, then seeds 1): 2000, 2000" in report

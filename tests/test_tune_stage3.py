@@ -156,3 +156,5 @@ def test_the_best_trial_is_reevaluated_at_another_seed_and_chosen_by_its_mean(tu
     best = json.loads((exp / "best_trial.json").read_text())
     assert best["trial_number"] == rec.trial_number and "tune.reeval" in best["chosen_by"]
     assert best["reeval"]["runs"] == 2 and best["reeval"]["seeds"] == [None, rec.seed]
+    report = format_trials_report(exp)
+    assert "mean_score" in report and "chosen by: lowest mean score over 2 runs (tune.reeval)" in report

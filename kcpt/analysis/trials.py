@@ -155,7 +155,8 @@ def _fmt(v: Any) -> str:
 
 
 def trials_table(trials: pd.DataFrame) -> str:
-    """Fixed-width table: number, status, objective, constraint, feasible, gate, steps to gate, params."""
+    """Fixed-width table: number, status, objective, constraint, feasible, gate, steps to gate, (with
+    re-evaluation) runs, gate passes and mean score over them, params."""
     if trials.empty:
         return "(no trials)"
     cols = [("trial_number", "#"), ("status", "status"), ("objective", "objective"),
@@ -163,6 +164,8 @@ def trials_table(trials: pd.DataFrame) -> str:
             ("feasible", "feasible"),
             ("gate_passed", "gate"), ("steps_to_gate", "steps→gate"), ("tokens_to_gate", "tokens→gate"),
             ("selected_step", "sel_step")]
+    if "reeval_runs" in trials.columns and (trials["reeval_runs"] > 0).any():  # tune.reeval: over all the runs
+        cols += [("reeval_runs", "runs"), ("reeval_gate_passes", "passes"), ("reeval_mean_score", "mean_score")]
     cols = [(c, h) for c, h in cols if c in trials.columns]
     cols += [(c, c.removeprefix("param_")) for c in trials.columns if c.startswith("param_")]
     header = [h for _, h in cols]
@@ -193,6 +196,12 @@ def format_trials_report(exp_dir: str | Path) -> str:
                      f"exam@sel={_fmt(best.get('selected_exam_val_loss'))} raw_gate={_fmt(best['constraint'])} "
                      f"gate_passed={_fmt(best.get('gate_passed'))} tokens_to_gate={_fmt(best.get('tokens_to_gate'))}")
         lines.append(f"  params: {best['params']}")
+        if best.get("reeval"):
+            r = best["reeval"]
+            seeds, tokens = ", ".join(str(s) for s in r["seeds"][1:]), ", ".join(_fmt(t) for t in r["tokens_to_gate"])
+            lines.append(f"  chosen by: {best['chosen_by']}: mean score {_fmt(r['mean_score'])}, gate held in "
+                         f"{r['gate_passes']}/{r['runs']} runs; tokens_to_gate per run (own, then seeds {seeds}): "
+                         f"{tokens}")
         lines.append(f"  checkpoint: {best.get('checkpoint_path')}")
         lines.append(f"  config: {exp / 'best_config.yaml'}")
     else:

@@ -7,7 +7,7 @@ import pickle
 import optuna
 import pytest
 
-from kcpt.config import FloatRange, SearchSpace, load_config
+from kcpt.config import FloatRange, SearchSpace, dump_config, load_config
 from kcpt.errors import ConfigError
 from kcpt.tune.space import SpaceSampler, apply_params, mixture_weights, suggest_params
 
@@ -125,3 +125,21 @@ def test_micro_batch_choice_is_token_fair_and_enqueued_at_the_stages_own():
     assert "micro_batch_size" not in suggest_params(study.ask(), SearchSpace())  # not searched by default
     with pytest.raises(ConfigError, match=r"micro_batch_sizes: 3 does not fit stage 'stage3'.*max_steps 100"):
         load_config(None, ["tune.space.micro_batch_sizes=[3]"])
+
+
+def test_stage_overrides_are_applied_once_so_a_trials_scaled_steps_stand(tmp_path):
+    """``tune.stage_overrides`` count in steps at the base micro-batch: a trial at another micro-batch has them
+    scaled, and its config (and best_config.yaml) must not re-apply them (eval every 5 steps at micro-batch 2
+    would be 10 rows, no whole step of 4: the validator refused every trial at 2 or 4)."""
+    from kcpt.tune.launch import stage_token_budget, tokens_per_step
+
+    cfg = load_config(None, ["tune.space.micro_batch_sizes=[2,4,8]", "tune.stage_overrides.max_steps=30",
+                             "tune.stage_overrides.eval_every=5"])
+    for m in (2, 4, 8):
+        c = apply_params(cfg, {"micro_batch_size": m})
+        st = c.stage("stage3")
+        assert (st.max_steps, st.eval_every) == (30 * 8 // m, 5 * 8 // m) and c.tune.stage_overrides == {}
+        assert stage_token_budget(c) == stage_token_budget(cfg) == 30 * tokens_per_step(cfg)
+        assert apply_params(c, {}).stage("stage3") == st                      # idempotent: nothing left to apply
+        dump_config(c, tmp_path / f"best-{m}.yaml")                            # what export writes, read back
+        assert load_config(tmp_path / f"best-{m}.yaml").stage("stage3") == st

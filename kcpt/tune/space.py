@@ -106,6 +106,10 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None = None) -> KcptConfig:
     """A new validated config whose tuned stage carries ``params`` (plus ``tune.stage_overrides``).
 
+    The overrides are applied into the stage and the returned config has none left (``tune.stage_overrides`` =
+    {}): applied again — by the validator on this config, or by a later ``apply_params`` — they would undo the
+    micro-batch scaling (an override ``eval_every: 5`` is 5 steps at the base micro-batch, not at the trial's).
+
     Sets the stage's ``sources`` (from the fractions), ``lr.peak``, ``kl_beta``, ``micro_batch_size`` (with
     ``max_steps``, ``eval_every`` and ``lr.warmup_steps`` scaled by old / new micro-batch: the same tokens) and
     every extra dotted path. Raises ConfigError when a parameter does not fit the stage config.
@@ -119,6 +123,7 @@ def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None =
     st = data["plan"][idx]
     for path, value in _flatten(cfg.tune.stage_overrides).items():
         _set_dotted(st, path, value)
+    data["tune"]["stage_overrides"] = {}
     if params.get("mixture_shape") == "recipe_step" and "qa_fraction" in params:
         phases = recipe_schedule(float(params["qa_fraction"]), space)
         st["sources"], st["mixture_schedule"], st["mixture_mode"] = phases[0]["weights"], phases, "step"

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--trials", type=int, default=6, help="K: trials of the tune that gives the tuned best")
     ap.add_argument("--tune-seed", type=int, default=1000, help="train.seed of the tune trials")
+    ap.add_argument("--sampler", choices=("tpe", "gp", "random"), default="tpe", help="the tune's Optuna sampler")
     ap.add_argument("--reeval-top-k", type=int, default=3, help="tune.reeval.top_k (0: the single-run best)")
     ap.add_argument("--reeval-seeds", type=int, default=2, help="tune.reeval.seeds")
     ap.add_argument("--out", default="experiments/bench-tokens-to-gate")
@@ -134,13 +135,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      "tune.study_name=bench-tokens-to-gate",
                                      f"tune.reeval.top_k={args.reeval_top_k}", f"tune.reeval.seeds={args.reeval_seeds}",
                                      *([] if args.ray else ["tune.num_workers=1"])])
-    tuned = tune_stage3(tcfg, experiment_dir=out / "tune", overwrite=True, prerequisites=pre, verbose=0)
+    tuned = tune_stage3(tcfg, experiment_dir=out / "tune", overwrite=True, prerequisites=pre, verbose=0,
+                        sampler=args.sampler)
     print(f"tune: {args.trials} trials + re-evaluation of the best {args.reeval_top_k} at {args.reeval_seeds} more "
           f"seeds in {time.perf_counter() - t0:.0f} s; best: {json.dumps(tuned.best and tuned.best['params'])} "
           f"({tuned.best and tuned.best.get('chosen_by')})")
     variants = variant_configs(cfg, tuned.best_config_path)
     budget = stage_budget(variants["default"], ray=args.ray)
     results: dict[str, Any] = {"budget_tokens": budget, "tokens_before": pre.tokens_before, "trials": args.trials,
+                               "sampler": args.sampler,
                                "reeval": {"top_k": args.reeval_top_k, "seeds": args.reeval_seeds},
                                "tuned_params": tuned.best and tuned.best["params"],
                                "tuned_reeval": tuned.best and tuned.best.get("reeval"), "variants": {}}

@@ -19,7 +19,9 @@ this bench uses a documented cheap proxy whose landscape comes from MEASURED sta
    the same code as the real job (:func:`kcpt.tune.objective.gate_outcome`), and the job's default objective
    (``tokens_to_gate``; each proxy eval counts as one token unit) unless ``--objective exam``.
 4. Search: for each seed, Optuna TPE (constraint via ``trial.set_constraint``, exactly as the tune job's
-   searcher does) and random search each run ``--trials`` trials of the proxy with the job's search space.
+   searcher does) and random search — plus Optuna's ``GPSampler`` with ``--samplers tpe,gp,random`` (the job's
+   ``--sampler gp``, on the static space it samples then) — each run ``--trials`` trials of the proxy with the
+   job's search space.
 
 Prints, in one run: trials until the first gate-passing config (mean over seeds; a seed that never passes
 counts as budget+1) and the best feasible objective after K trials, with TPE/random ratios.
@@ -59,7 +61,7 @@ def features(params: dict, space: SearchSpace) -> np.ndarray:
         if r.log:
             return (math.log(v) - math.log(r.low)) / (math.log(r.high) - math.log(r.low))
         return (v - r.low) / (r.high - r.low)
-    beta = float(params.get("kl_beta") or 0.0)
+    beta = 0.0 if params.get("kl_on") is False else float(params.get("kl_beta") or 0.0)
     kl = unit(beta, space.kl_beta) if beta > 0 else -0.25
     x = [unit(params["exam_fraction"], space.exam_fraction), unit(params["qa_fraction"], space.qa_fraction),
          unit(params["lr"], space.lr), kl]
@@ -148,7 +150,7 @@ def search(kind: str, seed: int, budget: int, land: MeasuredLandscape, spec: Gat
     first_pass, best = None, None
     for i in range(budget):
         trial = study.ask()
-        params = suggest_params(trial, space)
+        params = suggest_params(trial, space, static=kind == "gp")  # as the tune job samples for that sampler
         o = gate_outcome(land.evals(params), spec)
         trial.set_constraint(CONSTRAINT_NAME, o.gate_constraint)
         study.tell(trial, o.gate_objective)
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--trials", type=int, default=30, help="trial budget K per search")
     ap.add_argument("--n-startup", type=int, default=3)
+    ap.add_argument("--samplers", default="tpe,random",
+                    help="proxy mode: samplers to compare with random search (tpe | gp), comma-separated")
     ap.add_argument("--pass-rate", type=float, default=0.05)
     ap.add_argument("--raw-quantile", type=float, default=0.5)
     ap.add_argument("--consecutive", type=int, default=2)
@@ -265,9 +269,10 @@ def proxy(args: argparse.Namespace) -> dict:
     land = MeasuredLandscape(exps, space)
     print(f"landscape: {land.n_trials} measured trials, {len(land.models)} evals each, from {[str(e) for e in exps]}")
     spec = calibrate(land, space, args.raw_quantile, args.pass_rate, args.consecutive, objective=args.objective)
-    res: dict[str, dict[str, list]] = {k: {"first": [], "best": []} for k in ("tpe", "random")}
+    kinds = [k for k in args.samplers.split(",") if k != "random"] + ["random"]
+    res: dict[str, dict[str, list]] = {k: {"first": [], "best": []} for k in kinds}
     for seed in range(args.seeds):
-        for kind in ("tpe", "random"):
+        for kind in kinds:
             first, best = search(kind, seed, args.trials, land, spec, space, args.n_startup)
             res[kind]["first"].append(first)
             res[kind]["best"].append(best)
@@ -281,20 +286,24 @@ def proxy(args: argparse.Namespace) -> dict:
         return float(np.mean(vals)) if vals else math.nan
 
     rows = []
-    for kind in ("tpe", "random"):
+    for kind in kinds:
         f = res[kind]["first"]
         rows.append((kind, first_mean(f), float(np.median([x or K + 1 for x in f])),
                      sum(x is not None for x in f), best_mean(res[kind]["best"])))
-    print(f"\n{args.seeds} seeds, budget K={K} trials, TPE n_startup_trials={args.n_startup}")
+    print(f"\n{args.seeds} seeds, budget K={K} trials, n_startup_trials={args.n_startup}")
     print(f"{'sampler':8} {'trials→first gate pass (mean)':>30} {'(median)':>9} {'seeds passing':>14} "
           f"{'best feasible objective @K (mean)':>34}")
     for kind, fm, fmed, npass, bm in rows:
         print(f"{kind:8} {fm:30.2f} {fmed:9.1f} {npass:>10}/{args.seeds:<3} {bm:34.4f}")
-    ratio_first = rows[0][1] / rows[1][1]
-    ratio_best = rows[0][4] / rows[1][4]
-    print(f"\nratio TPE/random, trials to first gate pass: {ratio_first:.3f}  (goal ≤ 0.333)")
-    print(f"ratio TPE/random, best feasible objective after K: {ratio_best:.4f}  (< 1: TPE better)")
-    return {"rows": rows, "ratio_first": ratio_first, "ratio_best": ratio_best, "spec": spec.__dict__, "raw": res}
+    rnd = rows[-1]
+    ratios = {kind: {"first": fm / rnd[1], "best": bm / rnd[4]} for kind, fm, _, _, bm in rows[:-1]}
+    print()
+    for kind, r in ratios.items():
+        print(f"ratio {kind}/random, trials to first gate pass: {r['first']:.3f}  (goal ≤ 0.333); "
+              f"best feasible objective after K: {r['best']:.4f}  (< 1: better)")
+    ratio_first, ratio_best = ratios[kinds[0]]["first"], ratios[kinds[0]]["best"]
+    return {"rows": rows, "ratio_first": ratio_first, "ratio_best": ratio_best, "ratios": ratios,
+            "spec": spec.__dict__, "raw": res}
 
 
 if __name__ == "__main__":

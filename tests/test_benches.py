@@ -172,6 +172,9 @@ def test_tune_efficiency_proxy_counts_trials_to_the_first_gate_pass():
     passed = [i + 1 for i, o in enumerate(outcomes) if o.gate_passed]
     assert passed and isinstance(first, int) and first == passed[0] and 1 < first <= 25  # not trivially trial 1
     assert best == min(o.gate_objective for o in outcomes if o.gate_feasible) < 1.0        # a pass: value < 1
+    # the GP searches the static space the job gives it (--sampler gp) and finds the pass region too
+    gp_first, gp_best = te.search("gp", 3, 12, land, spec, space, 3)
+    assert isinstance(gp_first, int) and gp_first <= 12 and gp_best < 1.0
 
 
 def test_tune_efficiency_proxy_has_a_micro_batch_axis_when_the_space_searches_it():

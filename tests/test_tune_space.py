@@ -143,3 +143,30 @@ def test_stage_overrides_are_applied_once_so_a_trials_scaled_steps_stand(tmp_pat
         assert apply_params(c, {}).stage("stage3") == st                      # idempotent: nothing left to apply
         dump_config(c, tmp_path / f"best-{m}.yaml")                            # what export writes, read back
         assert load_config(tmp_path / f"best-{m}.yaml").stage("stage3") == st
+
+
+def test_the_gp_samples_a_static_space_and_kl_off_wins_over_its_beta(tmp_path):
+    """``--sampler gp``: kl_beta is suggested in every trial (the GP models only parameters every trial has), and
+    a trial with KL off trains with β 0 — in the trial config and in best_config.yaml — whatever β it carries."""
+    from kcpt.tune.launch import build_searcher
+    from kcpt.tune.searcher import make_sampler
+
+    cfg = load_config(None, [])
+    gp = build_searcher(cfg, storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s", sampler="gp")
+    assert gp._space.static and isinstance(make_sampler("gp", seed=0, n_startup_trials=1),
+                                           optuna.samplers.GPSampler)
+    assert not build_searcher(cfg, storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="t")._space.static
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    offs = 0
+    for _ in range(20):
+        t = study.ask()
+        p = suggest_params(t, cfg.tune.space, static=True)
+        assert "kl_beta" in t.params                                # sampled in every trial
+        if p.get("kl_on") is False:
+            offs += 1
+            assert p["kl_beta"] == 0.0 and t.params["kl_beta"] > 0
+            assert apply_params(cfg, t.params).stage("stage3").kl_beta == 0.0   # export applies trial.params
+    assert offs
+    t = study.ask()
+    p = suggest_params(t, cfg.tune.space)
+    assert ("kl_beta" in t.params) == (p.get("kl_on") is not False)  # define-by-run (TPE): only when on

@@ -27,7 +27,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing experiment (its files and its Optuna study) and start again")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
+    p.add_argument("--sampler", choices=["tpe", "gp", "random"], default="tpe",
+                   help="Optuna sampler: tpe (default), gp (Gaussian process; docs/tuning.md), random")
     from kcpt.train.commands import add_verbose_argument
 
     add_verbose_argument(p)

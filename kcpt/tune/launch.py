@@ -396,7 +396,7 @@ def build_searcher(cfg: KcptConfig, *, storage: str, study_name: str, sampler: s
     """The searcher on the study ``study_name`` in ``storage`` (a URL of :mod:`kcpt.tune.study_storage`)."""
     space = cfg.tune.space
     return ConstrainedOptunaSearch(
-        space=SpaceSampler(space),
+        space=SpaceSampler(space, static=sampler == "gp"),
         metric=METRIC, mode="min",
         sampler=make_sampler(sampler, seed=cfg.tune.sampler_seed, n_startup_trials=cfg.tune.n_startup_trials),
         study_name=study_name, storage=open_storage(storage),

@@ -40,12 +40,16 @@ _USER_ATTR_KEYS = (*GATE_KEYS, "checkpoint_path", "run_dir", "trial_dir", "stop_
 
 
 def make_sampler(kind: str, *, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
-    """``"tpe"``: TPE (constrained through ``set_constraint``), ``"random"``: uniform random search."""
+    """``"tpe"``: TPE, ``"gp"``: Optuna's Gaussian-process sampler (both constrained through ``set_constraint``;
+    sample the space with ``static=True`` for the GP, see :func:`kcpt.tune.space.suggest_params`), ``"random"``:
+    uniform random search."""
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler '{kind}' (tpe | random)")
+    raise ValueError(f"unknown sampler '{kind}' (tpe | gp | random)")
 
 
 def _clean(v: Any) -> Any:

@@ -38,10 +38,13 @@ RECIPE_EXAM_SCHEDULE = ((0.0, 0.7), (1 / 3, 0.5), (2 / 3, 0.6))
 """The recipe's stage-3 schedule: (start fraction of the stage, exam share of the mixture), held as steps."""
 
 
-def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+def suggest_params(trial: optuna.Trial, space: SearchSpace, *, static: bool = False) -> dict[str, Any]:
     """Define-by-run sampling of one point of ``space`` (used as the ``space`` of the Optuna searcher).
 
     Returns the sampled values plus ``kl_beta`` = 0.0 when KL is off (so every trial config has a β).
+    ``static``: ``kl_beta`` is suggested in every trial, also when KL is off (then unused), so the KL part of the
+    space is the same in every trial — what Optuna's ``GPSampler`` models jointly (a parameter that exists in
+    some trials only, it samples at random).
     """
     p: dict[str, Any] = {}
     shape = (trial.suggest_categorical("mixture_shape", list(space.mixture_shapes))
@@ -57,10 +60,10 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
         r = space.exam_fraction
         p["exam_fraction_end"] = trial.suggest_float("exam_fraction_end", r.low, r.high, log=r.log)
     kl_on = trial.suggest_categorical("kl_on", [True, False]) if space.kl_allow_off else True
-    if kl_on:
+    if kl_on or static:
         r = space.kl_beta
         p["kl_beta"] = trial.suggest_float("kl_beta", r.low, r.high, log=r.log)
-    else:
+    if not kl_on:
         p["kl_on"] = False
         p["kl_beta"] = 0.0
     if space.micro_batch_sizes:
@@ -73,11 +76,11 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
 class SpaceSampler:
     """Picklable define-by-run callable for Ray's OptunaSearch (its searcher checkpoint uses plain pickle)."""
 
-    def __init__(self, space: SearchSpace):
-        self.space = space
+    def __init__(self, space: SearchSpace, static: bool = False):
+        self.space, self.static = space, static
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        return suggest_params(trial, self.space)
+        return suggest_params(trial, self.space, static=self.static)
 
 
 def mixture_weights(params: Mapping[str, Any], space: SearchSpace) -> dict[str, float]:
@@ -138,10 +141,10 @@ def apply_params(cfg: KcptConfig, params: Mapping[str, Any], stage: str | None =
         st["mixture_mode"] = "linear"
     if "lr" in params:
         st["lr"]["peak"] = float(params["lr"])
-    if "kl_beta" in params:
-        st["kl_beta"] = float(params["kl_beta"])
-    elif params.get("kl_on") is False:
+    if params.get("kl_on") is False:  # off wins over a β a static space sampled anyway
         st["kl_beta"] = 0.0
+    elif "kl_beta" in params:
+        st["kl_beta"] = float(params["kl_beta"])
     if "micro_batch_size" in params:
         m = int(params["micro_batch_size"])
         ref = st.get("micro_batch_size") or cfg.train.micro_batch_size

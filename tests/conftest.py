@@ -39,8 +39,8 @@ TUNE_TEST_OVERRIDES = [
 
 @pytest.fixture(scope="session")
 def tune_experiment(tmp_path_factory):
-    """A finished stage-3 tune experiment (3 trials, micro-batch 4 or 8 searched, the best feasible trial
-    re-evaluated at one more seed) made by :func:`kcpt.tune.launch.tune_stage3`."""
+    """A finished stage-3 tune experiment (3 trials, micro-batch 4 or 8 searched) made by
+    :func:`kcpt.tune.launch.tune_stage3`."""
     from types import SimpleNamespace
 
     from kcpt.config import load_config
@@ -48,8 +48,7 @@ def tune_experiment(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tune")
     overrides = [*TUNE_TEST_OVERRIDES, f"train.output_dir={root / 'runs'}", f"data.prepared_root={root / 'prepared'}",
-                 "tune.num_samples=3", "tune.space.micro_batch_sizes=[4,8]", "tune.reeval.top_k=1",
-                 "tune.reeval.seeds=1"]
+                 "tune.num_samples=3", "tune.space.micro_batch_sizes=[4,8]"]
     cfg = load_config(None, overrides)
     result = tune_stage3(cfg, experiment_dir=root / "exp", verbose=0)
     return SimpleNamespace(root=root, overrides=overrides, result=result, exp_dir=result.experiment_dir, cfg=cfg)

@@ -81,13 +81,54 @@ def test_tokens_to_gate_bench_compares_default_recipe_step_and_tuned(tmp_path, c
         assert v["plan_mean"] == res["tokens_before"] + 4 * per_step and v["final_exam"] is not None
     v = res["variants"]
     assert res["ratio_tuned_default"] == v["tuned"]["censored_mean"] / v["default"]["censored_mean"] == 1.0
-    assert res["tuned_reeval"]["runs"] == 2 and res["tuned_reeval"]["seeds"] == [None, 1001]  # chosen on 2 runs
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in
             (["default"], ["recipe_step"], ["tuned"])}
     assert set(rows) == {"default", "recipe_step", "tuned"}                 # the table has every row
     assert rows["tuned"][1] == "1/1" and rows["tuned"][2] == str(4 * per_step)
     assert "ratio tuned/default, censored mean tokens to gate: 1.000" in out
+    check_reevaluation(tmp_path / "b" / "tune", res, seed=1001)
+
+
+def check_reevaluation(exp, res, *, seed):
+    """tune.reeval (top_k 1, 1 seed) in the bench's real tune: the best feasible trial ran once more at the tune's
+    train.seed + 1, through the trials' own runner from the same start checkpoint; its record is what that run's
+    metrics give; trials.parquet, best_trial.json and `kcpt report` say the choice was made on both runs."""
+    import json
+
+    import optuna
+
+    from kcpt.analysis.trials import format_trials_report, load_manifest, load_trials
+    from kcpt.config import load_config
+    from kcpt.train.rundir import read_metrics
+    from kcpt.tune import reeval
+    from kcpt.tune.launch import gate_spec
+    from kcpt.tune.objective import gate_outcome
+
+    assert res["tuned_reeval"]["runs"] == 2 and res["tuned_reeval"]["seeds"] == [None, seed]
+    m = load_manifest(exp)
+    assert m["reeval"] == {"top_k": 1, "seeds": 1}
+    study = optuna.load_study(study_name=m["study_name"], storage=m["storage"])
+    recs = reeval.records(study)
+    assert list(recs) == [study.best_trial.number]
+    (rec,) = recs[study.best_trial.number]
+    assert rec.seed == seed
+    evals = [r for r in read_metrics(rec.run_dir) if r["stage"] == m["stage"]]
+    own = [r for r in read_metrics(study.best_trial.user_attrs["run_dir"]) if r["stage"] == m["stage"]]
+    assert evals[0]["raw_val_loss"] == pytest.approx(own[0]["raw_val_loss"])  # the same start checkpoint
+    assert [r["train_loss"] for r in evals[1:]] != [r["train_loss"] for r in own[1:]]  # another data order
+    spec = gate_spec(load_config(exp / "config.yaml"), m["stage"], m["baseline_raw_best"], m["tokens_before"])
+    o = gate_outcome(evals, spec)
+    assert rec.score == pytest.approx(o.gate_score) and rec.gate_passed == o.gate_passed
+    df = load_trials(exp)
+    row = df[df["trial_number"] == rec.trial_number].iloc[0]
+    assert row["reeval_runs"] == 2
+    assert row["reeval_mean_score"] == pytest.approx((study.best_trial.value + rec.score) / 2)
+    assert (df[df["trial_number"] != rec.trial_number]["reeval_runs"] == 0).all()
+    best = json.loads((exp / "best_trial.json").read_text())
+    assert best["trial_number"] == rec.trial_number and "tune.reeval" in best["chosen_by"]
+    report = format_trials_report(exp)
+    assert "mean_score" in report and "chosen by: lowest mean score over 2 runs (tune.reeval)" in report
 
 
 def test_tokens_to_gate_default_is_the_issues_recipe_default():

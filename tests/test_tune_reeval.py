@@ -79,3 +79,36 @@ def test_export_writes_the_reevaluated_choice(tmp_path):
     report = format_trials_report(tmp_path)                 # `kcpt report`: the runs and why #1 was chosen
     assert "mean_score" in report and "best feasible trial: #1" in report
     assert "gate held in 2/2 runs; tokens_to_gate per run (own, then seeds 1): 2000, 2000" in report
+
+
+def test_a_failed_rerun_is_reported_and_left_out_and_a_resume_skips_recorded_runs(tmp_path):
+    """reevaluate's plumbing: runs go to ``runs/reeval-<n>-seed<s>`` at train.seed + 1 …, a run that raises (the
+    injected failure) is logged and not recorded, and a second call (a resumed experiment) runs only what is
+    missing. The runs themselves are the real stage loop in test_benches' tokens_to_gate test."""
+    from kcpt.tune.launch import TrialContext, reevaluate
+
+    study, _ = _study(tmp_path)
+    cfg = load_config(None, ["train.seed=7"])
+    calls, lines = [], []
+
+    def runner(c, *, stage, run_dir, **_):
+        calls.append((run_dir.name, c.train.seed, c.stage(stage).lr.peak))
+        if c.train.seed == 9 and len(calls) < 5:
+            raise RuntimeError("worker lost")
+        run_dir.mkdir(parents=True)
+        evals = [{"stage": stage, "step": s, "tokens_seen": 100 * s, "raw_ratio": 1.0, "exam_val_loss": 2.0,
+                  "gate_streak": s} for s in (0, 1, 2, 3)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+
+    ctx = TrialContext(cfg.model_dump(mode="json"), "stage3", None, 7.0, str(tmp_path / "runs"), runner=runner)
+    new = reevaluate(study, ctx, top_k=2, seeds=2, log=lines.append)
+    assert [c[:2] for c in calls] == [("reeval-0-seed8", 8), ("reeval-0-seed9", 9), ("reeval-1-seed8", 8),
+                                      ("reeval-1-seed9", 9)]
+    assert calls[0][2] == pytest.approx(study.trials[0].params["lr"])    # the trial's own settings
+    assert [(r.trial_number, r.seed) for r in new] == [(0, 8), (1, 8)]
+    assert sum("failed (RuntimeError: worker lost)" in ln for ln in lines) == 2
+    assert all(r.gate_passed and r.tokens_to_gate == 300 for r in new)   # consecutive 3: the 3rd eval
+    again = reevaluate(study, ctx, top_k=2, seeds=2, log=lines.append)
+    assert [c[0] for c in calls[4:]] == ["reeval-0-seed9", "reeval-1-seed9"]  # only the missing runs
+    assert [(r.trial_number, r.seed) for r in again] == [(0, 9), (1, 9)]
+    assert {(n, r.seed) for n, rs in reeval.records(study).items() for r in rs} == {(0, 8), (0, 9), (1, 8), (1, 9)}

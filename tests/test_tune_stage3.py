@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import optuna
@@ -120,41 +119,3 @@ def test_recipe_trial_runs_first_and_every_trial_records_tokens_to_gate(tune_exp
         assert evals[-1]["tokens_seen"] > 0
     assert m["tokens_before"] > 0
 
-
-def test_the_best_trial_is_reevaluated_at_another_seed_and_chosen_by_its_mean(tune_experiment):
-    """tune.reeval (top_k 1, 1 seed): the best feasible trial ran once more at train.seed + 1, through the trials'
-    own runner, from the same start checkpoint; its record is what the run's metrics give, and best_trial.json
-    says the choice was made on the mean of both runs."""
-    from kcpt.train.rundir import read_metrics
-    from kcpt.tune import reeval
-    from kcpt.tune.launch import gate_spec
-    from kcpt.tune.objective import gate_outcome
-
-    exp = tune_experiment.exp_dir
-    m = load_manifest(exp)
-    df = load_trials(exp)
-    study = optuna.load_study(study_name=m["study_name"], storage=m["storage"])
-    if df[df["feasible"]].empty:
-        assert not reeval.records(study)
-        pytest.skip("no feasible trial in this small experiment")
-    assert m["reeval"] == {"top_k": 1, "seeds": 1}
-    recs = reeval.records(study)
-    assert list(recs) == [study.best_trial.number]
-    (rec,) = recs[study.best_trial.number]
-    assert rec.seed == tune_experiment.cfg.train.seed + 1
-    evals = [r for r in read_metrics(rec.run_dir) if r["stage"] == m["stage"]]
-    own = [r for r in read_metrics(study.best_trial.user_attrs["run_dir"]) if r["stage"] == m["stage"]]
-    assert evals[0]["raw_val_loss"] == pytest.approx(own[0]["raw_val_loss"])  # the same start checkpoint
-    assert [r["train_loss"] for r in evals[1:]] != [r["train_loss"] for r in own[1:]]  # another data order
-    spec = gate_spec(tune_experiment.cfg, m["stage"], m["baseline_raw_best"], m["tokens_before"])
-    o = gate_outcome(evals, spec)
-    assert rec.score == pytest.approx(o.gate_score) and rec.gate_passed == o.gate_passed
-    row = df[df["trial_number"] == rec.trial_number].iloc[0]
-    assert row["reeval_runs"] == 2
-    assert row["reeval_mean_score"] == pytest.approx((study.best_trial.value + rec.score) / 2)
-    assert (df[df["trial_number"] != rec.trial_number]["reeval_runs"] == 0).all()
-    best = json.loads((exp / "best_trial.json").read_text())
-    assert best["trial_number"] == rec.trial_number and "tune.reeval" in best["chosen_by"]
-    assert best["reeval"]["runs"] == 2 and best["reeval"]["seeds"] == [None, rec.seed]
-    report = format_trials_report(exp)
-    assert "mean_score" in report and "chosen by: lowest mean score over 2 runs (tune.reeval)" in report

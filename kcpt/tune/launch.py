@@ -299,12 +299,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     tune.report(final)
 
 
-def reevaluate(study: Any, ctx: TrialContext, *, top_k: int, seeds: int, log: Callable[[str], None] = print
-               ) -> list[Any]:
+def reevaluate(study: Any, ctx: TrialContext, *, top_k: int, seeds: int, log: Callable[[str], None] = print,
+               on_record: Callable[[Any], None] | None = None) -> list[Any]:
     """Re-run the ``top_k`` best feasible trials of ``study`` at ``seeds`` more training seeds (``train.seed + 1``
     …) with ``ctx.runner`` — the trials' own runner and world size, from the same start checkpoint — and record
-    each run in the study (:mod:`kcpt.tune.reeval`). Runs already recorded (a resumed experiment) are skipped; a
-    run dir left by a killed run resumes. Returns the new records."""
+    each run in the study (:mod:`kcpt.tune.reeval`; then ``on_record(record)``). Runs already recorded (a resumed
+    experiment) are skipped; a run dir left by a killed run resumes. A run that raises is logged and left
+    unrecorded (the choice uses the runs that finished). Returns the new records."""
     from kcpt.config import config_from_dict
     from kcpt.tune import reeval
 
@@ -321,13 +322,20 @@ def reevaluate(study: Any, ctx: TrialContext, *, top_k: int, seeds: int, log: Ca
         cfg.train.seed = seed
         name = f"reeval-{t.number}-seed{seed}"
         run_dir = store_lib.join(ctx.runs_dir, name) if store_lib.is_uri(ctx.runs_dir) else Path(ctx.runs_dir) / name
-        ctx.runner(cfg, stage=ctx.stage, run_dir=run_dir, init_checkpoint=ctx.init_checkpoint,
-                   baseline_raw_best=ctx.baseline_raw_best, reference_checkpoint=ctx.reference_checkpoint,
-                   callbacks=[])
+        try:
+            ctx.runner(cfg, stage=ctx.stage, run_dir=run_dir, init_checkpoint=ctx.init_checkpoint,
+                       baseline_raw_best=ctx.baseline_raw_best, reference_checkpoint=ctx.reference_checkpoint,
+                       callbacks=[])
+        except Exception as e:  # noqa: BLE001 - one lost re-run must not lose the experiment's results
+            log(f"re-eval {j}/{len(todo)}: trial #{t.number} at seed {seed} failed ({type(e).__name__}: {e}); "
+                f"not recorded — its run dir: {run_dir}")
+            continue
         o = gate_outcome(_stage_evals(run_dir, ctx.stage), spec)
         rec = reeval.ReevalRecord(t.number, seed, math.inf if o.gate_score is None else float(o.gate_score),
                                   o.gate_objective, o.gate_constraint, o.gate_passed, o.tokens_to_gate, str(run_dir))
         reeval.save_record(study, rec)
+        if on_record is not None:
+            on_record(rec)
         new.append(rec)
         log(f"re-eval {j}/{len(todo)}: trial #{t.number} at seed {seed}: "
             f"{'gate held at ' + str(o.tokens_to_gate) + ' tokens' if o.gate_passed else 'gate did not hold'}, "
@@ -552,7 +560,8 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             print(f"re-evaluating the {cfg.tune.reeval.top_k} best feasible trial(s) at "
                   f"{cfg.tune.reeval.seeds} more seed(s) each", flush=True)
             reevaluate(study, ctx, top_k=cfg.tune.reeval.top_k, seeds=cfg.tune.reeval.seeds,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, flush=True),
+                       on_record=lambda _: publish_experiment(uri, exp_dir))  # a bucket keeps each record
     finally:
         if started:
             ray.shutdown()

@@ -146,9 +146,10 @@ def test_stage_overrides_are_applied_once_so_a_trials_scaled_steps_stand(tmp_pat
 
 
 def test_the_gp_samples_a_static_space_and_kl_off_wins_over_its_beta(tmp_path):
-    """``--sampler gp``: kl_beta is suggested in every trial (the GP models only parameters every trial has), and
-    a trial with KL off trains with β 0 — in the trial config and in best_config.yaml — whatever β it carries."""
-    from kcpt.tune.launch import build_searcher
+    """``--sampler gp``: kl_beta is suggested in every trial (the GP models only parameters every trial has), a
+    trial with KL off trains with β 0 — in the trial config and in best_config.yaml — whatever β it carries, and
+    no ASHA (the GP ignores stopped trials and re-proposes their point)."""
+    from kcpt.tune.launch import build_scheduler, build_searcher
     from kcpt.tune.searcher import make_sampler
 
     cfg = load_config(None, [])
@@ -156,6 +157,7 @@ def test_the_gp_samples_a_static_space_and_kl_off_wins_over_its_beta(tmp_path):
     assert gp._space.static and isinstance(make_sampler("gp", seed=0, n_startup_trials=1),
                                            optuna.samplers.GPSampler)
     assert not build_searcher(cfg, storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="t")._space.static
+    assert build_scheduler(cfg, "gp") is None and build_scheduler(cfg, "tpe") is not None  # GP: no ASHA
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     offs = 0
     for _ in range(20):

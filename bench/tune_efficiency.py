@@ -50,7 +50,7 @@ from scipy.interpolate import RBFInterpolator
 from kcpt.analysis.trials import load_curves, load_manifest, load_trials
 from kcpt.config import SearchSpace, load_config
 from kcpt.tune.objective import GateSpec, gate_outcome
-from kcpt.tune.searcher import CONSTRAINT_NAME, make_sampler
+from kcpt.tune.searcher import CONSTRAINT_NAME, make_sampler, static_space
 from kcpt.tune.space import suggest_params
 
 
@@ -150,7 +150,7 @@ def search(kind: str, seed: int, budget: int, land: MeasuredLandscape, spec: Gat
     first_pass, best = None, None
     for i in range(budget):
         trial = study.ask()
-        params = suggest_params(trial, space, static=kind == "gp")  # as the tune job samples for that sampler
+        params = suggest_params(trial, space, static=static_space(kind))  # as the tune job samples for it
         o = gate_outcome(land.evals(params), spec)
         trial.set_constraint(CONSTRAINT_NAME, o.gate_constraint)
         study.tell(trial, o.gate_objective)

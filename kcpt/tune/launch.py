@@ -52,7 +52,7 @@ from kcpt.tune.experiment import (
 )
 from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
 from kcpt.tune.progress import TuneConsole
-from kcpt.tune.searcher import DONE_KEY, FINAL_KEY, ConstrainedOptunaSearch, make_sampler
+from kcpt.tune.searcher import DONE_KEY, FINAL_KEY, ConstrainedOptunaSearch, make_sampler, static_space
 from kcpt.tune.space import SpaceSampler, apply_params, recipe_points
 from kcpt.tune.study_storage import open_storage
 
@@ -404,7 +404,7 @@ def build_searcher(cfg: KcptConfig, *, storage: str, study_name: str, sampler: s
     """The searcher on the study ``study_name`` in ``storage`` (a URL of :mod:`kcpt.tune.study_storage`)."""
     space = cfg.tune.space
     return ConstrainedOptunaSearch(
-        space=SpaceSampler(space, static=sampler == "gp"),
+        space=SpaceSampler(space, static=static_space(sampler)),
         metric=METRIC, mode="min",
         sampler=make_sampler(sampler, seed=cfg.tune.sampler_seed, n_startup_trials=cfg.tune.n_startup_trials),
         study_name=study_name, storage=open_storage(storage),

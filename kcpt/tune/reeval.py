@@ -78,7 +78,7 @@ def summary(t: FrozenTrial, recs: list[ReevalRecord]) -> dict[str, Any]:
     scores = [own_score(t), *(r.score for r in recs)]
     passed = [bool(t.user_attrs.get("gate_passed")), *(r.gate_passed for r in recs)]
     tokens = [t.user_attrs.get("tokens_to_gate"), *(r.tokens_to_gate for r in recs)]
-    tokens = [int(x) if isinstance(x, (int, float)) and x is not None and x >= 0 and p else None
+    tokens = [int(x) if p and isinstance(x, (int, float)) and x >= 0 else None
               for x, p in zip(tokens, passed, strict=True)]
     return {"runs": len(scores), "mean_score": float(sum(scores) / len(scores)), "gate_passes": sum(passed),
             "scores": scores, "tokens_to_gate": tokens, "seeds": [None, *(r.seed for r in recs)]}
@@ -93,11 +93,11 @@ def best_trial(study: optuna.Study) -> tuple[FrozenTrial | None, dict[str, Any] 
     recs = records(study)
     if recs:
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-        scored = [(summary(by_number[n], rs)["mean_score"], n) for n, rs in recs.items() if n in by_number
-                  and by_number[n].state == TrialState.COMPLETE]
-        if scored:
-            _, n = min(scored)
-            return by_number[n], summary(by_number[n], recs[n])
+        sums = {n: summary(by_number[n], rs) for n, rs in recs.items()
+                if n in by_number and by_number[n].state == TrialState.COMPLETE}
+        if sums:
+            n = min(sums, key=lambda k: (sums[k]["mean_score"], k))
+            return by_number[n], sums[n]
     try:
         return study.best_trial, None
     except ValueError:

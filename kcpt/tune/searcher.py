@@ -39,6 +39,12 @@ DONE_KEY = "stage_done"
 _USER_ATTR_KEYS = (*GATE_KEYS, "checkpoint_path", "run_dir", "trial_dir", "stop_reason")
 
 
+def static_space(kind: str) -> bool:
+    """Whether the sampler ``kind`` needs the space sampled static (:func:`kcpt.tune.space.suggest_params`): the GP
+    models only parameters every trial has."""
+    return kind == "gp"
+
+
 def make_sampler(kind: str, *, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
     """``"tpe"``: TPE, ``"gp"``: Optuna's Gaussian-process sampler (both constrained through ``set_constraint``;
     sample the space with ``static=True`` for the GP, see :func:`kcpt.tune.space.suggest_params`), ``"random"``:

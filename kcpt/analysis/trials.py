@@ -202,6 +202,11 @@ def format_trials_report(exp_dir: str | Path) -> str:
             lines.append(f"  chosen by: {best['chosen_by']}: mean score {_fmt(r['mean_score'])}, gate held in "
                          f"{r['gate_passes']}/{r['runs']} runs; tokens_to_gate per run (own, then seeds {seeds}): "
                          f"{tokens}")
+        from kcpt.tune.space import format_range_edges
+
+        edges = format_range_edges(best.get("at_range_edge") or [])
+        if edges:
+            lines.append(f"  note: {edges}")
         lines.append(f"  checkpoint: {best.get('checkpoint_path')}")
         lines.append(f"  config: {exp / 'best_config.yaml'}")
     else:

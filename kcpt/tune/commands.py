@@ -76,6 +76,11 @@ def tune_from_args(args: argparse.Namespace) -> int:
     else:
         print(f"best feasible trial: #{res.best['trial_number']} objective={res.best['objective']:.4f} "
               f"constraint={res.best['constraint']:.4f} params={res.best['params']}")
+        from kcpt.tune.space import format_range_edges
+
+        edges = format_range_edges(res.best.get("at_range_edge") or [])
+        if edges:
+            print(f"note: {edges}")
     where = res.extra.get("experiment_uri") or res.experiment_dir
     print(f"experiment: {where}")
     if res.extra.get("experiment_uri"):

@@ -19,7 +19,7 @@ from kcpt.config import dump_config, load_config
 from kcpt.errors import InputError
 from kcpt.tune import reeval
 from kcpt.tune.searcher import CONSTRAINT_NAME
-from kcpt.tune.space import apply_params, mixture_weights
+from kcpt.tune.space import apply_params, mixture_weights, range_edges
 
 #: Columns of trials.parquet besides one ``param_<name>`` column per sampled parameter.
 TRIAL_COLUMNS = ("trial_number", "ray_trial_id", "status", "objective", "constraint", "feasible", "gate_passed",
@@ -140,7 +140,8 @@ def export_results(experiment_dir: str | Path) -> ExportPaths:
                      "selected_exam_acc": _num(best.user_attrs.get("selected_exam_acc")),
                      "chosen_by": "study.best_trial (one run per trial)" if reeval_summary is None else
                      f"lowest mean score over {reeval_summary['runs']} runs (tune.reeval)",
-                     "reeval": reeval_summary}
+                     "reeval": reeval_summary,
+                     "at_range_edge": range_edges(params, cfg.tune.space)}
     else:
         if best_cfg_path.exists():
             best_cfg_path.unlink()

@@ -26,7 +26,7 @@ from typing import Any
 
 import optuna
 
-from kcpt.config import KcptConfig, SearchSpace, _set_dotted, config_from_dict
+from kcpt.config import FloatRange, KcptConfig, SearchSpace, _set_dotted, config_from_dict
 from kcpt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,51 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace, *, static: bool = Fa
     for path, r in space.extra.items():
         p[path] = trial.suggest_float(path, r.low, r.high, log=r.log)
     return p
+
+
+EDGE_FRACTION = 0.02
+"""A sampled float within this fraction of its range's span (in log space for a log range) of a bound is "at the
+edge" (:func:`range_edges`)."""
+
+
+def float_ranges(space: SearchSpace) -> dict[str, FloatRange]:
+    """Every float parameter the space can sample, by its Optuna name."""
+    out = {name: getattr(space, name) for name in ("exam_fraction", "qa_fraction", "lr", "kl_beta")}
+    out["exam_fraction_end"] = space.exam_fraction
+    return {**out, **space.extra}
+
+
+def range_edges(params: Mapping[str, Any], space: SearchSpace) -> list[dict[str, Any]]:
+    """The float parameters of ``params`` that sit at a bound of their search range (within
+    :data:`EDGE_FRACTION` of the span): ``{"param", "value", "bound": "low"|"high", "edge", "range": [low, high]}``
+    each (``edge``: the bound's value).
+    A best trial at a bound says the optimum may lie outside the range (widen it in ``tune.space``). A ``kl_beta``
+    that is not used (KL off) is not reported."""
+    import math
+
+    def scale(x: float, r: FloatRange) -> float:
+        return math.log(x) if r.log else float(x)
+
+    out = []
+    for name, r in float_ranges(space).items():
+        v = params.get(name)
+        if v is None or (name == "kl_beta" and params.get("kl_on") is False) or (r.log and float(v) <= 0):
+            continue
+        lo, hi, x = scale(r.low, r), scale(r.high, r), scale(v, r)
+        for bound, b, edge in (("low", lo, r.low), ("high", hi, r.high)):
+            if abs(x - b) <= EDGE_FRACTION * (hi - lo):
+                out.append({"param": name, "value": float(v), "bound": bound, "range": [r.low, r.high],
+                            "edge": edge})
+    return out
+
+
+def format_range_edges(edges: list[dict[str, Any]]) -> str | None:
+    """One line naming the parameters at a bound and what to do, or None when there are none."""
+    if not edges:
+        return None
+    at = ", ".join(f"{e['param']} {e['value']:.4g} at its {e['bound']} bound {e['edge']:g}" for e in edges)
+    return (f"the best trial sits at the edge of its search range ({at}): the optimum may lie outside it; widen "
+            f"tune.space.<param> (e.g. --set 'tune.space.{edges[0]['param']}={{low: …, high: …}}') and tune again")
 
 
 class SpaceSampler:

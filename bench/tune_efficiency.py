@@ -194,11 +194,20 @@ def real_loop(args: argparse.Namespace) -> dict:
     overrides = [f"train.output_dir={out / 'runs'}", *args.real_set]
     res: dict[str, dict[str, list]] = {k: {"first": [], "best": []} for k in ("tpe", "random")}
     t0 = time.perf_counter()
-    for seed in range(args.real_seeds):
-        for kind in ("tpe", "random"):
-            first, best = real_search(kind, seed, args.real_trials, overrides, out)
-            res[kind]["first"].append(first)
-            res[kind]["best"].append(best)
+    import ray
+
+    from kcpt.tune.launch import init_ray
+
+    started = init_ray(load_config(None, overrides))  # one Ray for every search (each would start and stop its own)
+    try:
+        for seed in range(args.real_seeds):
+            for kind in ("tpe", "random"):
+                first, best = real_search(kind, seed, args.real_trials, overrides, out)
+                res[kind]["first"].append(first)
+                res[kind]["best"].append(best)
+    finally:
+        if started:
+            ray.shutdown()
     K = args.real_trials
     print(f"\nreal loop: {args.real_seeds} seeds × {K} trials per sampler, {time.perf_counter() - t0:.0f} s "
           f"(overrides: {' '.join(args.real_set)})")

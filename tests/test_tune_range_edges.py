@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-import optuna
+from conftest import stage3_study
 
 from kcpt.analysis.trials import format_trials_report
-from kcpt.config import dump_config, load_config
+from kcpt.config import load_config
 from kcpt.tune.export import export_results
 from kcpt.tune.searcher import CONSTRAINT_NAME
 from kcpt.tune.space import range_edges
@@ -30,19 +30,12 @@ def test_params_within_two_percent_of_a_bound_are_at_the_edge():
 
 
 def test_export_and_report_name_the_parameters_at_a_bound(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = optuna.create_study(study_name="s", storage=storage, direction="minimize")
-    dist = {"exam_fraction": optuna.distributions.FloatDistribution(0.4, 0.9),
-            "qa_fraction": optuna.distributions.FloatDistribution(0.2, 0.8),
-            "lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True)}
+    study, dist = stage3_study(tmp_path)
     for value, lr in ((0.3, 3e-3), (0.4, 5e-4)):  # the best trial (#0) trains at the top of the LR range
         study.enqueue_trial({"exam_fraction": 0.6, "qa_fraction": 0.5, "lr": lr})
         t = study.ask(dist)
         t.set_constraint(CONSTRAINT_NAME, -0.01)
         study.tell(t, value)
-    dump_config(load_config(None, []), tmp_path / "config.yaml")
-    (tmp_path / "experiment.json").write_text(json.dumps({"study_name": "s", "storage": storage,
-                                                         "stage": "stage3"}))
     export_results(tmp_path)
     best = json.loads((tmp_path / "best_trial.json").read_text())
     assert best["trial_number"] == 0

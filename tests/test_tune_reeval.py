@@ -8,21 +8,19 @@ import json
 import optuna
 import pandas as pd
 import pytest
+from conftest import stage3_study
 
 from kcpt.analysis.trials import format_trials_report
-from kcpt.config import dump_config, load_config
+from kcpt.config import load_config
 from kcpt.tune import reeval
 from kcpt.tune.export import export_results
 from kcpt.tune.searcher import CONSTRAINT_NAME
 
 
 def _study(tmp_path):
-    """Trials #0 (value .30), #1 (.35), #2 (.20 but infeasible), #3 (.25 pruned), fixed params per trial."""
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = optuna.create_study(study_name="s", storage=storage, direction="minimize")
-    dist = {"exam_fraction": optuna.distributions.FloatDistribution(0.4, 0.9),
-            "qa_fraction": optuna.distributions.FloatDistribution(0.2, 0.8),
-            "lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True)}
+    """Trials #0 (value .30), #1 (.35), #2 (.20 but infeasible), #3 (.25 pruned), fixed params per trial, in an
+    experiment directory (tmp_path)."""
+    study, dist = stage3_study(tmp_path)
     for i, (value, constraint, state) in enumerate([(0.30, -0.01, "COMPLETE"), (0.35, -0.02, "COMPLETE"),
                                                     (0.20, 0.05, "COMPLETE"), (None, -0.01, "PRUNED")]):
         t = study.ask(dist)
@@ -30,7 +28,7 @@ def _study(tmp_path):
         t.set_user_attr("tokens_to_gate", 1000 * (i + 1))
         t.set_constraint(CONSTRAINT_NAME, constraint)
         study.tell(t, value, state=getattr(optuna.trial.TrialState, state))
-    return study, storage
+    return study
 
 
 def _record(n: int, seed: int, score: float, passed: bool = True) -> reeval.ReevalRecord:
@@ -38,13 +36,13 @@ def _record(n: int, seed: int, score: float, passed: bool = True) -> reeval.Reev
 
 
 def test_candidates_are_the_best_complete_feasible_trials(tmp_path):
-    study, _ = _study(tmp_path)
+    study = _study(tmp_path)
     assert [t.number for t in reeval.candidates(study, 2)] == [0, 1]  # #2 infeasible, #3 pruned
     assert [t.number for t in reeval.candidates(study, 5)] == [0, 1]
 
 
 def test_the_best_trial_is_the_lowest_mean_over_its_runs(tmp_path):
-    study, _ = _study(tmp_path)
+    study = _study(tmp_path)
     best, summary = reeval.best_trial(study)
     assert best.number == 0 and summary is None           # no re-evaluation: the study's best feasible trial
     reeval.save_record(study, _record(0, 1, 1.40, passed=False))   # #0 was lucky: its re-run never held
@@ -61,10 +59,7 @@ def test_the_best_trial_is_the_lowest_mean_over_its_runs(tmp_path):
 
 
 def test_export_writes_the_reevaluated_choice(tmp_path):
-    study, storage = _study(tmp_path)
-    dump_config(load_config(None, []), tmp_path / "config.yaml")
-    (tmp_path / "experiment.json").write_text(json.dumps({"study_name": "s", "storage": storage,
-                                                         "stage": "stage3"}))
+    study = _study(tmp_path)
     reeval.save_record(study, _record(0, 1, 1.40, passed=False))
     reeval.save_record(study, _record(1, 1, 0.33))
     paths = export_results(tmp_path)
@@ -87,7 +82,7 @@ def test_a_failed_rerun_is_reported_and_left_out_and_a_resume_skips_recorded_run
     missing. The runs themselves are the real stage loop in test_benches' tokens_to_gate test."""
     from kcpt.tune.launch import TrialContext, reevaluate
 
-    study, _ = _study(tmp_path)
+    study = _study(tmp_path)
     cfg = load_config(None, ["train.seed=7"])
     calls, lines = [], []
 

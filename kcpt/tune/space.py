@@ -21,6 +21,7 @@ Parameters (flat names, as stored in the Optuna study):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,8 +92,6 @@ def range_edges(params: Mapping[str, Any], space: SearchSpace) -> list[dict[str,
     each (``edge``: the bound's value).
     A best trial at a bound says the optimum may lie outside the range (widen it in ``tune.space``). A ``kl_beta``
     that is not used (KL off) is not reported."""
-    import math
-
     def scale(x: float, r: FloatRange) -> float:
         return math.log(x) if r.log else float(x)
 

@@ -23,25 +23,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # --------------------------------------------------------------------------- tuning (H4)
 
-
-def stage3_study(exp_dir):
-    """An empty minimising Optuna study ``s`` in SQLite under ``exp_dir``, which is made an experiment directory
-    :func:`kcpt.tune.export.export_results` reads (``config.yaml`` = the demo config, ``experiment.json``).
-    Returns the study and the float distributions of the stage-3 mixture and LR (for ``study.ask``)."""
-    import json
-
-    import optuna
-
-    from kcpt.config import dump_config, load_config
-
-    storage = f"sqlite:///{exp_dir / 'optuna.db'}"
-    study = optuna.create_study(study_name="s", storage=storage, direction="minimize")
-    dump_config(load_config(None, []), exp_dir / "config.yaml")
-    (exp_dir / "experiment.json").write_text(json.dumps({"study_name": "s", "storage": storage, "stage": "stage3"}))
-    dist = {"exam_fraction": optuna.distributions.FloatDistribution(0.4, 0.9),
-            "qa_fraction": optuna.distributions.FloatDistribution(0.2, 0.8),
-            "lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True)}
-    return study, dist
 # ONE real tune experiment (real stage loop: CPT → stage 1 → stage 2 once, then stage-3 trials) shared by
 # test_tune_stage3.py, test_notebook.py and test_job_submit.py (which reuses its prerequisite checkpoints).
 
@@ -72,6 +53,26 @@ def tune_experiment(tmp_path_factory):
     cfg = load_config(None, overrides)
     result = tune_stage3(cfg, experiment_dir=root / "exp", verbose=0)
     return SimpleNamespace(root=root, overrides=overrides, result=result, exp_dir=result.experiment_dir, cfg=cfg)
+
+
+def stage3_study(exp_dir):
+    """An empty minimising Optuna study ``s`` in SQLite under ``exp_dir``, which is made an experiment directory
+    :func:`kcpt.tune.export.export_results` reads (``config.yaml`` = the demo config, ``experiment.json``).
+    Returns the study and the Optuna distributions of the demo space's mixture fractions and LR (for ``study.ask``)."""
+    import json
+
+    import optuna
+
+    from kcpt.config import dump_config, load_config
+
+    cfg = load_config(None, [])
+    storage = f"sqlite:///{exp_dir / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="minimize")
+    dump_config(cfg, exp_dir / "config.yaml")
+    (exp_dir / "experiment.json").write_text(json.dumps({"study_name": "s", "storage": storage, "stage": "stage3"}))
+    ranges = {name: getattr(cfg.tune.space, name) for name in ("exam_fraction", "qa_fraction", "lr")}
+    return study, {name: optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)
+                   for name, r in ranges.items()}
 
 
 # --------------------------------------------------------------------------- S3 (moto's server on 127.0.0.1)

@@ -18,14 +18,14 @@ import pandas as pd
 from kcpt.config import dump_config, load_config
 from kcpt.errors import InputError
 from kcpt.tune import reeval
-from kcpt.tune.searcher import CONSTRAINT_NAME, EXAM_CONSTRAINT_NAME
+from kcpt.tune.searcher import CONSTRAINT_NAME
 from kcpt.tune.space import apply_params, mixture_weights, range_edges
 
 #: Columns of trials.parquet besides one ``param_<name>`` column per sampled parameter.
-TRIAL_COLUMNS = ("trial_number", "ray_trial_id", "status", "objective", "constraint", "exam_constraint", "feasible",
-                 "gate_passed", "steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step",
-                 "selected_raw_val_loss", "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em",
-                 "selected_exam_f1", "selected_raw_ratio", "num_evals", "stopped_early", "checkpoint_path",
+TRIAL_COLUMNS = ("trial_number", "ray_trial_id", "status", "objective", "constraint", "feasible", "gate_passed",
+                 "steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "selected_raw_val_loss",
+                 "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em", "selected_exam_f1",
+                 "selected_raw_ratio", "num_evals", "stopped_early", "checkpoint_path",
                  "run_dir", "trial_dir", "reeval_runs", "reeval_mean_score", "reeval_gate_passes")
 
 
@@ -63,8 +63,7 @@ def _num(v: Any) -> float | None:
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per Optuna trial (see :data:`TRIAL_COLUMNS`); ``feasible`` is True only for COMPLETE trials
-    whose (raw) constraint is ≤ 0; ``exam_constraint``: the exam half of the gate, when the study was told it.
-    ``reeval_*``: over the trial's own run and its re-evaluation runs
+    whose constraint is ≤ 0. ``reeval_*``: over the trial's own run and its re-evaluation runs
     (:mod:`kcpt.tune.reeval`; ``reeval_runs`` = 0 and the others empty for a trial not re-evaluated)."""
     recs = reeval.records(study)
     rows = []
@@ -77,8 +76,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row: dict[str, Any] = {
             "trial_number": t.number, "ray_trial_id": ua.get("ray_trial_id"), "status": t.state.name,
             "objective": t.value if t.state == optuna.trial.TrialState.COMPLETE else _num(ua.get("gate_objective")),
-            "constraint": c, "exam_constraint": (t.constraints or {}).get(EXAM_CONSTRAINT_NAME),
-            "feasible": bool(t.state == optuna.trial.TrialState.COMPLETE and c is not None and c <= 0),
+            "constraint": c, "feasible": bool(t.state == optuna.trial.TrialState.COMPLETE and c is not None
+                                              and c <= 0),
             "gate_passed": bool(ua.get("gate_passed", False)), "steps_to_gate": _int("steps_to_gate"),
             "tokens_to_gate": _int("tokens_to_gate"), "plan_tokens_to_gate": _int("plan_tokens_to_gate"),
             "selected_step": _int("selected_step"),
@@ -139,8 +138,7 @@ def export_results(experiment_dir: str | Path) -> ExportPaths:
                      "plan_tokens_to_gate": _int_attr(best, "plan_tokens_to_gate"),
                      "selected_exam_val_loss": _num(best.user_attrs.get("selected_exam_val_loss")),
                      "selected_exam_acc": _num(best.user_attrs.get("selected_exam_acc")),
-                     "chosen_by": "lowest objective among raw-feasible trials (one run per trial)"
-                     if reeval_summary is None else
+                     "chosen_by": "study.best_trial (one run per trial)" if reeval_summary is None else
                      f"lowest mean score over {reeval_summary['runs']} runs (tune.reeval)",
                      "reeval": reeval_summary,
                      "at_range_edge": range_edges(params, cfg.tune.space)}

@@ -401,13 +401,11 @@ def _logger_callbacks(cfg: KcptConfig, experiment_dir: Path) -> list[Any]:
 
 def build_searcher(cfg: KcptConfig, *, storage: str, study_name: str, sampler: str = "tpe"
                    ) -> ConstrainedOptunaSearch:
-    """The searcher on the study ``study_name`` in ``storage`` (a URL of :mod:`kcpt.tune.study_storage`); with the
-    ``tokens_to_gate`` objective the exam half of the gate is a second constraint (:mod:`kcpt.tune.objective`)."""
+    """The searcher on the study ``study_name`` in ``storage`` (a URL of :mod:`kcpt.tune.study_storage`)."""
     space = cfg.tune.space
     return ConstrainedOptunaSearch(
         space=SpaceSampler(space, static=static_space(sampler)),
         metric=METRIC, mode="min",
-        exam_constraint_key="gate_exam_constraint" if cfg.tune.objective == "tokens_to_gate" else None,
         sampler=make_sampler(sampler, seed=cfg.tune.sampler_seed, n_startup_trials=cfg.tune.n_startup_trials),
         study_name=study_name, storage=open_storage(storage),
         enqueue=recipe_points(cfg) if cfg.tune.enqueue_recipe else None,

@@ -27,13 +27,6 @@ For one trial (the evals of one stage-3 run, in order), with ``eps`` = ``stop.ra
     reads it), so no penalty enters the value told to Optuna.
 
 - ``constraint`` = raw_ratio − (1 + eps) at the selected eval (≤ 0 feasible);
-- ``exam_constraint`` = the exam part of the gate as a second constraint (≤ 0 when met): ``w − target`` on the
-  exam-value scale, with ``w`` the exam value the ``tokens_to_gate`` objective ranks a trial by (the selected
-  eval's once passed; else the worst exam of the best window of ``consecutive`` raw-feasible evals, or the
-  selected eval's before such a window exists); ``None`` without an exam target. A passed gate has both
-  constraints ≤ 0. The tune job tells it to Optuna with the ``tokens_to_gate`` objective
-  (:mod:`kcpt.tune.searcher`), so the sampler models the distance to the exam target as a smooth function of
-  the parameters instead of only the jump of the objective at the first pass;
 - ``score`` = objective + penalty · max(0, constraint): one number ASHA can rank trials by (running: at every
   eval it is the objective of the evals so far, so ASHA compares trials at equal tokens).
 
@@ -48,8 +41,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 #: Keys of the running gate metrics added to every reported eval (see :meth:`GateTracker.update`).
-GATE_KEYS = ("gate_score", "gate_objective", "gate_constraint", "gate_exam_constraint", "gate_feasible", "gate_passed",
-             "steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "selected_raw_val_loss",
+GATE_KEYS = ("gate_score", "gate_objective", "gate_constraint", "gate_feasible", "gate_passed", "steps_to_gate",
+             "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "selected_raw_val_loss",
              "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em", "selected_exam_f1",
              "selected_raw_ratio", "num_evals")
 
@@ -116,7 +109,6 @@ class GateOutcome:
     gate_score: float | None = None
     gate_objective: float | None = None
     gate_constraint: float | None = None
-    gate_exam_constraint: float | None = None
     gate_feasible: bool = False
     gate_passed: bool = False
     steps_to_gate: int | None = None
@@ -134,7 +126,7 @@ class GateOutcome:
     def as_metrics(self) -> dict[str, Any]:
         """Flat dict with the :data:`GATE_KEYS` (``None`` becomes NaN for numeric keys, so loggers accept it)."""
         d = asdict(self)
-        for k in ("gate_score", "gate_objective", "gate_constraint", "gate_exam_constraint", "selected_raw_val_loss",
+        for k in ("gate_score", "gate_objective", "gate_constraint", "selected_raw_val_loss",
                   "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em", "selected_exam_f1",
                   "selected_raw_ratio"):
             if d[k] is None:
@@ -210,8 +202,6 @@ class GateTracker:
         o.gate_objective = (exam_sel if s.objective == "exam" else
                             lexicographic_value(o.gate_passed, o.tokens_to_gate, exam_rank, s.token_scale))
         o.gate_constraint = ratio_sel - (1.0 + s.eps)
-        target = s.exam_target_value()
-        o.gate_exam_constraint = None if target is None else exam_rank - target
         o.gate_score = o.gate_objective + s.penalty * max(0.0, o.gate_constraint)
         o.selected_step = int(msel.get("step", -1))
         o.selected_raw_val_loss = _num(msel.get("raw_val_loss"))

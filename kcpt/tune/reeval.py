@@ -88,10 +88,7 @@ def best_trial(study: optuna.Study) -> tuple[FrozenTrial | None, dict[str, Any] 
     """The trial ``best_config.yaml`` is made from, and its re-evaluation summary.
 
     With re-evaluation records: among the re-evaluated feasible trials, the lowest mean score over all their
-    runs (ties: the lower trial number). Without: the best of :func:`candidates` (the lowest objective among the
-    COMPLETE raw-feasible trials: with the ``tokens_to_gate`` objective a gate-passing trial first, and, when none
-    passed, the one closest to passing — not ``study.best_trial``, which counts a trial feasible only when the exam
-    half of the gate is met too) and ``None``.
+    runs (ties: the lower trial number). Without: ``study.best_trial`` (feasible trials only) and ``None``.
     """
     recs = records(study)
     if recs:
@@ -101,5 +98,7 @@ def best_trial(study: optuna.Study) -> tuple[FrozenTrial | None, dict[str, Any] 
         if sums:
             n = min(sums, key=lambda k: (sums[k]["mean_score"], k))
             return by_number[n], sums[n]
-    best = candidates(study, 1)
-    return (best[0] if best else None), None
+    try:
+        return study.best_trial, None
+    except ValueError:
+        return None, None

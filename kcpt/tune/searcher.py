@@ -3,10 +3,8 @@
 Stock ``OptunaSearch`` tells Optuna only the objective of the last result: a metric-based constraint never
 reaches the study, and a trial stopped early by ASHA becomes COMPLETE with an early value. This subclass:
 
-- on completion, calls ``trial.set_constraint("raw_gate", gate_constraint)`` (Optuna 5; Optuna's samplers read
-  ``trial.constraints`` themselves, so the sampler is constrained with no ``constraints_func``) before ``tell``;
-  with ``exam_constraint_key`` (the tune job's ``tokens_to_gate`` objective) also ``"exam_gate"``, the exam part
-  of the gate (:mod:`kcpt.tune.objective`), so Optuna's "feasible" is "both halves of the gate met";
+- on completion, calls ``trial.set_constraint("raw_gate", gate_constraint)`` (Optuna 5; Optuna's TPE reads
+  ``trial.constraints`` itself, so the sampler is constrained with no ``constraints_func``) before ``tell``;
 - tells COMPLETE with ``gate_objective`` only when the trial ran its stage to the end (the trainable's last
   report carries ``trial_final=True``, or the last eval already ended the stage: ``stage_done=True`` — ASHA
   may stop a trial on the very eval at which its gate passed); a trial stopped by the scheduler earlier is told
@@ -18,7 +16,7 @@ reaches the study, and a trial stopped early by ASHA becomes COMPLETE with an ea
 - after a resume (``Tuner.restore`` from a save older than the study), a re-run trial that the study already
   holds as finished is neither reported nor told again: its first outcome stays, no error.
 
-The best trial is :func:`kcpt.tune.reeval.best_trial`, never Tune's ``get_best_result``.
+The best trial is ``study.best_trial`` (feasible trials only), never Tune's ``get_best_result``.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from kcpt.tune.objective import GATE_KEYS
 logger = logging.getLogger(__name__)
 
 CONSTRAINT_NAME = "raw_gate"
-EXAM_CONSTRAINT_NAME = "exam_gate"
 FINAL_KEY = "trial_final"
 DONE_KEY = "stage_done"
 _USER_ATTR_KEYS = (*GATE_KEYS, "checkpoint_path", "run_dir", "trial_dir", "stop_reason")
@@ -46,18 +43,6 @@ def static_space(kind: str) -> bool:
     """Whether the sampler ``kind`` needs the space sampled static (:func:`kcpt.tune.space.suggest_params`): the GP
     models only parameters every trial has."""
     return kind == "gp"
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def set_gate_constraints(trial: optuna.Trial, raw: Any, exam: Any = None) -> None:
-    """Tell ``trial`` the gate's constraints (≤ 0 met): ``raw_gate`` and, when given and finite, ``exam_gate``."""
-    if _finite(raw):
-        trial.set_constraint(CONSTRAINT_NAME, float(raw))
-    if _finite(exam):
-        trial.set_constraint(EXAM_CONSTRAINT_NAME, float(exam))
 
 
 def make_sampler(kind: str, *, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -85,18 +70,15 @@ class ConstrainedOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that passes the gate constraint to Optuna and marks early-stopped trials PRUNED.
 
     ``metric`` (what Tune's scheduler and the intermediate reports use) is normally ``gate_score``;
-    ``objective_key`` / ``constraint_key`` / ``exam_constraint_key`` (None: not told) name the result entries told
-    to Optuna at completion.
+    ``objective_key`` / ``constraint_key`` name the result entries told to Optuna at completion.
     """
 
     def __init__(self, *args: Any, objective_key: str = "gate_objective", constraint_key: str = "gate_constraint",
-                 exam_constraint_key: str | None = None, enqueue: list[dict[str, Any]] | None = None,
-                 **kwargs: Any):
+                 enqueue: list[dict[str, Any]] | None = None, **kwargs: Any):
         self._enqueue = list(enqueue or [])
         super().__init__(*args, **kwargs)
         self._objective_key = objective_key
         self._constraint_key = constraint_key
-        self._exam_constraint_key = exam_constraint_key
         self._final_results: dict[str, dict[str, Any]] = {}
         self._last_results: dict[str, dict[str, Any]] = {}
 
@@ -155,9 +137,10 @@ class ConstrainedOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(k, _clean(summary[k]))
         constraint = summary.get(self._constraint_key)
         objective = summary.get(self._objective_key)
-        has_constraint, has_objective = _finite(constraint), _finite(objective)
-        set_gate_constraints(ot_trial, constraint,
-                             summary.get(self._exam_constraint_key) if self._exam_constraint_key else None)
+        has_constraint = isinstance(constraint, (int, float)) and math.isfinite(constraint)
+        has_objective = isinstance(objective, (int, float)) and math.isfinite(objective)
+        if has_constraint:
+            ot_trial.set_constraint(CONSTRAINT_NAME, float(constraint))
         if error:
             state, value = TrialState.FAIL, None
         elif final is not None and has_objective and has_constraint:

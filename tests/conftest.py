@@ -22,7 +22,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 # --------------------------------------------------------------------------- tuning (H4)
-
 # ONE real tune experiment (real stage loop: CPT → stage 1 → stage 2 once, then stage-3 trials) shared by
 # test_tune_stage3.py, test_notebook.py and test_job_submit.py (which reuses its prerequisite checkpoints).
 

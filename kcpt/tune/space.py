@@ -47,6 +47,12 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace, *, static: bool = Fa
     space is the same in every trial — what Optuna's ``GPSampler`` models jointly (a parameter that exists in
     some trials only, it samples at random).
     """
+    ranges = float_ranges(space)
+
+    def suggest(name: str) -> float:
+        r = ranges[name]
+        return trial.suggest_float(name, r.low, r.high, log=r.log)
+
     p: dict[str, Any] = {}
     shape = (trial.suggest_categorical("mixture_shape", list(space.mixture_shapes))
              if len(space.mixture_shapes) > 1 else space.mixture_shapes[0])
@@ -55,22 +61,19 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace, *, static: bool = Fa
     for name in ("exam_fraction", "qa_fraction", "lr"):
         if name == "exam_fraction" and shape != "fixed":
             continue
-        r = getattr(space, name)
-        p[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
+        p[name] = suggest(name)
     if shape == "linear":
-        r = space.exam_fraction
-        p["exam_fraction_end"] = trial.suggest_float("exam_fraction_end", r.low, r.high, log=r.log)
+        p["exam_fraction_end"] = suggest("exam_fraction_end")
     kl_on = trial.suggest_categorical("kl_on", [True, False]) if space.kl_allow_off else True
     if kl_on or static:
-        r = space.kl_beta
-        p["kl_beta"] = trial.suggest_float("kl_beta", r.low, r.high, log=r.log)
+        p["kl_beta"] = suggest("kl_beta")
     if not kl_on:
         p["kl_on"] = False
         p["kl_beta"] = 0.0
     if space.micro_batch_sizes:
         p["micro_batch_size"] = trial.suggest_categorical("micro_batch_size", list(space.micro_batch_sizes))
-    for path, r in space.extra.items():
-        p[path] = trial.suggest_float(path, r.low, r.high, log=r.log)
+    for path in space.extra:
+        p[path] = suggest(path)
     return p
 
 
@@ -80,7 +83,7 @@ edge" (:func:`range_edges`)."""
 
 
 def float_ranges(space: SearchSpace) -> dict[str, FloatRange]:
-    """Every float parameter the space can sample, by its Optuna name."""
+    """Every float parameter the space can sample, by its Optuna name (what :func:`suggest_params` samples from)."""
     out = {name: getattr(space, name) for name in ("exam_fraction", "qa_fraction", "lr", "kl_beta")}
     out["exam_fraction_end"] = space.exam_fraction
     return {**out, **space.extra}

@@ -202,6 +202,34 @@ def test_tokens_objective_is_lexicographic_passed_then_tokens_then_exam():
     assert bad.gate_constraint > 0 and bad.gate_score > 10
 
 
+def test_tokens_objective_refines_the_pass_by_where_the_gate_margin_crossed():
+    """Two trials whose gate holds at the same eval rank by how early, between the eval before the streak and its
+    first eval, the gate margin crossed 0 (linear); a pass one eval earlier still wins; the step-0 eval counts as
+    the eval before; a streak that begins because raw came back within its bound interpolates the raw margin."""
+    spec = GateSpec(2.0, 0.03, 1.5, 2, objective="tokens_to_gate", token_scale=6000.0)
+
+    def run(exams, ratios=None, start=0):
+        ratios = ratios or [1.0] * len(exams)
+        return gate_outcome([{"step": 10 * k, "tokens_seen": 1000 * k, "raw_ratio": r, "exam_val_loss": e}
+                             for k, (e, r) in enumerate(zip(exams, ratios, strict=True), start=start)], spec)
+    # margin at eval 1: 1.8/1.5 − 1 = 0.2; at eval 2: 1.2/1.5 − 1 = −0.2 → crossed half-way: 500 tokens early
+    early, late = run([2.0, 1.8, 1.2, 1.4]), run([2.0, 1.8, 1.47, 1.1])
+    assert early.tokens_to_gate == late.tokens_to_gate == 3000                 # the gate count itself: whole evals
+    assert early.refined_tokens_to_gate == pytest.approx(2500.0)
+    assert late.refined_tokens_to_gate == pytest.approx(3000 - 1000 * 0.02 / 0.22)
+    # the earlier crossing wins although the later one ends at the lower exam loss (the old tie-break)
+    assert late.selected_exam_val_loss < early.selected_exam_val_loss
+    assert early.gate_objective < late.gate_objective < 1.0
+    one_eval_sooner = run([2.0, 1.49, 1.49, 1.4])                             # passes at 2000, lead ~0
+    assert one_eval_sooner.gate_objective < early.gate_objective
+    # the step-0 eval is the eval before a streak that starts at the first counted eval
+    assert run([1.8, 1.2, 1.2]).refined_tokens_to_gate == pytest.approx(1500.0)
+    assert run([1.2, 1.2], start=1).refined_tokens_to_gate == 2000.0         # no eval before: no refinement
+    # raw back within its bound between evals 1 and 2: raw margin 1.0609/1.03 − 1 = 0.03 → 0.9991/1.03 − 1 = −0.03
+    raw = run([1.8, 1.2, 1.2, 1.2], [1.0, 1.0609, 0.9991, 1.0])
+    assert raw.tokens_to_gate == 3000 and raw.refined_tokens_to_gate == pytest.approx(2500.0, abs=1.0)
+
+
 def test_not_passed_trials_rank_by_their_best_window_of_consecutive_evals():
     """Before the gate holds, the tokens objective ranks by the worst exam value of the best window of
     ``consecutive`` raw-feasible evals (what the gate tests), not by one lucky eval."""

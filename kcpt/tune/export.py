@@ -23,9 +23,9 @@ from kcpt.tune.space import apply_params, mixture_weights, range_edges
 
 #: Columns of trials.parquet besides one ``param_<name>`` column per sampled parameter.
 TRIAL_COLUMNS = ("trial_number", "ray_trial_id", "status", "objective", "constraint", "feasible", "gate_passed",
-                 "steps_to_gate", "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "selected_raw_val_loss",
-                 "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em", "selected_exam_f1",
-                 "selected_raw_ratio", "num_evals", "stopped_early", "checkpoint_path",
+                 "steps_to_gate", "tokens_to_gate", "refined_tokens_to_gate", "plan_tokens_to_gate", "selected_step",
+                 "selected_raw_val_loss", "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em",
+                 "selected_exam_f1", "selected_raw_ratio", "num_evals", "stopped_early", "checkpoint_path",
                  "run_dir", "trial_dir", "reeval_runs", "reeval_mean_score", "reeval_gate_passes")
 
 
@@ -79,8 +79,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "constraint": c, "feasible": bool(t.state == optuna.trial.TrialState.COMPLETE and c is not None
                                               and c <= 0),
             "gate_passed": bool(ua.get("gate_passed", False)), "steps_to_gate": _int("steps_to_gate"),
-            "tokens_to_gate": _int("tokens_to_gate"), "plan_tokens_to_gate": _int("plan_tokens_to_gate"),
-            "selected_step": _int("selected_step"),
+            "tokens_to_gate": _int("tokens_to_gate"), "refined_tokens_to_gate": _num(ua.get("refined_tokens_to_gate")),
+            "plan_tokens_to_gate": _int("plan_tokens_to_gate"), "selected_step": _int("selected_step"),
             "selected_raw_val_loss": _num(ua.get("selected_raw_val_loss")),
             "selected_exam_val_loss": _num(ua.get("selected_exam_val_loss")),
             "selected_exam_acc": _num(ua.get("selected_exam_acc")),

@@ -17,7 +17,7 @@ For one trial (the evals of one stage-3 run, in order), with ``eps`` = ``stop.ra
   - ``"tokens_to_gate"``: lexicographic in one number — gate passed before not passed, then fewer tokens to the
     pass, then lower exam loss. With ``u(x) = x / (1 + x)`` (monotone, in [0, 1)) and ``T0 = token_scale``
     (the base stage's token budget): passed → ``(1 − δ)·t/(t + T0) + δ·u(exam)`` ∈ [0, 1) with ``t`` =
-    tokens_to_gate and δ = :data:`TIE_WEIGHT`; not passed → ``1 + u(w)`` ∈ [1, 2), with ``w`` the worst exam
+    ``refined_tokens_to_gate`` and δ = :data:`TIE_WEIGHT`; not passed → ``1 + u(w)`` ∈ [1, 2), with ``w`` the worst exam
     value of the best window of ``consecutive`` raw-feasible evals in a row (what the gate tests; the exam value
     of the selected eval until such a window exists), so a run that came close to holding the gate ranks above
     one with a single lucky eval. So a passing trial
@@ -26,6 +26,12 @@ For one trial (the evals of one stage-3 run, in order), with ``eps`` = ``stop.ra
     Feasibility comes first through the constraint (Optuna ranks feasible trials before infeasible ones; TPE
     reads it), so no penalty enters the value told to Optuna.
 
+- ``refined_tokens_to_gate``: tokens_to_gate counts whole evals, so trials whose gate holds at the same eval tie
+  however early their exam crossed the target, and a seed that moves the crossing across an eval moves the
+  count by a whole eval. Refined: tokens_to_gate − ``lead``, where ``lead`` is how long before the streak's
+  first eval both margins, ``raw_ratio/(1 + eps) − 1`` and ``exam/target − 1`` (≤ 0: that half holds), were ≤ 0,
+  each interpolated linearly from the eval before (the step-0 eval included; no eval before: 0).
+  ``lead`` < one eval interval, so passes an eval apart keep their order;
 - ``constraint`` = raw_ratio − (1 + eps) at the selected eval (≤ 0 feasible);
 - ``score`` = objective + penalty · max(0, constraint): one number ASHA can rank trials by (running: at every
   eval it is the objective of the evals so far, so ASHA compares trials at equal tokens).
@@ -42,9 +48,9 @@ from typing import Any, Literal
 
 #: Keys of the running gate metrics added to every reported eval (see :meth:`GateTracker.update`).
 GATE_KEYS = ("gate_score", "gate_objective", "gate_constraint", "gate_feasible", "gate_passed", "steps_to_gate",
-             "tokens_to_gate", "plan_tokens_to_gate", "selected_step", "selected_raw_val_loss",
-             "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em", "selected_exam_f1",
-             "selected_raw_ratio", "num_evals")
+             "tokens_to_gate", "refined_tokens_to_gate", "plan_tokens_to_gate", "selected_step",
+             "selected_raw_val_loss", "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em",
+             "selected_exam_f1", "selected_raw_ratio", "num_evals")
 
 TIE_WEIGHT = 0.01
 """δ of the ``tokens_to_gate`` objective: the exam loss's weight next to the token term."""
@@ -55,7 +61,7 @@ def _unit(x: float) -> float:
     return x / (1.0 + x)
 
 
-def lexicographic_value(passed: bool, tokens_to_gate: int | None, exam: float, token_scale: float) -> float:
+def lexicographic_value(passed: bool, tokens_to_gate: float | None, exam: float, token_scale: float) -> float:
     """The ``tokens_to_gate`` objective (see the module docstring): < 1 when passed, in [1, 2) otherwise."""
     if passed and tokens_to_gate is not None:
         t = float(tokens_to_gate)
@@ -113,6 +119,7 @@ class GateOutcome:
     gate_passed: bool = False
     steps_to_gate: int | None = None
     tokens_to_gate: int | None = None
+    refined_tokens_to_gate: float | None = None
     plan_tokens_to_gate: int | None = None
     selected_step: int | None = None
     selected_raw_val_loss: float | None = None
@@ -126,7 +133,7 @@ class GateOutcome:
     def as_metrics(self) -> dict[str, Any]:
         """Flat dict with the :data:`GATE_KEYS` (``None`` becomes NaN for numeric keys, so loggers accept it)."""
         d = asdict(self)
-        for k in ("gate_score", "gate_objective", "gate_constraint", "selected_raw_val_loss",
+        for k in ("gate_score", "gate_objective", "gate_constraint", "refined_tokens_to_gate", "selected_raw_val_loss",
                   "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em", "selected_exam_f1",
                   "selected_raw_ratio"):
             if d[k] is None:
@@ -156,6 +163,30 @@ class GateTracker:
         self._streak = 0
         self._recent: list[tuple[bool, float]] = []  # (raw within bound, exam value) of the last N evals
         self._best_window: float | None = None
+        self._prev: tuple[float, tuple[float, ...]] | None = None  # (tokens_seen, margins) of the previous eval
+        self._lead = 0.0  # tokens before the current streak's first eval at which the margin crossed 0
+
+    def margins(self, ratio: float, exam: float) -> tuple[float, ...]:
+        """How far one eval is from each half of the gate (all ≤ 0: it holds there): the relative excess of the raw
+        ratio over ``1 + eps`` and, with a target, of the exam value over it."""
+        s = self.spec
+        g = (ratio / (1.0 + s.eps) - 1.0,)
+        target = s.exam_target_value()
+        if target is None:
+            return g
+        return (*g, exam / target - 1.0 if target > 0 else exam - target)
+
+    @staticmethod
+    def _crossing_lead(prev: tuple[float, tuple[float, ...]] | None, tokens: float | None,
+                       g: tuple[float, ...]) -> float:
+        """Tokens before this eval (margins ``g``) at which every margin had crossed 0, each interpolated linearly
+        from ``prev`` = (tokens, margins) of the eval before; 0 when unknown."""
+        if prev is None or tokens is None or max(g) > 0 or tokens <= prev[0]:
+            return 0.0
+        t0, g0 = prev
+        # fraction of the interval at which each half came within its bound (0: it already was); the later counts
+        frac = max((a / (a - b) if a > 0 else 0.0) for a, b in zip(g0, g, strict=True))
+        return (tokens - t0) * (1.0 - frac)
 
     def raw_ratio(self, m: Mapping[str, Any]) -> float | None:
         r = _num(m.get("raw_ratio"))
@@ -169,7 +200,12 @@ class GateTracker:
         o, s = self.outcome, self.spec
         step = int(m.get("step", -1))
         ratio, exam = self.raw_ratio(m), s.exam_value(m)
-        if step == 0 or ratio is None or exam is None:
+        tok = _num(m.get("tokens_seen"))
+        if ratio is None or exam is None:
+            return o.as_metrics()
+        g, prev = self.margins(ratio, exam), self._prev
+        self._prev = None if tok is None else (tok, g)
+        if step == 0:
             return o.as_metrics()
         o.num_evals += 1
         feasible = ratio <= 1.0 + s.eps
@@ -184,6 +220,8 @@ class GateTracker:
             target = s.exam_target_value()
             ok = feasible and (target is None or exam <= target)
             self._streak = self._streak + 1 if ok else 0
+        if self._streak == 1:
+            self._lead = self._crossing_lead(prev, tok, g)
         self._recent = [*self._recent, (feasible, exam)][-s.consecutive:]
         if len(self._recent) == s.consecutive and all(f for f, _ in self._recent):
             worst = max(e for _, e in self._recent)  # the window's exam value the gate has to beat
@@ -191,8 +229,8 @@ class GateTracker:
         if not o.gate_passed and self._streak >= s.consecutive:
             o.gate_passed = True
             o.steps_to_gate = step
-            tok = _num(m.get("tokens_seen"))
             o.tokens_to_gate = None if tok is None else int(tok)
+            o.refined_tokens_to_gate = None if tok is None else tok - self._lead
             o.plan_tokens_to_gate = None if tok is None else s.tokens_before + int(tok)
         exam_sel, msel, ratio_sel = self._best_feasible or self._best_ratio  # type: ignore[misc]
         o.gate_feasible = self._best_feasible is not None
@@ -200,7 +238,7 @@ class GateTracker:
         # target (its worst exam value), the quantity the gate tests; before any such window, the best single eval
         exam_rank = exam_sel if o.gate_passed or self._best_window is None else self._best_window
         o.gate_objective = (exam_sel if s.objective == "exam" else
-                            lexicographic_value(o.gate_passed, o.tokens_to_gate, exam_rank, s.token_scale))
+                            lexicographic_value(o.gate_passed, o.refined_tokens_to_gate, exam_rank, s.token_scale))
         o.gate_constraint = ratio_sel - (1.0 + s.eps)
         o.gate_score = o.gate_objective + s.penalty * max(0.0, o.gate_constraint)
         o.selected_step = int(msel.get("step", -1))

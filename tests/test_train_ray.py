@@ -1,11 +1,12 @@
 """The stage loop on real Ray Train (2 workers, DDP over gloo, tiny Llama with attention dropout, the demo data
 at seq_len 64).
 
-One Ray for the module. Covers: injected NaN + grad spike roll back and the run finishes; a worker killed
-mid-stage is replaced and the run ends with the same metrics as an uninterrupted one (dropout: every rank's RNG
-is restored); a deterministic abort ends the run once (not retried by FailureConfig); a full resume refuses a
-changed tokenizer / data hash; DeepSpeed ZeRO-2 and ZeRO-3 at parity with DDP (NaN + spike roll back, LR cut,
-kill-and-resume exact, full optimizer state across stages) and with the optimizer offloaded; the run report.
+One Ray for the module. Covers: injected NaN + grad spike roll back and the run finishes (bf16 autocast); a
+worker killed mid-stage with a checkpoint write in flight is replaced and the run ends with the same metrics as an
+uninterrupted one (dropout: every rank's RNG is restored; the Ray Data loader); a deterministic abort ends the run
+once (not retried by FailureConfig); a full resume refuses a changed tokenizer / data hash; DeepSpeed ZeRO-2
+(optimizer offloaded) and ZeRO-3 at parity with DDP (NaN + spike roll back, LR cut, kill-and-resume exact, full
+optimizer state across stages); the run report.
 The demo plan end to end (local, and on 2 nodes + S3) is in test_cluster_s3.py.
 """
 
@@ -24,7 +25,7 @@ ray = pytest.importorskip("ray")
 from kcpt.analysis.run_report import format_run_report  # noqa: E402
 from kcpt.config import load_config  # noqa: E402
 from kcpt.errors import CheckpointError, TrainingAborted  # noqa: E402
-from kcpt.train.checkpoint import list_checkpoints, read_manifest  # noqa: E402
+from kcpt.train.checkpoint import list_checkpoints, load_trainer_state, read_manifest  # noqa: E402
 from kcpt.train.launch import run_plan  # noqa: E402
 from kcpt.train.rundir import read_metrics  # noqa: E402
 
@@ -73,9 +74,12 @@ def _by_key(records):
     return {(r["stage"], r["step"]): r for r in records}
 
 
-def test_nan_and_grad_spike_roll_back_and_finish(ray_session, prepared_root, tmp_path):
+def test_nan_and_grad_spike_roll_back_and_finish_under_bf16_autocast(ray_session, prepared_root, tmp_path):
+    """model.dtype bfloat16 without DeepSpeed: forwards autocast to bf16, weights (and checkpoints) stay fp32; an
+    injected NaN and a gradient spike each roll back, and the run finishes."""
     cfg = small_cfg(prepared_root, tmp_path, "faults", "train.faults.nan_at_step=3",
-                    "train.faults.grad_spike_at_step=7", "train.grad_accum=2", "train.micro_batch_size=2")
+                    "train.faults.grad_spike_at_step=7", "train.grad_accum=2", "train.micro_batch_size=2",
+                    "model.dtype=bfloat16")
     res = run_plan(cfg, stages=["cpt"], resume="never")
     s = res.summaries["cpt"]
     assert s["steps"] == 8 and s["rollbacks"] == 2
@@ -83,6 +87,10 @@ def test_nan_and_grad_spike_roll_back_and_finish(ray_session, prepared_root, tmp
     assert [r["rollbacks"] for r in recs] == [0, 1, 2]  # evals at steps 0, 4, 8: NaN at 3, spike at 7
     assert all(math.isfinite(r["raw_val_loss"]) for r in recs)
     assert recs[-1]["raw_val_loss"] < recs[0]["raw_val_loss"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(res.best_checkpoints["cpt"]) / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {__import__("torch").float32}
 
 
 @pytest.fixture(scope="module")
@@ -92,19 +100,27 @@ def uninterrupted(ray_session, prepared_root, tmp_path_factory):
     return run_plan(cfg, resume="never")
 
 
-RAY_DATA = ("data.loader=ray_data",)
+RAY_DATA = ("data.loader=ray_data", "plan.1.max_steps=9")
 """The module's uninterrupted run reads its sources through TorchTrainer(datasets=…) + get_dataset_shard (the
-DeepSpeed and fault tests use the default loader)."""
+DeepSpeed and fault tests use the default loader); its stage 3 evaluates at steps 3, 6 and 9."""
 
 
-def test_worker_killed_mid_stage_resumes_exactly_with_the_ray_data_loader(uninterrupted, prepared_root, tmp_path):
-    """Rank 1 dies at stage-3 step 5; Ray Train replaces the worker group, which resumes from the step-3 checkpoint:
-    each source's Ray Data split starts the checkpoint's epoch again and skips the rows already handed out, so
-    every eval equals the uninterrupted run's (1e-6)."""
+def test_worker_killed_with_a_write_in_flight_resumes_exactly_with_the_ray_data_loader(uninterrupted, prepared_root,
+                                                                                          tmp_path):
+    """Rank 1 dies at the start of stage-3 step 7 while the step-6 checkpoint's asynchronous write is held back
+    (it waits for step 7); Ray Train replaces the worker group, which resumes from the last complete checkpoint
+    (step 3): each source's Ray Data split starts the checkpoint's epoch again and skips the rows already handed
+    out, and the held evals' Ray reports go out once their checkpoint is complete — every eval equals the
+    uninterrupted run's (1e-6), and every checkpoint left behind loads."""
     crashed = run_plan(small_cfg(prepared_root, tmp_path, "crash", *RAY_DATA, "train.faults.stage=stage3",
-                                 "train.faults.crash_at_step=5", "train.faults.crash_rank=1"), resume="never")
-    assert (crashed.run_dir / "faults" / "crash-stage3-5").exists()
+                                 "train.faults.checkpoint_write_lag_steps=1", "train.faults.crash_at_step=7",
+                                 "train.faults.crash_rank=1"), resume="never")
+    assert (crashed.run_dir / "faults" / "crash-stage3-7").exists()
     _assert_same_metrics(crashed.run_dir, uninterrupted.run_dir)
+    names = [p.name for p in list_checkpoints(crashed.run_dir / "checkpoints")]
+    assert names[-1] == "01-stage3-step000009"
+    for name in names:
+        load_trainer_state(crashed.run_dir / "checkpoints" / name)
 
 
 def test_plan_runs_both_stages_and_reports(uninterrupted, prepared_root):
@@ -177,13 +193,14 @@ DS_FAULTS = ("train.faults.stage=stage3", "train.faults.nan_at_step=2", "train.f
              "train.faults.grad_spike_factor=1e6")
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage", [2, 3], ids=["2-offloaded-optimizer", "3"])
 def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepared_root, tmp_path, zero_stage):
-    """Under ZeRO-2/3: NaN and spike in stage 3 each roll back (LR scale 0.25 after both); stage 3 (restore: full)
-    starts from CPT's optimizer state; the weights load as HF. Under ZeRO-3 (its checkpoint holds partitioned
-    parameters as well as the partitioned optimizer state of ZeRO-2) a worker killed at stage-3 step 5 resumes from
-    the checkpoint's DeepSpeed state with metrics equal (1e-6) to the run that was not killed."""
-    ds = f"train.deepspeed={{zero_stage: {zero_stage}}}"
+    """Under ZeRO-2 (optimizer offloaded) and ZeRO-3: NaN and spike in stage 3 each roll back (LR scale 0.25 after
+    both); stage 3 (restore: full) starts from CPT's optimizer state; the weights load as HF. Under ZeRO-3 (its
+    checkpoint holds partitioned parameters as well as the partitioned optimizer state of ZeRO-2) a worker killed at
+    stage-3 step 5 resumes from the checkpoint's DeepSpeed state with metrics equal (1e-6) to the run that was not
+    killed."""
+    ds = f"train.deepspeed={{zero_stage: {zero_stage}{', offload_optimizer: true' if zero_stage == 2 else ''}}}"
     straight = run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}", ds, *DS_FAULTS), resume="never")
     s3 = straight.summaries["stage3"]
     assert s3["rollbacks"] == 2 and s3["lr_scale"] == 0.25
@@ -203,22 +220,3 @@ def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepa
     assert model.get_input_embeddings().weight.shape[1] == 32
 
 
-def test_deepspeed_offloaded_optimizer_trains(ray_session, prepared_root, tmp_path):
-    cfg = small_cfg(prepared_root, tmp_path, "offload", "train.deepspeed={zero_stage: 2, offload_optimizer: true}")
-    res = run_plan(cfg, stages=["cpt"], resume="never")
-    recs = read_metrics(res.run_dir)
-    assert [r["step"] for r in recs] == [0, 4, 8]
-    assert recs[-1]["raw_val_loss"] < recs[0]["raw_val_loss"]
-
-
-def test_bf16_autocast_trains_float32_master_weights(ray_session, prepared_root, tmp_path):
-    """model.dtype bfloat16 without DeepSpeed: forwards autocast to bf16, weights (and checkpoints) stay fp32."""
-    cfg = small_cfg(prepared_root, tmp_path, "bf16", "model.dtype=bfloat16")
-    res = run_plan(cfg, stages=["cpt"], resume="never")
-    recs = read_metrics(res.run_dir)
-    assert all(math.isfinite(r["raw_val_loss"]) for r in recs)
-    assert recs[-1]["raw_val_loss"] < recs[0]["raw_val_loss"]
-    from safetensors.torch import load_file
-
-    weights = load_file(str(Path(res.best_checkpoints["cpt"]) / "model.safetensors"))
-    assert {t.dtype for t in weights.values()} == {__import__("torch").float32}

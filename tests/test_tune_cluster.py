@@ -235,7 +235,8 @@ def test_driver_killed_mid_trial_resumes_without_lost_or_duplicated_trials(tune_
     if ray.is_initialized():
         ray.shutdown()
     exp = tmp_path / "exp"
-    sets = [a for o in _base_overrides(tune_experiment) for a in ("--set", o)]
+    # the resume, not the search: 8 steps per trial (evals at 0, 4, 8)
+    sets = [a for o in (*_base_overrides(tune_experiment), "tune.stage_overrides.max_steps=8") for a in ("--set", o)]
     args = ["--experiment-dir", str(exp), "--storage", "journal", "--num-samples", "2", "--study-name", "resumed",
             *sets]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}

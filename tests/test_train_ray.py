@@ -116,6 +116,8 @@ def test_worker_killed_with_a_write_in_flight_resumes_exactly_with_the_ray_data_
                                  "train.faults.checkpoint_write_lag_steps=1", "train.faults.crash_at_step=7",
                                  "train.faults.crash_rank=1"), resume="never")
     assert (crashed.run_dir / "faults" / "crash-stage3-7").exists()
+    writes = (crashed.run_dir / "faults" / "checkpoint-writes").read_text()
+    assert "stage3 6 began-at 7" in writes, writes  # the step-6 write was held until the step the crash hit
     _assert_same_metrics(crashed.run_dir, uninterrupted.run_dir)
     names = [p.name for p in list_checkpoints(crashed.run_dir / "checkpoints")]
     assert names[-1] == "01-stage3-step000009"

@@ -41,21 +41,29 @@ def demo_cfg(output_dir: str, prepared_root: str, *extra: str):
 REFERENCE_STAGES = ["cpt"]
 """The stages the local reference runs: up to the one the worker kill hits (later stages start from its best
 checkpoint, the same bytes when its metrics are the same)."""
+REFERENCE_LAST_STEP = 30
+"""The reference stops after this eval (an injected error at the next step, no retry): two evals past the
+checkpoint (step 10) the killed run resumes from, at the demo's learning-rate schedule (max_steps unchanged)."""
 
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
-    """The demo plan's first stages on local paths, one-node Ray, uninterrupted (the reference)."""
+    """The demo plan's CPT on local paths, one-node Ray, not killed, up to REFERENCE_LAST_STEP (the reference)."""
+    from ray.train import WorkerGroupError
+
     root = tmp_path_factory.mktemp("local")
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    stop = ("train.faults.stage=cpt", f"train.faults.raise_at_step={REFERENCE_LAST_STEP + 1}",
+            "train.max_failures=0")
     try:
         t0 = time.perf_counter()
-        res = run_plan(demo_cfg(str(root / "runs"), str(root / "prepared")), stages=REFERENCE_STAGES,
-                       resume="never")
+        with pytest.raises(WorkerGroupError, match=f"injected fault: stage cpt step {REFERENCE_LAST_STEP + 1}"):
+            run_plan(demo_cfg(str(root / "runs"), str(root / "prepared"), *stop), stages=REFERENCE_STAGES,
+                     resume="never")
         TIMES["local"] = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    return res
+    return root / "runs" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +100,8 @@ def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(local_run, two_nod
     t0 = time.perf_counter()
     res = run_plan(cfg, resume="never")
     TIMES["s3_two_nodes"] = time.perf_counter() - t0
-    print(f"\ndemo plan: local {'+'.join(REFERENCE_STAGES)} {TIMES['local']:.0f} s, S3 + 2 nodes, all stages "
+    print(f"\ndemo plan: local {'+'.join(REFERENCE_STAGES)} to step {REFERENCE_LAST_STEP} {TIMES['local']:.0f} s, "
+          f"S3 + 2 nodes, all stages "
           f"(incl. one worker kill) {TIMES['s3_two_nodes']:.0f} s")
     # the demo plan end to end, as `python jobs/train_stages.py` runs it (2 workers, seq_len 256): every stage
     # stops on its own rule, stage 3 passes its gate, the exam loss ends far below where exam training started
@@ -113,11 +122,13 @@ def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(local_run, two_nod
     exam_start = next(r["exam_val_loss"] for r in recs if r["stage"] == "stage1" and r["step"] == 0)
     assert exam_start - s["stage3"]["best_exam_val_loss"] > 1.0  # nats, on the same exam_val set
     assert all(r["rollbacks"] == 0 for r in recs)
-    # the same metrics as the uninterrupted local run of the stages up to the kill: no eval lost or recorded
+    # the same metrics as the local run that was not killed, up to its last eval: no eval lost or recorded
     # twice, values within 1e-6
     got = {(r["stage"], r["step"]): r for r in recs if r["stage"] in REFERENCE_STAGES}
-    want = {(r["stage"], r["step"]): r for r in read_metrics(local_run.run_dir)}
-    assert got.keys() == want.keys()
+    want = {(r["stage"], r["step"]): r for r in read_metrics(local_run)}
+    assert max(step for _, step in want) == REFERENCE_LAST_STEP
+    assert {k for k in got if k[1] <= REFERENCE_LAST_STEP} == want.keys()
+    assert max(step for _, step in got) > REFERENCE_LAST_STEP  # the killed run went on to its own stop
     for key, w in want.items():
         for k in COMPARED:
             if w.get(k) is None:

@@ -263,7 +263,8 @@ def test_lossy_dataset_console_warns_with_the_fix_and_limit_stops(lossy_plan):
 
 
 @pytest.mark.slow
-def test_worker_exception_reaches_the_console_whole_and_verbose_restores_ray(tmp_path):
+def test_worker_exception_reaches_the_console_whole(tmp_path):
+    """(``--verbose`` bringing Ray's own output back: test_job_submit's cpt job.)"""
     args = ["--run-dir", str(tmp_path / "run"),
             *sets(*TINY, f"data.prepared_root={tmp_path / 'prepared'}", f"train.output_dir={tmp_path}",
                   "plan.0.max_steps=3", "train.faults.raise_at_step=3", "train.max_failures=0")]
@@ -272,10 +273,7 @@ def test_worker_exception_reaches_the_console_whole_and_verbose_restores_ray(tmp
     assert "Traceback" in res.stderr and "faults.py" in res.stderr
     assert "RuntimeError: injected fault: stage cpt step 3 (train.faults.raise_at_step)" in res.stderr
     assert "[cpt] step     2" in res.stdout
-    assert_quiet(res.stdout + res.stderr)
-    loud = run_job("cpt.py", *args, "--overwrite", "--verbose")
-    assert loud.returncode == 1 and "RuntimeError: injected fault" in loud.stderr
-    assert "RayTrainWorker pid" in loud.stdout + loud.stderr  # Ray's own output is back
+    assert_quiet(res.stdout + res.stderr)  # Ray's own worker output ("RayTrainWorker pid=…") stays in its logs
 
 
 def test_prepare_command_prints_the_table_and_the_warning(tmp_path):

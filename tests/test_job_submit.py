@@ -3,7 +3,7 @@
 job RAY_ADDRESS is set, and every entry point joins that Ray (kcpt.raystart) instead of sizing one (``num_cpus``
 would be refused): each job's log shows it connected to the existing cluster.
 
-One head for the module (stopped in a finally: `ray stop --force`). The tune job reuses the session experiment's
+One head for the module (its `ray start --block` terminated in a finally). The tune job reuses the session experiment's
 prerequisite checkpoints (same plan, output_dir and prepared_root: same config hash), so it only tunes stage 3;
 the training jobs run tiny plans (a few steps per stage, one worker). ``jobs/train_stages.py`` (the whole plan in
 one Ray Train run) is submitted once, by the walkthrough test, with every root and input in a bucket.
@@ -41,8 +41,10 @@ def ray_cli(*args: str, env: dict, timeout: int = 120) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def head():
-    """A `ray start --head` cluster (4 CPUs); yields a function that submits a job and returns (status, logs)."""
+def head(tmp_path_factory):
+    """A `ray start --head --block` cluster (4 CPUs); yields a function that submits a job and returns (status,
+    logs). The head is stopped by terminating that `ray start` (it stops the processes it started), not by
+    `ray stop`, which would stop every Ray on the machine."""
     import ray
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -53,19 +55,33 @@ def head():
     runtime_env = {"excludes": [".git", "runs", "prepared", "experiments", "*.egg-info", ".pytest_cache"],
                    "env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
                                 "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    log = tmp_path_factory.mktemp("head") / "ray-start.log"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-port", str(dash),
+                             "--num-cpus", "4", "--include-dashboard", "true", "--disable-usage-stats"],
+                            env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        r = ray_cli("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-port",
-                    str(dash), "--num-cpus", "4", "--include-dashboard", "true", "--disable-usage-stats", env=env)
-        assert r.returncode == 0, r.stderr
         address = f"http://127.0.0.1:{dash}"
-        client = JobSubmissionClient(address)
+        deadline = time.time() + 120
+        while True:  # the dashboard answers once the head is up
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                client = JobSubmissionClient(address)
+                break
+            except (ConnectionError, RuntimeError):
+                assert time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
 
         def submit(name: str, *entrypoint: str, timeout: int = 420, env_vars: dict | None = None
                    ) -> tuple[JobStatus, str]:
             sub_id = f"kcpt-{name}-{int(time.time() * 1000)}"
             renv = {**runtime_env, "env_vars": {**runtime_env["env_vars"], **(env_vars or {})}}
-            r = ray_cli("job", "submit", "--address", address, "--working-dir", ".", "--submission-id", sub_id,
-                        "--runtime-env-json", json.dumps(renv), "--no-wait", "--", *entrypoint, env=env)
+            for _ in range(60):  # the head's job agent may still be starting: "No available agent"
+                r = ray_cli("job", "submit", "--address", address, "--working-dir", ".", "--submission-id", sub_id,
+                            "--runtime-env-json", json.dumps(renv), "--no-wait", "--", *entrypoint, env=env)
+                if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
+                    break
+                time.sleep(1)
             assert r.returncode == 0, r.stdout + r.stderr
             deadline = time.time() + timeout
             status = client.get_job_status(sub_id)
@@ -76,16 +92,20 @@ def head():
 
         yield submit
     finally:
-        ray_cli("stop", "--force", env=env)
+        proc.terminate()
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
 
 
 def test_ray_job_submit_tunes_stage3(head, tune_experiment, tmp_path):
     from ray.job_submission import JobStatus
 
     exp_dir = tmp_path / "job-exp"
-    # the session experiment's settings (its prerequisites are reused), trials of 8 steps: the job, not the search
-    sets = [a for o in (*tune_experiment.overrides, "tune.stage_overrides.max_steps=8")
-            if not o.startswith("tune.num_samples") for a in ("--set", o)]
+    # the session experiment's settings (its prerequisites are reused), one trial: the job, not the search
+    sets = [a for o in tune_experiment.overrides if not o.startswith("tune.num_samples") for a in ("--set", o)]
     status, logs = head("tune", "python", "jobs/tune_stage3.py", "--num-samples", "1", "--study-name", "job-study",
                         "--experiment-dir", str(exp_dir), *sets)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
@@ -125,9 +145,10 @@ def test_ray_job_submit_train_and_prepare_entry_points(head, tmp_path):
             for a in ("--set", o)]
     # jobs/cpt.py: the CPT stage only
     cpt_dir = tmp_path / "runs" / "cpt"
-    status, logs = head("cpt", "python", "jobs/cpt.py", "--run-dir", str(cpt_dir), *sets)
+    status, logs = head("cpt", "python", "jobs/cpt.py", "--run-dir", str(cpt_dir), "--verbose", *sets)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert JOINED in logs
+    assert "RayTrainWorker pid" in logs  # --verbose: Ray's own worker output is back (test_console: hidden without)
     summary = json.loads((cpt_dir / "summary.json").read_text())
     assert summary["stage_order"] == ["cpt"] and summary["stages"]["cpt"]["steps"] == 4
     # the same run again without --resume: refused in one line, nothing replaced

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     hashes = []
     try:
         for r in range(args.runs):

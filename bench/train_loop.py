@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         plain_cfg = plain_cfg.model_copy(update={"train": plain_cfg.train.model_copy(
             update={"micro_batch_size": args.batch * w, "cpus_per_worker": float(args.threads)})})
         base = plain_loop(plain_cfg, args.steps, device)
-        ray.init(num_cpus=args.threads + 1, num_gpus=w if args.gpu else None, include_dashboard=False,
+        ray.init(address="local", num_cpus=args.threads + 1, num_gpus=w if args.gpu else None, include_dashboard=False,
                  log_to_driver=False)
         loaders = args.loaders.split(",")
         runs: dict[str, list[dict[str, float]]] = {ld: [] for ld in loaders}

@@ -30,7 +30,7 @@ TUNE_TEST_OVERRIDES = [
     "plan.0.max_steps=30", "plan.0.eval_every=10",
     "plan.1.max_steps=20", "plan.1.eval_every=10",
     "plan.2.max_steps=20", "plan.2.eval_every=10",
-    "tune.stage_overrides.max_steps=8", "tune.stage_overrides.eval_every=4",
+    "tune.stage_overrides.max_steps=16", "tune.stage_overrides.eval_every=4",
     "tune.n_startup_trials=2", "tune.asha.grace_period=2",
     "train.num_workers=1", "logging.progress=false",
     "eval.exam_max_new_tokens=16",  # exam accuracy at every eval: decoding to the longest answer is the cost

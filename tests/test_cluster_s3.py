@@ -52,7 +52,7 @@ def local_run(tmp_path_factory):
     from ray.train import WorkerGroupError
 
     root = tmp_path_factory.mktemp("local")
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     stop = ("train.faults.stage=cpt", f"train.faults.raise_at_step={REFERENCE_LAST_STEP + 1}",
             "train.max_failures=0")
     try:

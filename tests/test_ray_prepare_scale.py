@@ -68,7 +68,7 @@ def corpus(tmp_path_factory) -> tuple[list[Path], dict]:
 @pytest.fixture(scope="module")
 def ray_s3(s3_server):
     """Ray started after the S3 endpoint is in the environment, so the tasks reach it."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield s3_server
     ray.shutdown()

@@ -37,7 +37,7 @@ COMPARED = ("raw_val_loss", "exam_val_loss", "train_loss", "kl", "grad_norm", "l
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -179,9 +179,10 @@ def test_two_concurrent_trials_on_postgres(tune_experiment, tmp_path):
     server = pgserver.get_server(tmp_path / "pg", cleanup_mode="stop")
     try:
         url = server.get_uri().replace("postgresql://", "postgresql+psycopg2://", 1)
-        # the storage and the concurrency, not the search: the session's 8 steps per trial (evals at 0, 4, 8)
+        # the storage and the concurrency, not the search: 8 steps per trial (evals at 0, 4, 8) are enough
         cfg = load_config(None, [*_base_overrides(tune_experiment), "tune.num_samples=2", "tune.max_concurrent=2",
-                                 f"tune.storage={url}", "tune.study_name=pg-study"])
+                                 "tune.stage_overrides.max_steps=8", f"tune.storage={url}",
+                                 "tune.study_name=pg-study"])
         res = tune_stage3(cfg, experiment_dir=tmp_path / "exp", prerequisites=tune_experiment.result.prerequisites,
                           verbose=0)
         manifest = json.loads((res.experiment_dir / "experiment.json").read_text())
@@ -234,8 +235,8 @@ def test_driver_killed_mid_trial_resumes_without_lost_or_duplicated_trials(tune_
     if ray.is_initialized():
         ray.shutdown()
     exp = tmp_path / "exp"
-    # the resume, not the search: the session's 8 steps per trial (evals at 0, 4, 8)
-    sets = [a for o in _base_overrides(tune_experiment) for a in ("--set", o)]
+    # the resume, not the search: 8 steps per trial (evals at 0, 4, 8)
+    sets = [a for o in (*_base_overrides(tune_experiment), "tune.stage_overrides.max_steps=8") for a in ("--set", o)]
     args = ["--experiment-dir", str(exp), "--storage", "journal", "--num-samples", "2", "--study-name", "resumed",
             *sets]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}

@@ -49,7 +49,7 @@ def scripted_trial(config: dict) -> None:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -103,7 +103,7 @@ def test_recipe_trial_runs_first_and_every_trial_records_tokens_to_gate(tune_exp
         assert first[f"param_{k}"] == (pytest.approx(v) if isinstance(v, float) else v), k
     assert df.iloc[1]["param_lr"] != pytest.approx(recipe["lr"])
     # the micro-batch is searched token-fair: every trial evaluates at the same tokens, a micro-batch of 4 in
-    # twice the steps of 8 (8 steps × 8 rows × 256 positions, 1 worker, eval every 4 steps at 8 rows)
+    # twice the steps of 8 (16 steps × 8 rows × 256 positions, 1 worker, eval every 4 steps at 8 rows)
     assert set(df["param_micro_batch_size"]) == {4, 8}
     for _, row in df.iterrows():
         evals = [r for r in read_metrics(row["run_dir"]) if r["stage"] == m["stage"] and r["step"] > 0]

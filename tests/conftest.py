@@ -21,30 +21,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-# --------------------------------------------------------------------------- two workers (pytest-xdist)
-# The README's test command runs the suite on two pytest workers (`-n 2 --dist loadgroup --no-loadscope-reorder`):
-# measured on the 2-core dev machine, the serial suite left 41 % of the CPU idle (process start-ups, Ray's polls,
-# subprocess jobs). Every test gets an `xdist_group` = its module, so a module's fixtures are made once, on one
-# worker; the modules sharing the session `tune_experiment` form one group (it is made once). Groups are handed out
-# in collection order, which is sorted here longest first (measured), so the last group to start is a short one.
-# Without xdist the marks are inert and the order is the same.
-TUNE_GROUP = ("test_job_submit", "test_tune_cluster", "test_tune_stage3", "test_notebook")
-LONGEST_FIRST = ("tune", "test_cluster_s3", "test_benches", "test_train_ray", "test_ray_stream", "test_console",
-                 "test_ray_prepare_scale", "test_token_weighting", "test_loop_wiring", "test_lm_eval",
-                 "test_ray_pipeline", "test_properties", "test_tune_searcher", "test_cluster_yaml")
-
-
-def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        name = item.module.__name__.rpartition(".")[2]
-        return "tune" if name in TUNE_GROUP else name
-
-    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order inside a group
-
-
 # --------------------------------------------------------------------------- tuning (H4)
 # ONE real tune experiment (real stage loop: CPT → stage 1 → stage 2 once, then stage-3 trials) shared by
 # test_tune_stage3.py, test_notebook.py and test_job_submit.py (which reuses its prerequisite checkpoints).

@@ -177,22 +177,6 @@ def test_relative_local_path_on_a_multi_node_cluster_is_refused(two_nodes, tmp_p
     assert not (tmp_path / "runs").exists() and not (tmp_path / "prepared").exists()
 
 
-def test_cpt_job_script_joins_the_two_node_cluster_with_roots_on_s3(two_nodes, s3_prefix, tmp_path):
-    """`python jobs/cpt.py` as a user runs it against the cluster (RAY_ADDRESS), 2 workers on 2 nodes, every root
-    on S3; its console names the run directory in the bucket."""
-    address = ray.get_runtime_context().gcs_address
-    sets = ["train.num_workers=2", "logging.progress=false", "plan.0.max_steps=6", "plan.0.eval_every=3",
-            f"train.output_dir={s3_prefix}/runs", f"data.prepared_root={s3_prefix}/prepared"]
-    env = {**os.environ, "RAY_ADDRESS": address}
-    r = subprocess.run([sys.executable, "jobs/cpt.py", "--run-name", "cpt2", *(a for o in sets for a in ("--set", o))],
-                       cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"{s3_prefix}/runs/cpt2" in r.stdout
-    summary = json.loads(Store(f"{s3_prefix}/runs/cpt2").read_text("summary.json"))
-    assert summary["stage_order"] == ["cpt"] and summary["stages"]["cpt"]["steps"] == 6
-    assert summary["stages"]["cpt"]["best_checkpoint"].startswith(f"{s3_prefix}/runs/cpt2/checkpoints/")
-
-
 def test_tune_with_every_root_on_s3_and_reading_results_from_there(two_nodes, s3_prefix, tmp_path, monkeypatch):
     """A 1-trial tune on the 2-node cluster: prerequisites, Tune's state, the trials' run dirs, trials.parquet,
     best_config.yaml and the study snapshot all land in the bucket; `kcpt report` and the notebook read them back

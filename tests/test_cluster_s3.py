@@ -1,10 +1,11 @@
-"""The demo plan on a 2-node Ray cluster with every root on S3 (moto's server on 127.0.0.1), against the same plan
-run plainly on local paths, back to back.
+"""The demo plan on a 2-node Ray cluster with every root on S3 (moto's server on 127.0.0.1), against its CPT run
+plainly on local paths, and a 1-trial tune with every root on S3 on the same cluster.
 
 Nothing is shared between the nodes but the object store: each node's processes keep their scratch under
 ``$KCPT_SCRATCH/node-<id>/`` (kcpt.storage), the driver runs in a directory outputs must not go to, and a worker
-on the second node is killed mid-stage. The run must end with the same metrics as the local one (1e-6), every
-output in the bucket, and the report readable from ``s3://``.
+on the second node is killed mid-CPT. The run must record the same CPT metrics as the local run that was not
+killed (1e-6, up to that run's step 30), pass the stage-3 gate, leave every output in the bucket, and its report
+must read from ``s3://``.
 """
 
 from __future__ import annotations

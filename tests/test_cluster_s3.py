@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ray = pytest.importorskip("ray")
 
@@ -179,9 +180,10 @@ def test_relative_local_path_on_a_multi_node_cluster_is_refused(two_nodes, tmp_p
 
 
 def test_tune_with_every_root_on_s3_and_reading_results_from_there(two_nodes, s3_prefix, tmp_path, monkeypatch):
-    """A 1-trial tune on the 2-node cluster: prerequisites, Tune's state, the trials' run dirs, trials.parquet,
-    best_config.yaml and the study snapshot all land in the bucket; `kcpt report` and the notebook read them back
-    from s3:// in a fresh scratch (as another machine would)."""
+    """A 1-trial tune on the 2-node cluster, its trial a TorchTrainer of 2 workers (``tune.num_workers=2``: the
+    nested Ray Train path; world-size-1 trials elsewhere run in their Tune actor): prerequisites, Tune's state, the
+    trials' run dirs, trials.parquet, best_config.yaml and the study snapshot all land in the bucket; `kcpt report`
+    and the notebook read them back from s3:// in a fresh scratch (as another machine would)."""
     import nbformat
     from conftest import TUNE_TEST_OVERRIDES
     from nbclient import NotebookClient
@@ -195,7 +197,8 @@ def test_tune_with_every_root_on_s3_and_reading_results_from_there(two_nodes, s3
              "tune.stage_overrides.eval_every=4"]  # the wiring, not the search: a few steps per stage
     cfg = load_config(None, [*TUNE_TEST_OVERRIDES, *short, f"train.output_dir={s3_prefix}/runs",
                              f"data.prepared_root={s3_prefix}/prepared", f"tune.experiment_dir={s3_prefix}/experiments",
-                             "tune.num_samples=1"])
+                             "tune.num_samples=1", "tune.num_workers=2",
+                             "train.cpus_per_worker=0.5"])  # 2 nodes x 1 CPU: the trial's actor + 2 workers
     res = tune_stage3(cfg, experiment_dir=exp_uri, verbose=0)
     assert res.extra["experiment_uri"] == exp_uri
     exp = Store(exp_uri)
@@ -204,7 +207,11 @@ def test_tune_with_every_root_on_s3_and_reading_results_from_there(two_nodes, s3
     assert ("best_config.yaml" in names) == (res.best is not None)
     manifest = json.loads(exp.read_text("experiment.json"))
     assert manifest["runs_dir"] == f"{exp_uri}/runs" and manifest["prereq_run_dir"].startswith(f"{s3_prefix}/runs/")
-    assert len(exp.listdir("runs")) == 1  # one run directory per trial, in the bucket
+    assert manifest["trial_workers"] == 2 and manifest["trial_in_actor"] is False
+    (trial_run,) = exp.listdir("runs")  # one run directory per trial, in the bucket
+    assert "ray" in exp.listdir(f"runs/{trial_run}")  # its TorchTrainer's storage (Ray Train wrote there)
+    trial_cfg = yaml.safe_load(exp.read_text(f"runs/{trial_run}/config.yaml"))
+    assert trial_cfg["train"]["num_workers"] == 2
 
     monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "reader"))  # another machine: nothing local
     out = subprocess.run([sys.executable, "-m", "kcpt.cli", "report", exp_uri], capture_output=True, text=True,

@@ -34,12 +34,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_trials_train_at_the_final_world_size_by_default():
-    from kcpt.tune.launch import ray_cpus_needed
+    from kcpt.tune.launch import ray_cpus_needed, trial_in_actor, trial_resources
 
     cfg = load_config(None)
     assert cfg.tune.num_workers is None and cfg.tune_workers() == cfg.train.num_workers == 2
-    cfg = load_config(None, ["train.num_workers=1", "tune.max_concurrent=2"])
-    assert cfg.tune_workers() == 1 and ray_cpus_needed(cfg) == 4  # 2 x (trial actor + 1 worker)
+    assert not trial_in_actor(cfg) and trial_resources(cfg) == {"CPU": 1.0}  # the actor runs a TorchTrainer
+    assert ray_cpus_needed(cfg) == 3  # 1 x (trial actor + 2 workers)
+    cfg = load_config(None, ["train.num_workers=1", "tune.max_concurrent=4"])
+    # world size 1: the trial's actor runs the loop and holds the worker's CPUs (no TorchTrainer)
+    assert cfg.tune_workers() == 1 and trial_in_actor(cfg) and ray_cpus_needed(cfg) == 4
+    assert trial_resources(cfg) == {"CPU": 1.0, "GPU": 0.0}
+    cfg = load_config(None, ["train.num_workers=1", "train.cpus_per_worker=2", "train.use_gpu=true"])
+    assert trial_resources(cfg) == {"CPU": 2.0, "GPU": 1.0}
+    cfg = load_config(None, ["train.num_workers=1", "tune.max_concurrent=4", "train.deepspeed.zero_stage=2"])
+    assert not trial_in_actor(cfg) and ray_cpus_needed(cfg) == 8  # DeepSpeed: its TorchTrainer's process group
     cfg = load_config(None, ["tune.num_workers=3"])
     assert cfg.tune_workers() == 3 and cfg.train.num_workers == 2
     with pytest.raises(ConfigError, match="tune.num_workers"):

@@ -59,6 +59,26 @@ def test_trials_started_from_the_same_checkpoint_and_baseline(tune_experiment):
     assert ratio == pytest.approx(starts["raw_val_loss"].iloc[0] / m["baseline_raw_best"], rel=1e-6)
 
 
+def test_world_size_1_trials_ran_their_loop_in_the_tune_actor(tune_experiment):
+    """No TorchTrainer per trial at world size 1: the run dirs hold no Ray Train storage (``ray/``), and Tune still
+    got every eval of the tuned stage, with the running gate metrics, then the final summary."""
+    import json
+    from pathlib import Path
+
+    from kcpt.train.rundir import read_metrics
+
+    exp = tune_experiment.exp_dir
+    assert load_manifest(exp)["trial_in_actor"] is True
+    for _, row in load_trials(exp).iterrows():
+        assert row["run_dir"] and not (Path(row["run_dir"]) / "ray").exists(), row["run_dir"]
+        results = [json.loads(line) for line in (Path(row["trial_dir"]) / "result.json").read_text().splitlines()]
+        evals = [r for r in read_metrics(row["run_dir"]) if r["stage"] == "stage3"]
+        reported = [r for r in results if not r.get("trial_final")]
+        if not row["stopped_early"]:
+            assert results[-1]["trial_final"] and [r["step"] for r in reported] == [r["step"] for r in evals]
+        assert reported and all("gate_score" in r and "stage_done" in r for r in reported)
+
+
 def test_best_config_carries_the_best_feasible_trial(tune_experiment):
     exp = tune_experiment.exp_dir
     df = load_trials(exp)

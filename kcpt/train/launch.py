@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -107,7 +108,8 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
              init_checkpoint: Path | str | None = None, baseline_raw_best: float | None = None,
              resume: Literal["auto", "never", "overwrite"] = "auto", force: bool = False, address: str | None = None,
              callbacks: list | None = None, reference_checkpoint: Path | str | None = None,
-             in_process: bool = False, console: bool = True, data_table: bool = True) -> PlanResult:
+             in_process: bool = False, console: bool = True, data_table: bool = True,
+             on_report: Callable[[dict[str, Any], str | None], None] | None = None) -> PlanResult:
     """Run ``stages`` (default: the whole plan, in order) in one Ray Train ``fit()``; returns the summaries.
 
     - ``init_checkpoint``: the first stage starts from these weights (e.g. stage 3 from the stage-2 best);
@@ -120,7 +122,9 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
       ``"overwrite"``: start over, deleting the previous results once everything was validated;
     - ``address``: an existing Ray cluster; default a local Ray started (and stopped) here;
     - ``callbacks``: passed to ``RunConfig(callbacks=...)``;
-    - ``in_process``: no Ray — one worker in this process (debugging, fast tests; ``train.num_workers`` ignored);
+    - ``in_process``: no Ray Train — one worker in this process (debugging, fast tests, a Tune trial at world
+      size 1; ``train.num_workers`` ignored); ``on_report(metrics, checkpoint_path)`` then receives each eval
+      report as the loop makes it (what a Ray Train callback's ``after_report`` gets on the Ray Train path);
     - ``console``: print the eval lines / progress bars and the stage decisions here (:mod:`kcpt.console`);
     - ``data_table``: print the data table (:mod:`kcpt.data.report`) before training and apply
       ``data.max_reject_fraction`` (InputError, before anything is deleted or trained).
@@ -138,6 +142,8 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
         except KeyError:
             raise ConfigError(f"stages: no stage named '{s}' in plan ({[x.name for x in cfg.plan]})") from None
     check_baselines(cfg, stages, baseline_raw_best)
+    if on_report is not None and not in_process:
+        raise ConfigError("run_plan: on_report is for in_process runs (Ray Train runs take callbacks)")
     if resume not in ("auto", "never", "overwrite"):
         raise ConfigError(f"resume must be 'auto', 'never' or 'overwrite', got {resume!r}")
     for key, value in (("train.output_dir", cfg.train.output_dir), ("data.prepared_root", cfg.data.prepared_root),
@@ -164,7 +170,8 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             check_cluster_paths(cfg, run_dir, [init_checkpoint, reference_checkpoint])
         return _run_plan(cfg, stages, rd, init_checkpoint=init_checkpoint, reference_checkpoint=reference_checkpoint,
                          baseline_raw_best=baseline_raw_best, resume=resume, force=force, callbacks=callbacks,
-                         in_process=in_process, address=address, console=console, data_table=data_table)
+                         in_process=in_process, address=address, console=console, data_table=data_table,
+                         on_report=on_report)
     finally:
         if started:
             import ray
@@ -175,7 +182,8 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
 def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint: str | None,
               reference_checkpoint: str | None, baseline_raw_best: float | None, resume: str, force: bool,
               callbacks: list | None, in_process: bool, address: str | None, console: bool,
-              data_table: bool) -> PlanResult:
+              data_table: bool, on_report: Callable[[dict[str, Any], str | None], None] | None = None
+              ) -> PlanResult:
     from kcpt.data.prepare import prepare_all
 
     # Validate everything (inputs exist and read, tokenizer loads, checkpoints fit) before deleting anything.
@@ -233,7 +241,7 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         if in_process:
             from kcpt.train.loop import LocalSession
 
-            stage_loop_per_worker(loop_config, LocalSession())
+            stage_loop_per_worker(loop_config, LocalSession(on_report))
             return _result(rd, stages, t0)
         _fit(cfg, loop_config, rd, callbacks)
     return _result(rd, stages, t0)

@@ -36,6 +36,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,10 +321,13 @@ class RaySession:
 
 
 class LocalSession:
-    """No Ray: one worker in this process (``run_plan(in_process=True)``: debugging and fast wiring tests)."""
+    """No Ray Train: one worker in this process (``run_plan(in_process=True)``: debugging, fast wiring tests, and a
+    Tune trial at world size 1 in its own actor). ``on_report(metrics, checkpoint_path)``, when given, receives each
+    report as it is made (rank 0's flat eval metrics; the checkpoint's path once it is complete, else None)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_report: Callable[[dict[str, Any], str | None], None] | None = None) -> None:
         self.reports: list[dict[str, Any]] = []
+        self._on_report = on_report
 
     def dataset_shard(self, name: str) -> Any:
         """No trainer datasets in-process: ``data.loader: ray_data`` reads like ``stream`` here."""
@@ -331,6 +335,8 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], ckpt_path: str | None, rank: int) -> None:
         self.reports.append(dict(metrics, checkpoint=ckpt_path))
+        if self._on_report is not None:
+            self._on_report(metrics, ckpt_path)
 
 
 # --------------------------------------------------------------------------- the worker

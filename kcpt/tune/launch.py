@@ -5,9 +5,10 @@
 1. start (or join) Ray; 2. make or reuse the checkpoints of the stages before the tuned one
 (:func:`ensure_prerequisites`, one run dir per config hash); 3. run a ``Tuner`` whose trials each run the tuned
 stage with their sampled config from the SAME previous-stage best checkpoint and the SAME ``baseline_raw_best``
-(one TorchTrainer per trial via :func:`kcpt.train.launch.run_plan`, metrics forwarded to Tune by
-:class:`GateReportCallback`), searched by :class:`~kcpt.tune.searcher.ConstrainedOptunaSearch` and stopped early
-by ASHA; 4. export ``trials.parquet`` and ``best_config.yaml`` (:mod:`kcpt.tune.export`).
+(via :func:`kcpt.train.launch.run_plan`: one TorchTrainer per trial, or, at world size 1, the loop in the
+trial's own actor, :func:`trial_in_actor`; metrics forwarded to Tune by :class:`GateReportCallback`), searched
+by :class:`~kcpt.tune.searcher.ConstrainedOptunaSearch` and stopped early by ASHA; 4. export ``trials.parquet``
+and ``best_config.yaml`` (:mod:`kcpt.tune.export`).
 
 Experiment directory (absolute)::
 
@@ -60,10 +61,11 @@ TUNE_RUN_NAME = "tune"
 METRIC = "gate_score"
 STOPPED_TRIAL_GRACE_S = 15
 """Seconds Tune waits for a stopped (ASHA-pruned) trial before it kills the trial actor. A trial's function is
-blocked in its TorchTrainer.fit() and never sees Tune's stop request, so with Tune's default
-(``TUNE_FORCE_TRIAL_CLEANUP_S`` = 600) a pruned trial kept training — and holding its workers and placement
-group — for up to 10 minutes. Killing the trial actor takes its Train controller with it, and Ray Train's
-placement-group cleaner frees the workers. Set ``TUNE_FORCE_TRIAL_CLEANUP_S`` yourself to override."""
+blocked in its TorchTrainer.fit() (or in its in-actor loop between two reports) and does not see Tune's stop
+request, so with Tune's default (``TUNE_FORCE_TRIAL_CLEANUP_S`` = 600) a pruned trial kept training — and holding
+its workers and placement group — for up to 10 minutes. Killing the trial actor takes its Train controller with
+it, and Ray Train's placement-group cleaner frees the workers. Set ``TUNE_FORCE_TRIAL_CLEANUP_S`` yourself to
+override."""
 TOKENS_ATTR = "tokens_seen"
 """ASHA's time attribute with ``tune.asha.time_attr: tokens``: the stage loop's cumulative training tokens."""
 
@@ -183,10 +185,11 @@ class GateReportCallback(TuneReportCallback):
         self._max_steps = max_steps
         self._stops_at_gate = stops_at_gate
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        m = dict(metrics[0])
+    def tune_metrics(self, metrics: Mapping[str, Any], checkpoint_path: str | None) -> dict[str, Any] | None:
+        """What Tune gets for one report of the loop (rank 0's ``metrics``), or None for another stage's."""
+        m = dict(metrics)
         if m.get("stage") not in (None, self._stage):
-            return
+            return None
         m.update(self._tracker.update(m))
         m.update(self._extra)
         m[FINAL_KEY] = False
@@ -194,21 +197,58 @@ class GateReportCallback(TuneReportCallback):
         # this eval ends the stage (the loop stops after it): a scheduler stop now loses nothing
         m[DONE_KEY] = bool((self._stops_at_gate and m["gate_passed"] and m["steps_to_gate"] == step)
                            or (self._max_steps is not None and step >= self._max_steps))
-        if checkpoint:
-            m["checkpoint_path"] = checkpoint.path
-        self._training_actor_item_queue.put(m)
+        if checkpoint_path:
+            m["checkpoint_path"] = checkpoint_path
+        return m
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        """Ray Train path: runs on the trial's Train controller, hands the metrics to the trial's actor."""
+        m = self.tune_metrics(metrics[0], checkpoint.path if checkpoint else None)
+        if m is not None:
+            self._training_actor_item_queue.put(m)
+
+    def report_in_actor(self, metrics: dict[str, Any], checkpoint_path: str | None) -> None:
+        """In-actor path (:func:`trial_in_actor`): the loop's ``on_report`` in the trial's own actor."""
+        m = self.tune_metrics(metrics, checkpoint_path)
+        if m is not None:
+            tune.report(m)
 
 
 TrialRunner = Callable[..., Any]
 """``runner(cfg, *, stage, run_dir, init_checkpoint, baseline_raw_best, callbacks) -> PlanResult | dict``."""
 
 
+def trial_in_actor(cfg: KcptConfig) -> bool:
+    """Whether a trial of ``cfg`` runs its stage loop in its own Tune actor instead of a TorchTrainer: at world
+    size 1 (:meth:`KcptConfig.tune_workers`) without DeepSpeed. The actor then holds the worker's resources
+    (:func:`trial_resources`); a Ray Train fit would add a controller and a worker process per trial (their
+    start-up, a process group of one, a health-check poll per report) for the same single worker."""
+    return cfg.tune_workers() == 1 and cfg.train.deepspeed is None
+
+
+def trial_resources(cfg: KcptConfig) -> dict[str, float]:
+    """Ray resources of one trial's actor: the worker's CPUs (and GPU) when the loop runs in it, else 1 CPU (its
+    TorchTrainer's workers ask for their own)."""
+    if trial_in_actor(cfg):
+        return {"CPU": cfg.train.cpus_per_worker, "GPU": 1.0 if cfg.train.use_gpu else 0.0}
+    return {"CPU": 1.0}
+
+
 def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path | str, init_checkpoint: Path | str | None,
                     baseline_raw_best: float | None, reference_checkpoint: Path | str | None,
                     callbacks: list[Any]) -> Any:
-    """Default trial runner: the real stage loop, one TorchTrainer, via :func:`kcpt.train.launch.run_plan`."""
+    """Default trial runner: the real stage loop via :func:`kcpt.train.launch.run_plan` — in this process when
+    called by a trial (a :class:`GateReportCallback` in ``callbacks``) that :func:`trial_in_actor` allows, its
+    reports going straight to Tune; otherwise one TorchTrainer (re-evaluation runs from the driver, bigger
+    world sizes)."""
     from kcpt.train.launch import run_plan
 
+    gate = next((c for c in callbacks if isinstance(c, GateReportCallback)), None)
+    if gate is not None and trial_in_actor(cfg):
+        return run_plan(cfg, stages=[stage], run_dir=run_dir, init_checkpoint=init_checkpoint,
+                        baseline_raw_best=baseline_raw_best, reference_checkpoint=reference_checkpoint,
+                        resume="auto", in_process=True, on_report=gate.report_in_actor, console=False,
+                        data_table=False)
     return run_plan(cfg, stages=[stage], run_dir=run_dir, init_checkpoint=init_checkpoint,
                     baseline_raw_best=baseline_raw_best, reference_checkpoint=reference_checkpoint,
                     resume="auto", callbacks=callbacks, console=False, data_table=False)
@@ -372,8 +412,10 @@ class TuneRunResult:
 
 
 def ray_cpus_needed(cfg: KcptConfig) -> int:
-    """Logical CPUs for a local Ray: per concurrent trial 1 (the trial) + its Train workers; at least 3."""
-    per_trial = 1 + math.ceil(cfg.tune_workers() * cfg.train.cpus_per_worker)
+    """Logical CPUs for a local Ray: per concurrent trial 1 (the trial) + its Train workers, or the one worker's
+    CPUs when the trial's loop runs in its actor (:func:`trial_in_actor`); at least 3."""
+    per_trial = (math.ceil(cfg.train.cpus_per_worker) if trial_in_actor(cfg)
+                 else 1 + math.ceil(cfg.tune_workers() * cfg.train.cpus_per_worker))
     return max(3, cfg.tune.max_concurrent * per_trial)
 
 
@@ -532,7 +574,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             "prereq_run_dir": str(pre.run_dir), "tune_dir": store_lib.join(location, TUNE_RUN_NAME),
             "runs_dir": store_lib.join(location, "runs"), "config_sha256": cfg.sha256(), "sampler": sampler,
             "experiment_uri": uri,
-            "trial_workers": cfg.tune_workers(),
+            "trial_workers": cfg.tune_workers(), "trial_in_actor": trial_in_actor(cfg),
             "reeval": cfg.tune.reeval.model_dump(),
         }
         (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -542,7 +584,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
                            pre.baseline_raw_best, store_lib.join(location, "runs"),
                            None if pre.reference_checkpoint is None else str(pre.reference_checkpoint),
                            runner or run_stage_trial, pre.tokens_before)
-        trainable = tune.with_parameters(run_trial, ctx=ctx)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(cfg))
         tune_path = store_lib.join(location, TUNE_RUN_NAME)
         if mode == "resume" and tune.Tuner.can_restore(tune_path):
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,

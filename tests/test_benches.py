@@ -116,6 +116,10 @@ def check_reevaluation(exp, res, *, seed):
     evals = [r for r in read_metrics(rec.run_dir) if r["stage"] == m["stage"]]
     own = [r for r in read_metrics(study.best_trial.user_attrs["run_dir"]) if r["stage"] == m["stage"]]
     assert evals[0]["raw_val_loss"] == pytest.approx(own[0]["raw_val_loss"])  # the same start checkpoint
+    # one worker: the trial ran its loop in its Tune actor and the re-run in a Ray task, the same in-process path
+    # (neither made a TorchTrainer, whose storage would be the run dir's ray/)
+    assert m["trial_in_actor"] and not [d for d in (rec.run_dir, study.best_trial.user_attrs["run_dir"])
+                                        if (Path(d) / "ray").exists()]
     assert [r["train_loss"] for r in evals[1:]] != [r["train_loss"] for r in own[1:]]  # another data order
     spec = gate_spec(load_config(exp / "config.yaml"), m["stage"], m["baseline_raw_best"], m["tokens_before"])
     o = gate_outcome(evals, spec)

@@ -234,21 +234,32 @@ def trial_resources(cfg: KcptConfig) -> dict[str, float]:
     return {"CPU": 1.0}
 
 
+def _stage_in_process(cfg: KcptConfig, stage: str, **kw: Any) -> Any:
+    """The tuned stage's loop in this process (a trial's actor, or a task holding a trial's resources)."""
+    from kcpt.train.launch import run_plan
+
+    return run_plan(cfg, stages=[stage], resume="auto", in_process=True, console=False, data_table=False, **kw)
+
+
 def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path | str, init_checkpoint: Path | str | None,
                     baseline_raw_best: float | None, reference_checkpoint: Path | str | None,
                     callbacks: list[Any]) -> Any:
-    """Default trial runner: the real stage loop via :func:`kcpt.train.launch.run_plan` — in this process when
-    called by a trial (a :class:`GateReportCallback` in ``callbacks``) that :func:`trial_in_actor` allows, its
-    reports going straight to Tune; otherwise one TorchTrainer (re-evaluation runs from the driver, bigger
-    world sizes)."""
+    """Default trial runner: the real stage loop via :func:`kcpt.train.launch.run_plan`. When
+    :func:`trial_in_actor` allows it, in one process: this one when a trial calls (a :class:`GateReportCallback`
+    in ``callbacks``; its reports go straight to Tune), else — a re-evaluation run from the driver — a Ray task
+    holding a trial's resources (:func:`trial_resources`), so re-runs train exactly as the trials did. Otherwise
+    one TorchTrainer."""
     from kcpt.train.launch import run_plan
 
+    where = {"run_dir": run_dir, "init_checkpoint": init_checkpoint, "baseline_raw_best": baseline_raw_best,
+             "reference_checkpoint": reference_checkpoint}
     gate = next((c for c in callbacks if isinstance(c, GateReportCallback)), None)
-    if gate is not None and trial_in_actor(cfg):
-        return run_plan(cfg, stages=[stage], run_dir=run_dir, init_checkpoint=init_checkpoint,
-                        baseline_raw_best=baseline_raw_best, reference_checkpoint=reference_checkpoint,
-                        resume="auto", in_process=True, on_report=gate.report_in_actor, console=False,
-                        data_table=False)
+    if trial_in_actor(cfg) and gate is not None:
+        return _stage_in_process(cfg, stage, on_report=gate.report_in_actor, **where)
+    if trial_in_actor(cfg) and ray.is_initialized():
+        res = trial_resources(cfg)
+        task = ray.remote(num_cpus=res["CPU"], num_gpus=res["GPU"], max_retries=0)(_stage_in_process)
+        return ray.get(task.remote(cfg, stage, **where))
     return run_plan(cfg, stages=[stage], run_dir=run_dir, init_checkpoint=init_checkpoint,
                     baseline_raw_best=baseline_raw_best, reference_checkpoint=reference_checkpoint,
                     resume="auto", callbacks=callbacks, console=False, data_table=False)
@@ -342,7 +353,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 def reevaluate(study: Any, ctx: TrialContext, *, top_k: int, seeds: int, log: Callable[[str], None] = print,
                on_record: Callable[[Any], None] | None = None) -> list[Any]:
     """Re-run the ``top_k`` best feasible trials of ``study`` at ``seeds`` more training seeds (``train.seed + 1``
-    …) with ``ctx.runner`` — the trials' own runner and world size, from the same start checkpoint — and record
+    …) with ``ctx.runner`` — the trials' own runner, world size and execution path (:func:`run_stage_trial`), from
+    the same start checkpoint — and record
     each run in the study (:mod:`kcpt.tune.reeval`; then ``on_record(record)``). Runs already recorded (a resumed
     experiment) are skipped; a run dir left by a killed run resumes. A run that raises is logged and left
     unrecorded (the choice uses the runs that finished). Returns the new records."""

@@ -260,9 +260,8 @@ def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path | str, init_ch
         res = trial_resources(cfg)
         task = ray.remote(num_cpus=res["CPU"], num_gpus=res["GPU"], max_retries=0)(_stage_in_process)
         return ray.get(task.remote(cfg, stage, **where))
-    return run_plan(cfg, stages=[stage], run_dir=run_dir, init_checkpoint=init_checkpoint,
-                    baseline_raw_best=baseline_raw_best, reference_checkpoint=reference_checkpoint,
-                    resume="auto", callbacks=callbacks, console=False, data_table=False)
+    return run_plan(cfg, stages=[stage], resume="auto", callbacks=callbacks, console=False, data_table=False,
+                    **where)
 
 
 @dataclass
@@ -354,10 +353,10 @@ def reevaluate(study: Any, ctx: TrialContext, *, top_k: int, seeds: int, log: Ca
                on_record: Callable[[Any], None] | None = None) -> list[Any]:
     """Re-run the ``top_k`` best feasible trials of ``study`` at ``seeds`` more training seeds (``train.seed + 1``
     …) with ``ctx.runner`` — the trials' own runner, world size and execution path (:func:`run_stage_trial`), from
-    the same start checkpoint — and record
-    each run in the study (:mod:`kcpt.tune.reeval`; then ``on_record(record)``). Runs already recorded (a resumed
-    experiment) are skipped; a run dir left by a killed run resumes. A run that raises is logged and left
-    unrecorded (the choice uses the runs that finished). Returns the new records."""
+    the same start checkpoint — and record each run in the study (:mod:`kcpt.tune.reeval`; then
+    ``on_record(record)``). Runs already recorded (a resumed experiment) are skipped; a run dir left by a killed run
+    resumes. A run that raises is logged and left unrecorded (the choice uses the runs that finished). Returns the
+    new records."""
     from kcpt.config import config_from_dict
     from kcpt.tune import reeval
 

@@ -191,6 +191,26 @@ def test_deterministic_abort_is_not_retried(ray_session, prepared_root, tmp_path
     assert (run_dir / "aborted.json").is_file()
 
 
+def test_a_kcpt_error_in_a_world_size_1_rerun_task_is_raised_as_itself(ray_session, tmp_path):
+    """At world size 1 a tune re-evaluation run is one Ray task (run_stage_trial). A KcptError inside it comes back
+    as itself, with its one-line message (what reevaluate logs), not as Ray's RayTaskError(InputError), a subclass
+    of both whose message is the remote traceback."""
+    from kcpt.config import load_config
+    from kcpt.errors import InputError
+    from kcpt.tune.launch import run_stage_trial
+
+    run_dir = tmp_path / "not-kcpt"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("a directory kcpt did not create")
+    with pytest.raises(InputError) as info:
+        run_stage_trial(load_config(None, ["train.num_workers=1"]), stage="stage3", run_dir=run_dir,
+                        init_checkpoint=None, baseline_raw_best=7.0, reference_checkpoint=None, callbacks=[])
+    assert type(info.value) is InputError
+    assert str(info.value).startswith(f"{run_dir}: exists but kcpt did not create it")
+    assert "Traceback" not in str(info.value)
+    assert isinstance(info.value.__cause__, ray.exceptions.RayTaskError)  # it did come from the task
+
+
 DS_FAULTS = ("train.faults.stage=stage3", "train.faults.nan_at_step=2", "train.faults.grad_spike_at_step=6",
              "train.faults.grad_spike_factor=1e6")
 

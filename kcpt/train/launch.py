@@ -278,18 +278,18 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-    except KcptError:
-        raise
-    except Exception as e:  # unwrap Ray's wrapper around a KcptError raised inside a worker
-        cause = worker_kcpt_error(e)
-        if cause is not None:
-            raise type(cause)(str(cause)) from e
+    except Exception as e:
+        raise_worker_kcpt_error(e)
         raise
 
 
 def worker_kcpt_error(e: BaseException) -> KcptError | None:
     """The KcptError inside Ray's error ``e`` (its causes, a RayTaskError's ``cause``, a Train V2
-    ``WorkerGroupError``'s ``worker_failures``), or None."""
+    ``WorkerGroupError``'s ``worker_failures``), or None. Ray's ``RayTaskError(<KcptError class>)`` — the
+    wrapper ``ray.get`` raises, a subclass of both, whose message is the remote traceback — is looked through
+    to the error it wraps."""
+    from ray.exceptions import RayTaskError
+
     todo: list[BaseException] = [e]
     seen: set[int] = set()
     while todo:
@@ -297,11 +297,21 @@ def worker_kcpt_error(e: BaseException) -> KcptError | None:
         if id(err) in seen:
             continue
         seen.add(id(err))
-        if isinstance(err, KcptError):
+        if isinstance(err, KcptError) and not isinstance(err, RayTaskError):
             return err
-        todo += [c for c in (err.__cause__, getattr(err, "cause", None)) if isinstance(c, BaseException)]
+        todo += [c for c in (getattr(err, "cause", None), err.__cause__) if isinstance(c, BaseException)]
         todo += [c for c in (getattr(err, "worker_failures", None) or {}).values() if isinstance(c, BaseException)]
     return None
+
+
+def raise_worker_kcpt_error(e: BaseException) -> None:
+    """Raise the KcptError inside Ray's error ``e`` as itself (its one-line message, not Ray's traceback), chained
+    to ``e``; return when there is none (the caller re-raises ``e``). ``e`` itself a plain KcptError: re-raised."""
+    cause = worker_kcpt_error(e)
+    if cause is e:
+        raise e
+    if cause is not None:
+        raise type(cause)(str(cause)) from e
 
 
 def _result(rd: RunDir, stages: list[str], t0: float) -> PlanResult:

@@ -249,7 +249,7 @@ def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path | str, init_ch
     in ``callbacks``; its reports go straight to Tune), else — a re-evaluation run from the driver — a Ray task
     holding a trial's resources (:func:`trial_resources`), so re-runs train exactly as the trials did. Otherwise
     one TorchTrainer."""
-    from kcpt.train.launch import run_plan
+    from kcpt.train.launch import raise_worker_kcpt_error, run_plan
 
     where = {"run_dir": run_dir, "init_checkpoint": init_checkpoint, "baseline_raw_best": baseline_raw_best,
              "reference_checkpoint": reference_checkpoint}
@@ -259,7 +259,11 @@ def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path | str, init_ch
     if trial_in_actor(cfg) and ray.is_initialized():
         res = trial_resources(cfg)
         task = ray.remote(num_cpus=res["CPU"], num_gpus=res["GPU"], max_retries=0)(_stage_in_process)
-        return ray.get(task.remote(cfg, stage, **where))
+        try:
+            return ray.get(task.remote(cfg, stage, **where))
+        except ray.exceptions.RayTaskError as e:  # a KcptError in the task: as itself, as _fit raises it
+            raise_worker_kcpt_error(e)
+            raise
     return run_plan(cfg, stages=[stage], resume="auto", callbacks=callbacks, console=False, data_table=False,
                     **where)
 

@@ -69,14 +69,18 @@ def test_world_size_1_trials_ran_their_loop_in_the_tune_actor(tune_experiment):
 
     exp = tune_experiment.exp_dir
     assert load_manifest(exp)["trial_in_actor"] is True
+    pids = set()
     for _, row in load_trials(exp).iterrows():
         assert row["run_dir"] and not (Path(row["run_dir"]) / "ray").exists(), row["run_dir"]
+        assert Path(row["trial_dir"]).parent == Path(exp) / "tune"  # Tune's trial dir in the experiment
         results = [json.loads(line) for line in (Path(row["trial_dir"]) / "result.json").read_text().splitlines()]
+        pids |= {r["pid"] for r in results}
         evals = [r for r in read_metrics(row["run_dir"]) if r["stage"] == "stage3"]
         reported = [r for r in results if not r.get("trial_final")]
         if not row["stopped_early"]:
             assert results[-1]["trial_final"] and [r["step"] for r in reported] == [r["step"] for r in evals]
         assert reported and all("gate_score" in r and "stage_done" in r for r in reported)
+    assert len(pids) == 1  # one after the other, every trial's loop ran in the same reused actor process
 
 
 def test_best_config_carries_the_best_feasible_trial(tune_experiment):

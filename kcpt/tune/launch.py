@@ -280,6 +280,8 @@ class TrialContext:
     reference_checkpoint: str | None = None
     runner: TrialRunner = run_stage_trial
     tokens_before: int = 0
+    tune_dir: str | None = None
+    """The experiment's Tune directory: a trial's ``trial_dir`` is its sub-directory there (result.json …)."""
 
 
 def _stage_evals(run_dir: Path | str, stage: str) -> list[dict[str, Any]]:
@@ -339,7 +341,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     run_dir = (store_lib.join(ctx.runs_dir, trial_id) if store_lib.is_uri(ctx.runs_dir)
                else Path(ctx.runs_dir) / trial_id)
     spec = gate_spec(base, ctx.stage, ctx.baseline_raw_best, ctx.tokens_before)
-    extra = {"run_dir": str(run_dir), "trial_dir": tune.get_context().get_trial_dir()}
+    # Tune's trial dir in the experiment. Not get_trial_dir() itself: in an actor reused from an earlier trial
+    # (tune reuse_actors) that is the actor's scratch working directory, with the same name
+    trial_dir = tune.get_context().get_trial_dir()
+    if ctx.tune_dir is not None:
+        trial_dir = store_lib.join(ctx.tune_dir, os.path.basename(trial_dir.rstrip("/")))
+    extra = {"run_dir": str(run_dir), "trial_dir": trial_dir}
     result = ctx.runner(cfg, stage=ctx.stage, run_dir=run_dir,
                         init_checkpoint=ctx.init_checkpoint, baseline_raw_best=ctx.baseline_raw_best,
                         reference_checkpoint=ctx.reference_checkpoint,
@@ -594,13 +601,13 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
         }
         (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         publish_experiment(uri, exp_dir)
+        tune_path = store_lib.join(location, TUNE_RUN_NAME)
         ctx = TrialContext(cfg.model_dump(mode="json"), stage,
                            None if pre.init_checkpoint is None else str(pre.init_checkpoint),
                            pre.baseline_raw_best, store_lib.join(location, "runs"),
                            None if pre.reference_checkpoint is None else str(pre.reference_checkpoint),
-                           runner or run_stage_trial, pre.tokens_before)
+                           runner or run_stage_trial, pre.tokens_before, tune_path)
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(cfg))
-        tune_path = store_lib.join(location, TUNE_RUN_NAME)
         if mode == "resume" and tune.Tuner.can_restore(tune_path):
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,
                                        restart_errored=False, resume_unfinished=True)
@@ -612,7 +619,10 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
                 tune_config=tune.TuneConfig(
                     search_alg=build_searcher(cfg, storage=storage, study_name=study_name, sampler=sampler),
                     scheduler=build_scheduler(cfg, sampler), metric=METRIC, mode="min",
-                    num_samples=max(num_samples, 0), max_concurrent_trials=cfg.tune.max_concurrent),
+                    num_samples=max(num_samples, 0), max_concurrent_trials=cfg.tune.max_concurrent,
+                    # the next trial's loop runs in the finished trial's process (no new Python, no torch import:
+                    # ~5 s a trial here); a pruned trial's loop ends at the report Tune stopped it on
+                    reuse_actors=trial_in_actor(cfg)),
                 run_config=tune.RunConfig(
                     name=TUNE_RUN_NAME, storage_path=location,
                     verbose=(1 if cfg.logging.verbose else 0) if verbose is None else verbose,

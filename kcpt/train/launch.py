@@ -306,11 +306,9 @@ def worker_kcpt_error(e: BaseException) -> KcptError | None:
 
 def raise_worker_kcpt_error(e: BaseException) -> None:
     """Raise the KcptError inside Ray's error ``e`` as itself (its one-line message, not Ray's traceback), chained
-    to ``e``; return when there is none (the caller re-raises ``e``). ``e`` itself a plain KcptError: re-raised."""
+    to ``e``; return when there is none or ``e`` is that error (the caller re-raises ``e``)."""
     cause = worker_kcpt_error(e)
-    if cause is e:
-        raise e
-    if cause is not None:
+    if cause is not None and cause is not e:
         raise type(cause)(str(cause)) from e
 
 

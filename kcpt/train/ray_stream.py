@@ -79,7 +79,6 @@ def source_dataset(name: str, ref: str, *, seed: int, materialize_rows: int, rea
         if repeat > 1:  # one block of `repeat` copies in order (< 2 * MIN_ROWS_PER_EXECUTION rows): a union of
             # `repeat` datasets took 5 s per execution for 410 copies, this 0.05 s
             import pyarrow as pa
-            import ray
 
             table = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()])
             ds = ray.data.from_arrow(pa.concat_tables([table] * repeat).combine_chunks())

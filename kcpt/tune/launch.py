@@ -234,11 +234,12 @@ def trial_resources(cfg: KcptConfig) -> dict[str, float]:
     return {"CPU": 1.0}
 
 
-def _stage_in_process(cfg: KcptConfig, stage: str, **kw: Any) -> Any:
-    """The tuned stage's loop in this process (a trial's actor, or a task holding a trial's resources)."""
+def _run_stage(cfg: KcptConfig, stage: str, **kw: Any) -> Any:
+    """The tuned stage via :func:`kcpt.train.launch.run_plan` with a trial's fixed arguments (resumed from its run
+    dir when one exists; no console, no data table); ``kw``: where it runs and from what."""
     from kcpt.train.launch import run_plan
 
-    return run_plan(cfg, stages=[stage], resume="auto", in_process=True, console=False, data_table=False, **kw)
+    return run_plan(cfg, stages=[stage], resume="auto", console=False, data_table=False, **kw)
 
 
 def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path | str, init_checkpoint: Path | str | None,
@@ -249,23 +250,22 @@ def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path | str, init_ch
     in ``callbacks``; its reports go straight to Tune), else — a re-evaluation run from the driver — a Ray task
     holding a trial's resources (:func:`trial_resources`), so re-runs train exactly as the trials did. Otherwise
     one TorchTrainer."""
-    from kcpt.train.launch import raise_worker_kcpt_error, run_plan
+    from kcpt.train.launch import raise_worker_kcpt_error
 
     where = {"run_dir": run_dir, "init_checkpoint": init_checkpoint, "baseline_raw_best": baseline_raw_best,
              "reference_checkpoint": reference_checkpoint}
     gate = next((c for c in callbacks if isinstance(c, GateReportCallback)), None)
     if trial_in_actor(cfg) and gate is not None:
-        return _stage_in_process(cfg, stage, on_report=gate.report_in_actor, **where)
+        return _run_stage(cfg, stage, in_process=True, on_report=gate.report_in_actor, **where)
     if trial_in_actor(cfg) and ray.is_initialized():
         res = trial_resources(cfg)
-        task = ray.remote(num_cpus=res["CPU"], num_gpus=res["GPU"], max_retries=0)(_stage_in_process)
+        task = ray.remote(num_cpus=res["CPU"], num_gpus=res["GPU"], max_retries=0)(_run_stage)
         try:
-            return ray.get(task.remote(cfg, stage, **where))
+            return ray.get(task.remote(cfg, stage, in_process=True, **where))
         except ray.exceptions.RayTaskError as e:  # a KcptError in the task: as itself, as _fit raises it
             raise_worker_kcpt_error(e)
             raise
-    return run_plan(cfg, stages=[stage], resume="auto", callbacks=callbacks, console=False, data_table=False,
-                    **where)
+    return _run_stage(cfg, stage, callbacks=callbacks, **where)
 
 
 @dataclass

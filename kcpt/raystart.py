@@ -2,7 +2,9 @@
 
 Join the cluster named by ``address`` (``--address``), else by ``RAY_ADDRESS`` (set inside ``ray job submit``),
 never sizing it (Ray refuses ``num_cpus`` when connecting); otherwise start a local Ray with an explicit
-``num_cpus`` (a laptop or a test must not claim every core implicitly).
+``num_cpus`` (a laptop or a test must not claim every core implicitly) and without Ray's dashboard (its module
+processes cost about 2.5 CPU-seconds per start — 4 s of a short run on 2 cores — for a Ray that lives as long as
+one job; for the dashboard, start Ray yourself with ``ray start --head`` and pass ``--address``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def start_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: no ~/.ray/auth_token
         # address="local": always a new private instance, never a `ray start` cluster found on this machine
-        ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **init_kwargs)
+        ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                       **{"include_dashboard": False, **init_kwargs})
         what = f"started a local Ray ({num_cpus} CPUs)"
     session = (getattr(ctx, "address_info", None) or {}).get("session_dir")
     print(f"ray: {what}; Ray's logs: {session}/logs" if session else f"ray: {what}", flush=True)

@@ -34,12 +34,23 @@ def test_joins_address_or_ray_address_without_sizing(head, monkeypatch):
     assert ray.cluster_resources()["CPU"] == 2
 
 
-def test_local_ray_gets_explicit_num_cpus(monkeypatch):
+def test_local_ray_gets_explicit_num_cpus_and_no_dashboard(monkeypatch):
+    """A private local Ray starts without the dashboard's module processes (about 2.5 CPU-seconds per start, 4 s of
+    a short run's wall time on 2 cores, for a dashboard nobody opens); ``include_dashboard=True`` still gets them."""
+    import psutil
+
+    def dashboard_modules() -> list[str]:
+        return [p.name() for p in psutil.Process().children(recursive=True) if p.name().startswith("ray-dashboard-")]
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():
         ray.shutdown()
     try:
         assert start_ray(None, num_cpus=1) is True
         assert ray.cluster_resources()["CPU"] == 1
+        assert dashboard_modules() == []
+        ray.shutdown()
+        assert start_ray(None, num_cpus=1, include_dashboard=True) is True  # the caller's choice wins
+        assert "ray-dashboard-JobHead-0" in dashboard_modules()
     finally:
         ray.shutdown()

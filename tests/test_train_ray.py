@@ -167,8 +167,9 @@ def test_full_resume_refuses_changed_tokenizer_or_data(uninterrupted, prepared_r
 
 
 def _assert_same_metrics(got_dir: Path, want_dir: Path) -> None:
-    got, want = _by_key(read_metrics(got_dir)), _by_key(read_metrics(want_dir))
-    assert got.keys() == want.keys()  # no eval lost or recorded twice
+    got_records = read_metrics(got_dir)
+    got, want = _by_key(got_records), _by_key(read_metrics(want_dir))
+    assert got.keys() == want.keys() and len(got_records) == len(got)  # no eval lost or recorded twice
     for key, w in want.items():
         for k in (*COMPARED, "rollbacks", "lr_scale"):
             a, b = got[key].get(k), w.get(k)
@@ -191,24 +192,55 @@ def test_deterministic_abort_is_not_retried(ray_session, prepared_root, tmp_path
     assert (run_dir / "aborted.json").is_file()
 
 
-def test_a_kcpt_error_in_a_world_size_1_rerun_task_is_raised_as_itself(ray_session, tmp_path):
-    """At world size 1 a tune re-evaluation run is one Ray task (run_stage_trial). A KcptError inside it comes back
-    as itself, with its one-line message (what reevaluate logs), not as Ray's RayTaskError(InputError), a subclass
-    of both whose message is the remote traceback."""
-    from kcpt.config import load_config
-    from kcpt.errors import InputError
+ONE_WORKER = ("train.num_workers=1", "train.max_failures=1", "train.async_checkpoint=false")
+"""World size 1 for ``run_plan(in_task=True)``; blocking checkpoint writes: the step-4 checkpoint is complete when
+step 5 starts, so where a retry resumes is fixed."""
+
+
+@pytest.fixture(scope="module")
+def in_process_one_worker(prepared_root, tmp_path_factory):
+    return run_plan(small_cfg(prepared_root, tmp_path_factory.mktemp("one"), "in-process", *ONE_WORKER),
+                    resume="never", in_process=True, console=False)
+
+
+@pytest.mark.parametrize(("crash_step", "cpt_lines"), [(6, [0, 4, 8]), (2, [0, 0, 4, 8])],
+                         ids=["after-a-checkpoint", "before-the-first-checkpoint"])
+def test_in_task_run_killed_mid_stage_is_retried_and_resumes_exactly(ray_session, prepared_root, tmp_path, capsys,
+                                                                     in_process_one_worker, crash_step, cpt_lines):
+    """``run_plan(in_task=True)`` (world size 1, the tune's prerequisites): the one worker runs in a Ray task, not a
+    TorchTrainer (no Train storage in the run dir), and its eval lines reach this console through the queue. When
+    the task's process dies at CPT step 6, Ray runs it again and it resumes from the step-4 checkpoint; at step 2,
+    before any checkpoint, it starts over and the first attempt's step-0 record is dropped. Either way every eval
+    is recorded once and equals the in-process run's (1e-6)."""
+    capsys.readouterr()
+    got = run_plan(small_cfg(prepared_root, tmp_path, "in-task", *ONE_WORKER, "train.faults.stage=cpt",
+                             f"train.faults.crash_at_step={crash_step}", "train.faults.crash_rank=0"),
+                   resume="never", in_task=True)
+    assert (got.run_dir / "faults" / f"crash-cpt-{crash_step}").exists()
+    _assert_same_metrics(got.run_dir, in_process_one_worker.run_dir)
+    assert not (got.run_dir / "ray").exists()  # no TorchTrainer ran
+    lines = capsys.readouterr().out.splitlines()
+    for stage, steps in (("cpt", cpt_lines), ("stage3", [0, 3, 6])):  # the retry's evals follow the first attempt's
+        assert [int(ln.split()[2]) for ln in lines if ln.startswith(f"[{stage}] step")] == steps, stage
+
+
+def test_a_kcpt_error_in_a_world_size_1_rerun_task_is_raised_as_itself(ray_session, prepared_root, tmp_path):
+    """At world size 1 a tune re-evaluation run is one Ray task (run_stage_trial → ``run_plan(in_task=True)``). A
+    KcptError inside it (here the loop refusing float16 without DeepSpeed) comes back as itself, with its one-line
+    message (what reevaluate logs) and not retried — not as Ray's RayTaskError(ConfigError), a subclass of both whose
+    message is the remote traceback. ``in_task`` itself refuses a world size above 1."""
+    from kcpt.errors import ConfigError
     from kcpt.tune.launch import run_stage_trial
 
-    run_dir = tmp_path / "not-kcpt"
-    run_dir.mkdir()
-    (run_dir / "notes.txt").write_text("a directory kcpt did not create")
-    with pytest.raises(InputError) as info:
-        run_stage_trial(load_config(None, ["train.num_workers=1"]), stage="stage3", run_dir=run_dir,
-                        init_checkpoint=None, baseline_raw_best=7.0, reference_checkpoint=None, callbacks=[])
-    assert type(info.value) is InputError
-    assert str(info.value).startswith(f"{run_dir}: exists but kcpt did not create it")
+    cfg = small_cfg(prepared_root, tmp_path, "fp16", "train.num_workers=1", "model.dtype=float16")
+    with pytest.raises(ConfigError) as info:
+        run_stage_trial(cfg, stage="stage3", run_dir=tmp_path / "fp16", init_checkpoint=None, baseline_raw_best=7.0,
+                        reference_checkpoint=None, callbacks=[])
+    assert type(info.value) is ConfigError and str(info.value).startswith("model.dtype float16 needs loss scaling")
     assert "Traceback" not in str(info.value)
-    assert isinstance(info.value.__cause__, ray.exceptions.RayTaskError)  # it did come from the task
+    assert [r["step"] for r in read_metrics(tmp_path / "fp16")] == []  # the loop refused before its first eval
+    with pytest.raises(ConfigError, match="in_task runs one worker"):
+        run_plan(small_cfg(prepared_root, tmp_path, "two"), resume="never", in_task=True)
 
 
 DS_FAULTS = ("train.faults.stage=stage3", "train.faults.nan_at_step=2", "train.faults.grad_spike_at_step=6",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import optuna
 import pandas as pd
@@ -60,15 +61,19 @@ def test_trials_started_from_the_same_checkpoint_and_baseline(tune_experiment):
 
 
 def test_world_size_1_trials_ran_their_loop_in_the_tune_actor(tune_experiment):
-    """No TorchTrainer per trial at world size 1: the run dirs hold no Ray Train storage (``ray/``), and Tune still
-    got every eval of the tuned stage, with the running gate metrics, then the final summary."""
+    """No TorchTrainer at world size 1: neither the prerequisite run (one Ray task) nor the trials' run dirs hold
+    Ray Train storage (``ray/``), and Tune still got every eval of the tuned stage, with the running gate metrics,
+    then the final summary."""
     import json
     from pathlib import Path
 
     from kcpt.train.rundir import read_metrics
 
     exp = tune_experiment.exp_dir
-    assert load_manifest(exp)["trial_in_actor"] is True
+    manifest = load_manifest(exp)
+    assert manifest["trial_in_actor"] is True
+    prereq = Path(manifest["prereq_run_dir"])
+    assert (prereq / "summary.json").is_file() and not (prereq / "ray").exists(), sorted(os.listdir(prereq))
     pids = set()
     for _, row in load_trials(exp).iterrows():
         assert row["run_dir"] and not (Path(row["run_dir"]) / "ray").exists(), row["run_dir"]

@@ -108,7 +108,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
              init_checkpoint: Path | str | None = None, baseline_raw_best: float | None = None,
              resume: Literal["auto", "never", "overwrite"] = "auto", force: bool = False, address: str | None = None,
              callbacks: list | None = None, reference_checkpoint: Path | str | None = None,
-             in_process: bool = False, console: bool = True, data_table: bool = True,
+             in_process: bool = False, in_task: bool = False, console: bool = True, data_table: bool = True,
              on_report: Callable[[dict[str, Any], str | None], None] | None = None) -> PlanResult:
     """Run ``stages`` (default: the whole plan, in order) in one Ray Train ``fit()``; returns the summaries.
 
@@ -125,6 +125,12 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     - ``in_process``: no Ray Train — one worker in this process (debugging, fast tests, a Tune trial at world
       size 1; ``train.num_workers`` ignored); ``on_report(metrics, checkpoint_path)`` then receives each eval
       report as the loop makes it (what a Ray Train callback's ``after_report`` gets on the Ray Train path);
+    - ``in_task``: no Ray Train at world size 1 (``train.num_workers`` 1, no DeepSpeed) — the one worker runs in a
+      Ray task holding one worker's resources (``cpus_per_worker``, 1 GPU with ``use_gpu``), so no Train controller
+      or worker group starts (the tune's prerequisite stages, :func:`kcpt.tune.launch.ensure_prerequisites`). A
+      task that dies or raises anything but a KcptError is retried up to ``train.max_failures`` times and continues
+      from the run directory's latest checkpoint, as a replaced Train worker group does; ``data.loader: ray_data``
+      reads like ``stream`` there (no trainer datasets), as in-process;
     - ``console``: print the eval lines / progress bars and the stage decisions here (:mod:`kcpt.console`);
     - ``data_table``: print the data table (:mod:`kcpt.data.report`) before training and apply
       ``data.max_reject_fraction`` (InputError, before anything is deleted or trained).
@@ -144,6 +150,9 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     check_baselines(cfg, stages, baseline_raw_best)
     if on_report is not None and not in_process:
         raise ConfigError("run_plan: on_report is for in_process runs (Ray Train runs take callbacks)")
+    if in_task and (in_process or cfg.train.num_workers != 1 or cfg.train.deepspeed is not None):
+        raise ConfigError("run_plan: in_task runs one worker in a Ray task: train.num_workers must be 1, without "
+                          "DeepSpeed and without in_process")
     if resume not in ("auto", "never", "overwrite"):
         raise ConfigError(f"resume must be 'auto', 'never' or 'overwrite', got {resume!r}")
     for key, value in (("train.output_dir", cfg.train.output_dir), ("data.prepared_root", cfg.data.prepared_root),
@@ -170,8 +179,8 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             check_cluster_paths(cfg, run_dir, [init_checkpoint, reference_checkpoint])
         return _run_plan(cfg, stages, rd, init_checkpoint=init_checkpoint, reference_checkpoint=reference_checkpoint,
                          baseline_raw_best=baseline_raw_best, resume=resume, force=force, callbacks=callbacks,
-                         in_process=in_process, address=address, console=console, data_table=data_table,
-                         on_report=on_report)
+                         in_process=in_process, in_task=in_task, address=address, console=console,
+                         data_table=data_table, on_report=on_report)
     finally:
         if started:
             import ray
@@ -182,8 +191,8 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
 def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint: str | None,
               reference_checkpoint: str | None, baseline_raw_best: float | None, resume: str, force: bool,
               callbacks: list | None, in_process: bool, address: str | None, console: bool,
-              data_table: bool, on_report: Callable[[dict[str, Any], str | None], None] | None = None
-              ) -> PlanResult:
+              data_table: bool, on_report: Callable[[dict[str, Any], str | None], None] | None = None,
+              in_task: bool = False) -> PlanResult:
     from kcpt.data.prepare import prepare_all
 
     # Validate everything (inputs exist and read, tokenizer loads, checkpoints fit) before deleting anything.
@@ -243,7 +252,10 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
 
             stage_loop_per_worker(loop_config, LocalSession(on_report))
             return _result(rd, stages, t0)
-        _fit(cfg, loop_config, rd, callbacks)
+        if in_task:
+            _run_task(cfg, loop_config)
+        else:
+            _fit(cfg, loop_config, rd, callbacks)
     return _result(rd, stages, t0)
 
 
@@ -281,6 +293,31 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
     except Exception as e:
         raise_worker_kcpt_error(e)
         raise
+
+
+def _task_loop(loop_config: dict[str, Any]) -> KcptError | None:
+    """The one worker of an ``in_task`` run, in its Ray task. A KcptError (deterministic: a bad input, a refused
+    checkpoint) is returned, not raised, so that Ray does not retry it; anything else is raised and retried."""
+    from kcpt.train.loop import LocalSession
+
+    try:
+        stage_loop_per_worker(loop_config, LocalSession())
+    except KcptError as e:
+        return e
+    return None
+
+
+def _run_task(cfg: KcptConfig, loop_config: dict[str, Any]) -> None:
+    """``run_plan(in_task=True)``: the loop in one Ray task with one worker's resources, retried up to
+    ``train.max_failures`` times (each retry resumes from the run directory's latest checkpoint)."""
+    import ray
+
+    t = cfg.train
+    task = ray.remote(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0, max_retries=t.max_failures,
+                      retry_exceptions=True)(_task_loop)
+    err = ray.get(task.remote(loop_config))
+    if err is not None:
+        raise err
 
 
 def worker_kcpt_error(e: BaseException) -> KcptError | None:

@@ -691,6 +691,11 @@ class StageRunner:
                 self.run_dir.truncate_metrics(
                     lambda r: r.get("stage") not in order or (order.index(r["stage"]), r["step"]) <= key)
             log.info("rank %d resumes from %s", self.rank, resume_path)
+        elif self.rank == 0:
+            # no checkpoint of this run yet: a restart before the first one (a replaced worker group, a retried task)
+            # runs its evals again — the first attempt's records of these stages go
+            order = plan.stage_order
+            self.run_dir.truncate_metrics(lambda r: r.get("stage") not in order)
         while plan.stage_pos < len(plan.stage_order):
             stage = self.cfg.stage(plan.stage_order[plan.stage_pos])
             state = resume_state if resume_state is not None and resume_state["stage"] == stage.name else None

@@ -146,7 +146,9 @@ def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Pat
     """Run (or reuse) the stages before ``stage`` in ``<root>/prereq-<hash12>/`` and return where trials start.
 
     Reused when that run dir's ``summary.json`` records every stage before ``stage``. ``root`` defaults to
-    ``train.output_dir``.
+    ``train.output_dir``. At world size 1 without DeepSpeed the stages run in one Ray task
+    (``run_plan(in_task=True)``), as the trials run in their actors: no Ray Train controller and worker group to
+    start for a single worker.
     """
     from kcpt.train.rundir import RunDir
 
@@ -165,7 +167,8 @@ def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Pat
             return pre
     from kcpt.train.launch import run_plan
 
-    run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address, data_table=False)
+    single = cfg.train.num_workers == 1 and cfg.train.deepspeed is None
+    run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address, data_table=False, in_task=single)
     return _read_prerequisites(cfg, run_dir, before)
 
 
@@ -247,24 +250,16 @@ def run_stage_trial(cfg: KcptConfig, *, stage: str, run_dir: Path | str, init_ch
                     callbacks: list[Any]) -> Any:
     """Default trial runner: the real stage loop via :func:`kcpt.train.launch.run_plan`. When
     :func:`trial_in_actor` allows it, in one process: this one when a trial calls (a :class:`GateReportCallback`
-    in ``callbacks``; its reports go straight to Tune), else — a re-evaluation run from the driver — a Ray task
-    holding a trial's resources (:func:`trial_resources`), so re-runs train exactly as the trials did. Otherwise
-    one TorchTrainer."""
-    from kcpt.train.launch import raise_worker_kcpt_error
-
+    in ``callbacks``; its reports go straight to Tune), else — a re-evaluation run from the driver — one Ray task
+    holding a trial's resources (``run_plan(in_task=True)``, :func:`trial_resources`), so re-runs train exactly as
+    the trials did. Otherwise one TorchTrainer."""
     where = {"run_dir": run_dir, "init_checkpoint": init_checkpoint, "baseline_raw_best": baseline_raw_best,
              "reference_checkpoint": reference_checkpoint}
     gate = next((c for c in callbacks if isinstance(c, GateReportCallback)), None)
     if trial_in_actor(cfg) and gate is not None:
         return _run_stage(cfg, stage, in_process=True, on_report=gate.report_in_actor, **where)
-    if trial_in_actor(cfg) and ray.is_initialized():
-        res = trial_resources(cfg)
-        task = ray.remote(num_cpus=res["CPU"], num_gpus=res["GPU"], max_retries=0)(_run_stage)
-        try:
-            return ray.get(task.remote(cfg, stage, in_process=True, **where))
-        except ray.exceptions.RayTaskError as e:  # a KcptError in the task: as itself, as _fit raises it
-            raise_worker_kcpt_error(e)
-            raise
+    if trial_in_actor(cfg):
+        return _run_stage(cfg, stage, in_task=True, **where)
     return _run_stage(cfg, stage, callbacks=callbacks, **where)
 
 

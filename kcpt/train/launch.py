@@ -36,7 +36,7 @@ from kcpt.train.rundir import RunDir, read_metrics, run_dir_for
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PlanResult", "run_plan", "stage_loop_per_worker", "latest_checkpoint"]
+__all__ = ["PlanResult", "run_plan", "stage_loop_per_worker", "latest_checkpoint", "one_worker"]
 
 
 @dataclass
@@ -150,7 +150,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     check_baselines(cfg, stages, baseline_raw_best)
     if on_report is not None and not in_process:
         raise ConfigError("run_plan: on_report is for in_process runs (Ray Train runs take callbacks)")
-    if in_task and (in_process or cfg.train.num_workers != 1 or cfg.train.deepspeed is not None):
+    if in_task and (in_process or not one_worker(cfg)):
         raise ConfigError("run_plan: in_task runs one worker in a Ray task: train.num_workers must be 1, without "
                           "DeepSpeed and without in_process")
     if resume not in ("auto", "never", "overwrite"):
@@ -293,6 +293,11 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
     except Exception as e:
         raise_worker_kcpt_error(e)
         raise
+
+
+def one_worker(cfg: KcptConfig) -> bool:
+    """Whether ``cfg`` trains at world size 1 without DeepSpeed: a plan ``run_plan(in_task=True)`` can run."""
+    return cfg.train.num_workers == 1 and cfg.train.deepspeed is None
 
 
 def _task_loop(loop_config: dict[str, Any]) -> KcptError | None:

@@ -165,10 +165,10 @@ def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Pat
             pre = _read_prerequisites(cfg, run_dir, before)
             pre.reused = True
             return pre
-    from kcpt.train.launch import run_plan
+    from kcpt.train.launch import one_worker, run_plan
 
-    single = cfg.train.num_workers == 1 and cfg.train.deepspeed is None
-    run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address, data_table=False, in_task=single)
+    run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address, data_table=False,
+             in_task=one_worker(cfg))
     return _read_prerequisites(cfg, run_dir, before)
 
 

@@ -4,9 +4,10 @@ at seq_len 64).
 One Ray for the module. Covers: injected NaN + grad spike roll back and the run finishes (bf16 autocast); a
 worker killed mid-stage with a checkpoint write in flight is replaced and the run ends with the same metrics as an
 uninterrupted one (dropout: every rank's RNG is restored; the Ray Data loader); a deterministic abort ends the run
-once (not retried by FailureConfig); a full resume refuses a changed tokenizer / data hash; DeepSpeed ZeRO-2
-(optimizer offloaded) and ZeRO-3 at parity with DDP (NaN + spike roll back, LR cut, kill-and-resume exact, full
-optimizer state across stages); the run report.
+once (not retried by FailureConfig); ``run_plan(in_task=True)`` at world size 1 (one Ray task, retried after a
+kill from its latest checkpoint, a KcptError back as itself); a full resume refuses a changed tokenizer / data hash;
+DeepSpeed ZeRO-2 (optimizer offloaded) and ZeRO-3 at parity with DDP (NaN + spike roll back, LR cut,
+kill-and-resume exact, full optimizer state across stages); the run report.
 The demo plan end to end (local, and on 2 nodes + S3) is in test_cluster_s3.py.
 """
 

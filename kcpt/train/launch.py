@@ -36,7 +36,8 @@ from kcpt.train.rundir import RunDir, read_metrics, run_dir_for
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PlanResult", "run_plan", "stage_loop_per_worker", "latest_checkpoint", "one_worker"]
+__all__ = ["PlanResult", "run_plan", "stage_loop_per_worker", "latest_checkpoint", "one_worker",
+           "worker_resources"]
 
 
 @dataclass
@@ -300,6 +301,11 @@ def one_worker(cfg: KcptConfig) -> bool:
     return cfg.train.num_workers == 1 and cfg.train.deepspeed is None
 
 
+def worker_resources(cfg: KcptConfig) -> dict[str, float]:
+    """Ray resources of one worker: ``train.cpus_per_worker`` CPUs and, with ``train.use_gpu``, 1 GPU."""
+    return {"CPU": cfg.train.cpus_per_worker, "GPU": 1.0 if cfg.train.use_gpu else 0.0}
+
+
 def _task_loop(loop_config: dict[str, Any]) -> KcptError | None:
     """The one worker of an ``in_task`` run, in its Ray task. A KcptError (deterministic: a bad input, a refused
     checkpoint) is returned, not raised, so that Ray does not retry it; anything else is raised and retried."""
@@ -317,8 +323,8 @@ def _run_task(cfg: KcptConfig, loop_config: dict[str, Any]) -> None:
     ``train.max_failures`` times (each retry resumes from the run directory's latest checkpoint)."""
     import ray
 
-    t = cfg.train
-    task = ray.remote(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0, max_retries=t.max_failures,
+    res = worker_resources(cfg)
+    task = ray.remote(num_cpus=res["CPU"], num_gpus=res["GPU"], max_retries=cfg.train.max_failures,
                       retry_exceptions=True)(_task_loop)
     err = ray.get(task.remote(loop_config))
     if err is not None:

@@ -233,7 +233,9 @@ def trial_resources(cfg: KcptConfig) -> dict[str, float]:
     """Ray resources of one trial's actor: the worker's CPUs (and GPU) when the loop runs in it, else 1 CPU (its
     TorchTrainer's workers ask for their own)."""
     if trial_in_actor(cfg):
-        return {"CPU": cfg.train.cpus_per_worker, "GPU": 1.0 if cfg.train.use_gpu else 0.0}
+        from kcpt.train.launch import worker_resources
+
+        return worker_resources(cfg)
     return {"CPU": 1.0}
 
 

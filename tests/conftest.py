@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import pytest
@@ -50,8 +52,34 @@ def tune_experiment(tmp_path_factory):
     overrides = [*TUNE_TEST_OVERRIDES, f"train.output_dir={root / 'runs'}", f"data.prepared_root={root / 'prepared'}",
                  "tune.num_samples=3", "tune.space.micro_batch_sizes=[4,8]"]
     cfg = load_config(None, overrides)
-    result = tune_stage3(cfg, experiment_dir=root / "exp", verbose=0)
-    return SimpleNamespace(root=root, overrides=overrides, result=result, exp_dir=result.experiment_dir, cfg=cfg)
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):  # what the job prints (its console is made on the driver, here)
+        result = tune_stage3(cfg, experiment_dir=root / "exp", verbose=0)
+    print(console.getvalue())
+    return SimpleNamespace(root=root, overrides=overrides, result=result, exp_dir=result.experiment_dir, cfg=cfg,
+                           console=console.getvalue())
+
+
+def assert_console_agrees_with_study(console: str, study) -> None:
+    """The tune job's console (:class:`kcpt.tune.progress.TuneConsole`) has one line per finished trial of
+    ``study``, and its verdict is the study's: "pruned" exactly for the trials told PRUNED (a trial the scheduler
+    stopped on the eval that ends its stage is COMPLETE in both); the last line's tally counts the PRUNED trials."""
+    import re
+
+    import optuna
+
+    finished = {}
+    for ln in console.splitlines():
+        hit = re.search(r"\[tune\] trial (\S+) (pruned|feasible|infeasible|failed)\b", ln)
+        if hit:
+            finished[hit[1]] = (hit[2], ln)
+    states = {t.user_attrs["ray_trial_id"]: t.state for t in study.get_trials()}
+    assert finished.keys() == states.keys(), console
+    for tid, (verdict, line) in finished.items():
+        assert (verdict == "pruned") == (states[tid] == optuna.trial.TrialState.PRUNED), (line, states[tid])
+    n = len(states)
+    n_pruned = sum(s == optuna.trial.TrialState.PRUNED for s in states.values())
+    assert f"{n}/{n} done, 0 running, {n_pruned} pruned, 0 failed" in list(finished.values())[-1][1]
 
 
 def stage3_study(exp_dir):

@@ -137,7 +137,7 @@ def test_console_plain_lines_and_bars():
 
 def test_tune_console_counts_done_running_pruned_best():
     from kcpt.tune.progress import TuneConsole
-    from kcpt.tune.searcher import FINAL_KEY
+    from kcpt.tune.searcher import DONE_KEY, FINAL_KEY
 
     out = io.StringIO()
     tc = TuneConsole(3, stream=out, bars=False)
@@ -149,10 +149,18 @@ def test_tune_console_counts_done_running_pruned_best():
     tc.on_trial_result(0, [], a, {FINAL_KEY: True, "gate_objective": 7.5, "gate_feasible": True,
                                   "selected_step": 8, "selected_raw_ratio": 0.98})
     tc.on_trial_complete(0, [], a)
+    # stopped by the scheduler on the eval that ends its stage: not pruned (the searcher tells Optuna COMPLETE)
+    c = SimpleNamespace(trial_id="c", config={"lr": 0.002}, last_result={})
+    tc.on_trial_start(0, [], c)
+    tc.on_trial_result(0, [], c, {FINAL_KEY: False, DONE_KEY: True, "step": 16, "gate_objective": 1.8,
+                                  "gate_feasible": False, "selected_step": 16, "selected_raw_ratio": 1.05})
+    tc.on_trial_complete(0, [], c)
     lines = out.getvalue().splitlines()
     assert "trial b pruned at step 4" in lines[2] and "1/3 done, 1 running, 1 pruned" in lines[2]
     assert "trial a feasible, objective 7.5000" in lines[3]
     assert lines[3].endswith("2/3 done, 0 running, 1 pruned, 0 failed; best feasible: a objective 7.5000")
+    assert "trial c infeasible, objective 1.8000 (step 16, raw ×1.050)" in lines[5]
+    assert lines[5].endswith("3/3 done, 0 running, 1 pruned, 0 failed; best feasible: a objective 7.5000")
 
 
 # --------------------------------------------------------------------------- the real console

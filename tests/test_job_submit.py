@@ -104,21 +104,25 @@ def head(tmp_path_factory):
 
 
 def test_ray_job_submit_tunes_stage3(head, tune_experiment, tmp_path):
+    from conftest import assert_console_agrees_with_study
     from ray.job_submission import JobStatus
 
     exp_dir = tmp_path / "job-exp"
     # the session experiment's settings (its prerequisites are reused), trials of 8 steps: the job, not the search
     sets = [a for o in (*tune_experiment.overrides, "tune.stage_overrides.max_steps=8")
             if not o.startswith("tune.num_samples") for a in ("--set", o)]
-    status, logs = head("tune", "python", "jobs/tune_stage3.py", "--num-samples", "1", "--study-name", "job-study",
+    status, logs = head("tune", "python", "jobs/tune_stage3.py", "--num-samples", "3", "--study-name", "job-study",
                         "--experiment-dir", str(exp_dir), *sets)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "reused" in logs  # prerequisites came from the session experiment (same config hash)
     assert JOINED in logs
     df = pd.read_parquet(exp_dir / "trials.parquet")
-    assert len(df) == 1 and set(df["status"]) <= {"COMPLETE", "PRUNED"}
+    assert len(df) == 3 and set(df["status"]) <= {"COMPLETE", "PRUNED"}
     study = optuna.load_study(study_name="job-study", storage=f"sqlite:///{exp_dir / 'optuna.db'}")
-    assert len(study.trials) == 1 and all("raw_gate" in t.constraints for t in study.trials)
+    assert len(study.trials) == 3 and all("raw_gate" in t.constraints for t in study.trials)
+    # ASHA's first rung (2 evals) is the 8-step trials' last eval: a trial it stops there ran its whole stage, and
+    # the job's console says what the study says (COMPLETE, not "pruned")
+    assert_console_agrees_with_study(logs, study)
     assert (exp_dir / "best_config.yaml").is_file() == bool(df["feasible"].any())
     assert (exp_dir / "best_trial.json").is_file()
 

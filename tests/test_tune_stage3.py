@@ -46,6 +46,14 @@ def test_outputs_exist_and_agree_with_the_study(tune_experiment):
         assert 0 <= row["selected_exam_acc"] <= 1 and 0 <= row["selected_exam_f1"] <= 1
 
 
+def test_the_console_says_what_the_study_holds(tune_experiment):
+    from conftest import assert_console_agrees_with_study
+
+    m = load_manifest(tune_experiment.exp_dir)
+    study = optuna.load_study(study_name=m["study_name"], storage=m["storage"])
+    assert_console_agrees_with_study(tune_experiment.console, study)
+
+
 def test_trials_started_from_the_same_checkpoint_and_baseline(tune_experiment):
     exp = tune_experiment.exp_dir
     m = load_manifest(exp)

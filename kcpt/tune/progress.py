@@ -2,8 +2,10 @@
 
 :class:`TuneConsole` is a Ray Tune callback (it runs on the driver). Tune itself runs with ``verbose=0`` unless
 ``logging.verbose``. On an interactive terminal a tqdm bar counts finished trials (postfix: running, pruned,
-failed, best feasible so far); otherwise each event is a plain line. A trial is *pruned* when it ended without
-its final gate summary (the scheduler stopped it early); a failed trial's error is printed whole.
+failed, best feasible so far); otherwise each event is a plain line. A trial is *pruned* when the scheduler stopped
+it before the eval that ends its stage: it ended without its final gate summary and without a report marked
+``stage_done`` (a stop on that last eval loses nothing, and the searcher tells Optuna COMPLETE for it, so the
+console says the same); a failed trial's error is printed whole.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from kcpt.console import is_tty
-from kcpt.tune.searcher import FINAL_KEY
+from kcpt.tune.searcher import DONE_KEY, FINAL_KEY
 
 
 def _short(params: dict[str, Any]) -> str:
@@ -76,7 +78,7 @@ class TuneConsole(Callback):
         self._write(f"[tune] trial {trial.trial_id} started: {_short(trial.config or {})}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
-        if result.get(FINAL_KEY):
+        if result.get(FINAL_KEY) or result.get(DONE_KEY):
             self.finals[trial.trial_id] = dict(result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

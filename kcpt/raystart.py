@@ -2,15 +2,33 @@
 
 Join the cluster named by ``address`` (``--address``), else by ``RAY_ADDRESS`` (set inside ``ray job submit``),
 never sizing it (Ray refuses ``num_cpus`` when connecting); otherwise start a local Ray with an explicit
-``num_cpus`` (a laptop or a test must not claim every core implicitly) and without Ray's dashboard (its module
-processes cost about 2.5 CPU-seconds per start — 4 s of a short run on 2 cores — for a Ray that lives as long as
-one job; for the dashboard, start Ray yourself with ``ray start --head`` and pass ``--address``).
+``num_cpus`` (a laptop or a test must not claim every core implicitly).
+
+The local Ray keeps its dashboard, on 127.0.0.1 at a port chosen here, and its processes find it through
+``RAY_API_SERVER_ADDRESS`` (the job's runtime env). Ray Train needs both: when a Tune trial that runs a
+TorchTrainer is stopped (ASHA), its Train controller dies with the trial, and the worker group's placement group
+is released only by Train's detached ``PlacementGroupCleaner``, which asks the State API — served by the
+dashboard — whether the controller is alive. Without the dashboard, or when the cleaner's own address lookup
+finds another Ray on the machine (a stale ``ray start`` address in ``/tmp/ray/ray_current_cluster``, a second
+local instance), the placement group stays reserved until the job ends, and the next trial waits for its workers
+forever (measured: the README's tune job hung at its 4th trial).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+"""Where Ray's State API clients (Train's placement-group cleaner among them) find the dashboard; Ray reads it
+before ``RAY_ADDRESS`` or ``/tmp/ray/ray_current_cluster``."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ray_address(address: str | None = None) -> str | None:
@@ -40,9 +58,14 @@ def start_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None
         what = f"joined the Ray cluster at {joined}"
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: no ~/.ray/auth_token
+        # the dashboard at a known address, named to every process of this job (see the module docstring)
+        port = _free_port()
+        renv = dict(init_kwargs.pop("runtime_env", None) or {})
+        renv["env_vars"] = {API_SERVER_ENV: f"http://127.0.0.1:{port}", **(renv.get("env_vars") or {})}
         # address="local": always a new private instance, never a `ray start` cluster found on this machine
-        ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-                       **{"include_dashboard": False, **init_kwargs})
+        ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env=renv,
+                       **{"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+                          **init_kwargs})
         what = f"started a local Ray ({num_cpus} CPUs)"
     session = (getattr(ctx, "address_info", None) or {}).get("session_dir")
     print(f"ray: {what}; Ray's logs: {session}/logs" if session else f"ray: {what}", flush=True)

@@ -120,8 +120,11 @@ def test_ray_job_submit_tunes_stage3(head, tune_experiment, tmp_path):
     assert len(df) == 3 and set(df["status"]) <= {"COMPLETE", "PRUNED"}
     study = optuna.load_study(study_name="job-study", storage=f"sqlite:///{exp_dir / 'optuna.db'}")
     assert len(study.trials) == 3 and all("raw_gate" in t.constraints for t in study.trials)
-    # ASHA's first rung (2 evals) is the 8-step trials' last eval: a trial it stops there ran its whole stage, and
-    # the job's console says what the study says (COMPLETE, not "pruned")
+    # ASHA's first rung (2 evals) is the 8-step trials' last eval: a trial it stopped there (its last result the
+    # eval that ends the stage, no final summary after it) ran its whole stage, and the job's console says what
+    # the study says (COMPLETE, not "pruned")
+    lasts = [json.loads(f.read_text().splitlines()[-1]) for f in (exp_dir / "tune").glob("*/result.json")]
+    assert len(lasts) == 3 and any(r["stage_done"] and not r["trial_final"] for r in lasts)
     assert_console_agrees_with_study(logs, study)
     assert (exp_dir / "best_config.yaml").is_file() == bool(df["feasible"].any())
     assert (exp_dir / "best_trial.json").is_file()

@@ -3,6 +3,8 @@ then); otherwise a local Ray gets exactly the ``num_cpus`` asked for."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -34,23 +36,70 @@ def test_joins_address_or_ray_address_without_sizing(head, monkeypatch):
     assert ray.cluster_resources()["CPU"] == 2
 
 
-def test_local_ray_gets_explicit_num_cpus_and_no_dashboard(monkeypatch):
-    """A private local Ray starts without the dashboard's module processes (about 2.5 CPU-seconds per start, 4 s of
-    a short run's wall time on 2 cores, for a dashboard nobody opens); ``include_dashboard=True`` still gets them."""
-    import psutil
+def _owner_fit(marks: Path):
+    """A Ray actor that runs a 2-worker TorchTrainer whose workers never finish, as a Tune trial runs one; each
+    worker touches ``marks/rank-<r>`` once the run is under way (its placement group is registered by then)."""
 
-    def dashboard_modules() -> list[str]:
-        return [p.name() for p in psutil.Process().children(recursive=True) if p.name().startswith("ray-dashboard-")]
+    @ray.remote(num_cpus=1)
+    class Owner:
+        def fit(self) -> None:
+            from ray.train import ScalingConfig
+            from ray.train.torch import TorchTrainer
+
+            def forever() -> None:
+                import time
+
+                import ray.train
+
+                (marks / f"rank-{ray.train.get_context().get_world_rank()}").touch()
+                time.sleep(600)
+
+            TorchTrainer(forever, scaling_config=ScalingConfig(num_workers=2)).fit()
+
+    return Owner.remote()
+
+
+def _live_pgs() -> dict[str, int]:
+    """Placement groups not removed: id → number of bundles."""
+    return {pid: len(pg["bundles"]) for pid, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+
+def test_a_killed_train_controllers_placement_group_is_released(monkeypatch, tmp_path):
+    """Local Ray: exactly ``num_cpus``; and when the owner of a Ray Train run dies (a Tune trial stopped by ASHA),
+    the worker group's placement group is released — Train's cleaner reaches this Ray's dashboard, even with a stale
+    ``ray start`` address in ``/tmp/ray/ray_current_cluster`` (this machine's state after a ``ray start`` test).
+    Without that, the next trial's workers wait for CPUs forever (the README's tune job hung so)."""
+    import time
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():
         ray.shutdown()
+    current = Path("/tmp/ray/ray_current_cluster")
+    saved = current.read_text() if current.is_file() else None
+    current.parent.mkdir(parents=True, exist_ok=True)
+    current.write_text("127.0.0.1:1")  # a `ray start` cluster that is gone
     try:
-        assert start_ray(None, num_cpus=1) is True
-        assert ray.cluster_resources()["CPU"] == 1
-        assert dashboard_modules() == []
-        ray.shutdown()
-        assert start_ray(None, num_cpus=1, include_dashboard=True) is True  # the caller's choice wins
-        assert "ray-dashboard-JobHead-0" in dashboard_modules()
+        assert start_ray(None, num_cpus=3) is True
+        assert ray.cluster_resources()["CPU"] == 3
+        owner = _owner_fit(tmp_path)
+        fit = owner.fit.remote()
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("rank-*"))) < 2:  # both workers run the loop
+            assert time.time() < deadline, ray.get(fit, timeout=1)
+            time.sleep(0.5)
+        (pg_id,) = [pid for pid, n in _live_pgs().items() if n == 2]  # the worker group's: 2 bundles
+        ray.kill(owner)  # the controller, owned by it, dies with it
+        deadline = time.time() + 60
+        while pg_id in _live_pgs():
+            assert time.time() < deadline, f"placement group {pg_id} still reserved 60 s after its controller died"
+            time.sleep(0.5)
+        deadline = time.time() + 30
+        while ray.available_resources().get("CPU", 0) < 3:  # every CPU free again for the next trial
+            assert time.time() < deadline, ray.available_resources()
+            time.sleep(0.5)
     finally:
         ray.shutdown()
+        if saved is None:
+            current.unlink(missing_ok=True)
+        else:
+            current.write_text(saved)

@@ -4,14 +4,18 @@ Join the cluster named by ``address`` (``--address``), else by ``RAY_ADDRESS`` (
 never sizing it (Ray refuses ``num_cpus`` when connecting); otherwise start a local Ray with an explicit
 ``num_cpus`` (a laptop or a test must not claim every core implicitly).
 
-The local Ray keeps its dashboard, on 127.0.0.1 at a port chosen here, and its processes find it through
-``RAY_API_SERVER_ADDRESS`` (the job's runtime env). Ray Train needs both: when a Tune trial that runs a
+A local Ray for a tune job (``dashboard=True``, the default) has its dashboard, on 127.0.0.1 at a port chosen
+here, and its processes find it through ``RAY_API_SERVER_ADDRESS`` (the job's runtime env). Ray Train under Tune
+needs both: when a Tune trial that runs a
 TorchTrainer is stopped (ASHA), its Train controller dies with the trial, and the worker group's placement group
 is released only by Train's detached ``PlacementGroupCleaner``, which asks the State API — served by the
 dashboard — whether the controller is alive. Without the dashboard, or when the cleaner's own address lookup
 finds another Ray on the machine (a stale ``ray start`` address in ``/tmp/ray/ray_current_cluster``, a second
 local instance), the placement group stays reserved until the job ends, and the next trial waits for its workers
-forever (measured: the README's tune job hung at its 4th trial).
+forever (measured: the README's tune job hung at its 4th trial). A job whose Train runs are owned by its driver
+(train, prepare) starts Ray without the dashboard (``dashboard=False``): a controller that dies there fails the
+fit and ends the job, whose placement groups Ray removes with it; its nine module processes would cost about
+2.5 CPU-seconds per start.
 """
 
 from __future__ import annotations
@@ -37,13 +41,15 @@ def ray_address(address: str | None = None) -> str | None:
 
 
 def start_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None, verbose: bool = False,
-              **init_kwargs: Any) -> bool:
+              dashboard: bool = True, **init_kwargs: Any) -> bool:
     """Connect to :func:`ray_address` or start a local Ray with ``num_cpus`` (and ``num_gpus``).
 
     Returns True when this call initialised Ray (the caller calls ``ray.shutdown()`` when done), False when Ray
     was already initialised in this process (e.g. inside a Tune trial or a job that joined already).
     ``verbose``: Ray's own output on this console (default: in Ray's log files, :func:`kcpt.console.ray_init_kwargs`);
-    one kcpt line says which Ray was used and where its logs are. ``init_kwargs`` go to ``ray.init`` either way.
+    one kcpt line says which Ray was used and where its logs are. ``dashboard``: a local Ray's dashboard, named to
+    its processes (see the module docstring; a joined cluster keeps its own). ``init_kwargs`` go to ``ray.init``
+    either way.
     """
     import ray
 
@@ -58,14 +64,16 @@ def start_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None
         what = f"joined the Ray cluster at {joined}"
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: no ~/.ray/auth_token
-        # the dashboard at a known address, named to every process of this job (see the module docstring)
-        port = _free_port()
-        renv = dict(init_kwargs.pop("runtime_env", None) or {})
-        renv["env_vars"] = {API_SERVER_ENV: f"http://127.0.0.1:{port}", **(renv.get("env_vars") or {})}
+        if dashboard:  # at a known address, named to every process of this job (see the module docstring)
+            port = _free_port()
+            renv = dict(init_kwargs.pop("runtime_env", None) or {})
+            renv["env_vars"] = {API_SERVER_ENV: f"http://127.0.0.1:{port}", **(renv.get("env_vars") or {})}
+            init_kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+                           "runtime_env": renv, **init_kwargs}
+        else:
+            init_kwargs = {"include_dashboard": False, **init_kwargs}
         # address="local": always a new private instance, never a `ray start` cluster found on this machine
-        ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env=renv,
-                       **{"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-                          **init_kwargs})
+        ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **init_kwargs)
         what = f"started a local Ray ({num_cpus} CPUs)"
     session = (getattr(ctx, "address_info", None) or {}).get("session_dir")
     print(f"ray: {what}; Ray's logs: {session}/logs" if session else f"ray: {what}", flush=True)

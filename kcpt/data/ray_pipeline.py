@@ -340,7 +340,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbo
     True if this call started it."""
     from kcpt.raystart import start_ray
 
-    return start_ray(address, num_cpus=num_cpus or os.cpu_count() or 1, verbose=verbose)
+    return start_ray(address, num_cpus=num_cpus or os.cpu_count() or 1, verbose=verbose, dashboard=False)  # no Train
 
 
 def prepare_dataset_ray(name: str, ds: DatasetConfig, cfg: KcptConfig, out_dir: str | Path, tokenizer, *,

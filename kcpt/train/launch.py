@@ -96,8 +96,9 @@ def _start_ray(cfg: KcptConfig, address: str | None) -> bool:
     from kcpt.raystart import start_ray
 
     need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1
+    # no dashboard: this driver owns the Train run, so a leaked placement group ends with the job (kcpt.raystart)
     if not start_ray(address, num_cpus=need, num_gpus=cfg.train.num_workers if cfg.train.use_gpu else None,
-                     verbose=cfg.logging.verbose):
+                     verbose=cfg.logging.verbose, dashboard=False):
         return False
     from ray.data import DataContext
 

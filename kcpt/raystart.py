@@ -4,18 +4,17 @@ Join the cluster named by ``address`` (``--address``), else by ``RAY_ADDRESS`` (
 never sizing it (Ray refuses ``num_cpus`` when connecting); otherwise start a local Ray with an explicit
 ``num_cpus`` (a laptop or a test must not claim every core implicitly).
 
-A local Ray for a tune job (``dashboard=True``, the default) has its dashboard, on 127.0.0.1 at a port chosen
-here, and its processes find it through ``RAY_API_SERVER_ADDRESS`` (the job's runtime env). Ray Train under Tune
-needs both: when a Tune trial that runs a
-TorchTrainer is stopped (ASHA), its Train controller dies with the trial, and the worker group's placement group
-is released only by Train's detached ``PlacementGroupCleaner``, which asks the State API — served by the
-dashboard — whether the controller is alive. Without the dashboard, or when the cleaner's own address lookup
-finds another Ray on the machine (a stale ``ray start`` address in ``/tmp/ray/ray_current_cluster``, a second
-local instance), the placement group stays reserved until the job ends, and the next trial waits for its workers
-forever (measured: the README's tune job hung at its 4th trial). A job whose Train runs are owned by its driver
-(train, prepare) starts Ray without the dashboard (``dashboard=False``): a controller that dies there fails the
-fit and ends the job, whose placement groups Ray removes with it; its nine module processes would cost about
-2.5 CPU-seconds per start.
+A local Ray for a tune job (``dashboard=True``, the default) has its dashboard, on 127.0.0.1 at a port chosen here,
+and its processes find it through ``RAY_API_SERVER_ADDRESS`` (the job's runtime env). Ray Train under Tune needs
+both: when a Tune trial that runs a TorchTrainer is stopped (ASHA), its Train controller dies with the trial, and
+the worker group's placement group is released only by Train's detached ``PlacementGroupCleaner``, which asks the
+State API — served by the dashboard — whether the controller is alive. Without the dashboard, or when the cleaner's
+own address lookup finds another Ray on the machine (a stale ``ray start`` address in
+``/tmp/ray/ray_current_cluster``, a second local instance), the placement group stays reserved until the job ends,
+and the next trial waits for its workers forever (measured: the README's tune job hung at its 4th trial). A job
+whose Train runs are owned by its driver (train, prepare) starts Ray without the dashboard (``dashboard=False``): a
+controller that dies there fails the fit and ends the job, whose placement groups Ray removes with it; its nine
+module processes would cost about 2.5 CPU-seconds per start.
 """
 
 from __future__ import annotations

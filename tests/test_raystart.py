@@ -1,5 +1,6 @@
 """kcpt.raystart: ``--address`` / ``RAY_ADDRESS`` joins an existing Ray without sizing it (Ray refuses num_cpus
-then); otherwise a local Ray gets exactly the ``num_cpus`` asked for."""
+then); otherwise a local Ray gets exactly the ``num_cpus`` asked for; a tune job's local Ray releases the placement
+group of a Train controller killed with its trial (its dashboard, found through ``RAY_API_SERVER_ADDRESS``)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from kcpt.console import is_tty
-from kcpt.tune.searcher import DONE_KEY, FINAL_KEY
+from kcpt.tune.searcher import ends_trial
 
 
 def _short(params: dict[str, Any]) -> str:
@@ -78,7 +78,7 @@ class TuneConsole(Callback):
         self._write(f"[tune] trial {trial.trial_id} started: {_short(trial.config or {})}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
-        if result.get(FINAL_KEY) or result.get(DONE_KEY):
+        if ends_trial(result):
             self.finals[trial.trial_id] = dict(result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -39,6 +39,12 @@ DONE_KEY = "stage_done"
 _USER_ATTR_KEYS = (*GATE_KEYS, "checkpoint_path", "run_dir", "trial_dir", "stop_reason")
 
 
+def ends_trial(result: dict | None) -> bool:
+    """Whether ``result`` carries the trial's outcome: its trainable's last report (``trial_final``) or the eval
+    that ended its stage (``stage_done``). A trial stopped after such a report is COMPLETE, earlier it is PRUNED."""
+    return bool(result) and bool(result.get(FINAL_KEY) or result.get(DONE_KEY))
+
+
 def static_space(kind: str) -> bool:
     """Whether the sampler ``kind`` needs the space sampled static (:func:`kcpt.tune.space.suggest_params`): the GP
     models only parameters every trial has."""
@@ -117,7 +123,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or self._already_finished(trial_id):
             return
         self._last_results[trial_id] = dict(result)
-        if result.get(FINAL_KEY):
+        if ends_trial(result):
             self._final_results[trial_id] = dict(result)
         value = result.get(self.metric)
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -129,7 +135,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         final = self._final_results.get(trial_id)
-        if result and (result.get(FINAL_KEY) or result.get(DONE_KEY)):
+        if ends_trial(result):
             final = dict(result)
         summary = final or (dict(result) if result else None) or self._last_results.get(trial_id) or {}
         for k in _USER_ATTR_KEYS:

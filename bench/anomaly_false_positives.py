@@ -1,16 +1,20 @@
 """False-positive rate of the anomaly rule on ordinary runs (no fault injected): rollbacks per stage.
 
-Two runs, each on real Korean text and with the default anomaly rule (``train.anomaly`` defaults):
+Three kinds of run, each on real Korean text and with the default anomaly rule (``train.anomaly`` defaults):
 
 1. the embedded demo plan as ``python jobs/train_stages.py`` runs it;
 2. an *uneven-answer* exam set built here from the same real text but unlike the demo's: the answer of each
    item is a whole constitution article (20 to 600+ characters) or a whole bill's stated reason, mixed with
    one-word answers ("제10조"), at 2 rows per micro-batch — answer-only gradients from 1 to ~250 target tokens,
-   the noisy regime in which the old mean/std rule aborted a user's stage 1.
+   the noisy regime in which the old mean/std rule aborted a user's stage 1;
+3. the demo's stage 3 at *one row per step* (micro-batch 1, token-fair: 800 steps of 256 tokens; LR 1e-3, KL β 1.0,
+   exam share 0.40 — the fast region of a stage-3 tune), from the demo's stage-2 checkpoint, at ``--mb1-seeds``
+   (default 4 and 1000: the seeds at which the rule with its ratio against the window's median rolled back 5
+   and 1 times): a single row the model has not fit yet gives a norm 12-18× the window's median.
 
 Prints rollbacks per stage (goal: 0 everywhere) and the grad-norm spread each stage saw (max / mean of the
 interval means), and exits 1 if any stage rolled back. Run: ``python bench/anomaly_false_positives.py``
-(about 5 min on 2 cores; ``--quick`` for the uneven run only).
+(about 9 min on 2 cores; ``--quick`` for the uneven run only, ``--mb1-seeds ""`` without run 3).
 """
 
 from __future__ import annotations
@@ -55,10 +59,37 @@ def _stage_table(run_dir: Path) -> list[dict]:
     return rows
 
 
+def micro_batch_1_runs(root: Path, seeds: list[int]) -> list[tuple[str, Path, float]]:
+    """Run 3: the demo's stage 3 at micro-batch 1 from the demo's stage-2 checkpoint (trained here as a stage-3
+    tune's prerequisites), in-process, one run per seed."""
+    from kcpt.config import config_from_dict
+    from kcpt.tune.launch import ensure_prerequisites
+    from kcpt.tune.space import apply_params
+
+    cfg = load_config(None, [f"train.output_dir={root / 'runs'}", f"data.prepared_root={root / 'prepared'}",
+                             "logging.progress=false", "tune.space.micro_batch_sizes=[1,8]",
+                             "tune.space.kl_allow_off=false"])
+    pre = ensure_prerequisites(cfg)
+    small = apply_params(cfg, {"micro_batch_size": 1, "lr": 1e-3, "kl_beta": 1.0, "exam_fraction": 0.4,
+                               "qa_fraction": 0.8}, "stage3")
+    runs = []
+    for seed in seeds:
+        data = small.model_dump(mode="json")
+        data["train"]["seed"] = seed
+        t0 = time.perf_counter()
+        res = run_plan(config_from_dict(data, "<micro-batch 1>"), stages=["stage3"],
+                       run_dir=root / "runs" / f"stage3-mb1-seed{seed}", init_checkpoint=pre.init_checkpoint,
+                       baseline_raw_best=pre.baseline_raw_best, reference_checkpoint=pre.reference_checkpoint,
+                       resume="overwrite", in_process=True)
+        runs.append((f"demo stage 3, mb 1, seed {seed}", Path(res.run_dir), time.perf_counter() - t0))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the uneven-answer run")
     ap.add_argument("--steps", type=int, default=120, help="steps of the uneven exam stage")
+    ap.add_argument("--mb1-seeds", default="4,1000", help="train.seed of each micro-batch-1 stage-3 run ('' none)")
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="kcpt-anomaly-fp-"))
     runs = []
@@ -72,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = run_plan(cfg, resume="overwrite")
     runs.append(("uneven answers (mb 2)", res.run_dir, time.perf_counter() - t0))
+    if not args.quick and args.mb1_seeds:
+        runs += micro_batch_1_runs(root, [int(x) for x in args.mb1_seeds.split(",")])
     print("| run | stage | steps | rollbacks | grad norm: mean of intervals | max step | max/mean |")
     print("|---|---|---|---|---|---|---|")
     bad = 0

@@ -1,10 +1,12 @@
-"""Anomaly rule (robust: median + k·MAD of ln grad norms, per-stage warm-up, capped LR cuts), rollback budget,
-and the engine's rollback point (bit-identical restore on a tiny Llama)."""
+"""Anomaly rule (robust: median + k·MAD of ln grad norms, a ratio over the window's upper tail, per-stage warm-up,
+capped LR cuts), rollback budget, and the engine's rollback point (bit-identical restore on a tiny Llama)."""
 
 from __future__ import annotations
 
 import io
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,9 @@ from kcpt.errors import TrainingAborted
 from kcpt.train.anomaly import AnomalyDetector
 from kcpt.train.engine import TorchEngine
 
-CFG = AnomalyConfig(window=5, min_history=3, k_mad=3.0, min_spike_ratio=2.0, max_rollbacks=2)
+CFG = AnomalyConfig(window=5, min_history=3, k_mad=3.0, min_spike_ratio=2.0, reference_quantile=0.5,
+                    max_rollbacks=2)
+"""A small rule whose ratio is taken against the window's median (``reference_quantile`` 0.5)."""
 
 
 @pytest.mark.parametrize(("accepted", "loss", "norm", "expect"), [
@@ -70,6 +74,57 @@ def test_no_false_positives_on_ordinary_noisy_runs_and_spikes_still_caught(sigma
         caught += det.check(1.0, 500 * float(np.median(trace[-100:]))) is not None
     assert flagged == 0
     assert caught == 20
+
+
+def test_the_ratio_is_taken_against_the_windows_upper_tail():
+    """``min_spike_ratio`` multiplies the window's ``reference_quantile`` norm (log-linear between order statistics):
+    ln norms 0, ln 2, …, ln 512 (10 norms): median 2^4.5, p90 2^8.1; with a tiny k_mad the limit is 2 × that."""
+    norms = [2.0 ** i for i in range(10)]
+    for q, want in [(0.5, 2 * 2 ** 4.5), (0.9, 2 * 2 ** 8.1)]:
+        det = AnomalyDetector(AnomalyConfig(window=10, min_history=3, k_mad=0.01, min_spike_ratio=2.0,
+                                            reference_quantile=q))
+        for g in norms:
+            det.accept(g)
+        assert det.threshold() == pytest.approx(want, rel=1e-12)
+
+
+def _flags(cfg: AnomalyConfig, trace: list[float]) -> list[int]:
+    det, flagged = AnomalyDetector(cfg), []
+    for step, g in enumerate(trace, 1):
+        if det.check(1.0, g) is None:
+            det.accept(g)
+        else:
+            flagged.append(step)
+    return flagged
+
+
+def test_no_false_positives_on_measured_micro_batch_1_runs_and_spikes_still_caught():
+    """Two ordinary stage-3 runs at one row per step (``tests/data``: every step's grad norm, the rule off; both held
+    the gate): single rows the model has not fit yet reach 12-18× the window's median. The default rule flags none
+    of their 800 steps; the same rule against the median (``reference_quantile`` 0.5, the rule before) flagged 3
+    (the loop rolled back and halved the LR each time: seed 4 rolled back 5 times, one short of the abort, and
+    needed 163,840 tokens instead of 102,400). A ×50 spike after either run is still caught."""
+    doc = json.loads((Path(__file__).parent / "data" / "grad_norms_stage3_micro_batch_1.json").read_text())
+    for name, trace in doc["traces"].items():
+        assert len(trace) == 400
+        assert _flags(AnomalyConfig(), trace) == [], name
+        median_rule = AnomalyConfig(reference_quantile=0.5)
+        assert _flags(median_rule, trace), name
+        det = AnomalyDetector(AnomalyConfig())
+        for g in trace:
+            det.accept(g)
+        assert det.check(1.0, 50 * float(np.median(trace[-100:]))) is not None, name
+
+
+def test_one_accepted_outlier_does_not_blind_the_default_rule():
+    """An accepted ×500 norm in a window of 100 moves neither the median nor the 90th percentile: a ×20 spike is
+    still caught."""
+    rng = np.random.default_rng(1)
+    det = AnomalyDetector(AnomalyConfig())
+    trace = list(np.exp(rng.normal(0.0, 0.3, 99)))
+    for g in [*trace[:50], 500.0, *trace[50:]]:
+        det.accept(g)
+    assert det.check(1.0, 20.0) is not None
 
 
 def test_the_old_mean_rule_flagged_the_reported_false_spike():

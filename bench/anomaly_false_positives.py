@@ -61,8 +61,9 @@ def _stage_table(run_dir: Path) -> list[dict]:
 
 def micro_batch_1_runs(root: Path, seeds: list[int]) -> list[tuple[str, Path, float]]:
     """Run 3: the demo's stage 3 at micro-batch 1 from the demo's stage-2 checkpoint (trained here as a stage-3
-    tune's prerequisites), in-process, one run per seed."""
-    from kcpt.config import config_from_dict
+    tune's prerequisites), in-process, one run per seed (the tokens-to-gate bench's :func:`run_variant`)."""
+    from tokens_to_gate import run_variant  # bench/ is sys.path[0] when this bench runs as a script
+
     from kcpt.tune.launch import ensure_prerequisites
     from kcpt.tune.space import apply_params
 
@@ -74,14 +75,10 @@ def micro_batch_1_runs(root: Path, seeds: list[int]) -> list[tuple[str, Path, fl
                                "qa_fraction": 0.8}, "stage3")
     runs = []
     for seed in seeds:
-        data = small.model_dump(mode="json")
-        data["train"]["seed"] = seed
+        run_dir = root / "runs" / f"stage3-mb1-seed{seed}"
         t0 = time.perf_counter()
-        res = run_plan(config_from_dict(data, "<micro-batch 1>"), stages=["stage3"],
-                       run_dir=root / "runs" / f"stage3-mb1-seed{seed}", init_checkpoint=pre.init_checkpoint,
-                       baseline_raw_best=pre.baseline_raw_best, reference_checkpoint=pre.reference_checkpoint,
-                       resume="overwrite", in_process=True)
-        runs.append((f"demo stage 3, mb 1, seed {seed}", Path(res.run_dir), time.perf_counter() - t0))
+        run_variant(small, seed, run_dir, pre, ray=False)
+        runs.append((f"demo stage 3, mb 1, seed {seed}", run_dir, time.perf_counter() - t0))
     return runs
 
 

@@ -49,6 +49,18 @@ def test_check_table(accepted, loss, norm, expect):
         assert got is not None and got.startswith(expect)
 
 
+def _replay(cfg: AnomalyConfig, trace) -> tuple[list[int], AnomalyDetector]:
+    """Run ``trace`` (one grad norm per step) through the rule as the loop does (a flagged step is not accepted):
+    the flagged steps (1-based) and the detector after the last step."""
+    det, flagged = AnomalyDetector(cfg), []
+    for step, g in enumerate(trace, 1):
+        if det.check(1.0, float(g)) is None:
+            det.accept(float(g))
+        else:
+            flagged.append(step)
+    return flagged, det
+
+
 def _trace(rng: np.random.Generator, n: int, sigma: float, drift: float = 0.0) -> np.ndarray:
     """Grad norms of an ordinary run: a slow trend × lognormal noise of log-σ ``sigma``."""
     trend = np.exp(np.linspace(0.0, drift, n)) * 2.0
@@ -63,14 +75,9 @@ def test_no_false_positives_on_ordinary_noisy_runs_and_spikes_still_caught(sigma
     cfg = AnomalyConfig()
     flagged, caught = 0, 0
     for seed in range(20):
-        rng = np.random.default_rng(seed)
-        det = AnomalyDetector(cfg)
-        trace = _trace(rng, 2000, sigma, drift)
-        for g in trace:
-            if det.check(1.0, g) is None:
-                det.accept(g)
-            else:
-                flagged += 1
+        trace = _trace(np.random.default_rng(seed), 2000, sigma, drift)
+        steps, det = _replay(cfg, trace)
+        flagged += len(steps)
         caught += det.check(1.0, 500 * float(np.median(trace[-100:]))) is not None
     assert flagged == 0
     assert caught == 20
@@ -88,14 +95,6 @@ def test_the_ratio_is_taken_against_the_windows_upper_tail():
         assert det.threshold() == pytest.approx(want, rel=1e-12)
 
 
-def _flags(cfg: AnomalyConfig, trace: list[float]) -> list[int]:
-    det, flagged = AnomalyDetector(cfg), []
-    for step, g in enumerate(trace, 1):
-        if det.check(1.0, g) is None:
-            det.accept(g)
-        else:
-            flagged.append(step)
-    return flagged
 
 
 def test_no_false_positives_on_measured_micro_batch_1_runs_and_spikes_still_caught():
@@ -107,12 +106,10 @@ def test_no_false_positives_on_measured_micro_batch_1_runs_and_spikes_still_caug
     doc = json.loads((Path(__file__).parent / "data" / "grad_norms_stage3_micro_batch_1.json").read_text())
     for name, trace in doc["traces"].items():
         assert len(trace) == 400
-        assert _flags(AnomalyConfig(), trace) == [], name
+        flagged, det = _replay(AnomalyConfig(), trace)
+        assert flagged == [], name
         median_rule = AnomalyConfig(reference_quantile=0.5)
-        assert _flags(median_rule, trace), name
-        det = AnomalyDetector(AnomalyConfig())
-        for g in trace:
-            det.accept(g)
+        assert _replay(median_rule, trace)[0], name
         assert det.check(1.0, 50 * float(np.median(trace[-100:]))) is not None, name
 
 

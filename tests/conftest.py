@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # subprocesses started by tests (jobs, `ray start` heads, driver scripts) inherit them.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def node_scratch(tmp_path_factory):
+    """``KCPT_SCRATCH`` (kcpt's node-local mirrors and downloads, :func:`kcpt.storage.scratch_root`) in this
+    session's temp dir, for every process the tests start (Ray nodes, job heads inherit it), instead of the
+    default ``<tmp>/kcpt-scratch-<uid>`` that would outlive the session. A test may point it elsewhere."""
+    old = os.environ.get("KCPT_SCRATCH")
+    os.environ["KCPT_SCRATCH"] = str(tmp_path_factory.mktemp("kcpt-scratch"))
+    try:
+        yield Path(os.environ["KCPT_SCRATCH"])
+    finally:
+        if old is None:
+            os.environ.pop("KCPT_SCRATCH", None)
+        else:
+            os.environ["KCPT_SCRATCH"] = old
+
+
+def checkpoint_copies(scratch: Path) -> list[Path]:
+    """Checkpoint directories (a manifest inside a ``checkpoints`` directory) anywhere under a node scratch."""
+    return [p.parent for p in Path(scratch).rglob("manifest.json") if "checkpoints" in p.parent.parent.name]
 
 
 # --------------------------------------------------------------------------- tuning (H4)

@@ -159,8 +159,13 @@ def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(local_run, two_nod
     assert any(n.startswith("raw_train-") for n in Store(f"{s3_prefix}/prepared").listdir())
     assert list(cwd.iterdir()) == []  # nothing went to the driver's working directory
     # both nodes' workers worked from their own scratch (downloaded data), not from a shared directory
-    nodes = [p.name for p in two_nodes.iterdir() if p.name.startswith("node-")]
+    nodes = [p for p in two_nodes.iterdir() if p.name.startswith("node-")]
     assert len(nodes) == 2, nodes
+    # and left no copy of a checkpoint there once it ended: the bucket holds them (a node's disk would fill up
+    # run after run, tune trial after tune trial)
+    from conftest import checkpoint_copies
+
+    assert [c for n in nodes for c in checkpoint_copies(n)] == []
     # the report reads the run from S3, as a user would
     out = subprocess.run([sys.executable, "-m", "kcpt.cli", "report", run_uri], capture_output=True, text=True,
                          timeout=120)

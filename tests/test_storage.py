@@ -123,6 +123,8 @@ def test_run_dir_not_made_by_kcpt_is_refused_at_a_uri(s3_prefix, tmp_path, monke
 def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkeypatch):
     """Prepared data, run files and checkpoints go to the bucket; a second run reuses the published data
     without preparing; a resume downloads the latest checkpoint from S3 into a fresh node scratch."""
+    from conftest import checkpoint_copies
+
     from kcpt.config import load_config
     from kcpt.train.launch import run_plan
     from kcpt.train.rundir import read_metrics
@@ -139,6 +141,9 @@ def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkey
     assert [(r["stage"], r["step"]) for r in first] == [("cpt", 0), ("cpt", 3), ("cpt", 6), ("stage1", 0),
                                                         ("stage1", 2), ("stage1", 4)]
     assert set(Path(tmp_path).iterdir()) == {tmp_path / "scratch"}  # nothing in the working directory
+    # the checkpoints are in the bucket, and no longer in the node's scratch (it would fill up run after run)
+    assert res.best_checkpoints and all(Store(ref).is_file("manifest.json") for ref in res.best_checkpoints.values())
+    assert checkpoint_copies(tmp_path / "scratch") == []
 
     # a fresh node: empty scratch; the data is downloaded (not prepared again) and the run resumes from S3
     monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch-b"))
@@ -147,6 +152,7 @@ def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkey
     monkeypatch.setattr(prep, "prepare_dataset", lambda *a, **k: pytest.fail("prepared again"))
     again = run_plan(cfg, stages=["cpt", "stage1"], resume="auto", in_process=True)
     assert read_metrics(again.run_dir) == first  # resumed at the end: nothing re-run, nothing lost
+    assert checkpoint_copies(tmp_path / "scratch-b") == []  # the checkpoint the resume downloaded, freed again
 
 
 def test_dataset_inputs_at_a_uri_are_downloaded_once_and_cached_by_size_and_mtime(s3_prefix, tmp_path, monkeypatch):

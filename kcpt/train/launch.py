@@ -362,6 +362,7 @@ def raise_worker_kcpt_error(e: BaseException) -> None:
 
 
 def _result(rd: RunDir, stages: list[str], t0: float) -> PlanResult:
+    rd.drop_local_checkpoints()  # the driver's copy of a checkpoint it resumed from (workers freed their own)
     aborted = rd.read_aborted()
     if aborted is not None:
         raise TrainingAborted(aborted)

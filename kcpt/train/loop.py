@@ -663,6 +663,7 @@ class StageRunner:
                 self.run_dir.wait_published()
                 self.run_dir.write_aborted(str(e))
             barrier()
+            self._drop_local_checkpoints()
         except BaseException:
             # a write in flight still completes (a good checkpoint to resume from); its own error is secondary
             if self._writer_faults is not None:
@@ -671,6 +672,17 @@ class StageRunner:
                 with contextlib.suppress(Exception):
                     self.run_dir.wait_published()
             raise
+        else:
+            self._drop_local_checkpoints()
+
+    def _drop_local_checkpoints(self) -> None:
+        """After the plan (every rank past its last barrier): free this node's copies of the run's checkpoints when
+        the run directory is a URI (:meth:`RunDir.drop_local_checkpoints`). A failed attempt keeps them: the
+        retried worker group on this node resumes from them without a download."""
+        freed = self.run_dir.drop_local_checkpoints()
+        if freed:
+            log.info("rank %d freed %.1f MB of this node's copies of checkpoints published at %s", self.rank,
+                     freed / 2**20, self.run_dir.location)
 
     def _run_plan(self) -> None:
         plan = PlanState(stage_order=list(self.config["stages"]),

@@ -210,6 +210,25 @@ class RunDir:
             if n not in last and n not in kept:
                 self.retract_checkpoint(n)
 
+    def drop_local_checkpoints(self) -> int:
+        """At a URI: delete this node's copies of the run's checkpoints once they are published (the URI holds
+        them; a later resume or fetch downloads what it needs) and return the bytes freed. Without this, every
+        run or tune trial on a node would leave its kept checkpoints (weights and optimizer state) in the node's
+        scratch for good. A local run directory keeps its checkpoints (returns 0). Safe for several processes of
+        one node at once: the directory is renamed to a hidden name before it is deleted."""
+        if self.remote is None:
+            return 0
+        self.wait_published()
+        src = self.checkpoints
+        doomed = src.with_name(f".checkpoints.del-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            os.rename(src, doomed)
+        except FileNotFoundError:  # nothing here, or another process of this node took it
+            return 0
+        freed = sum(p.stat().st_size for p in doomed.rglob("*") if p.is_file())
+        shutil.rmtree(doomed, ignore_errors=True)
+        return freed
+
     @property
     def config_path(self) -> Path:
         return self.root / "config.yaml"

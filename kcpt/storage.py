@@ -181,6 +181,11 @@ class Store:
         with self.fs.open_input_stream(self._p(rel)) as f:
             return f.read()
 
+    def read_range(self, rel: str, offset: int, n: int) -> bytes:
+        """``n`` bytes of file ``rel`` from ``offset`` (one range request on an object store)."""
+        with self.fs.open_input_file(self._p(rel)) as f:
+            return f.read_at(n, offset)
+
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kcpt import storage
 from kcpt.errors import CheckpointError, ConfigError
@@ -153,6 +154,46 @@ def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkey
     again = run_plan(cfg, stages=["cpt", "stage1"], resume="auto", in_process=True)
     assert read_metrics(again.run_dir) == first  # resumed at the end: nothing re-run, nothing lost
     assert checkpoint_copies(tmp_path / "scratch-b") == []  # the checkpoint the resume downloaded, freed again
+
+
+def test_a_driver_checks_a_checkpoint_at_a_uri_without_downloading_its_weights_or_optimizer_state(
+        s3_prefix, tmp_path, monkeypatch):
+    """Before a run starts from (or resumes) a checkpoint at a URI, the driver checks its manifest, trainer state
+    and weight headers from the small files alone: the weights and the optimizer state (several times the weights)
+    are downloaded by the workers on their own nodes, not a second time to the driver's. A damaged weight file at
+    the URI is still refused, naming it."""
+    from checkpoint_child import tiny_llama
+
+    from kcpt.train import checkpoint as ckpt_lib
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    path = tmp_path / "00-cpt-step000003"
+    staging = ckpt_lib.staging_path(path)
+    (staging / ckpt_lib.ENGINE_DIR).mkdir(parents=True)
+    torch.save({"exp_avg": torch.randn(64, 64)}, staging / ckpt_lib.ENGINE_DIR / "optimizer.pt")
+    ckpt_lib.save_checkpoint(path, model=tiny_llama(), tokenizer=None, trainer_state={"plan": {"x": 1}},
+                             manifest=ckpt_lib.build_manifest(
+                                 tokenizer_sha256="a" * 64, data_sha256={}, config_sha256="d" * 64, base_model="t",
+                                 restore_mode="full", step=3, stage="cpt", stage_index=0, metrics={}),
+                             staging=staging)
+    uri = f"{s3_prefix}/runs/r/checkpoints/{path.name}"
+    publish_tree(path, uri, marker=ckpt_lib.MANIFEST)
+    downloaded: list[str] = []
+    real = Store.download_file
+    monkeypatch.setattr(Store, "download_file", lambda self, rel, local: (downloaded.append(rel.rsplit("/", 1)[-1]),
+                                                                          real(self, rel, local)))
+    manifest, local = ckpt_lib.inspect(uri)
+    assert manifest == ckpt_lib.read_manifest(path)
+    assert {"model.safetensors", f"{ckpt_lib.ENGINE_DIR}/optimizer.pt"} <= set(manifest["files"])
+    assert "trainer_state.pt" in downloaded and "config.json" in downloaded
+    assert not any(n.endswith(".safetensors") or n == "optimizer.pt" for n in downloaded), downloaded
+    assert ckpt_lib.load_trainer_state(local, check_files=False)["plan"] == {"x": 1}
+    assert ckpt_lib.inspect(path) == (manifest, path)  # a local checkpoint is checked in place
+
+    size = (path / "model.safetensors").stat().st_size
+    Store(uri).write_bytes("model.safetensors", b"\xff" * size)  # same size: only its header tells
+    with pytest.raises(CheckpointError, match=r"/model\.safetensors: cannot open the weights"):
+        ckpt_lib.inspect(uri)
 
 
 def test_dataset_inputs_at_a_uri_are_downloaded_once_and_cached_by_size_and_mtime(s3_prefix, tmp_path, monkeypatch):

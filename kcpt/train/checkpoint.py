@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
+ENGINE_DIR = "engine"
+"""Sub-directory of a kcpt checkpoint holding the engine's full state (optimizer; DeepSpeed partitions)."""
 FORMAT_VERSION = 1
 _HIDDEN_MARKERS = (".tmp-", ".old-", ".del-")
 
@@ -315,6 +317,54 @@ def fetch(ref: str | Path) -> Path:
         raise CheckpointError(f"{ref}: cannot download the checkpoint ({e})") from None
 
 
+def _is_bulk(name: str) -> bool:
+    """The files of a checkpoint that checks before a run never read whole: weights and engine state."""
+    return name.startswith(f"{ENGINE_DIR}/") or name.endswith(".safetensors")
+
+
+def inspect(ref: str | Path) -> tuple[dict[str, Any], Path]:
+    """What a driver checks before a run, without the bulk of checkpoint ``ref``: its manifest and a local
+    directory holding its small files (trainer state, model config, tokenizer, weight index).
+
+    A local checkpoint is itself: every listed file present with its size, its weights openable
+    (:func:`verify_weights`). At a URI only the small files are downloaded (into a ``.meta`` mirror beside the
+    full one); every listed file is checked present with its size at the URI, and each safetensors file's header
+    is read with two range requests. The weights and the optimizer state (several times the weights) are left
+    to the workers, which download them on their own nodes."""
+    if not storage.is_uri(str(ref)):
+        verify_weights(ref)
+        return read_manifest(ref), Path(ref)
+    try:
+        local = storage.fetch_tree(str(ref), marker=MANIFEST, files_of=lambda m: dict(m.get("files") or {}),
+                                   skip=_is_bulk, mirror_suffix=".meta")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"incomplete or missing checkpoint: {e}") from None
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{ref}: cannot download the checkpoint ({e})") from None
+    manifest = read_manifest(local, check_files=False)  # the sizes were checked at the URI by the fetch
+    store, rel = storage.store_and_rel(str(ref))
+    files = manifest.get("files") or {}
+    for f in _safetensors_files(local, listed=set(files)):
+        name = f.relative_to(local).as_posix()
+        _check_safetensors_header(lambda off, n, key=f"{rel}/{name}": store.read_range(key, off, n), files[name],
+                                  storage.join(str(ref), name))
+    return manifest, local
+
+
+def _check_safetensors_header(read: Callable[[int, int], bytes], size: int, where: str) -> None:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) and the header (a JSON
+    object); ``read(offset, n)`` reads bytes of a file of ``size`` bytes."""
+    head = read(0, 8) if size >= 8 else b""
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    try:
+        ok = 0 < n <= size - 8 and isinstance(json.loads(read(8, n)), dict)
+    except (ValueError, OSError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{where}: cannot open the weights (no valid safetensors header); the checkpoint is "
+                              "damaged")
+
+
 def read_manifest(path: str | Path, *, check_files: bool = True) -> dict[str, Any]:
     """The manifest of a complete checkpoint; :class:`CheckpointError` if it is missing, incomplete, or (with
     ``check_files``) a file it lists is missing or has another size."""
@@ -354,10 +404,11 @@ def model_dir(path: str | Path) -> Path:
     return Path(path)
 
 
-def load_trainer_state(path: str | Path) -> dict[str, Any]:
-    """``trainer_state.pt`` of a complete checkpoint, loaded on CPU with ``weights_only=True``."""
+def load_trainer_state(path: str | Path, *, check_files: bool = True) -> dict[str, Any]:
+    """``trainer_state.pt`` of a complete checkpoint, loaded on CPU with ``weights_only=True`` (``check_files``
+    False: the small-files copy of :func:`inspect`)."""
     path = Path(path)
-    read_manifest(path)
+    read_manifest(path, check_files=check_files)
     try:
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -393,7 +444,9 @@ def verify_weights(path: str | Path) -> None:
             raise CheckpointError(f"{f}: cannot open the weights ({e}); the checkpoint is damaged") from None
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def _safetensors_files(path: Path, listed: set[str] | None = None) -> list[Path]:
+    """The weight files of checkpoint ``path``: the shards its index names, or ``model.safetensors``
+    (``listed``: the names its manifest lists, for a copy without the weights themselves)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -404,7 +457,7 @@ def _safetensors_files(path: Path) -> list[Path]:
             raise CheckpointError(f"{index}: damaged weight index (bad shard names)")
         return [path / s for s in shards]
     single = path / "model.safetensors"
-    if single.is_file():
+    if single.is_file() if listed is None else single.name in listed:
         return [single]
     raise CheckpointError(f"{path}: no model.safetensors (or index) to load weights from")
 

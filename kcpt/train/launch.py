@@ -209,11 +209,10 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
     expected = expected_manifest(cfg, {k: fetch_prepared(v, shards=False) for k, v in prepared.items()})
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
-            local = ckpt_lib.fetch(p)
-            if not local.is_dir():
+            if not storage.is_uri(str(p)) and not Path(p).is_dir():
                 raise CheckpointError(f"{what} {p}: not a directory")
-            ckpt_lib.check_compatible(ckpt_lib.read_manifest(local), expected, mode="weights_only", force=force)
-            ckpt_lib.verify_weights(local)
+            manifest, _ = ckpt_lib.inspect(p)  # the workers download the weights, on their own nodes
+            ckpt_lib.check_compatible(manifest, expected, mode="weights_only", force=force)
 
     resume_from: str | None = None
     if resume in ("never", "overwrite"):
@@ -227,15 +226,14 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
     if resume == "auto":
         resume_from = latest_checkpoint(rd, stages)
         if resume_from is not None:
-            local = ckpt_lib.fetch(resume_from)
-            ckpt_lib.check_compatible(ckpt_lib.read_manifest(local), expected, mode="full", force=force)
-            state = ckpt_lib.load_trainer_state(local)
+            manifest, local = ckpt_lib.inspect(resume_from)  # not the weights and the optimizer state
+            ckpt_lib.check_compatible(manifest, expected, mode="full", force=force)
+            state = ckpt_lib.load_trainer_state(local, check_files=False)  # inspect checked them
             order = (state.get("plan") or {}).get("stage_order") if isinstance(state.get("plan"), dict) else None
             if order != stages:
                 raise CheckpointError(f"{resume_from}: the run directory holds a run of stages "
                                       f"{order}, not {stages}; use another run name or "
                                       "--overwrite")
-            ckpt_lib.verify_weights(local)
             log.info("resuming from %s", resume_from)
 
     loop_config = {

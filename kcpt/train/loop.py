@@ -54,6 +54,7 @@ from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train import fused_loss
 from kcpt.train.anomaly import AnomalyDetector
 from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, mapped_packed_rows
+from kcpt.train.checkpoint import ENGINE_DIR
 from kcpt.train.engine import (
     DeepSpeedEngine,
     Engine,
@@ -95,8 +96,6 @@ METRIC_KEYS = ("stage", "step", "tokens_seen", "train_loss", "raw_val_loss", "ra
 POINTER_FILE = "kcpt_checkpoint.json"
 """The Ray Train checkpoint is a pointer to the kcpt checkpoint in the run directory (no second copy)."""
 
-ENGINE_DIR = "engine"
-"""Sub-directory of a kcpt checkpoint holding the engine's full state (optimizer; DeepSpeed partitions)."""
 
 
 # --------------------------------------------------------------------------- plan state

@@ -97,7 +97,6 @@ POINTER_FILE = "kcpt_checkpoint.json"
 """The Ray Train checkpoint is a pointer to the kcpt checkpoint in the run directory (no second copy)."""
 
 
-
 # --------------------------------------------------------------------------- plan state
 
 

@@ -237,3 +237,20 @@ def test_tune_efficiency_proxy_has_a_micro_batch_axis_when_the_space_searches_it
     assert len(te.features(p, load_config(None, []).tune.space)) == 4
     draws = {te.uniform_params(np.random.default_rng(s), space)["micro_batch_size"] for s in range(30)}
     assert draws == {2, 4, 8}
+
+
+def test_bucket_footprint_bench_leaves_no_checkpoint_copies_and_the_driver_downloads_less(s3_server, capsys,
+                                                                                          tmp_path):
+    """Two tiny runs at the (test session's moto) bucket: each keeps checkpoints in the bucket and none in the
+    node scratch; the driver's check downloads a fraction of what a whole-checkpoint fetch does."""
+    tiny = ["data.seq_len=64", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+            "model.tiny.intermediate_size=64"]
+    rows = _load("bucket_footprint").main(["--runs", "2", "--steps", "2", "--bucket", f"{s3_server}/bench",
+                                            "--work", str(tmp_path),
+                                            *(a for s in tiny for a in ("--set", s))])
+    scratch = [r for r in rows if r["table"] == "scratch"]
+    assert len(scratch) == 2 and all(r["kept_in_bucket"] > 0 and r["scratch_now"] == 0 for r in scratch)
+    assert scratch[1]["scratch_before"] == scratch[0]["kept_in_bucket"] + scratch[1]["kept_in_bucket"]
+    fetched, inspected = (r["bytes"] for r in rows if r["table"] == "driver")
+    assert 0 < inspected < fetched
+    assert "| inspect (the driver's check: now) |" in capsys.readouterr().out

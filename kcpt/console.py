@@ -64,8 +64,9 @@ def stage_end_line(s: dict[str, Any]) -> str:
             f"{_fmt(s.get('best_exam_val_loss'))}"
             + (f", acc {_fmt(s['best_exam_acc'], '.3f')}" if s.get("best_exam_acc") is not None else "") + ")")
     base = f"; baseline_raw_best {_fmt(s.get('baseline_raw_best'))}" if s.get("sets_baseline") else ""
+    warn = f"\n[{s['stage']}] warning: {s['warning']}" if s.get("warning") else ""
     return (f"[{s['stage']}] {verdict}: {s.get('stop_reason') or 'no decision'} after {s.get('steps')} steps; "
-            f"{best}{base}; hands off {s.get('best_checkpoint') or '(no checkpoint)'}")
+            f"{best}{base}; hands off {s.get('best_checkpoint') or '(no checkpoint)'}{warn}")
 
 
 def _eta(seconds: float) -> str:

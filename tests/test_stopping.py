@@ -10,7 +10,7 @@ import pytest
 
 from kcpt.config import StopConfig
 from kcpt.errors import ConfigError
-from kcpt.train.stopping import StopState, improved, update_stop
+from kcpt.train.stopping import NO_GAIN, StopState, baseline_of, improved, record_start, update_stop
 
 GO = (False, False, "")
 PLATEAU = StopConfig(rule="plateau", patience=2, min_delta=0.0, min_delta_relative=0.002)
@@ -218,3 +218,52 @@ def test_best_eval_under_accuracy_is_the_argmax():
 def test_accuracy_improvement_is_upward():
     assert improved(0.6, 0.5, EXAM_ACC, higher=True) and not improved(0.5, 0.6, EXAM_ACC, higher=True)
     assert not improved(0.52, 0.5, EXAM_ACC, higher=True)  # below min_delta 0.05
+
+
+NO_GAIN_CASES = [  # (name, cfg, baseline, final, start (raw, exam), evals, expected after the last eval)
+    ("plateau_above_the_start_fails", PLATEAU, None, False, (2.5, None),
+     [(3.0, None), (2.9, None), (2.9, None), (2.9, None)], (True, False, "plateau" + NO_GAIN)),
+    ("plateau_equal_to_the_start_fails", PLATEAU, None, False, (3.0, None),
+     [(3.0, None), (3.0, None), (3.0, None)], (True, False, "plateau" + NO_GAIN)),
+    ("plateau_max_steps_above_the_start_fails", PLATEAU, None, True, (2.5, None),
+     [(3.0, None), (2.6, None)], (True, False, "max_steps" + NO_GAIN)),
+    ("plateau_below_the_start_passes", PLATEAU, None, False, (3.5, None),
+     [(3.0, None), (2.9, None), (2.9, None), (2.9, None)], (True, True, "plateau")),
+    ("plateau_without_a_start_passes", PLATEAU, None, False, (None, None),
+     [(3.0, None), (2.9, None), (2.9, None), (2.9, None)], (True, True, "plateau")),
+    ("exam_plateau_above_the_start_fails", EXAM, 2.0, False, (2.0, 1.4),
+     [(2.0, 1.5), (2.0, 1.5), (2.0, 1.5)], (True, False, "exam_plateau" + NO_GAIN)),
+    ("exam_plateau_below_the_start_passes", EXAM, 2.0, False, (2.0, 1.6),
+     [(2.0, 1.5), (2.0, 1.5), (2.0, 1.5)], (True, True, "exam_plateau")),
+    ("exam_target_met_passes_whatever_the_start", EXAM, 2.0, False, (2.0, 0.5),
+     [(2.0, 0.9)], (True, True, "exam_target")),
+    ("acc_plateau_below_the_start_fails", EXAM_ACC, 2.0, False, (2.0, 0.5),
+     [(2.0, 0.45), (2.0, 0.45), (2.0, 0.45)], (True, False, "exam_plateau" + NO_GAIN)),
+    ("acc_plateau_above_the_start_passes", EXAM_ACC, 2.0, False, (2.0, 0.4),
+     [(2.0, 0.45), (2.0, 0.45), (2.0, 0.45)], (True, True, "exam_plateau")),
+]
+
+
+@pytest.mark.parametrize(("name", "cfg", "baseline", "final", "start", "evals", "expected"), NO_GAIN_CASES,
+                         ids=[c[0] for c in NO_GAIN_CASES])
+def test_a_plateau_passes_only_with_a_gain_on_the_start(name, cfg, baseline, final, start, evals, expected):
+    state = StopState()
+    if start[0] is not None:
+        record_start(state, raw=start[0], exam=start[1])
+    assert state.history == [] and state.best_raw is None  # the start is not an eval of the rule
+    for i, (raw, exam) in enumerate(evals):
+        d = update_stop(state, cfg, step=(i + 1) * 10, raw=raw, exam=exam, baseline_raw_best=baseline,
+                        final=final and i == len(evals) - 1)
+    assert (d.stop, d.passed, d.reason) == expected
+    assert StopState.from_dict(json.loads(json.dumps(state.to_dict()))).start_raw == start[0]  # survives a resume
+
+
+def test_the_baseline_is_the_lower_of_the_start_and_the_best():
+    state = StopState()
+    assert baseline_of(state) is None
+    update_stop(state, PLATEAU, step=10, raw=3.0, exam=None, baseline_raw_best=None)
+    assert baseline_of(state) == 3.0  # no start (eval_at_start off): the best, as before
+    record_start(state, raw=2.5, exam=None)
+    assert baseline_of(state) == 2.5
+    record_start(state, raw=3.5, exam=None)
+    assert baseline_of(state) == 3.0

@@ -83,7 +83,7 @@ from kcpt.train.plan import (  # noqa: F401 - re-exported: the plan-level helper
 from kcpt.train.ray_stream import RayDataBatches, shard_paths
 from kcpt.train.rundir import RunDir, ScalarLogger
 from kcpt.train.schedule import lr_at
-from kcpt.train.stopping import StopDecision, StopState, update_stop
+from kcpt.train.stopping import NO_GAIN, StopDecision, StopState, baseline_of, record_start, update_stop
 from kcpt.train.streams import ShardReader, StreamBatches
 
 log = logging.getLogger(__name__)
@@ -863,7 +863,9 @@ class StageRunner:
                               "gave no exam accuracy: it has no multiple-choice items (or no items.jsonl: prepare "
                               "it again). Use stop.exam_metric: loss or an eval_exam set with choices")
         d = None
-        if not initial:
+        if initial:
+            record_start(run.stop_state, raw=raw, exam=gate_exam)
+        else:
             d = update_stop(run.stop_state, stage.stop, step=run.step, raw=raw, exam=gate_exam,
                             baseline_raw_best=plan.baseline_raw_best, final=final,
                             record={"exam_loss": exam, "exam_acc": acc.get("exam_acc")})
@@ -940,8 +942,8 @@ class StageRunner:
             best_step = max(saved) if saved else None
             best_path = saved.get(best_step) if best_step is not None else None
         best_rec = next((h for h in hist if h["step"] == best_step), None)
-        if stage.sets_baseline and stop_state.best_raw is not None:
-            plan.baseline_raw_best = stop_state.best_raw
+        if stage.sets_baseline and baseline_of(stop_state) is not None:
+            plan.baseline_raw_best = baseline_of(stop_state)
             plan.cpt_best = saved.get(stop_state.best_raw_step, best_path)
         cands, front = handoff_candidates(run.evals, best=best_path)
         plan.handoff[stage.name] = cands
@@ -965,6 +967,10 @@ class StageRunner:
             "pareto_front": front, "handoff": cands,
             "tokens_to_gate": run.tokens_to_gate, "plan_tokens_to_gate": self.plan_tokens(plan, run.tokens_to_gate),
         }
+        summary["start_raw_val_loss"], summary["start_exam"] = stop_state.start_raw, stop_state.start_exam
+        summary["warning"] = no_gain_warning(stage, stop_state, decision)
+        if summary["warning"] and self.rank == 0:
+            log.warning("%s", summary["warning"])
         plan.summaries[stage.name] = summary
         plan.best[stage.name] = best_path
         if self.rank == 0:
@@ -985,6 +991,24 @@ class StageRunner:
                                                               if isinstance(v, int | float | str | bool | None)},
                                                            "sets_baseline": stage.sets_baseline}})
         barrier()
+
+
+def no_gain_warning(stage: StageConfig, state: StopState, decision: StopDecision | None) -> str | None:
+    """What to tell the user when the stage ended without gaining on its start (reason ``…: no gain on the
+    start``, see :mod:`kcpt.train.stopping`); None otherwise."""
+    if decision is None or not decision.reason.endswith(NO_GAIN):
+        return None
+    if stage.stop.rule == "plateau":
+        what, start, best, step = "raw val loss", state.start_raw, state.best_raw, state.best_raw_step
+    else:
+        what, start, best, step = f"exam {stage.stop.exam_metric}", state.start_exam, state.best_exam, \
+            state.best_exam_step
+    text = (f"stage '{stage.name}': its {what} never got better than the starting weights' {start:.4f} (best "
+            f"{best:.4f} at step {step}). Try a lower lr.peak (now {stage.lr.peak:.2e}) or check the stage's data.")
+    if stage.sets_baseline:
+        text += (f" baseline_raw_best stays the start's {start:.4f}: the later stages must keep what the starting "
+                 "model knew.")
+    return text
 
 
 def _exam_loss(h: dict[str, Any]) -> float | None:

@@ -18,6 +18,13 @@ Two notions of "better" are kept apart:
   whose raw loss is within tolerance (all evals only with ``stop.raw_bound: false``); ``gate``: the exam metric
   among gate-ok evals.
   ``best_step`` stays ``None`` until an eligible eval happens.
+
+A plateau is only a pass if the stage gained something on its start (the step-0 eval of the weights it started
+from, :func:`record_start`; without one nothing is compared): ``plateau`` (and its ``max_steps`` end) needs a raw
+val loss below the start's, ``exam_plateau`` an exam value better than the start's. Otherwise the stage stops
+(or ends) as *not passed*, its reason suffixed ``": no gain on the start"`` — a CPT run whose LR is too high
+"plateaus" at a raw loss above where it began, and must not be reported as done (nor set the baseline above
+what the starting model already had, see :func:`baseline_of`).
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ class StopState:
     best_metric: float | None = None
     """Ranking metric of the stage's best eligible eval (see module docstring)."""
     best_step: int | None = None
+    start_raw: float | None = None
+    """Raw val loss of the weights the stage started from (its step-0 eval; ``None`` without one)."""
+    start_exam: float | None = None
+    """Exam value of those weights, in ``stop.exam_metric`` units (``None`` without one or without an exam)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +139,32 @@ def _better(new: float, best: float | None, higher: bool) -> bool:
     return best is None or (new > best if higher else new < best)
 
 
+NO_GAIN = ": no gain on the start"
+
+
+def record_start(state: StopState, *, raw: float, exam: float | None) -> None:
+    """Record the step-0 eval (the stage's starting weights): the reference a plateau must beat to pass. It is not
+    an eval of the stage's rule (no patience, best or gate counting)."""
+    state.start_raw = raw if _finite(raw) else None
+    state.start_exam = exam if _finite(exam) else None
+
+
+def gained_on_start(state: StopState, stop: StopConfig, metric: str) -> bool:
+    """The stage's best ``metric`` (``raw`` or ``exam``) beats its start (True when either is unknown)."""
+    start, best = (state.start_raw, state.best_raw) if metric == "raw" else (state.start_exam, state.best_exam)
+    if start is None:
+        return True
+    return best is not None and _better(best, start, metric == "exam" and exam_higher_is_better(stop))
+
+
+def baseline_of(state: StopState) -> float | None:
+    """The raw val loss a ``sets_baseline`` stage hands on as ``baseline_raw_best``: the lowest it reached, or its
+    start when that is lower (a CPT run that made the model worse on held-out text does not lower the bar for
+    what the later stages must keep)."""
+    vals = [v for v in (state.best_raw, state.start_raw) if v is not None]
+    return min(vals) if vals else None
+
+
 def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, exam: float | None,
                 baseline_raw_best: float | None, final: bool = False,
                 record: dict[str, Any] | None = None) -> StopDecision:
@@ -181,6 +218,8 @@ def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, ex
             stop_now, passed, reason = True, True, "plateau"
         elif final:
             stop_now, passed, reason = True, True, "max_steps"
+        if passed and not gained_on_start(state, stop, "raw"):
+            passed, reason = False, reason + NO_GAIN
     elif stop.rule == "max_steps":
         if final:
             stop_now, passed, reason = True, True, "max_steps"
@@ -193,7 +232,9 @@ def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, ex
         else:
             exam_reason = ""
         gate_ok = bool(exam_reason) and raw_ok is not False
-        if gate_ok:
+        if exam_reason == "exam_plateau" and not gained_on_start(state, stop, "exam"):
+            gate_ok, stop_now, reason = False, True, exam_reason + NO_GAIN  # plateaued where it began: not done
+        elif gate_ok:
             stop_now, passed, reason = True, True, exam_reason
         elif exam_reason:
             reason = "raw_over_tolerance"

@@ -142,6 +142,9 @@ def test_a_cpt_that_never_beats_its_start_does_not_pass_nor_lower_the_bar(prepar
     assert s0["raw_ratio"] == pytest.approx(s0["raw_val_loss"] / start) and s0["raw_ratio"] > 1.03  # ... judged
     assert "warning: stage 'cpt'" in stage_end_line({**cpt, "sets_baseline": True})
     assert "warning" not in stage_end_line({**res.summaries["s"], "sets_baseline": False})
+    from kcpt.analysis.run_report import format_stage_table
+
+    assert f"warning: {cpt['warning']}" in format_stage_table(res.summaries, recs).splitlines()  # the end table
 
 
 def test_stage_needing_a_baseline_is_refused_before_any_step(prepared_root, tmp_path):

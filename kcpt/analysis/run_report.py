@@ -42,7 +42,7 @@ def start_values(metrics: list[dict[str, Any]], stage: str) -> dict[str, Any]:
 
 def format_stage_table(summaries: dict[str, dict[str, Any]], metrics: list[dict[str, Any]] | None = None) -> str:
     """One line per stage: steps, stop reason, passed, start → best raw / exam loss and exam accuracy (``-`` when
-    not scored), baseline, gate streak."""
+    not scored), baseline, gate streak; then the stages' warnings (a stage that never gained on its start)."""
     metrics = metrics or []
     header = ["stage", "steps", "stop", "passed", "raw start", "raw best", "exam start", "exam best", "acc start",
               "acc best", "baseline",
@@ -58,7 +58,8 @@ def format_stage_table(summaries: dict[str, dict[str, Any]], metrics: list[dict[
                      _f(base),
                      _f(raw_best / base if raw_best is not None and base else None, 3),
                      _f(s.get("gate_streak")), _f(s.get("rollbacks"))])
-    return _table(header, rows)
+    warnings = [f"warning: {s['warning']}" for s in summaries.values() if s.get("warning")]
+    return "\n".join([_table(header, rows), *warnings])
 
 
 def pareto_checkpoints(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -82,7 +83,7 @@ _METRIC_TYPES: dict[str, tuple[type, ...]] = {
 _SUMMARY_TYPES: dict[str, tuple[type, ...]] = {
     "steps": (int,), "stop_reason": (str,), "passed": (bool,), "best_raw_val_loss": _NUM,
     "best_exam_val_loss": _NUM, "best_exam_acc": _NUM,
-    "baseline_raw_best": _NUM, "gate_streak": (int,), "rollbacks": (int,)}
+    "baseline_raw_best": _NUM, "gate_streak": (int,), "rollbacks": (int,), "warning": (str,)}
 
 
 def _wrong_type(rec: dict[str, Any], types: dict[str, tuple[type, ...]], required: tuple[str, ...] = ()) -> str | None:

@@ -229,6 +229,8 @@ NO_GAIN_CASES = [  # (name, cfg, baseline, final, start (raw, exam), evals, expe
      [(3.0, None), (2.6, None)], (True, False, "max_steps" + NO_GAIN)),
     ("plateau_below_the_start_passes", PLATEAU, None, False, (3.5, None),
      [(3.0, None), (2.9, None), (2.9, None), (2.9, None)], (True, True, "plateau")),
+    ("plateau_all_nan_after_the_start_fails", PLATEAU, None, False, (3.0, None),
+     [(3.0, None), (float("nan"), None), (float("nan"), None)], (True, False, "plateau" + NO_GAIN)),
     ("plateau_without_a_start_passes", PLATEAU, None, False, (None, None),
      [(3.0, None), (2.9, None), (2.9, None), (2.9, None)], (True, True, "plateau")),
     ("exam_plateau_above_the_start_fails", EXAM, 2.0, False, (2.0, 1.4),
@@ -267,3 +269,23 @@ def test_the_baseline_is_the_lower_of_the_start_and_the_best():
     assert baseline_of(state) == 2.5
     record_start(state, raw=3.5, exam=None)
     assert baseline_of(state) == 3.0
+
+
+def test_the_no_gain_warning_names_start_best_and_lr_even_without_a_finite_eval():
+    from kcpt.config import StageConfig
+    from kcpt.train.loop import no_gain_warning
+
+    stage = StageConfig(name="cpt", sources={"raw_train": 1.0}, sets_baseline=True, stop=PLATEAU,
+                        lr={"peak": 0.05})
+    state = StopState()
+    record_start(state, raw=8.7277, exam=None)
+    for step in (10, 20, 30):
+        d = update_stop(state, PLATEAU, step=step, raw=float("nan"), exam=None, baseline_raw_best=None)
+    assert d.reason == "plateau" + NO_GAIN
+    text = no_gain_warning(stage, state, d)
+    assert "8.7277" in text and "no eval gave a finite value" in text and "lr.peak (now 5.00e-02)" in text
+    assert "baseline_raw_best stays the start's 8.7277" in text
+    update_stop(state, PLATEAU, step=40, raw=9.5, exam=None, baseline_raw_best=None)
+    assert "best 9.5000 at step 40" in no_gain_warning(stage, state, d)
+    assert no_gain_warning(stage, state, update_stop(StopState(), PLATEAU, step=10, raw=3.0, exam=None,
+                                                     baseline_raw_best=None)) is None

@@ -942,8 +942,8 @@ class StageRunner:
             best_step = max(saved) if saved else None
             best_path = saved.get(best_step) if best_step is not None else None
         best_rec = next((h for h in hist if h["step"] == best_step), None)
-        if stage.sets_baseline and baseline_of(stop_state) is not None:
-            plan.baseline_raw_best = baseline_of(stop_state)
+        if stage.sets_baseline and (baseline := baseline_of(stop_state)) is not None:
+            plan.baseline_raw_best = baseline
             plan.cpt_best = saved.get(stop_state.best_raw_step, best_path)
         cands, front = handoff_candidates(run.evals, best=best_path)
         plan.handoff[stage.name] = cands
@@ -1003,8 +1003,9 @@ def no_gain_warning(stage: StageConfig, state: StopState, decision: StopDecision
     else:
         what, start, best, step = f"exam {stage.stop.exam_metric}", state.start_exam, state.best_exam, \
             state.best_exam_step
-    text = (f"stage '{stage.name}': its {what} never got better than the starting weights' {start:.4f} (best "
-            f"{best:.4f} at step {step}). Try a lower lr.peak (now {stage.lr.peak:.2e}) or check the stage's data.")
+    best_text = f"best {best:.4f} at step {step}" if best is not None else "no eval gave a finite value"
+    text = (f"stage '{stage.name}': its {what} never got better than the starting weights' {start:.4f} "
+            f"({best_text}). Try a lower lr.peak (now {stage.lr.peak:.2e}) or check the stage's data.")
     if stage.sets_baseline:
         text += (f" baseline_raw_best stays the start's {start:.4f}: the later stages must keep what the starting "
                  "model knew.")

@@ -443,7 +443,13 @@ class TrainConfig(Strict):
     max_failures: int = Field(2, ge=0)
     shuffle_buffer_rows: int = Field(256, ge=1)
     eval_at_start: bool = True
-    """Evaluate once before a stage's first step (step 0: the stage's starting point, not used by stop rules)."""
+    """Evaluate once before a stage's first step (step 0: the stage's starting point). It counts for no patience,
+    best or gate; a plateau must beat it to pass (``kcpt.train.stopping``: "no gain on the start")."""
+    stop_plan_without_gain: bool = True
+    """A stage that sets the baseline (CPT) and ends without a gain on its start — its raw val loss never went
+    below the step-0 eval's, e.g. at too high an LR — stops the plan (``TrainingAborted``, its message naming the
+    start, the best and the LR): the later stages would start from a model worse than the one CPT began with and
+    be held to the start's raw loss, which they cannot keep. ``false``: the plan goes on."""
     checkpoint_every_eval: bool = True
     """Save checkpoints periodically (every ``checkpoint_every_evals``-th eval) besides the new bests, the
     stop and new Pareto-front points; ``false``: only those."""

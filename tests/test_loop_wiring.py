@@ -120,22 +120,32 @@ def test_baseline_is_the_best_not_the_last_cpt_raw_loss(prepared_root, tmp_path)
 
 def test_a_cpt_that_never_beats_its_start_does_not_pass_nor_lower_the_bar(prepared_root, tmp_path):
     """LR 1.0 on the tiny model: every CPT eval is above the step-0 eval. The stage must not be reported as a
-    plateau pass, the user must be told what to change, and the later stage's raw bound must be the start's."""
+    plateau pass, the user must be told what to change, the plan stops there by default, and when told to go on
+    the later stage's raw bound is the start's."""
     from kcpt.console import stage_end_line
+    from kcpt.train.rundir import RunDir
     from kcpt.train.stopping import NO_GAIN
 
     plan = ('[{name: cpt, sources: {raw_train: 1.0}, max_steps: 24, eval_every: 4, sets_baseline: true, '
             'lr: {peak: 1.0, warmup_steps: 0, min_ratio: 1.0}, stop: {rule: plateau, patience: 2}}, '
             '{name: s, sources: {qa_train: 1.0}, max_steps: 2, eval_every: 2, eval_exam: exam_val, '
             'stop: {rule: exam, exam_target: 0.1, patience: 5}}]')
-    res = run_plan(cfg_of(prepared_root, tmp_path, plan), resume="never", in_process=True)
+    with pytest.raises(TrainingAborted, match=r"stage 'cpt': its raw val loss never got better.*lr.peak \(now "
+                                              r"1.00e\+00\)[^:]*The plan stops before 's'.*stop_plan_without_gain"):
+        run_plan(cfg_of(prepared_root, tmp_path / "stops", plan), resume="never", in_process=True)
+    stopped = RunDir(tmp_path / "stops" / "r")
+    assert stopped.read_summary()["stage_order"] == ["cpt"]  # CPT's summary is there; stage s never started
+    assert {r["stage"] for r in read_metrics(stopped.root)} == {"cpt"}
+    res = run_plan(cfg_of(prepared_root, tmp_path, plan, "train.stop_plan_without_gain=false"), resume="never",
+                   in_process=True)
     recs = read_metrics(res.run_dir)
     start = next(r["raw_val_loss"] for r in recs if r["stage"] == "cpt" and r["step"] == 0)
     cpt = res.summaries["cpt"]
     assert min(r["raw_val_loss"] for r in evals(res, "cpt")) > start  # the premise: training only made it worse
     assert not cpt["passed"] and cpt["stop_reason"] == "plateau" + NO_GAIN
     assert cpt["start_raw_val_loss"] == start and cpt["min_raw_val_loss"] > start
-    assert "lr.peak (now 1.00e+00)" in cpt["warning"] and f"{start:.4f}" in cpt["warning"]
+    assert "lr.peak (now 1.00e+00)" in cpt["warning"] and f"baseline_raw_best stays the start's {start:.4f}" in \
+        cpt["warning"]
     assert res.baseline_raw_best == start  # not the worse best the stage reached
     s0 = next(r for r in recs if r["stage"] == "s" and r["step"] == 0)  # stage s starts from CPT's best ...
     assert s0["raw_val_loss"] == pytest.approx(cpt["min_raw_val_loss"], rel=1e-5)

@@ -968,7 +968,10 @@ class StageRunner:
             "tokens_to_gate": run.tokens_to_gate, "plan_tokens_to_gate": self.plan_tokens(plan, run.tokens_to_gate),
         }
         summary["start_raw_val_loss"], summary["start_exam"] = stop_state.start_raw, stop_state.start_exam
-        summary["warning"] = no_gain_warning(stage, stop_state, decision)
+        no_gain = no_gain_text(stage, stop_state, decision)
+        summary["warning"] = (no_gain + (f" baseline_raw_best stays the start's {stop_state.start_raw:.4f}: the "
+                                         "later stages must keep what the starting model knew."
+                                         if stage.sets_baseline else "")) if no_gain else None
         if summary["warning"] and self.rank == 0:
             log.warning("%s", summary["warning"])
         plan.summaries[stage.name] = summary
@@ -991,11 +994,16 @@ class StageRunner:
                                                               if isinstance(v, int | float | str | bool | None)},
                                                            "sets_baseline": stage.sets_baseline}})
         barrier()
+        later = plan.stage_order[plan.stage_pos + 1:]
+        if no_gain and stage.sets_baseline and later and self.cfg.train.stop_plan_without_gain:
+            raise TrainingAborted(f"{no_gain} The plan stops before '{later[0]}': the later stages would start from "
+                                  "a worse model than this stage began with and be held to its start's raw loss "
+                                  "(train.stop_plan_without_gain: false goes on anyway).")
 
 
-def no_gain_warning(stage: StageConfig, state: StopState, decision: StopDecision | None) -> str | None:
+def no_gain_text(stage: StageConfig, state: StopState, decision: StopDecision | None) -> str | None:
     """What to tell the user when the stage ended without gaining on its start (reason ``…: no gain on the
-    start``, see :mod:`kcpt.train.stopping`); None otherwise."""
+    start``, see :mod:`kcpt.train.stopping`): the start, the best, the LR to lower; None otherwise."""
     if decision is None or not decision.reason.endswith(NO_GAIN):
         return None
     if stage.stop.rule == "plateau":
@@ -1004,12 +1012,8 @@ def no_gain_warning(stage: StageConfig, state: StopState, decision: StopDecision
         what, start, best, step = f"exam {stage.stop.exam_metric}", state.start_exam, state.best_exam, \
             state.best_exam_step
     best_text = f"best {best:.4f} at step {step}" if best is not None else "no eval gave a finite value"
-    text = (f"stage '{stage.name}': its {what} never got better than the starting weights' {start:.4f} "
+    return (f"stage '{stage.name}': its {what} never got better than the starting weights' {start:.4f} "
             f"({best_text}). Try a lower lr.peak (now {stage.lr.peak:.2e}) or check the stage's data.")
-    if stage.sets_baseline:
-        text += (f" baseline_raw_best stays the start's {start:.4f}: the later stages must keep what the starting "
-                 "model knew.")
-    return text
 
 
 def _exam_loss(h: dict[str, Any]) -> float | None:

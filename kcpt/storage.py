@@ -20,14 +20,18 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 """URI schemes handled by pyarrow.fs (anything else with ``://`` is refused)."""
@@ -272,26 +276,39 @@ def retract_tree(uri: str, *, marker: str) -> None:
     store.delete_tree(rel)
 
 
-def _complete_locally(local: Path, marker_bytes: bytes, sizes: dict[str, int]) -> bool:
-    m = local / MARKER_COPY
-    if not m.is_file() or m.read_bytes() != marker_bytes:
-        return False
-    return all((local / n).is_file() and (local / n).stat().st_size == s for n, s in sizes.items())
+def _has(local: Path, name: str, size: int | None) -> bool:
+    f = local / name
+    return f.is_file() and (size is None or f.stat().st_size == size)
 
 
 MARKER_COPY = ".kcpt-fetched"
 """Written last into a fetched directory: the bytes of the remote marker it was fetched against."""
 
 
+@dataclass
+class FetchStats:
+    """What :func:`fetch_tree` did in this process, in bytes: ``whole`` adds the size of a published directory the
+    first time this node's mirror of it is made (what a fetch of everything would download), ``downloaded``
+    what was downloaded (the parts asked for)."""
+
+    whole: int = 0
+    downloaded: int = 0
+
+
+FETCHED = FetchStats()
+
+
 def fetch_tree(ref: str | os.PathLike, *, marker: str, files_of: Callable[[dict[str, Any]], dict[str, int]] | None
                = None, skip: Callable[[str], bool] | None = None, mirror_suffix: str = "") -> Path:
-    """A local directory holding the published directory ``ref`` (a URI: downloaded once per node into scratch,
+    """A local directory holding the published directory ``ref`` (a URI: downloaded into scratch once per node,
     reused while the remote marker is unchanged; a local path: itself).
 
     ``marker`` names the JSON file published last (see :func:`publish_tree`); ``files_of(marker_json)`` lists the
-    files it vouches for (name → size), which must all be present (a half-uploaded directory is refused with
-    ``FileNotFoundError``). Without ``files_of`` every file present is taken. ``skip(name)``: files not to download
-    (a partial copy, kept in its own mirror named with ``mirror_suffix``)."""
+    files it vouches for (name → size), which must all be present at ``ref`` (a half-uploaded directory is
+    refused with ``FileNotFoundError``). Without ``files_of`` every file present is taken. ``skip(name)``: files
+    this caller does not need. The node's mirror then holds a part of ``ref``; a later call on the node (another
+    rank, another part) downloads only the files it needs that are not there yet, each renamed into place whole,
+    so processes reading the mirror never see a partial file. ``mirror_suffix``: a separate mirror of that name."""
     if not is_uri(str(ref)):
         return local_path(str(ref)) if isinstance(ref, str) else Path(ref)
     uri = str(ref)
@@ -304,20 +321,31 @@ def fetch_tree(ref: str | os.PathLike, *, marker: str, files_of: Callable[[dict[
     local = local_path_for(uri)
     if mirror_suffix:
         local = local.with_name(local.name + mirror_suffix)
+
+    def needed(names: dict[str, int | None]) -> dict[str, int | None]:
+        return {n: s for n, s in names.items() if n != marker and (skip is None or not skip(n))}
+
     with file_lock(local.parent / f".{local.name}.fetch-lock"):
-        sizes = listed if listed is not None else {}
-        if local.is_dir() and _complete_locally(local, marker_bytes, sizes):
+        current = (local / MARKER_COPY).is_file() and (local / MARKER_COPY).read_bytes() == marker_bytes
+        if current and (listed is None or all(_has(local, n, s) for n, s in needed(dict(listed)).items())):
             return local
         remote = store.walk(rel)
         missing = [n for n, s in (listed or {}).items() if remote.get(n) != s]
         if missing:
             raise FileNotFoundError(f"{uri}: {marker} lists files that are missing or of another size: "
                                     f"{missing[:3]} (an upload in progress or interrupted)")
+        if current:  # a part is here (another rank's, or the model without the engine state): add what is not
+            todo = {n: remote[n] for n in needed(dict(listed or {})) if not _has(local, n, remote[n])}
+            for name in todo:
+                store.download_file(f"{rel}/{name}", local / name)
+            _count(uri, todo, {n: z for n, z in remote.items() if n != marker}, first=False)
+            return local
         tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}-{hashlib.sha1(os.urandom(8)).hexdigest()[:6]}")
         try:
-            for name in remote:
-                if name != marker and (skip is None or not skip(name)):
-                    store.download_file(f"{rel}/{name}", tmp / name)
+            todo = {n: remote[n] for n in needed(dict(remote))}
+            for name in todo:
+                store.download_file(f"{rel}/{name}", tmp / name)
+            _count(uri, todo, {n: z for n, z in remote.items() if n != marker}, first=True)
             (tmp / marker).write_bytes(marker_bytes)
             (tmp / MARKER_COPY).write_bytes(marker_bytes)
             if local.exists():
@@ -327,6 +355,15 @@ def fetch_tree(ref: str | os.PathLike, *, marker: str, files_of: Callable[[dict[
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return local
+
+
+def _count(uri: str, got: dict[str, int], files: dict[str, int], *, first: bool) -> None:
+    whole = sum(files.values())
+    FETCHED.downloaded += sum(got.values())
+    FETCHED.whole += whole if first else 0
+    if got:
+        log.info("%s: downloaded %d files, %.1f MB of its %.1f MB%s", uri, len(got), sum(got.values()) / 1e6,
+                 whole / 1e6, "" if len(got) == len(files) else " (the parts this process needs)")
 
 
 # --------------------------------------------------------------------------- inputs

@@ -121,6 +121,55 @@ def test_run_dir_not_made_by_kcpt_is_refused_at_a_uri(s3_prefix, tmp_path, monke
         RunDir(f"{s3_prefix}/theirs").check_owned()
 
 
+def test_a_checkpoint_is_fetched_in_the_parts_a_rank_needs_and_a_node_mirror_is_topped_up(
+        s3_prefix, tmp_path, monkeypatch):
+    """Weights alone leave the engine state in the bucket; a DeepSpeed rank takes its own ZeRO partition (fp32 or
+    bf16 names) and the files every rank reads; two ranks of one node fill one mirror, each file downloaded once;
+    the node's copy passes the manifest check with the parts it holds, and a damaged file is still refused."""
+    from kcpt.train import checkpoint as ckpt_lib
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    tag = f"{ckpt_lib.ENGINE_DIR}/ds"
+    files = {"model.safetensors": b"w" * 300, "trainer_state.pt": b"t" * 20, "config.json": b"{}",
+             f"{tag}/mp_rank_00_model_states.pt": b"m" * 40,
+             f"{tag}/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"0" * 500,
+             f"{tag}/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": b"1" * 500,
+             f"{tag}/zero_pp_rank_1_mp_rank_00_model_states.pt": b"z" * 30,
+             f"{tag}/zero_pp_rank_11_mp_rank_00_optim_states.pt": b"x" * 500}
+    src = _tree(tmp_path / "src", files)
+    (src / ckpt_lib.MANIFEST).write_bytes(json.dumps(
+        {"complete": True, "files": {n: len(d) for n, d in files.items()}}).encode())
+    uri = f"{s3_prefix}/runs/r/checkpoints/00-cpt-step000002"
+    publish_tree(src, uri, marker=ckpt_lib.MANIFEST)
+    got: list[str] = []
+    real = Store.download_file
+    monkeypatch.setattr(Store, "download_file", lambda self, rel, local: (got.append(rel.split("-step000002/")[1]),
+                                                                          real(self, rel, local)))
+    before = (storage.FETCHED.whole, storage.FETCHED.downloaded)
+
+    def held(local: Path) -> set[str]:
+        return {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")}
+
+    local = ckpt_lib.fetch(uri, engine=False)  # a hand-off's weights, a KL reference, the trainer state
+    assert held(local) == {"model.safetensors", "trainer_state.pt", "config.json", ckpt_lib.MANIFEST}
+    assert ckpt_lib.model_dir(local) == local and ckpt_lib.read_manifest(local)["complete"]
+    assert ckpt_lib.fetch(uri, rank=0) == local  # rank 0 of the node: its partition added to the same mirror
+    assert held(local) - held(src) == set() and held(src) - held(local) == {
+        f"{tag}/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", f"{tag}/zero_pp_rank_1_mp_rank_00_model_states.pt",
+        f"{tag}/zero_pp_rank_11_mp_rank_00_optim_states.pt"}
+    ckpt_lib.fetch(uri, rank=1)
+    assert held(src) - held(local) == {f"{tag}/zero_pp_rank_11_mp_rank_00_optim_states.pt"}
+    assert sorted(got) == sorted(set(got)) and len(got) == 7  # nothing downloaded twice; rank 11's never
+    assert storage.FETCHED.whole - before[0] == sum(map(len, files.values()))
+    assert storage.FETCHED.downloaded - before[1] == sum(map(len, files.values())) - 500
+    ckpt_lib.fetch(uri)  # everything: only the missing partition comes
+    assert held(local) == held(src) and len(got) == 8
+
+    (local / "model.safetensors").write_bytes(b"w" * 299)  # a copy of another size is still refused
+    with pytest.raises(CheckpointError, match="model.safetensors has 299 bytes"):
+        ckpt_lib.read_manifest(local)
+
+
 def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkeypatch):
     """Prepared data, run files and checkpoints go to the bucket; a second run reuses the published data
     without preparing; a resume downloads the latest checkpoint from S3 into a fresh node scratch."""
@@ -154,6 +203,42 @@ def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkey
     again = run_plan(cfg, stages=["cpt", "stage1"], resume="auto", in_process=True)
     assert read_metrics(again.run_dir) == first  # resumed at the end: nothing re-run, nothing lost
     assert checkpoint_copies(tmp_path / "scratch-b") == []  # the checkpoint the resume downloaded, freed again
+
+
+def test_a_fresh_node_resuming_downloads_the_engine_state_of_the_resumed_checkpoint_only(s3_prefix, tmp_path,
+                                                                                         monkeypatch):
+    """Stage 1 stopped by an error after its step-2 checkpoint; a fresh node resumes it from the bucket. Its KL
+    reference and its hand-off are the CPT best (weights only): that checkpoint's optimizer state stays in the
+    bucket. The resumed checkpoint comes whole, each file once."""
+    from kcpt.config import load_config
+    from kcpt.train.launch import run_plan
+    from kcpt.train.rundir import read_metrics
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.chdir(tmp_path)
+    tiny = ["data.seq_len=64", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+            "model.tiny.intermediate_size=64", "logging.progress=false", "plan.0.max_steps=4", "plan.0.eval_every=2",
+            "plan.1.max_steps=4", "plan.1.eval_every=2", f"train.output_dir={s3_prefix}/runs",
+            f"data.prepared_root={s3_prefix}/prep"]
+    stop = ["train.faults.stage=stage1", "train.faults.raise_at_step=3", "train.max_failures=0"]
+    with pytest.raises(RuntimeError, match="injected fault: stage stage1 step 3"):
+        run_plan(load_config(None, [*tiny, *stop]), stages=["cpt", "stage1"], resume="never", in_process=True)
+    cfg = load_config(None, tiny)
+    assert cfg.stage("stage1").kl_beta > 0 and cfg.stage("stage1").restore == "weights_only"
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch-b"))
+    got: list[str] = []
+    real = Store.download_file
+    monkeypatch.setattr(Store, "download_file", lambda self, rel, local: (got.append(rel), real(self, rel, local)))
+    res = run_plan(cfg, stages=["cpt", "stage1"], resume="auto", in_process=True, force=True)
+    assert [(r["stage"], r["step"]) for r in read_metrics(res.run_dir)][-3:] == [("stage1", 0), ("stage1", 2),
+                                                                                ("stage1", 4)]
+    ckpts = [f for f in got if "/checkpoints/" in f]
+    cpt_best = res.best_checkpoints["cpt"].rsplit("/", 1)[1]
+    assert any(f"/{cpt_best}/model" in f for f in ckpts)  # its weights came (the reference, the hand-off) ...
+    assert not any(f"/{cpt_best}/engine/" in f for f in ckpts), ckpts  # ... and not its optimizer state
+    resumed = [f for f in ckpts if "/01-stage1-step000002/" in f]
+    assert sum("/engine/" in f for f in resumed) == 1 and len(resumed) == len(set(resumed))  # whole, once each
 
 
 def test_a_driver_checks_a_checkpoint_at_a_uri_without_downloading_its_weights_or_optimizer_state(

@@ -89,7 +89,7 @@ def _is_ckpt(local: Path) -> bool:
 
 def _local(ref: str) -> Path:
     """A local directory for a checkpoint / HF model ref (a URI is fetched as a kcpt checkpoint)."""
-    local = ckpt_lib.fetch(ref) if storage.is_uri(ref) else storage.local_path(ref)
+    local = ckpt_lib.fetch(ref, engine=False) if storage.is_uri(ref) else storage.local_path(ref)
     if not local.is_dir():
         raise CheckpointError(f"{ref}: no such checkpoint or model directory")
     return local

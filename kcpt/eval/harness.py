@@ -203,7 +203,7 @@ def locate_checkpoint(ref: str) -> CheckpointInfo:
     from kcpt.train.rundir import MARKER
 
     ref = str(ref).rstrip("/")
-    local = ckpt.fetch(ref)
+    local = ckpt.fetch(ref, engine=False)
     if not local.is_dir():
         raise InputError("no checkpoint directory here", path=ref)
     manifest: dict[str, Any] = {}

@@ -96,7 +96,7 @@ def _undertrained(args: argparse.Namespace) -> int:
         raise KcptError(f"{meta}: missing; --init must be a model written by `kcpt audit-tokenizer --expand N "
                         "--model M --out DIR`")
     first_new = int(json.loads(meta.read_text(encoding="utf-8"))["first_new_id"])
-    ckpt = fetch(args.checkpoint)
+    ckpt = fetch(args.checkpoint, engine=False)
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     init = AutoModelForCausalLM.from_pretrained(args.init)
     tok = AutoTokenizer.from_pretrained(ckpt if (Path(ckpt) / "tokenizer.json").is_file() else args.init)

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -303,14 +304,39 @@ def remove_stale_temps(root: str | Path, *, name: str | None = None, keep: Path 
 # --------------------------------------------------------------------------- reading
 
 
-def fetch(ref: str | Path) -> Path:
-    """The local directory of checkpoint ``ref``: a local path as is; a URI downloaded once per node into scratch
+_ZERO_PARTITION = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_[^/]*$")
+"""DeepSpeed's name for one data-parallel rank's ZeRO partition (optimizer states; under ZeRO-3 also the
+module's): ``[bf16_]zero_pp_rank_<dp rank>_mp_rank_<mp rank>_{optim,model}_states.pt``."""
+
+
+def _skip_for(engine: bool, rank: int | None) -> Callable[[str], bool] | None:
+    if not engine:
+        return lambda name: name.startswith(f"{ENGINE_DIR}/")
+    if rank is None:
+        return None
+
+    def other_ranks(name: str) -> bool:
+        m = _ZERO_PARTITION.search(name)
+        return name.startswith(f"{ENGINE_DIR}/") and m is not None and int(m.group(1)) != rank
+
+    return other_ranks
+
+
+def fetch(ref: str | Path, *, engine: bool = True, rank: int | None = None) -> Path:
+    """The local directory of checkpoint ``ref``: a local path as is; a URI downloaded into the node's scratch
     (:func:`kcpt.storage.fetch_tree`; reused while its manifest is unchanged). A URI whose manifest is missing or
-    whose listed files are not all uploaded is a :class:`CheckpointError` (never taken half-uploaded)."""
+    whose listed files are not all uploaded is a :class:`CheckpointError` (never taken half-uploaded).
+
+    What a caller needs, and only that, is downloaded: ``engine=False`` leaves out :data:`ENGINE_DIR` (the
+    optimizer state, about twice the weights under AdamW: a hand-off with ``restore: weights_only``, a KL
+    reference, the trainer state); ``rank`` leaves out the other data-parallel ranks' ZeRO partitions (DeepSpeed
+    reads only its own rank's when the world size is unchanged, and refuses another world size). Ranks on one
+    node share one mirror, which each call tops up with the files it lacks."""
     if not storage.is_uri(str(ref)):
         return Path(ref)
     try:
-        return storage.fetch_tree(str(ref), marker=MANIFEST, files_of=lambda m: dict(m.get("files") or {}))
+        return storage.fetch_tree(str(ref), marker=MANIFEST, files_of=lambda m: dict(m.get("files") or {}),
+                                  skip=_skip_for(engine, rank))
     except FileNotFoundError as e:
         raise CheckpointError(f"incomplete or missing checkpoint: {e}") from None
     except (ValueError, OSError) as e:
@@ -327,16 +353,16 @@ def inspect(ref: str | Path) -> tuple[dict[str, Any], Path]:
     directory holding its small files (trainer state, model config, tokenizer, weight index).
 
     A local checkpoint is itself: every listed file present with its size, its weights openable
-    (:func:`verify_weights`). At a URI only the small files are downloaded (into a ``.meta`` mirror beside the
-    full one); every listed file is checked present with its size at the URI, and each safetensors file's header
-    is read with two range requests. The weights and the optimizer state (several times the weights) are left
-    to the workers, which download them on their own nodes."""
+    (:func:`verify_weights`). At a URI only the small files are downloaded (into the node's mirror, which a
+    worker on the same node tops up); every listed file is checked present with its size at the URI, and each
+    safetensors file's header is read with two range requests. The weights and the optimizer state (several
+    times the weights) are left to the workers, which download them on their own nodes."""
     if not storage.is_uri(str(ref)):
         verify_weights(ref)
         return read_manifest(ref), Path(ref)
     try:
         local = storage.fetch_tree(str(ref), marker=MANIFEST, files_of=lambda m: dict(m.get("files") or {}),
-                                   skip=_is_bulk, mirror_suffix=".meta")
+                                   skip=_is_bulk)
     except FileNotFoundError as e:
         raise CheckpointError(f"incomplete or missing checkpoint: {e}") from None
     except (ValueError, OSError) as e:
@@ -367,7 +393,9 @@ def _check_safetensors_header(read: Callable[[int, int], bytes], size: int, wher
 
 def read_manifest(path: str | Path, *, check_files: bool = True) -> dict[str, Any]:
     """The manifest of a complete checkpoint; :class:`CheckpointError` if it is missing, incomplete, or (with
-    ``check_files``) a file it lists is missing or has another size."""
+    ``check_files``) a file it lists is missing or has another size. A node's copy of a checkpoint at a URI
+    (:func:`fetch`) holds the parts its ranks asked for, each checked against the bucket as it came: a file
+    absent there is one no rank of the node needed, not a damage."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
@@ -387,11 +415,14 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> dict[str, An
             not isinstance(manifest.get("data_sha256") or {}, dict):
         raise CheckpointError(f"{mf}: 'step', 'stage_index' or 'data_sha256' has the wrong type: a damaged manifest")
     if check_files:
+        fetched = (path / storage.MARKER_COPY).is_file()
         for name, size in files.items():
             f = path / name
             if ".." in Path(name).parts or Path(name).is_absolute():
                 raise CheckpointError(f"{mf}: file name {name!r} points outside the checkpoint")
             if not f.is_file():
+                if fetched:
+                    continue
                 raise CheckpointError(f"{path}: file {name} listed in {MANIFEST} is missing")
             if f.stat().st_size != size:
                 raise CheckpointError(f"{path}: file {name} has {f.stat().st_size} bytes, {MANIFEST} says {size}")

@@ -504,7 +504,7 @@ class StageRunner:
         back partitioned (HfDeepSpeedConfig); the built-in tiny model is built whole (it is tiny)."""
         from kcpt.model.tokenizer import pad_token_id
 
-        model_dir = ckpt_lib.model_dir(ckpt_lib.fetch(path)) if path is not None else None
+        model_dir = ckpt_lib.model_dir(ckpt_lib.fetch(path, engine=False)) if path is not None else None
         model = load_causal_lm(self.cfg.model, vocab_size=len(self.tokenizer), path=model_dir,
                                pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
                                dtype=torch.float32 if trained else None)
@@ -693,7 +693,7 @@ class StageRunner:
         resume_path = latest if latest is not None else self.config.get("resume_from")
         resume_state: dict[str, Any] | None = None
         if resume_path is not None:
-            resume_state = ckpt_lib.load_trainer_state(ckpt_lib.fetch(resume_path))
+            resume_state = ckpt_lib.load_trainer_state(ckpt_lib.fetch(resume_path, engine=False))
             plan = PlanState.from_dict(resume_state["plan"])
             if self.rank == 0:
                 key = _checkpoint_step_key(resume_state)
@@ -741,7 +741,7 @@ class StageRunner:
             run.step, run.tokens_seen = int(resume["step"]), int(resume["tokens_seen"])
             run.lr_scale, run.good_steps = float(resume["lr_scale"]), int(resume.get("good_steps", 0))
             run.tokens_to_gate = resume.get("tokens_to_gate")
-            engine.load_state(ckpt_lib.fetch(resume_path) / ENGINE_DIR)
+            engine.load_state(ckpt_lib.fetch(resume_path, rank=self.rank) / ENGINE_DIR)
             for s, st in resume["sources"].items():
                 streams[s].load_state_dict(st)
             run.sampler.load_state_dict(resume["mixture"])
@@ -751,8 +751,9 @@ class StageRunner:
                 run.decision = StopDecision(**resume["decision"])
             run.evals = list(resume.get("evals", []))
         elif stage.restore == "full" and plan.start_from is not None:
-            if (ckpt_lib.fetch(plan.start_from) / ENGINE_DIR).is_dir():  # optimizer moments; this stage's schedule
-                engine.load_state(ckpt_lib.fetch(plan.start_from) / ENGINE_DIR)
+            state_dir = ckpt_lib.fetch(plan.start_from, rank=self.rank) / ENGINE_DIR
+            if state_dir.is_dir():  # optimizer moments; this stage's schedule
+                engine.load_state(state_dir)
             else:
                 log.warning("stage %s: restore full, but %s has no engine state; optimizer starts fresh",
                             stage.name, plan.start_from)

@@ -15,7 +15,11 @@ every eval), each under its own run name in the bucket — as tune trials are �
    bucket); cumulative over the runs;
 2. **a driver's check of a checkpoint before a resume** (the last run's latest, full state: weights + optimizer),
    each into an empty scratch: :func:`kcpt.train.checkpoint.inspect` (what the driver does) against
-   :func:`kcpt.train.checkpoint.fetch` (the whole checkpoint: what it did before), bytes and wall time.
+   :func:`kcpt.train.checkpoint.fetch` (the whole checkpoint: what it did before), bytes and wall time;
+3. **a fresh node resuming a run stopped in stage 1** (an injected error after stage 1's first checkpoint): bytes
+   downloaded (:data:`kcpt.storage.FETCHED`: the driver's check and the worker's reads, one process here) against
+   the whole of every checkpoint it touched (the resumed one, the CPT best as KL reference and hand-off) —
+   what a node downloaded before it fetched only the parts it reads.
 """
 
 from __future__ import annotations
@@ -113,6 +117,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"table": "driver", "how": name, "bytes": _du(work / f"driver-{name.split()[0]}"),
                          "wall_s": time.perf_counter() - t0})
         full = storage.Store(last).walk()
+        # a run stopped in stage 1, resumed on a fresh node
+        cfg = load_config(None, [*sets, "train.run_name=stopped"])
+        stop = ["train.faults.stage=stage1", f"train.faults.raise_at_step={s1}", "train.max_failures=0"]
+        try:
+            run_plan(load_config(None, [*sets, "train.run_name=stopped", *stop]), stages=["cpt", "stage1"],
+                     resume="never", in_process=True)
+        except RuntimeError as e:
+            if "injected fault" not in str(e):
+                raise
+        os.environ["KCPT_SCRATCH"] = str(work / "fresh-node")
+        before = (storage.FETCHED.whole, storage.FETCHED.downloaded)
+        t0 = time.perf_counter()
+        run_plan(cfg, stages=["cpt", "stage1"], resume="auto", in_process=True, force=True)
+        rows.append({"table": "resume", "whole": storage.FETCHED.whole - before[0],
+                     "downloaded": storage.FETCHED.downloaded - before[1], "wall_s": time.perf_counter() - t0})
     finally:
         if old_scratch is None:
             os.environ.pop("KCPT_SCRATCH", None)
@@ -140,6 +159,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         if r["table"] == "driver":
             print(f"| {r['how']} | {r['bytes'] / mb:.2f} | {r['wall_s']:.2f} | {r['bytes'] / base['bytes']:.3f} |")
+    r = next(r for r in rows if r["table"] == "resume")
+    print("\na fresh node resuming a run stopped in stage 1 (checkpoints read: the resumed one, the CPT best):")
+    print("| how | downloaded (MB) | vs whole |")
+    print("|---|---|---|")
+    print(f"| whole checkpoints (before) | {r['whole'] / mb:.2f} | 1.000 |")
+    print(f"| the parts read (now) | {r['downloaded'] / mb:.2f} | {r['downloaded'] / max(r['whole'], 1):.3f} |")
     print(f"\nwork dir {work}")
     return rows
 

@@ -242,7 +242,8 @@ def test_tune_efficiency_proxy_has_a_micro_batch_axis_when_the_space_searches_it
 def test_bucket_footprint_bench_leaves_no_checkpoint_copies_and_the_driver_downloads_less(s3_server, capsys,
                                                                                           tmp_path):
     """Two tiny runs at the (test session's moto) bucket: each keeps checkpoints in the bucket and none in the
-    node scratch; the driver's check downloads a fraction of what a whole-checkpoint fetch does."""
+    node scratch; the driver's check downloads a fraction of what a whole-checkpoint fetch does; a fresh node
+    resuming a stopped run downloads less than the checkpoints it reads."""
     tiny = ["data.seq_len=64", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
             "model.tiny.intermediate_size=64"]
     rows = _load("bucket_footprint").main(["--runs", "2", "--steps", "2", "--bucket", f"{s3_server}/bench",
@@ -253,4 +254,7 @@ def test_bucket_footprint_bench_leaves_no_checkpoint_copies_and_the_driver_downl
     assert scratch[1]["scratch_before"] == scratch[0]["kept_in_bucket"] + scratch[1]["kept_in_bucket"]
     fetched, inspected = (r["bytes"] for r in rows if r["table"] == "driver")
     assert 0 < inspected < fetched
-    assert "| inspect (the driver's check: now) |" in capsys.readouterr().out
+    resume = next(r for r in rows if r["table"] == "resume")  # a fresh node leaves the CPT best's optimizer state
+    assert 0 < resume["downloaded"] < resume["whole"]
+    out = capsys.readouterr().out
+    assert "| inspect (the driver's check: now) |" in out and "| the parts read (now) |" in out

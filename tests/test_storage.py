@@ -162,6 +162,7 @@ def test_a_checkpoint_is_fetched_in_the_parts_a_rank_needs_and_a_node_mirror_is_
     assert sorted(got) == sorted(set(got)) and len(got) == 7  # nothing downloaded twice; rank 11's never
     assert storage.FETCHED.whole - before[0] == sum(map(len, files.values()))
     assert storage.FETCHED.downloaded - before[1] == sum(map(len, files.values())) - 500
+    assert ckpt_lib.zero_world(ckpt_lib.read_manifest(src)) == 3 and ckpt_lib.zero_world({"files": {}}) is None
     ckpt_lib.fetch(uri)  # everything: only the missing partition comes
     assert held(local) == held(src) and len(got) == 8
 

@@ -264,6 +264,12 @@ def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepa
     best = straight.best_checkpoints["stage3"]
     assert (Path(best) / "engine" / "state").is_dir()
     assert "engine/state" in " ".join(read_manifest(best)["files"])   # bound by the checkpoint's manifest
+    # a resume on another number of workers is refused on the driver, before any worker starts: DeepSpeed cannot
+    # re-partition the ZeRO state (each worker would fail inside DeepSpeed)
+    with pytest.raises(CheckpointError, match=r"partitioned over 2 ranks and this run has 1 worker\(s\); DeepSpeed "
+                                              r"cannot re-partition it\. Run with train\.num_workers=2"):
+        run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}", ds, *DS_FAULTS, "train.num_workers=1"),
+                 resume="auto", force=True)
     if zero_stage == 3:
         crashed = run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}-crash", ds, *DS_FAULTS,
                                      "train.faults.crash_at_step=5", "train.faults.crash_rank=1"), resume="never")

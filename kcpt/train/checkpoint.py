@@ -309,6 +309,14 @@ _ZERO_PARTITION = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_[^/]*$")
 module's): ``[bf16_]zero_pp_rank_<dp rank>_mp_rank_<mp rank>_{optim,model}_states.pt``."""
 
 
+def zero_world(manifest: Mapping[str, Any]) -> int | None:
+    """The number of data-parallel ranks a checkpoint's DeepSpeed ZeRO state is partitioned over, from the files
+    its manifest lists (``None``: no ZeRO state). DeepSpeed loads it only at that world size."""
+    ranks = {int(m.group(1)) for name in manifest.get("files") or {}
+             if name.startswith(f"{ENGINE_DIR}/") and (m := _ZERO_PARTITION.search(name))}
+    return len(ranks) or None
+
+
 def _skip_for(engine: bool, rank: int | None) -> Callable[[str], bool] | None:
     if not engine:
         return lambda name: name.startswith(f"{ENGINE_DIR}/")

@@ -207,12 +207,16 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         announce_data(prepared, statuses, limit=cfg.data.max_reject_fraction,
                       filters=cfg.data.filters.model_dump(mode="json"))
     expected = expected_manifest(cfg, {k: fetch_prepared(v, shards=False) for k, v in prepared.items()})
+    world = 1 if in_process or in_task else cfg.train.num_workers
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
             if not storage.is_uri(str(p)) and not Path(p).is_dir():
                 raise CheckpointError(f"{what} {p}: not a directory")
             manifest, _ = ckpt_lib.inspect(p)  # the workers download the weights, on their own nodes
             ckpt_lib.check_compatible(manifest, expected, mode="weights_only", force=force)
+            if what == "init_checkpoint" and cfg.stage(stages[0]).restore == "full":
+                _check_zero_world(p, manifest, world, fix=f"or set plan stage '{stages[0]}' restore: weights_only "
+                                  "(its optimizer starts fresh)")
 
     resume_from: str | None = None
     if resume in ("never", "overwrite"):
@@ -228,6 +232,8 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         if resume_from is not None:
             manifest, local = ckpt_lib.inspect(resume_from)  # not the weights and the optimizer state
             ckpt_lib.check_compatible(manifest, expected, mode="full", force=force)
+            _check_zero_world(resume_from, manifest, world, fix=f"or start a new run from its weights "
+                              f"(init_checkpoint={resume_from}; the optimizer starts fresh)")
             state = ckpt_lib.load_trainer_state(local, check_files=False)  # inspect checked them
             order = (state.get("plan") or {}).get("stage_order") if isinstance(state.get("plan"), dict) else None
             if order != stages:
@@ -257,6 +263,16 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         else:
             _fit(cfg, loop_config, rd, callbacks)
     return _result(rd, stages, t0)
+
+
+def _check_zero_world(ref: str | Path, manifest: dict[str, Any], world: int, *, fix: str) -> None:
+    """A checkpoint whose DeepSpeed ZeRO state is partitioned over another number of ranks than this run's workers
+    is refused before any worker starts (DeepSpeed cannot re-partition it; it would fail inside every worker)."""
+    n = ckpt_lib.zero_world(manifest)
+    if n is not None and n != world:
+        raise CheckpointError(f"{ref}: its DeepSpeed ZeRO state is partitioned over {n} ranks and this run has "
+                              f"{world} worker(s); DeepSpeed cannot re-partition it. Run with train.num_workers={n}, "
+                              f"{fix}")
 
 
 def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: list | None) -> None:

@@ -159,12 +159,14 @@ def test_plan_runs_both_stages_and_reports(uninterrupted, prepared_root):
 def test_full_resume_refuses_changed_tokenizer_or_data(uninterrupted, prepared_root, tmp_path):
     run_dir = uninterrupted.run_dir
     assert list_checkpoints(run_dir / "checkpoints")
+    config = (run_dir / "config.yaml").read_text()
     changed_data = small_cfg(prepared_root, tmp_path, "x", *RAY_DATA, "data.filters.min_chars=21")
     with pytest.raises(CheckpointError, match=r"data_sha256\['raw_train'\]"):
         run_plan(changed_data, run_dir=run_dir, resume="auto")
     changed_tok = small_cfg(prepared_root, tmp_path, "x", *RAY_DATA, "tokenizer.vocab_size=3000")
     with pytest.raises(CheckpointError, match="tokenizer_sha256"):
         run_plan(changed_tok, run_dir=run_dir, resume="auto")
+    assert (run_dir / "config.yaml").read_text() == config  # a refused resume leaves the run's config as it was
 
 
 def _assert_same_metrics(got_dir: Path, want_dir: Path) -> None:

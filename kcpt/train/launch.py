@@ -224,10 +224,8 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
                    if not i.startswith("demo:") and not storage.is_uri(i)]
         protect += [Path(p) for p in (init_checkpoint, reference_checkpoint) if p is not None and not storage.is_uri(p)]
         rd.start_over(protect)
-    rd.create(cfg)
-    rd.clear_aborted()
-    ckpt_lib.remove_stale_temps(rd.checkpoints)  # leftovers of saves killed in an earlier attempt
-    if resume == "auto":
+    if resume == "auto":  # checked before config.yaml is written: a refused resume leaves the run as it was
+        rd.check_owned()
         resume_from = latest_checkpoint(rd, stages)
         if resume_from is not None:
             manifest, local = ckpt_lib.inspect(resume_from)  # not the weights and the optimizer state
@@ -241,6 +239,9 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
                                       f"{order}, not {stages}; use another run name or "
                                       "--overwrite")
             log.info("resuming from %s", resume_from)
+    rd.create(cfg)
+    rd.clear_aborted()
+    ckpt_lib.remove_stale_temps(rd.checkpoints)  # leftovers of saves killed in an earlier attempt
 
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "stages": stages, "run_dir": rd.location,

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,9 +276,9 @@ def retract_tree(uri: str, *, marker: str) -> None:
     store.delete_tree(rel)
 
 
-def _has(local: Path, name: str, size: int | None) -> bool:
+def _has(local: Path, name: str, size: int) -> bool:
     f = local / name
-    return f.is_file() and (size is None or f.stat().st_size == size)
+    return f.is_file() and f.stat().st_size == size
 
 
 MARKER_COPY = ".kcpt-fetched"
@@ -322,30 +322,31 @@ def fetch_tree(ref: str | os.PathLike, *, marker: str, files_of: Callable[[dict[
     if mirror_suffix:
         local = local.with_name(local.name + mirror_suffix)
 
-    def needed(names: dict[str, int | None]) -> dict[str, int | None]:
-        return {n: s for n, s in names.items() if n != marker and (skip is None or not skip(n))}
+    def needed(names: Iterable[str]) -> list[str]:
+        return [n for n in names if n != marker and (skip is None or not skip(n))]
 
     with file_lock(local.parent / f".{local.name}.fetch-lock"):
         current = (local / MARKER_COPY).is_file() and (local / MARKER_COPY).read_bytes() == marker_bytes
-        if current and (listed is None or all(_has(local, n, s) for n, s in needed(dict(listed)).items())):
+        if current and (listed is None or all(_has(local, n, listed[n]) for n in needed(listed))):
             return local
         remote = store.walk(rel)
         missing = [n for n, s in (listed or {}).items() if remote.get(n) != s]
         if missing:
             raise FileNotFoundError(f"{uri}: {marker} lists files that are missing or of another size: "
                                     f"{missing[:3]} (an upload in progress or interrupted)")
+        files = {n: size for n, size in remote.items() if n != marker}
         if current:  # a part is here (another rank's, or the model without the engine state): add what is not
-            todo = {n: remote[n] for n in needed(dict(listed or {})) if not _has(local, n, remote[n])}
+            todo = {n: files[n] for n in needed(listed or {}) if not _has(local, n, files[n])}
             for name in todo:
                 store.download_file(f"{rel}/{name}", local / name)
-            _count(uri, todo, {n: z for n, z in remote.items() if n != marker}, first=False)
+            _count(uri, todo, files, first=False)
             return local
         tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}-{hashlib.sha1(os.urandom(8)).hexdigest()[:6]}")
         try:
-            todo = {n: remote[n] for n in needed(dict(remote))}
+            todo = {n: files[n] for n in needed(files)}
             for name in todo:
                 store.download_file(f"{rel}/{name}", tmp / name)
-            _count(uri, todo, {n: z for n, z in remote.items() if n != marker}, first=True)
+            _count(uri, todo, files, first=True)
             (tmp / marker).write_bytes(marker_bytes)
             (tmp / MARKER_COPY).write_bytes(marker_bytes)
             if local.exists():

@@ -272,6 +272,11 @@ def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepa
                                               r"cannot re-partition it\. Run with train\.num_workers=2"):
         run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}", ds, *DS_FAULTS, "train.num_workers=1"),
                  resume="auto", force=True)
+    # the same for a new run whose first stage restores it in full (stage 3: restore full)
+    with pytest.raises(CheckpointError, match=r"partitioned over 2 ranks and this run has 1 worker\(s\).*set plan "
+                                              r"stage 'stage3' restore: weights_only"):
+        run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}-init", ds, "train.num_workers=1"),
+                 stages=["stage3"], init_checkpoint=best, baseline_raw_best=7.0, resume="never")
     if zero_stage == 3:
         crashed = run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}-crash", ds, *DS_FAULTS,
                                      "train.faults.crash_at_step=5", "train.faults.crash_rank=1"), resume="never")

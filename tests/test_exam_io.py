@@ -39,6 +39,15 @@ def test_reads_both_kinds_and_normalises(tmp_path: Path) -> None:
     assert [i.id for i in read_exam_items([p], report=RejectReport(), kind="example")] == ["2", "e3"]
 
 
+def test_a_multiple_choice_answer_matches_its_choice_after_normalisation(tmp_path: Path) -> None:
+    """The answer is compared with the choices as exam accuracy compares them (NFC, whitespace runs collapsed)."""
+    nfd = unicodedata.normalize("NFD", "대한민국 헌법")
+    p = _write(tmp_path / "mc.jsonl", [
+        {"id": "m1", "question": "q", "choices": ["부산", "대한민국  헌법"], "answer": f" {nfd}\n", "kind": "qa"}])
+    rep = RejectReport()
+    assert [i.id for i in read_exam_items([p], report=rep, strict=True)] == ["m1"] and rep.total == 0
+
+
 BAD = [
     ({"id": "a", "question": "q", "kind": "qa"}, "missing_field", "answer"),
     ({"id": "a", "question": "q", "answer": "  ", "kind": "qa"}, "empty_field", "answer"),
@@ -52,6 +61,14 @@ BAD = [
     ({"id": "a", "prompt": "p", "question": "q", "answer": "x", "kind": "qa"}, "prompt_or_question", "prompt"),
     ({"id": "a", "answer": "x", "kind": "qa"}, "prompt_or_question", "question"),
     ({"id": "a", "prompt": "p", "choices": ["가"], "answer": "x", "kind": "qa"}, "bad_choices", "choices"),
+    ({"id": "a", "question": "q", "choices": ["서울", "부산", "서울 "], "answer": "서울", "kind": "qa"}, "bad_choices",
+     "choices"),
+    ({"id": "a", "question": "q", "choices": ["서울", "부산"], "answer": "B", "kind": "qa"}, "answer_not_in_choices",
+     "answer"),
+    ({"id": "a", "question": "q", "choices": ["서울", "부산"], "answer": "1", "kind": "example"},
+     "answer_not_in_choices", "answer"),
+    ({"id": "a", "question": "q", "choices": ["서울", "부산"], "answer": "서울특별시", "kind": "qa"},
+     "answer_not_in_choices", "answer"),
     ('{"id": "a", "question": "q"', "bad_json", None),
     ('[1, 2]', "not_object", None),
 ]

@@ -233,13 +233,17 @@ exam_record = st.fixed_dictionaries({}, optional={
     "answer": st.one_of(hangul, exam_value, st.text(alphabet="가나다", min_size=100, max_size=200)),
     "extra": exam_value,
 })
-valid_exam_record = st.builds(
-    lambda i, kind, q, choices, a, drop: {k: v for k, v in {"id": i, "kind": kind, "question": q, "choices": choices,
-                                                          "answer": a}.items() if k != drop},
+valid_exam_record = st.builds(  # with choices, the answer is one of them (its index `pick`) unless pick is None
+    lambda i, kind, q, choices, a, pick, drop: {
+        k: v for k, v in {"id": i, "kind": kind, "question": q, "choices": choices,
+                          "answer": choices[pick % len(choices)] if choices and pick is not None else a}.items()
+        if k != drop},
     st.one_of(st.sampled_from(["a", "b", "c"]), st.integers(0, 3)), st.sampled_from(["qa", "example"]),
-    hangul.filter(str.strip), st.one_of(st.none(), st.lists(st.sampled_from(["가", "나", "다 라"]), min_size=1,
-                                                                   max_size=11)),
+    hangul.filter(str.strip),
+    st.one_of(st.none(), st.lists(st.sampled_from(["가", "나", "다 라", "다  라", "마", "바", "사", "아", "자", "차",
+                                                   "카", "타"]), min_size=1, max_size=12)),
     st.one_of(hangul.filter(str.strip), st.text(alphabet="가나다", min_size=60, max_size=200)),
+    st.one_of(st.none(), st.integers(0, 11)),
     st.sampled_from([None, None, None, "id", "answer", "kind"]))
 exam_line = st.one_of(st.builds(lambda r, a: _dumps(r, a), exam_record, st.booleans()),
                       st.builds(lambda r, a: _dumps(r, a), valid_exam_record, st.booleans()),

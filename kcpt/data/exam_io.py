@@ -9,9 +9,11 @@ One JSON object per line::
   call (a repeat is dropped as ``duplicate_id``, naming the first occurrence).
 - exactly one of ``prompt`` (used verbatim, the answer follows it directly) and ``question`` (rendered with
   the exam template); both or neither → ``prompt_or_question``.
-- ``choices`` (only with ``question``): a non-empty list of non-empty strings, else ``bad_choices``.
-- ``answer``: non-empty string (``missing_field`` / ``empty_field``); ``kind``: ``qa`` or ``example``
-  (``unknown_kind``); a wrong type for any field → ``wrong_type``.
+- ``choices`` (only with ``question``): a non-empty list of distinct non-empty strings (compared after
+  :func:`normalize_answer`), else ``bad_choices``.
+- ``answer``: non-empty string (``missing_field`` / ``empty_field``); with ``choices`` it is the text of the right
+  choice (``answer_not_in_choices`` otherwise: a letter, a number or a text no choice has); ``kind``: ``qa`` or
+  ``example`` (``unknown_kind``); a wrong type for any field → ``wrong_type``. A field given as ``null`` is absent.
 - Line-level problems as for raw JSONL: ``invalid_utf8``, ``line_too_long``, ``bad_json``, ``not_object``.
 - Unknown keys are allowed and noted once per key (notice ``unknown_key``).
 
@@ -21,6 +23,7 @@ Every message names the file, the 1-based line and the field. ``strict=True`` ra
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,6 +36,11 @@ from kcpt.errors import InputError
 
 EXAM_KINDS = ("qa", "example")
 KNOWN_KEYS = {"id", "prompt", "question", "choices", "answer", "kind"}
+
+
+def normalize_answer(text: str) -> str:
+    """NFC, every run of whitespace → one space, stripped: how answers, choices and predictions are compared."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
 
 
 def _nfc(text: str) -> str:
@@ -102,8 +110,18 @@ def parse_exam_record(rec: Any) -> ExamItem:
                     "an empty string" if not c.strip() else "a lone surrogate escape")
                 raise _Invalid("bad_choices", f"element {i} must be a non-empty string, got {got}", "choices")
         choices = [_nfc(c) for c in ch]
+        first: dict[str, int] = {}
+        for i, c in enumerate(choices):
+            j = first.setdefault(normalize_answer(c), i)
+            if j != i:
+                raise _Invalid("bad_choices", f"element {i} repeats element {j} ({c!r}): the choices must differ",
+                               "choices")
     answer = _string(rec, "answer", required=True)
     assert answer is not None
+    if choices is not None and normalize_answer(answer) not in first:
+        shown = ", ".join(repr(c) if len(c) <= 20 else repr(c[:20] + "…") for c in choices)
+        raise _Invalid("answer_not_in_choices", f"{answer!r} is not one of its choices [{shown}]: the answer of a "
+                       "multiple-choice item is the text of the right choice, not its letter or number", "answer")
     return ExamItem(id=item_id, answer=answer, kind=kind, prompt=prompt, question=question, choices=choices)
 
 

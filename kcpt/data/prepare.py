@@ -42,7 +42,7 @@ from kcpt.hashing import sha256_json
 from kcpt.model.tokenizer import load_tokenizer, pad_token_id, save_tokenizer, tokenizer_sha256
 from kcpt.storage import file_lock
 
-PREPARE_FORMAT_VERSION = 4
+PREPARE_FORMAT_VERSION = 5
 """Bump when prepared rows would change for the same inputs (part of the cache key)."""
 TOKENIZE_BATCH = 256
 """Documents per batched tokenizer call."""

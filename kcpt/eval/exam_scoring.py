@@ -35,8 +35,6 @@ forward), and :func:`gather_scores` combines the ranks' per-item results.
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ import torch.distributed as dist
 
 from kcpt.config import ExamTemplate
 from kcpt.data.exam import answer_labels, render_prompt
+from kcpt.data.exam_io import normalize_answer
 from kcpt.data.types import IGNORE_INDEX, ExamItem
 from kcpt.errors import InputError
 
@@ -56,11 +55,6 @@ GEN_EXTRA_TOKENS = 8
 
 
 # --------------------------------------------------------------------------- pure text functions
-
-
-def normalize_answer(text: str) -> str:
-    """NFC, every run of whitespace → one space, stripped."""
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
 
 
 def exact_match(pred: str, ref: str) -> bool:

@@ -535,6 +535,44 @@ def test_run_with_a_typo_in_a_data_path_deletes_nothing(tmp_path: Path) -> None:
     assert (rd.checkpoints / "0-cpt-step10").is_dir() and read_metrics(rd.root) == [{"stage": "cpt", "step": 10}]
 
 
+def test_a_dataset_with_no_rows_is_refused_on_the_driver_naming_it_and_what_was_dropped(tmp_path: Path) -> None:
+    """A held-out set whose every document is dropped used to fail in each worker ("prepared dataset has no rows",
+    no dataset named) after Ray Train had retried it twice; now the driver refuses it before anything trains or is
+    deleted, with the dataset, its input, the reasons and the fix."""
+    from kcpt.train.launch import run_plan
+
+    empty = tmp_path / "val.jsonl"
+    empty.write_text('{"text": "   "}\n{"text": ""}\n', encoding="utf-8")
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.run_name=r", f"data.prepared_root={tmp_path / 'p'}"])
+    cfg.data.datasets["raw_val"].inputs = [str(empty)]
+    rd = RunDir(tmp_path / "r").create(cfg)
+    (rd.checkpoints / "0-cpt-step10").mkdir()
+    with pytest.raises(InputError) as e:
+        run_plan(cfg, stages=["cpt"], resume="overwrite", in_process=True)
+    msg = str(e.value)
+    assert msg.startswith("dataset 'raw_val' has no rows: 0 of 2 documents kept (dropped: empty 2) from "
+                          f"{empty}. Fix:"), msg
+    assert (rd.checkpoints / "0-cpt-step10").is_dir() and not rd.metrics_path.exists()
+
+
+def test_an_exam_kind_that_matches_nothing_and_too_few_rows_for_the_workers_are_refused() -> None:
+    from kcpt.train.plan import check_rows
+
+    cfg = load_config(None, ["data.datasets.exam_val.exam_kind=qa"])
+    ok = {"rows": 4, "inputs": [{"documents": 9}]}
+    manifests = {n: ok for n in cfg.data.datasets}
+    check_rows(cfg, ["cpt", "stage1"], manifests, world=2)
+    with pytest.raises(InputError, match=r"dataset 'exam_val' has no rows: 0 of 0 items kept; 7 items of another "
+                                         r"kind skipped \(data.datasets.exam_val.exam_kind: 'qa'\)"):
+        check_rows(cfg, ["cpt", "stage1"], {**manifests, "exam_val": {"rows": 0, "notices": {"other_kind": 7}}}, 2)
+    few = {**manifests, "qa_train": {"rows": 1, "inputs": [{"documents": 2}], "rejects": {"duplicate_id": 1}}}
+    with pytest.raises(InputError, match=r"dataset 'qa_train' has 1 rows, fewer than the 2 workers .*2 of 3 items kept "
+                                         r"\(dropped: duplicate_id 1\).*train.num_workers=1"):
+        check_rows(cfg, ["cpt", "stage1"], few, world=2)
+    check_rows(cfg, ["cpt", "stage1"], few, world=1)
+    check_rows(cfg, ["cpt", "stage1"], {**manifests, "exam_val": {"rows": 1}}, world=2)  # an eval set: 1 row is enough
+
+
 def test_torn_and_damaged_metrics_lines(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
     rd.metrics_path.write_text('{"step": 1}\n{"step": 2, "los', encoding="utf-8")

@@ -28,10 +28,10 @@ from kcpt import storage
 from kcpt.config import KcptConfig
 from kcpt.console import Console, console_feed, is_tty
 from kcpt.data.report import announce_data
-from kcpt.data.shards import fetch_prepared
+from kcpt.data.shards import fetch_prepared, read_manifest
 from kcpt.errors import CheckpointError, ConfigError, KcptError, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
-from kcpt.train.plan import check_baselines, datasets_needed, expected_manifest, stage_sources
+from kcpt.train.plan import check_baselines, check_rows, datasets_needed, expected_manifest, stage_sources
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_for
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,10 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
     if data_table:
         announce_data(prepared, statuses, limit=cfg.data.max_reject_fraction,
                       filters=cfg.data.filters.model_dump(mode="json"))
-    expected = expected_manifest(cfg, {k: fetch_prepared(v, shards=False) for k, v in prepared.items()})
+    local_prepared = {k: fetch_prepared(v, shards=False) for k, v in prepared.items()}
+    expected = expected_manifest(cfg, local_prepared)
     world = 1 if in_process or in_task else cfg.train.num_workers
+    check_rows(cfg, stages, {k: read_manifest(v) for k, v in local_prepared.items()}, world)
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
             if not storage.is_uri(str(p)) and not Path(p).is_dir():

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kcpt.config import KcptConfig, StageConfig
-from kcpt.errors import ConfigError
+from kcpt.errors import ConfigError, InputError
 
 
 def stage_sources(stage: StageConfig) -> list[str]:
@@ -40,6 +40,42 @@ def datasets_needed(cfg: KcptConfig, stages: list[str]) -> list[str]:
             if n not in names:
                 names.append(n)
     return names
+
+
+def check_rows(cfg: KcptConfig, stages: list[str], manifests: dict[str, dict[str, Any]], world: int) -> None:
+    """Refuse, on the driver before any worker starts, a dataset the plan needs that has no packed rows, or a
+    training source with fewer rows than the ``world`` workers (each needs one). ``manifests``: dataset name →
+    its prepared manifest. The InputError names the dataset, its inputs, what preparation dropped and the fix —
+    in a worker the same fault would surface late and be retried as if it were transient."""
+    training = {n for name in stages for n in stage_sources(cfg.stage(name))}
+    for name in datasets_needed(cfg, stages):
+        m = manifests[name]
+        rows = int(m.get("rows", 0))
+        need = world if name in training else 1
+        if rows >= need:
+            continue
+        ds = cfg.data.datasets[name]
+        unit = "items" if ds.kind == "exam" else "documents"
+        kept = sum(int(i.get("documents", 0)) for i in m.get("inputs", []))
+        rejects = {k: int(v) for k, v in (m.get("rejects") or {}).items()}
+        read = kept + sum(rejects.values())
+        why = ", ".join(f"{k} {v}" for k, v in sorted(rejects.items(), key=lambda kv: -kv[1]))
+        other = int((m.get("notices") or {}).get("other_kind", 0))
+        skipped = int((m.get("notices") or {}).get("skipped_file", 0))
+        said = [f"{kept} of {read} {unit} kept" + (f" (dropped: {why})" if why else "")]
+        if other:
+            said.append(f"{other} items of another kind skipped (data.datasets.{name}.exam_kind: {ds.exam_kind!r})")
+        if skipped:
+            said.append(f"{skipped} input files skipped (not .jsonl/.txt/.parquet, or hidden)")
+        where = ", ".join(ds.inputs)
+        if rows == 0:
+            head = f"dataset '{name}' has no rows"
+            fix = (f"correct the input (the data table and reject_examples in the dataset's manifest.json say why "
+                   f"each record was dropped) or point data.datasets.{name}.inputs at other data")
+        else:
+            head = f"dataset '{name}' has {rows} rows, fewer than the {world} workers (each trains on its own rows)"
+            fix = f"add data to data.datasets.{name}.inputs, or run with train.num_workers={rows}"
+        raise InputError(f"{head}: {'; '.join(said)} from {where}. Fix: {fix}")
 
 
 def check_baselines(cfg: KcptConfig, stages: list[str], baseline_raw_best: float | None) -> None:

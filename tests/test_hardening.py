@@ -273,6 +273,18 @@ def test_special_files_and_broken_links_in_a_walk_are_skipped_with_a_notice(tmp_
     assert "dangling symbolic link" in msgs and "symbolic link loop" in msgs
 
 
+def test_hidden_files_and_directories_in_a_walk_are_noticed_not_read(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    _jsonl(corpus / "a.jsonl", 1)
+    _jsonl(corpus / ".draft.jsonl", 2)
+    _jsonl(corpus / ".ipynb_checkpoints" / "b.jsonl", 3)
+    rep = RejectReport()
+    assert len(list(read_documents([corpus], report=rep))) == 1
+    assert rep.notices == {"skipped_file": 2}
+    assert all("hidden" in m for m in rep.to_dict()["examples"]["skipped_file"])
+    assert len(list(read_documents([corpus / ".draft.jsonl"], report=RejectReport()))) == 2  # named: read
+
+
 @pytest.mark.parametrize(("make", "needle"), [
     (lambda p: os.mkfifo(p), "not a regular file or a directory"),
     (lambda p: p.symlink_to(p.name), "symbolic link loop"),

@@ -55,11 +55,11 @@ def test_jsonl_text_field_and_directory_expansion(tmp_path: Path) -> None:
     rep = RejectReport()
     files = iter_input_files([tmp_path / "corpus"], report=rep)
     assert files == [tmp_path / "corpus" / "b.jsonl", sub / "a.jsonl"]
-    assert rep.notices == {"skipped_file": 1}
+    assert rep.notices == {"skipped_file": 2}  # notes.md, .hidden.txt
     docs, rep = _read([tmp_path / "corpus"], text_field="body")
     assert [(d.text, d.meta.get("id")) for d in docs] == [("둘", 7), ("하나", None)]
     assert docs[1].doc_id == f"{sub / 'a.jsonl'}:1"
-    assert rep.notices == {"blank_line": 1, "skipped_file": 1} and rep.total == 0
+    assert rep.notices == {"blank_line": 1, "skipped_file": 2} and rep.total == 0
 
 
 def test_unknown_extension_and_missing_path(tmp_path: Path) -> None:

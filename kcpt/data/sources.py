@@ -108,8 +108,9 @@ def iter_input_files(paths: Sequence[str | Path], *, report: RejectReport | None
 
     A file must have a supported extension (else :class:`InputError` naming it and listing the supported
     ones). A HF ``save_to_disk`` directory is one unit. Any other directory is walked recursively in sorted
-    order, keeping files with a supported extension and HF dataset dirs; other files (and hidden ones) are
-    skipped, each noted as ``skipped_file`` in ``report`` when given. A missing path, a dangling link, a link
+    order, keeping files with a supported extension and HF dataset dirs; other files and hidden entries (a name
+    starting with ``.``: a hidden directory is not entered) are skipped, each noted as ``skipped_file`` in
+    ``report`` when given. A missing path, a dangling link, a link
     loop or a special file (FIFO, socket, device) named explicitly raises InputError.
 
     The walk follows symbolic links but never enters a directory twice: a link back to an enclosing directory
@@ -142,6 +143,8 @@ def iter_input_files(paths: Sequence[str | Path], *, report: RejectReport | None
         for entry in children:
             child = Path(entry.path)
             if entry.name.startswith("."):
+                note("skipped_file", f"{child}: skipped (hidden: its name starts with '.'; name it explicitly to read "
+                     "it)")
                 continue
             try:
                 st = os.stat(child)

@@ -71,6 +71,7 @@ BAD = [
      "answer_not_in_choices", "answer"),
     ('{"id": "a", "question": "q"', "bad_json", None),
     ('[1, 2]', "not_object", None),
+    ('{"id": "a", "question": "q", "answer": "첫째", "answer": "둘째", "kind": "qa"}', "duplicate_key", "answer"),
 ]
 
 

@@ -102,6 +102,8 @@ def test_bad_jsonl_lines_are_counted_with_file_line_field(tmp_path: Path) -> Non
     (b'{"text": ', "bad_json", "line 2"),
     (b'"just a string"', "not_object", "line 2"),
     (b'{"txt": "x"}', "missing_field", "line 2: field 'text'"),
+    ('{"text": "첫째", "text": "둘째"}'.encode(), "duplicate_key", "line 2: field 'text'"),
+    (b'{"text": "x", "meta": {"a": 1, "a": 2}}', "duplicate_key", "line 2: field 'a'"),
 ])
 def test_strict_turns_each_count_into_an_error(tmp_path: Path, line: bytes, reason: str, where: str) -> None:
     p = _jsonl(tmp_path / "s.jsonl", [{"text": "좋음"}, line])

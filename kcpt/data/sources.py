@@ -408,14 +408,33 @@ def read_txt(path: str | Path, *, report: RejectReport, strict: bool, max_line_c
         yield doc
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: the object as a dict; ``_DuplicateKey`` when a key appears twice in it."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return d
+
+
 def iter_json_lines(path: str | Path, *, report: RejectReport, strict: bool, max_line_chars: int,
                     span: LineRange = LineRange(), on_crlf: Callable[[int], None] | None = None
                     ) -> Iterator[tuple[int, object]]:
     """Stream ``(lineno, decoded JSON value)`` for each line of a JSONL file (any JSON type; the caller checks);
     ``span``/``on_crlf``: as in :func:`iter_text_lines`.
 
-    Bad lines (``invalid_utf8``, ``line_too_long``) and ``bad_json`` are counted rejects (raised with
-    ``strict``); blank lines are skipped with a ``blank_line`` notice.
+    Bad lines (``invalid_utf8``, ``line_too_long``), ``bad_json`` and ``duplicate_key`` (an object, at any depth,
+    that names a key twice) are counted rejects (raised with ``strict``); blank lines are skipped with a
+    ``blank_line`` notice.
     """
     for item in iter_text_lines(path, report=report, max_line_chars=max_line_chars, span=span, on_crlf=on_crlf):
         if isinstance(item, BadLine):
@@ -426,7 +445,12 @@ def iter_json_lines(path: str | Path, *, report: RejectReport, strict: bool, max
             report.note("blank_line", f"{path}: line {lineno}: blank line skipped")
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            reject(report, "duplicate_key", f"key '{e.key}' appears twice in one JSON object (JSON readers would "
+                   "silently keep one of the values); write it once", strict=strict, path=str(path), line=lineno,
+                   field=e.key)
+            continue
         except json.JSONDecodeError as e:
             reject(report, "bad_json", f"not valid JSON: {e.msg} at column {e.colno}", strict=strict,
                    path=str(path), line=lineno)

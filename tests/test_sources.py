@@ -124,6 +124,16 @@ def test_bom_and_crlf_are_fixed_and_noted(tmp_path: Path) -> None:
     assert rep.to_dict()["examples"]["crlf_normalised"][0] == f"{p}: line 1: CRLF line endings normalised to LF"
 
 
+def test_bare_cr_line_endings_split_txt_documents(tmp_path: Path) -> None:
+    p = tmp_path / "mac.txt"
+    p.write_bytes("첫 문서\r둘째 줄\r\r\r다음 문서\r".encode())
+    docs, rep = _read([p], txt_split="blank_lines")
+    assert [d.text for d in docs] == ["첫 문서\n둘째 줄", "다음 문서"]
+    assert rep.notices == {"cr_normalised": 1} and rep.total == 0
+    docs, _ = _read([p])  # one document per file: its line breaks are LF
+    assert [d.text for d in docs] == ["첫 문서\n둘째 줄\n\n\n다음 문서"]
+
+
 def test_ten_megabyte_line_is_rejected_and_reading_goes_on(tmp_path: Path) -> None:
     p = tmp_path / "huge.jsonl"
     with open(p, "wb") as f:

@@ -7,7 +7,8 @@ Text files are streamed line by line in binary mode and decoded per line, so a b
 - a line longer than ``max_line_chars`` characters → reason ``line_too_long`` (the rest of the line is skipped
   in 1 MiB chunks);
 - a UTF-8 BOM at the start of the file is stripped (notice ``bom_stripped``); CRLF line endings are normalised
-  to LF (notice ``crlf_normalised``, once per file).
+  to LF (notice ``crlf_normalised``, once per file); in a ``.txt`` file a bare CR (classic Mac) is a line break
+  too (notice ``cr_normalised``).
 
 Formats:
 
@@ -374,7 +375,19 @@ def read_txt(path: str | Path, *, report: RejectReport, strict: bool, max_line_c
         lines, bad, start = [], None, 0
         return doc
 
-    for item in iter_text_lines(path, report=report, max_line_chars=max_line_chars):
+    def pieces() -> Iterator[BadLine | tuple[int, str]]:  # a bare CR (classic Mac line ending) breaks a line too
+        noted = False
+        for item in iter_text_lines(path, report=report, max_line_chars=max_line_chars):
+            if isinstance(item, BadLine) or "\r" not in item[1]:
+                yield item
+                continue
+            if not noted:
+                noted = True
+                report.note("cr_normalised", f"{path}: line {item[0]}: bare CR line endings read as line breaks")
+            for part in item[1].split("\r"):
+                yield item[0], part
+
+    for item in pieces():
         if isinstance(item, BadLine):
             if strict:
                 reject(report, item.reason, item.message, strict=True, path=str(path), line=item.lineno)

@@ -716,8 +716,6 @@ class KcptConfig(Strict):
                     raise ValueError(f"plan.{i} ({st.name}): unknown dataset '{r}' (defined: {sorted(names)})")
             if st.stop.rule in ("exam", "gate") and st.eval_exam is None:
                 raise ValueError(f"plan.{i} ({st.name}): stop.rule '{st.stop.rule}' needs eval_exam")
-        if self.tune.stage not in seen and self.plan:
-            raise ValueError(f"tune.stage: no stage named '{self.tune.stage}' in plan")
         for i, r in enumerate(self.eval.forgetting.datasets or []):
             if r not in names:
                 raise ValueError(f"eval.forgetting.datasets.{i}: unknown dataset '{r}' (defined: {sorted(names)})")
@@ -795,6 +793,14 @@ class KcptConfig(Strict):
             raise ValueError(f"tune.stage_overrides / tune.space.extra: stage '{self.tune.stage}' would have "
                              f"{path}: {msg}") from None
         return self
+
+    def check_tuned_stage(self) -> None:
+        """ConfigError unless ``tune.stage`` names a stage of the plan. Checked by the tune job only: a plan without
+        a stage named like the default ``tune.stage`` ('stage3') trains as it is."""
+        names = [st.name for st in self.plan]
+        if self.tune.stage not in names:
+            raise ConfigError(f"tune.stage: no stage named '{self.tune.stage}' in plan ({names}); set tune.stage to "
+                              "the stage to tune (--set tune.stage=NAME)")
 
     def micro_batch(self, stage: str | StageConfig) -> int:
         """Rows per worker per step of ``stage``: its own ``micro_batch_size`` or ``train.micro_batch_size``."""

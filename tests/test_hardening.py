@@ -135,6 +135,24 @@ def test_tune_job_refuses_unknown_space_source_before_ray(capsys, monkeypatch) -
     assert "tune.space.raw_source: unknown dataset 'nope'" in capsys.readouterr().err
 
 
+def test_a_plan_without_the_tuned_stage_trains_and_only_the_tune_job_refuses_it(capsys, monkeypatch) -> None:
+    """``tune.stage`` (default 'stage3') used to be required of every config, so `kcpt train` refused a plan with no
+    stage of that name although nothing was tuned."""
+    from kcpt.train.commands import main as train_main
+    from kcpt.tune.commands import main
+
+    cfg = load_config(None, ["plan.3.name=final"])
+    assert [s.name for s in cfg.plan][-1] == "final"
+    _no_launch(monkeypatch)
+    assert main(["--set", "plan.3.name=final"]) == 2
+    assert ("tune.stage: no stage named 'stage3' in plan (['cpt', 'stage1', 'stage2', 'final']); set tune.stage to "
+            "the stage to tune (--set tune.stage=NAME)") in capsys.readouterr().err
+    assert main(["--set", "plan.3.name=final", "--set", "tune.stage=nope"]) == 2
+    assert "no stage named 'nope'" in capsys.readouterr().err
+    assert train_main(["--set", "plan.3.name=final", "--set", "data.datasets.raw_train.inputs=[/no/such.jsonl]"]) == 2
+    assert "/no/such.jsonl" in capsys.readouterr().err  # past the config: refused for its input, not for tune.stage
+
+
 def test_tune_job_never_writes_into_a_users_experiment_dir(tmp_path: Path, capsys, monkeypatch) -> None:
     from kcpt.tune.commands import main
 

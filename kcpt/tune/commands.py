@@ -48,6 +48,7 @@ def tune_from_args(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides or None)
     from kcpt.train.commands import preflight
 
+    cfg.check_tuned_stage()
     preflight(cfg, None, check_run_dir=False)  # the inputs of every stage, before Ray and torch are imported
     for key in ("qa_source", "example_source", "raw_source"):
         if getattr(cfg.tune.space, key) not in cfg.data.datasets:

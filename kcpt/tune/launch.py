@@ -550,6 +550,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     (or ``verbose`` is given)."""
     from kcpt.tune.export import export_results, format_table
 
+    cfg.check_tuned_stage()
     cfg, exp_dir, storage = resolve_experiment(cfg, experiment_dir)
     uri = experiment_uri(cfg, experiment_dir)
     location = uri or str(exp_dir)  # where Tune's state and the trials' run dirs live

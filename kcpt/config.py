@@ -202,8 +202,8 @@ class DataConfig(Strict):
     """Prepare with the Ray Data pipeline (``map_batches``, streaming) instead of in-process."""
     max_reject_fraction: float | None = Field(None, ge=0.0, le=1.0)
     """None (default): rejects are reported (a warning above 10 % of a raw dataset or for any exam item, see
-    :mod:`kcpt.data.report`). A number: a job stops (exit 2) when one reject reason drops more than this fraction
-    of a dataset's documents/items."""
+    :mod:`kcpt.data.report`). A number: a job stops (exit 2) when one reject reason, or all together, drop more
+    than this fraction of a dataset's documents/items."""
     loader: Literal["ray_data", "stream", "memory"] = "stream"
     """How training workers read the prepared rows: ``stream`` (default: row groups read lazily from the
     prepared directory or URI by the worker itself, a bounded window in memory, seekable resume;

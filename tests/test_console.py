@@ -84,6 +84,24 @@ def test_reject_limit_names_dataset_reason_fraction_limit():
     with pytest.raises(InputError, match=r"dataset 'qa' dropped 70\.0% of its 90 items as answer_truncated, "
                                          r"above the limit 0\.5"):
         check_reject_limit([r], 0.5)
+    spread = DatasetReport("qa", exam_manifest(40, {100: 20}, other={"duplicate_id": 20, "bad_choices": 20}))
+    check_reject_limit([spread], 0.8)  # 60 of 100 dropped, each reason 20 %
+    with pytest.raises(InputError, match=r"dataset 'qa' dropped 60\.0% of its 100 items \(answer_truncated 20, "
+                                         r"duplicate_id 20, bad_choices 20\), above the limit 0\.5"):
+        check_reject_limit([spread], 0.5)
+
+
+def test_a_plan_mixing_demo_and_own_inputs_is_warned_naming_the_demo_datasets():
+    def m(inputs):
+        return {**exam_manifest(5, {}), "dataset": {"inputs": inputs}}
+
+    mine = DatasetReport("raw_train", m(["corpus.jsonl"]))
+    assert data_warnings([mine, DatasetReport("exam_val", m(["val.jsonl"]))]) == []
+    assert data_warnings([DatasetReport("raw_train", m(["demo:raw_train"])),
+                          DatasetReport("raw_val", m(["demo:raw_val"]))]) == []
+    (w,) = data_warnings([mine, DatasetReport("raw_val", m(["demo:raw_val"])), DatasetReport("x", m(["demo:x"]))])
+    assert w.startswith("warning: raw_val, x read the embedded demo data while raw_train reads other inputs")
+    assert "--set 'data.datasets.raw_val.inputs=[path/to/raw_val.jsonl]'" in w
 
 
 def test_table_has_one_line_per_dataset_with_cache_status():

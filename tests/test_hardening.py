@@ -565,7 +565,8 @@ def test_run_with_a_typo_in_a_data_path_deletes_nothing(tmp_path: Path) -> None:
     assert (rd.checkpoints / "0-cpt-step10").is_dir() and read_metrics(rd.root) == [{"stage": "cpt", "step": 10}]
 
 
-def test_a_dataset_with_no_rows_is_refused_on_the_driver_naming_it_and_what_was_dropped(tmp_path: Path) -> None:
+def test_a_dataset_with_no_rows_is_refused_on_the_driver_naming_it_and_what_was_dropped(tmp_path: Path,
+                                                                                       capsys) -> None:
     """A held-out set whose every document is dropped used to fail in each worker ("prepared dataset has no rows",
     no dataset named) after Ray Train had retried it twice; now the driver refuses it before anything trains or is
     deleted, with the dataset, its input, the reasons and the fix."""
@@ -583,6 +584,8 @@ def test_a_dataset_with_no_rows_is_refused_on_the_driver_naming_it_and_what_was_
     assert msg.startswith("dataset 'raw_val' has no rows: 0 of 2 documents kept (dropped: empty 2) from "
                           f"{empty}. Fix:"), msg
     assert (rd.checkpoints / "0-cpt-step10").is_dir() and not rd.metrics_path.exists()
+    out = capsys.readouterr().out  # the data table came first, with the demo/own mix warned
+    assert "warning: raw_train reads the embedded demo data while raw_val reads other inputs" in out
 
 
 def test_an_exam_kind_that_matches_nothing_and_too_few_rows_for_the_workers_are_refused() -> None:

@@ -3,6 +3,9 @@
 :func:`data_table` renders one row per prepared dataset from its manifest — items/documents read, kept, rejected
 by reason, rows, tokens, pack efficiency — and whether it was ``prepared`` now or ``reused`` from the cache.
 
+A plan whose datasets read the embedded demo (``demo:…``) next to other inputs gets a warning naming the demo
+ones: usually a ``--set`` that replaced some inputs and not the held-out sets.
+
 Warning threshold (:func:`data_warnings`): a reject reason is worth a warning when it drops more than
 :data:`WARN_FRACTION` (10 %) of a raw dataset's documents, or ANY item of an exam dataset (exam items are few and
 each one is a question the model will not see). Each warning names the reason and the fix:
@@ -14,8 +17,8 @@ each one is a question the model will not see). Each warning names the reason an
   value (``data.filters.min_hangul_ratio=0.3``), to lower if the data is what you want.
 
 ``data.max_reject_fraction`` (default None: off) turns it into an error: :func:`check_reject_limit` raises an
-:class:`~kcpt.errors.InputError` naming the dataset, the reason, the fraction and the limit when one reason drops
-more than that fraction of a dataset.
+:class:`~kcpt.errors.InputError` naming the dataset, the reason(s), the fraction and the limit when one reason, or
+all reasons together, drop more than that fraction of a dataset.
 """
 
 from __future__ import annotations
@@ -138,19 +141,37 @@ def data_warnings(reports: list[DatasetReport], filters: Mapping[str, Any] | Non
             else:
                 msg += f"; see the examples in {r.name}'s manifest.json (reject_examples)"
             out.append(msg)
+    demo = [r.name for r in reports if _reads_demo(r)]
+    mine = [r.name for r in reports if not _reads_demo(r)]
+    if demo and mine:
+        out.append(f"warning: {', '.join(demo)} read{'s' if len(demo) == 1 else ''} the embedded demo data while "
+                   f"{', '.join(mine)} read{'s' if len(mine) == 1 else ''} other inputs, so the demo's text "
+                   f"{'is' if len(demo) == 1 else 'are'} part of this run (a held-out set: its loss decides best "
+                   f"checkpoints and stops); set data.datasets.<name>.inputs for each, e.g. --set "
+                   f"'data.datasets.{demo[0]}.inputs=[path/to/{demo[0]}.jsonl]'")
     return out
 
 
+def _reads_demo(r: DatasetReport) -> bool:
+    return any(str(i).startswith("demo:") for i in (r.manifest.get("dataset") or {}).get("inputs", []))
+
+
 def check_reject_limit(reports: list[DatasetReport], limit: float | None) -> None:
-    """InputError when one reason drops more than ``limit`` of a dataset (``data.max_reject_fraction``)."""
+    """InputError when one reason, or all reasons together, drop more than ``limit`` of a dataset
+    (``data.max_reject_fraction``)."""
     if limit is None:
         return
     for r in reports:
+        unit = "items" if r.kind == "exam" else "documents"
         for reason, _ in sorted(r.rejects.items(), key=lambda kv: -kv[1]):
             if r.fraction(reason) > limit:
                 raise InputError(f"data.max_reject_fraction: dataset '{r.name}' dropped {r.fraction(reason):.1%} of "
-                                 f"its {r.read} {'items' if r.kind == 'exam' else 'documents'} as {reason}, above the "
-                                 f"limit {limit:g}")
+                                 f"its {r.read} {unit} as {reason}, above the limit {limit:g}")
+        total = sum(r.rejects.values())
+        if r.read and total / r.read > limit:
+            why = ", ".join(f"{k} {v}" for k, v in sorted(r.rejects.items(), key=lambda kv: -kv[1]))
+            raise InputError(f"data.max_reject_fraction: dataset '{r.name}' dropped {total / r.read:.1%} of its "
+                             f"{r.read} {unit} ({why}), above the limit {limit:g}")
 
 
 def load_reports(prepared: Mapping[str, Any], statuses: Mapping[str, str] | None = None) -> list[DatasetReport]:

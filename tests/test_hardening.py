@@ -574,7 +574,8 @@ def test_a_dataset_with_no_rows_is_refused_on_the_driver_naming_it_and_what_was_
 
     empty = tmp_path / "val.jsonl"
     empty.write_text('{"text": "   "}\n{"text": ""}\n', encoding="utf-8")
-    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.run_name=r", f"data.prepared_root={tmp_path / 'p'}"])
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.run_name=r",
+                             f"data.prepared_root={tmp_path / 'p'}"])
     cfg.data.datasets["raw_val"].inputs = [str(empty)]
     rd = RunDir(tmp_path / "r").create(cfg)
     (rd.checkpoints / "0-cpt-step10").mkdir()

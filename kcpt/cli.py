@@ -32,8 +32,8 @@ def run_guarded(prefix: str, run: Callable[[], int]) -> int:
     """
     try:
         return int(run() or 0)
-    except KeyboardInterrupt:
-        print(f"{prefix}interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{prefix}interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except Exception as e:
         msg = exit_message(e)

@@ -135,6 +135,26 @@ def test_tune_job_refuses_unknown_space_source_before_ray(capsys, monkeypatch) -
     assert "tune.space.raw_source: unknown dataset 'nope'" in capsys.readouterr().err
 
 
+def test_ctrl_c_in_a_ray_train_run_is_one_line_exit_130_naming_the_resume(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Ray Train's fit() installs its own SIGINT handler, which ends fit() with SystemExit(1): a Ctrl-C'd job used to
+    exit 1 with nothing on the console (measured on `python jobs/train_stages.py` with SIGINT at its 40th step).
+    The injected failure is that SystemExit; Ray, the config, the data and the run directory are real."""
+    from ray.train.torch import TorchTrainer
+
+    from kcpt.train.commands import main
+
+    def interrupted(self):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(TorchTrainer, "fit", interrupted)
+    rc = main(["--stages", "cpt", "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=r",
+               "--set", f"data.prepared_root={tmp_path / 'p'}", "--set", "logging.progress=false"])
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert err.strip() == (f"interrupted: {tmp_path / 'r'} keeps its last complete checkpoint; run the same command "
+                           "with --resume to continue")
+
+
 def test_a_plan_without_the_tuned_stage_trains_and_only_the_tune_job_refuses_it(capsys, monkeypatch) -> None:
     """``tune.stage`` (default 'stage3') used to be required of every config, so `kcpt train` refused a plan with no
     stage of that name although nothing was tuned."""

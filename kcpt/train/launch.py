@@ -183,6 +183,9 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
                          baseline_raw_best=baseline_raw_best, resume=resume, force=force, callbacks=callbacks,
                          in_process=in_process, in_task=in_task, address=address, console=console,
                          data_table=data_table, on_report=on_report)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{rd.location} keeps its last complete checkpoint; run the same command with "
+                                "--resume to continue") from None
     finally:
         if started:
             import ray
@@ -306,7 +309,10 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  callbacks=callbacks),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except SystemExit as e:  # Ray Train's own SIGINT handler (installed by fit) ends a Ctrl-C'd run this way
+            raise KeyboardInterrupt from e
         if result.error is not None:
             raise result.error
     except Exception as e:

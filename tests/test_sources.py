@@ -124,6 +124,18 @@ def test_bom_and_crlf_are_fixed_and_noted(tmp_path: Path) -> None:
     assert rep.to_dict()["examples"]["crlf_normalised"][0] == f"{p}: line 1: CRLF line endings normalised to LF"
 
 
+@pytest.mark.parametrize("encoding, hint", [("cp949", "reads as CP949/EUC-KR"), ("euc-kr", "reads as CP949/EUC-KR"),
+                                             ("utf-16", "looks like UTF-16")])
+def test_a_korean_file_in_another_encoding_is_rejected_with_the_conversion_to_run(tmp_path: Path, encoding: str,
+                                                                                   hint: str) -> None:
+    p = tmp_path / "legacy.txt"
+    p.write_bytes("대한민국은 민주공화국이다.\n".encode(encoding))
+    docs, rep = _read([p])
+    assert docs == [] and rep.counts == {"invalid_utf8": 1}
+    msg = rep.to_dict()["examples"]["invalid_utf8"][0]
+    assert hint in msg and "iconv -f" in msg, msg
+
+
 def test_bare_cr_line_endings_split_txt_documents(tmp_path: Path) -> None:
     p = tmp_path / "mac.txt"
     p.write_bytes("첫 문서\r둘째 줄\r\r\r다음 문서\r".encode())

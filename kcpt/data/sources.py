@@ -338,13 +338,26 @@ def iter_text_lines(path: str | Path, *, report: RejectReport, max_line_chars: i
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield BadLine(lineno, "invalid_utf8",
-                              f"invalid UTF-8 at byte {e.start + 1} of the line ({e.reason}: {raw[e.start:e.end]!r})")
+                              f"invalid UTF-8 at byte {e.start + 1} of the line ({e.reason}: {raw[e.start:e.end]!r})"
+                              + _encoding_hint(raw, lineno))
                 continue
             if len(text) > max_line_chars:
                 yield BadLine(lineno, "line_too_long",
                               f"line of {len(text)} characters is longer than max_line_chars={max_line_chars}")
                 continue
             yield lineno, text
+
+
+def _encoding_hint(raw: bytes, lineno: int) -> str:
+    """What to do about a line that is not UTF-8, when its bytes say which encoding the file has."""
+    fix = "; kcpt reads UTF-8: convert the file, e.g. iconv -f {} -t utf-8 IN > OUT"
+    if (lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        return " (the file looks like UTF-16" + fix.format("utf-16") + ")"
+    try:
+        raw.decode("cp949")
+    except UnicodeDecodeError:
+        return ""
+    return " (the line reads as CP949/EUC-KR, a common Korean encoding" + fix.format("cp949") + ")"
 
 
 # --------------------------------------------------------------------------- per-format readers

@@ -188,6 +188,19 @@ def test_parquet_column_nulls_and_missing_column(tmp_path: Path) -> None:
         _read([p], text_field="n")
 
 
+def test_a_dictionary_encoded_text_column_is_read(tmp_path: Path) -> None:
+    """pandas writes a ``category`` column as an Arrow dictionary of strings; it holds text like any other."""
+    p = tmp_path / "cat.parquet"
+    text = pa.array(["가나다", None, "가나다", "라마"]).dictionary_encode()
+    pq.write_table(pa.table({"text": text}), p)
+    assert pa.types.is_dictionary(pq.ParquetFile(p).schema_arrow.field("text").type)
+    docs, rep = _read([p])
+    assert [d.text for d in docs] == ["가나다", "가나다", "라마"] and rep.counts == {"missing_field": 1}
+    pq.write_table(pa.table({"text": pa.array([1, 2]).dictionary_encode()}), p)
+    with pytest.raises(InputError, match="must hold strings"):
+        _read([p])
+
+
 def test_hf_save_to_disk_dirs(tmp_path: Path) -> None:
     import datasets
 

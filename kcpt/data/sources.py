@@ -529,6 +529,16 @@ def is_utf8_encodable(text: str) -> bool:
     return True
 
 
+def _is_text(typ) -> bool:
+    """An Arrow string type: plain, large, view, or dictionary-encoded (a pandas ``category`` column)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or getattr(pa.types, "is_string_view",
+                                                                                 lambda _: False)(typ)
+
+
 def open_parquet(path: str | Path, text_field: str):
     """``pyarrow.parquet.ParquetFile`` of a local path or URI whose ``text_field`` is a string column (else
     InputError naming the file and field)."""
@@ -543,7 +553,7 @@ def open_parquet(path: str | Path, text_field: str):
     if text_field not in schema.names:
         raise InputError(f"no such column (columns: {schema.names})", path=str(path), field=text_field)
     typ = schema.field(text_field).type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+    if not _is_text(typ):
         raise InputError(f"column must hold strings, found {typ}", path=str(path), field=text_field)
     return pf
 

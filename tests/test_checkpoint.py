@@ -135,9 +135,13 @@ def test_incomplete_checkpoint_messages(tmp_path):
 @pytest.mark.parametrize(("mode", "change", "message"), [
     ("full", {"tokenizer_sha256": "e" * 64}, r"tokenizer_sha256: checkpoint aaaaaaaaaaaa… vs now eeeeeeeeeeee…"),
     ("full", {"data_sha256": {"raw_train": "f" * 64, "raw_val": "c" * 64}},
-     r"data_sha256\['raw_train'\]: checkpoint bbbbbbbbbbbb… vs now ffffffffffff…"),
+     r"data_sha256\['raw_train'\]: checkpoint bbbbbbbbbbbb… vs now ffffffffffff… \(the dataset's inputs or "
+     r"preparation changed\)"),
     ("full", {"data_sha256": {"raw_train": "b" * 64, "raw_val": "c" * 64, "qa": "1" * 64}},
-     r"data_sha256\['qa'\]: checkpoint none vs now 111111111111…"),
+     r"data_sha256\['qa'\]: this run uses dataset 'qa' and the checkpoint's run did not"),
+    ("full", {"data_sha256": {"raw_train": "b" * 64}},
+     r"data_sha256\['raw_val'\]: the checkpoint's run used dataset 'raw_val' and this run does not \(other "
+     r"--stages or another plan\?\)"),
     ("full", {"config_sha256": "0" * 64}, r"config_sha256: checkpoint dddddddddddd… vs now 000000000000…"),
     ("weights_only", {"tokenizer_sha256": "e" * 64}, r"tokenizer_sha256"),
 ])

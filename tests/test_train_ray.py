@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,9 @@ def test_full_resume_refuses_changed_tokenizer_or_data(uninterrupted, prepared_r
     assert list_checkpoints(run_dir / "checkpoints")
     config = (run_dir / "config.yaml").read_text()
     changed_data = small_cfg(prepared_root, tmp_path, "x", *RAY_DATA, "data.filters.min_chars=21")
-    with pytest.raises(CheckpointError, match=r"data_sha256\['raw_train'\]"):
+    latest = re.escape(str(list_checkpoints(run_dir / "checkpoints")[-1]))
+    with pytest.raises(CheckpointError, match=rf"^the checkpoint to resume from, {latest}, does not match this run "
+                                              r"\(full restore\): data_sha256\['raw_train'\]"):
         run_plan(changed_data, run_dir=run_dir, resume="auto")
     changed_tok = small_cfg(prepared_root, tmp_path, "x", *RAY_DATA, "tokenizer.vocab_size=3000")
     with pytest.raises(CheckpointError, match="tokenizer_sha256"):

@@ -580,9 +580,15 @@ def check_compatible(manifest: dict[str, Any], expected: dict[str, Any], *, mode
         if key == "data_sha256":
             old, new = old or {}, new or {}
             for name in sorted(set(old) | set(new)):
-                if old.get(name) != new.get(name):
+                if name not in new:
+                    diffs.append(f"data_sha256[{name!r}]: the checkpoint's run used dataset '{name}' and this run "
+                                 "does not (other --stages or another plan?)")
+                elif name not in old:
+                    diffs.append(f"data_sha256[{name!r}]: this run uses dataset '{name}' and the checkpoint's run "
+                                 "did not")
+                elif old[name] != new[name]:
                     diffs.append(f"data_sha256[{name!r}]: checkpoint {_short(old.get(name))} vs now "
-                                 f"{_short(new.get(name))}")
+                                 f"{_short(new.get(name))} (the dataset's inputs or preparation changed)")
         elif old != new:
             diffs.append(f"{key}: checkpoint {_short(old)} vs now {_short(new)}")
     if not diffs:

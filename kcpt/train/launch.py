@@ -218,7 +218,7 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
             if not storage.is_uri(str(p)) and not Path(p).is_dir():
                 raise CheckpointError(f"{what} {p}: not a directory")
             manifest, _ = ckpt_lib.inspect(p)  # the workers download the weights, on their own nodes
-            ckpt_lib.check_compatible(manifest, expected, mode="weights_only", force=force)
+            ckpt_lib.check_compatible(manifest, expected, mode="weights_only", force=force, where=f"{what} {p}")
             if what == "init_checkpoint" and cfg.stage(stages[0]).restore == "full":
                 _check_zero_world(p, manifest, world, fix=f"or set plan stage '{stages[0]}' restore: weights_only "
                                   "(its optimizer starts fresh)")
@@ -234,7 +234,8 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         resume_from = latest_checkpoint(rd, stages)
         if resume_from is not None:
             manifest, local = ckpt_lib.inspect(resume_from)  # not the weights and the optimizer state
-            ckpt_lib.check_compatible(manifest, expected, mode="full", force=force)
+            ckpt_lib.check_compatible(manifest, expected, mode="full", force=force,
+                                      where=f"the checkpoint to resume from, {resume_from},")
             _check_zero_world(resume_from, manifest, world, fix=f"or start a new run from its weights "
                               f"(init_checkpoint={resume_from}; the optimizer starts fresh)")
             state = ckpt_lib.load_trainer_state(local, check_files=False)  # inspect checked them

@@ -119,3 +119,14 @@ def test_exam_inputs_must_be_jsonl(tmp_path: Path) -> None:
     assert str(p) in str(e.value)
     with pytest.raises(InputError, match="kind"):
         list(read_exam_items([], report=RejectReport(), kind="essay"))
+
+
+def test_a_directory_of_exam_files_skips_other_kinds_of_file_with_a_notice(tmp_path: Path) -> None:
+    d = tmp_path / "exam"
+    d.mkdir()
+    _write(d / "a.jsonl", [{"id": "q1", "question": "질문", "answer": "답", "kind": "qa"}])
+    (d / "notes.txt").write_text("메모", encoding="utf-8")
+    (d / "old.parquet").write_bytes(b"PAR1")
+    rep = RejectReport()
+    assert [i.id for i in read_exam_items([d], report=rep)] == ["q1"]
+    assert rep.notices == {"skipped_file": 2} and rep.counts == {}

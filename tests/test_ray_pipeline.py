@@ -77,12 +77,15 @@ def test_dedup_is_exact_across_blocks_and_exam_matches(ray_local, tok, tmp_path)
     assert _tokens(on_ray, tok.pad_token_id) == _tokens(local, tok.pad_token_id)
 
     (qa,) = resolve_inputs(["demo:qa_val"])
-    again = tmp_path / "again.jsonl"  # another file (another block) repeating 3 item ids
+    (tmp_path / "exam_in").mkdir()
+    again = tmp_path / "exam_in" / "again.jsonl"  # another file (another block) repeating 3 item ids
     again.write_text("".join(qa.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
-    exam = DatasetConfig(kind="exam", inputs=[str(qa), str(again)])
+    (tmp_path / "exam_in" / "notes.txt").write_text("메모", encoding="utf-8")  # in a walk: skipped, noticed
+    exam = DatasetConfig(kind="exam", inputs=[str(qa), str(tmp_path / "exam_in")])
     ml, mr, local, on_ray = _prepare_both("qa_val", exam, load_config(), tmp_path / "exam", tok)
     assert _tokens(on_ray, tok.pad_token_id) == _tokens(local, tok.pad_token_id)
     assert mr["label_tokens"] == ml["label_tokens"] and mr["rejects"] == ml["rejects"] == {"duplicate_id": 3}
+    assert mr["notices"].get("skipped_file") == ml["notices"].get("skipped_file") == 1
     # the kept items (exam accuracy reads them), in input order, the same from both pipelines
     assert (on_ray / "items.jsonl").read_bytes() == (local / "items.jsonl").read_bytes()
     assert mr["items"] == ml["items"] == len(qa.read_text(encoding="utf-8").splitlines())

@@ -11,10 +11,9 @@ from kcpt.config import DatasetConfig, KcptConfig, load_config
 from kcpt.errors import InputError
 
 
-def _common(p: argparse.ArgumentParser, *, inputs: bool) -> None:
+def _common(p: argparse.ArgumentParser, *, inputs: str | None) -> None:
     if inputs:
-        p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                       help="files or directories (.txt, .jsonl, .parquet, HF save_to_disk dirs) or demo:<split>")
+        p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=inputs)
         p.add_argument("--name", default=None, help="dataset name written to each row's 'source' (default: --out's "
                                                       "directory name)")
         p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -34,15 +33,16 @@ def register(subparsers: Any) -> None:
     prep = subparsers.add_parser("prepare", help="tokenize + pack data into Parquet shards with a manifest")
     sub = prep.add_subparsers(dest="prepare_kind", required=True)
     raw = sub.add_parser("raw", help="raw text documents (CPT)")
-    _common(raw, inputs=True)
+    _common(raw, inputs="files or directories (.txt, .jsonl, .parquet, HF save_to_disk dirs) or demo:<split>")
     raw.add_argument("--text-field", default="text", help="JSONL/Parquet/HF field holding the text")
     raw.add_argument("--txt-split", choices=["file", "blank_lines"], default=None,
                      help=".txt documents: one per file, or ended by 2+ blank lines (default: data.txt_split)")
     exam = sub.add_parser("exam", help="exam items (JSONL: id, question|prompt, [choices], answer, kind)")
-    _common(exam, inputs=True)
+    _common(exam, inputs=".jsonl files or directories of them (one exam item per line: docs/data-formats.md) "
+                              "or demo:<split>")
     exam.add_argument("--exam-kind", choices=["qa", "example"], default=None, help="keep only this kind")
     demo = sub.add_parser("demo", help="every split of the embedded demo corpus (cached by content hash)")
-    _common(demo, inputs=False)
+    _common(demo, inputs=None)
     for p in (raw, exam, demo):
         p.set_defaults(func=run_prepare)
 

@@ -136,9 +136,14 @@ def read_exam_items(paths: Sequence[str | Path], *, report: RejectReport, strict
         raise InputError(f"kind must be one of {list(EXAM_KINDS)} or None, got {kind!r}")
     seen: dict[str, str] = {}
     noted_keys: set[str] = set()
+    named = {Path(p) for p in paths}
     for path in iter_input_files(paths, report=report):
         if path.is_dir() or path.suffix.lower() != ".jsonl":
-            raise InputError("exam items are read from .jsonl files only", path=str(path))
+            if path not in named:  # met in a directory walk: skipped like any file of another kind
+                report.note("skipped_file", f"{path}: skipped (exam items are read from .jsonl files only)")
+                continue
+            raise InputError("exam items are read from .jsonl files only (one item per line, docs/data-formats.md)",
+                             path=str(path))
         with reading(path):
             yield from _items_of(path, report=report, strict=strict, kind=kind, max_line_chars=max_line_chars,
                                  seen=seen, noted_keys=noted_keys)

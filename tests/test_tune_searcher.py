@@ -296,3 +296,44 @@ def test_objective_follows_the_gates_accuracy_metric():
     assert o.gate_passed and o.steps_to_gate == 25
     assert gate_outcome(evals, GateSpec(2.0, 0.03, 1.5, 2, objective="exam")).selected_step == 5  # loss: lowest
 
+
+
+@pytest.mark.parametrize("publish", [True, False], ids=["published-after-ask", "published-after-complete-only"])
+def test_a_bucket_experiment_resumed_after_its_driver_died_mid_trial_tells_that_trial(s3_prefix, tmp_path, publish,
+                                                                                      caplog):
+    """A URI experiment's study is a SQLite file in the driver's mirror, published to the bucket. Published only
+    after finished trials, the bucket's study lacked the trial Tune's saved state was running when the driver died,
+    and every --resume died with ``KeyError: 'Record does not exist.'``. Now each new trial is published as it is
+    asked; a study that still lacks one (an older snapshot) skips telling it, with a warning, instead of failing."""
+    import shutil
+
+    from kcpt import storage as store_lib
+    from kcpt.tune.experiment import Publisher, mirror_of
+
+    uri = f"{s3_prefix}/exp"
+    local = mirror_of(uri)
+    url = f"sqlite:///{local / 'optuna.db'}"
+
+    def searcher(**kw):
+        return ConstrainedOptunaSearch(space=SpaceSampler(SearchSpace()), metric="gate_score", mode="min",
+                                       study_name="s3", storage=optuna.storages.RDBStorage(url), **kw)
+
+    first = searcher(after_ask=Publisher(uri) if publish else None)
+    Publisher(uri)()  # the experiment's start publishes the (empty) study
+    first.suggest("a")
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune's saved state: trial "a" running; then the driver dies
+    shutil.rmtree(local)
+    assert mirror_of(uri) == local == store_lib.local_path_for(uri)  # a new driver pulls the bucket's snapshot
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    evals = scripted_evals(1e-4, 0.7)
+    tracker = GateTracker(SPEC)
+    for i, m in enumerate(evals, 1):
+        restored.on_trial_result("a", {**m, **tracker.update(m), "training_iteration": i})
+    restored.on_trial_complete("a", {**tracker.outcome.as_metrics(), FINAL_KEY: True})
+    trials = optuna.load_study(study_name="s3", storage=url).get_trials()
+    if publish:
+        (t,) = trials
+        assert t.state == TrialState.COMPLETE and t.user_attrs["ray_trial_id"] == "a"
+    else:
+        assert trials == [] and "is not in the study's storage" in caplog.text

@@ -63,6 +63,18 @@ def publish_experiment(uri: str | None, local: Path) -> None:
             remote.upload_file(local / name, name)
 
 
+class Publisher:
+    """``publish_experiment`` of a URI experiment from this node's mirror (:func:`mirror_of`), as a picklable
+    callable: Tune saves the searcher that holds it, and a driver that restores it elsewhere publishes from its
+    own mirror."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def __call__(self) -> None:
+        publish_experiment(self.uri, store_lib.local_path_for(self.uri))
+
+
 def absolute_paths(cfg: KcptConfig) -> KcptConfig:
     """A copy with every relative path made absolute against the current directory: trials run in their own
     working directories (and, on a cluster, on other nodes), so ``prepared_root``, ``output_dir``, the

@@ -43,6 +43,7 @@ from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import CheckpointError, ConfigError
 from kcpt.hashing import sha256_json
 from kcpt.tune.experiment import (
+    Publisher,
     check_experiment,
     clear_experiment,
     experiment_uri,
@@ -460,16 +461,17 @@ def _logger_callbacks(cfg: KcptConfig, experiment_dir: Path) -> list[Any]:
     return cbs
 
 
-def build_searcher(cfg: KcptConfig, *, storage: str, study_name: str, sampler: str = "tpe"
-                   ) -> ConstrainedOptunaSearch:
-    """The searcher on the study ``study_name`` in ``storage`` (a URL of :mod:`kcpt.tune.study_storage`)."""
+def build_searcher(cfg: KcptConfig, *, storage: str, study_name: str, sampler: str = "tpe",
+                   after_ask: Callable[[], None] | None = None) -> ConstrainedOptunaSearch:
+    """The searcher on the study ``study_name`` in ``storage`` (a URL of :mod:`kcpt.tune.study_storage`);
+    ``after_ask``: see :class:`ConstrainedOptunaSearch`."""
     space = cfg.tune.space
     return ConstrainedOptunaSearch(
         space=SpaceSampler(space, static=static_space(sampler)),
         metric=METRIC, mode="min",
         sampler=make_sampler(sampler, seed=cfg.tune.sampler_seed, n_startup_trials=cfg.tune.n_startup_trials),
         study_name=study_name, storage=open_storage(storage),
-        enqueue=recipe_points(cfg) if cfg.tune.enqueue_recipe else None,
+        enqueue=recipe_points(cfg) if cfg.tune.enqueue_recipe else None, after_ask=after_ask,
     )
 
 
@@ -615,7 +617,8 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=build_searcher(cfg, storage=storage, study_name=study_name, sampler=sampler),
+                    search_alg=build_searcher(cfg, storage=storage, study_name=study_name, sampler=sampler,
+                                              after_ask=None if uri is None else Publisher(uri)),
                     scheduler=build_scheduler(cfg, sampler), metric=METRIC, mode="min",
                     num_samples=max(num_samples, 0), max_concurrent_trials=cfg.tune.max_concurrent,
                     # the next trial's loop runs in the finished trial's process (no new Python, no torch import:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -76,12 +77,17 @@ class ConstrainedOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that passes the gate constraint to Optuna and marks early-stopped trials PRUNED.
 
     ``metric`` (what Tune's scheduler and the intermediate reports use) is normally ``gate_score``;
-    ``objective_key`` / ``constraint_key`` name the result entries told to Optuna at completion.
+    ``objective_key`` / ``constraint_key`` name the result entries told to Optuna at completion. ``after_ask``
+    (picklable: Tune saves the searcher) runs after each new Optuna trial, before Tune can save a state that
+    names it: a URI experiment publishes its study snapshot there, so the bucket's study is never older than
+    Tune's state (a resume would otherwise meet a trial the study does not hold).
     """
 
     def __init__(self, *args: Any, objective_key: str = "gate_objective", constraint_key: str = "gate_constraint",
-                 enqueue: list[dict[str, Any]] | None = None, **kwargs: Any):
+                 enqueue: list[dict[str, Any]] | None = None, after_ask: Callable[[], None] | None = None,
+                 **kwargs: Any):
         self._enqueue = list(enqueue or [])
+        self._after_ask = after_ask
         super().__init__(*args, **kwargs)
         self._objective_key = objective_key
         self._constraint_key = constraint_key
@@ -104,6 +110,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and "ray_trial_id" not in ot_trial.user_attrs:
             ot_trial.set_user_attr("ray_trial_id", trial_id)
+        if ot_trial is not None and getattr(self, "_after_ask", None) is not None:
+            self._after_ask()
         return cfg
 
     def _already_finished(self, trial_id: str) -> bool:
@@ -112,7 +120,14 @@ class ConstrainedOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None:
             return False
-        if ot_trial.study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+        try:
+            stored = ot_trial.study._storage.get_trial(ot_trial._trial_id)
+        except KeyError:  # a study snapshot older than Tune's state (published before this trial was asked)
+            logger.warning("trial %s (Optuna #%d) is not in the study's storage; its result is not told",
+                           trial_id, ot_trial.number)
+            self._completed_trials.add(trial_id)
+            return True
+        if stored.state.is_finished():
             logger.warning("trial %s (Optuna #%d) is already finished in the study; its re-run is not told",
                            trial_id, ot_trial.number)
             self._completed_trials.add(trial_id)

@@ -94,6 +94,29 @@ def test_second_prepare_reads_no_input_byte_and_mtime_or_size_invalidate(tmp_pat
         watch.close()
 
 
+def test_the_same_inputs_prepared_again_elsewhere_keep_the_identity_checkpoints_record(tmp_path: Path) -> None:
+    """A lost cache, a fresh node or another prepared_root prepares the same data again: a new manifest (another
+    time, other paths) whose identity must stay, or every resume would be refused for "changed" data."""
+    import shutil
+    import time
+
+    inp = tmp_path / "corpus.jsonl"
+    inp.write_text(_docs(6), encoding="utf-8")
+    first = prepare_all(_cfg(tmp_path, inp), ["raw_train"])["raw_train"]
+    ident = prepared_sha256(first)
+    time.sleep(1.1)  # the manifest's `created` is in seconds
+    moved = tmp_path / "elsewhere" / "corpus.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(inp, moved)
+    cfg = _cfg(tmp_path / "node2", moved)
+    again = prepare_all(cfg, ["raw_train"])["raw_train"]
+    a, b = read_manifest(first), read_manifest(again)
+    assert a["created"] != b["created"] and a["inputs"][0]["path"] != b["inputs"][0]["path"]
+    assert prepared_sha256(again) == ident
+    other = prepare_all(_cfg(tmp_path / "node3", moved, "data.filters.min_chars=30"), ["raw_train"])["raw_train"]
+    assert prepared_sha256(other) != ident  # other rows (another filter), another identity
+
+
 def test_stat_key_follows_size_and_mtime_of_each_walked_file_only(tmp_path: Path) -> None:
     d = tmp_path / "corpus"
     (d / "sub").mkdir(parents=True)

@@ -14,7 +14,8 @@ Layout of a prepared directory ``DIR``::
 
 Everything is written into a temporary sibling directory that is renamed to ``DIR`` at the end, so an
 interrupted run never leaves a half-written dataset at ``DIR``. :func:`prepared_sha256` (the hash of
-``manifest.json``) identifies a prepared dataset; training binds checkpoints to it.
+``manifest.json`` without when/where it was made) identifies a prepared dataset; training binds checkpoints to
+it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from kcpt.data.packing import PackedRow, PackStats
 from kcpt.data.types import ROW_SCHEMA
 from kcpt.errors import InputError
 from kcpt.fsutil import remove_stale_siblings, sibling_name, temp_sibling
-from kcpt.hashing import sha256_file
+from kcpt.hashing import sha256_file, sha256_json
 
 MANIFEST = "manifest.json"
 PREPARED_FORMAT = "kcpt-packed-v1"
@@ -258,10 +259,22 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+IDENTITY_IGNORED = ("created", "kcpt_version", "pipeline", "cache_key", "tokenizer_dir", "reject_examples")
+"""Manifest keys that say when, where and by which pipeline a dataset was prepared, not what its rows are."""
+
+
 def prepared_sha256(directory: str | Path) -> str:
-    """SHA-256 of ``manifest.json``: identifies a prepared dataset (checkpoints record it)."""
-    read_manifest(directory)
-    return sha256_file(Path(directory) / MANIFEST)
+    """Identity of a prepared dataset (checkpoints record it; a full resume must find it unchanged): the SHA-256 of
+    its manifest without :data:`IDENTITY_IGNORED` keys and without file paths (each input keeps its content hash and
+    document count). So the same inputs prepared again — after a lost cache, on a fresh node, under another
+    ``prepared_root`` or by the other pipeline — keep it, and any change to the rows (inputs, tokenizer,
+    ``seq_len``, filters, template, counts) changes it."""
+    m = read_manifest(directory)
+    ident = {k: v for k, v in m.items() if k not in IDENTITY_IGNORED}
+    ident["inputs"] = [{k: v for k, v in i.items() if k != "path"} for i in m.get("inputs", [])]
+    if isinstance(m.get("dataset"), dict):
+        ident["dataset"] = {k: v for k, v in m["dataset"].items() if k != "inputs"}
+    return sha256_json(ident)
 
 
 def shard_paths(directory: str | Path) -> list[Path]:

@@ -9,6 +9,7 @@ cores. Load YAML with :func:`load_config`; an unknown key or a wrong type raises
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 import string
@@ -817,6 +818,11 @@ class KcptConfig(Strict):
         """Ray Train workers of each tune trial: ``tune.num_workers``, else ``train.num_workers``."""
         return self.tune.num_workers if self.tune.num_workers is not None else self.train.num_workers
 
+    def training_sha256(self) -> str:
+        """Hash of what a run trains: :meth:`sha256` without :data:`OPERATIONAL_KEYS` (how it runs and where its
+        files go). Checkpoints record it; a full resume must find it unchanged."""
+        return sha256_json(_without(self.model_dump(mode="json"), OPERATIONAL_KEYS))
+
     def sha256(self) -> str:
         """Hash of the resolved config (what the run trains), excluding run naming and output places."""
         d = self.model_dump(mode="json")
@@ -829,6 +835,42 @@ class KcptConfig(Strict):
         if not d["eval"]:
             d.pop("eval")
         return sha256_json(d)
+
+
+OPERATIONAL_KEYS = ("train.run_name", "train.output_dir", "train.async_checkpoint", "train.max_failures",
+                    "train.cpus_per_worker", "train.keep_last", "data.prepared_root", "data.ray_data",
+                    "data.max_reject_fraction", "eval.buckets", "eval.forgetting", "logging", "tune")
+"""Dotted config keys that change no trained weight: how a run is run, retried, logged, checked and where its
+files go (``tune``: how trials are searched; a trial's own stage is in its plan). A resume may change them."""
+
+
+def _without(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    d = json.loads(json.dumps(d))
+    for key in keys:
+        *parents, last = key.split(".")
+        node = d
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return d
+
+
+def training_changes(old: KcptConfig, new: KcptConfig, limit: int = 8) -> list[str]:
+    """``key: old → new`` for each dotted key (lists by index) whose value differs between two configs, outside
+    :data:`OPERATIONAL_KEYS`; at most ``limit`` (then ``… and N more``)."""
+    def flat(v: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(v, dict):
+            return {k: x for key, sub in v.items() for k, x in flat(sub, f"{prefix}{key}.").items()}
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            return {k: x for i, sub in enumerate(v) for k, x in flat(sub, f"{prefix}{i}.").items()}
+        return {prefix.rstrip("."): v}
+
+    a = flat(_without(old.model_dump(mode="json"), OPERATIONAL_KEYS))
+    b = flat(_without(new.model_dump(mode="json"), OPERATIONAL_KEYS))
+    out = [f"{k}: {a.get(k, '(absent)')!r} → {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+           if a.get(k) != b.get(k)]
+    return out[:limit] + ([f"… and {len(out) - limit} more"] if len(out) > limit else [])
 
 
 # --------------------------------------------------------------------------- loading

@@ -370,3 +370,23 @@ def test_accuracy_stop_on_a_set_without_choices_is_refused_at_the_first_eval(pre
             'stop: {rule: exam, exam_metric: accuracy, exam_target: 0.5, raw_bound: false}}]')
     with pytest.raises(ConfigError, match="eval set 'qa_val' gave no exam accuracy: it has no multiple-choice"):
         run_plan(cfg_of(prepared_root, tmp_path, plan), resume="never", in_process=True)
+
+
+def test_a_resume_may_change_how_the_run_runs_and_a_refused_one_names_what_changed(prepared_root, tmp_path):
+    """A full resume checks what the config trains, not how it runs: retries, CPUs, kept checkpoints, the data
+    cache's place and the tune section may change. A change to what it trains is refused naming each key."""
+    from kcpt.errors import CheckpointError
+
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 4, eval_every: 2, stop: {rule: max_steps}}]'
+    run_plan(cfg_of(prepared_root, tmp_path, plan), resume="never", in_process=True)
+    ops = ["train.max_failures=5", "train.cpus_per_worker=2", "train.keep_last=3", "tune.num_samples=9",
+           "data.max_reject_fraction=0.5"]
+    run_plan(cfg_of(prepared_root, tmp_path, plan, *ops), resume="auto", in_process=True)
+    changed = cfg_of(prepared_root, tmp_path, plan, "plan.0.lr.peak=0.003", "train.weight_decay=0.2")
+    with pytest.raises(CheckpointError) as e:
+        run_plan(changed, resume="auto", in_process=True)
+    msg = str(e.value)
+    assert "config_sha256" in msg and "… vs now " in msg and "…. ." not in msg and ".." not in msg and msg.endswith(
+        "Changed since the run's config.yaml: plan.0.lr.peak: 0.001 → 0.003; train.weight_decay: 0.01 → 0.2. Set them "
+        "back to continue the run, start another (--run-name, or --overwrite), or pass --force to continue with the "
+        "new values."), msg

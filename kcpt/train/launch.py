@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kcpt import storage
-from kcpt.config import KcptConfig
+from kcpt.config import KcptConfig, load_config, training_changes
 from kcpt.console import Console, console_feed, is_tty
 from kcpt.data.report import announce_data
 from kcpt.data.shards import fetch_prepared, read_manifest
@@ -234,8 +234,11 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         resume_from = latest_checkpoint(rd, stages)
         if resume_from is not None:
             manifest, local = ckpt_lib.inspect(resume_from)  # not the weights and the optimizer state
-            ckpt_lib.check_compatible(manifest, expected, mode="full", force=force,
-                                      where=f"the checkpoint to resume from, {resume_from},")
+            try:
+                ckpt_lib.check_compatible(manifest, expected, mode="full", force=force,
+                                          where=f"the checkpoint to resume from, {resume_from},")
+            except CheckpointError as e:
+                raise CheckpointError(_with_config_changes(str(e), rd, cfg)) from None
             _check_zero_world(resume_from, manifest, world, fix=f"or start a new run from its weights "
                               f"(init_checkpoint={resume_from}; the optimizer starts fresh)")
             state = ckpt_lib.load_trainer_state(local, check_files=False)  # inspect checked them
@@ -280,6 +283,27 @@ def _check_zero_world(ref: str | Path, manifest: dict[str, Any], world: int, *, 
         raise CheckpointError(f"{ref}: its DeepSpeed ZeRO state is partitioned over {n} ranks and this run has "
                               f"{world} worker(s); DeepSpeed cannot re-partition it. Run with train.num_workers={n}, "
                               f"{fix}")
+
+
+def _with_config_changes(message: str, rd: RunDir, cfg: KcptConfig) -> str:
+    """A resume refused for its config: name the keys that changed since the run's ``config.yaml`` (the config
+    the run last started with) and what to do."""
+    if "config_sha256" not in message:
+        return message
+    if rd.remote is not None and rd.remote.is_file("config.yaml"):
+        rd.remote.download_file("config.yaml", rd.config_path)
+    if not rd.config_path.is_file():
+        return message
+    try:
+        before = load_config(rd.config_path)
+    except KcptError:  # written by another kcpt version: the hash alone has to do
+        return message
+    changes = training_changes(before, cfg)
+    if not changes:
+        return message
+    head = message.removesuffix(" Pass --force to override.").rstrip(".")
+    return (f"{head}. Changed since the run's config.yaml: {'; '.join(changes)}. Set them back to continue the run, "
+            "start another (--run-name, or --overwrite), or pass --force to continue with the new values.")
 
 
 def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: list | None) -> None:

@@ -96,10 +96,11 @@ def check_baselines(cfg: KcptConfig, stages: list[str], baseline_raw_best: float
 
 def expected_manifest(cfg: KcptConfig, prepared: dict[str, Path]) -> dict[str, Any]:
     """Hashes a checkpoint of this run records and a full resume must match: tokenizer (from the prepared
-    data's manifest), each prepared dataset's manifest, the resolved config."""
+    data's manifest), each prepared dataset's identity, what the resolved config trains
+    (:meth:`~kcpt.config.KcptConfig.training_sha256`)."""
     from kcpt.data.shards import prepared_sha256, read_manifest
 
     first = read_manifest(next(iter(prepared.values())))
     return {"tokenizer_sha256": first["tokenizer_sha256"],
             "data_sha256": {k: prepared_sha256(v) for k, v in prepared.items()},
-            "config_sha256": cfg.sha256()}
+            "config_sha256": cfg.training_sha256()}

@@ -372,7 +372,7 @@ def test_accuracy_stop_on_a_set_without_choices_is_refused_at_the_first_eval(pre
         run_plan(cfg_of(prepared_root, tmp_path, plan), resume="never", in_process=True)
 
 
-def test_a_resume_may_change_how_the_run_runs_and_a_refused_one_names_what_changed(prepared_root, tmp_path):
+def test_a_resume_may_change_how_the_run_runs_and_a_refused_one_names_what_changed(prepared_root, tmp_path, capsys):
     """A full resume checks what the config trains, not how it runs: retries, CPUs, kept checkpoints, the data
     cache's place and the tune section may change. A change to what it trains is refused naming each key."""
     from kcpt.errors import CheckpointError
@@ -382,6 +382,8 @@ def test_a_resume_may_change_how_the_run_runs_and_a_refused_one_names_what_chang
     ops = ["train.max_failures=5", "train.cpus_per_worker=2", "train.keep_last=3", "tune.num_samples=9",
            "data.max_reject_fraction=0.5"]
     run_plan(cfg_of(prepared_root, tmp_path, plan, *ops), resume="auto", in_process=True)
+    assert f"resuming from {tmp_path / 'r' / 'checkpoints' / '00-s-step000004'} (stage 's', step 4)" in \
+        capsys.readouterr().out
     changed = cfg_of(prepared_root, tmp_path, plan, "plan.0.lr.peak=0.003", "train.weight_decay=0.2")
     with pytest.raises(CheckpointError) as e:
         run_plan(changed, resume="auto", in_process=True)
@@ -390,3 +392,17 @@ def test_a_resume_may_change_how_the_run_runs_and_a_refused_one_names_what_chang
         "Changed since the run's config.yaml: plan.0.lr.peak: 0.001 → 0.003; train.weight_decay: 0.01 → 0.2. Set them "
         "back to continue the run, start another (--run-name, or --overwrite), or pass --force to continue with the "
         "new values."), msg
+
+
+def test_resume_of_a_run_that_has_nothing_to_resume_says_so(tmp_path, capsys):
+    """`--resume` with a mistyped run name used to start a new run without a word."""
+    from kcpt.train.commands import main
+
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"gradient_clipping": 5.0}')  # refused by run_plan before Ray starts: the test stops there
+    rc = main(["--resume", "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=typo",
+               "--set", f"train.deepspeed={{zero_stage: 2, config: {ds}}}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "gradient_clipping" in err
+    assert f"--resume: {tmp_path / 'typo'} holds no complete checkpoint of this plan (a typo in the run name?); a " \
+           "new run starts there" in out

@@ -103,6 +103,16 @@ def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, 
     from kcpt.analysis.run_report import format_stage_table
     from kcpt.train.launch import run_plan  # imports torch and Ray: only after the config was validated
 
+    if args.resume:
+        from kcpt import storage
+        from kcpt.train.rundir import RunDir, run_dir_for
+
+        ref = str(args.run_dir) if args.run_dir else str(run_dir_for(cfg))
+        rd = RunDir(ref if storage.is_uri(ref) else storage.local_path(ref))
+        if rd.latest_checkpoint(stages or [s.name for s in cfg.plan]) is None:
+            print(f"--resume: {rd.location} holds no complete checkpoint of this plan (a typo in the run name?); "
+                  "a new run starts there", flush=True)
+
     result = run_plan(cfg, stages=stages, run_dir=Path(args.run_dir) if args.run_dir else None,
                       init_checkpoint=Path(args.init_checkpoint) if args.init_checkpoint else None,
                       baseline_raw_best=args.baseline_raw_best, resume=resume,

@@ -248,6 +248,9 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
                                       f"{order}, not {stages}; use another run name or "
                                       "--overwrite")
             log.info("resuming from %s", resume_from)
+            if console:
+                print(f"resuming from {resume_from} (stage '{manifest.get('stage')}', step {manifest.get('step')})",
+                      flush=True)
     rd.create(cfg)
     rd.clear_aborted()
     ckpt_lib.remove_stale_temps(rd.checkpoints)  # leftovers of saves killed in an earlier attempt

@@ -142,6 +142,25 @@ def test_run_report_stage_table_and_pareto(tmp_path):
     assert "gate" in text and "1.020" in text and "(pruned)" in text
 
 
+def test_run_report_of_an_interrupted_run_shows_the_unfinished_stage_from_its_evals(tmp_path):
+    """A run killed in its first stage has metrics but no summary: the report used to print an empty table."""
+    from kcpt.analysis.run_report import format_run_report
+    from kcpt.train.rundir import RunDir
+
+    rd = RunDir(tmp_path)
+    rd.write_summary({"stage_order": ["cpt", "stage1"], "stages": {"cpt": {
+        "steps": 40, "stop_reason": "plateau", "passed": True, "best_raw_val_loss": 7.0, "baseline_raw_best": 7.0}}})
+    for step, raw, exam in [(0, 7.0, 4.9), (10, 7.07, 4.1), (20, 7.14, 4.3)]:
+        rd.append_metrics({"stage": "stage1", "step": step, "raw_val_loss": raw, "exam_val_loss": exam,
+                           "gate_streak": 0, "rollbacks": 0})
+    lines = format_run_report(tmp_path).splitlines()
+    (row,) = [ln for ln in lines if ln.startswith("stage1")]
+    assert row.split()[:8] == ["stage1", "20", "(unfinished)", "-", "7.0000", "7.0000", "4.9000", "4.1000"], row
+    assert row.split()[10:12] == ["7.0000", "1.000"], row  # held to the CPT baseline, as the stage is
+    assert ("note: stage 'stage1' has no summary: its last eval is at step 20. The run is still running, or it "
+            "stopped there: the same command with --resume continues it.") in lines
+
+
 def test_latest_checkpoint_follows_stage_order_then_step(tmp_path):
     from kcpt.train.launch import latest_checkpoint
     from kcpt.train.rundir import RunDir

@@ -7,6 +7,7 @@ Reads only files (``summary.json``, ``metrics.jsonl``, ``eval/``); needs no Ray.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,27 @@ def _exists(ref: str) -> bool:
     return Path(ref).exists()
 
 
+def unfinished_stages(metrics: list[dict[str, Any]], finished: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Stage-table entries, from ``metrics.jsonl``, for the stages that have evals but no summary (a run running,
+    interrupted or killed): steps = the last eval's step, best losses and accuracy so far, stop ``(unfinished)``."""
+    def finite(recs: list[dict[str, Any]], key: str) -> list[float]:
+        return [float(r[key]) for r in recs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+    base = next((s.get("baseline_raw_best") for s in reversed(finished.values()) if s.get("baseline_raw_best")), None)
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(m.get("stage") for m in metrics):
+        if not isinstance(name, str) or name in finished:
+            continue
+        recs = [m for m in metrics if m.get("stage") == name]
+        last = max(recs, key=lambda m: m.get("step") or 0)
+        raws, exams, accs = finite(recs, "raw_val_loss"), finite(recs, "exam_val_loss"), finite(recs, "exam_acc")
+        out[name] = {"steps": last.get("step"), "stop_reason": "(unfinished)", "passed": None,
+                     "best_raw_val_loss": min(raws, default=None), "best_exam_val_loss": min(exams, default=None),
+                     "best_exam_acc": max(accs, default=None), "baseline_raw_best": base,
+                     "gate_streak": last.get("gate_streak"), "rollbacks": last.get("rollbacks")}
+    return out
+
+
 def format_run_report(run_dir: str | Path) -> str:
     """The stage table and the Pareto-optimal checkpoints of a run directory (a local path or a URI)."""
     rd = RunDir(run_dir).pull()
@@ -134,7 +156,12 @@ def format_run_report(run_dir: str | Path) -> str:
     summary, metrics = checked_run_files(rd)
     order = summary.get("stage_order") or list(summary.get("stages", {}))
     stages = {k: summary["stages"][k] for k in order if k in summary.get("stages", {})}
+    unfinished = unfinished_stages(metrics, stages)
+    stages.update(unfinished)
     parts = [f"run: {rd.location}", "", format_stage_table(stages, metrics)]
+    for name, s in unfinished.items():
+        parts.append(f"note: stage '{name}' has no summary: its last eval is at step {s['steps']}. The run is still "
+                     "running, or it stopped there: the same command with --resume continues it.")
     front = pareto_checkpoints(metrics)
     parts += ["", "Pareto-optimal checkpoints (raw val loss, exam val loss; both lower is better):"]
     if front:

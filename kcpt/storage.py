@@ -89,6 +89,15 @@ def _node_key() -> str:
     return "local"
 
 
+def live_node_keys() -> set[str] | None:
+    """The scratch keys (:func:`_node_key`) of the Ray cluster's live nodes, or None outside a Ray worker."""
+    if _node_key() == "local":
+        return None
+    import ray
+
+    return {"node-" + n["NodeID"][:16] for n in ray.nodes() if n.get("Alive")}
+
+
 def scratch_root() -> Path:
     """Node-local scratch for mirrors and downloads (``$KCPT_SCRATCH`` or ``<tmp>/kcpt-scratch``, per Ray node)."""
     base = os.environ.get("KCPT_SCRATCH") or os.path.join(tempfile.gettempdir(), f"kcpt-scratch-{os.getuid()}")

@@ -100,6 +100,11 @@ def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(local_run, two_nod
     monkeypatch.chdir(cwd)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     cfg = demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *CRASH)
+    # a copy of this run that a killed earlier attempt left under the key of a Ray node that is gone
+    gone = two_nodes / "node-0000dead0000dead"
+    stale = gone.joinpath("uri", "s3", *f"{s3_prefix}/runs/demo".removeprefix("s3://").split("/"))
+    (stale / "checkpoints" / "00-cpt-step000010").mkdir(parents=True)
+    (stale / "checkpoints" / "00-cpt-step000010" / "manifest.json").write_text("{}")
     t0 = time.perf_counter()
     res = run_plan(cfg, resume="never")
     TIMES["s3_two_nodes"] = time.perf_counter() - t0
@@ -159,8 +164,9 @@ def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(local_run, two_nod
     assert any(n.startswith("raw_train-") for n in Store(f"{s3_prefix}/prepared").listdir())
     assert list(cwd.iterdir()) == []  # nothing went to the driver's working directory
     # both nodes' workers worked from their own scratch (downloaded data), not from a shared directory
-    nodes = [p for p in two_nodes.iterdir() if p.name.startswith("node-")]
+    nodes = [p for p in two_nodes.iterdir() if p.name.startswith("node-") and p != gone]
     assert len(nodes) == 2, nodes
+    assert not stale.exists()  # the workers freed what the gone node's attempt had left on this machine
     # and left no copy of a checkpoint there once it ended: the bucket holds them (a node's disk would fill up
     # run after run, tune trial after tune trial)
     from conftest import checkpoint_copies

@@ -350,6 +350,9 @@ class StageRunner:
         self.rank, self.world = rank_world()
         self.device = self._device()
         self.run_dir = RunDir(config["run_dir"])
+        stale = self.run_dir.drop_stale_node_copies()
+        if stale:
+            log.info("freed %.1f MB of this run's copies left in node scratch by a Ray node that is gone", stale / 1e6)
         if self.rank == 0:
             self.run_dir.pull()  # a run directory at a URI: this node's mirror starts from the published files
         # prepared datasets given as URIs: the memory loader downloads them once per node (file lock) into

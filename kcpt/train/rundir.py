@@ -229,6 +229,32 @@ class RunDir:
         shutil.rmtree(doomed, ignore_errors=True)
         return freed
 
+    def drop_stale_node_copies(self) -> int:
+        """At a URI, inside a Ray worker: delete this machine's mirrors of the run kept under the scratch keys of
+        Ray nodes that are gone (a killed run's node: its checkpoints were never freed, and a new Ray session has
+        new node ids, so nothing else would ever reuse or delete them). Returns the bytes freed. The run's own
+        copies on live nodes are untouched (two nodes of one cluster may share a machine)."""
+        if self.remote is None:
+            return 0
+        alive = storage.live_node_keys()
+        if alive is None:
+            return 0
+        here = storage.scratch_root()
+        rel = self.root.relative_to(here)
+        freed = 0
+        for other in sorted(here.parent.glob("node-*")):
+            stale = other / rel
+            if other.name in alive or not stale.is_dir():
+                continue
+            doomed = stale.with_name(f".{stale.name}.del-{os.getpid()}-{os.urandom(4).hex()}")
+            try:
+                os.rename(stale, doomed)
+            except FileNotFoundError:  # another rank of this machine took it
+                continue
+            freed += sum(p.stat().st_size for p in doomed.rglob("*") if p.is_file())
+            shutil.rmtree(doomed, ignore_errors=True)
+        return freed
+
     @property
     def config_path(self) -> Path:
         return self.root / "config.yaml"

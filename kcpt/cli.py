@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -28,13 +29,17 @@ class OneLineParser(argparse.ArgumentParser):
 def run_guarded(prefix: str, run: Callable[[], int]) -> int:
     """Run ``run()``; a KcptError or OSError becomes one line ``<prefix>error: ...`` on stderr and exit 2.
 
-    A Ctrl-C is one line and exit 130. Anything else is a bug in kcpt and keeps its traceback.
+    A Ctrl-C is one line and exit 130; a closed stdout (``| head``) ends quietly with 141 (128 + SIGPIPE). Anything
+    else is a bug in kcpt and keeps its traceback.
     """
     try:
         return int(run() or 0)
     except KeyboardInterrupt as e:
         print(f"{prefix}interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`kcpt report RUN | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail too
+        return 141
     except Exception as e:
         msg = exit_message(e)
         if msg is None:

@@ -69,6 +69,21 @@ def exit_message(err: BaseException) -> str | None:
         where = err.filename if err.filename is not None else None
         what = err.strerror or str(err) or type(err).__name__
         extra = f" -> {err.filename2}" if getattr(err, "filename2", None) else ""
-        return one_line(f"{where}{extra}: {what}" if where is not None else what) + \
-            " (check the path, its permissions and free disk space)"
+        return one_line(f"{where}{extra}: {what}" if where is not None else what) + f" ({storage_hint(what)})"
     return None
+
+
+def storage_hint(message: str) -> str:
+    """What to check for an I/O error, from its message: an object store's error names its cause (pyarrow's
+    ``AWS Error <CODE>``), a local one is about the path."""
+    if "AWS Error" not in message and "google" not in message.lower():
+        return "check the path, its permissions and free disk space"
+    if "NO_SUCH_BUCKET" in message or "bucket does not exist" in message:
+        return "the bucket does not exist: create it, or fix the bucket in the URI"
+    if "NETWORK_CONNECTION" in message or "Could not connect" in message or "Could not resolve" in message:
+        return "cannot reach the object store: check AWS_ENDPOINT_URL (unset for AWS itself) and the network"
+    if any(code in message for code in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                        "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "403")):
+        return ("the object store refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the "
+                "instance role) and the bucket's permissions")
+    return "check the URI, AWS_ENDPOINT_URL and the credentials"

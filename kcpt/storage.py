@@ -53,6 +53,24 @@ def check_uri(s: str, where: str = "path") -> None:
         raise ConfigError(f"{where}: '{s}': no bucket in the URI (expected e.g. s3://bucket/prefix)")
 
 
+def check_bucket(uri: str, where: str) -> None:
+    """InputError unless the bucket of ``uri`` exists and answers (one metadata request): checked before a job
+    starts Ray or prepares anything, so a typo in a bucket name does not fail minutes later on a worker."""
+    import pyarrow.fs as pafs
+
+    from kcpt.errors import InputError, storage_hint
+
+    check_uri(uri, where)
+    bucket = f"{urlparse(uri).scheme}://{urlparse(uri).netloc}"
+    try:
+        info = Store(bucket).info()
+    except OSError as e:
+        raise InputError(f"{where}: {uri}: {e} ({storage_hint(str(e))})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"{where}: {uri}: the bucket '{urlparse(uri).netloc}' does not exist (create it, or fix the "
+                         "bucket in the URI)")
+
+
 def local_path(s: str) -> Path:
     """A local path string (``file://`` stripped, ``~`` expanded), absolute."""
     if s.startswith("file://"):

@@ -155,6 +155,55 @@ def test_ctrl_c_in_a_ray_train_run_is_one_line_exit_130_naming_the_resume(tmp_pa
                            "with --resume to continue")
 
 
+def test_a_report_piped_into_a_reader_that_went_away_ends_quietly(tmp_path: Path) -> None:
+    """`kcpt report RUN | head` used to end with "error: … Broken pipe" and exit 2."""
+    rd = RunDir(tmp_path / "run")
+    rd.root.mkdir()
+    rd.write_summary({"stage_order": ["cpt"], "stages": {"cpt": {"steps": 10, "stop_reason": "max_steps"}}})
+    p = subprocess.Popen([sys.executable, "-m", "kcpt.cli", "report", str(rd.root)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before kcpt writes
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err
+
+
+def test_a_bucket_that_does_not_exist_is_refused_before_anything_starts(s3_server, capsys) -> None:
+    from kcpt.train.commands import main
+    from kcpt.tune.commands import main as tune_main
+
+    t0 = time.perf_counter()
+    assert main(["--set", "train.output_dir=s3://no-such-bucket-xyz/runs"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: train.output_dir: s3://no-such-bucket-xyz/runs: the bucket "
+                                               "'no-such-bucket-xyz' does not exist (create it, or fix the bucket in "
+                                               "the URI)")
+    assert time.perf_counter() - t0 < 30  # no Ray, no data preparation first (it took 9 s and named the scratch)
+    assert tune_main(["--experiment-dir", "s3://no-such-bucket-xyz/exp"]) == 2
+    assert "--experiment-dir: s3://no-such-bucket-xyz/exp: the bucket 'no-such-bucket-xyz' does not exist" in \
+        capsys.readouterr().err
+    assert main(["--set", f"data.prepared_root={s3_server}/prepared", "--set",
+                 "data.datasets.raw_train.inputs=[/no/such.jsonl]"]) == 2
+    assert "/no/such.jsonl" in capsys.readouterr().err  # a bucket that exists passes: the next check speaks
+
+
+def test_an_unreachable_object_store_names_the_endpoint_to_check(monkeypatch) -> None:
+    from kcpt import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(InputError, match=r"cannot reach the object store: check AWS_ENDPOINT_URL"):
+        storage.check_bucket("s3://some-bucket/runs", "train.output_dir")
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def test_a_plan_without_the_tuned_stage_trains_and_only_the_tune_job_refuses_it(capsys, monkeypatch) -> None:
     """``tune.stage`` (default 'stage3') used to be required of every config, so `kcpt train` refused a plan with no
     stage of that name although nothing was tuned."""

@@ -49,10 +49,16 @@ def preflight(cfg, stages: list[str] | None, *, run_dir: str | None = None, init
     a second): the stages exist, the inputs of the datasets they use exist, the run directory is kcpt's own
     (and, with ``new_run``, holds no results yet), the init checkpoint is a directory. Raises ConfigError /
     InputError / CheckpointError."""
+    from kcpt import storage
     from kcpt.data.sources import check_inputs_exist
     from kcpt.errors import CheckpointError, ConfigError
     from kcpt.train.rundir import RunDir, run_dir_for
 
+    roots = [("train.output_dir", cfg.train.output_dir), ("data.prepared_root", cfg.data.prepared_root),
+             ("--run-dir", run_dir), ("tune.experiment_dir", cfg.tune.experiment_dir if not check_run_dir else None)]
+    for key, value in roots:
+        if value is not None and storage.is_uri(str(value)):
+            storage.check_bucket(str(value), key)
     names = [s.name for s in cfg.plan]
     for s in stages if stages is not None else names:
         if s not in names:

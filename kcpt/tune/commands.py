@@ -56,12 +56,15 @@ def tune_from_args(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"tune.space.{key}: unknown dataset '{getattr(cfg.tune.space, key)}' (defined: "
                               f"{sorted(cfg.data.datasets)})")
-    from kcpt.tune.experiment import check_experiment, resolve_experiment
+    from kcpt import storage as store_lib
+    from kcpt.tune.experiment import check_experiment, experiment_uri, resolve_experiment
 
+    if args.experiment_dir and store_lib.is_uri(str(args.experiment_dir)):
+        store_lib.check_bucket(str(args.experiment_dir), "--experiment-dir")
     abs_cfg, exp_dir, storage = resolve_experiment(cfg, args.experiment_dir)
     mode = check_experiment(exp_dir, storage_url=storage, study_name=cfg.tune.study_name, resume=args.resume,
                             overwrite=args.overwrite, config_sha256=abs_cfg.sha256())
-    print(f"tune experiment {exp_dir}: {mode}", flush=True)
+    print(f"tune experiment {experiment_uri(abs_cfg, args.experiment_dir) or exp_dir}: {mode}", flush=True)
     from kcpt.tune.launch import tune_stage3  # imports Ray and torch: only after the config was validated
 
     res = tune_stage3(cfg, experiment_dir=args.experiment_dir, resume=args.resume, overwrite=args.overwrite,

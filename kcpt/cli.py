@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from kcpt import __version__
-from kcpt.errors import EXIT_BAD_INPUT, exit_message
+from kcpt.errors import EXIT_BAD_INPUT, Terminated, exit_message
 
 _COMMAND_MODULES = ["kcpt.data.commands", "kcpt.train.commands", "kcpt.tune.commands",
                     "kcpt.analysis.commands", "kcpt.model.commands", "kcpt.eval.commands"]
@@ -35,8 +35,9 @@ def run_guarded(prefix: str, run: Callable[[], int]) -> int:
     try:
         return int(run() or 0)
     except KeyboardInterrupt as e:
-        print(f"{prefix}interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
-        return 130
+        term = isinstance(e, Terminated)
+        print(f"{prefix}{'terminated' if term else 'interrupted'}" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return 143 if term else 130
     except BrokenPipeError:  # the reader of stdout went away (`kcpt report RUN | head`): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail too
         return 141

@@ -44,6 +44,11 @@ class CheckpointError(KcptError):
     """A checkpoint is missing, incomplete, or does not match the run (tokenizer/data/config hashes)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (``ray job stop``, a node shutting down) while a run trains: it ends like a Ctrl-C, with one line
+    and the run directory left to ``--resume`` (exit status 143)."""
+
+
 class TrainingAborted(KcptError):
     """Training stopped on purpose (e.g. too many anomaly rollbacks); the message says why."""
 

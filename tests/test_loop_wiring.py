@@ -406,3 +406,32 @@ def test_resume_of_a_run_that_has_nothing_to_resume_says_so(tmp_path, capsys):
     assert rc == 2 and "gradient_clipping" in err
     assert f"--resume: {tmp_path / 'typo'} holds no complete checkpoint of this plan (a typo in the run name?); a " \
            "new run starts there" in out
+
+
+def test_a_sigterm_during_a_run_ends_it_like_a_ctrl_c_with_its_own_status(prepared_root, tmp_path, capsys):
+    """`ray job stop` sends SIGTERM: Ray's driver used to dump a stack trace and abort (status 134). Now the run
+    ends as after a Ctrl-C, its last checkpoint kept, with one line and status 143."""
+    import os
+    import signal
+
+    from kcpt.cli import run_guarded
+    from kcpt.errors import Terminated
+
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 8, eval_every: 2, stop: {rule: max_steps}}]'
+
+    def on_report(metrics, checkpoint):
+        if metrics.get("step") == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated, match=r"r keeps its last complete checkpoint; run the same command with --resume"):
+        run_plan(cfg_of(prepared_root, tmp_path, plan), resume="never", in_process=True, on_report=on_report)
+    assert signal.getsignal(signal.SIGTERM) is before  # the job's own handler is back
+    assert [p.name for p in list_checkpoints(tmp_path / "r" / "checkpoints")][-1] == "00-s-step000004"
+    capsys.readouterr()
+
+    def job():
+        raise Terminated("x keeps its last complete checkpoint")
+
+    assert run_guarded("", job) == 143
+    assert capsys.readouterr().err == "terminated: x keeps its last complete checkpoint\n"

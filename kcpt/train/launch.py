@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from kcpt.config import KcptConfig, load_config, training_changes
 from kcpt.console import Console, console_feed, is_tty
 from kcpt.data.report import announce_data
 from kcpt.data.shards import fetch_prepared, read_manifest
-from kcpt.errors import CheckpointError, ConfigError, KcptError, TrainingAborted
+from kcpt.errors import CheckpointError, ConfigError, KcptError, Terminated, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.plan import check_baselines, check_rows, datasets_needed, expected_manifest, stage_sources
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_for
@@ -176,6 +178,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     started = False
     if not in_process:
         started = _start_ray(cfg, address)
+    on_term = _raise_on_sigterm()
     try:
         if not in_process:
             check_cluster_paths(cfg, run_dir, [init_checkpoint, reference_checkpoint])
@@ -183,14 +186,34 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
                          baseline_raw_best=baseline_raw_best, resume=resume, force=force, callbacks=callbacks,
                          in_process=in_process, in_task=in_task, address=address, console=console,
                          data_table=data_table, on_report=on_report)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{rd.location} keeps its last complete checkpoint; run the same command with "
-                                "--resume to continue") from None
+    except KeyboardInterrupt as e:
+        kind = Terminated if isinstance(e, Terminated) or _SIGTERMS else KeyboardInterrupt
+        raise kind(f"{rd.location} keeps its last complete checkpoint; run the same command with --resume to "
+                   "continue") from None
     finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
         if started:
             import ray
 
             ray.shutdown()
+
+
+_SIGTERMS: list[float] = []
+"""When this process received a SIGTERM while a plan ran (:func:`_raise_on_sigterm`)."""
+
+
+def _raise_on_sigterm() -> Any:
+    """In the main thread: make a SIGTERM raise :class:`~kcpt.errors.Terminated` (Ray's driver would otherwise
+    dump a stack trace and abort). Returns the handler it replaced (None when not in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum: int, frame: Any) -> None:
+        _SIGTERMS.append(time.time())  # Ray's code between here and run_plan may turn the exception into another
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint: str | None,

@@ -181,6 +181,22 @@ def test_tune_console_counts_done_running_pruned_best():
     assert lines[5].endswith("3/3 done, 0 running, 1 pruned, 0 failed; best feasible: a objective 7.5000")
 
 
+def test_a_resumed_tune_console_counts_the_trials_that_ended_before_the_driver_died():
+    """After `--resume`, Tune's restored console may predate a trial's end: it said "1/3 done" at the first trial of
+    the resumed run although one had ended before. The trials Tune holds as ended count."""
+    from kcpt.tune.progress import TuneConsole
+
+    out = io.StringIO()
+    tc = TuneConsole(3, stream=out, bars=False)  # as restored: no trial seen
+    old = SimpleNamespace(trial_id="old", status="TERMINATED", config={}, last_result={})
+    rerun = SimpleNamespace(trial_id="rerun", status="RUNNING", config={"lr": 0.001},
+                            last_result={"step": 2, "exam_val_loss": 8.0, "raw_ratio": 1.0})
+    tc.on_trial_start(0, [old, rerun], rerun)
+    rerun.status = "TERMINATED"
+    tc.on_trial_complete(0, [old, rerun], rerun)
+    assert out.getvalue().splitlines()[-1].endswith("2/3 done, 0 running, 1 pruned, 0 failed; best feasible: none yet")
+
+
 # --------------------------------------------------------------------------- the real console
 
 

@@ -38,6 +38,7 @@ class TuneConsole(Callback):
         self.running: set[str] = set()
         self.finals: dict[str, dict[str, Any]] = {}
         self.done = self.pruned = self.failed = 0
+        self.ended: set[str] = set()
         self.best: tuple[float, str, dict[str, Any]] | None = None
         self._bar: Any = None
 
@@ -50,6 +51,7 @@ class TuneConsole(Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("ended", set())
         self.stream = self.stream or sys.stdout
 
     # ------------------------------------------------------------------ output
@@ -73,7 +75,14 @@ class TuneConsole(Callback):
                 f"{self.failed} failed; best feasible: {best}")
 
     # ------------------------------------------------------------------ Tune callbacks
+    def _sync(self, trials: list) -> None:
+        """Count as done every trial Tune holds as ended: a resumed experiment's earlier trials included (this
+        console's own counts start from Tune's last saved state, which may predate their end)."""
+        self.ended |= {t.trial_id for t in trials if getattr(t, "status", None) in ("TERMINATED", "ERROR")}
+        self.done = len(self.ended)
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._sync(trials)
         self.running.add(trial.trial_id)
         self._write(f"[tune] trial {trial.trial_id} started: {_short(trial.config or {})}")
 
@@ -83,7 +92,8 @@ class TuneConsole(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.discard(trial.trial_id)
-        self.done += 1
+        self.ended.add(trial.trial_id)
+        self._sync(trials)
         final = self.finals.get(trial.trial_id)
         if final is None:
             self.pruned += 1
@@ -103,7 +113,8 @@ class TuneConsole(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.discard(trial.trial_id)
-        self.done += 1
+        self.ended.add(trial.trial_id)
+        self._sync(trials)
         self.failed += 1
         self._write(f"[tune] trial {trial.trial_id} failed | {self.tally()}\n{_error_text(trial)}")
 

@@ -91,6 +91,13 @@ def test_reject_limit_names_dataset_reason_fraction_limit():
         check_reject_limit([spread], 0.5)
 
 
+def test_items_of_another_kind_are_noted_under_the_table():
+    m = {**exam_manifest(5, {}), "notices": {"other_kind": 11}, "dataset": {"inputs": ["x.jsonl"], "exam_kind": "qa"}}
+    (line,) = data_warnings([DatasetReport("qa_val", m)])
+    assert line == ("note: qa_val: 11 items of another kind than 'qa' were skipped (data.datasets.qa_val.exam_kind); "
+                    "they are not in the read column")
+
+
 def test_a_plan_mixing_demo_and_own_inputs_is_warned_naming_the_demo_datasets():
     def m(inputs):
         return {**exam_manifest(5, {}), "dataset": {"inputs": inputs}}

@@ -141,6 +141,12 @@ def data_warnings(reports: list[DatasetReport], filters: Mapping[str, Any] | Non
             else:
                 msg += f"; see the examples in {r.name}'s manifest.json (reject_examples)"
             out.append(msg)
+    for r in reports:  # not rejects (kept + rejected = read): the dataset keeps one kind by choice
+        other = int((r.manifest.get("notices") or {}).get("other_kind", 0))
+        if other:
+            kind = (r.manifest.get("dataset") or {}).get("exam_kind")
+            out.append(f"note: {r.name}: {other} items of another kind than {kind!r} were skipped "
+                       f"(data.datasets.{r.name}.exam_kind); they are not in the read column")
     demo = [r.name for r in reports if _reads_demo(r)]
     mine = [r.name for r in reports if not _reads_demo(r)]
     if demo and mine:

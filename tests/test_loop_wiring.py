@@ -435,3 +435,26 @@ def test_a_sigterm_during_a_run_ends_it_like_a_ctrl_c_with_its_own_status(prepar
 
     assert run_guarded("", job) == 143
     assert capsys.readouterr().err == "terminated: x keeps its last complete checkpoint\n"
+
+
+def test_a_rollback_after_a_resume_returns_where_the_uninterrupted_run_returns(prepared_root, tmp_path):
+    """Rollback points every 3 accepted steps, a checkpoint at step 4, a NaN at step 6. A resume from step 4 takes
+    its rollback point at step 4; the uninterrupted run used to be at its step-3 point, so the two rolled back to
+    different states and every later eval differed. Every checkpoint is now a rollback point in both."""
+    import shutil
+
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 12, eval_every: 4, stop: {rule: max_steps}}]'
+    cfg = cfg_of(prepared_root, tmp_path, plan, "train.anomaly.stable_every=3", "train.keep_last=5",
+                 "train.faults.nan_at_step=6")
+    res = run_plan(cfg, resume="never", in_process=True)
+    want = [r for r in read_metrics(res.run_dir) if r["step"] > 0]
+    assert [r["rollbacks"] for r in want] == [0, 1, 1]
+    for c in list_checkpoints(Path(res.run_dir) / "checkpoints"):
+        if not str(c).endswith("step000004"):
+            shutil.rmtree(c)
+    again = run_plan(cfg, resume="auto", in_process=True)
+    got = [r for r in read_metrics(again.run_dir) if r["step"] > 0]
+    assert [r["step"] for r in got] == [4, 8, 12]
+    for g, w in zip(got, want, strict=True):
+        for k in ("train_loss", "raw_val_loss", "grad_norm", "lr_scale", "rollbacks"):
+            assert g[k] == pytest.approx(w[k], abs=1e-6, rel=0), (g["step"], k)

@@ -906,6 +906,8 @@ class StageRunner:
             ckpt_path = self.save(run, plan, state,
                                   {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)})
             run.evals = evals
+            if not d.stop:  # a resume from this checkpoint takes its rollback point here: so does the run going on,
+                run.engine.mark_stable(run.step)  # and a rollback after either returns to the same state and step
         metrics["checkpoint"] = ckpt_path
         self.report(metrics, ckpt_path, tb, run.step)
         return Interval(run.sources, self.device)

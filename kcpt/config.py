@@ -381,7 +381,8 @@ class AnomalyConfig(Strict):
     """Rollback LR cuts compound down to this fraction of the schedule, no further."""
     max_rollbacks: int = Field(5, ge=0)
     stable_every: int = Field(10, ge=1)
-    """Take a new rollback point (weights + optimizer) every this many accepted steps."""
+    """Take a new rollback point (weights + optimizer) every this many accepted steps (and at every checkpoint the
+    stage goes on from: a resume from it starts there)."""
 
 
 class DeepSpeedConfig(Strict):

@@ -458,3 +458,37 @@ def test_a_rollback_after_a_resume_returns_where_the_uninterrupted_run_returns(p
     for g, w in zip(got, want, strict=True):
         for k in ("train_loss", "raw_val_loss", "grad_norm", "lr_scale", "rollbacks"):
             assert g[k] == pytest.approx(w[k], abs=1e-6, rel=0), (g["step"], k)
+
+
+def test_a_model_whose_logits_have_an_output_bias_trains_and_evaluates_on_its_own_logits(prepared_root, tmp_path):
+    """The fused loss computes ``hidden @ head.T``: for a model with an output bias (Phi) it trained and evaluated
+    another function than the model is (measured: step-0 raw loss 8.697 = the model with its bias zeroed, against
+    10.793). Such a model now runs on its logits: the step-0 loss is the same with train.fused_loss on or off,
+    and it changes with the bias."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from kcpt.model.tokenizer import load_tokenizer
+    from kcpt.train.fused_loss import unfused_reason
+
+    tok = load_tokenizer(load_config(None, []).tokenizer)
+    torch.manual_seed(0)
+    phi = PhiForCausalLM(PhiConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=128,
+                                   eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    assert unfused_reason(phi) == "its output head has a bias"
+    with torch.no_grad():
+        phi.lm_head.bias.normal_(0, 2.0)
+    phi.save_pretrained(tmp_path / "phi")
+    with torch.no_grad():
+        phi.lm_head.bias.zero_()
+    phi.save_pretrained(tmp_path / "phi0")
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 1, eval_every: 1, stop: {rule: max_steps}}]'
+
+    def start_loss(model_dir, name, *extra):
+        res = run_plan(cfg_of(prepared_root, tmp_path / name, plan, f"model.name_or_path={model_dir}", *extra),
+                       resume="never", in_process=True)
+        return next(r for r in read_metrics(res.run_dir) if r["step"] == 0)["raw_val_loss"]
+
+    fused, logits = start_loss(tmp_path / "phi", "a"), start_loss(tmp_path / "phi", "b", "train.fused_loss=false")
+    assert fused == pytest.approx(logits, abs=1e-5)
+    assert abs(start_loss(tmp_path / "phi0", "c") - fused) > 0.5  # the bias is in the loss

@@ -260,6 +260,22 @@ def has_loss_head(model: torch.nn.Module) -> bool:
     return isinstance(model, LossHeadLM) or isinstance(getattr(model, "module", None), LossHeadLM)
 
 
+def unfused_reason(model: torch.nn.Module) -> str | None:
+    """Why the fused loss cannot stand for ``model``'s own logits (it computes ``hidden @ weight.T`` and nothing
+    else), or None: an output-head bias, a logit scale or a final logit soft-cap. The loop then uses the model's
+    logits (``train.fused_loss`` off for that run), so training, eval and every report score the same function."""
+    m = getattr(model, "module", model)
+    if getattr(m.get_output_embeddings(), "bias", None) is not None:
+        return "its output head has a bias"
+    cfg = getattr(m, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) is not None:
+        return "it soft-caps its logits (final_logit_softcapping)"
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is not None and scale != 1:
+        return f"it scales its logits (logit_scale {scale})"
+    return None
+
+
 def head_weight(model: torch.nn.Module) -> torch.nn.Parameter:
     """The output-head weight [V, H] of an HF causal LM (or of the module a DeepSpeed engine wraps)."""
     m = getattr(model, "module", model)

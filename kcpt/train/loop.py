@@ -349,6 +349,8 @@ class StageRunner:
         self.session = session or RaySession()
         self.rank, self.world = rank_world()
         self.device = self._device()
+        self.use_fused = self.cfg.train.fused_loss
+        """``train.fused_loss``, unless the model's logits are more than ``hidden @ head.T`` (:meth:`build_engine`)."""
         self.run_dir = RunDir(config["run_dir"])
         stale = self.run_dir.drop_stale_node_copies()
         if stale:
@@ -530,6 +532,11 @@ class StageRunner:
             return make_adamw(groups, lr=stage.lr.peak, betas=tuple(t.adam_betas), fused=t.fused_optimizer)
 
         kernel = fused_loss.resolve_kernel(t.fused_loss_kernel, self.device)  # ConfigError before any step
+        why = fused_loss.unfused_reason(model)
+        self.use_fused = t.fused_loss and why is None
+        if t.fused_loss and why is not None and self.rank == 0:
+            log.warning("stage %s: train.fused_loss is off for this model: %s, which the fused loss leaves out; "
+                        "the losses come from the model's logits", stage.name, why)
         if self.ds_config is not None:
             key = f"{abs(hash(str(self.run_dir.root.resolve()))):x}-{stage.name}-{os.getpid()}"
             key = _broadcast(key)
@@ -813,7 +820,7 @@ class StageRunner:
         sums = accumulate_step(engine, [(b, kl) for _, b, kl in micro], ref=run.ref, kl_beta=stage.kl_beta,
                                amp=self.amp, ref_amp=lambda: autocast(self.cfg.model, self.device),
                                perturb=lambda loss: run.faults.perturb_loss(loss, run.step),
-                               fused=t.fused_loss, chunk_tokens=t.loss_chunk_tokens)
+                               fused=self.use_fused, chunk_tokens=t.loss_chunk_tokens)
         for (src, _, _), ce in zip(micro, sums.ce, strict=True):
             interval.src[run.sources.index(src)] += ce
         grad_norm = engine.step().to(device=self.device, dtype=torch.float64)
@@ -854,8 +861,8 @@ class StageRunner:
         module = run.engine.loss_module  # under ZeRO-3 the head weight is gathered in this wrapper's forward
         t0 = time.perf_counter()
         with self.amp():
-            raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device, fused=t.fused_loss)["loss"]
-            exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device, fused=t.fused_loss)["loss"]
+            raw = eval_loss(module, self.eval_set(stage.eval_raw), self.device, fused=self.use_fused)["loss"]
+            exam = (eval_loss(module, self.eval_set(stage.eval_exam), self.device, fused=self.use_fused)["loss"]
                     if stage.eval_exam else None)
         t1 = time.perf_counter()
         with self.amp():

@@ -492,3 +492,21 @@ def test_a_model_whose_logits_have_an_output_bias_trains_and_evaluates_on_its_ow
     fused, logits = start_loss(tmp_path / "phi", "a"), start_loss(tmp_path / "phi", "b", "train.fused_loss=false")
     assert fused == pytest.approx(logits, abs=1e-5)
     assert abs(start_loss(tmp_path / "phi0", "c") - fused) > 0.5  # the bias is in the loss
+
+
+def test_a_relative_model_directory_reaches_the_workers_as_an_absolute_path(prepared_root, tmp_path, monkeypatch):
+    """Workers run in other working directories: `--set model.name_or_path=expanded/llama` (as the README's
+    tokenizer-expansion example writes it) was taken for a hub name there, after minutes of hub retries."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kcpt.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(load_config(None, []).tokenizer)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=128)).save_pretrained(
+        tmp_path / "expanded" / "llama")
+    monkeypatch.chdir(tmp_path)
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 1, eval_every: 1, stop: {rule: max_steps}}]'
+    res = run_plan(cfg_of(prepared_root, tmp_path, plan, "model.name_or_path=expanded/llama"), resume="never",
+                   in_process=True)
+    assert load_config(Path(res.run_dir) / "config.yaml").model.name_or_path == str(tmp_path / "expanded" / "llama")

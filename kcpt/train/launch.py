@@ -143,6 +143,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     provides is refused here, before anything runs. A deterministic abort inside the loop (too many anomaly
     rollbacks) raises :class:`TrainingAborted` once, with the run directory as the last checkpoint left it.
     """
+    cfg = absolute_model_paths(cfg)
     stages = list(stages) if stages is not None else [s.name for s in cfg.plan]
     if not stages:
         raise ConfigError("plan: no stage to run")
@@ -201,6 +202,18 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
 
 _SIGTERMS: list[float] = []
 """When this process received a SIGTERM while a plan ran (:func:`_raise_on_sigterm`)."""
+
+
+def absolute_model_paths(cfg: KcptConfig) -> KcptConfig:
+    """``cfg`` with a relative local ``model.name_or_path`` / ``tokenizer.path`` (one that exists here) made
+    absolute: workers run in other working directories (a relative path would be taken for a hub name there)."""
+    changes = {}
+    for section, key in (("model", "name_or_path"), ("tokenizer", "path")):
+        v = getattr(getattr(cfg, section), key)
+        if v not in ("tiny", "demo") and not storage.is_uri(v) and not Path(v).expanduser().is_absolute() \
+                and Path(v).expanduser().exists():
+            changes[section] = getattr(cfg, section).model_copy(update={key: str(Path(v).expanduser().resolve())})
+    return cfg.model_copy(update=changes) if changes else cfg
 
 
 def _raise_on_sigterm() -> Any:

@@ -510,3 +510,18 @@ def test_a_relative_model_directory_reaches_the_workers_as_an_absolute_path(prep
     res = run_plan(cfg_of(prepared_root, tmp_path, plan, "model.name_or_path=expanded/llama"), resume="never",
                    in_process=True)
     assert load_config(Path(res.run_dir) / "config.yaml").model.name_or_path == str(tmp_path / "expanded" / "llama")
+
+
+def test_a_model_with_fewer_learned_positions_than_seq_len_is_refused_before_anything_runs(prepared_root, tmp_path):
+    """A GPT-2 of 32 positions at data.seq_len 64 failed in every worker with an IndexError (a 60-line Ray
+    traceback) and left a half-written run directory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2")
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 1, eval_every: 1, stop: {rule: max_steps}}]'
+    with pytest.raises(ConfigError, match=r"data.seq_len 64 is longer than the 32 positions of .*gpt2 \(a gpt2 model "
+                                          r"learns a table of positions\): set data.seq_len=32 or less"):
+        run_plan(cfg_of(prepared_root, tmp_path, plan, f"model.name_or_path={tmp_path / 'gpt2'}"), resume="never",
+                 in_process=True)
+    assert not (tmp_path / "r").exists()

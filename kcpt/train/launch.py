@@ -16,6 +16,7 @@ Ray Train's own storage (``RunConfig(storage_path=<run>/ray)``) holds pointers t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -144,6 +145,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
     rollbacks) raises :class:`TrainingAborted` once, with the run directory as the last checkpoint left it.
     """
     cfg = absolute_model_paths(cfg)
+    check_positions(cfg)
     stages = list(stages) if stages is not None else [s.name for s in cfg.plan]
     if not stages:
         raise ConfigError("plan: no stage to run")
@@ -214,6 +216,27 @@ def absolute_model_paths(cfg: KcptConfig) -> KcptConfig:
                 and Path(v).expanduser().exists():
             changes[section] = getattr(cfg, section).model_copy(update={key: str(Path(v).expanduser().resolve())})
     return cfg.model_copy(update=changes) if changes else cfg
+
+
+LEARNED_POSITIONS = ("gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt", "xglm", "codegen", "bert")
+"""``model_type`` s whose position embeddings are a table: a row longer than it fails with an index error."""
+
+
+def check_positions(cfg: KcptConfig) -> None:
+    """ConfigError, before anything starts, when a local model's learned position table is shorter than
+    ``data.seq_len`` (each packed row is that long): it would fail inside every worker with an IndexError."""
+    path = Path(cfg.model.name_or_path).expanduser() / "config.json"
+    if cfg.model.name_or_path == "tiny" or not path.is_file():
+        return
+    try:
+        mc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the loader reports a damaged config.json
+    n = mc.get("n_positions") or mc.get("max_position_embeddings")
+    if mc.get("model_type") in LEARNED_POSITIONS and isinstance(n, int) and n < cfg.data.seq_len:
+        raise ConfigError(f"data.seq_len {cfg.data.seq_len} is longer than the {n} positions of {path.parent} "
+                          f"(a {mc.get('model_type')} model learns a table of positions): set data.seq_len={n} or "
+                          "less, or use a model with more positions")
 
 
 def _raise_on_sigterm() -> Any:

@@ -240,3 +240,28 @@ def test_oversample_new_tokens_writes_documents_with_new_tokens_factor_times(tmp
     assert tokens_three == sum(per_doc) + 2 * sum(per_doc[k] for k in new)
     assert three["notices"]["oversampled_new_tokens"] == len(new)
     assert "oversampled_new_tokens" not in once.get("notices", {})
+
+
+def test_audit_tokenizer_misuse_is_one_line_before_any_work(tmp_path, capsys):
+    """--model without --expand wrote nothing and exited 0; a missing --model dir took 27 s of hub retries and did
+    not name --model; a checkpoint checked against another model's init ended in a ValueError traceback."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kcpt.cli import main
+    from kcpt.errors import InputError
+    from kcpt.model.undertrained import find_undertrained
+
+    assert main(["audit-tokenizer", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "give --expand N" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["audit-tokenizer", "--expand", "4", "--model", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert f"--model {tmp_path / 'nope'}: not a Hugging Face model directory" in capsys.readouterr().err
+    assert main(["audit-tokenizer", "--expand", "4", "--model", str(tmp_path)]) == 2
+    assert "--model needs --out" in capsys.readouterr().err
+
+    def tiny(vocab):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2))
+
+    with pytest.raises(InputError, match=r"--init has embedding shapes \[\(40, 16\)"):
+        find_undertrained(tiny(48), None, first_new_id=40, init=tiny(40))

@@ -43,6 +43,13 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.checkpoint is not None:
         return _undertrained(args)
+    if (args.model or args.out) and not args.expand:
+        raise KcptError("--model and --out write an expanded model/tokenizer: give --expand N (the new tokens to "
+                        "add), or leave them out for the audit alone")
+    if args.model and not args.out:
+        raise KcptError("--model needs --out: the directory the expanded model and tokenizer are written to")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        raise KcptError(f"--model {args.model}: not a Hugging Face model directory (no config.json there)")
     tok = load_tokenizer(TokenizerConfig(path=args.tokenizer))
     report = RejectReport()
     texts = [d.text for d in read_documents(resolve_inputs(args.input), text_field=args.text_field, report=report)]

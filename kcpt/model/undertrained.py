@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from kcpt.errors import InputError
+
 
 @dataclass
 class TokenFlag:
@@ -87,7 +89,9 @@ def find_undertrained(model: Any, tokenizer: Any, *, first_new_id: int, init: An
     if init is not None:
         init_rows = _rows(init)
         if [r.shape for r in init_rows] != [r.shape for r in rows]:
-            raise ValueError("init has other embedding shapes than the checkpoint (not the same expanded model?)")
+            raise InputError(f"--init has embedding shapes {[tuple(r.shape) for r in init_rows]} and the checkpoint "
+                             f"{[tuple(r.shape) for r in rows]}: give as --init the expanded model directory this "
+                             "checkpoint's run started from (written by --expand --model --out)")
         moves = [(a - b).norm(dim=1) for a, b in zip(rows, init_rows, strict=True)]
         moved = torch.stack(moves).min(dim=0).values if len(moves) > 1 else moves[0]
         reference = float(torch.quantile(moved[:first_new_id], ref_quantile))

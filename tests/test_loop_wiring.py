@@ -525,3 +525,19 @@ def test_a_model_with_fewer_learned_positions_than_seq_len_is_refused_before_any
         run_plan(cfg_of(prepared_root, tmp_path, plan, f"model.name_or_path={tmp_path / 'gpt2'}"), resume="never",
                  in_process=True)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_model_with_fewer_embedding_rows_than_tokens_is_warned_on_the_console(prepared_root, tmp_path, capsys):
+    """The loader grows such a model with random rows; only a worker's log said so."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kcpt.model.tokenizer import load_tokenizer
+
+    n = len(load_tokenizer(load_config(None, []).tokenizer))
+    LlamaForCausalLM(LlamaConfig(vocab_size=n - 9, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=128)).save_pretrained(tmp_path / "m")
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 1, eval_every: 1, stop: {rule: max_steps}}]'
+    run_plan(cfg_of(prepared_root, tmp_path, plan, f"model.name_or_path={tmp_path / 'm'}"), resume="never",
+             in_process=True)
+    assert (f"warning: {tmp_path / 'm'} has {n - 9} embedding rows and the tokenizer {n} tokens: rows "
+            f"{n - 9}..{n - 1} are added with random values.") in capsys.readouterr().out

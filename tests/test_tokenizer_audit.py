@@ -265,3 +265,33 @@ def test_audit_tokenizer_misuse_is_one_line_before_any_work(tmp_path, capsys):
 
     with pytest.raises(InputError, match=r"--init has embedding shapes \[\(40, 16\)"):
         find_undertrained(tiny(48), None, first_new_id=40, init=tiny(40))
+
+
+def test_expansion_of_a_padded_model_uses_its_spare_rows_and_a_smaller_one_is_refused():
+    """A model padded past its tokenizer (rows > tokens) crashed the expansion ("got id … inside the old
+    vocabulary"); one with fewer rows than tokens was expanded silently from random rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kcpt.errors import InputError
+    from kcpt.model.audit import expand_tokenizer_and_model
+    from kcpt.model.undertrained import find_undertrained
+
+    tok = _byte_bpe(300)
+    n = len(tok)
+
+    def tiny(rows):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=rows, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2))
+
+    padded = tiny(n + 64)
+    grown, pieces = expand_tokenizer_and_model(tok, padded, ["대한민국", "헌법"])
+    assert pieces and len(grown) == n + len(pieces) < n + 64
+    assert padded.get_input_embeddings().weight.shape[0] == n + 64  # the padding stays
+    emb = padded.get_input_embeddings().weight
+    for word, old_ids in pieces.items():
+        assert torch.allclose(emb[grown.convert_tokens_to_ids(word)], emb[torch.tensor(old_ids)].mean(dim=0))
+    report = find_undertrained(padded, grown, first_new_id=n)
+    assert report.checked == len(pieces)  # the new tokens, not the padding rows
+    with pytest.raises(InputError, match=rf"the model has {n - 5} embedding rows and the tokenizer {n} tokens"):
+        expand_tokenizer_and_model(tok, tiny(n - 5), ["대한민국"])

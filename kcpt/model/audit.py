@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from kcpt.errors import InputError
+
 _HANGUL_SYLLABLE = re.compile(r"[\uac00-\ud7a3]")
 _KOREAN_WORD = re.compile(r"[\uac00-\ud7a3]{2,}")
 
@@ -187,13 +189,22 @@ def expand_tokenizer_and_model(tokenizer: Any, model: Any, new_tokens: Sequence[
     ``{token: old_ids}``.
 
     Each new input-embedding row (and output row when the head is not tied) is the mean of the rows of the
-    tokens the ORIGINAL tokenizer produced for that string. Words already kept whole add nothing.
+    tokens the ORIGINAL tokenizer produced for that string. Words already kept whole add nothing. A model with
+    more rows than the tokenizer has tokens (padded) keeps them, the new tokens taking the unused rows first; one
+    with fewer is refused (InputError).
     """
+    old_size = len(tokenizer)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < old_size:
+        raise InputError(f"the model has {rows} embedding rows and the tokenizer {old_size} tokens: they do not belong "
+                         "together (ids from the tokenizer would index past the model's embeddings); give the model's "
+                         "own tokenizer")
     new_tok, pieces = expand_vocabulary(tokenizer, new_tokens)
     if not pieces:
         return tokenizer, {}
-    old_size = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(len(new_tok), mean_resizing=False)
+    # a model padded past its tokenizer (rows > tokens, e.g. to a multiple of 64) keeps its rows: the new tokens
+    # take the unused ones first
+    model.resize_token_embeddings(max(len(new_tok), rows), mean_resizing=False)
     emb_in = model.get_input_embeddings().weight
     emb_out = model.get_output_embeddings()
     tied = emb_out is None or emb_out.weight.data_ptr() == emb_in.data_ptr()

@@ -8,9 +8,10 @@ as the average of its pieces, and sampling it is unreliable. Compared with the e
 ``ref_quantile`` (0.99) quantile of the OLD rows' movements — rows of tokens the data uses move by roughly the
 learning rate every step, unused rows only by weight decay, so the top of the old rows stands for "trained"
 whatever share of the vocabulary the corpus touches. A new token that moved less than ``min_movement`` × the
-reference is *undertrained* (new or rare in the data). Independently of ``init``, a token whose embedding norm
-is a robust outlier (|z| of the log-norm, median/MAD, above ``z_max``) among all rows is flagged too (the
-classic signature of never-updated or blown-up rows).
+reference is *undertrained* (new or rare in the data). Without ``init``, a token whose embedding norm is a
+robust outlier (|z| of the log-norm, median/MAD, above ``z_max``) among all rows is flagged (the classic signature
+of never-updated or blown-up rows); with ``init`` that rule is off, since folded rows (a mean of rows) are short by
+design and every new token would be an outlier. Padding rows past the tokenizer's last token are not checked.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def find_undertrained(model: Any, tokenizer: Any, *, first_new_id: int, init: An
     movements (ids below ``first_new_id``) is undertrained; ``z_max``: the norm-outlier threshold. Both embedding
     matrices count when untied (the smaller movement)."""
     rows = _rows(model)
-    vocab = rows[0].shape[0]
+    vocab = rows[0].shape[0] if tokenizer is None else min(rows[0].shape[0], len(tokenizer))  # not padding rows
     if not 0 < first_new_id <= vocab:
         raise ValueError(f"first_new_id {first_new_id} outside the vocabulary (1..{vocab})")
     logn = rows[0].norm(dim=1).clamp_min(1e-12).log()
@@ -104,7 +105,7 @@ def find_undertrained(model: Any, tokenizer: Any, *, first_new_id: int, init: An
             if ratio < min_movement:
                 reasons.append("barely moved from its init")
         zi = float(z[i])
-        if math.isfinite(zi) and abs(zi) > z_max:
+        if init is None and math.isfinite(zi) and abs(zi) > z_max:  # with init, folded rows are short by design
             reasons.append("embedding norm outlier")
         if reasons:
             flags.append(TokenFlag(i, tokenizer.decode([i]), ratio, zi, reasons))

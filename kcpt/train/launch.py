@@ -239,6 +239,24 @@ def check_positions(cfg: KcptConfig) -> None:
                           "less, or use a model with more positions")
 
 
+def vocab_warnings(cfg: KcptConfig, manifests: dict[str, dict[str, Any]]) -> list[str]:
+    """A console warning when a local model has fewer embedding rows than the tokenizer has tokens: the loader
+    grows it (``resize_token_embeddings``) and the new rows start random, which only a worker's log used to say."""
+    path = Path(cfg.model.name_or_path).expanduser() / "config.json"
+    vocab = next((m.get("vocab_size") for m in manifests.values() if m.get("vocab_size")), None)
+    if cfg.model.name_or_path == "tiny" or not path.is_file() or not isinstance(vocab, int):
+        return []
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError):
+        return []
+    if not isinstance(rows, int) or rows >= vocab:
+        return []
+    return [f"warning: {path.parent} has {rows} embedding rows and the tokenizer {vocab} tokens: rows "
+            f"{rows}..{vocab - 1} are added with random values. For new tokens with a folded init (the mean of "
+            "their pieces), expand the model with `kcpt audit-tokenizer --expand N --model DIR --out DIR`"]
+
+
 def _raise_on_sigterm() -> Any:
     """In the main thread: make a SIGTERM raise :class:`~kcpt.errors.Terminated` (Ray's driver would otherwise
     dump a stack trace and abort). Returns the handler it replaced (None when not in the main thread)."""
@@ -269,9 +287,13 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         announce_data(prepared, statuses, limit=cfg.data.max_reject_fraction,
                       filters=cfg.data.filters.model_dump(mode="json"))
     local_prepared = {k: fetch_prepared(v, shards=False) for k, v in prepared.items()}
+    manifests = {k: read_manifest(v) for k, v in local_prepared.items()}
+    if console:
+        for line in vocab_warnings(cfg, manifests):
+            print(line, flush=True)
     expected = expected_manifest(cfg, local_prepared)
     world = 1 if in_process or in_task else cfg.train.num_workers
-    check_rows(cfg, stages, {k: read_manifest(v) for k, v in local_prepared.items()}, world)
+    check_rows(cfg, stages, manifests, world)
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
             if not storage.is_uri(str(p)) and not Path(p).is_dir():

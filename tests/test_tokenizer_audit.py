@@ -295,3 +295,31 @@ def test_expansion_of_a_padded_model_uses_its_spare_rows_and_a_smaller_one_is_re
     assert report.checked == len(pieces)  # the new tokens, not the padding rows
     with pytest.raises(InputError, match=rf"the model has {n - 5} embedding rows and the tokenizer {n} tokens"):
         expand_tokenizer_and_model(tok, tiny(n - 5), ["대한민국"])
+
+
+def test_a_tokenizer_dir_without_vocabulary_and_an_output_bias_in_expansion(tmp_path):
+    """A tokenizer directory with only tokenizer_config.json was refused with transformers' text about
+    sentencepiece/tiktoken; a model with an output bias (Phi) got bias 0 for its new tokens, not their pieces'."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from kcpt.config import TokenizerConfig
+    from kcpt.errors import ConfigError
+    from kcpt.model.audit import expand_tokenizer_and_model
+    from kcpt.model.tokenizer import load_tokenizer
+
+    tok = _byte_bpe(300)
+    tok.save_pretrained(tmp_path / "tok")
+    for f in (tmp_path / "tok").iterdir():
+        if f.name != "tokenizer_config.json":
+            f.unlink()
+    with pytest.raises(ConfigError, match=r"holds no tokenizer vocabulary \(no tokenizer.json"):
+        load_tokenizer(TokenizerConfig(path=str(tmp_path / "tok")))
+    torch.manual_seed(0)
+    phi = PhiForCausalLM(PhiConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2))
+    with torch.no_grad():
+        phi.lm_head.bias.normal_()
+    grown, pieces = expand_tokenizer_and_model(tok, phi, ["대한민국"])
+    for word, old_ids in pieces.items():
+        assert torch.allclose(phi.lm_head.bias[grown.convert_tokens_to_ids(word)],
+                              phi.lm_head.bias[torch.tensor(old_ids)].mean())

@@ -217,4 +217,6 @@ def expand_tokenizer_and_model(tokenizer: Any, model: Any, new_tokens: Sequence[
             emb_in[new_id] = emb_in[idx].mean(dim=0)
             if not tied:
                 emb_out.weight[new_id] = emb_out.weight[idx].mean(dim=0)
+            if getattr(emb_out, "bias", None) is not None:  # an output bias (Phi) folds like the rows
+                emb_out.bias[new_id] = emb_out.bias[idx].mean()
     return new_tok, pieces

@@ -137,6 +137,12 @@ def load_tokenizer(cfg: TokenizerConfig, *, cache_dir: str | Path | None = None,
     try:
         tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        local = Path(cfg.path).expanduser()
+        if local.is_dir() and not any(local.glob("tokenizer.*")) and not any(local.glob("*vocab*")) \
+                and not any(local.glob("*.model")):
+            raise ConfigError(f"tokenizer.path: {local} holds no tokenizer vocabulary (no tokenizer.json, "
+                              "tokenizer.model, vocab.json, …): copy the tokenizer files there "
+                              "(tokenizer.save_pretrained(DIR) writes them)") from None
         raise ConfigError(f"tokenizer.path: cannot load tokenizer '{cfg.path}': {e}") from None
     except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json raises KeyError, TypeError, ... from deep inside
         raise ConfigError(f"tokenizer.path: cannot load tokenizer '{cfg.path}' ({type(e).__name__}: {e}); its files "

@@ -163,7 +163,9 @@ class _Loader:
                 manifest = ckpt_lib.read_manifest(local)
                 if self.tok_sha is not None and manifest.get("tokenizer_sha256") != self.tok_sha:
                     raise CheckpointError(f"{m.ref}: tokenizer {str(manifest.get('tokenizer_sha256'))[:12]}… differs "
-                                          f"from the run's {self.tok_sha[:12]}…: its losses are not comparable")
+                                          f"from the run's {self.tok_sha[:12]}…: its losses are not comparable. "
+                                          "Compare against a model with the run's tokenizer: --base REF (e.g. the "
+                                          "expanded model the run started from) or --cpt-best REF")
                 m.stage = m.stage or manifest.get("stage")
                 m.step = m.step if m.step is not None else manifest.get("step")
             path = local

@@ -68,6 +68,11 @@ class DatasetReport:
     def fraction(self, reason: str) -> float:
         return self.rejects.get(reason, 0) / self.read if self.read else 0.0
 
+    @property
+    def reject_summary(self) -> str:
+        """``reason n, …`` by count, most first; ``""`` when nothing was rejected."""
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.rejects.items(), key=lambda kv: -kv[1]))
+
 
 def data_table(reports: list[DatasetReport]) -> str:
     """The data table (fixed-width text), one line per dataset."""
@@ -75,7 +80,7 @@ def data_table(reports: list[DatasetReport]) -> str:
     body = []
     for r in reports:
         m = r.manifest
-        rej = ", ".join(f"{k} {v}" for k, v in sorted(r.rejects.items(), key=lambda kv: -kv[1])) or "-"
+        rej = r.reject_summary or "-"
         body.append([r.name, r.kind, str(r.read), str(r.kept), rej, str(m.get("rows", "?")),
                      str(m.get("tokens", "?")), f"{float(m.get('pack_efficiency', 0)) * 100:.1f}%", r.status])
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
@@ -175,9 +180,8 @@ def check_reject_limit(reports: list[DatasetReport], limit: float | None) -> Non
                                  f"its {r.read} {unit} as {reason}, above the limit {limit:g}")
         total = sum(r.rejects.values())
         if r.read and total / r.read > limit:
-            why = ", ".join(f"{k} {v}" for k, v in sorted(r.rejects.items(), key=lambda kv: -kv[1]))
             raise InputError(f"data.max_reject_fraction: dataset '{r.name}' dropped {total / r.read:.1%} of its "
-                             f"{r.read} {unit} ({why}), above the limit {limit:g}")
+                             f"{r.read} {unit} ({r.reject_summary}), above the limit {limit:g}")
 
 
 def load_reports(prepared: Mapping[str, Any], statuses: Mapping[str, str] | None = None) -> list[DatasetReport]:

@@ -218,6 +218,19 @@ def absolute_model_paths(cfg: KcptConfig) -> KcptConfig:
     return cfg.model_copy(update=changes) if changes else cfg
 
 
+def local_model_config(cfg: KcptConfig) -> dict[str, Any]:
+    """The ``config.json`` of a local ``model.name_or_path`` directory, or {} (the built-in tiny model, a hub name,
+    or a file the loader will report as damaged)."""
+    path = Path(cfg.model.name_or_path).expanduser() / "config.json"
+    if cfg.model.name_or_path == "tiny" or not path.is_file():
+        return {}
+    try:
+        mc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return mc if isinstance(mc, dict) else {}
+
+
 LEARNED_POSITIONS = ("gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt", "xglm", "codegen", "bert")
 """``model_type`` s whose position embeddings are a table: a row longer than it fails with an index error."""
 
@@ -225,16 +238,11 @@ LEARNED_POSITIONS = ("gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt", "xglm", 
 def check_positions(cfg: KcptConfig) -> None:
     """ConfigError, before anything starts, when a local model's learned position table is shorter than
     ``data.seq_len`` (each packed row is that long): it would fail inside every worker with an IndexError."""
-    path = Path(cfg.model.name_or_path).expanduser() / "config.json"
-    if cfg.model.name_or_path == "tiny" or not path.is_file():
-        return
-    try:
-        mc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # the loader reports a damaged config.json
+    mc = local_model_config(cfg)
     n = mc.get("n_positions") or mc.get("max_position_embeddings")
     if mc.get("model_type") in LEARNED_POSITIONS and isinstance(n, int) and n < cfg.data.seq_len:
-        raise ConfigError(f"data.seq_len {cfg.data.seq_len} is longer than the {n} positions of {path.parent} "
+        raise ConfigError(f"data.seq_len {cfg.data.seq_len} is longer than the {n} positions of "
+                          f"{cfg.model.name_or_path} "
                           f"(a {mc.get('model_type')} model learns a table of positions): set data.seq_len={n} or "
                           "less, or use a model with more positions")
 
@@ -242,17 +250,11 @@ def check_positions(cfg: KcptConfig) -> None:
 def vocab_warnings(cfg: KcptConfig, manifests: dict[str, dict[str, Any]]) -> list[str]:
     """A console warning when a local model has fewer embedding rows than the tokenizer has tokens: the loader
     grows it (``resize_token_embeddings``) and the new rows start random, which only a worker's log used to say."""
-    path = Path(cfg.model.name_or_path).expanduser() / "config.json"
     vocab = next((m.get("vocab_size") for m in manifests.values() if m.get("vocab_size")), None)
-    if cfg.model.name_or_path == "tiny" or not path.is_file() or not isinstance(vocab, int):
+    rows = local_model_config(cfg).get("vocab_size")
+    if not isinstance(rows, int) or not isinstance(vocab, int) or rows >= vocab:
         return []
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8")).get("vocab_size")
-    except (OSError, ValueError):
-        return []
-    if not isinstance(rows, int) or rows >= vocab:
-        return []
-    return [f"warning: {path.parent} has {rows} embedding rows and the tokenizer {vocab} tokens: rows "
+    return [f"warning: {cfg.model.name_or_path} has {rows} embedding rows and the tokenizer {vocab} tokens: rows "
             f"{rows}..{vocab - 1} are added with random values. For new tokens with a folded init (the mean of "
             "their pieces), expand the model with `kcpt audit-tokenizer --expand N --model DIR --out DIR`"]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kcpt.config import KcptConfig, StageConfig
+from kcpt.data.report import DatasetReport
 from kcpt.errors import ConfigError, InputError
 
 
@@ -54,15 +55,11 @@ def check_rows(cfg: KcptConfig, stages: list[str], manifests: dict[str, dict[str
         need = world if name in training else 1
         if rows >= need:
             continue
-        ds = cfg.data.datasets[name]
+        ds, r = cfg.data.datasets[name], DatasetReport(name, m)
         unit = "items" if ds.kind == "exam" else "documents"
-        kept = sum(int(i.get("documents", 0)) for i in m.get("inputs", []))
-        rejects = {k: int(v) for k, v in (m.get("rejects") or {}).items()}
-        read = kept + sum(rejects.values())
-        why = ", ".join(f"{k} {v}" for k, v in sorted(rejects.items(), key=lambda kv: -kv[1]))
         other = int((m.get("notices") or {}).get("other_kind", 0))
         skipped = int((m.get("notices") or {}).get("skipped_file", 0))
-        said = [f"{kept} of {read} {unit} kept" + (f" (dropped: {why})" if why else "")]
+        said = [f"{r.kept} of {r.read} {unit} kept" + (f" (dropped: {r.reject_summary})" if r.rejects else "")]
         if other:
             said.append(f"{other} items of another kind skipped (data.datasets.{name}.exam_kind: {ds.exam_kind!r})")
         if skipped:

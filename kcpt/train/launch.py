@@ -262,6 +262,7 @@ def vocab_warnings(cfg: KcptConfig, manifests: dict[str, dict[str, Any]]) -> lis
 def _raise_on_sigterm() -> Any:
     """In the main thread: make a SIGTERM raise :class:`~kcpt.errors.Terminated` (Ray's driver would otherwise
     dump a stack trace and abort). Returns the handler it replaced (None when not in the main thread)."""
+    _SIGTERMS.clear()  # one run's record: a later Ctrl-C in this process is not a SIGTERM
     if threading.current_thread() is not threading.main_thread():
         return None
 

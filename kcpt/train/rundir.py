@@ -67,6 +67,19 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _delete_tree(path: Path) -> int:
+    """Delete the directory ``path`` and return the bytes it held (0 when absent). Safe for several processes of one
+    node at once: it is renamed to a hidden name first, and only the process whose rename won deletes it."""
+    doomed = path.with_name(f".{path.name}.del-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        os.rename(path, doomed)
+    except (FileNotFoundError, NotADirectoryError):  # nothing here, or another process took it
+        return 0
+    freed = sum(p.stat().st_size for p in doomed.rglob("*") if p.is_file())
+    shutil.rmtree(doomed, ignore_errors=True)
+    return freed
+
+
 class RunDir:
     """Paths and writers of one run directory (writers are used by rank 0 only)."""
 
@@ -219,15 +232,7 @@ class RunDir:
         if self.remote is None:
             return 0
         self.wait_published()
-        src = self.checkpoints
-        doomed = src.with_name(f".checkpoints.del-{os.getpid()}-{os.urandom(4).hex()}")
-        try:
-            os.rename(src, doomed)
-        except FileNotFoundError:  # nothing here, or another process of this node took it
-            return 0
-        freed = sum(p.stat().st_size for p in doomed.rglob("*") if p.is_file())
-        shutil.rmtree(doomed, ignore_errors=True)
-        return freed
+        return _delete_tree(self.checkpoints)
 
     def drop_stale_node_copies(self) -> int:
         """At a URI, inside a Ray worker: delete this machine's mirrors of the run kept under the scratch keys of
@@ -241,19 +246,7 @@ class RunDir:
             return 0
         here = storage.scratch_root()
         rel = self.root.relative_to(here)
-        freed = 0
-        for other in sorted(here.parent.glob("node-*")):
-            stale = other / rel
-            if other.name in alive or not stale.is_dir():
-                continue
-            doomed = stale.with_name(f".{stale.name}.del-{os.getpid()}-{os.urandom(4).hex()}")
-            try:
-                os.rename(stale, doomed)
-            except FileNotFoundError:  # another rank of this machine took it
-                continue
-            freed += sum(p.stat().st_size for p in doomed.rglob("*") if p.is_file())
-            shutil.rmtree(doomed, ignore_errors=True)
-        return freed
+        return sum(_delete_tree(other / rel) for other in sorted(here.parent.glob("node-*")) if other.name not in alive)
 
     @property
     def config_path(self) -> Path:

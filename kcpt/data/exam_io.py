@@ -33,6 +33,7 @@ from kcpt.data.rejects import RejectReport, reject
 from kcpt.data.sources import is_utf8_encodable, iter_input_files, iter_json_lines, reading
 from kcpt.data.types import ExamItem
 from kcpt.errors import InputError
+from kcpt.storage import is_uri
 
 EXAM_KINDS = ("qa", "example")
 KNOWN_KEYS = {"id", "prompt", "question", "choices", "answer", "kind"}
@@ -125,6 +126,22 @@ def parse_exam_record(rec: Any) -> ExamItem:
     return ExamItem(id=item_id, answer=answer, kind=kind, prompt=prompt, question=question, choices=choices)
 
 
+def is_exam_file(unit: str | Path, named: Sequence[str | Path], report: RejectReport) -> bool:
+    """Whether an input unit (a file, a ``save_to_disk`` dir; a path or a URI) holds exam items: a ``.jsonl`` file.
+    Another unit met in a directory walk is skipped with a ``skipped_file`` notice; one of the ``named`` inputs is
+    an InputError (both pipelines call this)."""
+    def norm(p: str | Path) -> str:
+        return str(p) if is_uri(str(p)) else str(Path(p))
+
+    if norm(unit).lower().endswith(".jsonl") and not (not is_uri(str(unit)) and Path(unit).is_dir()):
+        return True
+    if norm(unit) not in {norm(p) for p in named}:
+        report.note("skipped_file", f"{unit}: skipped (exam items are read from .jsonl files only)")
+        return False
+    raise InputError("exam items are read from .jsonl files only (one item per line, docs/data-formats.md)",
+                     path=str(unit))
+
+
 def read_exam_items(paths: Sequence[str | Path], *, report: RejectReport, strict: bool = False,
                     kind: str | None = None, max_line_chars: int = 1_000_000) -> Iterator[ExamItem]:
     """Yield validated :class:`ExamItem` s from ``.jsonl`` files/directories (see module docstring).
@@ -136,14 +153,9 @@ def read_exam_items(paths: Sequence[str | Path], *, report: RejectReport, strict
         raise InputError(f"kind must be one of {list(EXAM_KINDS)} or None, got {kind!r}")
     seen: dict[str, str] = {}
     noted_keys: set[str] = set()
-    named = {Path(p) for p in paths}
     for path in iter_input_files(paths, report=report):
-        if path.is_dir() or path.suffix.lower() != ".jsonl":
-            if path not in named:  # met in a directory walk: skipped like any file of another kind
-                report.note("skipped_file", f"{path}: skipped (exam items are read from .jsonl files only)")
-                continue
-            raise InputError("exam items are read from .jsonl files only (one item per line, docs/data-formats.md)",
-                             path=str(path))
+        if not is_exam_file(path, paths, report):
+            continue
         with reading(path):
             yield from _items_of(path, report=report, strict=strict, kind=kind, max_line_chars=max_line_chars,
                                  seen=seen, noted_keys=noted_keys)

@@ -400,14 +400,9 @@ def _rows(name: str, ds: DatasetConfig, cfg: KcptConfig, tokenizer, paths: list[
                 "state": state, "shards": shards, "strict": data.strict})
         segments = texts.map_batches(Tokenize, **tok_args)
     else:
-        named = {str(p) for p in paths}
-        for f, _ in files:
-            if not f.lower().endswith(".jsonl") and f in named:
-                raise InputError("exam items are read from .jsonl files only (one item per line, "
-                                 "docs/data-formats.md)", path=f)
-            if not f.lower().endswith(".jsonl"):  # met in a directory walk: skipped like any file of another kind
-                driver_report.note("skipped_file", f"{f}: skipped (exam items are read from .jsonl files only)")
-        files = [(f, n) for f, n in files if f.lower().endswith(".jsonl")]
+        from kcpt.data.exam_io import is_exam_file
+
+        files = [(f, n) for f, n in files if is_exam_file(f, paths, driver_report)]
         files_ds = ray.data.from_items([{"path": f} for f, _ in files], override_num_blocks=max(1, len(files)))
         items = files_ds.map_batches(_read_exam, batch_size=1, fn_kwargs={
             "state": state, "shards": shards, "cfg": cfg, "exam_kind": ds.exam_kind})

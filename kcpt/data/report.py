@@ -62,6 +62,10 @@ class DatasetReport:
         return {k: int(v) for k, v in (self.manifest.get("rejects") or {}).items()}
 
     @property
+    def notices(self) -> dict[str, int]:
+        return {k: int(v) for k, v in (self.manifest.get("notices") or {}).items()}
+
+    @property
     def read(self) -> int:
         return self.kept + sum(self.rejects.values())
 
@@ -147,7 +151,7 @@ def data_warnings(reports: list[DatasetReport], filters: Mapping[str, Any] | Non
                 msg += f"; see the examples in {r.name}'s manifest.json (reject_examples)"
             out.append(msg)
     for r in reports:  # not rejects (kept + rejected = read): the dataset keeps one kind by choice
-        other = int((r.manifest.get("notices") or {}).get("other_kind", 0))
+        other = r.notices.get("other_kind", 0)
         if other:
             kind = (r.manifest.get("dataset") or {}).get("exam_kind")
             out.append(f"note: {r.name}: {other} items of another kind than {kind!r} were skipped "

@@ -57,8 +57,7 @@ def check_rows(cfg: KcptConfig, stages: list[str], manifests: dict[str, dict[str
             continue
         ds, r = cfg.data.datasets[name], DatasetReport(name, m)
         unit = "items" if ds.kind == "exam" else "documents"
-        other = int((m.get("notices") or {}).get("other_kind", 0))
-        skipped = int((m.get("notices") or {}).get("skipped_file", 0))
+        other, skipped = r.notices.get("other_kind", 0), r.notices.get("skipped_file", 0)
         said = [f"{r.kept} of {r.read} {unit} kept" + (f" (dropped: {r.reject_summary})" if r.rejects else "")]
         if other:
             said.append(f"{other} items of another kind skipped (data.datasets.{name}.exam_kind: {ds.exam_kind!r})")

@@ -110,11 +110,9 @@ def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, 
     from kcpt.train.launch import run_plan  # imports torch and Ray: only after the config was validated
 
     if args.resume:
-        from kcpt import storage
-        from kcpt.train.rundir import RunDir, run_dir_for
+        from kcpt.train.rundir import run_dir_of
 
-        ref = str(args.run_dir) if args.run_dir else str(run_dir_for(cfg))
-        rd = RunDir(ref if storage.is_uri(ref) else storage.local_path(ref))
+        rd = run_dir_of(cfg, args.run_dir)
         if rd.latest_checkpoint(stages or [s.name for s in cfg.plan]) is None:
             print(f"--resume: {rd.location} holds no complete checkpoint of this plan (a typo in the run name?); "
                   "a new run starts there", flush=True)

@@ -35,7 +35,7 @@ from kcpt.data.shards import fetch_prepared, read_manifest
 from kcpt.errors import CheckpointError, ConfigError, KcptError, Terminated, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.plan import check_baselines, check_rows, datasets_needed, expected_manifest, stage_sources
-from kcpt.train.rundir import RunDir, read_metrics, run_dir_for
+from kcpt.train.rundir import RunDir, read_metrics, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
                        ("run_dir", run_dir)):
         if value is not None:
             storage.check_uri(str(value), key)
-    ref = str(run_dir) if run_dir is not None else run_dir_for(cfg)
-    rd = RunDir(ref if storage.is_uri(ref) else storage.local_path(ref))
+    rd = run_dir_of(cfg, run_dir)
     rd.check_owned()  # never write into (or clean) a directory kcpt did not create
     if resume == "never":
         rd.refuse_existing()  # no silent destruction: only "overwrite" replaces a run that has results

@@ -67,6 +67,13 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def run_dir_of(cfg: KcptConfig, run_dir: str | Path | None = None) -> RunDir:
+    """The run directory a run of ``cfg`` uses: ``run_dir``, else ``<train.output_dir>/<train.run_name>``; a URI
+    stays one, a local path is made absolute."""
+    ref = str(run_dir) if run_dir is not None else str(run_dir_for(cfg))
+    return RunDir(ref if storage.is_uri(ref) else storage.local_path(ref))
+
+
 def _delete_tree(path: Path) -> int:
     """Delete the directory ``path`` and return the bytes it held (0 when absent). Safe for several processes of one
     node at once: it is renamed to a hidden name first, and only the process whose rename won deletes it."""

@@ -39,6 +39,26 @@ def cfg_of(prepared_root: Path, out: Path, plan: str, *extra: str):
                               "train.run_name=r", f"plan={plan}", *extra])
 
 
+def uninterrupted_and_resumed_from_step_4(cfg) -> tuple[list[dict], list[dict]]:
+    """The evals (step > 0) of a run of ``cfg``, and of the same run resumed from its step-4 checkpoint with the
+    later ones deleted (as if it had died after step 4)."""
+    import shutil
+
+    res = run_plan(cfg, resume="never", in_process=True)
+    want = [r for r in read_metrics(res.run_dir) if r["step"] > 0]
+    for c in list_checkpoints(Path(res.run_dir) / "checkpoints"):
+        if not str(c).endswith("step000004"):
+            shutil.rmtree(c)
+    again = run_plan(cfg, resume="auto", in_process=True)
+    return want, [r for r in read_metrics(again.run_dir) if r["step"] > 0]
+
+
+def assert_same_evals(got: list[dict], want: list[dict], keys: tuple[str, ...]) -> None:
+    for g, w in zip(got, want, strict=True):
+        for k in keys:
+            assert g[k] == pytest.approx(w[k], abs=1e-6, rel=0), (g["step"], k)
+
+
 def evals(res, stage: str) -> list[dict]:
     return [r for r in read_metrics(res.run_dir) if r["stage"] == stage and r["step"] > 0]
 
@@ -299,22 +319,13 @@ def test_resume_from_a_mid_stage_checkpoint_is_exact_with_either_loader(prepared
     """A run resumed from its step-4 checkpoint (the later ones deleted, as if the run died after step 4) ends
     with the uninterrupted run's metrics: the data cursors (stream: epoch + rows consumed; memory: batch
     index), the mixture sampler and the RNG continue exactly. The two loaders give different row orders."""
-    import shutil
-
     plan = ('[{name: s, sources: {qa_train: 0.5, raw_train: 0.5}, max_steps: 12, eval_every: 4, '
             'stop: {rule: max_steps}}]')
     cfg = cfg_of(prepared_root, tmp_path, plan, f"data.loader={loader}", "train.keep_last=5")
-    res = run_plan(cfg, resume="never", in_process=True)
-    want = [r for r in read_metrics(res.run_dir) if r["step"] > 0]
-    for c in list_checkpoints(Path(res.run_dir) / "checkpoints"):
-        if not str(c).endswith("step000004"):
-            shutil.rmtree(c)
-    again = run_plan(cfg, resume="auto", in_process=True)
-    got = [r for r in read_metrics(again.run_dir) if r["step"] > 0]
+    want, got = uninterrupted_and_resumed_from_step_4(cfg)
     assert [r["step"] for r in got] == [4, 8, 12]
-    for g, w in zip(got, want, strict=True):
-        for k in ("train_loss", "train_loss_qa_train", "train_loss_raw_train", "raw_val_loss", "grad_norm"):
-            assert g[k] == pytest.approx(w[k], abs=1e-6, rel=0), (g["step"], k)
+    assert_same_evals(got, want, ("train_loss", "train_loss_qa_train", "train_loss_raw_train", "raw_val_loss",
+                                  "grad_norm"))
     other = "memory" if loader == "stream" else "stream"
     res2 = run_plan(cfg_of(prepared_root, tmp_path / "other", plan, f"data.loader={other}"), resume="never",
                     in_process=True)
@@ -441,23 +452,13 @@ def test_a_rollback_after_a_resume_returns_where_the_uninterrupted_run_returns(p
     """Rollback points every 3 accepted steps, a checkpoint at step 4, a NaN at step 6. A resume from step 4 takes
     its rollback point at step 4; the uninterrupted run used to be at its step-3 point, so the two rolled back to
     different states and every later eval differed. Every checkpoint is now a rollback point in both."""
-    import shutil
-
     plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 12, eval_every: 4, stop: {rule: max_steps}}]'
     cfg = cfg_of(prepared_root, tmp_path, plan, "train.anomaly.stable_every=3", "train.keep_last=5",
                  "train.faults.nan_at_step=6")
-    res = run_plan(cfg, resume="never", in_process=True)
-    want = [r for r in read_metrics(res.run_dir) if r["step"] > 0]
+    want, got = uninterrupted_and_resumed_from_step_4(cfg)
     assert [r["rollbacks"] for r in want] == [0, 1, 1]
-    for c in list_checkpoints(Path(res.run_dir) / "checkpoints"):
-        if not str(c).endswith("step000004"):
-            shutil.rmtree(c)
-    again = run_plan(cfg, resume="auto", in_process=True)
-    got = [r for r in read_metrics(again.run_dir) if r["step"] > 0]
     assert [r["step"] for r in got] == [4, 8, 12]
-    for g, w in zip(got, want, strict=True):
-        for k in ("train_loss", "raw_val_loss", "grad_norm", "lr_scale", "rollbacks"):
-            assert g[k] == pytest.approx(w[k], abs=1e-6, rel=0), (g["step"], k)
+    assert_same_evals(got, want, ("train_loss", "raw_val_loss", "grad_norm", "lr_scale", "rollbacks"))
 
 
 def test_a_model_whose_logits_have_an_output_bias_trains_and_evaluates_on_its_own_logits(prepared_root, tmp_path):

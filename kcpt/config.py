@@ -10,6 +10,7 @@ cores. Load YAML with :func:`load_config`; an unknown key or a wrong type raises
 from __future__ import annotations
 
 import json
+import math
 import re
 import stat
 import string
@@ -538,6 +539,22 @@ class SearchSpace(Strict):
     raw_source: str = "raw_train"
     """Stage-3 source that gets ``1 − exam_fraction``."""
 
+    @model_validator(mode="after")
+    def _ranges(self) -> SearchSpace:
+        for name in ("exam_fraction", "qa_fraction"):
+            r = getattr(self, name)
+            if r.low < 0 or r.high > 1:
+                raise ValueError(f"{name}: a share of the mixture, so its range must lie in [0, 1], got "
+                                 f"[{r.low:g}, {r.high:g}]")
+        if self.lr.low <= 0:
+            raise ValueError(f"lr: a learning rate must be > 0, got low {self.lr.low:g}")
+        if self.kl_beta.low < 0:
+            raise ValueError(f"kl_beta: must be ≥ 0, got low {self.kl_beta.low:g}")
+        for m in self.micro_batch_sizes:
+            if m < 1:
+                raise ValueError(f"micro_batch_sizes: rows per worker per step must be ≥ 1, got {m}")
+        return self
+
 
 class AshaConfig(Strict):
     enabled: bool = True
@@ -772,13 +789,13 @@ class KcptConfig(Strict):
             return [kv for k, v in d.items() for kv in (flat(v, f"{prefix}{k}.") if isinstance(v, dict)
                                                         else [(f"{prefix}{k}", v)])]
 
-        sets = [(f"tune.stage_overrides.{k}", k, v) for k, v in flat(self.tune.stage_overrides)]
-        sets += [(f"tune.space.extra.{k}", k, r.low) for k, r in self.tune.space.extra.items()]
-        for where, path, value in sets:
+        for k, v in flat(self.tune.stage_overrides):
             try:
-                _set_dotted(st, path, value)
+                _set_dotted(st, k, v)
             except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+                raise ValueError(f"tune.stage_overrides.{k}: {e}") from None
+        for path, r in self.tune.space.extra.items():
+            self._check_extra_range(st, path, r)
         ref = st.get("micro_batch_size") or self.train.micro_batch_size
         for m in self.tune.space.micro_batch_sizes:
             for key in ("max_steps", "eval_every"):
@@ -795,6 +812,30 @@ class KcptConfig(Strict):
             raise ValueError(f"tune.stage_overrides / tune.space.extra: stage '{self.tune.stage}' would have "
                              f"{path}: {msg}") from None
         return self
+
+    def _check_extra_range(self, st: dict[str, Any], path: str, r: FloatRange) -> None:
+        """Both bounds of ``tune.space.extra.<path>`` must make a valid tuned stage (``st``: its dict with the
+        overrides in), and an integer field's range must hold an integer (it is sampled with ``suggest_int``)."""
+        where = f"tune.space.extra.{path}"
+        bounds: tuple[float, float] = (r.low, r.high)
+        if integer_stage_field(path):
+            bounds = integer_bounds(r)
+            if bounds[0] > bounds[1]:
+                raise ValueError(f"{where}: an integer field, and [{r.low:g}, {r.high:g}] holds no integer")
+        for side, value in zip(("low", "high"), bounds, strict=True):
+            trial = json.loads(json.dumps(st))
+            try:
+                _set_dotted(trial, path, value)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            try:
+                StageConfig.model_validate(trial)
+            except ValidationError as err:
+                e = err.errors()[0]
+                loc = ".".join(str(p) for p in e["loc"])
+                msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+                raise ValueError(f"{where}: its {side} bound {value:g} gives stage '{self.tune.stage}' {loc}: {msg}"
+                                 ) from None
 
     def check_tuned_stage(self) -> None:
         """ConfigError unless ``tune.stage`` names a stage of the plan. Checked by the tune job only: a plan without
@@ -907,6 +948,39 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = msg[len("Value error, "):]
         lines.append(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
     return "\n".join(lines)
+
+
+def integer_stage_field(dotted: str) -> bool:
+    """Whether the stage-config field at ``dotted`` (e.g. ``lr.warmup_steps``) holds an integer (``int`` or
+    ``int | None``): the tuner samples it with ``suggest_int``."""
+    node: Any = StageConfig
+    for part in dotted.split("."):
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        node = fields[part].annotation
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        if typing.get_origin(node) in (typing.Union, types.UnionType) and len(args) == 1:
+            node = args[0]
+    return node is int
+
+
+def integer_bounds(r: FloatRange) -> tuple[int, int]:
+    """The integers an integer parameter's range ``r`` can sample: ``(ceil(low), floor(high))``."""
+    return math.ceil(r.low), math.floor(r.high)
+
+
+def get_dotted(d: Any, dotted: str) -> Any:
+    """The value at ``a.b.0.c`` in nested dicts/lists (the reader of :func:`_set_dotted`'s paths); None where a
+    level is missing."""
+    for k in dotted.split("."):
+        if isinstance(d, list) and k.isdigit() and int(k) < len(d):
+            d = d[int(k)]
+        elif isinstance(d, dict) and k in d:
+            d = d[k]
+        else:
+            return None
+    return d
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:

@@ -102,6 +102,59 @@ def test_linear_shape_moves_the_exam_share_from_start_to_end():
     assert mid["raw_train"] == pytest.approx(0.4, abs=0.01)        # halfway: exam 0.6, raw 0.4
 
 
+def test_every_sampled_point_of_every_shape_makes_a_stage():
+    """A sampled point must apply (a ``linear`` point once lacked its start share: every such trial failed)."""
+    cfg = load_config(None, ["tune.space.mixture_shapes=[fixed, linear, recipe_step]"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    shapes = set()
+    for _ in range(24):
+        trial = study.ask()
+        p = suggest_params(trial, cfg.tune.space)
+        shape = trial.params["mixture_shape"]
+        shapes.add(shape)
+        st = apply_params(cfg, p).stage("stage3")
+        if shape == "linear":
+            exam = [ph.weights["qa_train"] + ph.weights["example_train"] for ph in st.mixture_schedule]
+            assert exam == pytest.approx([p["exam_fraction"], p["exam_fraction_end"]])
+        study.tell(trial, 1.0)
+    assert shapes == {"fixed", "linear", "recipe_step"}
+
+
+def test_integer_extra_fields_are_sampled_as_integers_and_the_recipe_keeps_the_stages_values():
+    from kcpt.tune.space import recipe_points
+
+    cfg = load_config(None, ["tune.space.extra={lr.warmup_steps: {low: 1.5, high: 10}, "
+                             "lr.min_ratio: {low: 0.05, high: 0.5}}"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        p = suggest_params(study.ask(), cfg.tune.space)
+        assert isinstance(p["lr.warmup_steps"], int) and 2 <= p["lr.warmup_steps"] <= 10
+        seen.add(p["lr.warmup_steps"])
+        assert apply_params(cfg, p).stage("stage3").lr.warmup_steps == p["lr.warmup_steps"]
+    assert len(seen) > 3
+    first = recipe_points(cfg)[0]   # the stage as configured: warm-up 5, min_ratio at its default, not sampled
+    st = cfg.stage("stage3")
+    assert first["lr.warmup_steps"] == st.lr.warmup_steps == 5
+    assert first["lr.min_ratio"] == pytest.approx(st.lr.min_ratio)
+    assert apply_params(cfg, first).stage("stage3").lr == st.lr
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["tune.space.extra={lr.min_ratio: {low: 0.5, high: 2.0}}"],
+     r"tune.space.extra.lr.min_ratio: its high bound 2 gives stage 'stage3' lr.min_ratio"),
+    (["tune.space.extra={stop.consecutive: {low: 1.2, high: 1.8}}"],
+     r"tune.space.extra.stop.consecutive: an integer field, and \[1.2, 1.8\] holds no integer"),
+    (["tune.space.exam_fraction={low: 0.5, high: 1.5}"], r"exam_fraction: a share of the mixture.*\[0, 1\]"),
+    (["tune.space.qa_fraction={low: -0.5, high: 0.5}"], r"qa_fraction: a share of the mixture"),
+    (["tune.space.micro_batch_sizes=[0]"], r"micro_batch_sizes: rows per worker per step must be ≥ 1, got 0"),
+    (["tune.space.lr={low: 0, high: 0.01}"], r"lr: a learning rate must be > 0"),
+])
+def test_search_ranges_are_checked_at_both_bounds_when_the_config_loads(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, sets)
+
+
 def test_micro_batch_choice_is_token_fair_and_enqueued_at_the_stages_own():
     from kcpt.tune.launch import stage_token_budget, tokens_per_step
     from kcpt.tune.space import recipe_points

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kcpt.config import KcptConfig
+from kcpt.config import KcptConfig, get_dotted
 from kcpt.errors import CheckpointError, ConfigError
 from kcpt.model.attention import model_inputs
 from kcpt.train import fused_loss
@@ -334,15 +334,6 @@ REQUIRED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_ste
                     "zero_optimization.offload_param")
 
 
-def _get_dotted(d: dict[str, Any], dotted: str) -> Any:
-    cur: Any = d
-    for k in dotted.split("."):
-        if not isinstance(cur, dict) or k not in cur:
-            return None
-        cur = cur[k]
-    return cur
-
-
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -382,7 +373,7 @@ def deepspeed_config(cfg: KcptConfig, micro_batch: int | None = None) -> dict[st
         if not isinstance(user, dict):
             raise ConfigError(f"{ds.config}: the top level must be a JSON object")
         for key in REQUIRED_DS_KEYS:
-            theirs, ours = _get_dotted(user, key), _get_dotted(required, key)
+            theirs, ours = get_dotted(user, key), get_dotted(required, key)
             if theirs is not None and theirs != "auto" and ours is not None and theirs != ours:
                 raise ConfigError(f"{ds.config}: {key} = {theirs!r}, but kcpt sets {ours!r} from the kcpt config "
                                   "(train.micro_batch_size or the stage's, grad_accum, clip_grad_norm, model.dtype, "

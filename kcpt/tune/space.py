@@ -13,7 +13,8 @@ Parameters (flat names, as stored in the Optuna study):
 - ``micro_batch_size`` (categorical, only when ``micro_batch_sizes`` is not empty): rows per worker per step;
   the stage's step counts are scaled so that tokens per eval and the token budget stay the same
   (:func:`apply_params`).
-- every ``extra`` entry, named by its dotted stage-config path (e.g. ``lr.min_ratio``).
+- every ``extra`` entry, named by its dotted stage-config path (e.g. ``lr.min_ratio``; an integer field such as
+  ``lr.warmup_steps`` is sampled with ``suggest_int`` over the integers of its range).
 
 :func:`recipe_points` gives the recipe's own settings as parameter dicts, enqueued as the first trials.
 """
@@ -27,7 +28,16 @@ from typing import Any
 
 import optuna
 
-from kcpt.config import FloatRange, KcptConfig, SearchSpace, _set_dotted, config_from_dict
+from kcpt.config import (
+    FloatRange,
+    KcptConfig,
+    SearchSpace,
+    _set_dotted,
+    config_from_dict,
+    get_dotted,
+    integer_bounds,
+    integer_stage_field,
+)
 from kcpt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -59,7 +69,7 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace, *, static: bool = Fa
     if shape != "fixed":
         p["mixture_shape"] = shape
     for name in ("exam_fraction", "qa_fraction", "lr"):
-        if name == "exam_fraction" and shape != "fixed":
+        if name == "exam_fraction" and shape == "recipe_step":  # the schedule sets the exam share
             continue
         p[name] = suggest(name)
     if shape == "linear":
@@ -72,8 +82,12 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace, *, static: bool = Fa
         p["kl_beta"] = 0.0
     if space.micro_batch_sizes:
         p["micro_batch_size"] = trial.suggest_categorical("micro_batch_size", list(space.micro_batch_sizes))
-    for path in space.extra:
-        p[path] = suggest(path)
+    for path, r in space.extra.items():
+        if integer_stage_field(path):
+            low, high = integer_bounds(r)
+            p[path] = trial.suggest_int(path, low, high, log=r.log)
+        else:
+            p[path] = suggest(path)
     return p
 
 
@@ -245,6 +259,14 @@ def recipe_points(cfg: KcptConfig, stage: str | None = None) -> list[dict[str, A
         base["kl_on"] = False
     else:
         base["kl_beta"] = space.kl_beta.low
+    stage_values = st.model_dump(mode="json")
+    for path, r in space.extra.items():  # the stage's own value: the recipe trial trains the stage as configured
+        value = get_dotted(stage_values, path)
+        if value is None:
+            logger.warning("recipe %s is unset in stage '%s': enqueued without it (sampled)", path, stage)
+            continue
+        clipped = _clip(path, float(value), r)
+        base[path] = round(clipped) if integer_stage_field(path) else clipped
     if space.micro_batch_sizes:
         mb = cfg.micro_batch(st)
         base["micro_batch_size"] = min(space.micro_batch_sizes, key=lambda m: (abs(m - mb), m))

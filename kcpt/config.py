@@ -568,6 +568,13 @@ class AshaConfig(Strict):
     """Grace period in training tokens (``time_attr: tokens`` only); overrides ``grace_period``."""
     reduction_factor: int = Field(2, ge=2)
 
+    @model_validator(mode="after")
+    def _grace_unit(self) -> AshaConfig:
+        if self.grace_tokens is not None and self.time_attr != "tokens":
+            raise ValueError("grace_tokens: a grace in tokens needs time_attr: tokens; with time_attr: evals set "
+                             "grace_period (in evals)")
+        return self
+
 
 class ReevalConfig(Strict):
     top_k: int = Field(0, ge=0)

@@ -204,6 +204,26 @@ def test_a_resumed_tune_console_counts_the_trials_that_ended_before_the_driver_d
     assert out.getvalue().splitlines()[-1].endswith("2/3 done, 0 running, 1 pruned, 0 failed; best feasible: none yet")
 
 
+def test_a_resumed_tune_console_takes_the_earlier_trials_into_its_best():
+    """After `--resume` the console named the re-run trial (1.7853) best, though a trial that had ended before the
+    driver died was better (1.7823): the final reports of the trials Tune holds as ended count for the best."""
+    from kcpt.tune.progress import TuneConsole
+    from kcpt.tune.searcher import FINAL_KEY
+
+    out = io.StringIO()
+    tc = TuneConsole(2, stream=out, bars=False)  # as restored: no trial seen
+    final = {FINAL_KEY: True, "gate_feasible": True, "selected_step": 20, "selected_raw_ratio": 1.0}
+    old = SimpleNamespace(trial_id="old", status="TERMINATED", config={},
+                          last_result={**final, "gate_objective": 1.7823})
+    rerun = SimpleNamespace(trial_id="rerun", status="RUNNING", config={}, last_result={})
+    tc.on_trial_start(0, [old, rerun], rerun)
+    tc.on_trial_result(0, [old, rerun], rerun, {**final, "gate_objective": 1.7853})
+    rerun.status = "TERMINATED"
+    tc.on_trial_complete(0, [old, rerun], rerun)
+    assert out.getvalue().splitlines()[-1].endswith("2/2 done, 0 running, 0 pruned, 0 failed; best feasible: old "
+                                                    "objective 1.7823")
+
+
 # --------------------------------------------------------------------------- the real console
 
 

@@ -286,3 +286,47 @@ def test_driver_killed_mid_trial_resumes_without_lost_or_duplicated_trials(tune_
         assert rerun or after.user_attrs.get("interrupted")
         print(f"killed trial #{t.number} ({t.user_attrs.get('ray_trial_id')}): "
               f"{'re-run, ' + after.state.name if rerun else 'FAIL (interrupted)'}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_the_running_trial_to_resume(tune_experiment, tmp_path, capsys):
+    """Ctrl-C (SIGINT to the driver) ends Tune gracefully with its state saved: the running trial is Tune's to
+    re-run under --resume, so it stays RUNNING in the study (it was marked FAIL, and its re-run's result was then
+    discarded), and the job exits 130 naming --resume (it exited 0)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    exp = tmp_path / "exp"
+    sets = [a for o in (*_base_overrides(tune_experiment), "tune.stage_overrides.max_steps=8") for a in ("--set", o)]
+    args = ["--experiment-dir", str(exp), "--storage", "journal", "--num-samples", "2", "--study-name", "ctrl-c",
+            *sets]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen([sys.executable, "jobs/tune_stage3.py", *args], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    tree: set[int] = set()
+    try:
+        deadline = time.time() + 300
+        while _trial_evals(exp) < 1:  # a trial is running and has reported an eval
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            assert time.time() < deadline, "no trial reported an eval"
+            tree.update(_descendants(driver.pid))
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)
+        out, _ = driver.communicate(timeout=180)
+    finally:
+        _kill([driver.pid, *tree])
+    assert driver.returncode == 130, out[-3000:]
+    assert "--resume" in out.splitlines()[-1] and "unfinished" in out.splitlines()[-1], out[-3000:]
+    url = resolve_storage("journal", exp)
+    before = optuna.load_study(study_name="ctrl-c", storage=open_storage(url)).get_trials()
+    assert not [t for t in before if t.state == TrialState.FAIL], [t.state for t in before]
+    running = [t for t in before if t.state == TrialState.RUNNING]
+    assert running, [t.state for t in before]
+
+    assert kcpt_main(["tune", *args, "--resume"]) == 0
+    capsys.readouterr()
+    study = optuna.load_study(study_name="ctrl-c", storage=open_storage(url))
+    trials = _assert_study_consistent(exp, study, 2)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)  # the interrupted one told
+    assert len(trials) == 2

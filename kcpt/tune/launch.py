@@ -482,24 +482,47 @@ def asha_on(cfg: KcptConfig, sampler: str = "tpe") -> bool:
     return cfg.tune.asha.enabled and sampler != "gp"
 
 
-def build_scheduler(cfg: KcptConfig, sampler: str = "tpe") -> Any:
-    """ASHA on ``tune.asha``'s fidelity, or ``None`` when :func:`asha_on` is False."""
-    if not asha_on(cfg, sampler):
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
+def asha_bounds(cfg: KcptConfig) -> tuple[str, int, int]:
+    """``(time_attr, max_t, grace_period)`` of ASHA on ``tune.asha``'s fidelity. :class:`ConfigError` when the
+    grace period reaches past ``max_t`` (ASHA would assert inside Ray, after the prerequisites)."""
     a = cfg.tune.asha
     st = apply_params(cfg, {}, cfg.tune.stage).stage(cfg.tune.stage)
     if a.time_attr == "tokens":
         # fidelity = training tokens of the stage; max_t beyond the budget so ASHA never stops a trial at its
         # last eval before the trial's own final report (a trial with larger batches may also pass the budget)
         per_eval = st.eval_every * tokens_per_step(cfg)
-        return ASHAScheduler(time_attr=TOKENS_ATTR, max_t=2 * stage_token_budget(cfg) + per_eval,
-                             grace_period=a.grace_tokens or a.grace_period * per_eval,
-                             reduction_factor=a.reduction_factor)
-    max_t = math.ceil(st.max_steps / st.eval_every) + 2  # evals (+ the step-0 eval and the final summary report)
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=a.grace_period,
-                         reduction_factor=a.reduction_factor)
+        attr, max_t = TOKENS_ATTR, 2 * stage_token_budget(cfg) + per_eval
+        grace = a.grace_tokens or a.grace_period * per_eval
+        unit = f"tokens ({per_eval} per eval)"
+    else:
+        # evals (+ the step-0 eval and the final summary report)
+        attr, max_t, grace = "training_iteration", math.ceil(st.max_steps / st.eval_every) + 2, a.grace_period
+        unit = "evals"
+    if grace > max_t:
+        key = "grace_tokens" if a.time_attr == "tokens" and a.grace_tokens else "grace_period"
+        raise ConfigError(f"tune.asha.{key}: a grace of {grace} {unit} is longer than a trial of stage "
+                          f"'{cfg.tune.stage}' can run ({max_t}): lower it, or lengthen the stage "
+                          "(tune.stage_overrides.max_steps)")
+    return attr, max_t, grace
+
+
+def build_scheduler(cfg: KcptConfig, sampler: str = "tpe") -> Any:
+    """ASHA on ``tune.asha``'s fidelity (:func:`asha_bounds`), or ``None`` when :func:`asha_on` is False."""
+    if not asha_on(cfg, sampler):
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    attr, max_t, grace = asha_bounds(cfg)
+    return ASHAScheduler(time_attr=attr, max_t=max_t, grace_period=grace,
+                         reduction_factor=cfg.tune.asha.reduction_factor)
+
+
+def unfinished_trials(results: Any, expected: int) -> int:
+    """Trials of a finished ``Tuner.fit`` that did not end: not TERMINATED or ERROR (running when the fit was
+    interrupted: Ctrl-C ends it gracefully and Tune saves its state), or never started (``expected`` trials were
+    asked for). 0 for a search that ran to its end."""
+    ended = results.num_terminated + results.num_errors
+    return max(len(results) - ended, 0) + max(expected - len(results), 0)
 
 
 def quiet_tune(verbose: bool) -> None:
@@ -553,6 +576,8 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     from kcpt.tune.export import export_results, format_table
 
     cfg.check_tuned_stage()
+    if asha_on(cfg, sampler):
+        asha_bounds(cfg)  # a grace ASHA cannot keep is refused before Ray starts or the experiment is made
     cfg, exp_dir, storage = resolve_experiment(cfg, experiment_dir)
     uri = experiment_uri(cfg, experiment_dir)
     location = uri or str(exp_dir)  # where Tune's state and the trials' run dirs live
@@ -564,6 +589,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     exp_dir.mkdir(parents=True, exist_ok=True)
     stage = cfg.tune.stage
     interrupted: list[int] = []
+    unfinished = 0
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))  # read by Tune's controller
     quiet_tune(cfg.logging.verbose)
     started = init_ray(cfg, address)
@@ -611,9 +637,11 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
         if mode == "resume" and tune.Tuner.can_restore(tune_path):
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,
                                        restart_errored=False, resume_unfinished=True)
+            expected = cfg.tune.num_samples  # the restored experiment's trials, the earlier ones included
         else:
             # a resume that finds no saved Tune state (killed before its first save) runs what is missing
             num_samples = cfg.tune.num_samples - (finished_trials(storage, study_name) if mode == "resume" else 0)
+            expected = max(num_samples, 0)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -631,9 +659,10 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
                                TuneConsole(max(num_samples, 0), progress=cfg.logging.progress),
                                *([PublishExperiment(uri, exp_dir)] if uri else [])]),
             )
-        tuner.fit()
-        interrupted = fail_interrupted_trials(storage, study_name)
-        if cfg.tune.reeval.top_k:
+        unfinished = unfinished_trials(tuner.fit(), expected)
+        if not unfinished:
+            interrupted = fail_interrupted_trials(storage, study_name)
+        if cfg.tune.reeval.top_k and not unfinished:
             import optuna
 
             study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
@@ -647,6 +676,10 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             ray.shutdown()
     paths = export_results(exp_dir)
     publish_experiment(uri, exp_dir)
+    if unfinished:
+        raise KeyboardInterrupt(f"{unfinished} of {expected} trial(s) unfinished; Tune saved the experiment "
+                                f"({uri or exp_dir}) and its trials' checkpoints: run the same command with --resume "
+                                "to finish them and the search")
     return TuneRunResult(exp_dir, storage, study_name, pre, paths.trials, paths.best_config, paths.best,
                          format_table(paths.table), {"mode": mode, "interrupted_trials": interrupted,
                                                      "experiment_uri": uri})

@@ -76,10 +76,24 @@ class TuneConsole(Callback):
 
     # ------------------------------------------------------------------ Tune callbacks
     def _sync(self, trials: list) -> None:
-        """Count as done every trial Tune holds as ended: a resumed experiment's earlier trials included (this
-        console's own counts start from Tune's last saved state, which may predate their end)."""
-        self.ended |= {t.trial_id for t in trials if getattr(t, "status", None) in ("TERMINATED", "ERROR")}
+        """Count as done every trial Tune holds as ended, and take the feasible ones' final reports into the best so
+        far: a resumed experiment's earlier trials included (this console's own counts and best start from Tune's
+        last saved state, which may predate their end)."""
+        for t in trials:
+            if getattr(t, "status", None) in ("TERMINATED", "ERROR"):
+                self.ended.add(t.trial_id)
+                last = getattr(t, "last_result", None)
+                if t.status == "TERMINATED" and ends_trial(last):
+                    self._consider(t.trial_id, last)
         self.done = len(self.ended)
+
+    def _consider(self, trial_id: str, final: dict[str, Any]) -> bool:
+        """Whether ``final`` (a trial's last report) is feasible; the best feasible so far is updated."""
+        obj = final.get("gate_objective")
+        feasible = bool(final.get("gate_feasible")) and obj is not None and not math.isnan(obj)
+        if feasible and (self.best is None or obj < self.best[0]):
+            self.best = (obj, trial_id, dict(final))
+        return feasible
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._sync(trials)
@@ -101,11 +115,7 @@ class TuneConsole(Callback):
             what = (f"pruned at step {last.get('step', '?')} (exam {last.get('exam_val_loss', float('nan')):.4f}, "
                     f"raw ×{last.get('raw_ratio') or float('nan'):.3f})")
         else:
-            obj = final.get("gate_objective")
-            feasible = bool(final.get("gate_feasible")) and obj is not None and not math.isnan(obj)
-            if feasible and (self.best is None or obj < self.best[0]):
-                self.best = (obj, trial.trial_id, final)
-            verdict = "feasible" if feasible else "infeasible"
+            verdict = "feasible" if self._consider(trial.trial_id, final) else "infeasible"
             what = (f"{verdict}, objective {final.get('gate_objective', math.nan):.4f} "
                     f"(step {final.get('selected_step')}, raw ×{final.get('selected_raw_ratio', math.nan):.3f})"
                     f"{', gate passed' if final.get('gate_passed') else ''}")

@@ -107,3 +107,27 @@ def test_a_failed_rerun_is_reported_and_left_out_and_a_resume_skips_recorded_run
     assert [c[0] for c in calls[4:]] == ["reeval-0-seed9", "reeval-1-seed9"]  # only the missing runs
     assert [(r.trial_number, r.seed) for r in again] == [(0, 9), (1, 9)]
     assert {(n, r.seed) for n, rs in reeval.records(study).items() for r in rs} == {(0, 8), (0, 9), (1, 8), (1, 9)}
+
+
+def test_an_experiment_without_a_feasible_trial_is_reported_and_plotted(tmp_path):
+    """No feasible trial: best_trial.json holds null, and `kcpt report` refused it as damaged; the objective plot
+    failed on the trials without values (FAIL)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kcpt.analysis.plots import plot_objective_vs_constraint
+    from kcpt.analysis.trials import best_trial_info, load_trials
+
+    study, dist = stage3_study(tmp_path)
+    t = study.ask(dist)
+    t.set_constraint(CONSTRAINT_NAME, 0.05)
+    study.tell(t, 1.7)                                      # infeasible
+    study.tell(study.ask(dist), state=optuna.trial.TrialState.FAIL)  # no value, no constraint
+    paths = export_results(tmp_path)
+    assert paths.best is None and paths.best_config is None
+    assert json.loads((tmp_path / "best_trial.json").read_text()) is None
+    assert best_trial_info(tmp_path) is None
+    report = format_trials_report(tmp_path)
+    assert "best feasible trial: none" in report and "FAIL" in report
+    fig = plot_objective_vs_constraint(load_trials(tmp_path))
+    assert [c.get_label() for c in fig.axes[0].collections] == ["infeasible"]  # the FAIL trial has nothing to plot

@@ -42,22 +42,24 @@ def plot_curves(curves: pd.DataFrame, manifest: Mapping[str, Any], ax: Any = Non
 
 
 def plot_objective_vs_constraint(trials: pd.DataFrame, ax: Any = None) -> Any:
-    """Objective (exam loss at the selected eval) against the constraint, coloured by feasibility (green:
-    feasible, red: infeasible, grey: stopped early by ASHA or failed — never feasible)."""
+    """Objective against the constraint, coloured by feasibility (green: feasible, red: infeasible, grey: stopped
+    early by ASHA or failed — never feasible). Trials without both values (failed before an eval) are left out."""
     fig, ax = _axes(ax)
     complete = trials["status"] == "COMPLETE"
-    groups = ((complete & trials["feasible"], "tab:green", "feasible"),
-              (complete & ~trials["feasible"], "tab:red", "infeasible"),
+    feasible = trials["feasible"].fillna(False).astype(bool)
+    groups = ((complete & feasible, "tab:green", "feasible"),
+              (complete & ~feasible, "tab:red", "infeasible"),
               (~complete, "tab:grey", "pruned / failed"))
     for mask, colour, label in groups:
-        g = trials[mask]
+        g = trials[mask].astype({"constraint": float, "objective": float}).dropna(subset=["constraint", "objective"])
         if g.empty:
             continue
         ax.scatter(g["constraint"], g["objective"], c=colour, label=label)
         for _, r in g.iterrows():
             ax.annotate(f"#{r['trial_number']}", (r["constraint"], r["objective"]), fontsize="small")
     ax.axvline(0.0, color="grey", ls="--", lw=1)
-    ax.set(xlabel="constraint: raw/baseline − (1+eps)  (≤ 0 feasible)", ylabel="objective: exam val loss",
+    ax.set(xlabel="constraint: raw/baseline − (1+eps)  (≤ 0 feasible)", ylabel="objective (tune.objective; lower "
+           "is better)",
            title="objective vs constraint")
     ax.legend(fontsize="small")
     fig.tight_layout()

@@ -22,6 +22,7 @@ import pandas as pd
 
 from kcpt.analysis.pareto import pareto_front
 from kcpt.errors import InputError
+from kcpt.tune.study_storage import redact
 
 
 def experiment_dir_of(path: str | Path) -> Path:
@@ -140,8 +141,11 @@ def best_config_text(exp_dir: str | Path) -> str | None:
 
 
 def best_trial_info(exp_dir: str | Path) -> dict[str, Any] | None:
+    """``best_trial.json``; None when the experiment has no feasible trial (the file holds ``null``) or no export."""
     path = experiment_dir_of(exp_dir) / "best_trial.json"
-    return _json_object(path) if path.is_file() else None
+    if not path.is_file() or path.read_text(encoding="utf-8").strip() == "null":
+        return None
+    return _json_object(path)
 
 
 def _fmt(v: Any) -> str:
@@ -183,7 +187,7 @@ def format_trials_report(exp_dir: str | Path) -> str:
     trials = load_trials(exp)
     counts = trials["status"].value_counts().to_dict() if not trials.empty else {}
     lines = [f"experiment: {exp}",
-             f"stage: {m.get('stage')}  study: {m.get('study_name')}  storage: {m.get('storage')}",
+             f"stage: {m.get('stage')}  study: {m.get('study_name')}  storage: {redact(str(m.get('storage')))}",
              f"baseline_raw_best: {_fmt(m.get('baseline_raw_best'))}  eps: {_fmt(m.get('eps'))}  "
              f"exam_target: {_fmt(m.get('exam_target'))} ({m.get('exam_metric') or 'loss'})",
              f"trials: {len(trials)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}); "

@@ -71,27 +71,22 @@ def tune_from_args(args: argparse.Namespace) -> int:
                       address=args.address, sampler=args.sampler)
     if res.extra.get("interrupted_trials"):
         print(f"trials marked FAIL (interrupted, no Tune trial owned them): {res.extra['interrupted_trials']}")
-    print("\n" + res.table)
+    from kcpt.analysis.trials import format_trials_report
+
+    print("\n" + format_trials_report(res.experiment_dir))  # what `kcpt report` prints: table, best, re-evaluation
     pre = res.prerequisites
     print(f"\nstarted every trial from {pre.init_checkpoint} (baseline_raw_best={pre.baseline_raw_best}; "
           f"{'reused' if pre.reused else 'made'} in {pre.run_dir})")
-    if res.best is None:
-        print("no feasible trial: no best_config.yaml written")
-    else:
-        print(f"best feasible trial: #{res.best['trial_number']} objective={res.best['objective']:.4f} "
-              f"constraint={res.best['constraint']:.4f} params={res.best['params']}")
-        from kcpt.tune.space import format_range_edges
-
-        edges = format_range_edges(res.best.get("at_range_edge") or [])
-        if edges:
-            print(f"note: {edges}")
     where = res.extra.get("experiment_uri") or res.experiment_dir
     print(f"experiment: {where}")
     if res.extra.get("experiment_uri"):
         print(f"  (local mirror: {res.experiment_dir})")
     print(f"  trials:      {where}/trials.parquet")
-    print(f"  best config: {f'{where}/best_config.yaml' if res.best_config_path else None}")
-    print(f"  optuna:      {res.storage}  (study '{res.study_name}'; optuna-dashboard {res.storage})")
+    print(f"  best config: {f'{where}/best_config.yaml' if res.best_config_path else 'none (no feasible trial)'}")
+    from kcpt.tune.study_storage import JOURNAL_SCHEME, journal_path, redact
+
+    dashboard = journal_path(res.storage) if res.storage.startswith(JOURNAL_SCHEME) else redact(res.storage)
+    print(f"  optuna:      {redact(res.storage)}  (study '{res.study_name}'; optuna-dashboard {dashboard})")
     print(f"  tensorboard: tensorboard --logdir {where}/tune")
     print(f"  report:      kcpt report {where}")
     return 0

@@ -148,18 +148,3 @@ def export_results(experiment_dir: str | Path) -> ExportPaths:
         best_cfg_path = None
     (exp / "best_trial.json").write_text(json.dumps(best_info, indent=2, default=str), encoding="utf-8")
     return ExportPaths(trials_path, best_cfg_path, best_info, df)
-
-
-def format_table(df: pd.DataFrame) -> str:
-    """The trial table as fixed-width text (one line per trial, sampled params abbreviated)."""
-    if df.empty:
-        return "(no trials)"
-    cols = {"trial_number": "#", "status": "status", "objective": "objective", "selected_exam_val_loss": "exam@sel",
-            "constraint": "raw_gate", "feasible": "feas", "gate_passed": "gate", "steps_to_gate": "steps_gate",
-            "tokens_to_gate": "tokens_gate", "selected_step": "sel_step"}
-    params = [c for c in df.columns if c.startswith("param_")]
-    out = df[[c for c in cols if c in df.columns] + params].rename(columns=cols)
-    out = out.rename(columns={p: p.removeprefix("param_") for p in params})
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format",
-                           lambda v: f"{v:.4g}"):
-        return out.to_string(index=False)

@@ -573,7 +573,8 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     (``data.max_reject_fraction`` applies), the prerequisite stages' eval lines when they run, then one line per
     trial (:class:`~kcpt.tune.progress.TuneConsole`); Tune's own ``verbose`` is 0 unless ``logging.verbose``
     (or ``verbose`` is given)."""
-    from kcpt.tune.export import export_results, format_table
+    from kcpt.analysis.trials import trials_table
+    from kcpt.tune.export import export_results
 
     cfg.check_tuned_stage()
     if asha_on(cfg, sampler):
@@ -681,5 +682,5 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
                                 f"({uri or exp_dir}) and its trials' checkpoints: run the same command with --resume "
                                 "to finish them and the search")
     return TuneRunResult(exp_dir, storage, study_name, pre, paths.trials, paths.best_config, paths.best,
-                         format_table(paths.table), {"mode": mode, "interrupted_trials": interrupted,
+                         trials_table(paths.table), {"mode": mode, "interrupted_trials": interrupted,
                                                      "experiment_uri": uri})

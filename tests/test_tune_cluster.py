@@ -153,6 +153,31 @@ def test_running_trials_left_behind_are_marked_failed(tmp_path):
     assert fail_interrupted_trials(url, "s") == []
 
 
+def test_a_shared_study_tells_each_experiment_its_own_trials(tmp_path):
+    """Two experiments on one study (--storage + --study-name): each counts, and at its end fails, only the trials
+    it asked for (another driver's running trial was failed under it); --overwrite never deletes the other's
+    trials; a new experiment directory on the existing study is told to --resume into it."""
+    from kcpt.tune.experiment import OWNER_ATTR
+
+    url = resolve_storage("journal", tmp_path)
+    study = optuna.create_study(study_name="s", storage=open_storage(url))
+    trials = {}
+    for name, owner in (("a_done", "A"), ("b_running", "B"), ("a_orphan", "A")):
+        trials[name] = study.ask()
+        trials[name].set_user_attr(OWNER_ATTR, owner)
+    study.tell(trials["a_done"], 1.0)
+    assert finished_trials(url, "s", "A") == 1 and finished_trials(url, "s", "B") == 0
+    assert fail_interrupted_trials(url, "s", "A") == [trials["a_orphan"].number]
+    states = {t.number: t.state for t in optuna.load_study(study_name="s", storage=open_storage(url)).trials}
+    assert states[trials["b_running"].number] == TrialState.RUNNING  # B's trial runs on
+    with pytest.raises(InputError, match=r"study 's'.*already exists \(trials of A\).*--resume to add"):
+        check_experiment(tmp_path / "b", storage_url=url, study_name="s", owner="B")
+    assert check_experiment(tmp_path / "b", storage_url=url, study_name="s", resume=True, owner="B") == "resume"
+    with pytest.raises(InputError, match=r"--overwrite would delete study 's'.*holds the trials of A"):
+        check_experiment(tmp_path / "b", storage_url=url, study_name="s", overwrite=True, owner="B")
+    assert study_exists(url, "s") and len(optuna.load_study(study_name="s", storage=open_storage(url)).trials) == 3
+
+
 # --------------------------------------------------------------------------- real tunes (Ray, stage loop)
 
 

@@ -42,6 +42,7 @@ def test_outputs_exist_and_agree_with_the_study(tune_experiment):
             # the selected eval is feasible exactly when the constraint is ≤ 0
             assert (row["selected_raw_ratio"] <= 1 + m["eps"] + 1e-12) == (row["constraint"] <= 0)
         assert row["run_dir"] and row["num_evals"] >= 1
+        assert t.user_attrs["experiment"] == row["experiment"] == str(exp)  # whose trial, in a shared study
         # exam accuracy reached the trial table (exam_val has multiple-choice and short-answer items)
         assert 0 <= row["selected_exam_acc"] <= 1 and 0 <= row["selected_exam_f1"] <= 1
 

@@ -63,7 +63,8 @@ def tune_from_args(args: argparse.Namespace) -> int:
         store_lib.check_bucket(str(args.experiment_dir), "--experiment-dir")
     abs_cfg, exp_dir, storage = resolve_experiment(cfg, args.experiment_dir)
     mode = check_experiment(exp_dir, storage_url=storage, study_name=cfg.tune.study_name, resume=args.resume,
-                            overwrite=args.overwrite, config_sha256=abs_cfg.sha256())
+                            overwrite=args.overwrite, config_sha256=abs_cfg.sha256(),
+                            owner=experiment_uri(abs_cfg, args.experiment_dir) or str(exp_dir))
     print(f"tune experiment {experiment_uri(abs_cfg, args.experiment_dir) or exp_dir}: {mode}", flush=True)
     from kcpt.tune.launch import tune_stage3  # imports Ray and torch: only after the config was validated
 

@@ -144,6 +144,29 @@ def check_experiment_dir(exp_dir: Path) -> None:
                      "experiment directories: choose another --experiment-dir or move it away", path=str(exp_dir))
 
 
+OWNER_ATTR = "experiment"
+"""Optuna user attribute naming the experiment (its directory or URI) that asked for a trial: a study shared by
+several experiments (``--storage`` + ``--study-name``) tells each its own trials."""
+
+
+def _owned(t: object, owner: str | None) -> bool:
+    """Whether trial ``t`` belongs to experiment ``owner`` (every trial when None; a trial of an older kcpt, without
+    the attribute, to whichever experiment asks)."""
+    attrs = getattr(t, "user_attrs", {}) or {}
+    return owner is None or attrs.get(OWNER_ATTR, owner) == owner
+
+
+def other_experiments(storage_url: str, study_name: str, owner: str) -> list[str]:
+    """The other experiments whose trials the study holds (by :data:`OWNER_ATTR`)."""
+    import optuna
+
+    if not study_exists(storage_url, study_name):
+        return []
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    return sorted({str(t.user_attrs[OWNER_ATTR]) for t in study.get_trials(deepcopy=False)
+                   if OWNER_ATTR in t.user_attrs and t.user_attrs[OWNER_ATTR] != owner})
+
+
 def experiment_exists(exp_dir: Path, storage_url: str, study_name: str) -> bool:
     return (exp_dir / "experiment.json").is_file() or study_exists(storage_url, study_name)
 
@@ -165,20 +188,32 @@ def _check_same_experiment(exp_dir: Path, storage_url: str, config_sha256: str |
 
 
 def check_experiment(exp_dir: Path, *, storage_url: str, study_name: str, resume: bool = False,
-                     overwrite: bool = False, config_sha256: str | None = None) -> Mode:
+                     overwrite: bool = False, config_sha256: str | None = None, owner: str | None = None) -> Mode:
     """Refuse to reuse an existing experiment without ``resume`` / ``overwrite``; returns what the run will do
     (``"resume"`` of an experiment that does not exist yet starts it: ``"new"``). A resume must use the
-    experiment's storage and config (``config_sha256``, when given). Changes nothing."""
+    experiment's storage and config (``config_sha256``, when given). ``owner`` (the experiment's directory or
+    URI): a study that holds other experiments' trials is shared — joined with ``resume``, never deleted by
+    ``overwrite``. Changes nothing."""
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other", path=str(exp_dir))
     check_experiment_dir(exp_dir)
     if not experiment_exists(exp_dir, storage_url, study_name):
         return "new"
+    others = other_experiments(storage_url, study_name, owner) if owner else []
     if resume:
         _check_same_experiment(exp_dir, storage_url, config_sha256)
         return "resume"
     if overwrite:
+        if others:
+            raise InputError(f"--overwrite would delete study '{study_name}' in {redact(storage_url)}, which also "
+                             f"holds the trials of {', '.join(others)}: choose another --study-name, or delete the "
+                             "study yourself (optuna delete-study) if those trials may go", path=str(exp_dir))
         return "overwrite"
+    if not (exp_dir / "experiment.json").is_file():
+        raise InputError(f"study '{study_name}' in {redact(storage_url)} already exists"
+                         + (f" (trials of {', '.join(others)})" if others else "")
+                         + ": pass --resume to add this experiment's trials to it (a shared study), or choose another "
+                         "--study-name", path=str(exp_dir))
     raise InputError(f"a tune experiment already exists here (study '{study_name}' in {redact(storage_url)}): "
                      "pass --resume to continue it, or --overwrite to delete its trials and study and start again",
                      path=str(exp_dir))
@@ -201,21 +236,23 @@ def clear_experiment(exp_dir: Path, *, storage_url: str, study_name: str, uri: s
             p.unlink()
 
 
-def finished_trials(storage_url: str, study_name: str) -> int:
-    """COMPLETE + PRUNED trials of the study (0 when it does not exist)."""
+def finished_trials(storage_url: str, study_name: str, owner: str | None = None) -> int:
+    """COMPLETE + PRUNED trials of the study (0 when it does not exist); with ``owner``, of that experiment only."""
     import optuna
     from optuna.trial import TrialState
 
     if not study_exists(storage_url, study_name):
         return 0
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return sum(_owned(t, owner) for t in study.get_trials(deepcopy=False,
+                                                          states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
-def fail_interrupted_trials(storage_url: str, study_name: str) -> list[int]:
-    """Mark the study's RUNNING trials FAIL with ``interrupted=True`` and return their numbers. Called when the
-    tune run is over: a trial still RUNNING then belongs to no live Tune trial (its driver was killed after
-    asking Optuna for it and before Tune saved its state)."""
+def fail_interrupted_trials(storage_url: str, study_name: str, owner: str | None = None) -> list[int]:
+    """Mark the study's RUNNING trials (with ``owner``: that experiment's; another driver's trials of a shared
+    study run on) FAIL with ``interrupted=True`` and return their numbers. Called when the tune run is over: a
+    trial of this experiment still RUNNING then belongs to no live Tune trial (its driver was killed after asking
+    Optuna for it and before Tune saved its state)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -224,6 +261,8 @@ def fail_interrupted_trials(storage_url: str, study_name: str) -> list[int]:
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     numbers = []
     for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
+        if not _owned(t, owner):
+            continue
         trial = optuna.trial.Trial(study, t._trial_id)
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)

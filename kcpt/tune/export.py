@@ -18,6 +18,7 @@ import pandas as pd
 from kcpt.config import dump_config, load_config
 from kcpt.errors import InputError
 from kcpt.tune import reeval
+from kcpt.tune.experiment import OWNER_ATTR
 from kcpt.tune.searcher import CONSTRAINT_NAME
 from kcpt.tune.space import apply_params, mixture_weights, range_edges
 
@@ -26,7 +27,7 @@ TRIAL_COLUMNS = ("trial_number", "ray_trial_id", "status", "objective", "constra
                  "steps_to_gate", "tokens_to_gate", "refined_tokens_to_gate", "plan_tokens_to_gate", "selected_step",
                  "selected_raw_val_loss", "selected_exam_val_loss", "selected_exam_acc", "selected_exam_em",
                  "selected_exam_f1", "selected_raw_ratio", "num_evals", "stopped_early", "checkpoint_path",
-                 "run_dir", "trial_dir", "reeval_runs", "reeval_mean_score", "reeval_gate_passes")
+                 "run_dir", "trial_dir", "experiment", "reeval_runs", "reeval_mean_score", "reeval_gate_passes")
 
 
 @dataclass
@@ -89,7 +90,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "selected_raw_ratio": _num(ua.get("selected_raw_ratio")),
             "num_evals": int(ua.get("num_evals") or 0), "stopped_early": bool(ua.get("stopped_early", False)),
             "checkpoint_path": ua.get("checkpoint_path") or None, "run_dir": ua.get("run_dir"),
-            "trial_dir": ua.get("trial_dir"), "reeval_runs": 0, "reeval_mean_score": None,
+            "trial_dir": ua.get("trial_dir"), "experiment": ua.get(OWNER_ATTR), "reeval_runs": 0,
+            "reeval_mean_score": None,
             "reeval_gate_passes": None,
         }
         if t.number in recs:

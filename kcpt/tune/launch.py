@@ -462,16 +462,17 @@ def _logger_callbacks(cfg: KcptConfig, experiment_dir: Path) -> list[Any]:
 
 
 def build_searcher(cfg: KcptConfig, *, storage: str, study_name: str, sampler: str = "tpe",
-                   after_ask: Callable[[], None] | None = None) -> ConstrainedOptunaSearch:
+                   after_ask: Callable[[], None] | None = None, owner: str | None = None) -> ConstrainedOptunaSearch:
     """The searcher on the study ``study_name`` in ``storage`` (a URL of :mod:`kcpt.tune.study_storage`);
-    ``after_ask``: see :class:`ConstrainedOptunaSearch`."""
+    ``after_ask``, ``owner`` (the experiment's directory or URI, stored on each trial it asks for): see
+    :class:`ConstrainedOptunaSearch`."""
     space = cfg.tune.space
     return ConstrainedOptunaSearch(
         space=SpaceSampler(space, static=static_space(sampler)),
         metric=METRIC, mode="min",
         sampler=make_sampler(sampler, seed=cfg.tune.sampler_seed, n_startup_trials=cfg.tune.n_startup_trials),
         study_name=study_name, storage=open_storage(storage),
-        enqueue=recipe_points(cfg) if cfg.tune.enqueue_recipe else None, after_ask=after_ask,
+        enqueue=recipe_points(cfg) if cfg.tune.enqueue_recipe else None, after_ask=after_ask, owner=owner,
     )
 
 
@@ -584,7 +585,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     location = uri or str(exp_dir)  # where Tune's state and the trials' run dirs live
     study_name = cfg.tune.study_name
     mode = check_experiment(exp_dir, storage_url=storage, study_name=study_name, resume=resume,
-                            overwrite=overwrite, config_sha256=cfg.sha256())
+                            overwrite=overwrite, config_sha256=cfg.sha256(), owner=location)
     if mode == "overwrite":
         clear_experiment(exp_dir, storage_url=storage, study_name=study_name, uri=uri)
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -641,13 +642,15 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             expected = cfg.tune.num_samples  # the restored experiment's trials, the earlier ones included
         else:
             # a resume that finds no saved Tune state (killed before its first save) runs what is missing
-            num_samples = cfg.tune.num_samples - (finished_trials(storage, study_name) if mode == "resume" else 0)
+            num_samples = cfg.tune.num_samples - (finished_trials(storage, study_name, location)
+                                           if mode == "resume" else 0)
             expected = max(num_samples, 0)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
                     search_alg=build_searcher(cfg, storage=storage, study_name=study_name, sampler=sampler,
-                                              after_ask=None if uri is None else Publisher(uri)),
+                                              after_ask=None if uri is None else Publisher(uri),
+                                              owner=location),
                     scheduler=build_scheduler(cfg, sampler), metric=METRIC, mode="min",
                     num_samples=max(num_samples, 0), max_concurrent_trials=cfg.tune.max_concurrent,
                     # the next trial's loop runs in the finished trial's process (no new Python, no torch import:
@@ -662,7 +665,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             )
         unfinished = unfinished_trials(tuner.fit(), expected)
         if not unfinished:
-            interrupted = fail_interrupted_trials(storage, study_name)
+            interrupted = fail_interrupted_trials(storage, study_name, location)
         if cfg.tune.reeval.top_k and not unfinished:
             import optuna
 

@@ -10,7 +10,8 @@ reaches the study, and a trial stopped early by ASHA becomes COMPLETE with an ea
   may stop a trial on the very eval at which its gate passed); a trial stopped by the scheduler earlier is told
   PRUNED (its intermediate ``gate_score`` values stay for the sampler), an errored one FAIL;
 - stores the gate summary (``gate_passed``, ``steps_to_gate``, …, ``checkpoint_path``, ``run_dir``,
-  ``ray_trial_id``) as Optuna user attributes, so the study alone holds the trial table.
+  ``ray_trial_id``, and ``experiment``: the experiment that asked for it, ``owner``) as Optuna user attributes, so
+  the study alone holds the trial table, and a study shared by several experiments tells each its own trials.
 - enqueues ``enqueue`` (the recipe's settings, :func:`kcpt.tune.space.recipe_points`) as the first trials of a
   study that has none yet (``study.enqueue_trial``): a resumed or shared study is not enqueued twice;
 - after a resume (``Tuner.restore`` from a save older than the study), a re-run trial that the study already
@@ -30,6 +31,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from kcpt.tune.experiment import OWNER_ATTR
 from kcpt.tune.objective import GATE_KEYS
 
 logger = logging.getLogger(__name__)
@@ -85,9 +87,10 @@ class ConstrainedOptunaSearch(OptunaSearch):
 
     def __init__(self, *args: Any, objective_key: str = "gate_objective", constraint_key: str = "gate_constraint",
                  enqueue: list[dict[str, Any]] | None = None, after_ask: Callable[[], None] | None = None,
-                 **kwargs: Any):
+                 owner: str | None = None, **kwargs: Any):
         self._enqueue = list(enqueue or [])
         self._after_ask = after_ask
+        self._owner = owner
         super().__init__(*args, **kwargs)
         self._objective_key = objective_key
         self._constraint_key = constraint_key
@@ -110,6 +113,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and "ray_trial_id" not in ot_trial.user_attrs:
             ot_trial.set_user_attr("ray_trial_id", trial_id)
+            if getattr(self, "_owner", None) is not None:
+                ot_trial.set_user_attr(OWNER_ATTR, self._owner)
         if ot_trial is not None and getattr(self, "_after_ask", None) is not None:
             self._after_ask()
         return cfg

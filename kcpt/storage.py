@@ -132,11 +132,12 @@ def local_path_for(uri: str) -> Path:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created), for processes of one node."""
+def file_lock(path: Path, *, blocking: bool = True) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created), for processes of one node. ``blocking=False``: raise
+    :class:`BlockingIOError` at once when another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         try:
             yield
         finally:

@@ -95,3 +95,39 @@ def test_entry_points_refuse_an_existing_run_in_one_line(tmp_path: Path, cmd: li
     both = subprocess.run([sys.executable, *cmd, "--resume", "--overwrite"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def _holder(run_dir: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding ``run_dir`` (:meth:`RunDir.in_use`) for ``seconds``; prints "held" once it does, and
+    touches ``<run_dir>.released`` just before it lets go."""
+    code = ("import sys, time; from pathlib import Path; from kcpt.train.rundir import RunDir\n"
+            "with RunDir(sys.argv[1]).in_use():\n"
+            "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
+            "    Path(sys.argv[1] + '.released').touch()\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_run_directory_in_use_by_another_run_is_refused_or_waited_for(tmp_path):
+    """Two runs into one local run directory interleaved their metrics and lost checkpoints (two tunes of one
+    config trained the same prerequisites): a second run is refused naming the first's pid, before anything is
+    written; the tune's prerequisites wait for the first and then reuse its results."""
+    cfg = _cfg(tmp_path)
+    rd = tmp_path / "runs" / "r"
+    holder = _holder(rd, 60)
+    try:
+        with pytest.raises(InputError, match=rf"in use by another kcpt run \(pid {holder.pid}\).*another run name"):
+            run_plan(cfg, in_process=True)
+        assert not rd.exists()                       # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = _holder(rd, 1.5)
+    said: list[str] = []
+    with RunDir(rd).in_use(wait=True, on_wait=said.append):
+        assert Path(f"{rd}.released").is_file()      # got it once the other process let go
+    holder.wait()
+    assert len(said) == 1 and "waiting for it to end" in said[0]
+    with RunDir(rd).in_use(), RunDir(rd).in_use():   # re-entrant in one process
+        pass

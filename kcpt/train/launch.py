@@ -168,37 +168,38 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             storage.check_uri(str(value), key)
     rd = run_dir_of(cfg, run_dir)
     rd.check_owned()  # never write into (or clean) a directory kcpt did not create
-    if resume == "never":
-        rd.refuse_existing()  # no silent destruction: only "overwrite" replaces a run that has results
-    if cfg.train.deepspeed is not None:
-        from kcpt.train.engine import deepspeed_config
+    with rd.in_use():  # one run at a time in a local run directory
+        if resume == "never":
+            rd.refuse_existing()  # no silent destruction: only "overwrite" replaces a run that has results
+        if cfg.train.deepspeed is not None:
+            from kcpt.train.engine import deepspeed_config
 
-        deepspeed_config(cfg)  # the user's DeepSpeed JSON merges with kcpt's keys (ConfigError otherwise)
-    init_checkpoint, reference_checkpoint = (
-        None if c is None else str(c) if storage.is_uri(str(c)) else str(storage.local_path(str(c)))
-        for c in (init_checkpoint, reference_checkpoint))
-    started = False
-    if not in_process:
-        started = _start_ray(cfg, address)
-    on_term = _raise_on_sigterm()
-    try:
+            deepspeed_config(cfg)  # the user's DeepSpeed JSON merges with kcpt's keys (ConfigError otherwise)
+        init_checkpoint, reference_checkpoint = (
+            None if c is None else str(c) if storage.is_uri(str(c)) else str(storage.local_path(str(c)))
+            for c in (init_checkpoint, reference_checkpoint))
+        started = False
         if not in_process:
-            check_cluster_paths(cfg, run_dir, [init_checkpoint, reference_checkpoint])
-        return _run_plan(cfg, stages, rd, init_checkpoint=init_checkpoint, reference_checkpoint=reference_checkpoint,
-                         baseline_raw_best=baseline_raw_best, resume=resume, force=force, callbacks=callbacks,
-                         in_process=in_process, in_task=in_task, address=address, console=console,
-                         data_table=data_table, on_report=on_report)
-    except KeyboardInterrupt as e:
-        kind = Terminated if isinstance(e, Terminated) or _SIGTERMS else KeyboardInterrupt
-        raise kind(f"{rd.location} keeps its last complete checkpoint; run the same command with --resume to "
-                   "continue") from None
-    finally:
-        if on_term is not None:
-            signal.signal(signal.SIGTERM, on_term)
-        if started:
-            import ray
+            started = _start_ray(cfg, address)
+        on_term = _raise_on_sigterm()
+        try:
+            if not in_process:
+                check_cluster_paths(cfg, run_dir, [init_checkpoint, reference_checkpoint])
+            return _run_plan(cfg, stages, rd, init_checkpoint=init_checkpoint,
+                             reference_checkpoint=reference_checkpoint, baseline_raw_best=baseline_raw_best,
+                             resume=resume, force=force, callbacks=callbacks, in_process=in_process, in_task=in_task,
+                             address=address, console=console, data_table=data_table, on_report=on_report)
+        except KeyboardInterrupt as e:
+            kind = Terminated if isinstance(e, Terminated) or _SIGTERMS else KeyboardInterrupt
+            raise kind(f"{rd.location} keeps its last complete checkpoint; run the same command with --resume to "
+                       "continue") from None
+        finally:
+            if on_term is not None:
+                signal.signal(signal.SIGTERM, on_term)
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
 
 
 _SIGTERMS: list[float] = []

@@ -32,10 +32,12 @@ started over without asking: nothing a user could want is lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,10 @@ def _delete_tree(path: Path) -> int:
     freed = sum(p.stat().st_size for p in doomed.rglob("*") if p.is_file())
     shutil.rmtree(doomed, ignore_errors=True)
     return freed
+
+
+_HELD: set[str] = set()
+"""The local run directories this process holds (:meth:`RunDir.in_use`)."""
 
 
 class RunDir:
@@ -339,6 +345,39 @@ class RunDir:
             raise InputError(f"exists but kcpt did not create it (no {MARKER}); kcpt writes and deletes only in "
                              "its own run directories: choose another train.run_name / --run-dir, or move it away",
                              path=str(root))
+
+    @contextlib.contextmanager
+    def in_use(self, *, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold the run directory for this process (a lock file beside it, ``.<name>.lock``, that holds the pid): a
+        second kcpt run into the same local directory would interleave its metrics and checkpoints with this one's.
+        Another process's hold is an :class:`InputError` naming its pid, or with ``wait`` is waited for
+        (``on_wait(message)`` first). Re-entrant within a process. A URI run directory has no cross-node lock: run
+        one job per run name there."""
+        key = str(self.root.resolve()) if self.remote is None else None
+        if key is None or key in _HELD:
+            yield
+            return
+        lock = self.root.parent / f".{self.root.name}.lock"
+        try:
+            held = storage.file_lock(lock, blocking=False)
+            held.__enter__()
+        except BlockingIOError:
+            holder = lock.read_text(encoding="utf-8").strip() or "?"
+            msg = f"in use by another kcpt run (pid {holder}) on this machine"
+            if not wait:
+                raise InputError(f"{msg}: wait for it to end, or choose another run name / run directory",
+                                 path=self.location) from None
+            if on_wait is not None:
+                on_wait(f"{self.location}: {msg}; waiting for it to end")
+            held = storage.file_lock(lock)
+            held.__enter__()
+        _HELD.add(key)
+        try:
+            lock.write_text(f"{os.getpid()}\n", encoding="utf-8")
+            yield
+        finally:
+            _HELD.discard(key)
+            held.__exit__(None, None, None)
 
     def has_results(self) -> bool:
         """True if the directory holds anything of a previous run worth keeping: a visible checkpoint,

@@ -159,18 +159,21 @@ def ensure_prerequisites(cfg: KcptConfig, *, stage: str | None = None, root: Pat
     run_dir: Path | str = store_lib.join(root, name) if store_lib.is_uri(root) else Path(root).resolve() / name
     if not before:
         return Prerequisites(run_dir, None, None)
-    rd = RunDir(run_dir).pull()
-    if rd.summary_path.exists():
-        done = rd.read_summary().get("stages") or {}
-        if all(s in done for s in before):
-            pre = _read_prerequisites(cfg, run_dir, before)
-            pre.reused = True
-            return pre
-    from kcpt.train.launch import one_worker, run_plan
+    rd = RunDir(run_dir)
+    # a second tune of the same config on this machine waits for the first's prerequisites, then reuses them
+    with rd.in_use(wait=True, on_wait=lambda msg: print(f"prerequisites: {msg}", flush=True)):
+        rd.pull()
+        if rd.summary_path.exists():
+            done = rd.read_summary().get("stages") or {}
+            if all(s in done for s in before):
+                pre = _read_prerequisites(cfg, run_dir, before)
+                pre.reused = True
+                return pre
+        from kcpt.train.launch import one_worker, run_plan
 
-    run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address, data_table=False,
-             in_task=one_worker(cfg))
-    return _read_prerequisites(cfg, run_dir, before)
+        run_plan(cfg, stages=before, run_dir=run_dir, resume="auto", address=address, data_table=False,
+                 in_task=one_worker(cfg))
+        return _read_prerequisites(cfg, run_dir, before)
 
 
 # --------------------------------------------------------------------------- per-trial reporting

@@ -269,6 +269,22 @@ def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepa
     best = straight.best_checkpoints["stage3"]
     assert (Path(best) / "engine" / "state").is_dir()
     assert "engine/state" in " ".join(read_manifest(best)["files"])   # bound by the checkpoint's manifest
+    assert read_manifest(best)["engine"] == f"deepspeed-zero{zero_stage}"
+    # a resume or a full restore by another engine is refused on the driver, --force or not, and the refused
+    # command leaves the run's config.yaml as it was (DDP found no optimizer.pt inside the workers, another ZeRO
+    # stage asserted inside DeepSpeed; config.yaml had been rewritten by then)
+    config_before = (straight.run_dir / "config.yaml").read_bytes()
+    with pytest.raises(CheckpointError, match=rf"written by DeepSpeed ZeRO-{zero_stage} .* this run trains with DDP "
+                                              r"\(no train.deepspeed\), which cannot read it: resume with the run's "
+                                              r"own train.deepspeed"):
+        run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}", *DS_FAULTS), resume="auto", force=True)
+    assert (straight.run_dir / "config.yaml").read_bytes() == config_before
+    other = f"train.deepspeed={{zero_stage: {5 - zero_stage}}}"
+    with pytest.raises(CheckpointError, match=rf"written by DeepSpeed ZeRO-{zero_stage} .* trains with DeepSpeed "
+                                              rf"ZeRO-{5 - zero_stage} .*set plan stage 'stage3' restore: "
+                                              r"weights_only"):
+        run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}-other", other), stages=["stage3"],
+                 init_checkpoint=best, baseline_raw_best=7.0, resume="never")
     # a resume on another number of workers is refused on the driver, before any worker starts: DeepSpeed cannot
     # re-partition the ZeRO state (each worker would fail inside DeepSpeed)
     with pytest.raises(CheckpointError, match=r"partitioned over 2 ranks and this run has 1 worker\(s\); DeepSpeed "

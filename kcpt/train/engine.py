@@ -50,6 +50,7 @@ from kcpt.config import KcptConfig, get_dotted
 from kcpt.errors import CheckpointError, ConfigError
 from kcpt.model.attention import model_inputs
 from kcpt.train import fused_loss
+from kcpt.train.checkpoint import ENGINE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,8 @@ class TorchEngine(Engine):
     def load_state(self, directory: Path) -> None:
         f = directory / OPTIMIZER_FILE
         if not f.is_file():
-            raise CheckpointError(f"{directory.parent}: no optimizer state ({f.name}); restore it weights_only")
+            raise CheckpointError(f"{directory.parent}: no DDP optimizer state ({f.name}); start from it with "
+                                  "restore: weights_only (the optimizer starts fresh)")
         try:
             state = torch.load(f, map_location="cpu", weights_only=True)
             lr = self.lr
@@ -339,6 +341,43 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def engine_kind(cfg: KcptConfig) -> str:
+    """The engine a run trains with, as checkpoint manifests record it (``engine``): ``ddp`` or
+    ``deepspeed-zero<stage>``. Each reads only its own full state (optimizer moments, partitions)."""
+    if cfg.train.deepspeed is None:
+        return "ddp"
+    return f"deepspeed-zero{deepspeed_config(cfg)['zero_optimization']['stage']}"
+
+
+def checkpoint_engine(manifest: dict[str, Any]) -> str | None:
+    """The engine whose state checkpoint ``manifest`` holds: its ``engine`` entry, or, for a checkpoint of an older
+    kcpt, ``ddp`` / ``deepspeed`` from its files; None when it holds no engine state."""
+    if manifest.get("engine"):
+        return str(manifest["engine"])
+    files = manifest.get("files") or {}
+    if f"{ENGINE_DIR}/{OPTIMIZER_FILE}" in files:
+        return "ddp"
+    return "deepspeed" if any(n.startswith(f"{ENGINE_DIR}/") for n in files) else None
+
+
+def _engine_name(kind: str) -> str:
+    if kind == "ddp":
+        return "DDP (no train.deepspeed)"
+    stage = kind.removeprefix("deepspeed-zero")
+    return "DeepSpeed" + (f" ZeRO-{stage} (train.deepspeed.zero_stage {stage})" if stage != kind else "")
+
+
+def check_engine_state(ref: str | Path, manifest: dict[str, Any], cfg: KcptConfig, *, fix: str) -> None:
+    """A checkpoint whose engine state another engine wrote is refused before any worker starts (not even
+    ``--force`` can load it: DDP finds no ``optimizer.pt`` in a DeepSpeed state, DeepSpeed asserts on another ZeRO
+    stage's files, inside every worker); ``fix`` says what to do instead."""
+    saved, now = checkpoint_engine(manifest), engine_kind(cfg)
+    if saved is None or saved == now or (saved == "deepspeed" and now.startswith("deepspeed-")):
+        return
+    raise CheckpointError(f"{ref}: its optimizer state was written by {_engine_name(saved)} and this run trains with "
+                          f"{_engine_name(now)}, which cannot read it: {fix}")
 
 
 def deepspeed_config(cfg: KcptConfig, micro_batch: int | None = None) -> dict[str, Any]:

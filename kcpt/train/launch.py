@@ -34,6 +34,7 @@ from kcpt.data.report import announce_data
 from kcpt.data.shards import fetch_prepared, read_manifest
 from kcpt.errors import CheckpointError, ConfigError, KcptError, Terminated, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
+from kcpt.train.engine import check_engine_state
 from kcpt.train.plan import check_baselines, check_rows, datasets_needed, expected_manifest, stage_sources
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_of
 
@@ -304,8 +305,9 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
             manifest, _ = ckpt_lib.inspect(p)  # the workers download the weights, on their own nodes
             ckpt_lib.check_compatible(manifest, expected, mode="weights_only", force=force, where=f"{what} {p}")
             if what == "init_checkpoint" and cfg.stage(stages[0]).restore == "full":
-                _check_zero_world(p, manifest, world, fix=f"or set plan stage '{stages[0]}' restore: weights_only "
-                                  "(its optimizer starts fresh)")
+                weights_only = f"set plan stage '{stages[0]}' restore: weights_only (its optimizer starts fresh)"
+                check_engine_state(p, manifest, cfg, fix=f"{weights_only}, or train it with the engine that wrote it")
+                _check_zero_world(p, manifest, world, fix=f"or {weights_only}")
 
     resume_from: str | None = None
     if resume in ("never", "overwrite"):
@@ -318,6 +320,9 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         resume_from = latest_checkpoint(rd, stages)
         if resume_from is not None:
             manifest, local = ckpt_lib.inspect(resume_from)  # not the weights and the optimizer state
+            check_engine_state(resume_from, manifest, cfg, fix="resume with the run's own train.deepspeed setting "
+                               f"(see {rd.config_path.name}), or start a new run from its weights "
+                               f"(--init-checkpoint {resume_from}; restore weights_only: the optimizer starts fresh)")
             try:
                 ckpt_lib.check_compatible(manifest, expected, mode="full", force=force,
                                           where=f"the checkpoint to resume from, {resume_from},")

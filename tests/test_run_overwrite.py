@@ -131,3 +131,19 @@ def test_a_run_directory_in_use_by_another_run_is_refused_or_waited_for(tmp_path
     assert len(said) == 1 and "waiting for it to end" in said[0]
     with RunDir(rd).in_use(), RunDir(rd).in_use():   # re-entrant in one process
         pass
+
+
+def test_a_damaged_prepared_shard_is_named_before_any_worker_starts(tmp_path):
+    """A truncated shard in the prepared cache failed inside every worker with pyarrow's "Parquet magic bytes not
+    found in footer", naming no file, three times over; the advice for a missing one did not work (the damaged
+    cache was reused). The driver reads every shard's footer first and names the shard and what to delete."""
+    from kcpt.data.prepare import prepare_all
+
+    cfg = _cfg(tmp_path)
+    ref = Path(prepare_all(cfg, ["raw_train"], progress=False)["raw_train"])
+    shard = sorted(ref.glob("part-*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(InputError, match=rf"{shard}: cannot read shard \(ArrowInvalid: .*\): the prepared copy of "
+                                         rf"dataset 'raw_train' is damaged or incomplete; delete {ref} and run again"):
+        run_plan(cfg, in_process=True)
+    assert not (tmp_path / "runs" / "r" / "config.yaml").exists()   # refused on the driver, before the run began

@@ -37,6 +37,7 @@ from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.engine import check_engine_state
 from kcpt.train.plan import check_baselines, check_rows, datasets_needed, expected_manifest, stage_sources
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_of
+from kcpt.train.streams import ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +299,8 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
     expected = expected_manifest(cfg, local_prepared)
     world = 1 if in_process or in_task else cfg.train.num_workers
     check_rows(cfg, stages, manifests, world)
+    for name, ref in prepared.items():  # every shard's footer, here: a damaged cache is named before workers start
+        ShardReader(str(ref), seq_len=cfg.data.seq_len, name=name)
     for p, what in ((init_checkpoint, "init_checkpoint"), (reference_checkpoint, "reference_checkpoint")):
         if p is not None:
             if not storage.is_uri(str(p)) and not Path(p).is_dir():

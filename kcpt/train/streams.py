@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -81,6 +82,8 @@ class ShardReader:
         self.ref, self.seq_len, self.name = str(ref), seq_len, name
         self.fs, self.base, manifest = open_prepared(self.ref)
         self.files = [f"{self.base}/{s}" for s in manifest["shards"]]
+        self._shown = [storage.join(self.ref, s) if storage.is_uri(self.ref) else f for s, f in
+                       zip(manifest["shards"], self.files, strict=True)]  # a URI keeps its scheme in messages
         self.blocks: list[Block] = []
         self._meta: list[Any] = []
         for i, path in enumerate(self.files):
@@ -92,12 +95,18 @@ class ShardReader:
         if self.rows == 0:
             raise InputError("prepared dataset has no rows", path=self.ref)
 
+    def _damaged(self, i: int, e: Exception) -> InputError:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return InputError(f"cannot read shard ({type(e).__name__}: {first}): the prepared copy of dataset "
+                          f"'{self.name}' is damaged or incomplete; delete {self.ref} and run again (kcpt prepares it "
+                          "anew)", path=self._shown[i])
+
     def _metadata(self, path: str) -> Any:
         try:
             with self.fs.open_input_file(path) as f:
                 return pq.ParquetFile(f).metadata
-        except (FileNotFoundError, OSError) as e:
-            raise InputError(f"cannot read shard ({e}); prepare the dataset again", path=path) from None
+        except (OSError, pa.ArrowException) as e:  # missing (FileNotFoundError), truncated (ArrowInvalid), ...
+            raise self._damaged(self.files.index(path), e) from None
 
     def read(self, block: Block) -> Arrays:
         """One row group, decoded (the only data this reader holds; nothing is cached here)."""
@@ -106,8 +115,8 @@ class ShardReader:
             with self.fs.open_input_file(path) as f:
                 table = pq.ParquetFile(f, metadata=self._meta[block.file]).read_row_group(
                     block.row_group, columns=list(_COLUMNS))
-        except (FileNotFoundError, OSError) as e:
-            raise InputError(f"cannot read shard ({e}); prepare the dataset again", path=path) from None
+        except (OSError, pa.ArrowException) as e:
+            raise self._damaged(block.file, e) from None
         ids, pos, lab = (_column(table, c, path, self.seq_len) for c in _COLUMNS)
         return ids, pos, lab
 

@@ -293,11 +293,17 @@ def test_s3_run_directory(s3_prefix, tmp_path):
     assert not any(math.isnan(x) for x in rep.table.kl_base)
 
 
-def test_starting_a_run_over_removes_its_old_forgetting_report(tmp_path):
+def test_starting_a_run_over_removes_its_old_forgetting_report_and_eval_results(tmp_path):
+    """`kcpt report` lists a run's forgetting report and every eval/lm_eval-*.json: after --overwrite it showed the
+    deleted run's lm-eval results beside the new checkpoints."""
+    from kcpt.eval.harness import EVAL_DIR
     from kcpt.train.rundir import RunDir
 
     rd = RunDir(tmp_path / "run").create(load_config())
     for name in ("forgetting.json", "forgetting.parquet"):
         (rd.root / name).write_text("old")
+    (rd.root / EVAL_DIR).mkdir()
+    (rd.root / EVAL_DIR / "lm_eval-03-stage3-step000040.json").write_text("{}")
     rd.start_over()
     assert not (rd.root / "forgetting.json").exists() and not (rd.root / "forgetting.parquet").exists()
+    assert not (rd.root / EVAL_DIR).exists()

@@ -47,7 +47,7 @@ from kcpt.errors import InputError
 
 MARKER = "kcpt-run.json"
 OWNED_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "tb", "ray", "faults", "aborted.json",
-                 "forgetting.json", "forgetting.parquet")
+                 "forgetting.json", "forgetting.parquet", "eval")
 """What starting a run over removes (nothing else in the run directory is ever deleted)."""
 
 

@@ -130,6 +130,8 @@ def test_run_report_stage_table_and_pareto(tmp_path):
         {"stage": "stage3", "step": 10, "raw_val_loss": 5.1, "exam_val_loss": 3.0, "checkpoint": str(ck / "a")},
         {"stage": "stage3", "step": 20, "raw_val_loss": 5.2, "exam_val_loss": 3.1, "checkpoint": str(ck / "b")},
         {"stage": "stage3", "step": 30, "raw_val_loss": 4.9, "exam_val_loss": 3.5, "checkpoint": str(ck / "c")},
+        # another stage's front is its own, though stage3's points dominate it (one front over all stages hid it)
+        {"stage": "stage2", "step": 10, "raw_val_loss": 5.3, "exam_val_loss": 3.6, "checkpoint": str(ck / "d")},
     ]
     for r in recs:
         rd.append_metrics(r)
@@ -137,7 +139,8 @@ def test_run_report_stage_table_and_pareto(tmp_path):
         "steps": 30, "stop_reason": "gate", "passed": True, "best_raw_val_loss": 5.1, "best_exam_val_loss": 3.0,
         "baseline_raw_best": 5.0, "gate_streak": 3, "rollbacks": 0}}})
     front = pareto_checkpoints(rd.read_metrics())
-    assert [m["step"] for m in front] == [10, 30]  # step 20 is dominated by 10; step 0 saved no checkpoint
+    # step 20 is dominated by 10; step 0 saved no checkpoint
+    assert [(m["stage"], m["step"]) for m in front] == [("stage3", 10), ("stage3", 30), ("stage2", 10)]
     text = format_run_report(tmp_path)
     assert "gate" in text and "1.020" in text and "(pruned)" in text
 

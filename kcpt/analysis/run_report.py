@@ -64,15 +64,16 @@ def format_stage_table(summaries: dict[str, dict[str, Any]], metrics: list[dict[
 
 
 def pareto_checkpoints(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Eval records with a checkpoint on the (raw_val_loss, exam_val_loss) Pareto front.
+    """Eval records with a checkpoint on their stage's (raw_val_loss, exam_val_loss) Pareto front.
 
-    Losses are only comparable on the same eval sets: the front is computed separately for each
-    (``eval_raw``, ``eval_exam``) pair and the fronts are concatenated (in first-seen order)."""
+    Each stage's front (what a later stage's ``start_from`` picks among, and what the loop keeps on disk) is
+    computed over its own evals — per (``eval_raw``, ``eval_exam``) pair, since losses are only comparable on the
+    same eval sets — and the fronts are concatenated in first-seen order."""
     cands = [m for m in metrics if m.get("checkpoint") and m.get("exam_val_loss") is not None
              and m.get("raw_val_loss") is not None]
-    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    groups: dict[tuple[Any, Any, Any], list[dict[str, Any]]] = {}
     for m in cands:
-        groups.setdefault((m.get("eval_raw"), m.get("eval_exam")), []).append(m)
+        groups.setdefault((m.get("stage"), m.get("eval_raw"), m.get("eval_exam")), []).append(m)
     return [r for g in groups.values() for r in pareto_records(g, ["raw_val_loss", "exam_val_loss"])]
 
 

@@ -199,6 +199,10 @@ def test_cli_reports_undertrained_tokens_of_a_checkpoint(tmp_path):
     assert flagged == set(range(first_new + 1, first_new + rep["checked"]))
     r = subprocess.run([*cli, "--checkpoint", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--init" in r.stderr
+    # a checkpoint path that does not exist (a step the run pruned): said so, not taken for a hub repo id
+    r = subprocess.run([*cli, "--checkpoint", str(tmp_path / "ckpt-gone"), "--init", str(init)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and f"{tmp_path / 'ckpt-gone'}: no such checkpoint directory" in r.stderr, r.stderr
 
 
 def test_oversample_new_tokens_writes_documents_with_new_tokens_factor_times(tmp_path):

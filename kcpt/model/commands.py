@@ -92,7 +92,7 @@ def _undertrained(args: argparse.Namespace) -> int:
     """``--checkpoint CKPT --init INIT``: the new tokens of CKPT that training left near their init."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kcpt.errors import KcptError
+    from kcpt.errors import InputError, KcptError
     from kcpt.model.undertrained import find_undertrained
     from kcpt.train.checkpoint import fetch
 
@@ -104,6 +104,9 @@ def _undertrained(args: argparse.Namespace) -> int:
                         "--model M --out DIR`")
     first_new = int(json.loads(meta.read_text(encoding="utf-8"))["first_new_id"])
     ckpt = fetch(args.checkpoint, engine=False)
+    if not Path(ckpt).is_dir():  # from_pretrained would take a missing path for a hub repo id
+        raise InputError("no such checkpoint directory (--checkpoint): `kcpt report RUN` lists a run's checkpoints",
+                         path=str(ckpt))
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     init = AutoModelForCausalLM.from_pretrained(args.init)
     tok = AutoTokenizer.from_pretrained(ckpt if (Path(ckpt) / "tokenizer.json").is_file() else args.init)

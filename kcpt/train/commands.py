@@ -21,7 +21,8 @@ def add_train_arguments(p: argparse.ArgumentParser, *, with_stages: bool = True)
     again.add_argument("--overwrite", action="store_true",
                        help="replace the run directory's previous results (checkpoints, metrics, summary)")
     p.add_argument("--force", action="store_true", help="resume/load even if tokenizer or data hashes differ")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray with explicit num_cpus)")
+    p.add_argument("--address",
+                   help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray with explicit num_cpus)")
     p.add_argument("--init-checkpoint", help="the first stage starts from this kcpt checkpoint")
     p.add_argument("--baseline-raw-best", type=float, help="raw val baseline when no stage of the run sets it")
     add_verbose_argument(p)

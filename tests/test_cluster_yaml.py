@@ -49,6 +49,11 @@ def test_cluster_yaml_matches_ray_schema(path: Path, schema: dict):
     sg = cfg["provider"].get("security_group", {})
     for perm in sg.get("IpPermissions", []):
         assert not (perm.get("FromPort", 0) <= 8265 <= perm.get("ToPort", -1)), "port 8265 must stay closed"
+    if cfg["provider"]["type"] == "aws":
+        # a group Ray creates always gets SSH from 0.0.0.0/0 besides the listed rules: every node type names its
+        # own pre-made group instead, so Ray creates none
+        assert "security_group" not in cfg["provider"]
+        assert all(t["node_config"].get("SecurityGroupIds") for t in types.values())
 
 
 def test_gpu_nodes_boot_an_image_with_nvidia_drivers():

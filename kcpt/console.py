@@ -34,6 +34,19 @@ def ray_init_kwargs(verbose: bool) -> dict[str, Any]:
     return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
 
 
+QUIET_RAY_LOGGERS = ("ray.tune", "ray.data")
+"""Ray libraries whose driver-side log lines (Tune's slow-callback warnings, its "Resume experiment with
+Tuner.restore(...)" on Ctrl-C — not how a kcpt run resumes —, Ray Data's INFO and progress notes) kcpt's console
+replaces: errors only, unless ``verbose``. Their log files in Ray's session directory keep everything."""
+
+
+def quiet_ray_loggers(verbose: bool) -> None:
+    """Without ``verbose``, :data:`QUIET_RAY_LOGGERS` print errors only on this console."""
+    if not verbose:
+        for name in QUIET_RAY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def is_tty(stream: TextIO | None = None) -> bool:
     stream = stream or sys.stdout
     try:

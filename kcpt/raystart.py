@@ -52,10 +52,11 @@ def start_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None
     """
     import ray
 
-    from kcpt.console import ray_init_kwargs
+    from kcpt.console import quiet_ray_loggers, ray_init_kwargs
 
     if ray.is_initialized():
         return False
+    quiet_ray_loggers(verbose)
     init_kwargs = {**ray_init_kwargs(verbose), **init_kwargs}
     joined = ray_address(address)
     if joined:

@@ -35,6 +35,14 @@ def test_joins_address_or_ray_address_without_sizing(head, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", head.address)  # what `ray job submit` sets
     assert start_ray(None, num_cpus=7) is True
     assert ray.cluster_resources()["CPU"] == 2
+    # Tune's slow-callback warnings and "Resume experiment with: Tuner.restore(...)" reached kcpt's console: the
+    # Ray libraries kcpt's console replaces print errors only there (their log files keep everything)
+    import logging
+
+    from kcpt.console import QUIET_RAY_LOGGERS
+
+    assert {logging.getLogger(n).level for n in QUIET_RAY_LOGGERS} == {logging.ERROR}
+    assert "ray.tune" in QUIET_RAY_LOGGERS and "ray.data" in QUIET_RAY_LOGGERS
 
 
 def _owner_fit(marks: Path):

@@ -906,8 +906,18 @@ def _without(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def training_changes(old: KcptConfig, new: KcptConfig, limit: int = 8) -> list[str]:
+    """:func:`config_changes` outside :data:`OPERATIONAL_KEYS` (what a resumed run may not change)."""
+    return config_changes(old, new, limit, ignore=OPERATIONAL_KEYS)
+
+
+SHA256_IGNORED = ("train.run_name", "train.output_dir", "train.async_checkpoint", "logging", "eval.buckets",
+                  "eval.forgetting")
+"""What :meth:`KcptConfig.sha256` leaves out (naming, output places, reports)."""
+
+
+def config_changes(old: KcptConfig, new: KcptConfig, limit: int = 8, ignore: tuple[str, ...] = ()) -> list[str]:
     """``key: old → new`` for each dotted key (lists by index) whose value differs between two configs, outside
-    :data:`OPERATIONAL_KEYS`; at most ``limit`` (then ``… and N more``)."""
+    ``ignore``; at most ``limit`` (then ``… and N more``)."""
     def flat(v: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict):
             return {k: x for key, sub in v.items() for k, x in flat(sub, f"{prefix}{key}.").items()}
@@ -915,8 +925,8 @@ def training_changes(old: KcptConfig, new: KcptConfig, limit: int = 8) -> list[s
             return {k: x for i, sub in enumerate(v) for k, x in flat(sub, f"{prefix}{i}.").items()}
         return {prefix.rstrip("."): v}
 
-    a = flat(_without(old.model_dump(mode="json"), OPERATIONAL_KEYS))
-    b = flat(_without(new.model_dump(mode="json"), OPERATIONAL_KEYS))
+    a = flat(_without(old.model_dump(mode="json"), ignore))
+    b = flat(_without(new.model_dump(mode="json"), ignore))
     out = [f"{k}: {a.get(k, '(absent)')!r} → {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
            if a.get(k) != b.get(k)]
     return out[:limit] + ([f"… and {len(out) - limit} more"] if len(out) > limit else [])

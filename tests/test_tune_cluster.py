@@ -22,7 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 from kcpt.cli import main as kcpt_main
-from kcpt.config import load_config
+from kcpt.config import dump_config, load_config
 from kcpt.errors import ConfigError, InputError
 from kcpt.tune.experiment import check_experiment, clear_experiment, fail_interrupted_trials, finished_trials
 from kcpt.tune.study_storage import open_storage, redact, resolve_storage, study_exists
@@ -114,6 +114,13 @@ def test_existing_experiment_needs_resume_or_overwrite(tmp_path, capsys, monkeyp
     assert check_experiment(exp, storage_url=url, study_name="s", resume=True, config_sha256="abc") == "resume"
     with pytest.raises(InputError, match="another config"):
         check_experiment(exp, storage_url=url, study_name="s", resume=True, config_sha256="def")
+    # the refusal names what changed (it did not: `--num-samples 4 --resume` with the hinted --config was refused
+    # again, nothing said why) and how to run more trials
+    dump_config(load_config(), exp / "config.yaml")
+    with pytest.raises(InputError, match=r"another config \(changed: tune.num_samples: 6 → 4\).*--num-samples "
+                                         r"included.*--experiment-dir NEW .*--resume"):
+        check_experiment(exp, storage_url=url, study_name="s", resume=True, config_sha256="def",
+                         config=load_config(None, ["tune.num_samples=4"]))
     with pytest.raises(InputError, match="pass the same --storage"):
         check_experiment(exp, storage_url=resolve_storage("journal", exp), study_name="s", resume=True)
     assert check_experiment(exp, storage_url=url, study_name="s", overwrite=True) == "overwrite"

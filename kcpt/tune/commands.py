@@ -64,7 +64,7 @@ def tune_from_args(args: argparse.Namespace) -> int:
     abs_cfg, exp_dir, storage = resolve_experiment(cfg, args.experiment_dir)
     mode = check_experiment(exp_dir, storage_url=storage, study_name=cfg.tune.study_name, resume=args.resume,
                             overwrite=args.overwrite, config_sha256=abs_cfg.sha256(),
-                            owner=experiment_uri(abs_cfg, args.experiment_dir) or str(exp_dir))
+                            owner=experiment_uri(abs_cfg, args.experiment_dir) or str(exp_dir), config=abs_cfg)
     print(f"tune experiment {experiment_uri(abs_cfg, args.experiment_dir) or exp_dir}: {mode}", flush=True)
     from kcpt.tune.launch import tune_stage3  # imports Ray and torch: only after the config was validated
 

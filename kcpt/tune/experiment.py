@@ -171,7 +171,23 @@ def experiment_exists(exp_dir: Path, storage_url: str, study_name: str) -> bool:
     return (exp_dir / "experiment.json").is_file() or study_exists(storage_url, study_name)
 
 
-def _check_same_experiment(exp_dir: Path, storage_url: str, config_sha256: str | None) -> None:
+def _config_changes(exp_dir: Path, config: KcptConfig | None) -> str:
+    """``: key: old → new; …`` between the experiment's ``config.yaml`` and ``config`` (empty when unknown)."""
+    from kcpt.config import SHA256_IGNORED, config_changes, load_config
+    from kcpt.errors import KcptError
+
+    if config is None or not (exp_dir / "config.yaml").is_file():
+        return ""
+    try:
+        before = load_config(exp_dir / "config.yaml")
+    except KcptError:
+        return ""
+    changes = config_changes(before, config, ignore=SHA256_IGNORED)
+    return f" (changed: {'; '.join(changes)})" if changes else ""
+
+
+def _check_same_experiment(exp_dir: Path, storage_url: str, config_sha256: str | None,
+                           config: KcptConfig | None = None) -> None:
     path = exp_dir / "experiment.json"
     if not path.is_file():
         return
@@ -183,15 +199,21 @@ def _check_same_experiment(exp_dir: Path, storage_url: str, config_sha256: str |
         raise InputError(f"cannot resume: the experiment's study is in {redact(str(m['storage']))}, not in "
                          f"{redact(storage_url)}: pass the same --storage / tune.storage", path=str(path))
     if config_sha256 and m.get("config_sha256") not in (None, config_sha256):
-        raise InputError("cannot resume with another config: resume with the one the experiment was started with "
-                         f"(--config {exp_dir / 'config.yaml'}), or --overwrite", path=str(path))
+        raise InputError(f"cannot resume with another config{_config_changes(exp_dir, config)}: resume with the one "
+                         f"the experiment was started with (--config {exp_dir / 'config.yaml'}, and no --set or flag "
+                         "that changes it, --num-samples included: a resumed tune runs to the trials it started "
+                         "with), or --overwrite. To run more trials on the same study, start another experiment on "
+                         "it: --experiment-dir NEW --storage <this storage> --study-name <this study> --resume",
+                         path=str(path))
 
 
 def check_experiment(exp_dir: Path, *, storage_url: str, study_name: str, resume: bool = False,
-                     overwrite: bool = False, config_sha256: str | None = None, owner: str | None = None) -> Mode:
+                     overwrite: bool = False, config_sha256: str | None = None, owner: str | None = None,
+                     config: KcptConfig | None = None) -> Mode:
     """Refuse to reuse an existing experiment without ``resume`` / ``overwrite``; returns what the run will do
     (``"resume"`` of an experiment that does not exist yet starts it: ``"new"``). A resume must use the
-    experiment's storage and config (``config_sha256``, when given). ``owner`` (the experiment's directory or
+    experiment's storage and config (``config_sha256``, when given; ``config``: its changed keys are named). ``owner``
+    (the experiment's directory or
     URI): a study that holds other experiments' trials is shared — joined with ``resume``, never deleted by
     ``overwrite``. Changes nothing."""
     if resume and overwrite:
@@ -201,7 +223,7 @@ def check_experiment(exp_dir: Path, *, storage_url: str, study_name: str, resume
         return "new"
     others = other_experiments(storage_url, study_name, owner) if owner else []
     if resume:
-        _check_same_experiment(exp_dir, storage_url, config_sha256)
+        _check_same_experiment(exp_dir, storage_url, config_sha256, config)
         return "resume"
     if overwrite:
         if others:

@@ -588,7 +588,7 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     location = uri or str(exp_dir)  # where Tune's state and the trials' run dirs live
     study_name = cfg.tune.study_name
     mode = check_experiment(exp_dir, storage_url=storage, study_name=study_name, resume=resume,
-                            overwrite=overwrite, config_sha256=cfg.sha256(), owner=location)
+                            overwrite=overwrite, config_sha256=cfg.sha256(), owner=location, config=cfg)
     if mode == "overwrite":
         clear_experiment(exp_dir, storage_url=storage, study_name=study_name, uri=uri)
     exp_dir.mkdir(parents=True, exist_ok=True)

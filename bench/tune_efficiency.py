@@ -230,22 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measured", action="append", default=[], help="experiment dir(s) of real stage-3 trials")
     ap.add_argument("--no-measure", action="store_true", help="use only --measured experiments")
-    ap.add_argument("--measure-trials", type=int, default=8)
-    ap.add_argument("--measure-dir", default="experiments/bench-measure")
+    ap.add_argument("--measure-trials", type=int, default=8,
+                    help="real stage-3 trials the measurement runs (the landscape's curves)")
+    ap.add_argument("--measure-dir", default="experiments/bench-measure", help="where the measurement's tune goes")
     ap.add_argument("--set", dest="overrides", action="append",
                     default=["tune.stage_overrides.max_steps=30", "tune.stage_overrides.eval_every=5",
                              "tune.stage_overrides.stop.rule=max_steps",
                              "tune.num_workers=1"],  # as measured (trials then defaulted to 1 worker)
                     help="config overrides of the measurement (default: stage 3 of 30 steps, eval every 5, "
                          "no early stop so every curve is complete)")
-    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=10, help="proxy mode: sampler seeds per sampler")
     ap.add_argument("--trials", type=int, default=30, help="trial budget K per search")
-    ap.add_argument("--n-startup", type=int, default=3)
+    ap.add_argument("--n-startup", type=int, default=3, help="n_startup_trials of TPE / GP")
     ap.add_argument("--samplers", default="tpe,random",
                     help="proxy mode: samplers to compare with random search (tpe | gp), comma-separated")
-    ap.add_argument("--pass-rate", type=float, default=0.05)
-    ap.add_argument("--raw-quantile", type=float, default=0.5)
-    ap.add_argument("--consecutive", type=int, default=2)
+    ap.add_argument("--pass-rate", type=float, default=0.05,
+                    help="proxy gate calibration: the share of uniformly sampled points that pass it")
+    ap.add_argument("--raw-quantile", type=float, default=0.5,
+                    help="proxy gate calibration: the quantile of the measured raw ratios its raw bound sits at")
+    ap.add_argument("--consecutive", type=int, default=2, help="proxy gate: evals in a row")
     ap.add_argument("--objective", choices=("tokens_to_gate", "exam"), default="tokens_to_gate",
                     help="the objective the searches minimise (default: the tune job's default, tune.objective)")
     ap.add_argument("--json", help="also write the numbers here")
@@ -260,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                          "a budget of 122,880 tokens, where the fastest settings hold the gate and the recipe "
                          "does not; docs/tuning.md finding 25)")
     args = ap.parse_args(argv)
+    if not args.no_proxy and args.no_measure and not args.measured:
+        ap.error("--no-measure needs --measured EXPERIMENT_DIR (the landscape's trials)")
+    if not args.no_proxy and not [k for k in args.samplers.split(",") if k != "random"]:
+        ap.error("--samplers: name a sampler to compare with random search (tpe, gp)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out: dict = {}
     if not args.no_proxy:

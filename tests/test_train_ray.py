@@ -228,6 +228,13 @@ def test_in_task_run_killed_mid_stage_is_retried_and_resumes_exactly(ray_session
     lines = capsys.readouterr().out.splitlines()
     for stage, steps in (("cpt", cpt_lines), ("stage3", [0, 3, 6])):  # the retry's evals follow the first attempt's
         assert [int(ln.split()[2]) for ln in lines if ln.startswith(f"[{stage}] step")] == steps, stage
+    # the console says that the run restarted and from where (it said nothing), when there was a checkpoint
+    restarted = [ln for ln in lines if "restarted after a failure" in ln]
+    if crash_step == 6:
+        assert restarted == [f"[cpt] restarted after a failure (a worker or its node died; train.max_failures): "
+                             f"resuming from {got.run_dir / 'checkpoints' / '00-cpt-step000004'}, step 4"], lines
+    else:
+        assert not restarted
 
 
 def test_a_kcpt_error_in_a_world_size_1_rerun_task_is_raised_as_itself(ray_session, prepared_root, tmp_path):

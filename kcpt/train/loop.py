@@ -712,6 +712,10 @@ class StageRunner:
                 self.run_dir.truncate_metrics(
                     lambda r: r.get("stage") not in order or (order.index(r["stage"]), r["step"]) <= key)
             log.info("rank %d resumes from %s", self.rank, resume_path)
+            if latest is not None and latest != self.config.get("resume_from"):  # not where the run began: a restart
+                self.emit({"kind": "line", "text": f"[{resume_state['stage']}] restarted after a failure (a worker "
+                           f"or its node died; train.max_failures): resuming from {latest}, step "
+                           f"{resume_state['step']}"})
         elif self.rank == 0:
             # no checkpoint of this run yet: a restart before the first one (a replaced worker group, a retried task)
             # runs its evals again — the first attempt's records of these stages go

@@ -840,9 +840,10 @@ class KcptConfig(Strict):
             except ValidationError as err:
                 e = err.errors()[0]
                 loc = ".".join(str(p) for p in e["loc"])
-                msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-                raise ValueError(f"{where}: its {side} bound {value:g} gives stage '{self.tune.stage}' {loc}: {msg}"
-                                 ) from None
+                if e["type"] == "extra_forbidden":
+                    raise ValueError(f"{where}: stage '{self.tune.stage}' would have {loc}: unknown key") from None
+                raise ValueError(f"{where}: its {side} bound {value:g} gives stage '{self.tune.stage}' {loc}: "
+                                 f"{e['msg']}") from None
 
     def check_tuned_stage(self) -> None:
         """ConfigError unless ``tune.stage`` names a stage of the plan. Checked by the tune job only: a plan without

@@ -258,3 +258,14 @@ def test_bucket_footprint_bench_leaves_no_checkpoint_copies_and_the_driver_downl
     assert 0 < resume["downloaded"] < resume["whole"]
     out = capsys.readouterr().out
     assert "| inspect (the driver's check: now) |" in out and "| the parts read (now) |" in out
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--no-measure"], "--no-measure needs --measured EXPERIMENT_DIR"),
+    (["--samplers", "random"], "--samplers: name a sampler to compare with random search"),
+])
+def test_tune_efficiency_usage_errors_are_one_line(args, needle, capsys):
+    """Both ended in a traceback (max() of an empty landscape; a KeyError after the whole search)."""
+    with pytest.raises(SystemExit) as e:
+        _load("tune_efficiency").main(args)
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -225,3 +225,18 @@ def test_the_gp_samples_a_static_space_and_kl_off_wins_over_its_beta(tmp_path):
     t = study.ask()
     p = suggest_params(t, cfg.tune.space)
     assert ("kl_beta" in t.params) == (p.get("kl_on") is not False)  # define-by-run (TPE): only when on
+
+
+def test_an_asha_grace_longer_than_a_trial_is_refused_before_anything_is_made(tmp_path):
+    """ASHA asserted inside Ray (`grace_period must be <= max_t`) after the prerequisites had trained, and left a
+    half-made experiment that only --overwrite could replace."""
+    from kcpt.tune.launch import tune_stage3
+
+    cfg = load_config(None, ["tune.stage_overrides.max_steps=10", "tune.stage_overrides.eval_every=5",
+                             "tune.asha.grace_period=10", f"train.output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(ConfigError, match=r"tune.asha.grace_period: a grace of .* tokens .* is longer than a trial "
+                                          r"of stage 'stage3' can run"):
+        tune_stage3(cfg, experiment_dir=tmp_path / "exp")
+    assert not (tmp_path / "exp").exists() and not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match="grace_tokens: a grace in tokens needs time_attr: tokens"):
+        load_config(None, ["tune.asha.time_attr=evals", "tune.asha.grace_tokens=1000"])

@@ -358,26 +358,24 @@ class RunDir:
             yield
             return
         lock = self.root.parent / f".{self.root.name}.lock"
-        try:
-            held = storage.file_lock(lock, blocking=False)
-            held.__enter__()
-        except BlockingIOError:
-            holder = lock.read_text(encoding="utf-8").strip() or "?"
-            msg = f"in use by another kcpt run (pid {holder}) on this machine"
-            if not wait:
-                raise InputError(f"{msg}: wait for it to end, or choose another run name / run directory",
-                                 path=self.location) from None
-            if on_wait is not None:
-                on_wait(f"{self.location}: {msg}; waiting for it to end")
-            held = storage.file_lock(lock)
-            held.__enter__()
-        _HELD.add(key)
-        try:
-            lock.write_text(f"{os.getpid()}\n", encoding="utf-8")
-            yield
-        finally:
-            _HELD.discard(key)
-            held.__exit__(None, None, None)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(storage.file_lock(lock, blocking=False))
+            except BlockingIOError:
+                holder = lock.read_text(encoding="utf-8").strip() or "?"
+                msg = f"in use by another kcpt run (pid {holder}) on this machine"
+                if not wait:
+                    raise InputError(f"{msg}: wait for it to end, or choose another run name / run directory",
+                                     path=self.location) from None
+                if on_wait is not None:
+                    on_wait(f"{self.location}: {msg}; waiting for it to end")
+                held.enter_context(storage.file_lock(lock))
+            _HELD.add(key)
+            try:
+                lock.write_text(f"{os.getpid()}\n", encoding="utf-8")
+                yield
+            finally:
+                _HELD.discard(key)
 
     def has_results(self) -> bool:
         """True if the directory holds anything of a previous run worth keeping: a visible checkpoint,

@@ -86,8 +86,8 @@ class ShardReader:
                        zip(manifest["shards"], self.files, strict=True)]  # a URI keeps its scheme in messages
         self.blocks: list[Block] = []
         self._meta: list[Any] = []
-        for i, path in enumerate(self.files):
-            md = self._metadata(path)
+        for i in range(len(self.files)):
+            md = self._metadata(i)
             self._meta.append(md)
             self.blocks += [Block(i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)
                             if md.row_group(g).num_rows > 0]
@@ -101,12 +101,12 @@ class ShardReader:
                           f"'{self.name}' is damaged or incomplete; delete {self.ref} and run again (kcpt prepares it "
                           "anew)", path=self._shown[i])
 
-    def _metadata(self, path: str) -> Any:
+    def _metadata(self, i: int) -> Any:
         try:
-            with self.fs.open_input_file(path) as f:
+            with self.fs.open_input_file(self.files[i]) as f:
                 return pq.ParquetFile(f).metadata
         except (OSError, pa.ArrowException) as e:  # missing (FileNotFoundError), truncated (ArrowInvalid), ...
-            raise self._damaged(self.files.index(path), e) from None
+            raise self._damaged(i, e) from None
 
     def read(self, block: Block) -> Arrays:
         """One row group, decoded (the only data this reader holds; nothing is cached here)."""

@@ -103,7 +103,7 @@ def _holder(run_dir: Path, seconds: float) -> subprocess.Popen:
     code = ("import sys, time; from pathlib import Path; from kcpt.train.rundir import RunDir\n"
             "with RunDir(sys.argv[1]).in_use():\n"
             "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
-            "    Path(sys.argv[1] + '.released').touch()\n")
+            "    p = Path(sys.argv[1] + '.released'); p.parent.mkdir(parents=True, exist_ok=True); p.touch()\n")
     p = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(seconds)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p

@@ -33,10 +33,12 @@ started over without asking: nothing a user could want is lost.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -348,8 +350,9 @@ class RunDir:
 
     @contextlib.contextmanager
     def in_use(self, *, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
-        """Hold the run directory for this process (a lock file beside it, ``.<name>.lock``, that holds the pid): a
-        second kcpt run into the same local directory would interleave its metrics and checkpoints with this one's.
+        """Hold the run directory for this process (a lock file in this machine's temp dir, named by the directory's
+        absolute path, that holds the pid; nothing is created beside the run before it is validated): a second kcpt
+        run into the same local directory would interleave its metrics and checkpoints with this one's.
         Another process's hold is an :class:`InputError` naming its pid, or with ``wait`` is waited for
         (``on_wait(message)`` first). Re-entrant within a process. A URI run directory has no cross-node lock: run
         one job per run name there."""
@@ -357,7 +360,8 @@ class RunDir:
         if key is None or key in _HELD:
             yield
             return
-        lock = self.root.parent / f".{self.root.name}.lock"
+        lock = Path(tempfile.gettempdir(), f"kcpt-run-locks-{os.getuid()}",
+                    f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock")
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(storage.file_lock(lock, blocking=False))

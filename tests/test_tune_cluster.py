@@ -268,30 +268,40 @@ def _trial_evals(exp: Path) -> int:
     return n
 
 
-@pytest.mark.slow
-def test_driver_killed_mid_trial_resumes_without_lost_or_duplicated_trials(tune_experiment, tmp_path, capsys):
+def _driver_in_a_trial(tune_experiment, exp: Path, study: str, log: Path
+                       ) -> tuple[list[str], subprocess.Popen, set[int]]:
+    """A real ``jobs/tune_stage3.py`` driver (2 trials of 8 steps: the resume, not the search; its console into
+    ``log``), returned once a trial is running and has reported an eval: its arguments, the process, and the
+    processes under it so far (the local Ray it started)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    exp = tmp_path / "exp"
-    # the resume, not the search: 8 steps per trial (evals at 0, 4, 8)
     sets = [a for o in (*_base_overrides(tune_experiment), "tune.stage_overrides.max_steps=8") for a in ("--set", o)]
-    args = ["--experiment-dir", str(exp), "--storage", "journal", "--num-samples", "2", "--study-name", "resumed",
-            *sets]
+    args = ["--experiment-dir", str(exp), "--storage", "journal", "--num-samples", "2", "--study-name", study, *sets]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
-    log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen([sys.executable, "jobs/tune_stage3.py", *args], cwd=REPO, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    driver = subprocess.Popen([sys.executable, "jobs/tune_stage3.py", *args], cwd=REPO, env=env,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     tree: set[int] = set()
     try:
         deadline = time.time() + 300
-        while _trial_evals(exp) < 1:  # a trial is running and has reported an eval
-            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        while _trial_evals(exp) < 1:
+            assert driver.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, "no trial reported an eval"
             tree.update(_descendants(driver.pid))
             time.sleep(0.5)
         tree.update(_descendants(driver.pid))
+    except BaseException:
+        _kill([driver.pid, *tree])
+        raise
+    return args, driver, tree
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_trial_resumes_without_lost_or_duplicated_trials(tune_experiment, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    args, driver, tree = _driver_in_a_trial(tune_experiment, exp, "resumed", tmp_path / "driver.log")
+    try:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver, and the local Ray it started, die mid-trial
         driver.wait()
     finally:
@@ -325,29 +335,14 @@ def test_ctrl_c_leaves_the_running_trial_to_resume(tune_experiment, tmp_path, ca
     """Ctrl-C (SIGINT to the driver) ends Tune gracefully with its state saved: the running trial is Tune's to
     re-run under --resume, so it stays RUNNING in the study (it was marked FAIL, and its re-run's result was then
     discarded), and the job exits 130 naming --resume (it exited 0)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    exp = tmp_path / "exp"
-    sets = [a for o in (*_base_overrides(tune_experiment), "tune.stage_overrides.max_steps=8") for a in ("--set", o)]
-    args = ["--experiment-dir", str(exp), "--storage", "journal", "--num-samples", "2", "--study-name", "ctrl-c",
-            *sets]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
-    driver = subprocess.Popen([sys.executable, "jobs/tune_stage3.py", *args], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    tree: set[int] = set()
+    exp, log = tmp_path / "exp", tmp_path / "driver.log"
+    args, driver, tree = _driver_in_a_trial(tune_experiment, exp, "ctrl-c", log)
     try:
-        deadline = time.time() + 300
-        while _trial_evals(exp) < 1:  # a trial is running and has reported an eval
-            assert driver.poll() is None, driver.stdout.read()[-3000:]
-            assert time.time() < deadline, "no trial reported an eval"
-            tree.update(_descendants(driver.pid))
-            time.sleep(0.5)
         driver.send_signal(signal.SIGINT)
-        out, _ = driver.communicate(timeout=180)
+        driver.wait(timeout=180)
     finally:
         _kill([driver.pid, *tree])
+    out = log.read_text()
     assert driver.returncode == 130, out[-3000:]
     assert "--resume" in out.splitlines()[-1] and "unfinished" in out.splitlines()[-1], out[-3000:]
     url = resolve_storage("journal", exp)

@@ -54,7 +54,7 @@ from kcpt.tune.experiment import (
 )
 from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
 from kcpt.tune.progress import TuneConsole
-from kcpt.tune.searcher import DONE_KEY, FINAL_KEY, ConstrainedOptunaSearch, make_sampler, static_space
+from kcpt.tune.searcher import DONE_KEY, FINAL_KEY, ConstrainedOptunaSearch, ends_trial, make_sampler, static_space
 from kcpt.tune.space import SpaceSampler, apply_params, recipe_points
 from kcpt.tune.study_storage import open_storage
 
@@ -522,11 +522,17 @@ def build_scheduler(cfg: KcptConfig, sampler: str = "tpe") -> Any:
 
 
 def unfinished_trials(results: Any, expected: int) -> int:
-    """Trials of a finished ``Tuner.fit`` that did not end: not TERMINATED or ERROR (running when the fit was
-    interrupted: Ctrl-C ends it gracefully and Tune saves its state), or never started (``expected`` trials were
-    asked for). 0 for a search that ran to its end."""
-    ended = results.num_terminated + results.num_errors
-    return max(len(results) - ended, 0) + max(expected - len(results), 0)
+    """Trials of a finished ``Tuner.fit`` (its ``ResultGrid``) that did not end, or never started (``expected``
+    trials were asked for); 0 for a search that ran to its end. A trial ended when it errored, when its last report
+    carries its outcome (:func:`~kcpt.tune.searcher.ends_trial`) or when the scheduler stopped it (Tune marks that
+    report ``done``). Not Tune's trial status: after Ctrl-C, Tune saves its state with the running trials in it and
+    then stops them, which sets them TERMINATED."""
+    ended = 0
+    for i in range(len(results)):
+        r = results[i]
+        m = r.metrics or {}
+        ended += r.error is not None or ends_trial(m) or bool(m.get("done"))
+    return len(results) - ended + max(expected - len(results), 0)
 
 
 def quiet_tune(verbose: bool) -> None:

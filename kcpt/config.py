@@ -9,6 +9,7 @@ cores. Load YAML with :func:`load_config`; an unknown key or a wrong type raises
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -810,14 +811,10 @@ class KcptConfig(Strict):
                     raise ValueError(f"tune.space.micro_batch_sizes: {m} does not fit stage '{self.tune.stage}': "
                                      f"{key} {st[key]} at micro-batch {ref} is {st[key] * ref} rows per worker, "
                                      f"not a whole number of steps of {m} rows (token-fair scaling)")
-        try:
-            StageConfig.model_validate(st)
-        except ValidationError as err:
-            e = err.errors()[0]
-            path = ".".join(str(p) for p in e["loc"])
-            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        problem = _stage_problem(st)
+        if problem:
             raise ValueError(f"tune.stage_overrides / tune.space.extra: stage '{self.tune.stage}' would have "
-                             f"{path}: {msg}") from None
+                             f"{problem[0]}: {problem[1]}")
         return self
 
     def _check_extra_range(self, st: dict[str, Any], path: str, r: FloatRange) -> None:
@@ -830,20 +827,17 @@ class KcptConfig(Strict):
             if bounds[0] > bounds[1]:
                 raise ValueError(f"{where}: an integer field, and [{r.low:g}, {r.high:g}] holds no integer")
         for side, value in zip(("low", "high"), bounds, strict=True):
-            trial = json.loads(json.dumps(st))
+            trial = copy.deepcopy(st)
             try:
                 _set_dotted(trial, path, value)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            try:
-                StageConfig.model_validate(trial)
-            except ValidationError as err:
-                e = err.errors()[0]
-                loc = ".".join(str(p) for p in e["loc"])
-                if e["type"] == "extra_forbidden":
-                    raise ValueError(f"{where}: stage '{self.tune.stage}' would have {loc}: unknown key") from None
-                raise ValueError(f"{where}: its {side} bound {value:g} gives stage '{self.tune.stage}' {loc}: "
-                                 f"{e['msg']}") from None
+            problem = _stage_problem(trial)
+            if problem and problem[1] == UNKNOWN_KEY:
+                raise ValueError(f"{where}: stage '{self.tune.stage}' would have {problem[0]}: {UNKNOWN_KEY}")
+            if problem:
+                raise ValueError(f"{where}: its {side} bound {value:g} gives stage '{self.tune.stage}' {problem[0]}: "
+                                 f"{problem[1]}")
 
     def check_tuned_stage(self) -> None:
         """ConfigError unless ``tune.stage`` names a stage of the plan. Checked by the tune job only: a plan without
@@ -966,6 +960,20 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = msg[len("Value error, "):]
         lines.append(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
     return "\n".join(lines)
+
+
+UNKNOWN_KEY = "unknown key"
+
+
+def _stage_problem(stage: dict[str, Any]) -> tuple[str, str] | None:
+    """``(dotted location, message)`` of the first reason ``stage`` is not a valid stage config (``unknown key``
+    for a key the stage has not), or None."""
+    try:
+        StageConfig.model_validate(stage)
+    except ValidationError as err:
+        e = err.errors()[0]
+        return ".".join(str(p) for p in e["loc"]), UNKNOWN_KEY if e["type"] == "extra_forbidden" else e["msg"]
+    return None
 
 
 def integer_stage_field(dotted: str) -> bool:

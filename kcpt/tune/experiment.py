@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from kcpt import storage as store_lib
 from kcpt.config import KcptConfig
 from kcpt.errors import InputError
 from kcpt.tune.study_storage import delete_study, open_storage, redact, resolve_storage, study_exists
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 #: What kcpt writes into an experiment directory (``--overwrite`` removes exactly these).
 EXPERIMENT_ENTRIES = ("experiment.json", "config.yaml", "optuna.db", "optuna.journal", "optuna.journal.lock",
@@ -149,11 +152,10 @@ OWNER_ATTR = "experiment"
 several experiments (``--storage`` + ``--study-name``) tells each its own trials."""
 
 
-def _owned(t: object, owner: str | None) -> bool:
+def _owned(t: FrozenTrial, owner: str | None) -> bool:
     """Whether trial ``t`` belongs to experiment ``owner`` (every trial when None; a trial of an older kcpt, without
     the attribute, to whichever experiment asks)."""
-    attrs = getattr(t, "user_attrs", {}) or {}
-    return owner is None or attrs.get(OWNER_ATTR, owner) == owner
+    return owner is None or t.user_attrs.get(OWNER_ATTR, owner) == owner
 
 
 def other_experiments(storage_url: str, study_name: str, owner: str) -> list[str]:

@@ -343,12 +343,11 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def engine_kind(cfg: KcptConfig) -> str:
-    """The engine a run trains with, as checkpoint manifests record it (``engine``): ``ddp`` or
-    ``deepspeed-zero<stage>``. Each reads only its own full state (optimizer moments, partitions)."""
-    if cfg.train.deepspeed is None:
-        return "ddp"
-    return f"deepspeed-zero{deepspeed_config(cfg)['zero_optimization']['stage']}"
+def engine_kind(ds_config: dict[str, Any] | None) -> str:
+    """The engine a run trains with (``ds_config``: its :func:`deepspeed_config`, None without DeepSpeed), as
+    checkpoint manifests record it (``engine``): ``ddp`` or ``deepspeed-zero<stage>``. Each reads only its own
+    full state (optimizer moments, partitions)."""
+    return "ddp" if ds_config is None else f"deepspeed-zero{ds_config['zero_optimization']['stage']}"
 
 
 def checkpoint_engine(manifest: dict[str, Any]) -> str | None:
@@ -373,7 +372,8 @@ def check_engine_state(ref: str | Path, manifest: dict[str, Any], cfg: KcptConfi
     """A checkpoint whose engine state another engine wrote is refused before any worker starts (not even
     ``--force`` can load it: DDP finds no ``optimizer.pt`` in a DeepSpeed state, DeepSpeed asserts on another ZeRO
     stage's files, inside every worker); ``fix`` says what to do instead."""
-    saved, now = checkpoint_engine(manifest), engine_kind(cfg)
+    saved = checkpoint_engine(manifest)
+    now = engine_kind(deepspeed_config(cfg) if cfg.train.deepspeed is not None else None)
     if saved is None or saved == now or (saved == "deepspeed" and now.startswith("deepspeed-")):
         return
     raise CheckpointError(f"{ref}: its optimizer state was written by {_engine_name(saved)} and this run trains with "

@@ -612,7 +612,7 @@ class StageRunner:
                 manifest = ckpt_lib.build_manifest(
                     **self.expected_manifest(), base_model=self.cfg.model.name_or_path,
                     restore_mode=run.stage.restore, step=run.step, stage=run.stage.name,
-                    stage_index=plan.stage_pos, metrics=metrics, engine=engine_kind(self.cfg))
+                    stage_index=plan.stage_pos, metrics=metrics, engine=engine_kind(self.ds_config))
                 if write_async:
                     self._write_async(run, path, staging, state, manifest, engine_state, extra)
                 else:

@@ -416,6 +416,9 @@ class FaultConfig(Strict):
     raise_at_step: int | None = Field(None, ge=1)
     """The worker of rank ``crash_rank`` raises a plain ``RuntimeError`` (a bug, not a KcptError) at this step,
     every attempt: its traceback must reach the console."""
+    input_error_at_step: int | None = Field(None, ge=1)
+    """The worker of rank ``crash_rank`` raises an ``InputError`` (deterministic: not retried) at this step, every
+    attempt, and appends a line to ``faults/input-error-<stage>-<step>`` each time."""
     checkpoint_write_lag_steps: int | None = Field(None, ge=1)
     """A slow asynchronous checkpoint write: each write waits, before writing, until training has run this many
     steps past the save (or the loop joins the write), and records in ``faults/checkpoint-writes`` at which

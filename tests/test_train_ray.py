@@ -198,6 +198,23 @@ def test_deterministic_abort_is_not_retried(ray_session, prepared_root, tmp_path
     assert (run_dir / "aborted.json").is_file()
 
 
+def test_a_kcpt_error_in_one_worker_ends_the_run_once_as_itself(ray_session, prepared_root, tmp_path):
+    """A KcptError raised by rank 1 alone, mid-stage (rank 0 waits in a collective), is not retried by
+    ``FailureConfig(max_failures=2)``: the worker group runs once, and run_plan raises the error itself with its
+    one-line message. The run directory keeps its step-0 record and checkpoint."""
+    from kcpt.errors import InputError
+
+    cfg = small_cfg(prepared_root, tmp_path, "input-error", "train.faults.stage=cpt",
+                    "train.faults.input_error_at_step=3", "train.faults.crash_rank=1", "train.max_failures=2")
+    with pytest.raises(InputError) as err:
+        run_plan(cfg, stages=["cpt"], resume="never")
+    assert type(err.value) is InputError
+    assert str(err.value) == "injected fault: stage cpt step 3 (train.faults.input_error_at_step)"
+    run_dir = tmp_path / "input-error"
+    assert (run_dir / "faults" / "input-error-cpt-3").read_text().count("fired") == 1  # one attempt
+    assert [r["step"] for r in read_metrics(run_dir)] == [0]
+
+
 ONE_WORKER = ("train.num_workers=1", "train.max_failures=1", "train.async_checkpoint=false")
 """World size 1 for ``run_plan(in_task=True)``; blocking checkpoint writes: the step-4 checkpoint is complete when
 step 5 starts, so where a retry resumes is fixed."""

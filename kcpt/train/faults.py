@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from kcpt.config import FaultConfig
+from kcpt.errors import InputError
 
 
 class Markers(Protocol):
@@ -94,11 +95,14 @@ class FaultInjector:
 
     def maybe_crash(self, step: int) -> None:
         """Exit this process abruptly (no cleanup, like a lost node) when the crash is due and not yet fired; raise
-        a RuntimeError when ``raise_at_step`` is due."""
+        a RuntimeError when ``raise_at_step`` is due, an InputError when ``input_error_at_step`` is."""
         if not self.active:
             return
         if self.cfg.raise_at_step == step and self.rank == self.cfg.crash_rank:
             raise RuntimeError(f"injected fault: stage {self.stage} step {step} (train.faults.raise_at_step)")
+        if self.cfg.input_error_at_step == step and self.rank == self.cfg.crash_rank:
+            self.markers.marker_append(f"input-error-{self.stage}-{step}")
+            raise InputError(f"injected fault: stage {self.stage} step {step} (train.faults.input_error_at_step)")
         if self.cfg.crash_at_step != step:
             return
         marker = f"crash-{self.stage}-{step}"

@@ -38,6 +38,7 @@ from kcpt.train.engine import check_engine_state
 from kcpt.train.plan import check_baselines, check_rows, datasets_needed, expected_manifest, stage_sources
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_of
 from kcpt.train.streams import ShardReader
+from kcpt.train.worker_errors import ErrorBox
 
 log = logging.getLogger(__name__)
 
@@ -402,12 +403,15 @@ def _with_config_changes(message: str, rd: RunDir, cfg: KcptConfig) -> str:
 
 
 def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: list | None) -> None:
-    """One ``TorchTrainer.fit()``; a KcptError raised in a worker is raised here as itself, anything else as Ray's
-    error (which carries the worker's traceback)."""
+    """One ``TorchTrainer.fit()``; a KcptError raised in a worker is raised here as itself, without the retries
+    ``train.max_failures`` gives a worker death (:mod:`kcpt.train.worker_errors`); anything else as Ray's error
+    (which carries the worker's traceback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
+    box = ErrorBox()
+    loop_config = {**loop_config, "errors": box}
     data: dict[str, Any] = {}
     if cfg.data.loader == "ray_data":  # each training source a Ray Dataset, split equally across the workers
         from kcpt.train.ray_stream import data_config, source_datasets
@@ -436,8 +440,24 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
         if result.error is not None:
             raise result.error
     except Exception as e:
+        _raise_recorded(box, e)
         raise_worker_kcpt_error(e)
         raise
+    else:
+        _raise_recorded(box, None)
+    finally:
+        box.close()
+
+
+def _raise_recorded(box: ErrorBox, cause: BaseException | None) -> None:
+    """Raise the KcptError a worker recorded in ``box`` (its one-line message), if one did."""
+    try:
+        error, rank = box.recorded()
+    except Exception:  # noqa: BLE001 - the actor is gone (Ray shut down): ``cause`` is what there is to report
+        return
+    if error is not None:
+        log.info("rank %s raised %s; not retried (a KcptError is deterministic)", rank, type(error).__name__)
+        raise type(error)(str(error)) from cause
 
 
 def one_worker(cfg: KcptConfig) -> bool:

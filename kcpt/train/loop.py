@@ -86,6 +86,7 @@ from kcpt.train.rundir import RunDir, ScalarLogger
 from kcpt.train.schedule import lr_at
 from kcpt.train.stopping import NO_GAIN, StopDecision, StopState, baseline_of, record_start, update_stop
 from kcpt.train.streams import ShardReader, StreamBatches
+from kcpt.train.worker_errors import run_recording
 
 log = logging.getLogger(__name__)
 
@@ -1061,11 +1062,13 @@ def stage_loop_per_worker(config: dict[str, Any], session: RaySession | LocalSes
 
     ``config`` keys: ``cfg`` (KcptConfig as JSON dict), ``stages`` (names, in order), ``prepared`` (dataset
     name → prepared dir), ``run_dir``, and optional ``init_checkpoint``, ``baseline_raw_best``,
-    ``reference_checkpoint``, ``resume_from`` (a kcpt checkpoint to continue exactly).
+    ``reference_checkpoint``, ``resume_from`` (a kcpt checkpoint to continue exactly), ``console`` (a console
+    feed), ``errors`` (an :class:`~kcpt.train.worker_errors.ErrorBox`).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_worker_logs()
-    StageRunner(config, session).run()
+    # Ray Train: a KcptError ends the run once, not retried (kcpt.train.worker_errors)
+    run_recording(config.get("errors"), rank_world()[0], lambda: StageRunner(config, session).run())
 
 
 def _quiet_worker_logs() -> None:

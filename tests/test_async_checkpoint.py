@@ -143,3 +143,27 @@ def test_cuda_snapshot_is_ordered_before_later_kernels():
     assert torch.equal(got["w"], want)
     buf = got["w"]
     assert hs.take({"w": w, "tied": w}).wait()["w"] is buf
+
+
+def test_a_resume_refused_inside_the_loop_leaves_config_yaml_as_it_was(prepared_root, tmp_path):
+    """``config.yaml`` is the config the run's checkpoints were made with. A resume (``--force``, a changed config)
+    that the loop refuses before it saves anything (here an InputError injected at step 7, resumed from step 4)
+    puts it back; one that saved a checkpoint first (refused at step 10, after the step-8 checkpoint) keeps the
+    new config, which that checkpoint was made with."""
+    from kcpt.errors import InputError
+
+    with pytest.raises(InputError):
+        run_plan(cfg_of(prepared_root, tmp_path, "train.faults.input_error_at_step=6"), resume="never",
+                 in_process=True)
+    config = tmp_path / "r" / "config.yaml"
+    before = config.read_bytes()
+    assert b"input_error_at_step: 6" in before
+    with pytest.raises(InputError, match="step 7"):
+        run_plan(cfg_of(prepared_root, tmp_path, "train.faults.input_error_at_step=7"), resume="auto",
+                 in_process=True, force=True)
+    assert config.read_bytes() == before
+    with pytest.raises(InputError, match="step 10"):
+        run_plan(cfg_of(prepared_root, tmp_path, "train.faults.input_error_at_step=10"), resume="auto",
+                 in_process=True, force=True)
+    assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "r" / "checkpoints")][-1].endswith("step000008")
+    assert b"input_error_at_step: 10" in config.read_bytes()

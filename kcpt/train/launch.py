@@ -344,10 +344,29 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
             if console:
                 print(f"resuming from {resume_from} (stage '{manifest.get('stage')}', step {manifest.get('step')})",
                       flush=True)
+    recorded = rd.recorded_config() if resume_from is not None else None
     rd.create(cfg)
     rd.clear_aborted()
     ckpt_lib.remove_stale_temps(rd.checkpoints)  # leftovers of saves killed in an earlier attempt
+    try:
+        return _train(cfg, stages, rd, prepared, init_checkpoint=init_checkpoint,
+                      reference_checkpoint=reference_checkpoint, baseline_raw_best=baseline_raw_best,
+                      resume_from=resume_from, callbacks=callbacks, in_process=in_process, in_task=in_task,
+                      console=console, on_report=on_report)
+    except KcptError as e:
+        # refused inside a worker before this attempt saved anything (e.g. a checkpoint the loop cannot load):
+        # config.yaml goes back to the config the run's checkpoints were made with
+        if recorded is not None and not isinstance(e, TrainingAborted) \
+                and latest_checkpoint(rd, stages) == resume_from:
+            rd.restore_config(recorded)
+        raise
 
+
+def _train(cfg: KcptConfig, stages: list[str], rd: RunDir, prepared: dict[str, Any], *,
+           init_checkpoint: str | None, reference_checkpoint: str | None, baseline_raw_best: float | None,
+           resume_from: str | None, callbacks: list | None, in_process: bool, in_task: bool, console: bool,
+           on_report: Callable[[dict[str, Any], str | None], None] | None) -> PlanResult:
+    """Run the stages on the created run directory: in-process, in one Ray task, or on Ray Train."""
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "stages": stages, "run_dir": rd.location,
         "prepared": {k: str(v) for k, v in prepared.items()},

@@ -449,6 +449,21 @@ class RunDir:
                              ) from None
         return self
 
+    def recorded_config(self) -> str | None:
+        """The text of the run's ``config.yaml`` (the config the run last started with; at a URI the published
+        one), or None when there is none."""
+        try:
+            if self.remote is not None:
+                return self.remote.read_text("config.yaml") if self.remote.is_file("config.yaml") else None
+            return self.config_path.read_text(encoding="utf-8") if self.config_path.is_file() else None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def restore_config(self, text: str) -> None:
+        """Write ``text`` back as ``config.yaml`` (a refused start leaves the run's record as it found it)."""
+        self.config_path.write_text(text, encoding="utf-8")
+        self._push("config.yaml")
+
     def latest_checkpoint(self, stages: list[str]) -> str | None:
         """The ref (path or URI) of the most advanced checkpoint of a run of ``stages`` (by stage position, then
         step), or None. Visible local checkpoint directories are complete (written under a hidden name and

@@ -282,6 +282,13 @@ def test_tokens_to_gate_is_recorded_per_eval_per_stage_and_for_the_plan(prepared
     s = res.summaries["s"]
     assert (s["tokens_to_gate"], s["plan_tokens_to_gate"]) == (4 * per_step, cpt_tokens + 4 * per_step)
     assert res.summaries["cpt"]["tokens_to_gate"] is None          # no gate in a max_steps stage
+    records = read_metrics(res.run_dir)
+    assert all(r["gate_ok"] is None for r in records if r["stage"] == "cpt")  # the console prints no "gate no ×0"
+    assert [r["gate_ok"] for r in records if r["stage"] == "s"] == [None, True, True]  # start, then the evals
+    assert [r["lr"] is None for r in records] == [r["step"] == 0 for r in records]  # no step before the start eval
+    # label positions (≠ -100) of each interval: fewer than its row positions (segment starts, padding, prompts);
+    # tokens_seen counts every position
+    assert 0 < evals(res, "cpt")[0]["label_tokens"] < 3 * per_step and 0 < first["label_tokens"] < 2 * per_step
     summary = json.loads((Path(res.run_dir) / "summary.json").read_text())
     assert summary["first_gate"] == {"stage": "s", "tokens_to_gate": 4 * per_step,
                                      "plan_tokens_to_gate": cpt_tokens + 4 * per_step}

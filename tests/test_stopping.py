@@ -114,10 +114,13 @@ CASES = [
 def test_rule_table(name, cfg, baseline, final, evals, expected):
     state = StopState()
     got = []
+    streak = 0
     for i, (raw, exam) in enumerate(evals):
         d = update_stop(state, cfg, step=(i + 1) * 10, raw=raw, exam=exam, baseline_raw_best=baseline,
                         final=final and i == len(evals) - 1)
         got.append((d.stop, d.passed, d.reason))
+        streak = streak + 1 if d.gate_ok else 0  # the streak is the evals in a row where the gate held, any rule
+        assert d.gate_streak == streak, (i, d)
     assert got == expected
     assert len(state.history) == len(evals)
 

@@ -151,6 +151,9 @@ class Interval:
             "grad_norm": acc[4] / steps if steps else None,
             "grad_norm_max": acc[5] if steps else None,
             "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None,
+            # label positions (≠ -100) of the interval's micro-batches, every rank (as train_loss_<source>);
+            # tokens_seen counts every row position, padding and prompts included
+            "label_tokens": sum(n for _, n in src),
         }
         for s, (total, n) in zip(self.sources, src, strict=True):
             out[f"train_loss_{s}"] = total / n if n else None
@@ -887,7 +890,8 @@ class StageRunner:
                             baseline_raw_best=plan.baseline_raw_best, final=final,
                             record={"exam_loss": exam, "exam_acc": acc.get("exam_acc")})
             run.decision = d
-            if run.tokens_to_gate is None and d.gate_ok and d.gate_streak >= stage.stop.consecutive:
+            if run.tokens_to_gate is None and stage.stop.rule == "gate" and d.gate_ok \
+                    and d.gate_streak >= stage.stop.consecutive:
                 run.tokens_to_gate = run.tokens_seen
         base = plan.baseline_raw_best
         metrics: dict[str, Any] = {
@@ -895,9 +899,12 @@ class StageRunner:
             "raw_val_loss": raw, "raw_val_ppl": ppl(raw), "exam_val_loss": exam,
             "exam_acc": acc.get("exam_acc"), "exam_em": acc.get("exam_em"), "exam_f1": acc.get("exam_f1"),
             **{k: v for k, v in acc.items() if k.startswith("exam_items")}, **timing,
-            "eval_raw": stage.eval_raw, "eval_exam": stage.eval_exam, "lr": run.engine.lr,
+            "eval_raw": stage.eval_raw, "eval_exam": stage.eval_exam,
+            "lr": None if initial else run.engine.lr,  # the LR of the step before (none at the stage's start)
             **interval.summary(),
-            "gate_ok": d.gate_ok if d else None, "gate_streak": d.gate_streak if d else 0,
+            # the gate (raw bound AND exam done) of an exam or gate stage; a plateau / max_steps stage has none
+            "gate_ok": d.gate_ok if d and stage.stop.rule in ("exam", "gate") else None,
+            "gate_streak": d.gate_streak if d else 0,
             "raw_ratio": raw / base if base else None, "baseline_raw_best": base,
             "rollbacks": run.detector.rollbacks, "lr_scale": run.lr_scale,
             "epoch": {s: round(b.epoch, 4) for s, b in run.streams.items()},

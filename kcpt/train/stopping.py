@@ -243,6 +243,7 @@ def update_stop(state: StopState, stop: StopConfig, *, step: int, raw: float, ex
         elif final:
             stop_now = True
             reason = "max_steps: exam not done" + (", raw over tolerance" if raw_ok is False else "")
+        state.gate_streak = state.gate_streak + 1 if gate_ok else 0  # 1 at most: the stage stops there
     elif stop.rule == "gate":
         metric, metric_higher = exam, higher
         gate_ok = bool(raw_ok) and exam_hit

@@ -31,7 +31,8 @@ For one trial (the evals of one stage-3 run, in order), with ``eps`` = ``stop.ra
   count by a whole eval. Refined: tokens_to_gate − ``lead``, where ``lead`` is how long before the streak's
   first eval both margins, ``raw_ratio/(1 + eps) − 1`` and ``exam/target − 1`` (≤ 0: that half holds), were ≤ 0,
   each interpolated linearly from the eval before (the step-0 eval included; no eval before: 0).
-  ``lead`` < one eval interval, so passes an eval apart keep their order;
+  ``lead`` < one eval interval, so passes an eval apart keep their order (= one interval only for a streak from
+  the first eval when the stage's start eval already met both halves: the same for every trial from that start);
 - ``constraint`` = raw_ratio − (1 + eps) at the selected eval (≤ 0 feasible);
 - ``score`` = objective + penalty · max(0, constraint): one number ASHA can rank trials by (running: at every
   eval it is the objective of the evals so far, so ASHA compares trials at equal tokens).

@@ -549,3 +549,36 @@ def test_a_model_with_fewer_embedding_rows_than_tokens_is_warned_on_the_console(
              in_process=True)
     assert (f"warning: {tmp_path / 'm'} has {n - 9} embedding rows and the tokenizer {n} tokens: rows "
             f"{n - 9}..{n - 1} are added with random values.") in capsys.readouterr().out
+
+
+def test_a_copied_or_moved_run_directory_resumes_on_its_own_checkpoints(prepared_root, tmp_path):
+    """A run stopped in its 2nd stage (an injected InputError), then copied and resumed, and moved and resumed:
+    each finishes on its own checkpoints — its CPT best kept (keep_last 1 prunes what the run does not name), the
+    hand-off, summaries and metric records naming checkpoints of its own directory, none of the original's (the
+    trainer state names checkpoints where they were written: the copy used to prune its own CPT checkpoints and
+    hand off from the original's; a move failed)."""
+    import shutil
+
+    plan = ('[{name: c, sources: {raw_train: 1.0}, max_steps: 6, eval_every: 2, sets_baseline: true, '
+            'stop: {rule: max_steps}}, '
+            '{name: s, sources: {qa_train: 0.5, raw_train: 0.5}, eval_exam: qa_val, max_steps: 8, eval_every: 2, '
+            'kl_beta: 0.1, stop: {rule: max_steps}}]')
+    cfg_at = lambda out, *x: cfg_of(prepared_root, out, plan, "train.keep_last=1", *x)  # noqa: E731
+    with pytest.raises(Exception, match="input_error_at_step"):
+        run_plan(cfg_at(tmp_path / "a", "train.faults.stage=s", "train.faults.input_error_at_step=5"),
+                 resume="never", in_process=True)
+    original = tmp_path / "a" / "r"
+    shutil.copytree(original, tmp_path / "b" / "r")
+    (tmp_path / "m").mkdir()
+    for out in (tmp_path / "b", tmp_path / "m"):
+        if out.name == "m":
+            shutil.move(original, out / "r")  # the original itself goes: nothing may point at it any more
+        res = run_plan(cfg_at(out), resume="auto", in_process=True, force=True)
+        run = out / "r"
+        assert res.summaries["s"]["steps"] == 8
+        text = (run / "summary.json").read_text() + (run / "metrics.jsonl").read_text()
+        assert str(original) not in text and str(run / "checkpoints") in text
+        on_disk = {str(p) for p in list_checkpoints(run / "checkpoints")}
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["stages"]["c"]["best_checkpoint"] in on_disk  # the CPT best (the KL reference) kept
+        assert summary["cpt_best"] in on_disk if "cpt_best" in summary else True

@@ -648,3 +648,36 @@ def iter_incomplete(root: str | Path) -> Iterable[Path]:
                 read_manifest(p, check_files=False)
             except CheckpointError:
                 yield p
+
+
+
+def moved_prefixes(state: Any, resume_ref: str) -> tuple[str, str] | None:
+    """``(old, new)`` checkpoint-directory prefixes when the run directory of ``resume_ref`` (the checkpoint being
+    resumed, in this run directory; ``state`` its trainer state) was copied or moved since it was written; else
+    None.
+
+    A trainer state names the run's checkpoints (stage summaries, hand-off candidates, ``cpt_best``, the evals) by
+    the directory they were written in. After a copy or a move those names point at the old place: a resume would
+    hand off from (and keep depending on) the original, prune the copy's own checkpoints, or, after a move, fail.
+    :func:`reroot_paths` with these prefixes names them where they are now. The old place is read from the state's
+    own entry in ``evals``; checkpoints of other runs (an ``init_checkpoint``) do not start with it.
+    """
+    name = resume_ref.rstrip("/").rsplit("/", 1)[-1]
+    own = next((e["checkpoint"] for e in reversed(state.get("evals") or []) if isinstance(e, dict)
+                and isinstance(e.get("checkpoint"), str) and e["checkpoint"].rstrip("/").endswith("/" + name)), None)
+    if own is None:
+        return None
+    old, new = own.rstrip("/")[: -len(name)], resume_ref.rstrip("/")[: -len(name)]
+    return None if old == new else (old, new)
+
+
+def reroot_paths(obj: Any, old: str, new: str) -> Any:
+    """``obj`` with every string that starts with the prefix ``old`` (a checkpoints directory, ``/``-terminated)
+    starting with ``new`` instead (dicts, lists and tuples walked)."""
+    if isinstance(obj, str):
+        return new + obj[len(old):] if obj.startswith(old) else obj
+    if isinstance(obj, dict):
+        return {k: reroot_paths(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(reroot_paths(v, old, new) for v in obj)
+    return obj

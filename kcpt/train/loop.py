@@ -709,12 +709,20 @@ class StageRunner:
         resume_state: dict[str, Any] | None = None
         if resume_path is not None:
             resume_state = ckpt_lib.load_trainer_state(ckpt_lib.fetch(resume_path, engine=False))
+            moved = ckpt_lib.moved_prefixes(resume_state, str(resume_path))  # a copied or moved run directory
+            if moved is not None:
+                resume_state = ckpt_lib.reroot_paths(resume_state, *moved)
+                log.warning("rank %d: the run directory was copied or moved from %s: its checkpoints are named where "
+                            "they are now", self.rank, moved[0])
             plan = PlanState.from_dict(resume_state["plan"])
             if self.rank == 0:
                 key = _checkpoint_step_key(resume_state)
                 order = plan.stage_order
                 self.run_dir.truncate_metrics(
-                    lambda r: r.get("stage") not in order or (order.index(r["stage"]), r["step"]) <= key)
+                    lambda r: r.get("stage") not in order or (order.index(r["stage"]), r["step"]) <= key,
+                    rewrite=None if moved is None else (lambda r: ckpt_lib.reroot_paths(r, *moved)))
+                if moved is not None and self.run_dir.summary_path.is_file():
+                    self.run_dir.write_summary(ckpt_lib.reroot_paths(self.run_dir.read_summary(), *moved))
             log.info("rank %d resumes from %s", self.rank, resume_path)
             if latest is not None and latest != self.config.get("resume_from"):  # not where the run began: a restart
                 self.emit({"kind": "line", "text": f"[{resume_state['stage']}] restarted after a failure (a worker "

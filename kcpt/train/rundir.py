@@ -497,12 +497,13 @@ class RunDir:
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.root)
 
-    def truncate_metrics(self, keep: Any) -> None:
+    def truncate_metrics(self, keep: Any, rewrite: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+                         ) -> None:
         """Rewrite metrics.jsonl keeping the records for which ``keep(record)`` is true (used on resume, so
-        evals repeated after a restart are not recorded twice)."""
+        evals repeated after a restart are not recorded twice), each passed through ``rewrite`` when given."""
         if not self.metrics_path.exists():
             return
-        kept = [r for r in self.read_metrics() if keep(r)]
+        kept = [rewrite(r) if rewrite is not None else r for r in self.read_metrics() if keep(r)]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, self.metrics_path)

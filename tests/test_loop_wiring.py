@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kcpt.config import load_config
-from kcpt.errors import ConfigError, TrainingAborted
+from kcpt.errors import CheckpointError, ConfigError, TrainingAborted
 from kcpt.train.checkpoint import list_checkpoints
 from kcpt.train.launch import run_plan
 from kcpt.train.rundir import read_metrics
@@ -582,3 +582,50 @@ def test_a_copied_or_moved_run_directory_resumes_on_its_own_checkpoints(prepared
         summary = json.loads((run / "summary.json").read_text())
         assert summary["stages"]["c"]["best_checkpoint"] in on_disk  # the CPT best (the KL reference) kept
         assert summary["cpt_best"] in on_disk if "cpt_best" in summary else True
+
+
+def test_an_eval_that_is_not_finite_saves_no_checkpoint(prepared_root, tmp_path):
+    """Weights damaged on disk at the same size (0xFF bytes: NaN) load without complaint; the resumed run's evals
+    are then NaN. Such an eval used to save a checkpoint (a NaN point never looks dominated, so it "joined the
+    Pareto front"), which became the newest: every later --resume took it. Now no eval that is not finite saves
+    one, and the newest checkpoint stays the damaged one, for the user to remove."""
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 12, eval_every: 2, stop: {rule: max_steps}}]'
+    with pytest.raises(Exception, match="input_error_at_step"):
+        run_plan(cfg_of(prepared_root, tmp_path, plan, "train.faults.input_error_at_step=5"), resume="never",
+                 in_process=True)
+    newest = list_checkpoints(tmp_path / "r" / "checkpoints")[-1]
+    assert newest.name.endswith("step000004")
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) - 4000:] = b"\xff" * 4000  # the last tensor's tail, same size
+    weights.write_bytes(bytes(data))
+    try:
+        run_plan(cfg_of(prepared_root, tmp_path, plan), resume="auto", in_process=True, force=True)
+    except TrainingAborted:
+        pass
+    records = [r for r in read_metrics(tmp_path / "r") if r["step"] > 4]
+    # the damage shows in the evals (a NaN loss is recorded as null)
+    assert records and all(r["raw_val_loss"] is None or not math.isfinite(r["raw_val_loss"]) for r in records)
+    assert list_checkpoints(tmp_path / "r" / "checkpoints")[-1] == newest
+
+
+def test_a_damaged_newest_checkpoint_is_refused_naming_the_one_a_resume_would_take_instead(prepared_root, tmp_path):
+    """A newest checkpoint whose files no longer match its manifest (truncated) blocks the resume with what to do:
+    move it away, and --resume continues from the checkpoint before it (named). Done so, the run finishes."""
+    import shutil
+
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 8, eval_every: 2, stop: {rule: max_steps}}]'
+    with pytest.raises(Exception, match="input_error_at_step"):
+        run_plan(cfg_of(prepared_root, tmp_path, plan, "train.faults.input_error_at_step=5"), resume="never",
+                 in_process=True)
+    before, newest = list_checkpoints(tmp_path / "r" / "checkpoints")[-2:]
+    with open(newest / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CheckpointError) as err:
+        run_plan(cfg_of(prepared_root, tmp_path, plan), resume="auto", in_process=True, force=True)
+    assert "model.safetensors has 1000 bytes" in str(err.value)
+    assert f"move it out of the run's checkpoints directory (or delete it) and run the same command with --resume, " \
+           f"which then continues from the checkpoint before it, {before}" in str(err.value)
+    shutil.move(newest, tmp_path / "damaged")
+    res = run_plan(cfg_of(prepared_root, tmp_path, plan), resume="auto", in_process=True, force=True)
+    assert res.summaries["s"]["steps"] == 8

@@ -409,11 +409,12 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> dict[str, An
         raise CheckpointError(f"no checkpoint directory at {path}")
     mf = path / MANIFEST
     if not mf.is_file():
-        raise CheckpointError(f"incomplete checkpoint {path} (no {MANIFEST}): was a save interrupted?")
+        raise CheckpointError(f"incomplete checkpoint {path} (no {MANIFEST}; kcpt's saves are atomic, so it was "
+                              "written or changed by something else)")
     try:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{mf}: unreadable manifest ({e}): was a save interrupted?") from None
+        raise CheckpointError(f"{mf}: unreadable manifest ({e}); the checkpoint is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("complete") is not True:
         raise CheckpointError(f"incomplete checkpoint {path} ({MANIFEST} lacks \"complete\": true)")
     files = manifest.get("files", {})

@@ -323,7 +323,10 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         rd.check_owned()
         resume_from = latest_checkpoint(rd, stages)
         if resume_from is not None:
-            manifest, local = ckpt_lib.inspect(resume_from)  # not the weights and the optimizer state
+            try:
+                manifest, local = ckpt_lib.inspect(resume_from)  # not the weights and the optimizer state
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}. {_damaged_latest_advice(rd, stages, resume_from)}") from None
             check_engine_state(resume_from, manifest, cfg, fix="resume with the run's own train.deepspeed setting "
                                f"(see {rd.config_path.name}), or start a new run from its weights "
                                f"(--init-checkpoint {resume_from}; restore weights_only: the optimizer starts fresh)")
@@ -334,7 +337,10 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
                 raise CheckpointError(_with_config_changes(str(e), rd, cfg)) from None
             _check_zero_world(resume_from, manifest, world, fix=f"or start a new run from its weights "
                               f"(init_checkpoint={resume_from}; the optimizer starts fresh)")
-            state = ckpt_lib.load_trainer_state(local, check_files=False)  # inspect checked them
+            try:
+                state = ckpt_lib.load_trainer_state(local, check_files=False)  # inspect checked them
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}. {_damaged_latest_advice(rd, stages, resume_from)}") from None
             order = (state.get("plan") or {}).get("stage_order") if isinstance(state.get("plan"), dict) else None
             if order != stages:
                 raise CheckpointError(f"{resume_from}: the run directory holds a run of stages "
@@ -388,6 +394,18 @@ def _train(cfg: KcptConfig, stages: list[str], rd: RunDir, prepared: dict[str, A
         else:
             _fit(cfg, loop_config, rd, callbacks)
     return _result(rd, stages, t0)
+
+
+def _damaged_latest_advice(rd: RunDir, stages: list[str], latest: str) -> str:
+    """What to do when the newest checkpoint of a run cannot be resumed from: move it away, and the next resume
+    takes the one before it (kcpt never picks another checkpoint by itself: the damage may be worth a look)."""
+    names = rd.checkpoint_names(stages)
+    name = latest.rstrip("/").rsplit("/", 1)[-1]
+    before = names[names.index(name) - 1] if name in names and names.index(name) > 0 else None
+    then = (f"continues from the checkpoint before it, {rd.checkpoint_ref(before)}" if before is not None
+            else "starts the run over (it has no other checkpoint)")
+    return (f"It is the newest checkpoint of {rd.location}: move it out of the run's checkpoints directory (or delete "
+            f"it) and run the same command with --resume, which then {then}")
 
 
 def _check_zero_world(ref: str | Path, manifest: dict[str, Any], world: int, *, fix: str) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -923,7 +924,14 @@ class StageRunner:
         }
         ckpt_path = None
         on_front = d is not None and _joins_front(run.evals, raw, exam)
-        if d is not None and checkpoint_due(t, stage, run.step, new_best=d.new_best, stop=d.stop, on_front=on_front):
+        # weights whose eval is not finite (e.g. from a damaged optimizer state) never become the newest
+        # checkpoint: a resume would take them, and every later one would fail the same way
+        finite = math.isfinite(raw) and (exam is None or math.isfinite(exam))
+        if d is not None and not finite and self.rank == 0:
+            log.warning("stage %s step %d: eval losses not finite (raw %s, exam %s): no checkpoint saved",
+                        stage.name, run.step, raw, exam)
+        if d is not None and finite and checkpoint_due(t, stage, run.step, new_best=d.new_best, stop=d.stop,
+                                                       on_front=on_front):
             path = self.run_dir.checkpoint_ref(self.checkpoint_path(plan, stage, run.step).name)
             evals = [*run.evals, {"step": run.step, "raw": raw, "exam": exam, "checkpoint": path}]
             state = {"plan": plan.to_dict(), "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen,

@@ -469,21 +469,23 @@ class RunDir:
         step), or None. Visible local checkpoint directories are complete (written under a hidden name and
         renamed; pruned ones are hidden before they are deleted); at a URI only those whose manifest (uploaded
         last, retracted first) is present count."""
+        names = self.checkpoint_names(stages)
+        return self.checkpoint_ref(names[-1]) if names else None
+
+    def checkpoint_names(self, stages: list[str]) -> list[str]:
+        """The names of the checkpoints of a run of ``stages`` (see :meth:`latest_checkpoint`), oldest first."""
         if self.remote is not None:
             names = self.remote_checkpoints()
         elif self.checkpoints.is_dir():
             names = [p.name for p in self.checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")]
         else:
-            return None
-        best: tuple[tuple[int, int], str] | None = None
+            return []
+        found = []
         for n in names:
             parsed = _parse_name(n)
-            if parsed is None:
-                continue
-            pos, name, step = parsed
-            if pos < len(stages) and stages[pos] == name and (best is None or (pos, step) > best[0]):
-                best = ((pos, step), n)
-        return self.checkpoint_ref(best[1]) if best else None
+            if parsed is not None and parsed[0] < len(stages) and stages[parsed[0]] == parsed[1]:
+                found.append(((parsed[0], parsed[2]), n))
+        return [n for _, n in sorted(found)]
 
     # ----------------------------------------------------------------- metrics
     def append_metrics(self, record: dict[str, Any]) -> None:

@@ -629,3 +629,22 @@ def test_a_damaged_newest_checkpoint_is_refused_naming_the_one_a_resume_would_ta
     shutil.move(newest, tmp_path / "damaged")
     res = run_plan(cfg_of(prepared_root, tmp_path, plan), resume="auto", in_process=True, force=True)
     assert res.summaries["s"]["steps"] == 8
+
+
+def test_a_resume_puts_back_its_checkpoints_record_when_metrics_jsonl_lost_it(prepared_root, tmp_path, caplog):
+    """A kill mid-write leaves metrics.jsonl's last line cut short; reading skips it (with a warning), and the
+    record of the checkpoint the run resumes from came back from the checkpoint's manifest (it was dropped
+    silently): every eval is recorded once, as in the uninterrupted run."""
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 8, eval_every: 2, stop: {rule: max_steps}}]'
+    straight = run_plan(cfg_of(prepared_root, tmp_path / "a", plan), resume="never", in_process=True)
+    with pytest.raises(Exception, match="input_error_at_step"):
+        run_plan(cfg_of(prepared_root, tmp_path / "b", plan, "train.faults.input_error_at_step=5"), resume="never",
+                 in_process=True)
+    metrics = tmp_path / "b" / "r" / "metrics.jsonl"
+    assert metrics.read_text().splitlines()[-1].startswith('{"stage": "s", "step": 4')
+    metrics.write_text(metrics.read_text()[:-40])  # the step-4 record (its checkpoint's) cut short
+    res = run_plan(cfg_of(prepared_root, tmp_path / "b", plan), resume="auto", in_process=True, force=True)
+    assert "line 3 is cut short" in caplog.text and "put back from its manifest" in caplog.text
+    got, want = read_metrics(res.run_dir), read_metrics(straight.run_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 2, 4, 6, 8]
+    assert_same_evals(got, want, ("raw_val_loss", "train_loss", "lr", "tokens_seen"))

@@ -256,7 +256,14 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise InputError("not a prepared dataset (no manifest.json); run `kcpt prepare` first", path=str(directory))
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        manifest = e
+    if not isinstance(manifest, dict):
+        raise InputError(f"not valid JSON ({manifest}): the prepared dataset is damaged; delete {directory} and run "
+                         "again (kcpt prepares it anew)", path=str(path))
+    return manifest
 
 
 IDENTITY_IGNORED = ("created", "kcpt_version", "pipeline", "cache_key", "tokenizer_dir", "reject_examples")

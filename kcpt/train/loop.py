@@ -698,6 +698,19 @@ class StageRunner:
             log.info("rank %d freed %.1f MB of this node's copies of checkpoints published at %s", self.rank,
                      freed / 2**20, self.run_dir.location)
 
+    def _restore_checkpoint_record(self, state: dict[str, Any], ref: str, local: Path) -> None:
+        """The eval record of the checkpoint a run resumes from, when ``metrics.jsonl`` lost it (a last line cut
+        short by a kill, which reading skips): put back from the checkpoint's manifest, with a warning."""
+        key = (state["stage"], state["step"])
+        if any((r.get("stage"), r.get("step")) == key for r in self.run_dir.read_metrics()):
+            return
+        saved = ckpt_lib.read_manifest(local, check_files=False).get("metrics")
+        if not isinstance(saved, dict) or not saved:
+            return
+        self.run_dir.append_metrics({**saved, "stage": state["stage"], "step": state["step"], "checkpoint": ref})
+        log.warning("%s lacked the record of the checkpoint it resumes from (%s): put back from its manifest",
+                    self.run_dir.metrics_path.name, ref)
+
     def _run_plan(self) -> None:
         plan = PlanState(stage_order=list(self.config["stages"]),
                          baseline_raw_best=self.config.get("baseline_raw_best"),
@@ -709,7 +722,8 @@ class StageRunner:
         resume_path = latest if latest is not None else self.config.get("resume_from")
         resume_state: dict[str, Any] | None = None
         if resume_path is not None:
-            resume_state = ckpt_lib.load_trainer_state(ckpt_lib.fetch(resume_path, engine=False))
+            fetched = ckpt_lib.fetch(resume_path, engine=False)
+            resume_state = ckpt_lib.load_trainer_state(fetched)
             moved = ckpt_lib.moved_prefixes(resume_state, str(resume_path))  # a copied or moved run directory
             if moved is not None:
                 resume_state = ckpt_lib.reroot_paths(resume_state, *moved)
@@ -724,6 +738,7 @@ class StageRunner:
                     rewrite=None if moved is None else (lambda r: ckpt_lib.reroot_paths(r, *moved)))
                 if moved is not None and self.run_dir.summary_path.is_file():
                     self.run_dir.write_summary(ckpt_lib.reroot_paths(self.run_dir.read_summary(), *moved))
+                self._restore_checkpoint_record(resume_state, str(resume_path), fetched)
             log.info("rank %d resumes from %s", self.rank, resume_path)
             if latest is not None and latest != self.config.get("resume_from"):  # not where the run began: a restart
                 self.emit({"kind": "line", "text": f"[{resume_state['stage']}] restarted after a failure (a worker "

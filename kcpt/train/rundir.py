@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -51,6 +52,8 @@ MARKER = "kcpt-run.json"
 OWNED_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "tb", "ray", "faults", "aborted.json",
                  "forgetting.json", "forgetting.parquet", "eval")
 """What starting a run over removes (nothing else in the run directory is ever deleted)."""
+
+log = logging.getLogger(__name__)
 
 
 def run_dir_for(cfg: KcptConfig) -> str:
@@ -605,6 +608,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except (ValueError, RecursionError) as e:
             if i == len(lines):  # no newline after it: a torn final write
+                log.warning("%s: line %d is cut short (a write stopped by a kill?) and is left out", path, i)
                 continue
             raise InputError(f"not valid JSON ({e}); remove or fix the line", path=str(path), line=i) from None
         if not isinstance(rec, dict):

@@ -101,7 +101,9 @@ def test_slow_write_does_not_hold_back_the_steps_and_ray_sees_only_complete_chec
 def test_writer_failure_is_raised_on_the_training_thread_naming_the_checkpoint(prepared_root, tmp_path):
     cfg = cfg_of(prepared_root, tmp_path, "train.faults.checkpoint_write_error_at_step=8")
     with pytest.raises(CheckpointError, match=r"asynchronous checkpoint write of .*00-s-step000008 failed: "
-                                              r"OSError: injected checkpoint write failure"):
+                                              r"OSError: injected checkpoint write failure.*The run's earlier "
+                                              r"checkpoints are intact: check the free space .*then run the same "
+                                              r"command with --resume"):
         run_plan(cfg, resume="never", in_process=True)
     ckpts = tmp_path / "r" / "checkpoints"
     assert [p.name for p in ckpt_lib.list_checkpoints(ckpts)] == ["00-s-step000004"]  # the good one, intact

@@ -191,11 +191,12 @@ class RunDir:
                 write()
                 if self.remote is not None:
                     storage.publish_tree(self.checkpoints / name, ref, marker=MANIFEST, keep=keep_remote)
-            except CheckpointError as e:
-                raise CheckpointError(f"asynchronous checkpoint write of {ref} failed: {e}") from e
             except Exception as e:  # noqa: BLE001 - OSError, torch/safetensors errors, ...: reported with the path
-                raise CheckpointError(f"asynchronous checkpoint write of {ref} failed: {type(e).__name__}: {e}"
-                                      ) from e
+                detail = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+                raise CheckpointError(f"asynchronous checkpoint write of {ref} failed: {detail}. The run's earlier "
+                                      "checkpoints are intact: check the free space and the file-size limit (ulimit "
+                                      f"-f) where it writes ({self.location}), then run the same command with "
+                                      "--resume") from e
 
         self._submit(job)
 

@@ -369,6 +369,26 @@ def test_kcpt_error_inside_train_v2_worker_group_error_is_found():
     assert worker_kcpt_error(WorkerGroupError("rank 0 failed", {0: RuntimeError("a bug")})) is None
 
 
+def test_a_storage_error_inside_a_failed_worker_group_is_one_line_that_says_to_resume():
+    """The object store gone mid-run (crash audit: moto killed during stage 1) ended the run with Ray's 40-line
+    traceback; now the OSError inside the WorkerGroupError is raised as one OSError, printed as one line with the
+    storage hint, saying the run keeps its last checkpoint and to --resume. A bug keeps its traceback."""
+    from ray.train import WorkerGroupError
+
+    from kcpt.errors import exit_message
+    from kcpt.train.launch import raise_worker_failure
+
+    io = OSError("When getting information for key 'runs/s3/metrics.jsonl' in bucket 'kcptb': AWS Error "
+                 "NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Couldn't connect to server")
+    with pytest.raises(OSError) as err:
+        raise_worker_failure(WorkerGroupError("rank 0 failed", {0: io}), "s3://kcptb/runs/s3")
+    line = exit_message(err.value)
+    assert "\n" not in line and "NETWORK_CONNECTION" in line and "cannot reach the object store" in line
+    assert "s3://kcptb/runs/s3 keeps its last complete checkpoint: once the storage works again, run the same " \
+           "command with --resume" in line
+    raise_worker_failure(WorkerGroupError("rank 0 failed", {0: RuntimeError("a bug")}), "runs/x")  # returns
+
+
 def test_tune_console_pickles_with_the_experiment_state():
     """Tune pickles its callbacks (experiment state, restore): a console writing to a capture buffer (pytest's,
     a notebook's) must still pickle, and a restored one writes to stdout."""

@@ -478,12 +478,24 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
             raise result.error
     except Exception as e:
         _raise_recorded(box, e)
-        raise_worker_kcpt_error(e)
+        raise_worker_failure(e, rd.location)
         raise
     else:
         _raise_recorded(box, None)
     finally:
         box.close()
+
+
+def raise_worker_failure(e: BaseException, location: str) -> None:
+    """For a Ray Train run that failed with ``e`` (after its retries): raise the KcptError inside it as itself, or
+    an OSError inside it (storage gone: an object store unreachable, a disk full) as one OSError that says the run
+    keeps its last complete checkpoint and to resume (a command prints either as one line); return otherwise (a
+    bug: the caller re-raises ``e`` with the worker's traceback)."""
+    raise_worker_kcpt_error(e)
+    io = worker_error(e, OSError)
+    if io is not None and io is not e:
+        raise OSError(f"{io}. {location} keeps its last complete checkpoint: once the storage works again, run the "
+                      "same command with --resume") from e
 
 
 def _raise_recorded(box: ErrorBox, cause: BaseException | None) -> None:
@@ -537,6 +549,13 @@ def worker_kcpt_error(e: BaseException) -> KcptError | None:
     ``WorkerGroupError``'s ``worker_failures``), or None. Ray's ``RayTaskError(<KcptError class>)`` — the
     wrapper ``ray.get`` raises, a subclass of both, whose message is the remote traceback — is looked through
     to the error it wraps."""
+    found = worker_error(e, KcptError)
+    return found if isinstance(found, KcptError) else None
+
+
+def worker_error(e: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]
+                 ) -> BaseException | None:
+    """The first error of ``kind`` inside Ray's error ``e`` (see :func:`worker_kcpt_error`), or None."""
     from ray.exceptions import RayTaskError
 
     todo: list[BaseException] = [e]
@@ -546,7 +565,7 @@ def worker_kcpt_error(e: BaseException) -> KcptError | None:
         if id(err) in seen:
             continue
         seen.add(id(err))
-        if isinstance(err, KcptError) and not isinstance(err, RayTaskError):
+        if isinstance(err, kind) and not isinstance(err, RayTaskError):
             return err
         todo += [c for c in (getattr(err, "cause", None), err.__cause__) if isinstance(c, BaseException)]
         todo += [c for c in (getattr(err, "worker_failures", None) or {}).values() if isinstance(c, BaseException)]

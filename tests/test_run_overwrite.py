@@ -97,7 +97,7 @@ def test_entry_points_refuse_an_existing_run_in_one_line(tmp_path: Path, cmd: li
     assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
-def _holder(run_dir: Path, seconds: float) -> subprocess.Popen:
+def _holder(run_dir: Path | str, seconds: float) -> subprocess.Popen:
     """Another process holding ``run_dir`` (:meth:`RunDir.in_use`) for ``seconds``; prints "held" once it does, and
     touches ``<run_dir>.released`` just before it lets go."""
     code = ("import sys, time; from pathlib import Path; from kcpt.train.rundir import RunDir\n"
@@ -131,6 +131,20 @@ def test_a_run_directory_in_use_by_another_run_is_refused_or_waited_for(tmp_path
     assert len(said) == 1 and "waiting for it to end" in said[0]
     with RunDir(rd).in_use(), RunDir(rd).in_use():   # re-entrant in one process
         pass
+
+
+def test_a_run_directory_at_a_uri_is_locked_on_this_machine(s3_prefix):
+    """An --overwrite ran under a live run at the same S3 run directory and deleted its records: a URI run
+    directory is locked by its URI on this machine (not across machines)."""
+    uri = f"{s3_prefix}/runs/r"
+    holder = _holder(uri, 60)
+    try:
+        with pytest.raises(InputError, match=rf"{uri}: in use by another kcpt run \(pid {holder.pid}\)"):
+            with RunDir(uri).in_use():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_damaged_prepared_shard_is_named_before_any_worker_starts(tmp_path):

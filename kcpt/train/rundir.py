@@ -358,10 +358,10 @@ class RunDir:
         absolute path, that holds the pid; nothing is created beside the run before it is validated): a second kcpt
         run into the same local directory would interleave its metrics and checkpoints with this one's.
         Another process's hold is an :class:`InputError` naming its pid, or with ``wait`` is waited for
-        (``on_wait(message)`` first). Re-entrant within a process. A URI run directory has no cross-node lock: run
-        one job per run name there."""
-        key = str(self.root.resolve()) if self.remote is None else None
-        if key is None or key in _HELD:
+        (``on_wait(message)`` first). Re-entrant within a process. A URI run directory is locked by its URI on this
+        machine only (two drivers on different machines are not told apart: run one job per run name there)."""
+        key = str(self.root.resolve()) if self.remote is None else self.location
+        if key in _HELD:
             yield
             return
         lock = Path(tempfile.gettempdir(), f"kcpt-run-locks-{os.getuid()}",

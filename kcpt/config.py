@@ -472,6 +472,11 @@ class TrainConfig(Strict):
     (a write error is raised there, naming the checkpoint). Ray Train is told of a checkpoint after it is
     complete (with the next eval's report). Under DeepSpeed checkpoints stay synchronous (its
     ``save_checkpoint`` is a collective of every rank). ``false``: every save is written before the step goes on."""
+    checkpoint_checksums: bool = True
+    """A CRC-32 of every checkpoint file in its manifest (computed by the writer after the files are written, ~2
+    GB/s on one core; off the training thread with ``async_checkpoint``), checked when a run loads the file: a
+    file changed at the same size after the save (a disk or copy error) is refused, naming it, instead of trained
+    on. Checkpoints written without them load as before."""
     compile: bool = False
     """``torch.compile`` each decoder layer of the trained model (:func:`kcpt.model.loading.compile_layers`). Not
     with ZeRO-3 (its parameter-gathering hooks run inside every layer)."""
@@ -868,14 +873,23 @@ class KcptConfig(Strict):
     def training_sha256(self) -> str:
         """Hash of what a run trains: :meth:`sha256` without :data:`OPERATIONAL_KEYS` (how it runs and where its
         files go). Checkpoints record it; a full resume must find it unchanged."""
-        return sha256_json(_without(self.model_dump(mode="json"), OPERATIONAL_KEYS))
+        return sha256_json(_without(self._hashed_dump(), OPERATIONAL_KEYS))
+
+    def _hashed_dump(self) -> dict[str, Any]:
+        """The JSON dump the hashes start from: without the :data:`ADDED_AT_DEFAULT` keys that are at their default."""
+        d = self.model_dump(mode="json")
+        for section, key in ADDED_AT_DEFAULT:  # keys newer than the hash: at their default they leave it unchanged
+            if key in d["train"].get(section, {}) and d["train"][section][key] is None:
+                d["train"][section].pop(key)
+        return d
 
     def sha256(self) -> str:
         """Hash of the resolved config (what the run trains), excluding run naming and output places."""
-        d = self.model_dump(mode="json")
+        d = self._hashed_dump()
         d["train"].pop("run_name", None)
         d["train"].pop("output_dir", None)
         d["train"].pop("async_checkpoint", None)  # how checkpoints are written changes no trained weight
+        d["train"].pop("checkpoint_checksums", None)
         d.pop("logging", None)
         for key in ("buckets", "forgetting"):  # report settings: they change no trained weight
             d["eval"].pop(key, None)
@@ -884,7 +898,12 @@ class KcptConfig(Strict):
         return sha256_json(d)
 
 
-OPERATIONAL_KEYS = ("train.run_name", "train.output_dir", "train.async_checkpoint", "train.max_failures",
+ADDED_AT_DEFAULT = (("faults", "input_error_at_step"),)
+"""``train.<section>.<key>`` s added after runs and experiments were first hashed, left out of both hashes while they
+are None (their default): a checkpoint or tune experiment made before they existed resumes with the same hash."""
+
+OPERATIONAL_KEYS = ("train.run_name", "train.output_dir", "train.async_checkpoint", "train.checkpoint_checksums",
+                    "train.max_failures",
                     "train.cpus_per_worker", "train.keep_last", "data.prepared_root", "data.ray_data",
                     "data.max_reject_fraction", "eval.buckets", "eval.forgetting", "logging", "tune")
 """Dotted config keys that change no trained weight: how a run is run, retried, logged, checked and where its
@@ -908,7 +927,8 @@ def training_changes(old: KcptConfig, new: KcptConfig, limit: int = 8) -> list[s
     return config_changes(old, new, limit, ignore=OPERATIONAL_KEYS)
 
 
-SHA256_IGNORED = ("train.run_name", "train.output_dir", "train.async_checkpoint", "logging", "eval.buckets",
+SHA256_IGNORED = ("train.run_name", "train.output_dir", "train.async_checkpoint", "train.checkpoint_checksums",
+                  "logging", "eval.buckets",
                   "eval.forgetting")
 """What :meth:`KcptConfig.sha256` leaves out (naming, output places, reports)."""
 

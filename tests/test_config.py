@@ -61,3 +61,15 @@ def test_overriding_a_default_datasets_inputs_keeps_its_other_fields_and_the_oth
     assert cfg.data.datasets["raw_train"].kind == "raw"
     assert cfg.data.datasets["raw_train"].inputs == ["s3://bucket/corpus/"]
     assert {"raw_val", "qa_train", "exam_val"} <= set(cfg.data.datasets)
+
+
+def test_the_demo_configs_hashes_do_not_move_when_a_key_is_added_at_its_default():
+    """Checkpoints record ``training_sha256`` and tune experiments ``sha256``: a new config key at its default
+    (here ``train.faults.input_error_at_step`` and ``train.checkpoint_checksums``, added 2026-11-25) must leave
+    both as they were, or every earlier run needs --force to resume (and every tune experiment --overwrite).
+    These are the demo config's hashes of 2026-11-24; a deliberate change updates them and docs/training.md's
+    upgrade note."""
+    cfg = load_config(None, [])
+    assert (cfg.sha256()[:12], cfg.training_sha256()[:12]) == ("8d71146dae66", "e03aa6b2d0b3")
+    assert cfg.training_sha256() == load_config(None, ["train.checkpoint_checksums=false"]).training_sha256()
+    assert cfg.training_sha256() != load_config(None, ["train.faults.input_error_at_step=3"]).training_sha256()

@@ -623,7 +623,7 @@ class StageRunner:
                 else:
                     ckpt_lib.save_checkpoint(path, model=module, tokenizer=self.tokenizer, trainer_state=state,
                                              manifest=manifest, staging=staging, include_rng=False,
-                                             extra_files=extra)
+                                             extra_files=extra, checksums=self.cfg.train.checkpoint_checksums)
                     # at a URI: uploaded by a background thread while training goes on (joined at the next eval,
                     # the end of the stage and of the run); visible once its manifest, sent last, is there
                     self.run_dir.publish_checkpoint(path.name, keep_remote=set(extra), background=True)
@@ -648,7 +648,8 @@ class StageRunner:
             run.engine.write_state(data["engine"], staging / ENGINE_DIR)
             ckpt_lib.save_checkpoint(path, model=module, tokenizer=tokenizer, trainer_state=data["state"],
                                      manifest=manifest, staging=staging, include_rng=False, extra_files=extra,
-                                     save_model_fn=ckpt_lib.state_dict_saver(data["model"]))
+                                     save_model_fn=ckpt_lib.state_dict_saver(data["model"]),
+                                     checksums=self.cfg.train.checkpoint_checksums)
 
         self.run_dir.write_checkpoint_async(path.name, write, keep_remote=set(extra))
 

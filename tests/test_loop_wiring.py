@@ -648,3 +648,29 @@ def test_a_resume_puts_back_its_checkpoints_record_when_metrics_jsonl_lost_it(pr
     got, want = read_metrics(res.run_dir), read_metrics(straight.run_dir)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 2, 4, 6, 8]
     assert_same_evals(got, want, ("raw_val_loss", "train_loss", "lr", "tokens_seen"))
+
+
+@pytest.mark.parametrize("damaged", ["engine/optimizer.pt", "model.safetensors"])
+def test_a_checkpoint_file_changed_at_the_same_size_is_refused_by_its_checksum(prepared_root, tmp_path, damaged):
+    """A same-size change to a checkpoint file (random bytes into the optimizer state or the weights) loaded
+    without complaint and was trained on (crash audit). The manifest's CRC-32 of each file is checked when the
+    run loads it: the resume is refused naming the file and what to do, and with checksums off (an older
+    checkpoint) it loads as before."""
+    plan = '[{name: s, sources: {raw_train: 1.0}, max_steps: 8, eval_every: 2, stop: {rule: max_steps}}]'
+    with pytest.raises(Exception, match="input_error_at_step"):
+        run_plan(cfg_of(prepared_root, tmp_path, plan, "train.faults.input_error_at_step=5"), resume="never",
+                 in_process=True)
+    before, newest = list_checkpoints(tmp_path / "r" / "checkpoints")[-2:]
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert set(manifest["crc32"]) == set(manifest["files"])
+    f = newest / damaged
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4000] = bytes(range(256)) * 15 + bytes(160)
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        run_plan(cfg_of(prepared_root, tmp_path, plan), resume="auto", in_process=True, force=True)
+    assert f"{newest}: file {damaged} does not match its checksum in manifest.json" in str(err.value)
+    assert f"continues from the checkpoint before it, {before}" in str(err.value)
+    del manifest["crc32"]
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    run_plan(cfg_of(prepared_root, tmp_path, plan), resume="auto", in_process=True, force=True)  # no checksums: loads

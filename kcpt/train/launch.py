@@ -365,6 +365,9 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         if recorded is not None and not isinstance(e, TrainingAborted) \
                 and latest_checkpoint(rd, stages) == resume_from:
             rd.restore_config(recorded)
+        if isinstance(e, CheckpointError) and resume_from is not None and str(resume_from) in str(e) \
+                and "--resume" not in str(e):  # the checkpoint resumed from is damaged (e.g. a checksum differs)
+            raise CheckpointError(f"{e}. {_damaged_latest_advice(rd, stages, str(resume_from))}") from None
         raise
 
 

@@ -73,7 +73,18 @@ def start_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None
         else:
             init_kwargs = {"include_dashboard": False, **init_kwargs}
         # address="local": always a new private instance, never a `ray start` cluster found on this machine
-        ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **init_kwargs)
+        try:
+            ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **init_kwargs)
+        except OSError:
+            raise  # a path or a port: one line already, naming it
+        except Exception as e:  # noqa: BLE001 - Ray's startup failures are plain Exceptions (a node timed out, ...)
+            from kcpt.errors import KcptError
+
+            first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+            raise KcptError(f"could not start a local Ray: {first}. Its processes' logs are under "
+                            f"{os.environ.get('RAY_TMPDIR', '/tmp/ray')}/session_latest/logs; check the free space "
+                            "of /tmp and /dev/shm and the file-size limit (ulimit -f), or join a running cluster "
+                            "with --address") from e
         what = f"started a local Ray ({num_cpus} CPUs)"
     session = (getattr(ctx, "address_info", None) or {}).get("session_dir")
     print(f"ray: {what}; Ray's logs: {session}/logs" if session else f"ray: {what}", flush=True)

@@ -112,3 +112,25 @@ def test_a_killed_train_controllers_placement_group_is_released(monkeypatch, tmp
             current.unlink(missing_ok=True)
         else:
             current.write_text(saved)
+
+
+def test_a_local_ray_that_cannot_start_is_one_line_that_says_what_to_check(monkeypatch, capsys, tmp_path):
+    """Ray's startup failures are plain Exceptions (crash audit: under ``ulimit -f`` the node timed out and the job
+    printed Ray's traceback): the job prints one line naming the failure, where Ray's logs are and what to check.
+    (Ray's own failure is injected: making a real start fail takes a minute of timeouts.)"""
+    from kcpt.cli import main
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+    def fails(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the Ray "
+                        "processes failed to startup.\nmore lines")
+
+    monkeypatch.setattr(ray, "init", fails)
+    rc = main(["train", "--stages", "cpt", "--set", f"train.output_dir={tmp_path}", "--set",
+               f"data.prepared_root={tmp_path}", "--run-name", "nostart"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "could not start a local Ray: The current node timed out during startup" in err[0]
+    assert "check the free space of /tmp and /dev/shm and the file-size limit (ulimit -f)" in err[0]

@@ -387,6 +387,11 @@ def test_a_storage_error_inside_a_failed_worker_group_is_one_line_that_says_to_r
     assert "s3://kcptb/runs/s3 keeps its last complete checkpoint: once the storage works again, run the same " \
            "command with --resume" in line
     raise_worker_failure(WorkerGroupError("rank 0 failed", {0: RuntimeError("a bug")}), "runs/x")  # returns
+    # the first write to fail can be Ray Train's own (its controller uploading its state): the same one line
+    from ray.train import ControllerError
+
+    with pytest.raises(OSError, match="keeps its last complete checkpoint"):
+        raise_worker_failure(ControllerError(io), "s3://kcptb/runs/s3")
 
 
 def test_tune_console_pickles_with_the_experiment_state():

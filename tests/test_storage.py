@@ -383,3 +383,38 @@ def test_checkpoint_upload_runs_in_the_background_and_errors_surface(s3_prefix, 
     rd.publish_checkpoint("00-cpt-step000020", background=True)
     with pytest.raises(OSError, match="injected upload failure"):
         rd.wait_published()
+
+
+def test_a_checkpoint_changed_in_the_bucket_is_refused_by_its_uri_and_downloaded_again_once_repaired(
+        s3_prefix, tmp_path, monkeypatch):
+    """A same-size change to an object of a checkpoint at a URI (here the optimizer state) is refused when a run
+    fetches it, naming the checkpoint by its URI (it named the node's scratch copy), and the node's damaged copy
+    is dropped: once the object is repaired in the bucket, the next fetch downloads it again (the damaged copy was
+    reused while the manifest was unchanged)."""
+    from checkpoint_child import tiny_llama
+
+    from kcpt.train import checkpoint as ckpt_lib
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    path = tmp_path / "00-cpt-step000003"
+    staging = ckpt_lib.staging_path(path)
+    (staging / ckpt_lib.ENGINE_DIR).mkdir(parents=True)
+    torch.save({"exp_avg": torch.randn(64, 64)}, staging / ckpt_lib.ENGINE_DIR / "optimizer.pt")
+    ckpt_lib.save_checkpoint(path, model=tiny_llama(), tokenizer=None, trainer_state={},
+                             manifest=ckpt_lib.build_manifest(
+                                 tokenizer_sha256="a" * 64, data_sha256={}, config_sha256="d" * 64, base_model="t",
+                                 restore_mode="full", step=3, stage="cpt", stage_index=0, metrics={}),
+                             staging=staging)
+    uri = f"{s3_prefix}/runs/r/checkpoints/{path.name}"
+    publish_tree(path, uri, marker=ckpt_lib.MANIFEST)
+    name = f"{ckpt_lib.ENGINE_DIR}/optimizer.pt"
+    good = (path / name).read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    Store(uri).write_bytes(name, bytes(bad))
+    ckpt_lib.fetch(uri, engine=False)  # what a hand-off reads: the optimizer state is not checked (not loaded)
+    with pytest.raises(CheckpointError) as err:
+        ckpt_lib.fetch(uri)
+    assert str(err.value).startswith(f"{uri}: file {name} does not match its checksum")
+    Store(uri).write_bytes(name, good)
+    assert (ckpt_lib.fetch(uri) / name).read_bytes() == good

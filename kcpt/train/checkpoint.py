@@ -165,7 +165,8 @@ def staging_path(path: str | Path) -> Path:
 def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_state: dict[str, Any],
                     manifest: dict[str, Any], save_model_fn: Callable[[Any, Path], None] | None = None,
                     include_rng: bool = True, verify_state: bool = True, staging: Path | None = None,
-                    extra_files: dict[str, int] | None = None, checksums: bool = True) -> Path:
+                    extra_files: dict[str, int] | None = None, checksums: bool = True,
+                    extra_checksums: dict[str, str] | None = None) -> Path:
     """Write a checkpoint directory at ``path`` atomically (see the module docstring); returns ``path``.
 
     ``model`` may be wrapped (DDP: ``.module`` is unwrapped). ``tokenizer`` may be ``None``. With
@@ -175,9 +176,9 @@ def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_sta
     before publishing (catches an unloadable state at save time rather than at resume). ``staging``: an existing
     dir from :func:`staging_path` that already holds files to publish with the checkpoint (listed in the
     manifest like the rest); it is used instead of a new temp dir and removed on failure. ``extra_files``
-    (name → size): files other nodes' ranks published at the checkpoint's URI themselves, listed too.
-    ``checksums``: the CRC-32 of every file written here goes into the manifest (:data:`CHECKSUMS`), checked
-    when a run loads the file (:func:`verify_checksums`).
+    (name → size): files other nodes' ranks published at the checkpoint's URI themselves, listed too, with
+    ``extra_checksums`` (name → CRC-32, computed by those ranks). ``checksums``: the CRC-32 of every file written
+    here goes into the manifest (:data:`CHECKSUMS`), checked when a run loads the file (:func:`verify_checksums`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ def save_checkpoint(path: str | Path, *, model: Any, tokenizer: Any, trainer_sta
         sizes = {**(extra_files or {}), **written}
         full = {**manifest, "format": FORMAT_VERSION, "files": sizes, "complete": True}
         if checksums:
-            full[CHECKSUMS] = {name: file_crc32(tmp / name) for name in written}
+            full[CHECKSUMS] = {**(extra_checksums or {}), **{name: file_crc32(tmp / name) for name in written}}
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(full, f, indent=2, sort_keys=True, ensure_ascii=False)
             f.flush()
@@ -358,7 +359,15 @@ def fetch(ref: str | Path, *, engine: bool = True, rank: int | None = None) -> P
             raise CheckpointError(f"incomplete or missing checkpoint: {e}") from None
         except (ValueError, OSError) as e:
             raise CheckpointError(f"{ref}: cannot download the checkpoint ({e})") from None
-    verify_checksums(local, skip=skip)  # what the caller is about to load
+    try:
+        verify_checksums(local, skip=skip)  # what the caller is about to load
+    except CheckpointError as e:
+        if not storage.is_uri(str(ref)):
+            raise
+        # the node's copy differs from the manifest: dropped, so that the next fetch downloads it again (a repaired
+        # checkpoint in the bucket is taken); the error names the checkpoint by its URI
+        shutil.rmtree(local, ignore_errors=True)
+        raise CheckpointError(str(e).replace(str(local), str(ref))) from None
     return local
 
 

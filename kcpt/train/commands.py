@@ -83,11 +83,11 @@ def preflight(cfg, stages: list[str] | None, *, run_dir: str | None = None, init
     if cfg.model.name_or_path != "tiny" and model_dir.is_dir() and not (model_dir / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {model_dir} has no config.json (not a Hugging Face model directory)")
     if check_run_dir:
-        rd = RunDir(Path(run_dir) if run_dir else run_dir_for(cfg))
+        rd = RunDir(run_dir if run_dir else run_dir_for(cfg))
         rd.check_owned()
         if new_run:
             rd.refuse_existing()
-    if init_checkpoint is not None and not Path(init_checkpoint).is_dir():
+    if init_checkpoint is not None and not storage.is_uri(init_checkpoint) and not Path(init_checkpoint).is_dir():
         raise CheckpointError(f"--init-checkpoint {init_checkpoint}: no such checkpoint directory")
 
 
@@ -118,8 +118,8 @@ def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, 
             print(f"--resume: {rd.location} holds no complete checkpoint of this plan (a typo in the run name?); "
                   "a new run starts there", flush=True)
 
-    result = run_plan(cfg, stages=stages, run_dir=Path(args.run_dir) if args.run_dir else None,
-                      init_checkpoint=Path(args.init_checkpoint) if args.init_checkpoint else None,
+    result = run_plan(cfg, stages=stages, run_dir=args.run_dir or None,  # str: a URI stays one
+                      init_checkpoint=args.init_checkpoint or None,  # a URI stays one (Path() folds its //)
                       baseline_raw_best=args.baseline_raw_best, resume=resume,
                       force=args.force, address=args.address)
     print(format_stage_table(result.summaries, result.metrics))

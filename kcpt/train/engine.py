@@ -183,8 +183,9 @@ class Engine(ABC):
     def train(self) -> None:
         self.module.train()
 
-    def close(self) -> None:  # noqa: B027 - optional hook: only engines with scratch space override it
-        """Release scratch space (rollback points)."""
+    def close(self, *, collective: bool = True) -> None:  # noqa: B027 - optional hook: engines with scratch space
+        """Release scratch space (rollback points). ``collective`` False: leaving on an error, without a
+        collective (another rank may be inside one and never reach it)."""
 
 
 # --------------------------------------------------------------------------- DDP / bare module
@@ -514,8 +515,9 @@ class DeepSpeedEngine(Engine):
             raise CheckpointError(f"{directory}: DeepSpeed could not load its state")
         barrier()
 
-    def close(self) -> None:
-        barrier()  # every rank of a node removes the node's scratch copy (ignore_errors: they race)
+    def close(self, *, collective: bool = True) -> None:
+        if collective:
+            barrier()  # every rank of a node removes the node's scratch copy (ignore_errors: they race)
         shutil.rmtree(self._scratch, ignore_errors=True)
 
 

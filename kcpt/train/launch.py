@@ -570,7 +570,8 @@ def worker_error(e: BaseException, kind: type[BaseException] | tuple[type[BaseEx
         seen.add(id(err))
         if isinstance(err, kind) and not isinstance(err, RayTaskError):
             return err
-        todo += [c for c in (getattr(err, "cause", None), err.__cause__) if isinstance(c, BaseException)]
+        todo += [c for c in (getattr(err, "cause", None), err.__cause__, getattr(err, "controller_failure", None))
+                 if isinstance(c, BaseException)]
         todo += [c for c in (getattr(err, "worker_failures", None) or {}).values() if isinstance(c, BaseException)]
     return None
 

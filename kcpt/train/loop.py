@@ -600,12 +600,17 @@ class StageRunner:
             run.engine.save_state(staging / ENGINE_DIR)
         state["rng_per_rank"] = _gather(ckpt_lib.capture_rng_state())
         uploaded: dict[str, int] = {}
+        sums: dict[str, str] = {}
         if not shared and self.run_dir.remote is not None:  # another node: publish what this rank wrote
-            uploaded = {f.relative_to(staging).as_posix(): f.stat().st_size for f in staging.rglob("*")
-                        if f.is_file()}
+            files = [f for f in staging.rglob("*") if f.is_file()]
+            uploaded = {f.relative_to(staging).as_posix(): f.stat().st_size for f in files}
+            if self.cfg.train.checkpoint_checksums:  # rank 0's manifest lists them: their checksums too
+                sums = {f.relative_to(staging).as_posix(): ckpt_lib.file_crc32(f) for f in files}
             self.run_dir.remote.upload_tree(staging, f"checkpoints/{path.name}")
             shutil.rmtree(staging, ignore_errors=True)
-        extra = {k: v for d in _gather(uploaded) for k, v in d.items()}
+        gathered = _gather((uploaded, sums))
+        extra = {k: v for d, _ in gathered for k, v in d.items()}
+        extra_sums = {k: v for _, d in gathered for k, v in d.items()}
         module = run.engine.module
         gather = contextlib.nullcontext()
         if self.ds_config is not None and self.ds_config["zero_optimization"]["stage"] == 3:
@@ -619,11 +624,12 @@ class StageRunner:
                     restore_mode=run.stage.restore, step=run.step, stage=run.stage.name,
                     stage_index=plan.stage_pos, metrics=metrics, engine=engine_kind(self.ds_config))
                 if write_async:
-                    self._write_async(run, path, staging, state, manifest, engine_state, extra)
+                    self._write_async(run, path, staging, state, manifest, engine_state, extra, extra_sums)
                 else:
                     ckpt_lib.save_checkpoint(path, model=module, tokenizer=self.tokenizer, trainer_state=state,
                                              manifest=manifest, staging=staging, include_rng=False,
-                                             extra_files=extra, checksums=self.cfg.train.checkpoint_checksums)
+                                             extra_files=extra, checksums=self.cfg.train.checkpoint_checksums,
+                                             extra_checksums=extra_sums)
                     # at a URI: uploaded by a background thread while training goes on (joined at the next eval,
                     # the end of the stage and of the run); visible once its manifest, sent last, is there
                     self.run_dir.publish_checkpoint(path.name, keep_remote=set(extra), background=True)
@@ -632,7 +638,8 @@ class StageRunner:
         return self.run_dir.checkpoint_ref(path.name)
 
     def _write_async(self, run: StageRun, path: Path, staging: Path, state: dict[str, Any],
-                     manifest: dict[str, Any], engine_state: Any, extra: dict[str, int]) -> None:
+                     manifest: dict[str, Any], engine_state: Any, extra: dict[str, int],
+                     extra_sums: dict[str, str]) -> None:
         """Rank 0: copy weights, optimizer and trainer state to the host (the only part the next training steps
         wait for), then write + fsync + verify + publish them in the run directory's writer thread
         (:meth:`RunDir.write_checkpoint_async`; joined by :meth:`join_checkpoint`)."""
@@ -649,7 +656,7 @@ class StageRunner:
             ckpt_lib.save_checkpoint(path, model=module, tokenizer=tokenizer, trainer_state=data["state"],
                                      manifest=manifest, staging=staging, include_rng=False, extra_files=extra,
                                      save_model_fn=ckpt_lib.state_dict_saver(data["model"]),
-                                     checksums=self.cfg.train.checkpoint_checksums)
+                                     checksums=self.cfg.train.checkpoint_checksums, extra_checksums=extra_sums)
 
         self.run_dir.write_checkpoint_async(path.name, write, keep_remote=set(extra))
 
@@ -822,6 +829,7 @@ class StageRunner:
             self.evaluate(run, plan, interval, tb, initial=True)
         run.engine.train()
         stopped = run.decision is not None and run.decision.stop
+        ended = False
         try:
             while not stopped and run.step < stage.max_steps:
                 run.step += 1
@@ -830,9 +838,12 @@ class StageRunner:
                 if run.step % stage.eval_every == 0 or final:
                     interval = self.evaluate(run, plan, interval, tb, final=final)
                     stopped = run.decision is not None and run.decision.stop
+            ended = True
         finally:
             tb.close()
-            run.engine.close()
+            # leaving on an error raised by this rank alone, another rank may wait in a collective of the step: no
+            # barrier here (it hung both ranks under ZeRO-2), this process ends and Ray Train replaces the group
+            run.engine.close(collective=ended)
             for s in run.streams.values():
                 if isinstance(s, StreamBatches | RayDataBatches):
                     s.close()

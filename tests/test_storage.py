@@ -242,12 +242,9 @@ def test_a_fresh_node_resuming_downloads_the_engine_state_of_the_resumed_checkpo
     assert sum("/engine/" in f for f in resumed) == 1 and len(resumed) == len(set(resumed))  # whole, once each
 
 
-def test_a_driver_checks_a_checkpoint_at_a_uri_without_downloading_its_weights_or_optimizer_state(
-        s3_prefix, tmp_path, monkeypatch):
-    """Before a run starts from (or resumes) a checkpoint at a URI, the driver checks its manifest, trainer state
-    and weight headers from the small files alone: the weights and the optimizer state (several times the weights)
-    are downloaded by the workers on their own nodes, not a second time to the driver's. A damaged weight file at
-    the URI is still refused, naming it."""
+def _published_checkpoint(s3_prefix: str, tmp_path: Path, monkeypatch, trainer_state: dict) -> tuple[Path, str]:
+    """A full-state checkpoint of a tiny model (an optimizer state under ``engine/``) saved under ``tmp_path`` and
+    published at ``<s3_prefix>/runs/r/checkpoints/``; node scratch under ``tmp_path``. Returns (path, URI)."""
     from checkpoint_child import tiny_llama
 
     from kcpt.train import checkpoint as ckpt_lib
@@ -257,13 +254,25 @@ def test_a_driver_checks_a_checkpoint_at_a_uri_without_downloading_its_weights_o
     staging = ckpt_lib.staging_path(path)
     (staging / ckpt_lib.ENGINE_DIR).mkdir(parents=True)
     torch.save({"exp_avg": torch.randn(64, 64)}, staging / ckpt_lib.ENGINE_DIR / "optimizer.pt")
-    ckpt_lib.save_checkpoint(path, model=tiny_llama(), tokenizer=None, trainer_state={"plan": {"x": 1}},
+    ckpt_lib.save_checkpoint(path, model=tiny_llama(), tokenizer=None, trainer_state=trainer_state,
                              manifest=ckpt_lib.build_manifest(
                                  tokenizer_sha256="a" * 64, data_sha256={}, config_sha256="d" * 64, base_model="t",
                                  restore_mode="full", step=3, stage="cpt", stage_index=0, metrics={}),
                              staging=staging)
     uri = f"{s3_prefix}/runs/r/checkpoints/{path.name}"
     publish_tree(path, uri, marker=ckpt_lib.MANIFEST)
+    return path, uri
+
+
+def test_a_driver_checks_a_checkpoint_at_a_uri_without_downloading_its_weights_or_optimizer_state(
+        s3_prefix, tmp_path, monkeypatch):
+    """Before a run starts from (or resumes) a checkpoint at a URI, the driver checks its manifest, trainer state
+    and weight headers from the small files alone: the weights and the optimizer state (several times the weights)
+    are downloaded by the workers on their own nodes, not a second time to the driver's. A damaged weight file at
+    the URI is still refused, naming it."""
+    from kcpt.train import checkpoint as ckpt_lib
+
+    path, uri = _published_checkpoint(s3_prefix, tmp_path, monkeypatch, {"plan": {"x": 1}})
     downloaded: list[str] = []
     real = Store.download_file
     monkeypatch.setattr(Store, "download_file", lambda self, rel, local: (downloaded.append(rel.rsplit("/", 1)[-1]),
@@ -391,22 +400,9 @@ def test_a_checkpoint_changed_in_the_bucket_is_refused_by_its_uri_and_downloaded
     fetches it, naming the checkpoint by its URI (it named the node's scratch copy), and the node's damaged copy
     is dropped: once the object is repaired in the bucket, the next fetch downloads it again (the damaged copy was
     reused while the manifest was unchanged)."""
-    from checkpoint_child import tiny_llama
-
     from kcpt.train import checkpoint as ckpt_lib
 
-    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
-    path = tmp_path / "00-cpt-step000003"
-    staging = ckpt_lib.staging_path(path)
-    (staging / ckpt_lib.ENGINE_DIR).mkdir(parents=True)
-    torch.save({"exp_avg": torch.randn(64, 64)}, staging / ckpt_lib.ENGINE_DIR / "optimizer.pt")
-    ckpt_lib.save_checkpoint(path, model=tiny_llama(), tokenizer=None, trainer_state={},
-                             manifest=ckpt_lib.build_manifest(
-                                 tokenizer_sha256="a" * 64, data_sha256={}, config_sha256="d" * 64, base_model="t",
-                                 restore_mode="full", step=3, stage="cpt", stage_index=0, metrics={}),
-                             staging=staging)
-    uri = f"{s3_prefix}/runs/r/checkpoints/{path.name}"
-    publish_tree(path, uri, marker=ckpt_lib.MANIFEST)
+    path, uri = _published_checkpoint(s3_prefix, tmp_path, monkeypatch, {})
     name = f"{ckpt_lib.ENGINE_DIR}/optimizer.pt"
     good = (path / name).read_bytes()
     bad = bytearray(good)

@@ -349,16 +349,7 @@ def fetch(ref: str | Path, *, engine: bool = True, rank: int | None = None) -> P
     reads only its own rank's when the world size is unchanged, and refuses another world size). Ranks on one
     node share one mirror, which each call tops up with the files it lacks."""
     skip = _skip_for(engine, rank)
-    if not storage.is_uri(str(ref)):
-        local = Path(ref)
-    else:
-        try:
-            local = storage.fetch_tree(str(ref), marker=MANIFEST, files_of=lambda m: dict(m.get("files") or {}),
-                                       skip=skip)
-        except FileNotFoundError as e:
-            raise CheckpointError(f"incomplete or missing checkpoint: {e}") from None
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"{ref}: cannot download the checkpoint ({e})") from None
+    local = Path(ref) if not storage.is_uri(str(ref)) else _fetch_tree(str(ref), skip)
     try:
         verify_checksums(local, skip=skip)  # what the caller is about to load
     except CheckpointError as e:
@@ -369,6 +360,17 @@ def fetch(ref: str | Path, *, engine: bool = True, rank: int | None = None) -> P
         shutil.rmtree(local, ignore_errors=True)
         raise CheckpointError(str(e).replace(str(local), str(ref))) from None
     return local
+
+
+def _fetch_tree(uri: str, skip: Callable[[str], bool] | None) -> Path:
+    """:func:`kcpt.storage.fetch_tree` of checkpoint ``uri`` (manifest last; ``skip``: files not wanted), its
+    failures as :class:`CheckpointError`."""
+    try:
+        return storage.fetch_tree(uri, marker=MANIFEST, files_of=lambda m: dict(m.get("files") or {}), skip=skip)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"incomplete or missing checkpoint: {e}") from None
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{uri}: cannot download the checkpoint ({e})") from None
 
 
 def _is_bulk(name: str) -> bool:
@@ -388,13 +390,7 @@ def inspect(ref: str | Path) -> tuple[dict[str, Any], Path]:
     if not storage.is_uri(str(ref)):
         verify_weights(ref)
         return read_manifest(ref), Path(ref)
-    try:
-        local = storage.fetch_tree(str(ref), marker=MANIFEST, files_of=lambda m: dict(m.get("files") or {}),
-                                   skip=_is_bulk)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"incomplete or missing checkpoint: {e}") from None
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{ref}: cannot download the checkpoint ({e})") from None
+    local = _fetch_tree(str(ref), _is_bulk)
     manifest = read_manifest(local, check_files=False)  # the sizes were checked at the URI by the fetch
     store, rel = storage.store_and_rel(str(ref))
     files = manifest.get("files") or {}

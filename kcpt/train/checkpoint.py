@@ -435,7 +435,10 @@ def file_crc32(path: Path) -> str:
 def verify_checksums(path: Path, *, skip: Callable[[str], bool] | None = None) -> None:
     """Check the files of local checkpoint ``path`` against the manifest's :data:`CHECKSUMS` (those ``skip``
     leaves out, and those a node's partial copy lacks, excepted); :class:`CheckpointError` naming the first that
-    differs. A checkpoint written without checksums passes."""
+    differs. A checkpoint written without checksums passes, and so does a directory without a manifest (a plain
+    Hugging Face model directory, which some commands take where a checkpoint goes)."""
+    if not (Path(path) / MANIFEST).is_file():
+        return
     manifest = read_manifest(path, check_files=False)
     for name, want in (manifest.get(CHECKSUMS) or {}).items():
         f = path / name

@@ -885,6 +885,14 @@ class KcptConfig(Strict):
 
     def sha256(self) -> str:
         """Hash of the resolved config (what the run trains), excluding run naming and output places."""
+        return sha256_json(self._sha256_dump())
+
+    def experiment_sha256(self) -> str:
+        """:meth:`sha256` without :data:`SEARCH_BUDGET_KEYS`: what identifies a tune experiment (its default
+        directory's name; a resume must find it unchanged, and may run more trials)."""
+        return sha256_json(_without(self._sha256_dump(), SEARCH_BUDGET_KEYS))
+
+    def _sha256_dump(self) -> dict[str, Any]:
         d = self._hashed_dump()
         d["train"].pop("run_name", None)
         d["train"].pop("output_dir", None)
@@ -895,7 +903,7 @@ class KcptConfig(Strict):
             d["eval"].pop(key, None)
         if not d["eval"]:
             d.pop("eval")
-        return sha256_json(d)
+        return d
 
 
 ADDED_AT_DEFAULT = (("faults", "input_error_at_step"),)
@@ -908,6 +916,11 @@ OPERATIONAL_KEYS = ("train.run_name", "train.output_dir", "train.async_checkpoin
                     "data.max_reject_fraction", "eval.buckets", "eval.forgetting", "logging", "tune")
 """Dotted config keys that change no trained weight: how a run is run, retried, logged, checked and where its
 files go (``tune``: how trials are searched; a trial's own stage is in its plan). A resume may change them."""
+
+
+SEARCH_BUDGET_KEYS = ("tune.num_samples", "tune.max_concurrent", "tune.num_cpus", "tune.reeval")
+"""How much and how fast a tune experiment searches, not what: a resumed experiment may change them (more trials;
+more at once; another re-evaluation before the choice). See :meth:`KcptConfig.experiment_sha256`."""
 
 
 def _without(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

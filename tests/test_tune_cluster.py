@@ -114,13 +114,18 @@ def test_existing_experiment_needs_resume_or_overwrite(tmp_path, capsys, monkeyp
     assert check_experiment(exp, storage_url=url, study_name="s", resume=True, config_sha256="abc") == "resume"
     with pytest.raises(InputError, match="another config"):
         check_experiment(exp, storage_url=url, study_name="s", resume=True, config_sha256="def")
-    # the refusal names what changed (it did not: `--num-samples 4 --resume` with the hinted --config was refused
-    # again, nothing said why) and how to run more trials
+    # with its config.yaml the check compares what identifies the experiment: more trials may be asked for, not
+    # fewer, and a refusal names what changed
     dump_config(load_config(), exp / "config.yaml")
-    with pytest.raises(InputError, match=r"another config \(changed: tune.num_samples: 6 → 4\).*--num-samples "
-                                         r"included.*--experiment-dir NEW .*--resume"):
+    assert check_experiment(exp, storage_url=url, study_name="s", resume=True, config_sha256="def",
+                            config=load_config(None, ["tune.num_samples=8", "tune.max_concurrent=2"])) == "resume"
+    with pytest.raises(InputError, match=r"fewer trials: the experiment asked for 6 .*--num-samples 6 or more"):
         check_experiment(exp, storage_url=url, study_name="s", resume=True, config_sha256="def",
                          config=load_config(None, ["tune.num_samples=4"]))
+    with pytest.raises(InputError, match=r"another config \(changed: tune.sampler_seed: 0 → 2\).*may change only "
+                                         r"tune.num_samples"):
+        check_experiment(exp, storage_url=url, study_name="s", resume=True, config_sha256="def",
+                         config=load_config(None, ["tune.num_samples=8", "tune.sampler_seed=2"]))
     with pytest.raises(InputError, match="pass the same --storage"):
         check_experiment(exp, storage_url=resolve_storage("journal", exp), study_name="s", resume=True)
     assert check_experiment(exp, storage_url=url, study_name="s", overwrite=True) == "overwrite"

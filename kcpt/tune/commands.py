@@ -88,7 +88,9 @@ def tune_from_args(args: argparse.Namespace) -> int:
 
     dashboard = journal_path(res.storage) if res.storage.startswith(JOURNAL_SCHEME) else redact(res.storage)
     print(f"  optuna:      {redact(res.storage)}  (study '{res.study_name}'; optuna-dashboard {dashboard})")
-    print(f"  tensorboard: tensorboard --logdir {where}/tune")
+    runs = res.extra.get("tune_runs") or ["tune"]
+    print(f"  tensorboard: tensorboard --logdir {where}/tune" if runs == ["tune"] else
+          f"  tensorboard: tensorboard --logdir {where}  (Tune's runs {', '.join(runs)})")
     print(f"  report:      kcpt report {where}")
     return 0
 

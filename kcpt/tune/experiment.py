@@ -106,11 +106,17 @@ def absolute_paths(cfg: KcptConfig) -> KcptConfig:
 
 
 def default_experiment_dir(cfg: KcptConfig) -> Path | str:
-    """``<tune.experiment_dir>/<study_name>-<config hash8>`` (``cfg`` with absolute paths; a URI stays one)."""
-    name = f"{cfg.tune.study_name}-{cfg.sha256()[:8]}"
+    """``<tune.experiment_dir>/<study_name>-<experiment hash8>`` (``cfg`` with absolute paths; a URI stays one):
+    :meth:`~kcpt.config.KcptConfig.experiment_sha256`, so ``--num-samples`` names the same experiment. A local
+    experiment made before that hash (named by :meth:`~kcpt.config.KcptConfig.sha256`) keeps its name."""
+    name = f"{cfg.tune.study_name}-{cfg.experiment_sha256()[:8]}"
     if store_lib.is_uri(cfg.tune.experiment_dir):
         return store_lib.join(cfg.tune.experiment_dir, name)
-    return Path(cfg.tune.experiment_dir).resolve() / name
+    root = Path(cfg.tune.experiment_dir).resolve()
+    legacy = root / f"{cfg.tune.study_name}-{cfg.sha256()[:8]}"
+    if not (root / name).exists() and (legacy / "experiment.json").is_file():
+        return legacy
+    return root / name
 
 
 def experiment_uri(cfg: KcptConfig, experiment_dir: str | Path | None = None) -> str | None:
@@ -173,23 +179,36 @@ def experiment_exists(exp_dir: Path, storage_url: str, study_name: str) -> bool:
     return (exp_dir / "experiment.json").is_file() or study_exists(storage_url, study_name)
 
 
-def _config_changes(exp_dir: Path, config: KcptConfig | None) -> str:
-    """``: key: old → new; …`` between the experiment's ``config.yaml`` and ``config`` (empty when unknown)."""
-    from kcpt.config import SHA256_IGNORED, config_changes, load_config
+def previous_config(exp_dir: Path) -> KcptConfig | None:
+    """The config the experiment last ran with (its ``config.yaml``), or None when absent or unreadable."""
+    from kcpt.config import load_config
     from kcpt.errors import KcptError
 
-    if config is None or not (exp_dir / "config.yaml").is_file():
-        return ""
+    if not (exp_dir / "config.yaml").is_file():
+        return None
     try:
-        before = load_config(exp_dir / "config.yaml")
+        return load_config(exp_dir / "config.yaml")
     except KcptError:
+        return None
+
+
+def _config_changes(before: KcptConfig | None, config: KcptConfig | None) -> str:
+    """``: key: old → new; …`` between the experiment's config and ``config`` outside what a resume may change
+    (empty when unknown)."""
+    from kcpt.config import SEARCH_BUDGET_KEYS, SHA256_IGNORED, config_changes
+
+    if config is None or before is None:
         return ""
-    changes = config_changes(before, config, ignore=SHA256_IGNORED)
+    changes = config_changes(before, config, ignore=SHA256_IGNORED + SEARCH_BUDGET_KEYS)
     return f" (changed: {'; '.join(changes)})" if changes else ""
 
 
 def _check_same_experiment(exp_dir: Path, storage_url: str, config_sha256: str | None,
                            config: KcptConfig | None = None) -> None:
+    """A resume must find the experiment's storage and config; of the config it may change only
+    :data:`~kcpt.config.SEARCH_BUDGET_KEYS`, and ``tune.num_samples`` only upwards. With ``config`` the check
+    compares :meth:`~kcpt.config.KcptConfig.experiment_sha256` (the manifest's, else that of its ``config.yaml``);
+    without, the manifest's ``config_sha256`` must equal ``config_sha256``."""
     path = exp_dir / "experiment.json"
     if not path.is_file():
         return
@@ -200,13 +219,21 @@ def _check_same_experiment(exp_dir: Path, storage_url: str, config_sha256: str |
     if m.get("storage") not in (None, storage_url):
         raise InputError(f"cannot resume: the experiment's study is in {redact(str(m['storage']))}, not in "
                          f"{redact(storage_url)}: pass the same --storage / tune.storage", path=str(path))
-    if config_sha256 and m.get("config_sha256") not in (None, config_sha256):
-        raise InputError(f"cannot resume with another config{_config_changes(exp_dir, config)}: resume with the one "
+    before = previous_config(exp_dir)
+    if config is not None and (m.get("experiment_sha256") or before is not None):
+        recorded = m.get("experiment_sha256") or before.experiment_sha256()  # type: ignore[union-attr]
+        same = recorded == config.experiment_sha256()
+    else:
+        same = not config_sha256 or m.get("config_sha256") in (None, config_sha256)
+    if not same:
+        raise InputError(f"cannot resume with another config{_config_changes(before, config)}: resume with the one "
                          f"the experiment was started with (--config {exp_dir / 'config.yaml'}, and no --set or flag "
-                         "that changes it, --num-samples included: a resumed tune runs to the trials it started "
-                         "with), or --overwrite. To run more trials on the same study, start another experiment on "
-                         "it: --experiment-dir NEW --storage <this storage> --study-name <this study> --resume",
-                         path=str(path))
+                         "that changes it; a resume may change only tune.num_samples — more trials —, "
+                         "tune.max_concurrent, tune.num_cpus and tune.reeval), or --overwrite", path=str(path))
+    if config is not None and before is not None and config.tune.num_samples < before.tune.num_samples:
+        raise InputError(f"cannot resume with fewer trials: the experiment asked for {before.tune.num_samples} "
+                         f"(tune.num_samples), this run for {config.tune.num_samples}; a resume can only add trials: "
+                         f"pass --num-samples {before.tune.num_samples} or more", path=str(path))
 
 
 def check_experiment(exp_dir: Path, *, storage_url: str, study_name: str, resume: bool = False,
@@ -270,6 +297,21 @@ def finished_trials(storage_url: str, study_name: str, owner: str | None = None)
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     return sum(_owned(t, owner) for t in study.get_trials(deepcopy=False,
                                                           states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def accounted_trials(storage_url: str, study_name: str, owner: str | None = None) -> int:
+    """Trials of the study (with ``owner``: of that experiment) that a Tune trial ran to its end: COMPLETE,
+    PRUNED, or FAIL from an error — not those :func:`fail_interrupted_trials` marked (no Tune trial ran them).
+    What a grown ``tune.num_samples`` is counted against."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if not study_exists(storage_url, study_name):
+        return 0
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(_owned(t, owner) and not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted"))
+               for t in study.get_trials(deepcopy=False, states=ended))
 
 
 def fail_interrupted_trials(storage_url: str, study_name: str, owner: str | None = None) -> list[int]:

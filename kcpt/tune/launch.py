@@ -15,7 +15,8 @@ Experiment directory (absolute)::
     experiment.json   what was tuned: storage URL, study name, baseline, eps, exam target, paths
     config.yaml       the base config
     optuna.db         the Optuna study (default; ``tune.storage``: journal file or any RDB, see study_storage)
-    tune/             Ray Tune's experiment (result.json / progress.csv / TensorBoard events per trial)
+    tune/             Ray Tune's experiment (result.json / progress.csv / TensorBoard events per trial);
+                      tune-2/ … the runs a resume with a larger num_samples added
     runs/<trial_id>/  the stage-loop run dir of each trial (metrics.jsonl, summary.json, checkpoints/, tb/)
     trials.parquet    one row per trial;  best_config.yaml   the full config of the best feasible trial
 
@@ -30,7 +31,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,12 @@ from kcpt.errors import CheckpointError, ConfigError
 from kcpt.hashing import sha256_json
 from kcpt.tune.experiment import (
     Publisher,
+    accounted_trials,
     check_experiment,
     clear_experiment,
     experiment_uri,
     fail_interrupted_trials,
-    finished_trials,
+    previous_config,
     publish_experiment,
     resolve_experiment,
 )
@@ -465,15 +467,17 @@ def _logger_callbacks(cfg: KcptConfig, experiment_dir: Path) -> list[Any]:
 
 
 def build_searcher(cfg: KcptConfig, *, storage: str, study_name: str, sampler: str = "tpe",
-                   after_ask: Callable[[], None] | None = None, owner: str | None = None) -> ConstrainedOptunaSearch:
+                   after_ask: Callable[[], None] | None = None, owner: str | None = None,
+                   seed: int | None = None) -> ConstrainedOptunaSearch:
     """The searcher on the study ``study_name`` in ``storage`` (a URL of :mod:`kcpt.tune.study_storage`);
     ``after_ask``, ``owner`` (the experiment's directory or URI, stored on each trial it asks for): see
-    :class:`ConstrainedOptunaSearch`."""
+    :class:`ConstrainedOptunaSearch`; ``seed``: the sampler's (default ``tune.sampler_seed``)."""
     space = cfg.tune.space
     return ConstrainedOptunaSearch(
         space=SpaceSampler(space, static=static_space(sampler)),
         metric=METRIC, mode="min",
-        sampler=make_sampler(sampler, seed=cfg.tune.sampler_seed, n_startup_trials=cfg.tune.n_startup_trials),
+        sampler=make_sampler(sampler, seed=cfg.tune.sampler_seed if seed is None else seed,
+                             n_startup_trials=cfg.tune.n_startup_trials),
         study_name=study_name, storage=open_storage(storage),
         enqueue=recipe_points(cfg) if cfg.tune.enqueue_recipe else None, after_ask=after_ask, owner=owner,
     )
@@ -563,6 +567,74 @@ def show_data(cfg: KcptConfig, stages: list[str], *, address: str | None = None)
                   filters=cfg.data.filters.model_dump(mode="json"))
 
 
+def tune_run_name(index: int) -> str:
+    """Name of an experiment's ``index``-th Tune run (its directory under the experiment): ``tune``, then
+    ``tune-2``, … — one more each time a resume raises ``tune.num_samples`` (Tune cannot add trials to a restored
+    run)."""
+    return TUNE_RUN_NAME if index == 0 else f"{TUNE_RUN_NAME}-{index + 1}"
+
+
+def tune_runs(exp_dir: Path, previous: KcptConfig | None) -> list[dict[str, Any]]:
+    """The experiment's Tune runs so far, ``[{"name", "num_samples"}, …]`` from its manifest (an experiment made
+    before runs were listed had one: ``tune``, of its config's ``num_samples``); [] when it has no manifest."""
+    path = exp_dir / "experiment.json"
+    if not path.is_file():
+        return []
+    runs = json.loads(path.read_text(encoding="utf-8")).get("tune_runs")
+    if runs is None:
+        return [{"name": TUNE_RUN_NAME, "num_samples": previous.tune.num_samples if previous else 0}]
+    return [dict(r) for r in runs]
+
+
+def _trainable(ctx: TrialContext, location: str, name: str, cfg: KcptConfig) -> Any:
+    run_ctx = replace(ctx, tune_dir=store_lib.join(location, name))
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=run_ctx), trial_resources(cfg))
+
+
+def _restore_tuner(ctx: TrialContext, location: str, name: str, cfg: KcptConfig) -> tune.Tuner:
+    """Tune run ``name`` restored from its saved state: unfinished and errored trials resumed, ASHA and the
+    searcher as saved."""
+    return tune.Tuner.restore(store_lib.join(location, name), trainable=_trainable(ctx, location, name, cfg),
+                              resume_errored=True, restart_errored=False, resume_unfinished=True)
+
+
+def _new_tuner(ctx: TrialContext, location: str, name: str, cfg: KcptConfig, *, num_samples: int, storage: str,
+               study_name: str, sampler: str, uri: str | None, exp_dir: Path, verbose: int | None) -> tune.Tuner:
+    """A new Tune run ``name`` of ``num_samples`` trials on the study. On a study that already holds trials (a
+    grown resume, a shared study) the sampler's seed is derived from ``tune.sampler_seed`` and the number of trials,
+    so a random draw does not repeat the first run's points."""
+    return tune.Tuner(
+        _trainable(ctx, location, name, cfg),
+        tune_config=tune.TuneConfig(
+            search_alg=build_searcher(cfg, storage=storage, study_name=study_name, sampler=sampler,
+                                      after_ask=None if uri is None else Publisher(uri), owner=location,
+                                      seed=sampler_seed(cfg.tune.sampler_seed, storage, study_name)),
+            scheduler=build_scheduler(cfg, sampler), metric=METRIC, mode="min",
+            num_samples=num_samples, max_concurrent_trials=cfg.tune.max_concurrent,
+            # the next trial's loop runs in the finished trial's process (no new Python, no torch import:
+            # ~5 s a trial here); a pruned trial's loop ends at the report Tune stopped it on
+            reuse_actors=trial_in_actor(cfg)),
+        run_config=tune.RunConfig(
+            name=name, storage_path=location,
+            verbose=(1 if cfg.logging.verbose else 0) if verbose is None else verbose,
+            callbacks=[*_logger_callbacks(cfg, exp_dir), TuneConsole(num_samples, progress=cfg.logging.progress),
+                       *([PublishExperiment(uri, exp_dir)] if uri else [])]),
+    )
+
+
+def sampler_seed(seed: int, storage: str, study_name: str) -> int:
+    """``seed`` for a study without trials; else a seed derived from it and the study's trial count."""
+    from kcpt.tune.study_storage import study_exists
+
+    if not study_exists(storage, study_name):
+        return seed
+    import numpy as np
+    import optuna
+
+    n = len(optuna.load_study(study_name=study_name, storage=open_storage(storage)).get_trials(deepcopy=False))
+    return seed if n == 0 else int(np.random.SeedSequence([seed, n]).generate_state(1)[0])
+
+
 def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, resume: bool = False,
                 overwrite: bool = False, address: str | None = None, runner: TrialRunner | None = None,
                 prerequisites: Prerequisites | None = None, sampler: str = "tpe",
@@ -575,9 +647,10 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     ``overwrite`` (:func:`kcpt.tune.experiment.check_experiment`). ``resume`` restores Tune's experiment state
     (``Tuner.restore``): finished trials stay, trials that were running are re-run under the same Ray trial id and
     Optuna trial number (their run dirs resume from their latest checkpoints), and the search continues to
-    ``num_samples``. Optuna trials still RUNNING once the run ends (asked for after Tune's last saved state, so
-    no Tune trial owns them) are marked FAIL with ``interrupted=True``. ``overwrite`` deletes the study and the
-    experiment's files first.
+    the ``num_samples`` it was asked for; a larger ``num_samples`` then adds a Tune run of the missing trials on
+    the same study (:func:`tune_run_name`; ``experiment.json``'s ``tune_runs``). Optuna trials still RUNNING
+    once the run ends (asked for after Tune's last saved state, so no Tune trial owns them) are marked FAIL with
+    ``interrupted=True``. ``overwrite`` deletes the study and the experiment's files first.
 
     Console (:mod:`kcpt.console`): the data table of every dataset the prerequisites and the tuned stage use
     (``data.max_reject_fraction`` applies), the prerequisite stages' eval lines when they run, then one line per
@@ -600,7 +673,8 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     exp_dir.mkdir(parents=True, exist_ok=True)
     stage = cfg.tune.stage
     interrupted: list[int] = []
-    unfinished = 0
+    unfinished = expected = 0
+    segments: list[dict[str, Any]] = []  # the experiment's Tune runs (tune_runs)
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))  # read by Tune's controller
     quiet_tune(cfg.logging.verbose)
     started = init_ray(cfg, address)
@@ -615,6 +689,9 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
                   "would teach it nothing (docs/tuning.md)", flush=True)
         st = apply_params(cfg, {}, stage).stage(stage)
         exam_value = "1 - exam_acc" if st.stop.exam_metric == "accuracy" else "exam_val_loss"
+        previous = previous_config(exp_dir) if mode == "resume" else None
+        if mode == "resume":
+            segments = tune_runs(exp_dir, previous)
         dump_config(cfg, exp_dir / "config.yaml")
         manifest = {
             "kind": "kcpt-tune", "stage": stage, "study_name": study_name, "storage": storage,
@@ -631,50 +708,47 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
             "exam_target": st.stop.exam_target, "consecutive": st.stop.consecutive,
             "init_checkpoint": None if pre.init_checkpoint is None else str(pre.init_checkpoint),
             "prereq_run_dir": str(pre.run_dir), "tune_dir": store_lib.join(location, TUNE_RUN_NAME),
-            "runs_dir": store_lib.join(location, "runs"), "config_sha256": cfg.sha256(), "sampler": sampler,
+            "runs_dir": store_lib.join(location, "runs"), "config_sha256": cfg.sha256(),
+            "experiment_sha256": cfg.experiment_sha256(), "sampler": sampler,
             "experiment_uri": uri,
             "trial_workers": cfg.tune_workers(), "trial_in_actor": trial_in_actor(cfg),
             "reeval": cfg.tune.reeval.model_dump(),
         }
-        (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        publish_experiment(uri, exp_dir)
-        tune_path = store_lib.join(location, TUNE_RUN_NAME)
+
+        def write_manifest() -> None:
+            manifest["tune_runs"] = segments
+            (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            publish_experiment(uri, exp_dir)
+
+        write_manifest()
         ctx = TrialContext(cfg.model_dump(mode="json"), stage,
                            None if pre.init_checkpoint is None else str(pre.init_checkpoint),
                            pre.baseline_raw_best, store_lib.join(location, "runs"),
                            None if pre.reference_checkpoint is None else str(pre.reference_checkpoint),
-                           runner or run_stage_trial, pre.tokens_before, tune_path)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(cfg))
-        if mode == "resume" and tune.Tuner.can_restore(tune_path):
-            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,
-                                       restart_errored=False, resume_unfinished=True)
-            expected = cfg.tune.num_samples  # the restored experiment's trials, the earlier ones included
-        else:
-            # a resume that finds no saved Tune state (killed before its first save) runs what is missing
-            num_samples = cfg.tune.num_samples - (finished_trials(storage, study_name, location)
-                                           if mode == "resume" else 0)
-            expected = max(num_samples, 0)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=build_searcher(cfg, storage=storage, study_name=study_name, sampler=sampler,
-                                              after_ask=None if uri is None else Publisher(uri),
-                                              owner=location),
-                    scheduler=build_scheduler(cfg, sampler), metric=METRIC, mode="min",
-                    num_samples=max(num_samples, 0), max_concurrent_trials=cfg.tune.max_concurrent,
-                    # the next trial's loop runs in the finished trial's process (no new Python, no torch import:
-                    # ~5 s a trial here); a pruned trial's loop ends at the report Tune stopped it on
-                    reuse_actors=trial_in_actor(cfg)),
-                run_config=tune.RunConfig(
-                    name=TUNE_RUN_NAME, storage_path=location,
-                    verbose=(1 if cfg.logging.verbose else 0) if verbose is None else verbose,
-                    callbacks=[*_logger_callbacks(cfg, exp_dir),
-                               TuneConsole(max(num_samples, 0), progress=cfg.logging.progress),
-                               *([PublishExperiment(uri, exp_dir)] if uri else [])]),
-            )
-        unfinished = unfinished_trials(tuner.fit(), expected)
+                           runner or run_stage_trial, pre.tokens_before)
+        last = segments[-1] if segments else None
+        if last is not None and tune.Tuner.can_restore(store_lib.join(location, last["name"])):
+            # Tune's saved state of the experiment's last run: finished trials stay, the others resume
+            expected = int(last["num_samples"])
+            unfinished = unfinished_trials(_restore_tuner(ctx, location, last["name"], cfg).fit(), expected)
+        elif last is not None:
+            segments.pop()  # killed before Tune saved any state: its trials are counted from the study below
         if not unfinished:
             interrupted = fail_interrupted_trials(storage, study_name, location)
+            more = cfg.tune.num_samples - accounted_trials(storage, study_name, location)
+            if more > 0:
+                name = tune_run_name(len(segments))
+                if segments:
+                    print(f"tune.num_samples is {cfg.tune.num_samples}: {more} more trial(s) on the study "
+                          f"(Tune's run {name})", flush=True)
+                segments.append({"name": name, "num_samples": more})
+                write_manifest()
+                expected = more
+                tuner = _new_tuner(ctx, location, name, cfg, storage=storage, study_name=study_name,
+                                   num_samples=more, sampler=sampler, uri=uri, exp_dir=exp_dir, verbose=verbose)
+                unfinished = unfinished_trials(tuner.fit(), expected)
+                if not unfinished:
+                    interrupted += fail_interrupted_trials(storage, study_name, location)
         if cfg.tune.reeval.top_k and not unfinished:
             import optuna
 
@@ -695,4 +769,5 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
                                 "to finish them and the search")
     return TuneRunResult(exp_dir, storage, study_name, pre, paths.trials, paths.best_config, paths.best,
                          trials_table(paths.table), {"mode": mode, "interrupted_trials": interrupted,
-                                                     "experiment_uri": uri})
+                                                     "experiment_uri": uri,
+                                                     "tune_runs": [r["name"] for r in segments]})

@@ -171,7 +171,7 @@ def test_a_checkpoint_is_fetched_in_the_parts_a_rank_needs_and_a_node_mirror_is_
         ckpt_lib.read_manifest(local)
 
 
-def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkeypatch):
+def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkeypatch, capsys):
     """Prepared data, run files and checkpoints go to the bucket; a second run reuses the published data
     without preparing; a resume downloads the latest checkpoint from S3 into a fresh node scratch."""
     from conftest import checkpoint_copies
@@ -195,6 +195,14 @@ def test_whole_plan_in_process_with_every_root_on_s3(s3_prefix, tmp_path, monkey
     # the checkpoints are in the bucket, and no longer in the node's scratch (it would fill up run after run)
     assert res.best_checkpoints and all(Store(ref).is_file("manifest.json") for ref in res.best_checkpoints.values())
     assert checkpoint_copies(tmp_path / "scratch") == []
+    # `--run-dir s3://…` names that run on the command line: a new run there is refused, naming the URI (Path()
+    # folded the URI's // into a local directory "s3:/…", which had no results, and the run went ahead there)
+    from kcpt.cli import main as kcpt_main
+
+    sets = [a for o in [*tiny, f"data.prepared_root={s3_prefix}/prep"] for a in ("--set", o)]
+    assert kcpt_main(["train", "--run-dir", res.run_dir, *sets]) == 2
+    assert f"{res.run_dir}: this run name already has results" in capsys.readouterr().err
+    assert set(Path(tmp_path).iterdir()) == {tmp_path / "scratch"}
 
     # a fresh node: empty scratch; the data is downloaded (not prepared again) and the run resumes from S3
     monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch-b"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -242,3 +243,33 @@ def test_tune_with_every_root_on_s3_and_reading_results_from_there(two_nodes, s3
     assert not errors
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "exam@sel" in text
+
+
+def test_zero_partition_written_on_the_other_node_is_checksummed_and_a_changed_one_refused(two_nodes, s3_prefix,
+                                                                                          tmp_path, monkeypatch):
+    """ZeRO-2 over the two nodes, run dir in the bucket: the rank on the second node uploads its own partition of
+    the optimizer state, and rank 0's manifest must carry that file's CRC-32 too (it had none: a same-size change
+    of it was loaded into the optimizer without a word). Changed in the bucket, the resume is refused naming it."""
+    from kcpt.errors import CheckpointError
+    from kcpt.train import checkpoint as ckpt_lib
+
+    monkeypatch.chdir(tmp_path)
+    tiny = ["data.seq_len=64", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+            "model.tiny.intermediate_size=64", "plan.0.max_steps=4", "plan.0.eval_every=2",
+            "train.deepspeed={zero_stage: 2}"]
+    stop = ["train.faults.stage=cpt", "train.faults.raise_at_step=3", "train.max_failures=0"]  # after step 2's save
+    with pytest.raises(Exception, match="injected fault: stage cpt step 3"):
+        run_plan(demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *tiny, *stop), stages=["cpt"],
+                 resume="never")
+    ckpt = f"{s3_prefix}/runs/demo/checkpoints/00-cpt-step000002"
+    manifest = json.loads(Store(ckpt).read_text(ckpt_lib.MANIFEST))
+    parts = {n: int(m[1]) for n in manifest["files"] if (m := ckpt_lib._ZERO_PARTITION.search(n))}
+    assert sorted(parts.values()) == [0, 1], manifest["files"]  # one partition per rank
+    assert set(parts) <= set(manifest[ckpt_lib.CHECKSUMS]), manifest[ckpt_lib.CHECKSUMS]
+    other = next(n for n, r in parts.items() if r == 1)
+    data = bytearray(Store(ckpt).read_bytes(other))
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # the same size, other bytes
+    Store(ckpt).write_bytes(other, bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(f"{ckpt}: file {other} does not match its checksum")):
+        run_plan(demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *tiny), stages=["cpt"], resume="auto",
+                 force=True)  # force: the fault settings changed the config hash, not the checksums

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from kcpt.cli import main as kcpt_main
 from kcpt.config import dump_config, load_config
 from kcpt.errors import ConfigError, InputError
-from kcpt.tune.experiment import check_experiment, clear_experiment, fail_interrupted_trials, finished_trials
+from kcpt.tune.experiment import accounted_trials, check_experiment, clear_experiment, fail_interrupted_trials
 from kcpt.tune.study_storage import open_storage, redact, resolve_storage, study_exists
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_storage_forms(tmp_path):
     study = optuna.create_study(study_name="s", storage=open_storage(journal))
     study.optimize(lambda tr: tr.suggest_float("x", 0, 1), n_trials=2)
     assert isinstance(open_storage(journal), optuna.storages.JournalStorage)
-    assert study_exists(journal, "s") and finished_trials(journal, "s") == 2
+    assert study_exists(journal, "s") and accounted_trials(journal, "s") == 2
     assert len(optuna.load_study(study_name="s", storage=open_storage(journal)).trials) == 2  # a second reader
 
 
@@ -178,7 +178,7 @@ def test_a_shared_study_tells_each_experiment_its_own_trials(tmp_path):
         trials[name] = study.ask()
         trials[name].set_user_attr(OWNER_ATTR, owner)
     study.tell(trials["a_done"], 1.0)
-    assert finished_trials(url, "s", "A") == 1 and finished_trials(url, "s", "B") == 0
+    assert accounted_trials(url, "s", "A") == 1 and accounted_trials(url, "s", "B") == 0
     assert fail_interrupted_trials(url, "s", "A") == [trials["a_orphan"].number]
     states = {t.number: t.state for t in optuna.load_study(study_name="s", storage=open_storage(url)).trials}
     assert states[trials["b_running"].number] == TrialState.RUNNING  # B's trial runs on
@@ -188,6 +188,10 @@ def test_a_shared_study_tells_each_experiment_its_own_trials(tmp_path):
     with pytest.raises(InputError, match=r"--overwrite would delete study 's'.*holds the trials of A"):
         check_experiment(tmp_path / "b", storage_url=url, study_name="s", overwrite=True, owner="B")
     assert study_exists(url, "s") and len(optuna.load_study(study_name="s", storage=open_storage(url)).trials) == 3
+    failed = study.ask()  # a trial that ran and errored counts towards num_samples; one marked interrupted does not
+    failed.set_user_attr(OWNER_ATTR, "A")
+    study.tell(failed, state=TrialState.FAIL)
+    assert accounted_trials(url, "s", "A") == 2
 
 
 # --------------------------------------------------------------------------- real tunes (Ray, stage loop)

@@ -287,18 +287,6 @@ def clear_experiment(exp_dir: Path, *, storage_url: str, study_name: str, uri: s
             p.unlink()
 
 
-def finished_trials(storage_url: str, study_name: str, owner: str | None = None) -> int:
-    """COMPLETE + PRUNED trials of the study (0 when it does not exist); with ``owner``, of that experiment only."""
-    import optuna
-    from optuna.trial import TrialState
-
-    if not study_exists(storage_url, study_name):
-        return 0
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
-    return sum(_owned(t, owner) for t in study.get_trials(deepcopy=False,
-                                                          states=(TrialState.COMPLETE, TrialState.PRUNED)))
-
-
 def accounted_trials(storage_url: str, study_name: str, owner: str | None = None) -> int:
     """Trials of the study (with ``owner``: of that experiment) that a Tune trial ran to its end: COMPLETE,
     PRUNED, or FAIL from an error — not those :func:`fail_interrupted_trials` marked (no Tune trial ran them).

@@ -42,7 +42,7 @@ def ray_local():
     ray.shutdown()
 
 
-def test_resume_with_more_num_samples_adds_trials_to_the_same_experiment(ray_local, tmp_path):
+def test_resume_with_more_num_samples_adds_trials_to_the_same_experiment(ray_local, tmp_path, capsys):
     from kcpt.tune.launch import Prerequisites, tune_stage3
 
     exp = tmp_path / "exp"
@@ -61,7 +61,11 @@ def test_resume_with_more_num_samples_adds_trials_to_the_same_experiment(ray_loc
     first = study().get_trials()
     assert len(first) == 2 and all(t.state == TrialState.COMPLETE for t in first)
 
+    capsys.readouterr()
     run(4, resume=True)
+    out = capsys.readouterr().out
+    assert "tune.num_samples is 4: 2 more trial(s) on the study (Tune's run tune-2)" in out
+    assert "| 3/4 done" in out and "| 4/4 done" in out  # the console counts on from the first run's trials
     trials = study().get_trials()
     assert [t.number for t in trials] == [0, 1, 2, 3] and all(t.state == TrialState.COMPLETE for t in trials)
     assert [t.params for t in trials[:2]] == [t.params for t in first]       # the first run's trials kept

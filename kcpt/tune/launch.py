@@ -617,9 +617,27 @@ def _new_tuner(ctx: TrialContext, location: str, name: str, cfg: KcptConfig, *, 
         run_config=tune.RunConfig(
             name=name, storage_path=location,
             verbose=(1 if cfg.logging.verbose else 0) if verbose is None else verbose,
-            callbacks=[*_logger_callbacks(cfg, exp_dir), TuneConsole(num_samples, progress=cfg.logging.progress),
+            callbacks=[*_logger_callbacks(cfg, exp_dir),
+                       TuneConsole(num_samples, progress=cfg.logging.progress,
+                                   **_console_start(storage, study_name, location)),
                        *([PublishExperiment(uri, exp_dir)] if uri else [])]),
     )
+
+
+def _console_start(storage: str, study_name: str, owner: str) -> dict[str, Any]:
+    """Where an added Tune run's console counts on from: the experiment's ended trials and the study's best
+    feasible trial (:class:`~kcpt.tune.progress.TuneConsole`)."""
+    from kcpt.tune import reeval
+    from kcpt.tune.study_storage import study_exists
+
+    if not study_exists(storage, study_name):
+        return {}
+    import optuna
+
+    best = reeval.candidates(optuna.load_study(study_name=study_name, storage=open_storage(storage)), 1)
+    return {"earlier": accounted_trials(storage, study_name, owner),
+            "best": (float(best[0].value), str(best[0].user_attrs.get("ray_trial_id", f"#{best[0].number}")))
+            if best else None}
 
 
 def sampler_seed(seed: int, storage: str, study_name: str) -> int:

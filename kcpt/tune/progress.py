@@ -31,16 +31,20 @@ class TuneConsole(Callback):
     """Trials done / running / pruned / failed and the best feasible trial so far (see the module docstring)."""
 
     def __init__(self, num_samples: int, *, stream: TextIO | None = None, progress: bool = True,
-                 bars: bool | None = None) -> None:
-        self.total = num_samples
+                 bars: bool | None = None, earlier: int = 0, best: tuple[float, str] | None = None) -> None:
+        """``earlier``, ``best``: the experiment's trials ended in its earlier Tune runs and the study's best feasible
+        (objective, Ray trial id) — a resume that added trials counts on from them."""
+        self.earlier = earlier
+        self.total = earlier + num_samples
         self.stream = stream or sys.stdout
         self.bars = progress and (is_tty(self.stream) if bars is None else bars)
         self.running: set[str] = set()
         self.finals: dict[str, dict[str, Any]] = {}
         self.done = self.pruned = self.failed = 0
         self.ended: set[str] = set()
-        self.best: tuple[float, str, dict[str, Any]] | None = None
+        self.best: tuple[float, str, dict[str, Any]] | None = None if best is None else (*best, {})
         self._bar: Any = None
+        self.done = earlier
 
     def __getstate__(self) -> dict[str, Any]:
         """Tune pickles its callbacks with the experiment state: the stream and the bar stay behind (a restored
@@ -52,6 +56,7 @@ class TuneConsole(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("ended", set())
+        self.__dict__.setdefault("earlier", 0)
         self.stream = self.stream or sys.stdout
 
     # ------------------------------------------------------------------ output
@@ -85,7 +90,7 @@ class TuneConsole(Callback):
                 last = getattr(t, "last_result", None)
                 if t.status == "TERMINATED" and ends_trial(last):
                     self._consider(t.trial_id, last)
-        self.done = len(self.ended)
+        self.done = self.earlier + len(self.ended)
 
     def _consider(self, trial_id: str, final: dict[str, Any]) -> bool:
         """Whether ``final`` (a trial's last report) is feasible; the best feasible so far is updated."""

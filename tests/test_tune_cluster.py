@@ -148,8 +148,15 @@ def test_existing_experiment_needs_resume_or_overwrite(tmp_path, capsys, monkeyp
     url_study = optuna.create_study(study_name="s", storage=open_storage(url))
     url_study.ask()
     (exp / "tune").mkdir()
+    (exp / "tune-2").mkdir()  # a Tune run a grown resume added (listed in the manifest) goes too
+    (exp / "tune-3").mkdir()  # not listed: not kcpt's
+    m = json.loads((exp / "experiment.json").read_text())
+    (exp / "experiment.json").write_text(json.dumps({**m, "tune_runs": [{"name": "tune", "num_samples": 2},
+                                                                        {"name": "tune-2", "num_samples": 2},
+                                                                        {"name": "../mine.txt", "num_samples": 1}]}))
     clear_experiment(exp, storage_url=url, study_name="s")
-    assert not (exp / "experiment.json").exists() and not (exp / "tune").exists()
+    assert not (exp / "experiment.json").exists() and not (exp / "tune").exists() and not (exp / "tune-2").exists()
+    assert (exp / "tune-3").is_dir()
     assert not study_exists(url, "s") and (exp / "mine.txt").read_text() == "keep"
 
 

@@ -270,16 +270,29 @@ def check_experiment(exp_dir: Path, *, storage_url: str, study_name: str, resume
                      path=str(exp_dir))
 
 
+def added_tune_runs(exp_dir: Path) -> list[str]:
+    """The directories of the Tune runs a resume added (``tune-2``, …: ``experiment.json``'s ``tune_runs``; only
+    names of that form, whatever the manifest says)."""
+    import re
+
+    try:
+        runs = json.loads((exp_dir / "experiment.json").read_text(encoding="utf-8")).get("tune_runs") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(r.get("name")) for r in runs if isinstance(r, dict) and re.fullmatch(r"tune-\d+", str(r.get("name")))]
+
+
 def clear_experiment(exp_dir: Path, *, storage_url: str, study_name: str, uri: str | None = None) -> None:
     """``--overwrite``: delete the study from its storage and kcpt's files from the experiment directory (and,
     with ``uri``, from the object store)."""
+    names = [*EXPERIMENT_ENTRIES, *added_tune_runs(exp_dir)]  # read before experiment.json goes
     delete_study(storage_url, study_name)
     if uri is not None:
         remote = store_lib.Store(uri)
-        for name in EXPERIMENT_ENTRIES:
+        for name in names:
             remote.delete(name)
             remote.delete_tree(name)
-    for name in EXPERIMENT_ENTRIES:
+    for name in names:
         p = exp_dir / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

@@ -15,14 +15,15 @@ database URL (``tune.storage``); the published SQLite file is a snapshot for one
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from kcpt import storage as store_lib
 from kcpt.config import KcptConfig
 from kcpt.errors import InputError
-from kcpt.tune.study_storage import delete_study, open_storage, redact, resolve_storage, study_exists
+from kcpt.tune.study_storage import delete_study, existing_study, redact, resolve_storage, study_exists
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
@@ -153,6 +154,9 @@ def check_experiment_dir(exp_dir: Path) -> None:
                      "experiment directories: choose another --experiment-dir or move it away", path=str(exp_dir))
 
 
+TUNE_RUN_NAME = "tune"
+"""The directory of an experiment's first Ray Tune run (:func:`tune_run_name`)."""
+
 OWNER_ATTR = "experiment"
 """Optuna user attribute naming the experiment (its directory or URI) that asked for a trial: a study shared by
 several experiments (``--storage`` + ``--study-name``) tells each its own trials."""
@@ -166,11 +170,9 @@ def _owned(t: FrozenTrial, owner: str | None) -> bool:
 
 def other_experiments(storage_url: str, study_name: str, owner: str) -> list[str]:
     """The other experiments whose trials the study holds (by :data:`OWNER_ATTR`)."""
-    import optuna
-
-    if not study_exists(storage_url, study_name):
+    study = existing_study(storage_url, study_name)
+    if study is None:
         return []
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     return sorted({str(t.user_attrs[OWNER_ATTR]) for t in study.get_trials(deepcopy=False)
                    if OWNER_ATTR in t.user_attrs and t.user_attrs[OWNER_ATTR] != owner})
 
@@ -270,16 +272,34 @@ def check_experiment(exp_dir: Path, *, storage_url: str, study_name: str, resume
                      path=str(exp_dir))
 
 
-def added_tune_runs(exp_dir: Path) -> list[str]:
-    """The directories of the Tune runs a resume added (``tune-2``, …: ``experiment.json``'s ``tune_runs``; only
-    names of that form, whatever the manifest says)."""
-    import re
+def tune_run_name(index: int) -> str:
+    """Name of an experiment's ``index``-th Tune run (its directory under the experiment): ``tune``, then
+    ``tune-2``, … — one more each time a resume raises ``tune.num_samples`` (Tune cannot add trials to a restored
+    run)."""
+    return TUNE_RUN_NAME if index == 0 else f"{TUNE_RUN_NAME}-{index + 1}"
 
+
+def tune_runs(exp_dir: Path, previous: KcptConfig | None) -> list[dict[str, Any]]:
+    """The experiment's Tune runs so far, ``[{"name", "num_samples"}, …]`` from its manifest (an experiment made
+    before runs were listed had one: ``tune``, of its config's ``num_samples``); [] when it has no manifest."""
+    path = exp_dir / "experiment.json"
+    if not path.is_file():
+        return []
+    runs = json.loads(path.read_text(encoding="utf-8")).get("tune_runs")  # check_experiment read it
+    if runs is None:
+        return [{"name": TUNE_RUN_NAME, "num_samples": previous.tune.num_samples if previous else 0}]
+    return [dict(r) for r in runs]
+
+
+def added_tune_runs(exp_dir: Path) -> list[str]:
+    """The directories of the Tune runs a resume added (:func:`tune_runs`' names of :func:`tune_run_name`'s form
+    ``tune-N``, whatever else the manifest says; an entry or a manifest that cannot be read names none)."""
     try:
         runs = json.loads((exp_dir / "experiment.json").read_text(encoding="utf-8")).get("tune_runs") or []
     except (OSError, ValueError, AttributeError):
         return []
-    return [str(r.get("name")) for r in runs if isinstance(r, dict) and re.fullmatch(r"tune-\d+", str(r.get("name")))]
+    return [str(r.get("name")) for r in runs
+            if isinstance(r, dict) and re.fullmatch(rf"{TUNE_RUN_NAME}-\d+", str(r.get("name")))]
 
 
 def clear_experiment(exp_dir: Path, *, storage_url: str, study_name: str, uri: str | None = None) -> None:
@@ -304,12 +324,11 @@ def accounted_trials(storage_url: str, study_name: str, owner: str | None = None
     """Trials of the study (with ``owner``: of that experiment) that a Tune trial ran to its end: COMPLETE,
     PRUNED, or FAIL from an error — not those :func:`fail_interrupted_trials` marked (no Tune trial ran them).
     What a grown ``tune.num_samples`` is counted against."""
-    import optuna
     from optuna.trial import TrialState
 
-    if not study_exists(storage_url, study_name):
+    study = existing_study(storage_url, study_name)
+    if study is None:
         return 0
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     return sum(_owned(t, owner) and not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted"))
                for t in study.get_trials(deepcopy=False, states=ended))
@@ -323,9 +342,9 @@ def fail_interrupted_trials(storage_url: str, study_name: str, owner: str | None
     import optuna
     from optuna.trial import TrialState
 
-    if not study_exists(storage_url, study_name):
+    study = existing_study(storage_url, study_name)
+    if study is None:
         return []
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     numbers = []
     for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
         if not _owned(t, owner):

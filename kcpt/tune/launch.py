@@ -44,6 +44,7 @@ from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import CheckpointError, ConfigError
 from kcpt.hashing import sha256_json
 from kcpt.tune.experiment import (
+    TUNE_RUN_NAME,
     Publisher,
     accounted_trials,
     check_experiment,
@@ -53,6 +54,8 @@ from kcpt.tune.experiment import (
     previous_config,
     publish_experiment,
     resolve_experiment,
+    tune_run_name,
+    tune_runs,
 )
 from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
 from kcpt.tune.progress import TuneConsole
@@ -60,7 +63,6 @@ from kcpt.tune.searcher import DONE_KEY, FINAL_KEY, ConstrainedOptunaSearch, end
 from kcpt.tune.space import SpaceSampler, apply_params, recipe_points
 from kcpt.tune.study_storage import open_storage
 
-TUNE_RUN_NAME = "tune"
 METRIC = "gate_score"
 STOPPED_TRIAL_GRACE_S = 15
 """Seconds Tune waits for a stopped (ASHA-pruned) trial before it kills the trial actor. A trial's function is
@@ -567,25 +569,6 @@ def show_data(cfg: KcptConfig, stages: list[str], *, address: str | None = None)
                   filters=cfg.data.filters.model_dump(mode="json"))
 
 
-def tune_run_name(index: int) -> str:
-    """Name of an experiment's ``index``-th Tune run (its directory under the experiment): ``tune``, then
-    ``tune-2``, … — one more each time a resume raises ``tune.num_samples`` (Tune cannot add trials to a restored
-    run)."""
-    return TUNE_RUN_NAME if index == 0 else f"{TUNE_RUN_NAME}-{index + 1}"
-
-
-def tune_runs(exp_dir: Path, previous: KcptConfig | None) -> list[dict[str, Any]]:
-    """The experiment's Tune runs so far, ``[{"name", "num_samples"}, …]`` from its manifest (an experiment made
-    before runs were listed had one: ``tune``, of its config's ``num_samples``); [] when it has no manifest."""
-    path = exp_dir / "experiment.json"
-    if not path.is_file():
-        return []
-    runs = json.loads(path.read_text(encoding="utf-8")).get("tune_runs")
-    if runs is None:
-        return [{"name": TUNE_RUN_NAME, "num_samples": previous.tune.num_samples if previous else 0}]
-    return [dict(r) for r in runs]
-
-
 def _trainable(ctx: TrialContext, location: str, name: str, cfg: KcptConfig) -> Any:
     run_ctx = replace(ctx, tune_dir=store_lib.join(location, name))
     return tune.with_resources(tune.with_parameters(run_trial, ctx=run_ctx), trial_resources(cfg))
@@ -628,13 +611,12 @@ def _console_start(storage: str, study_name: str, owner: str) -> dict[str, Any]:
     """Where an added Tune run's console counts on from: the experiment's ended trials and the study's best
     feasible trial (:class:`~kcpt.tune.progress.TuneConsole`)."""
     from kcpt.tune import reeval
-    from kcpt.tune.study_storage import study_exists
+    from kcpt.tune.study_storage import existing_study
 
-    if not study_exists(storage, study_name):
+    study = existing_study(storage, study_name)
+    if study is None:
         return {}
-    import optuna
-
-    best = reeval.candidates(optuna.load_study(study_name=study_name, storage=open_storage(storage)), 1)
+    best = reeval.candidates(study, 1)
     return {"earlier": accounted_trials(storage, study_name, owner),
             "best": (float(best[0].value), str(best[0].user_attrs.get("ray_trial_id", f"#{best[0].number}")))
             if best else None}
@@ -642,14 +624,12 @@ def _console_start(storage: str, study_name: str, owner: str) -> dict[str, Any]:
 
 def sampler_seed(seed: int, storage: str, study_name: str) -> int:
     """``seed`` for a study without trials; else a seed derived from it and the study's trial count."""
-    from kcpt.tune.study_storage import study_exists
-
-    if not study_exists(storage, study_name):
-        return seed
     import numpy as np
-    import optuna
 
-    n = len(optuna.load_study(study_name=study_name, storage=open_storage(storage)).get_trials(deepcopy=False))
+    from kcpt.tune.study_storage import existing_study
+
+    study = existing_study(storage, study_name)
+    n = 0 if study is None else len(study.get_trials(deepcopy=False))
     return seed if n == 0 else int(np.random.SeedSequence([seed, n]).generate_state(1)[0])
 
 

@@ -40,11 +40,10 @@ class TuneConsole(Callback):
         self.bars = progress and (is_tty(self.stream) if bars is None else bars)
         self.running: set[str] = set()
         self.finals: dict[str, dict[str, Any]] = {}
-        self.done = self.pruned = self.failed = 0
+        self.done, self.pruned, self.failed = earlier, 0, 0
         self.ended: set[str] = set()
         self.best: tuple[float, str, dict[str, Any]] | None = None if best is None else (*best, {})
         self._bar: Any = None
-        self.done = earlier
 
     def __getstate__(self) -> dict[str, Any]:
         """Tune pickles its callbacks with the experiment state: the stream and the bar stay behind (a restored

@@ -92,6 +92,15 @@ def study_exists(url: str, study_name: str) -> bool:
     return study_name in optuna.get_all_study_names(open_storage(url))
 
 
+def existing_study(url: str, study_name: str) -> Any:
+    """The ``optuna.Study`` ``study_name`` in the storage, or None when it does not exist (nothing is created)."""
+    if not study_exists(url, study_name):
+        return None
+    import optuna
+
+    return optuna.load_study(study_name=study_name, storage=open_storage(url))
+
+
 def delete_study(url: str, study_name: str) -> None:
     """Delete ``study_name`` from the storage if it is there."""
     if study_exists(url, study_name):

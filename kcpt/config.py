@@ -935,6 +935,26 @@ def _without(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return d
 
 
+def rows_per_step(cfg: KcptConfig) -> dict[str, int]:
+    """Rows per optimizer step of each stage of ``cfg``'s plan, over every worker and micro-batch:
+    ``micro_batch · train.grad_accum · train.num_workers``."""
+    return {st.name: cfg.micro_batch(st) * cfg.train.grad_accum * cfg.train.num_workers for st in cfg.plan}
+
+
+def only_relaid_out(old: KcptConfig, new: KcptConfig) -> bool:
+    """Whether ``new`` trains what ``old`` does, but for how each step's rows are laid out over workers,
+    accumulation and micro-batches (``train.num_workers``, ``train.grad_accum``, the micro-batch sizes), with the
+    same rows per step in every stage (:func:`rows_per_step`): each step's loss is then the same token mean of the
+    same number of rows (only which rows, at another world size, can differ)."""
+    if [st.name for st in old.plan] != [st.name for st in new.plan] or rows_per_step(old) != rows_per_step(new):
+        return False
+    d = new.model_dump(mode="json")
+    d["train"].update({k: getattr(old.train, k) for k in ("num_workers", "grad_accum", "micro_batch_size")})
+    for st, old_st in zip(d["plan"], old.plan, strict=True):
+        st["micro_batch_size"] = old_st.micro_batch_size
+    return KcptConfig.model_validate(d).training_sha256() == old.training_sha256()
+
+
 def training_changes(old: KcptConfig, new: KcptConfig, limit: int = 8) -> list[str]:
     """:func:`config_changes` outside :data:`OPERATIONAL_KEYS` (what a resumed run may not change)."""
     return config_changes(old, new, limit, ignore=OPERATIONAL_KEYS)

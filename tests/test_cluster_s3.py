@@ -249,7 +249,8 @@ def test_zero_partition_written_on_the_other_node_is_checksummed_and_a_changed_o
                                                                                           tmp_path, monkeypatch):
     """ZeRO-2 over the two nodes, run dir in the bucket: the rank on the second node uploads its own partition of
     the optimizer state, and rank 0's manifest must carry that file's CRC-32 too (it had none: a same-size change
-    of it was loaded into the optimizer without a word). Changed in the bucket, the resume is refused naming it."""
+    of it was loaded into the optimizer without a word). Changed in the bucket, the resume is refused naming it;
+    repaired, it resumes on one worker, re-partitioned from both nodes' partitions in the bucket."""
     from kcpt.errors import CheckpointError
     from kcpt.train import checkpoint as ckpt_lib
 
@@ -267,9 +268,17 @@ def test_zero_partition_written_on_the_other_node_is_checksummed_and_a_changed_o
     assert sorted(parts.values()) == [0, 1], manifest["files"]  # one partition per rank
     assert set(parts) <= set(manifest[ckpt_lib.CHECKSUMS]), manifest[ckpt_lib.CHECKSUMS]
     other = next(n for n, r in parts.items() if r == 1)
-    data = bytearray(Store(ckpt).read_bytes(other))
+    original = Store(ckpt).read_bytes(other)
+    data = bytearray(original)
     data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # the same size, other bytes
     Store(ckpt).write_bytes(other, bytes(data))
     with pytest.raises(CheckpointError, match=re.escape(f"{ckpt}: file {other} does not match its checksum")):
         run_plan(demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *tiny), stages=["cpt"], resume="auto",
                  force=True)  # force: the fault settings changed the config hash, not the checksums
+    # repaired, and resumed on one worker (a node lost): that worker's node downloads both partitions from the
+    # bucket, converts them to DeepSpeed's universal checkpoint and trains on; the next save holds one partition
+    Store(ckpt).write_bytes(other, original)
+    run_plan(demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *tiny, "train.num_workers=1"), stages=["cpt"],
+             resume="auto", force=True)
+    after = json.loads(Store(f"{s3_prefix}/runs/demo/checkpoints/00-cpt-step000004").read_text(ckpt_lib.MANIFEST))
+    assert ckpt_lib.zero_world(after) == 1, after["files"]

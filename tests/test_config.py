@@ -73,3 +73,31 @@ def test_the_demo_configs_hashes_do_not_move_when_a_key_is_added_at_its_default(
     assert (cfg.sha256()[:12], cfg.training_sha256()[:12]) == ("8d71146dae66", "e03aa6b2d0b3")
     assert cfg.training_sha256() == load_config(None, ["train.checkpoint_checksums=false"]).training_sha256()
     assert cfg.training_sha256() != load_config(None, ["train.faults.input_error_at_step=3"]).training_sha256()
+
+
+def test_a_resume_may_lay_each_steps_rows_out_anew_only_keeping_their_number():
+    """``only_relaid_out``: another number of workers with the same rows per step in every stage (micro-batch ·
+    grad_accum · num_workers) trains the same; fewer rows per step, or any other change with it, does not."""
+    from kcpt.config import only_relaid_out, rows_per_step
+
+    base = load_config(None, [])  # 2 workers × 8 rows
+    assert set(rows_per_step(base).values()) == {16}
+
+    def same(*over: str) -> bool:
+        return only_relaid_out(base, load_config(None, list(over)))
+
+    assert same()
+    assert same("train.num_workers=1", "train.micro_batch_size=16")
+    assert same("train.num_workers=1", "train.grad_accum=2")
+    assert same("train.num_workers=4", "train.micro_batch_size=4")
+    assert same("train.num_workers=1", "train.micro_batch_size=8", "train.grad_accum=2")
+    assert not same("train.num_workers=1")  # 8 rows per step
+    assert not same("train.num_workers=1", "train.micro_batch_size=16", "train.seed=3")  # and something else
+    # a stage with its own micro-batch keeps its own product
+    assert same("train.num_workers=1", "train.micro_batch_size=16", "plan.3.micro_batch_size=8",
+                "train.grad_accum=1") is False
+    staged = load_config(None, ["plan.3.micro_batch_size=4"])
+    assert only_relaid_out(staged, load_config(None, ["plan.3.micro_batch_size=8", "train.num_workers=1",
+                                                       "train.micro_batch_size=16"]))
+    assert not only_relaid_out(staged, load_config(None, ["plan.3.micro_batch_size=4", "train.num_workers=1",
+                                                           "train.micro_batch_size=16"]))

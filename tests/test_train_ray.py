@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -311,17 +312,6 @@ def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepa
                                               r"weights_only"):
         run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}-other", other), stages=["stage3"],
                  init_checkpoint=best, baseline_raw_best=7.0, resume="never")
-    # a resume on another number of workers is refused on the driver, before any worker starts: DeepSpeed cannot
-    # re-partition the ZeRO state (each worker would fail inside DeepSpeed)
-    with pytest.raises(CheckpointError, match=r"partitioned over 2 ranks and this run has 1 worker\(s\); DeepSpeed "
-                                              r"cannot re-partition it\. Run with train\.num_workers=2"):
-        run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}", ds, *DS_FAULTS, "train.num_workers=1"),
-                 resume="auto", force=True)
-    # the same for a new run whose first stage restores it in full (stage 3: restore full)
-    with pytest.raises(CheckpointError, match=r"partitioned over 2 ranks and this run has 1 worker\(s\).*set plan "
-                                              r"stage 'stage3' restore: weights_only"):
-        run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}-init", ds, "train.num_workers=1"),
-                 stages=["stage3"], init_checkpoint=best, baseline_raw_best=7.0, resume="never")
     if zero_stage == 3:
         crashed = run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}-crash", ds, *DS_FAULTS,
                                      "train.faults.crash_at_step=5", "train.faults.crash_rank=1"), resume="never")
@@ -331,5 +321,57 @@ def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepa
 
     model = load_causal_lm(small_cfg(prepared_root, tmp_path, "x").model, path=best)
     assert model.get_input_embeddings().weight.shape[1] == 32
+
+
+@pytest.mark.parametrize("zero", ["{zero_stage: 2, offload_optimizer: true}", "{zero_stage: 3}"],
+                         ids=["2-offloaded-optimizer", "3"])
+def test_zero_state_resumed_on_fewer_workers_goes_on_as_if_never_stopped(ray_session, prepared_root, tmp_path,
+                                                                          capsys, zero):
+    """A DeepSpeed ZeRO checkpoint written by 2 ranks, resumed on 1 worker (a node lost; no ``--force``: the same
+    rows per step, 1 × 8 against 2 × 4; fewer is refused saying so): the node converts the partitions to
+    DeepSpeed's universal checkpoint and the worker loads the whole state from it. At that global batch (the memory
+    loader hands out the same rows at either world size; no dropout) steps 5-8 equal those of the run that went on
+    at 2 ranks (1e-6): weights, AdamW's moments and step count carried over exactly (before: refused on the
+    driver). The converted copy is removed from node scratch once loaded; the new checkpoint holds one partition. A
+    new run whose first stage restores the 2-rank state in full (``restore: full``) takes the same path."""
+    from kcpt import storage
+    from kcpt.train.checkpoint import zero_world
+    from kcpt.train.universal import copy_key
+
+    common = (f"train.deepspeed={zero}", "model.tiny.attention_dropout=0.0", "data.loader=memory",
+              "train.weight_decay=0.3")  # decay where DeepSpeed's ZeRO-3 universal load put it wrong shows plainly
+    straight = run_plan(small_cfg(prepared_root, tmp_path, "two", *common), stages=["cpt"], resume="never")
+    want = read_metrics(straight.run_dir)
+    last = straight.run_dir / "checkpoints" / "00-cpt-step000008"
+    assert zero_world(read_manifest(last)) == 2
+    shutil.rmtree(last)  # the run as a crash after its step-4 save left it
+    # fewer rows per step is another training: refused, saying what keeps it (--force would take it)
+    with pytest.raises(CheckpointError, match=r"train\.num_workers: 2 → 1\. .*On another number of workers, keep "
+                                              r"each stage's rows per step \(micro-batch · grad_accum · num_workers: "
+                                              r"8, now 4\) and the run goes on without "
+                                              r"--force"):
+        run_plan(small_cfg(prepared_root, tmp_path, "two", *common, "train.num_workers=1"), stages=["cpt"],
+                 resume="auto")
+    capsys.readouterr()
+    one = ("train.num_workers=1", "train.micro_batch_size=8")  # the same 8 rows per step: no --force needed
+    run_plan(small_cfg(prepared_root, tmp_path, "two", *common, *one), stages=["cpt"], resume="auto")
+    out = capsys.readouterr().out
+    assert "resuming with each step's rows laid out anew — train.num_workers 2 → 1, grad_accum 1 → 1, micro-batch " \
+           "4 → 8 rows — the same rows per step (8)" in out, out
+    assert "00-cpt-step000004: its DeepSpeed ZeRO state is partitioned over 2 ranks and this run has 1 worker(s): " \
+           "each node converts it once to DeepSpeed's universal checkpoint" in out, out
+    got = read_metrics(straight.run_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 4, 8]
+    for g, w in zip(got, want, strict=True):
+        for k in ("train_loss", "raw_val_loss", "grad_norm", "lr", "tokens_seen"):
+            assert g.get(k) == pytest.approx(w.get(k), abs=1e-6, rel=0), (g["step"], k, g.get(k), w.get(k))
+    assert zero_world(read_manifest(last)) == 1
+    key = copy_key(straight.run_dir / "checkpoints" / "00-cpt-step000004")
+    assert not list(storage.scratch_root().parent.glob(f"node-*/universal/{key}"))  # removed once loaded
+    if "3" in zero:  # a new run from the 2-rank state, restored in full by its first stage (stage 3)
+        cfg = small_cfg(prepared_root, tmp_path, "init", *common, *one, "plan.1.max_steps=1", "plan.1.eval_every=1")
+        run_plan(cfg, stages=["stage3"], init_checkpoint=str(straight.run_dir / "checkpoints" / "00-cpt-step000004"),
+                 baseline_raw_best=9.0, resume="never")
+        assert "00-cpt-step000004: its DeepSpeed ZeRO state is partitioned over 2 ranks" in capsys.readouterr().out
 
 

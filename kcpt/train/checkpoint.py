@@ -324,6 +324,17 @@ def zero_world(manifest: Mapping[str, Any]) -> int | None:
     return len(ranks) or None
 
 
+def saved_zero_world(ref: str | Path) -> int | None:
+    """:func:`zero_world` of checkpoint ``ref`` (local or URI), from its manifest alone."""
+    if not storage.is_uri(str(ref)):
+        return zero_world(read_manifest(ref, check_files=False))
+    store, rel = storage.store_and_rel(str(ref))
+    try:
+        return zero_world(json.loads(store.read_bytes(f"{rel}/{MANIFEST}")))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise CheckpointError(f"{ref}: cannot read its {MANIFEST} ({e})") from None
+
+
 def _skip_for(engine: bool, rank: int | None) -> Callable[[str], bool] | None:
     if not engine:
         return lambda name: name.startswith(f"{ENGINE_DIR}/")

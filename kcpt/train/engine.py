@@ -165,8 +165,9 @@ class Engine(ABC):
         """Write the optimizer state (every rank calls; each writes what it owns)."""
 
     @abstractmethod
-    def load_state(self, directory: Path) -> None:
-        """Load what :meth:`save_state` wrote (every rank calls)."""
+    def load_state(self, directory: Path, *, universal: bool = False) -> None:
+        """Load what :meth:`save_state` wrote (every rank calls); ``universal``: its DeepSpeed universal form,
+        written at another world size (:mod:`kcpt.train.universal`)."""
 
     async_state: bool = False
     """Whether :meth:`state_snapshot` / :meth:`write_state` split :meth:`save_state` into a snapshot on the
@@ -316,7 +317,7 @@ class TorchEngine(Engine):
             directory.mkdir(parents=True, exist_ok=True)
             torch.save(snapshot, directory / OPTIMIZER_FILE)
 
-    def load_state(self, directory: Path) -> None:
+    def load_state(self, directory: Path, *, universal: bool = False) -> None:
         f = directory / OPTIMIZER_FILE
         if not f.is_file():
             raise CheckpointError(f"{directory.parent}: no DDP optimizer state ({f.name}); start from it with "
@@ -505,14 +506,35 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
         barrier()
 
-    def load_state(self, directory: Path) -> None:
+    def load_state(self, directory: Path, *, universal: bool = False) -> None:
+        """``universal``: ``directory`` holds the universal form of the state (:mod:`kcpt.train.universal`), which
+        DeepSpeed re-partitions for this world size. DeepSpeed takes that from its config's
+        ``checkpoint.load_universal`` at each ``load_checkpoint``: set for this load only, since the rollback points
+        this engine loads later are its own partitioned saves."""
         if not (directory / DS_TAG).is_dir():
             raise CheckpointError(f"{directory.parent}: no DeepSpeed state ({directory.name}/{DS_TAG}); "
                                   "restore it weights_only")
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        config = self.engine._config
+        before, config.load_universal_checkpoint = config.load_universal_checkpoint, universal
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        try:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            config.load_universal_checkpoint = before
         if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed could not load its state")
+        if universal:  # two slips of DeepSpeed's ZeRO-3 universal load, undone:
+            # every param group got the first one's hyperparameters (weight decay on the norms and biases): each
+            # group's own are this run's (param_groups), as at the save;
+            for g, own in zip(self.optimizer.param_groups, groups, strict=True):
+                g.update(own)
+            # every state got the same `step` tensor, which AdamW advances in place once per group per step (the
+            # bias correction ran ahead): each its own copy
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
         barrier()
 
     def close(self, *, collective: bool = True) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kcpt import storage
-from kcpt.config import KcptConfig, load_config, training_changes
+from kcpt.config import KcptConfig, load_config, only_relaid_out, rows_per_step, training_changes
 from kcpt.console import Console, console_feed, is_tty
 from kcpt.data.report import announce_data
 from kcpt.data.shards import fetch_prepared, read_manifest
@@ -311,7 +311,7 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
             if what == "init_checkpoint" and cfg.stage(stages[0]).restore == "full":
                 weights_only = f"set plan stage '{stages[0]}' restore: weights_only (its optimizer starts fresh)"
                 check_engine_state(p, manifest, cfg, fix=f"{weights_only}, or train it with the engine that wrote it")
-                _check_zero_world(p, manifest, world, fix=f"or {weights_only}")
+                _announce_repartition(p, manifest, world, console=console)
 
     resume_from: str | None = None
     if resume in ("never", "overwrite"):
@@ -330,13 +330,19 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
             check_engine_state(resume_from, manifest, cfg, fix="resume with the run's own train.deepspeed setting "
                                f"(see {rd.config_path.name}), or start a new run from its weights "
                                f"(--init-checkpoint {resume_from}; restore weights_only: the optimizer starts fresh)")
+            where = f"the checkpoint to resume from, {resume_from},"
             try:
-                ckpt_lib.check_compatible(manifest, expected, mode="full", force=force,
-                                          where=f"the checkpoint to resume from, {resume_from},")
+                ckpt_lib.check_compatible(manifest, expected, mode="full", force=force, where=where)
             except CheckpointError as e:
-                raise CheckpointError(_with_config_changes(str(e), rd, cfg)) from None
-            _check_zero_world(resume_from, manifest, world, fix=f"or start a new run from its weights "
-                              f"(init_checkpoint={resume_from}; the optimizer starts fresh)")
+                relaid = _relaid_out(rd, cfg, manifest)
+                if relaid is None:
+                    raise CheckpointError(_with_config_changes(str(e), rd, cfg)) from None
+                ckpt_lib.check_compatible(manifest, {k: v for k, v in expected.items() if k != "config_sha256"},
+                                          mode="full", where=where)  # the tokenizer and the data still must match
+                log.info(relaid)
+                if console:
+                    print(relaid, flush=True)
+            _announce_repartition(resume_from, manifest, world, console=console)
             try:
                 state = ckpt_lib.load_trainer_state(local, check_files=False)  # inspect checked them
             except CheckpointError as e:
@@ -411,14 +417,55 @@ def _damaged_latest_advice(rd: RunDir, stages: list[str], latest: str) -> str:
             f"it) and run the same command with --resume, which then {then}")
 
 
-def _check_zero_world(ref: str | Path, manifest: dict[str, Any], world: int, *, fix: str) -> None:
-    """A checkpoint whose DeepSpeed ZeRO state is partitioned over another number of ranks than this run's workers
-    is refused before any worker starts (DeepSpeed cannot re-partition it; it would fail inside every worker)."""
+def _announce_repartition(ref: str | Path, manifest: dict[str, Any], world: int, *, console: bool) -> None:
+    """Say so when checkpoint ``ref``'s DeepSpeed ZeRO state was partitioned over another number of ranks than this
+    run's workers: each node then converts it to DeepSpeed's universal checkpoint (:mod:`kcpt.train.universal`),
+    which needs the whole state on the node, twice."""
     n = ckpt_lib.zero_world(manifest)
-    if n is not None and n != world:
-        raise CheckpointError(f"{ref}: its DeepSpeed ZeRO state is partitioned over {n} ranks and this run has "
-                              f"{world} worker(s); DeepSpeed cannot re-partition it. Run with train.num_workers={n}, "
-                              f"{fix}")
+    if n is None or n == world:
+        return
+    size = sum(s for name, s in (manifest.get("files") or {}).items() if name.startswith(f"{ckpt_lib.ENGINE_DIR}/"))
+    line = (f"{ref}: its DeepSpeed ZeRO state is partitioned over {n} ranks and this run has {world} worker(s): "
+            f"each node converts it once to DeepSpeed's universal checkpoint and re-partitions it "
+            f"(about {2 * size / 1e9:.2f} GB of node scratch: all {n} partitions and the converted copy)")
+    log.info(line)
+    if console:
+        print(line, flush=True)
+
+
+def _recorded(rd: RunDir) -> KcptConfig | None:
+    """The config the run last started with (its ``config.yaml``, from the bucket at a URI); None if absent or
+    written by another kcpt version."""
+    if rd.remote is not None and rd.remote.is_file("config.yaml"):
+        rd.remote.download_file("config.yaml", rd.config_path)
+    if not rd.config_path.is_file():
+        return None
+    try:
+        return load_config(rd.config_path)
+    except KcptError:
+        return None
+
+
+def _relaid_out(rd: RunDir, cfg: KcptConfig, manifest: dict[str, Any]) -> str | None:
+    """A resume whose config differs from the checkpoint's only in how each step's rows are laid out over workers,
+    accumulation and micro-batches, with the same rows per step (:func:`kcpt.config.only_relaid_out`; e.g. a node
+    lost, its share moved into ``grad_accum``): the line that says so; None otherwise (the resume is refused as
+    before). The run's ``config.yaml`` stands for the checkpoint's config when its hash is the checkpoint's."""
+    before = _recorded(rd)
+    if before is None or before.training_sha256() != manifest.get("config_sha256") or not only_relaid_out(before,
+                                                                                                           cfg):
+        return None
+    t0, t1 = before.train, cfg.train
+    return (f"resuming with each step's rows laid out anew — train.num_workers {t0.num_workers} → {t1.num_workers}, "
+            f"grad_accum {t0.grad_accum} → {t1.grad_accum}, micro-batch {_micro(before)} → {_micro(cfg)} rows — "
+            f"the same rows per step ({_micro(rows_per_step(cfg))}): the run goes on as configured")
+
+
+def _micro(x: KcptConfig | dict[str, int]) -> str:
+    """One number if every stage has the same, else ``stage=n`` pairs."""
+    per = x if isinstance(x, dict) else {st.name: x.micro_batch(st) for st in x.plan}
+    values = set(per.values())
+    return str(values.pop()) if len(values) == 1 else ", ".join(f"{k}={v}" for k, v in per.items())
 
 
 def _with_config_changes(message: str, rd: RunDir, cfg: KcptConfig) -> str:
@@ -426,20 +473,21 @@ def _with_config_changes(message: str, rd: RunDir, cfg: KcptConfig) -> str:
     the run last started with) and what to do."""
     if "config_sha256" not in message:
         return message
-    if rd.remote is not None and rd.remote.is_file("config.yaml"):
-        rd.remote.download_file("config.yaml", rd.config_path)
-    if not rd.config_path.is_file():
-        return message
-    try:
-        before = load_config(rd.config_path)
-    except KcptError:  # written by another kcpt version: the hash alone has to do
+    before = _recorded(rd)
+    if before is None:  # absent, or written by another kcpt version: the hash alone has to do
         return message
     changes = training_changes(before, cfg)
     if not changes:
         return message
     head = message.removesuffix(" Pass --force to override.").rstrip(".")
+    layout = ""
+    if rows_per_step(before) != rows_per_step(cfg) and any(
+            k in c for c in changes for k in ("num_workers", "grad_accum", "micro_batch_size")):
+        layout = (f" On another number of workers, keep each stage's rows per step (micro-batch · grad_accum · "
+                  f"num_workers: {_micro(rows_per_step(before))}, now {_micro(rows_per_step(cfg))}) and the run goes "
+                  "on without --force.")
     return (f"{head}. Changed since the run's config.yaml: {'; '.join(changes)}. Set them back to continue the run, "
-            "start another (--run-name, or --overwrite), or pass --force to continue with the new values.")
+            f"start another (--run-name, or --overwrite), or pass --force to continue with the new values.{layout}")
 
 
 def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: list | None) -> None:

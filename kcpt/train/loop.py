@@ -52,11 +52,12 @@ from kcpt.errors import ConfigError, TrainingAborted
 from kcpt.model.attention import model_inputs
 from kcpt.model.loading import autocast, compile_layers, load_causal_lm
 from kcpt.train import checkpoint as ckpt_lib
-from kcpt.train import fused_loss
+from kcpt.train import fused_loss, universal
 from kcpt.train.anomaly import AnomalyDetector
 from kcpt.train.batches import PackedRows, SourceBatches, eval_batches, full_labels, mapped_packed_rows
 from kcpt.train.checkpoint import ENGINE_DIR
 from kcpt.train.engine import (
+    DS_TAG,
     DeepSpeedEngine,
     Engine,
     TorchEngine,
@@ -792,7 +793,7 @@ class StageRunner:
             run.step, run.tokens_seen = int(resume["step"]), int(resume["tokens_seen"])
             run.lr_scale, run.good_steps = float(resume["lr_scale"]), int(resume.get("good_steps", 0))
             run.tokens_to_gate = resume.get("tokens_to_gate")
-            engine.load_state(ckpt_lib.fetch(resume_path, rank=self.rank) / ENGINE_DIR)
+            self.load_engine_state(engine, resume_path)
             for s, st in resume["sources"].items():
                 streams[s].load_state_dict(st)
             run.sampler.load_state_dict(resume["mixture"])
@@ -802,10 +803,7 @@ class StageRunner:
                 run.decision = StopDecision(**resume["decision"])
             run.evals = list(resume.get("evals", []))
         elif stage.restore == "full" and plan.start_from is not None:
-            state_dir = ckpt_lib.fetch(plan.start_from, rank=self.rank) / ENGINE_DIR
-            if state_dir.is_dir():  # optimizer moments; this stage's schedule
-                engine.load_state(state_dir)
-            else:
+            if not self.load_engine_state(engine, plan.start_from, optional=True):  # optimizer moments
                 log.warning("stage %s: restore full, but %s has no engine state; optimizer starts fresh",
                             stage.name, plan.start_from)
         engine.mark_stable(run.step)
@@ -817,6 +815,26 @@ class StageRunner:
                 log.warning("resume on %d workers from a checkpoint of %d: RNG states not restored",
                             self.world, len(rngs))
         return run
+
+    def load_engine_state(self, engine: Engine, ref: str, *, optional: bool = False) -> bool:
+        """Load checkpoint ``ref``'s engine state (optimizer; ZeRO partitions) into ``engine`` (collective);
+        ``optional``: a checkpoint without one is ``False``, not an error. ZeRO state written at another world size
+        is converted once per node to its universal form (:mod:`kcpt.train.universal`), which every rank loads its
+        new partition from; the converted copy is removed once all have."""
+        saved = ckpt_lib.saved_zero_world(ref)
+        if saved is None or saved == self.world:
+            state = ckpt_lib.fetch(ref, rank=self.rank) / ENGINE_DIR
+            if optional and not state.is_dir():
+                return False
+            engine.load_state(state)
+            return True
+        local = ckpt_lib.fetch(ref)  # every rank's partition
+        if self.rank == 0:
+            log.info("%s: ZeRO state of %d ranks re-partitioned for %d (universal checkpoint)", ref, saved, self.world)
+        converted = universal.universal_dir(local, local / ENGINE_DIR / DS_TAG, DS_TAG)
+        engine.load_state(converted, universal=True)  # ends in a barrier: every rank has loaded
+        shutil.rmtree(converted, ignore_errors=True)  # the node's ranks race: ignore_errors
+        return True
 
     def run_stage(self, stage: StageConfig, plan: PlanState, resume_path: str | None,
                   resume: dict[str, Any] | None) -> None:

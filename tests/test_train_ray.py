@@ -348,8 +348,8 @@ def test_zero_state_resumed_on_fewer_workers_goes_on_as_if_never_stopped(ray_ses
     # fewer rows per step is another training: refused, saying what keeps it (--force would take it)
     with pytest.raises(CheckpointError, match=r"train\.num_workers: 2 → 1\. .*On another number of workers, keep "
                                               r"each stage's rows per step \(micro-batch · grad_accum · num_workers: "
-                                              r"8, now 4\) and the run goes on without "
-                                              r"--force"):
+                                              r"8, now 4\): a change of the layout alone then "
+                                              r"needs no --force"):
         run_plan(small_cfg(prepared_root, tmp_path, "two", *common, "train.num_workers=1"), stages=["cpt"],
                  resume="auto")
     capsys.readouterr()

@@ -484,8 +484,8 @@ def _with_config_changes(message: str, rd: RunDir, cfg: KcptConfig) -> str:
     if rows_per_step(before) != rows_per_step(cfg) and any(
             k in c for c in changes for k in ("num_workers", "grad_accum", "micro_batch_size")):
         layout = (f" On another number of workers, keep each stage's rows per step (micro-batch · grad_accum · "
-                  f"num_workers: {_micro(rows_per_step(before))}, now {_micro(rows_per_step(cfg))}) and the run goes "
-                  "on without --force.")
+                  f"num_workers: {_micro(rows_per_step(before))}, now {_micro(rows_per_step(cfg))}): a change of the "
+                  "layout alone then needs no --force.")
     return (f"{head}. Changed since the run's config.yaml: {'; '.join(changes)}. Set them back to continue the run, "
             f"start another (--run-name, or --overwrite), or pass --force to continue with the new values.{layout}")
 

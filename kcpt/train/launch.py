@@ -334,9 +334,10 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
             try:
                 ckpt_lib.check_compatible(manifest, expected, mode="full", force=force, where=where)
             except CheckpointError as e:
-                relaid = _relaid_out(rd, cfg, manifest)
+                before = _recorded(rd)
+                relaid = _relaid_out(before, cfg, manifest)
                 if relaid is None:
-                    raise CheckpointError(_with_config_changes(str(e), rd, cfg)) from None
+                    raise CheckpointError(_with_config_changes(str(e), before, cfg)) from None
                 ckpt_lib.check_compatible(manifest, {k: v for k, v in expected.items() if k != "config_sha256"},
                                           mode="full", where=where)  # the tokenizer and the data still must match
                 log.info(relaid)
@@ -446,12 +447,12 @@ def _recorded(rd: RunDir) -> KcptConfig | None:
         return None
 
 
-def _relaid_out(rd: RunDir, cfg: KcptConfig, manifest: dict[str, Any]) -> str | None:
+def _relaid_out(before: KcptConfig | None, cfg: KcptConfig, manifest: dict[str, Any]) -> str | None:
     """A resume whose config differs from the checkpoint's only in how each step's rows are laid out over workers,
     accumulation and micro-batches, with the same rows per step (:func:`kcpt.config.only_relaid_out`; e.g. a node
     lost, its share moved into ``grad_accum``): the line that says so; None otherwise (the resume is refused as
-    before). The run's ``config.yaml`` stands for the checkpoint's config when its hash is the checkpoint's."""
-    before = _recorded(rd)
+    before). ``before``, the run's ``config.yaml`` (:func:`_recorded`), stands for the checkpoint's config when its
+    hash is the checkpoint's."""
     if before is None or before.training_sha256() != manifest.get("config_sha256") or not only_relaid_out(before,
                                                                                                            cfg):
         return None
@@ -468,12 +469,11 @@ def _micro(x: KcptConfig | dict[str, int]) -> str:
     return str(values.pop()) if len(values) == 1 else ", ".join(f"{k}={v}" for k, v in per.items())
 
 
-def _with_config_changes(message: str, rd: RunDir, cfg: KcptConfig) -> str:
+def _with_config_changes(message: str, before: KcptConfig | None, cfg: KcptConfig) -> str:
     """A resume refused for its config: name the keys that changed since the run's ``config.yaml`` (the config
     the run last started with) and what to do."""
     if "config_sha256" not in message:
         return message
-    before = _recorded(rd)
     if before is None:  # absent, or written by another kcpt version: the hash alone has to do
         return message
     changes = training_changes(before, cfg)

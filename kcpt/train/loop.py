@@ -831,7 +831,7 @@ class StageRunner:
         local = ckpt_lib.fetch(ref)  # every rank's partition
         if self.rank == 0:
             log.info("%s: ZeRO state of %d ranks re-partitioned for %d (universal checkpoint)", ref, saved, self.world)
-        converted = universal.universal_dir(local, local / ENGINE_DIR / DS_TAG, DS_TAG)
+        converted = universal.universal_dir(local, DS_TAG)
         engine.load_state(converted, universal=True)  # ends in a barrier: every rank has loaded
         shutil.rmtree(converted, ignore_errors=True)  # the node's ranks race: ignore_errors
         return True

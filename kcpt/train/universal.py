@@ -26,6 +26,7 @@ from pathlib import Path
 
 from kcpt import storage
 from kcpt.errors import CheckpointError
+from kcpt.train.checkpoint import ENGINE_DIR, MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,15 @@ CONVERTER = "deepspeed.checkpoint.ds_to_universal"
 
 def copy_key(checkpoint: Path) -> str:
     """The name of checkpoint ``checkpoint``'s converted copy in node scratch (``universal/<key>``)."""
-    return hashlib.sha256((checkpoint / "manifest.json").read_bytes()).hexdigest()[:24]
+    return hashlib.sha256((checkpoint / MANIFEST).read_bytes()).hexdigest()[:24]
 
 
-def universal_dir(checkpoint: Path, state: Path, tag: str) -> Path:
-    """A directory holding ``<tag>/``, the universal form of DeepSpeed state ``state`` (a ``save_checkpoint`` tag
-    directory with every rank's partition) of kcpt checkpoint ``checkpoint`` (local; its manifest keys the copy).
-    Converted once per node; :class:`CheckpointError` with the converter's last lines if it fails."""
+def universal_dir(checkpoint: Path, tag: str) -> Path:
+    """A directory holding ``<tag>/``, the universal form of the DeepSpeed state ``engine/<tag>/`` (a
+    ``save_checkpoint`` tag directory with every rank's partition) of kcpt checkpoint ``checkpoint`` (local; its
+    manifest keys the copy). Converted once per node; :class:`CheckpointError` with the converter's last lines if it
+    fails."""
+    state = checkpoint / ENGINE_DIR / tag
     key = copy_key(checkpoint)
     root = storage.scratch_root() / "universal" / key
     with storage.file_lock(root.parent / f".{key}.lock"):

@@ -101,3 +101,29 @@ def test_a_resume_may_lay_each_steps_rows_out_anew_only_keeping_their_number():
                                                        "train.micro_batch_size=16"]))
     assert not only_relaid_out(staged, load_config(None, ["plan.3.micro_batch_size=4", "train.num_workers=1",
                                                            "train.micro_batch_size=16"]))
+
+
+def test_the_relayout_line_names_what_each_loader_reads_on_and_ray_data_keeps_its_micro_batch():
+    """The driver's line for a resume laid out anew (``launch._relaid_out``): the stream and memory loaders go on
+    with the rows not read yet; ray_data, whose position counts rows of a shuffle cut at the micro-batch size,
+    refuses another micro-batch size before any worker starts, and says that another number of workers splits
+    its current epoch anew."""
+    from kcpt.errors import CheckpointError
+    from kcpt.train.launch import _relaid_out
+
+    def line(*over: str, loader: str = "stream") -> str | None:
+        old = load_config(None, [f"data.loader={loader}"])
+        manifest = {"config_sha256": old.training_sha256(), "stage": "cpt"}
+        return _relaid_out(old, load_config(None, [f"data.loader={loader}", *over]), manifest)
+
+    for loader in ("stream", "memory"):
+        got = line("train.num_workers=1", "train.micro_batch_size=16", loader=loader)
+        assert got is not None and got.endswith("each source with the rows of its epoch no worker has read yet")
+    assert line("train.num_workers=1", loader="stream") is None  # fewer rows per step: refused as before
+    with pytest.raises(CheckpointError, match=r"another micro-batch size \(8 → 16 rows\) with data.loader ray_data"):
+        line("train.num_workers=1", "train.micro_batch_size=16", loader="ray_data")
+    got = line("train.num_workers=1", "train.grad_accum=2", loader="ray_data")
+    assert got is not None and "splits each source's current epoch anew over 1 worker:" in got
+    with pytest.raises(CheckpointError, match=r"\(8 → 4 rows\)"):  # the same workers, the micro-batch halved
+        line("train.grad_accum=2", "train.micro_batch_size=4", loader="ray_data")
+    assert line("train.grad_accum=2", loader="ray_data") is None  # 32 rows per step: refused as before

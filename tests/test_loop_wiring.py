@@ -339,6 +339,30 @@ def test_resume_from_a_mid_stage_checkpoint_is_exact_with_either_loader(prepared
     assert evals(res2, "s")[0]["train_loss"] != pytest.approx(want[0]["train_loss"], abs=1e-6)
 
 
+def test_resume_at_another_micro_batch_reads_on_from_the_rows_not_read_yet(prepared_root, tmp_path, caplog):
+    """Stream loader: a run at micro-batch 4 resumed from its step-4 checkpoint at micro-batch 2 × grad_accum 2 (the
+    same 4 rows per step, so no --force: a layout change alone) ends with the uninterrupted run's metrics — the
+    source goes on with the rows no worker had read (before: refused, the cursor counted batches of 4)."""
+    import logging
+    import shutil
+
+    plan = "[{name: s, sources: {raw_train: 1.0}, max_steps: 12, eval_every: 4, stop: {rule: max_steps}}]"
+    res = run_plan(cfg_of(prepared_root, tmp_path, plan, "train.keep_last=5"), resume="never", in_process=True)
+    want = evals(res, "s")
+    for c in list_checkpoints(Path(res.run_dir) / "checkpoints"):
+        if not str(c).endswith("step000004"):
+            shutil.rmtree(c)
+    relaid = cfg_of(prepared_root, tmp_path, plan, "train.keep_last=5", "train.micro_batch_size=2",
+                    "train.grad_accum=2")
+    with caplog.at_level(logging.INFO, logger="kcpt.train.launch"):
+        again = run_plan(relaid, resume="auto", in_process=True)
+    assert "grad_accum 1 → 2, micro-batch 4 → 2 rows — the same rows per step (4): the run goes on as configured, " \
+           "each source with the rows of its epoch no worker has read yet" in caplog.text
+    got = evals(again, "s")
+    assert [r["step"] for r in got] == [4, 8, 12]
+    assert_same_evals(got, want, ("train_loss", "raw_val_loss", "grad_norm"))
+
+
 def test_exam_accuracy_at_every_eval_equals_an_independent_score(prepared_root, tmp_path):
     """exam_acc / exam_em / exam_f1 in metrics.jsonl at every eval (step 0 too) are what score_exam gives for
     the checkpoint on the prepared set's items.jsonl; the gate's accuracy metric stops the stage on its target."""

@@ -76,13 +76,18 @@ def test_order_is_seeded_and_a_restored_cursor_continues_exactly(tmp_path):
     first = stream(ref, 1, 2, seed=7)
     ids(first, 23)
     state = first.state_dict()
-    assert state["cursor"] == 23 and state["epoch"] == 92 // 75 and state["rows"] == 92 % 75
+    # epoch 1, 92 - 75 = 17 rows of each rank's part read: the rest of both parts is left
+    assert state == {"cursor": 23, "epoch": 1, "remaining": [[17, 75], [92, 150]], "batch_size": 4, "world": 2}
     resumed = stream(ref, 1, 2, seed=7)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # as the checkpoint stores it
     assert ids(resumed, 37) == straight[23 * 4:]
+    legacy = {"cursor": 23, "epoch": 1, "rows": 17, "batch_size": 4}  # a checkpoint of kcpt before `remaining`
+    old = stream(ref, 1, 2, seed=7)
+    old.load_state_dict(legacy)
+    assert ids(old, 37) == straight[23 * 4:]
     with pytest.raises(InputError, match="micro_batch_size"):
-        stream(ref, 1, 2, batch=8).load_state_dict(state)
-    for s in (a, b, first, resumed):
+        stream(ref, 1, 2, batch=8).load_state_dict(legacy)
+    for s in (a, b, first, resumed, old):
         s.close()
 
 

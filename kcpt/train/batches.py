@@ -20,6 +20,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,7 @@ import torch
 
 from kcpt.data.types import IGNORE_INDEX
 from kcpt.errors import InputError
+from kcpt.train.rank_order import RankOrder
 
 Batch = dict[str, torch.Tensor]
 _COLUMNS = ("input_ids", "position_ids", "labels")
@@ -151,36 +153,37 @@ def _stream_seed(seed: int, source: str, epoch: int) -> list[int]:
 
 
 class SourceBatches:
-    """Endless deterministic batches of one source for one worker; ``cursor`` = batches consumed so far."""
+    """Endless deterministic batches of one source for one worker; ``cursor`` = batches consumed so far.
+
+    Epoch ``e`` is a seeded permutation of all rows; rank ``r`` takes every ``world``-th of its first
+    ``world·⌊N/world⌋`` (:class:`kcpt.train.rank_order.RankOrder`, interleaved), so the ranks together read a prefix
+    of the permutation: a run resumed on another number of workers or micro-batch size goes on with its next rows."""
 
     def __init__(self, rows: PackedRows, *, rank: int, world: int, batch_size: int, seed: int,
                  device: torch.device | str = "cpu") -> None:
         self.rows, self.rank, self.world, self.batch_size, self.seed = rows, rank, world, batch_size, seed
         self.device = device
-        self.per_rank = len(rows) // world
+        self.order = RankOrder(len(rows), rank=rank, world=world, interleaved=True)
+        self.per_rank = self.order.per_rank
         if self.per_rank == 0:
             raise InputError(f"dataset '{rows.name}' has {len(rows)} rows, fewer than the {world} workers")
         self.cursor = 0
-        self._epoch_cache: tuple[int, np.ndarray] | None = None
+        self._perm: tuple[int, np.ndarray] | None = None
 
-    def _epoch_indices(self, epoch: int) -> np.ndarray:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            perm = np.random.default_rng(_stream_seed(self.seed, self.rows.name, epoch)).permutation(len(self.rows))
-            mine = perm[: self.per_rank * self.world][self.rank::self.world]
-            self._epoch_cache = (epoch, mine)
-        return self._epoch_cache[1]
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng(_stream_seed(self.seed, self.rows.name, epoch))
+                          .permutation(len(self.rows)))
+        return self._perm[1]
 
     def indices(self, cursor: int) -> np.ndarray:
         """Row indices of batch number ``cursor`` on this worker."""
         start = cursor * self.batch_size
-        out = []
-        pos = start
-        while pos < start + self.batch_size:
-            epoch, off = divmod(pos, self.per_rank)
-            take = min(self.per_rank - off, start + self.batch_size - pos)
-            out.append(self._epoch_indices(epoch)[off:off + take])
-            pos += take
-        return np.concatenate(out)
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for i in range(self.batch_size):
+            e, g = self.order.locate(start + i)
+            out[i] = self._permutation(e)[g]
+        return out
 
     def next(self) -> Batch:
         idx = self.indices(self.cursor)
@@ -189,13 +192,24 @@ class SourceBatches:
 
     @property
     def epoch(self) -> float:
-        return self.cursor * self.batch_size / self.per_rank
+        return self.order.epoch(self.cursor * self.batch_size)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"cursor": self.cursor}
+    def state_dict(self) -> dict[str, Any]:
+        """``epoch`` and ``remaining``: the ranges of that epoch's permutation no rank has read."""
+        e, remaining = self.order.remaining(self.cursor * self.batch_size)
+        return {"cursor": self.cursor, "epoch": e, "remaining": [list(r) for r in remaining],
+                "batch_size": self.batch_size, "world": self.world}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = int(state["cursor"])
+        if "remaining" not in state:  # written before kcpt recorded the rest of the epoch
+            return
+        try:
+            self.order.resume(self.cursor * self.batch_size, int(state["epoch"]), state["remaining"])
+        except ValueError as e:
+            raise InputError(f"source '{self.rows.name}': the checkpoint's data position does not fit this dataset "
+                             f"of {len(self.rows)} rows ({e}); resume with the prepared data it was written with")\
+                from None
 
 
 def eval_batches(rows: PackedRows, *, rank: int, world: int, batch_size: int, max_rows: int | None = None,

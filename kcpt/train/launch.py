@@ -457,9 +457,23 @@ def _relaid_out(before: KcptConfig | None, cfg: KcptConfig, manifest: dict[str, 
                                                                                                            cfg):
         return None
     t0, t1 = before.train, cfg.train
-    return (f"resuming with each step's rows laid out anew — train.num_workers {t0.num_workers} → {t1.num_workers}, "
+    if cfg.data.loader == "ray_data" and _micro(before) != _micro(cfg):
+        raise CheckpointError(
+            f"cannot resume {manifest.get('stage')!r} at another micro-batch size ({_micro(before)} → {_micro(cfg)} "
+            "rows) with data.loader ray_data: its data position is a count of rows of a shuffle cut into batches of "
+            "the old size. Keep each stage's micro-batch size and make up the rows per step with train.grad_accum, "
+            "or start a new run from the checkpoint's weights (--init-checkpoint)")
+    line = (f"resuming with each step's rows laid out anew — train.num_workers {t0.num_workers} → {t1.num_workers}, "
             f"grad_accum {t0.grad_accum} → {t1.grad_accum}, micro-batch {_micro(before)} → {_micro(cfg)} rows — "
             f"the same rows per step ({_micro(rows_per_step(cfg))}): the run goes on as configured")
+    if cfg.data.loader != "ray_data":
+        return f"{line}, each source with the rows of its epoch no worker has read yet"
+    if t0.num_workers != t1.num_workers:
+        workers = f"{t1.num_workers} worker{'s' if t1.num_workers != 1 else ''}"
+        return (f"{line}; data.loader ray_data splits each source's current epoch anew over {workers}: rows of it "
+                "already read may come again, others wait for the next epoch (the stream and memory loaders go on "
+                "with exactly the rows not read yet)")
+    return line
 
 
 def _micro(x: KcptConfig | dict[str, int]) -> str:

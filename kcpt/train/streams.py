@@ -15,13 +15,15 @@ Order (a pure function of ``seed``, the source name, the epoch, ``rank`` and ``w
 - the epoch's sequence of ``N`` rows is cut into ``world`` contiguous equal parts of ``P = N // world`` rows
   (the last ``N mod world`` rows are skipped this epoch, and come back in another position next epoch);
   rank ``r`` reads only the windows that overlap its part — every rank holds exactly ``P`` rows per epoch, so
-  all ranks run the same number of steps and none starves at a tail;
+  all ranks run the same number of steps and none starves at a tail (:class:`kcpt.train.rank_order.RankOrder`,
+  contiguous);
 - batch ``c`` (the cursor) is positions ``[c·B, (c+1)·B)`` of the rank's endless concatenation of epochs: a
   source that runs out (a small exam set) starts its next epoch, in a new order, inside the same batch.
 
-So batch ``c`` depends only on (seed, source, rank, world, B, c): the checkpoint stores the cursor (with the
-epoch and rows consumed, for reading), and a resumed run continues with exactly the batches an uninterrupted run
-would have seen — without reading the rows it skips.
+So batch ``c`` depends only on (seed, source, rank, world, B, c). The checkpoint stores the cursor and the ranges
+of the current epoch's sequence no rank has read; a resumed run at the same layout continues with exactly the
+batches an uninterrupted run would have seen — without reading the rows it skips — and one on another number of
+workers or micro-batch size shares out those ranges, then reads whole epochs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 from kcpt import storage
 from kcpt.errors import InputError
 from kcpt.train.batches import _COLUMNS, Batch, PackedRows, _column, to_batch
+from kcpt.train.rank_order import RankOrder
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 """``(input_ids, position_ids, labels)`` int32 [rows, T]."""
@@ -157,7 +160,8 @@ class StreamBatches:
         self.reader, self.rank, self.world, self.batch_size, self.seed = reader, rank, world, batch_size, seed
         self.name = reader.name
         self.window_rows, self.device, self.transform = max(1, window_rows), device, transform
-        self.per_rank = reader.rows // world
+        self.order = RankOrder(reader.rows, rank=rank, world=world, interleaved=False)
+        self.per_rank = self.order.per_rank
         if self.per_rank == 0:
             raise InputError(f"dataset '{self.name}' has {reader.rows} rows, fewer than the {world} workers")
         self.cursor = 0
@@ -186,13 +190,12 @@ class StreamBatches:
                 self._epochs.popitem(last=False)
         return self._epochs[e]
 
-    def _locate(self, pos: int) -> tuple[int, int, int]:
-        """Rank-local stream position → (epoch, window, row index inside that window's arrays)."""
-        e, off = divmod(pos, self.per_rank)
-        g = self.rank * self.per_rank + off
+    def _locate(self, pos: int) -> tuple[int, int, int, int]:
+        """Rank-local stream position → (epoch, window, row index inside that window's arrays, g)."""
+        e, g = self.order.locate(pos)
         ep = self._epoch(e)
         w = int(np.searchsorted(ep.starts, g, side="right")) - 1
-        return e, w, int(self._perm(e, w)[g - ep.starts[w]])
+        return e, w, int(self._perm(e, w)[g - ep.starts[w]]), g
 
     def _perm(self, e: int, w: int) -> np.ndarray:
         if (e, w) not in self._perms:
@@ -203,14 +206,13 @@ class StreamBatches:
                 self._perms.popitem(last=False)
         return self._perms[(e, w)]
 
-    def _next_window(self, e: int, w: int) -> tuple[int, int]:
-        """The window this rank reads after ``(e, w)``."""
-        ep = self._epoch(e)
-        last = int(np.searchsorted(ep.starts, (self.rank + 1) * self.per_rank - 1, side="right")) - 1
-        if w < last:
-            return e, w + 1
-        nxt = self._epoch(e + 1)
-        return e + 1, int(np.searchsorted(nxt.starts, self.rank * self.per_rank, side="right")) - 1
+    def _next_window(self, pos: int, e: int, w: int, g: int) -> tuple[int, int] | None:
+        """The window this rank reads after ``(e, w)``, where stream position ``pos`` reads row ``g``; None if it
+        comes back to ``(e, w)``."""
+        ahead = min(int(self._epoch(e).starts[w + 1]) - g, self.order.run(pos))
+        e2, g2 = self.order.locate(pos + ahead)
+        w2 = int(np.searchsorted(self._epoch(e2).starts, g2, side="right")) - 1
+        return None if (e2, w2) == (e, w) else (e2, w2)
 
     # ----------------------------------------------------------------- windows
     def _load(self, blocks: list[Block]) -> Arrays:
@@ -218,7 +220,8 @@ class StreamBatches:
         arrays = tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
         return self.transform(arrays) if self.transform is not None else arrays  # type: ignore[return-value]
 
-    def _window(self, e: int, w: int) -> Arrays:
+    def _window(self, e: int, w: int, pos: int, g: int) -> Arrays:
+        """Window ``w`` of epoch ``e``, where stream position ``pos`` reads row ``g``."""
         key = (e, w)
         if key not in self._windows:
             fut = self._pending.pop(key, None)
@@ -226,8 +229,8 @@ class StreamBatches:
             while len(self._windows) > 2:
                 self._windows.popitem(last=False)
             if self._pool is not None:
-                nk = self._next_window(e, w)
-                if nk not in self._windows and nk not in self._pending:
+                nk = self._next_window(pos, e, w, g)
+                if nk is not None and nk not in self._windows and nk not in self._pending:
                     self._pending = {nk: self._pool.submit(self._load, self._epoch(nk[0]).windows[nk[1]])}
         else:
             self._windows.move_to_end(key)
@@ -239,8 +242,8 @@ class StreamBatches:
         start = cursor * self.batch_size
         picked = []
         for pos in range(start, start + self.batch_size):
-            e, w, i = self._locate(pos)
-            arr = self._window(e, w)
+            e, w, i, g = self._locate(pos)
+            arr = self._window(e, w, pos, g)
             picked.append(tuple(a[i] for a in arr))
         ids, pos_, lab = (np.stack([p[k] for p in picked]) for k in range(3))
         return PackedRows(self.name, ids, pos_, lab)
@@ -252,19 +255,30 @@ class StreamBatches:
 
     @property
     def epoch(self) -> float:
-        return self.cursor * self.batch_size / self.per_rank
+        return self.order.epoch(self.cursor * self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        e, rows = divmod(self.cursor * self.batch_size, self.per_rank)
-        return {"cursor": self.cursor, "epoch": e, "rows": rows, "batch_size": self.batch_size}
+        """``epoch`` and ``remaining``: the ranges of that epoch's sequence no rank has read
+        (:meth:`RankOrder.remaining`), which a run on any number of workers, at any micro-batch size, goes on from."""
+        e, remaining = self.order.remaining(self.cursor * self.batch_size)
+        return {"cursor": self.cursor, "epoch": e, "remaining": [list(r) for r in remaining],
+                "batch_size": self.batch_size, "world": self.world}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        bs = int(state.get("batch_size", self.batch_size))
-        if bs != self.batch_size:
-            raise InputError(f"source '{self.name}': the checkpoint's stream cursor counts batches of {bs} rows, "
-                             f"this run uses {self.batch_size}; resume with the same micro-batch size "
-                             "(the stage's micro_batch_size or train.micro_batch_size)")
         self.cursor = int(state["cursor"])
+        if "remaining" not in state:  # written before kcpt recorded the rest of the epoch: batches of one size
+            bs = int(state.get("batch_size", self.batch_size))
+            if bs != self.batch_size:
+                raise InputError(f"source '{self.name}': the checkpoint's stream cursor counts batches of {bs} "
+                                 f"rows, this run uses {self.batch_size}; resume with the same micro-batch size "
+                                 "(the stage's micro_batch_size or train.micro_batch_size)")
+            return
+        try:
+            self.order.resume(self.cursor * self.batch_size, int(state["epoch"]), state["remaining"])
+        except ValueError as e:
+            raise InputError(f"source '{self.name}': the checkpoint's data position does not fit this dataset of "
+                             f"{self.reader.rows} rows ({e}); resume with the prepared data it was written with")\
+                from None
 
     def close(self) -> None:
         if self._pool is not None:

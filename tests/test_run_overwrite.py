@@ -4,8 +4,10 @@ the run directory changes. A run directory without results yet is simply started
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,14 +99,15 @@ def test_entry_points_refuse_an_existing_run_in_one_line(tmp_path: Path, cmd: li
     assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
-def _holder(run_dir: Path | str, seconds: float) -> subprocess.Popen:
+def _holder(run_dir: Path | str, seconds: float, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Another process holding ``run_dir`` (:meth:`RunDir.in_use`) for ``seconds``; prints "held" once it does, and
     touches ``<run_dir>.released`` just before it lets go."""
     code = ("import sys, time; from pathlib import Path; from kcpt.train.rundir import RunDir\n"
             "with RunDir(sys.argv[1]).in_use():\n"
             "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
             "    p = Path(sys.argv[1] + '.released'); p.parent.mkdir(parents=True, exist_ok=True); p.touch()\n")
-    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(seconds)], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(seconds)], stdout=subprocess.PIPE, text=True,
+                         env=None if env is None else {**os.environ, **env})
     assert p.stdout.readline().strip() == "held"
     return p
 
@@ -133,18 +136,45 @@ def test_a_run_directory_in_use_by_another_run_is_refused_or_waited_for(tmp_path
         pass
 
 
-def test_a_run_directory_at_a_uri_is_locked_on_this_machine(s3_prefix):
-    """An --overwrite ran under a live run at the same S3 run directory and deleted its records: a URI run
-    directory is locked by its URI on this machine (not across machines)."""
+def test_a_run_directory_at_a_uri_is_held_across_machines(s3_prefix, tmp_path, monkeypatch, caplog):
+    """An --overwrite ran under a live run at the same S3 run directory and deleted its records; two drivers on two
+    machines could write one run. A URI run directory is held by a lease object in the bucket (kcpt.lease): a
+    driver whose local lock files are elsewhere (another machine's temp dir) is refused naming the holder, while the
+    holder's heartbeat keeps the lease fresh past its time to live; the lease of a process that is gone is taken
+    over (here: killed on this host, or silent on another host for longer than its ttl); a clean end deletes it."""
+    import json
+    import logging
+
+    from kcpt.lease import LEASE, read_holder
+    from kcpt.storage import Store
+
     uri = f"{s3_prefix}/runs/r"
-    holder = _holder(uri, 60)
+    store = Store(uri)
+    (tmp_path / "machine-b").mkdir()
+    holder = _holder(uri, 60, env={"TMPDIR": str(tmp_path / "machine-b"), "KCPT_LEASE_TTL_S": "2"})
     try:
-        with pytest.raises(InputError, match=rf"{uri}: in use by another kcpt run \(pid {holder.pid}\)"):
+        time.sleep(3)  # more than the holder's ttl of 2 s: only its heartbeat keeps the lease
+        with pytest.raises(InputError, match=rf"{uri}: in use by another kcpt run \(pid {holder.pid} on .*, last "
+                                             r"heartbeat \d+ s ago\).*another run name"):
             with RunDir(uri).in_use():
                 pass
+        assert read_holder(store).age_s <= 1  # the store's modification times count whole seconds
     finally:
-        holder.kill()
+        holder.kill()  # SIGKILL: no clean end, the lease stays behind
         holder.wait()
+    assert read_holder(store).pid == holder.pid
+    with caplog.at_level(logging.WARNING, logger="kcpt.lease"), RunDir(uri).in_use():  # its pid is gone on this host
+        assert read_holder(store).pid == os.getpid()
+    assert f"took over the lease of a kcpt run that is gone (pid {holder.pid}" in caplog.text
+    assert not store.is_file(LEASE)  # a clean end removes it
+    store.write_text(LEASE, json.dumps({"host": "node-b", "pid": 1, "token": "t", "ttl_s": 1.0}))  # another host
+    with pytest.raises(InputError, match=r"pid 1 on node-b"):
+        with RunDir(uri).in_use():
+            pass
+    time.sleep(2.2)  # no heartbeat for longer than its ttl (in whole seconds of the store's clock): gone
+    with RunDir(uri).in_use():
+        assert read_holder(store).pid == os.getpid()
+    assert RunDir(uri).check_owned() is None  # the lease alone does not make the directory someone else's
 
 
 def test_a_damaged_prepared_shard_is_named_before_any_worker_starts(tmp_path):

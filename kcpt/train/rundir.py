@@ -47,6 +47,7 @@ from typing import Any
 from kcpt import storage
 from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import InputError
+from kcpt.lease import LEASE, LeaseHeld, bucket_lease
 
 MARKER = "kcpt-run.json"
 OWNED_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "tb", "ray", "faults", "aborted.json",
@@ -330,7 +331,7 @@ class RunDir:
     def check_owned(self) -> None:
         """InputError unless the run directory is absent, an empty directory, or marked as kcpt's own."""
         if self.remote is not None:
-            if self.remote.listdir() and not self.remote.is_file(MARKER):
+            if [n for n in self.remote.listdir() if LEASE not in n] and not self.remote.is_file(MARKER):
                 raise InputError(f"exists but kcpt did not create it (no {MARKER}); kcpt writes and deletes only in "
                                  "its own run directories: choose another train.run_name / --run-dir",
                                  path=self.location)
@@ -358,8 +359,8 @@ class RunDir:
         absolute path, that holds the pid; nothing is created beside the run before it is validated): a second kcpt
         run into the same local directory would interleave its metrics and checkpoints with this one's.
         Another process's hold is an :class:`InputError` naming its pid, or with ``wait`` is waited for
-        (``on_wait(message)`` first). Re-entrant within a process. A URI run directory is locked by its URI on this
-        machine only (two drivers on different machines are not told apart: run one job per run name there)."""
+        (``on_wait(message)`` first). Re-entrant within a process. A URI run directory is held across machines as
+        well, by a lease object beside its files (:func:`kcpt.lease.bucket_lease`)."""
         key = str(self.root.resolve()) if self.remote is None else self.location
         if key in _HELD:
             yield
@@ -378,6 +379,15 @@ class RunDir:
                 if on_wait is not None:
                     on_wait(f"{self.location}: {msg}; waiting for it to end")
                 held.enter_context(storage.file_lock(lock))
+            if self.remote is not None:
+                try:
+                    held.enter_context(bucket_lease(self.remote, wait=wait, on_wait=on_wait and (
+                        lambda msg: on_wait(f"{self.location}: {msg}"))))
+                except LeaseHeld as e:
+                    h = e.holder
+                    raise InputError(f"in use by another kcpt run ({h}): wait for it to end, or choose another run "
+                                     f"name / run directory (if that run is gone, its lease {LEASE} expires "
+                                     f"{max(0.0, h.ttl_s - h.age_s):.0f} s from now)", path=self.location) from None
             _HELD.add(key)
             try:
                 lock.write_text(f"{os.getpid()}\n", encoding="utf-8")

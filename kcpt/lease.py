@@ -34,7 +34,7 @@ from kcpt.storage import Store
 
 LEASE = "kcpt-lease.json"
 TTL_S = 60.0
-SETTLE_S = 0.25
+SETTLE_S = 0.2
 
 log = logging.getLogger(__name__)
 

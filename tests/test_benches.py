@@ -166,18 +166,18 @@ def test_tune_efficiency_real_loop_mode(tmp_path, capsys, tiny_tune_roots):
 
 
 @pytest.mark.slow
-def test_data_memory_bench_prints_both_loaders(capsys, tmp_path):
-    """The in-process stream loader at two corpus sizes and the Ray Data loader (one Ray Train worker started by
-    its own Ray, peak from its eval records) at one: each Ray Data row costs a Ray start and a worker group."""
+def test_data_memory_bench_prints_the_stream_loader_at_two_sizes(capsys, tmp_path):
+    """The in-process stream loader at two corpus sizes, each row a fresh child process. The bench's ray_data rows
+    (one Ray Train worker, peak from its eval records' ``host_peak_rss_mb``, which ``tests/test_train_ray.py``'s Ray
+    Data test checks) cost a Ray start and a worker group each (29 s of this test's 41 s): they run by hand."""
     bench = _load("data_memory")
     rows = bench.main(["--scales", "1,2", "--steps", "1", "--work", str(tmp_path), "--loaders", "stream"])
-    rows += bench.main(["--scales", "1", "--steps", "1", "--work", str(tmp_path), "--loaders", "ray_data"])
-    assert [(r["loader"], r["scale"]) for r in rows] == [("stream", 1), ("stream", 2), ("ray_data", 1)]
+    assert [(r["loader"], r["scale"]) for r in rows] == [("stream", 1), ("stream", 2)]
     by = {(r["loader"], r["scale"]): r for r in rows}
     assert by["stream", 2]["rows"] > by["stream", 1]["rows"]  # the repeated corpus is really larger (dedup off)
-    assert all(r["peak_rss_mb"] > 100 for r in rows) and by["ray_data", 1]["ratio"] == 1.0
+    assert all(r["peak_rss_mb"] > 100 for r in rows) and by["stream", 1]["ratio"] == 1.0
     out = capsys.readouterr().out
-    assert "| stream | ×2 |" in out and "| ray_data | ×1 |" in out
+    assert "| stream | ×1 |" in out and "| stream | ×2 |" in out
 
 
 @pytest.mark.slow

@@ -122,6 +122,8 @@ def test_worker_killed_with_a_write_in_flight_resumes_exactly_with_the_ray_data_
     writes = (crashed.run_dir / "faults" / "checkpoint-writes").read_text()
     assert "stage3 6 began-at 7" in writes, writes  # the step-6 write was held until the step the crash hit
     _assert_same_metrics(crashed.run_dir, uninterrupted.run_dir)
+    # each eval records the worker's own peak RSS (bench/data_memory.py reads it for its ray_data rows)
+    assert all(r["host_peak_rss_mb"] > 100 for r in read_metrics(crashed.run_dir))
     names = [p.name for p in list_checkpoints(crashed.run_dir / "checkpoints")]
     assert names[-1] == "01-stage3-step000009"
     for name in names:

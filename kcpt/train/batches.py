@@ -196,20 +196,13 @@ class SourceBatches:
 
     def state_dict(self) -> dict[str, Any]:
         """``epoch`` and ``remaining``: the ranges of that epoch's permutation no rank has read."""
-        e, remaining = self.order.remaining(self.cursor * self.batch_size)
-        return {"cursor": self.cursor, "epoch": e, "remaining": [list(r) for r in remaining],
-                "batch_size": self.batch_size, "world": self.world}
+        return {"cursor": self.cursor, **self.order.state(self.cursor * self.batch_size, self.batch_size)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = int(state["cursor"])
         if "remaining" not in state:  # written before kcpt recorded the rest of the epoch
             return
-        try:
-            self.order.resume(self.cursor * self.batch_size, int(state["epoch"]), state["remaining"])
-        except ValueError as e:
-            raise InputError(f"source '{self.rows.name}': the checkpoint's data position does not fit this dataset "
-                             f"of {len(self.rows)} rows ({e}); resume with the prepared data it was written with")\
-                from None
+        self.order.load(self.cursor * self.batch_size, state, self.rows.name)
 
 
 def eval_batches(rows: PackedRows, *, rank: int, world: int, batch_size: int, max_rows: int | None = None,

@@ -24,6 +24,9 @@ many rows).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from kcpt.errors import InputError
 
 Ranges = list[tuple[int, int]]
 """``[start, end)`` ranges of one epoch's sequence, in order; their concatenation is what they name."""
@@ -130,3 +133,17 @@ class RankOrder:
             raise ValueError(f"epoch {epoch}, ranges {rs[:4]}… do not name rows of an epoch of {self.rows}")
         self._start, self._lead_epoch, self._lead = pos, epoch, rs
         self._lead_share = ranges_length(rs) // self.world
+
+    def state(self, pos: int, batch_size: int) -> dict[str, Any]:
+        """A loader's checkpoint entry after this rank read ``pos`` positions in batches of ``batch_size``:
+        ``epoch`` and ``remaining`` (:meth:`remaining`), JSON-ready."""
+        e, remaining = self.remaining(pos)
+        return {"epoch": e, "remaining": [list(r) for r in remaining], "batch_size": batch_size, "world": self.world}
+
+    def load(self, pos: int, state: dict[str, Any], source: str) -> None:
+        """:meth:`resume` from a :meth:`state` entry; an :class:`InputError` naming ``source`` when it does not fit."""
+        try:
+            self.resume(pos, int(state["epoch"]), state["remaining"])
+        except ValueError as e:
+            raise InputError(f"source '{source}': the checkpoint's data position does not fit this dataset of "
+                             f"{self.rows} rows ({e}); resume with the prepared data it was written with") from None

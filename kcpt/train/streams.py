@@ -260,9 +260,7 @@ class StreamBatches:
     def state_dict(self) -> dict[str, Any]:
         """``epoch`` and ``remaining``: the ranges of that epoch's sequence no rank has read
         (:meth:`RankOrder.remaining`), which a run on any number of workers, at any micro-batch size, goes on from."""
-        e, remaining = self.order.remaining(self.cursor * self.batch_size)
-        return {"cursor": self.cursor, "epoch": e, "remaining": [list(r) for r in remaining],
-                "batch_size": self.batch_size, "world": self.world}
+        return {"cursor": self.cursor, **self.order.state(self.cursor * self.batch_size, self.batch_size)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = int(state["cursor"])
@@ -273,12 +271,7 @@ class StreamBatches:
                                  f"rows, this run uses {self.batch_size}; resume with the same micro-batch size "
                                  "(the stage's micro_batch_size or train.micro_batch_size)")
             return
-        try:
-            self.order.resume(self.cursor * self.batch_size, int(state["epoch"]), state["remaining"])
-        except ValueError as e:
-            raise InputError(f"source '{self.name}': the checkpoint's data position does not fit this dataset of "
-                             f"{self.reader.rows} rows ({e}); resume with the prepared data it was written with")\
-                from None
+        self.order.load(self.cursor * self.batch_size, state, self.name)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -85,8 +85,9 @@ def _now_by_store(store: Store) -> float:
         store.delete(probe)
 
 
-def read_holder(store: Store) -> Holder | None:
-    """The lease's holder, or None when there is none (or it is unreadable: taken as absent)."""
+def read_holder(store: Store, *, aged: bool = True) -> Holder | None:
+    """The lease's holder, or None when there is none (or it is unreadable: taken as absent). ``aged=False``: who
+    holds it, without its age (``age_s`` 0; the store's clock costs a write, a stat and a delete)."""
     info = store.info(LEASE)
     if info.mtime is None:
         return None
@@ -94,7 +95,7 @@ def read_holder(store: Store) -> Holder | None:
         d: dict[str, Any] = json.loads(store.read_text(LEASE))
     except (OSError, ValueError):
         return None
-    age = max(0.0, _now_by_store(store) - info.mtime.timestamp())
+    age = max(0.0, _now_by_store(store) - info.mtime.timestamp()) if aged else 0.0
     return Holder(str(d.get("host", "?")), int(d.get("pid", 0)), age, str(d.get("token", "")),
                   float(d.get("ttl_s", TTL_S)))
 
@@ -112,7 +113,7 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
         if holder is None or holder.stale():
             store.write_text(LEASE, text)
             time.sleep(SETTLE_S)
-            got = read_holder(store)
+            got = read_holder(store, aged=False)
             if got is not None and got.token == me["token"]:
                 if holder is not None:
                     log.warning("%s: took over the lease of a kcpt run that is gone (%s)", store.uri, holder)
@@ -131,7 +132,7 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
     def beat() -> None:
         while not stop.wait(ttl / 4):
             try:
-                now = read_holder(store)
+                now = read_holder(store, aged=False)
                 if now is not None and now.token != me["token"]:
                     log.error("%s: another kcpt run took this run's lease (%s): two drivers write this run; stop "
                               "one of them", store.uri, now)
@@ -148,7 +149,7 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
         stop.set()
         thread.join()
         try:
-            now = read_holder(store)
+            now = read_holder(store, aged=False)
             if now is not None and now.token == me["token"]:
                 store.delete(LEASE)
         except Exception as e:  # noqa: BLE001 - the lease then expires after its ttl

@@ -451,8 +451,9 @@ def _relaid_out(before: KcptConfig | None, cfg: KcptConfig, manifest: dict[str, 
     """A resume whose config differs from the checkpoint's only in how each step's rows are laid out over workers,
     accumulation and micro-batches, with the same rows per step (:func:`kcpt.config.only_relaid_out`; e.g. a node
     lost, its share moved into ``grad_accum``): the line that says so; None otherwise (the resume is refused as
-    before). ``before``, the run's ``config.yaml`` (:func:`_recorded`), stands for the checkpoint's config when its
-    hash is the checkpoint's."""
+    before); a :class:`CheckpointError` for another micro-batch size under ``data.loader: ray_data``. ``before``,
+    the run's ``config.yaml`` (:func:`_recorded`), stands for the checkpoint's config when its hash is the
+    checkpoint's."""
     if before is None or before.training_sha256() != manifest.get("config_sha256") or not only_relaid_out(before,
                                                                                                            cfg):
         return None

@@ -11,11 +11,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from test_streams import make_prepared, stream
+from test_streams import ids, make_prepared, stream
 
 from kcpt.errors import InputError
 from kcpt.train.batches import PackedRows, SourceBatches
-from kcpt.train.rank_order import RankOrder
+from kcpt.train.rank_order import RankOrder, ranges_length
 
 
 def _read(orders: list[RankOrder], start: int, n: int) -> list[tuple[int, int]]:
@@ -37,7 +37,7 @@ def test_rest_of_the_epoch_is_read_once_on_any_world(interleaved, rows, world, r
         orders = [RankOrder(rows, rank=r, world=w, interleaved=interleaved) for r in range(w)]
         for o in orders:
             o.resume(pos, epoch, json.loads(json.dumps(rest)))  # as a checkpoint stores it
-        share = sum(t - s for s, t in rest) // w
+        share = ranges_length(rest) // w
         n = share // 2 if w != worlds[-1] else share
         seen += _read(orders, pos, n)
         pos += n
@@ -68,26 +68,22 @@ def test_ranges_of_another_dataset_are_refused():
         RankOrder(10, rank=0, world=1, interleaved=True).resume(0, 0, [[3, 12]])
 
 
-def _ids(s, n: int) -> list[int]:
-    return [int(x) for _ in range(n) for x in s.next()["input_ids"][:, 0]]
-
-
 @pytest.mark.parametrize(("world", "batch", "new_world", "new_batch"), [(2, 4, 1, 8), (2, 4, 1, 4), (2, 3, 3, 5)])
 def test_stream_loader_resumed_on_another_layout_reads_each_row_once(tmp_path, world, batch, new_world, new_batch):
     ref = make_prepared(tmp_path / "d", 301, per_shard=50, row_group=7)
     old = [stream(ref, r, world, batch) for r in range(world)]
-    seen = [x for s in old for x in _ids(s, 9)]
+    seen = [x for s in old for x in ids(s, 9)]
     state = json.loads(json.dumps(old[0].state_dict()))
     assert all(s.state_dict() == old[0].state_dict() for s in old)
     new = [stream(ref, r, new_world, new_batch) for r in range(new_world)]
     for s in new:
         s.load_state_dict(state)
     share = (world * (301 // world) - world * 9 * batch) // new_world
-    rest = [_ids(s, -(-share // new_batch)) for s in new]
+    rest = [ids(s, -(-share // new_batch)) for s in new]
     seen += [x for r in rest for x in r[:share]]
     assert len(seen) == len(set(seen))  # no row twice in the epoch
     assert world * (301 // world) - len(seen) < new_world  # none left out but what 3 ranks could not share
-    nxt = [x for r in rest for x in r[share:]] + [x for s in new for x in _ids(s, 301 // new_world // new_batch)]
+    nxt = [x for r in rest for x in r[share:]] + [x for s in new for x in ids(s, 301 // new_world // new_batch)]
     assert len(nxt) > 0
     for s in old + new:
         s.close()

@@ -413,6 +413,9 @@ class FaultConfig(Strict):
     crash_at_step: int | None = Field(None, ge=1)
     """The worker of rank ``crash_rank`` exits abruptly at this step (Ray Train replaces the worker group)."""
     crash_rank: int = Field(0, ge=0)
+    hang_at_step: int | None = Field(None, ge=1)
+    """The worker of rank ``crash_rank`` stops at this step without exiting, once (a node that stops responding):
+    it appends ``faults/hang-<stage>-<step>`` and sleeps until its process is killed (a test removes its node)."""
     raise_at_step: int | None = Field(None, ge=1)
     """The worker of rank ``crash_rank`` raises a plain ``RuntimeError`` (a bug, not a KcptError) at this step,
     every attempt: its traceback must reach the console."""
@@ -433,6 +436,14 @@ class TrainConfig(Strict):
     """Run directory is ``<output_dir>/<run_name>/``."""
     seed: int = 0
     num_workers: int = Field(2, ge=1)
+    min_workers: int | None = Field(None, ge=1)
+    """Elastic training: Ray Train runs the plan on anywhere from ``min_workers`` to ``num_workers`` workers
+    (``ScalingConfig(num_workers=(min, max))``): it starts with as many as the cluster has room for, goes on with
+    fewer when a node is lost (from the last checkpoint) and grows again when nodes come back. Every step keeps
+    ``num_workers``' rows (:func:`kcpt.train.layout.step_layout`: on fewer workers the ranks accumulate more
+    micro-batches, and ranks the step's micro-batches do not divide over run padding micro-batches that weigh
+    nothing), so the gradients are those of the full-size run. ``None``: a fixed ``num_workers``. Not with
+    ``data.loader: ray_data`` (Ray splits its datasets over every worker)."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(8, ge=1)
@@ -773,6 +784,15 @@ class KcptConfig(Strict):
             problem = unsafe_name(name)
             if problem:
                 raise ValueError(f"{where}: {problem}")
+        t = self.train
+        if t.min_workers is not None:
+            if t.min_workers > t.num_workers:
+                raise ValueError(f"train.min_workers: {t.min_workers} is more than train.num_workers "
+                                 f"({t.num_workers}), the most workers an elastic run trains on")
+            if self.data.loader == "ray_data":
+                raise ValueError("train.min_workers: elastic training needs data.loader stream or memory (ray_data "
+                                 "splits each Ray Dataset over every worker: on a worker count that does not divide "
+                                 "the step's micro-batches, the share of a worker that reads none would go unread)")
         for i, beta in enumerate(self.train.adam_betas):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"train.adam_betas.{i}: must be in [0, 1), got {beta}")
@@ -879,8 +899,9 @@ class KcptConfig(Strict):
         """The JSON dump the hashes start from: without the :data:`ADDED_AT_DEFAULT` keys that are at their default."""
         d = self.model_dump(mode="json")
         for section, key in ADDED_AT_DEFAULT:  # keys newer than the hash: at their default they leave it unchanged
-            if key in d["train"].get(section, {}) and d["train"][section][key] is None:
-                d["train"][section].pop(key)
+            node = d["train"].get(section, {}) if section else d["train"]
+            if key in node and node[key] is None:
+                node.pop(key)
         return d
 
     def sha256(self) -> str:
@@ -906,12 +927,13 @@ class KcptConfig(Strict):
         return d
 
 
-ADDED_AT_DEFAULT = (("faults", "input_error_at_step"),)
-"""``train.<section>.<key>`` s added after runs and experiments were first hashed, left out of both hashes while they
-are None (their default): a checkpoint or tune experiment made before they existed resumes with the same hash."""
+ADDED_AT_DEFAULT = (("faults", "input_error_at_step"), ("faults", "hang_at_step"), ("", "min_workers"))
+"""``train.<section>.<key>`` s (``train.<key>`` where the section is empty) added after runs and experiments were
+first hashed, left out of both hashes while they are None (their default): a checkpoint or tune experiment made
+before they existed resumes with the same hash."""
 
 OPERATIONAL_KEYS = ("train.run_name", "train.output_dir", "train.async_checkpoint", "train.checkpoint_checksums",
-                    "train.max_failures",
+                    "train.max_failures", "train.min_workers",
                     "train.cpus_per_worker", "train.keep_last", "data.prepared_root", "data.ray_data",
                     "data.max_reject_fraction", "eval.buckets", "eval.forgetting", "logging", "tune")
 """Dotted config keys that change no trained weight: how a run is run, retried, logged, checked and where its

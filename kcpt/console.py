@@ -219,7 +219,9 @@ def console_feed(console: Console | None, *, in_process: bool = False) -> Iterat
         return
     from ray.util.queue import Empty, Queue
 
-    q = Queue(maxsize=100_000, actor_options={"num_cpus": 0})
+    from kcpt.raystart import on_this_node
+
+    q = Queue(maxsize=100_000, actor_options={"num_cpus": 0, **on_this_node()})  # the driver's node: lives on
     done = threading.Event()
 
     def pump() -> None:

@@ -89,3 +89,13 @@ def start_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None
     session = (getattr(ctx, "address_info", None) or {}).get("session_dir")
     print(f"ray: {what}; Ray's logs: {session}/logs" if session else f"ray: {what}", flush=True)
     return True
+
+
+def on_this_node() -> dict[str, Any]:
+    """Ray actor options that keep an actor on this process's node: a driver-side helper (the console queue, the
+    error box) must outlive the worker nodes, which a cluster may lose (a preempted node takes its actors along)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                  soft=False)}

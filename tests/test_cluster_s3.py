@@ -5,7 +5,7 @@ Nothing is shared between the nodes but the object store: each node's processes 
 ``$KCPT_SCRATCH/node-<id>/`` (kcpt.storage), the driver runs in a directory outputs must not go to, and a worker
 on the second node is killed mid-CPT. The run must record the same CPT metrics as the local run that was not
 killed (1e-6, up to that run's step 20), pass the stage-3 gate, leave every output in the bucket, and its report
-must read from ``s3://``.
+must read from ``s3://``. Last, an elastic run loses the second node and goes on on one worker.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ COMPARED = ("raw_val_loss", "exam_val_loss", "train_loss", "kl", "grad_norm", "l
             "rollbacks", "lr_scale")
 CRASH = ("train.faults.stage=cpt", "train.faults.crash_at_step=15", "train.faults.crash_rank=1")
 TIMES: dict[str, float] = {}
+CLUSTER: dict[str, object] = {}
+"""The two-node cluster of :func:`two_nodes` (``"cluster"``, ``"worker_node"``: the node that is not the head)."""
 
 
 def demo_cfg(output_dir: str, prepared_root: str, *extra: str):
@@ -79,8 +81,12 @@ def two_nodes(s3_server, tmp_path_factory):
     scratch = tmp_path_factory.mktemp("scratch")
     old = os.environ.get("KCPT_SCRATCH")
     os.environ["KCPT_SCRATCH"] = str(scratch)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
+    # a node that is gone is known after ~3 s (3 failed health checks 1 s apart; default 5 x 3 s), so that the
+    # elastic test's restart finds 1 node; a live node's check still has the default 10 s to answer
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    CLUSTER.update(cluster=cluster, worker_node=cluster.add_node(num_cpus=1))
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
@@ -249,8 +255,7 @@ def test_zero_partition_written_on_the_other_node_is_checksummed_and_a_changed_o
                                                                                           tmp_path, monkeypatch):
     """ZeRO-2 over the two nodes, run dir in the bucket: the rank on the second node uploads its own partition of
     the optimizer state, and rank 0's manifest must carry that file's CRC-32 too (it had none: a same-size change
-    of it was loaded into the optimizer without a word). Changed in the bucket, the resume is refused naming it;
-    repaired, it resumes on one worker, re-partitioned from both nodes' partitions in the bucket."""
+    of it was loaded into the optimizer without a word). Changed in the bucket, the resume is refused naming it."""
     from kcpt.errors import CheckpointError
     from kcpt.train import checkpoint as ckpt_lib
 
@@ -275,10 +280,86 @@ def test_zero_partition_written_on_the_other_node_is_checksummed_and_a_changed_o
     with pytest.raises(CheckpointError, match=re.escape(f"{ckpt}: file {other} does not match its checksum")):
         run_plan(demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *tiny), stages=["cpt"], resume="auto",
                  force=True)  # force: the fault settings changed the config hash, not the checksums
-    # repaired, and resumed on one worker (a node lost): that worker's node downloads both partitions from the
-    # bucket, converts them to DeepSpeed's universal checkpoint and trains on; the next save holds one partition
-    Store(ckpt).write_bytes(other, original)
-    run_plan(demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *tiny, "train.num_workers=1"), stages=["cpt"],
-             resume="auto", force=True)
-    after = json.loads(Store(f"{s3_prefix}/runs/demo/checkpoints/00-cpt-step000004").read_text(ckpt_lib.MANIFEST))
-    assert ckpt_lib.zero_world(after) == 1, after["files"]
+    # a resume on one worker that re-partitions both nodes' partitions from the bucket: the elastic test below
+
+
+def test_an_elastic_run_that_loses_a_node_goes_on_with_every_step_the_same(two_nodes, s3_prefix, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Elastic training (``train.min_workers``; runs last: it removes the second node), under ZeRO-2.
+    ``num_workers`` 3 on 2 nodes of 1 CPU: Ray Train starts the 2 workers there is room for, so each step's 3
+    micro-batches lie on 1 reading worker × 3 and a spare one that runs weightless padding. Rank 1 stops responding
+    at step 6 and its node is removed (a preempted node): the run goes on on 1 worker from its step-4 checkpoint in
+    the bucket — both nodes' ZeRO partitions, re-partitioned for 1 rank — and ends. Every eval equals the in-process
+    run's (one worker, the same 3 micro-batches per step; losses to 1e-6): the padding weighs nothing, and the
+    restart on the smaller world resumes exactly."""
+    import threading
+
+    monkeypatch.chdir(tmp_path)
+    tiny = ["data.seq_len=64", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+            "model.tiny.intermediate_size=64", "plan.0.max_steps=12", "plan.0.eval_every=4", "train.num_workers=3",
+            "train.min_workers=1", "train.run_name=elastic", "train.keep_last=5"]
+    want = read_metrics(run_plan(demo_cfg(str(tmp_path / "runs"), f"{s3_prefix}/prepared", *tiny), stages=["cpt"],
+                                 resume="never", in_process=True, console=False).run_dir)
+    run_uri = f"{s3_prefix}/runs/elastic"
+    cluster, node = CLUSTER["cluster"], CLUSTER["worker_node"]
+    # the driver-side actors of a run (the error box, the console queue) live on the driver's node, where losing a
+    # worker node cannot take them along
+    from ray.util.queue import Queue
+
+    from kcpt.raystart import on_this_node
+    from kcpt.train.worker_errors import ErrorBox
+
+    here = ray.get_runtime_context().get_node_id()
+    boxes = [ErrorBox() for _ in range(4)]
+    queues = [Queue(actor_options={"num_cpus": 0, **on_this_node()}) for _ in range(4)]
+    actors = [b.actor for b in boxes] + [q.actor for q in queues]
+    where = ray.get([a.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for a in actors])
+    assert set(where) == {here}
+    for b in boxes:
+        b.close()
+    for q in queues:
+        q.shutdown()
+    removed = threading.Event()
+
+    def remove_the_node_when_rank_1_hangs() -> None:
+        store = Store(run_uri)
+        for _ in range(1200):
+            if store.is_file("faults/hang-cpt-6"):
+                cluster.remove_node(node, allow_graceful=False)
+                removed.set()
+                return
+            time.sleep(0.1)
+
+    # Ray's view of the cluster lags a lost node: the first restart asks for 2 workers again and waits this long
+    # for them (60 s by default) before it starts the 1 there is room for
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+    watcher = threading.Thread(target=remove_the_node_when_rank_1_hangs, daemon=True)
+    watcher.start()
+    crash = ("train.faults.stage=cpt", "train.faults.hang_at_step=6", "train.faults.crash_rank=1",
+             "train.max_failures=3", "train.async_checkpoint=false")  # the step-4 checkpoint is complete at step 5
+    run_plan(demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *tiny, *crash, "train.deepspeed={zero_stage: 2}"),
+             stages=["cpt"], resume="never")
+    watcher.join(timeout=5)
+    assert removed.is_set() and len([n for n in ray.nodes() if n["Alive"]]) == 1
+    out = capsys.readouterr().out
+    assert "elastic: 2 of 3 workers; each step's 3 micro-batches as 1 reading worker × 3, 1 worker running " \
+           "padding micro-batches" in out
+    assert "elastic: 1 of 3 workers; each step's 3 micro-batches as 1 reading worker × 3" in out
+    got = read_metrics(run_uri)
+    assert [(r["step"], r["workers"]) for r in got] == [(0, 2), (4, 2), (8, 1), (12, 1)]
+    assert [r["step"] for r in want] == [0, 4, 8, 12]
+    for g, w in zip(got, want, strict=True):
+        for k in ("raw_val_loss", "train_loss", "grad_norm", "lr", "tokens_seen"):
+            if w.get(k) is None:
+                assert g.get(k) is None, (g["step"], k)
+            else:  # the norm of ZeRO's partitioned gradients against the bare module's clip_grad_norm_
+                assert g[k] == pytest.approx(w[k], abs=1e-6, rel=1e-4 if k == "grad_norm" else 0), (g["step"], k)
+    # the restart on 1 worker re-partitioned the step-4 ZeRO-2 state of both nodes' ranks, from the bucket (the
+    # lost node's partition was uploaded by that node); the checkpoints after it hold one partition
+    from kcpt.train import checkpoint as ckpt_lib
+
+    def zero_world(step: int) -> int | None:
+        ref = f"{run_uri}/checkpoints/00-cpt-step{step:06d}"
+        return ckpt_lib.zero_world(json.loads(Store(ref).read_text(ckpt_lib.MANIFEST)))
+
+    assert (zero_world(4), zero_world(12)) == (2, 1)

@@ -382,9 +382,12 @@ def check_engine_state(ref: str | Path, manifest: dict[str, Any], cfg: KcptConfi
                           f"{_engine_name(now)}, which cannot read it: {fix}")
 
 
-def deepspeed_config(cfg: KcptConfig, micro_batch: int | None = None) -> dict[str, Any]:
+def deepspeed_config(cfg: KcptConfig, micro_batch: int | None = None,
+                     grad_accum: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config of a run (of a stage with its own ``micro_batch``; default
-    ``train.micro_batch_size``): the user's ``train.deepspeed.config`` JSON (if any) under kcpt's required keys.
+    ``train.micro_batch_size``; ``grad_accum`` micro-batches per rank and step, default ``train.grad_accum``: an
+    elastic run's on fewer workers, :func:`kcpt.train.layout.step_layout`): the user's ``train.deepspeed.config``
+    JSON (if any) under kcpt's required keys.
     A user file that sets a required key to another value raises :class:`ConfigError` naming it."""
     t, ds = cfg.train, cfg.train.deepspeed
     assert ds is not None
@@ -397,7 +400,7 @@ def deepspeed_config(cfg: KcptConfig, micro_batch: int | None = None) -> dict[st
         zero["offload_param"] = {"device": "cpu"}
     required: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch or t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": grad_accum or t.grad_accum,
         "gradient_clipping": t.clip_grad_norm,
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
         "fp16": {"enabled": cfg.model.dtype == "float16"},

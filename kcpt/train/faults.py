@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -103,6 +104,11 @@ class FaultInjector:
         if self.cfg.input_error_at_step == step and self.rank == self.cfg.crash_rank:
             self.markers.marker_append(f"input-error-{self.stage}-{step}")
             raise InputError(f"injected fault: stage {self.stage} step {step} (train.faults.input_error_at_step)")
+        if self.cfg.hang_at_step == step and self.rank == self.cfg.crash_rank \
+                and not self.markers.marker_exists(f"hang-{self.stage}-{step}"):
+            self.markers.marker_append(f"hang-{self.stage}-{step}")
+            while True:  # until the process is killed
+                time.sleep(1.0)
         if self.cfg.crash_at_step != step:
             return
         marker = f"crash-{self.stage}-{step}"

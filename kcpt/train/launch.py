@@ -522,13 +522,17 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
         names = list(dict.fromkeys(s for st in loop_config["stages"] for s in stage_sources(cfg.stage(st))))
         data = {"datasets": source_datasets(cfg, loop_config["prepared"], names),
                 "dataset_config": data_config(names)}
+    workers: int | tuple[int, int] = t.num_workers
+    if t.min_workers is not None and t.min_workers < t.num_workers:  # elastic: Ray Train sizes the worker group
+        workers = (t.min_workers, t.num_workers)
+        log.info("elastic training on %d to %d workers (train.min_workers, train.num_workers)", *workers)
     try:
         trainer = TorchTrainer(
             stage_loop_per_worker,
             train_loop_config=loop_config,
             **data,
             torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=t.use_gpu,
                                          resources_per_worker={"CPU": t.cpus_per_worker,
                                                                **({"GPU": 1} if t.use_gpu else {})}),
             run_config=RunConfig(storage_path=rd.ray_storage_location, name=f"fit-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -73,6 +73,7 @@ from kcpt.train.engine import (
 from kcpt.train.evaluation import eval_loss, ppl
 from kcpt.train.faults import FaultInjector
 from kcpt.train.handoff import handoff_candidates, keep_list
+from kcpt.train.layout import PaddingBatches, step_layout
 from kcpt.train.losses import kl_to_reference_sum, token_ce_sum
 from kcpt.train.mixture import MixtureSampler
 from kcpt.train.plan import (  # noqa: F401 - re-exported: the plan-level helpers live in the light module
@@ -169,7 +170,7 @@ class StageRun:
     stage: StageConfig
     engine: Engine
     ref: torch.nn.Module | None
-    streams: dict[str, SourceBatches | StreamBatches | RayDataBatches]
+    streams: dict[str, SourceBatches | StreamBatches | RayDataBatches | PaddingBatches]
     sampler: MixtureSampler
     detector: AnomalyDetector
     faults: FaultInjector
@@ -355,6 +356,8 @@ class StageRunner:
         self.config = config
         self.session = session or RaySession()
         self.rank, self.world = rank_world()
+        self.layout = step_layout(self.cfg, self.world)
+        """How each step's micro-batches lie on this world (elastic runs: :mod:`kcpt.train.layout`)."""
         self.device = self._device()
         self.use_fused = self.cfg.train.fused_loss
         """``train.fused_loss``, unless the model's logits are more than ``hidden @ head.T`` (:meth:`build_engine`)."""
@@ -372,7 +375,8 @@ class StageRunner:
         # the driver's console (kcpt.console.console_feed): rank 0 sends it stage/progress/eval events
         self.feed = config.get("console") if self.rank == 0 else None
         self._progress_due = Throttle()
-        self.ds_config = deepspeed_config(self.cfg) if self.cfg.train.deepspeed is not None else None
+        self.ds_config = (deepspeed_config(self.cfg, grad_accum=self.layout.grad_accum)
+                          if self.cfg.train.deepspeed is not None else None)
         if self.cfg.model.dtype == "float16" and self.ds_config is None:
             raise ConfigError("model.dtype float16 needs loss scaling: use train.deepspeed, or model.dtype bfloat16")
         self._hf_ds = None
@@ -433,10 +437,15 @@ class StageRunner:
     def reader_of(self, name: str) -> ShardReader:
         return ShardReader(self.config["prepared"][name], seq_len=self.cfg.data.seq_len, name=name)
 
-    def stream_of(self, name: str, kind: str, batch_size: int) -> SourceBatches | StreamBatches | RayDataBatches:
+    def stream_of(self, name: str, kind: str,
+                  batch_size: int) -> SourceBatches | StreamBatches | RayDataBatches | PaddingBatches:
         """This rank's batches (``batch_size`` rows each) of training source ``name`` under ``data.loader``;
-        ``kind`` its loss (``full`` on an exam source rebuilds the labels from ``input_ids``)."""
+        ``kind`` its loss (``full`` on an exam source rebuilds the labels from ``input_ids``). The loaders split
+        each epoch over the layout's reading ranks; a spare rank gets padding micro-batches."""
         t = self.cfg.train
+        if not self.layout.reads(self.rank):
+            return PaddingBatches(name, batch_size=batch_size, seq_len=self.cfg.data.seq_len, device=self.device)
+        readers = self.layout.active
         relabel = kind == "full" and self.cfg.data.datasets[name].kind == "exam"
         shard = self.session.dataset_shard(name) if self.cfg.data.loader == "ray_data" else None
         if shard is not None:
@@ -445,7 +454,7 @@ class StageRunner:
                                   source_rows=shard_paths(self.config["prepared"][name])[1], device=self.device,
                                   transform=(lambda a: (a[0], a[1], full_labels(*a))) if relabel else None)
         if self.streaming:
-            return StreamBatches(self.reader_of(name), rank=self.rank, world=self.world,
+            return StreamBatches(self.reader_of(name), rank=self.rank, world=readers,
                                  batch_size=batch_size, seed=t.seed,
                                  window_rows=self.cfg.data.stream_window_rows, device=self.device,
                                  transform=(lambda a: (a[0], a[1], full_labels(*a))) if relabel else None)
@@ -453,7 +462,7 @@ class StageRunner:
         if relabel:
             rows = PackedRows(rows.name, rows.input_ids, rows.position_ids,
                               full_labels(rows.input_ids, rows.position_ids, rows.labels))
-        return SourceBatches(rows, rank=self.rank, world=self.world, batch_size=batch_size, seed=t.seed,
+        return SourceBatches(rows, rank=self.rank, world=readers, batch_size=batch_size, seed=t.seed,
                              device=self.device)
 
     def eval_rows(self, name: str) -> PackedRows:
@@ -547,7 +556,8 @@ class StageRunner:
         if self.ds_config is not None:
             key = f"{abs(hash(str(self.run_dir.root.resolve()))):x}-{stage.name}-{os.getpid()}"
             key = _broadcast(key)
-            ds_config = deepspeed_config(self.cfg, micro_batch=self.cfg.micro_batch(stage))
+            ds_config = deepspeed_config(self.cfg, micro_batch=self.cfg.micro_batch(stage),
+                                         grad_accum=self.layout.grad_accum)
             return DeepSpeedEngine(model, optimizer, ds_config=ds_config, weight_decay=t.weight_decay,
                                    scratch_key=key, loss_kernel=kernel)
         return TorchEngine(model, optimizer, clip=t.clip_grad_norm, weight_decay=t.weight_decay, device=self.device,
@@ -721,6 +731,11 @@ class StageRunner:
                     self.run_dir.metrics_path.name, ref)
 
     def _run_plan(self) -> None:
+        t = self.cfg.train
+        if t.min_workers is not None and self.world != t.num_workers and self.rank == 0:
+            line = self.layout.describe(t.num_workers)
+            log.warning(line)
+            self.emit({"kind": "line", "text": line})
         plan = PlanState(stage_order=list(self.config["stages"]),
                          baseline_raw_best=self.config.get("baseline_raw_best"),
                          start_from=self.config.get("init_checkpoint"))
@@ -750,9 +765,10 @@ class StageRunner:
                 self._restore_checkpoint_record(resume_state, str(resume_path), fetched)
             log.info("rank %d resumes from %s", self.rank, resume_path)
             if latest is not None and latest != self.config.get("resume_from"):  # not where the run began: a restart
-                self.emit({"kind": "line", "text": f"[{resume_state['stage']}] restarted after a failure (a worker "
-                           f"or its node died; train.max_failures): resuming from {latest}, step "
-                           f"{resume_state['step']}"})
+                why = ("a worker or its node died, or the elastic run resized" if self.cfg.train.min_workers
+                       else "a worker or its node died; train.max_failures")
+                self.emit({"kind": "line", "text": f"[{resume_state['stage']}] restarted after a failure ({why}): "
+                           f"resuming from {latest}, step {resume_state['step']}"})
         elif self.rank == 0:
             # no checkpoint of this run yet: a restart before the first one (a replaced worker group, a retried task)
             # runs its evals again — the first attempt's records of these stages go
@@ -876,7 +892,7 @@ class StageRunner:
         run.faults.maybe_crash(run.step)
         t0 = time.perf_counter()
         micro = []
-        for _ in range(t.grad_accum):
+        for _ in range(self.layout.grad_accum):
             src = run.sampler.sample(run.step - 1)
             micro.append((src, run.streams[src].next(), run.ref is not None and src in run.replay))
         engine.set_lr(lr_at(run.step - 1, stage.max_steps, stage.lr, run.lr_scale))
@@ -908,7 +924,8 @@ class StageRunner:
             interval.acc[5] = torch.maximum(interval.acc[5], reduced[2])
             if run.good_steps % t.anomaly.stable_every == 0:
                 engine.mark_stable(run.step)
-        step_tokens = self.cfg.micro_batch(stage) * self.cfg.data.seq_len * t.grad_accum * self.world  # row positions
+        # row positions of the step's real micro-batches (a spare rank's padding is none)
+        step_tokens = self.cfg.micro_batch(stage) * self.cfg.data.seq_len * self.layout.micro_batches
         run.tokens_seen += step_tokens
         interval.tokens += step_tokens
         interval.seconds += time.perf_counter() - t0
@@ -949,7 +966,7 @@ class StageRunner:
                 run.tokens_to_gate = run.tokens_seen
         base = plan.baseline_raw_best
         metrics: dict[str, Any] = {
-            "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen,
+            "stage": stage.name, "step": run.step, "tokens_seen": run.tokens_seen, "workers": self.world,
             "raw_val_loss": raw, "raw_val_ppl": ppl(raw), "exam_val_loss": exam,
             "exam_acc": acc.get("exam_acc"), "exam_em": acc.get("exam_em"), "exam_f1": acc.get("exam_f1"),
             **{k: v for k, v in acc.items() if k.startswith("exam_items")}, **timing,

@@ -40,7 +40,10 @@ class ErrorBox:
     def __init__(self) -> None:
         import ray
 
-        self.actor = ray.remote(num_cpus=0)(_Box).remote()
+        from kcpt.raystart import on_this_node
+
+        # on the driver's node: a lost worker node must not take the box (and what it recorded) along
+        self.actor = ray.remote(num_cpus=0)(_Box).options(**on_this_node()).remote()
 
     def record(self, error: KcptError, rank: int) -> None:
         """Worker side: record ``error`` (the first one recorded wins); waits until the actor has it."""

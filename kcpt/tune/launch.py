@@ -342,6 +342,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     base = config_from_dict(ctx.base_config, "<tune base config>")
     cfg = apply_params(base, config, ctx.stage)
     cfg.train.num_workers = base.tune_workers()
+    cfg.train.min_workers = None  # a trial trains at a fixed world size (an elastic one is for the long runs)
     trial_id = tune.get_context().get_trial_id()
     run_dir = (store_lib.join(ctx.runs_dir, trial_id) if store_lib.is_uri(ctx.runs_dir)
                else Path(ctx.runs_dir) / trial_id)
@@ -386,6 +387,7 @@ def reevaluate(study: Any, ctx: TrialContext, *, top_k: int, seeds: int, log: Ca
             continue
         cfg = apply_params(base, t.params, ctx.stage)
         cfg.train.num_workers = base.tune_workers()
+        cfg.train.min_workers = None
         cfg.train.seed = seed
         name = f"reeval-{t.number}-seed{seed}"
         run_dir = store_lib.join(ctx.runs_dir, name) if store_lib.is_uri(ctx.runs_dir) else Path(ctx.runs_dir) / name

@@ -251,47 +251,17 @@ def test_tune_with_every_root_on_s3_and_reading_results_from_there(two_nodes, s3
     assert "exam@sel" in text
 
 
-def test_zero_partition_written_on_the_other_node_is_checksummed_and_a_changed_one_refused(two_nodes, s3_prefix,
-                                                                                          tmp_path, monkeypatch):
-    """ZeRO-2 over the two nodes, run dir in the bucket: the rank on the second node uploads its own partition of
-    the optimizer state, and rank 0's manifest must carry that file's CRC-32 too (it had none: a same-size change
-    of it was loaded into the optimizer without a word). Changed in the bucket, the resume is refused naming it."""
-    from kcpt.errors import CheckpointError
-    from kcpt.train import checkpoint as ckpt_lib
-
-    monkeypatch.chdir(tmp_path)
-    tiny = ["data.seq_len=64", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
-            "model.tiny.intermediate_size=64", "plan.0.max_steps=4", "plan.0.eval_every=2",
-            "train.deepspeed={zero_stage: 2}"]
-    stop = ["train.faults.stage=cpt", "train.faults.raise_at_step=3", "train.max_failures=0"]  # after step 2's save
-    with pytest.raises(Exception, match="injected fault: stage cpt step 3"):
-        run_plan(demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *tiny, *stop), stages=["cpt"],
-                 resume="never")
-    ckpt = f"{s3_prefix}/runs/demo/checkpoints/00-cpt-step000002"
-    manifest = json.loads(Store(ckpt).read_text(ckpt_lib.MANIFEST))
-    parts = {n: int(m[1]) for n in manifest["files"] if (m := ckpt_lib._ZERO_PARTITION.search(n))}
-    assert sorted(parts.values()) == [0, 1], manifest["files"]  # one partition per rank
-    assert set(parts) <= set(manifest[ckpt_lib.CHECKSUMS]), manifest[ckpt_lib.CHECKSUMS]
-    other = next(n for n, r in parts.items() if r == 1)
-    original = Store(ckpt).read_bytes(other)
-    data = bytearray(original)
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # the same size, other bytes
-    Store(ckpt).write_bytes(other, bytes(data))
-    with pytest.raises(CheckpointError, match=re.escape(f"{ckpt}: file {other} does not match its checksum")):
-        run_plan(demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *tiny), stages=["cpt"], resume="auto",
-                 force=True)  # force: the fault settings changed the config hash, not the checksums
-    # a resume on one worker that re-partitions both nodes' partitions from the bucket: the elastic test below
-
-
 def test_an_elastic_run_that_loses_a_node_goes_on_with_every_step_the_same(two_nodes, s3_prefix, tmp_path,
                                                                          monkeypatch, capsys):
-    """Elastic training (``train.min_workers``; runs last: it removes the second node), under ZeRO-2.
+    """Elastic training (``train.min_workers``; runs last: it removes the second node), under ZeRO-2, run dir in
+    the bucket.
     ``num_workers`` 3 on 2 nodes of 1 CPU: Ray Train starts the 2 workers there is room for, so each step's 3
     micro-batches lie on 1 reading worker × 3 and a spare one that runs weightless padding. Rank 1 stops responding
     at step 6 and its node is removed (a preempted node): the run goes on on 1 worker from its step-4 checkpoint in
     the bucket — both nodes' ZeRO partitions, re-partitioned for 1 rank — and ends. Every eval equals the in-process
     run's (one worker, the same 3 micro-batches per step; losses to 1e-6): the padding weighs nothing, and the
-    restart on the smaller world resumes exactly."""
+    restart on the smaller world resumes exactly. The partition the lost node uploaded is checksummed in rank 0's
+    manifest, and a resume from a copy changed in the bucket is refused naming it."""
     import threading
 
     monkeypatch.chdir(tmp_path)
@@ -354,12 +324,28 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_every_step_the_same(two_n
                 assert g.get(k) is None, (g["step"], k)
             else:  # the norm of ZeRO's partitioned gradients against the bare module's clip_grad_norm_
                 assert g[k] == pytest.approx(w[k], abs=1e-6, rel=1e-4 if k == "grad_norm" else 0), (g["step"], k)
-    # the restart on 1 worker re-partitioned the step-4 ZeRO-2 state of both nodes' ranks, from the bucket (the
-    # lost node's partition was uploaded by that node); the checkpoints after it hold one partition
+    # the restart on 1 worker re-partitioned the step-4 ZeRO-2 state of both nodes' ranks, from the bucket; the
+    # checkpoints after it hold one partition
+    from kcpt.errors import CheckpointError
     from kcpt.train import checkpoint as ckpt_lib
 
-    def zero_world(step: int) -> int | None:
-        ref = f"{run_uri}/checkpoints/00-cpt-step{step:06d}"
-        return ckpt_lib.zero_world(json.loads(Store(ref).read_text(ckpt_lib.MANIFEST)))
-
-    assert (zero_world(4), zero_world(12)) == (2, 1)
+    manifests = {step: json.loads(Store(f"{run_uri}/checkpoints/00-cpt-step{step:06d}").read_text(ckpt_lib.MANIFEST))
+                 for step in (4, 12)}
+    assert (ckpt_lib.zero_world(manifests[4]), ckpt_lib.zero_world(manifests[12])) == (2, 1)
+    # the partition the rank on the lost node uploaded has its CRC-32 in rank 0's manifest too (it had none: a
+    # same-size change of it was loaded into the optimizer without a word); changed in the bucket, a resume from
+    # that checkpoint is refused naming it
+    parts = {n: int(m[1]) for n in manifests[4]["files"] if (m := ckpt_lib._ZERO_PARTITION.search(n))}
+    assert sorted(parts.values()) == [0, 1], manifests[4]["files"]
+    assert set(parts) <= set(manifests[4][ckpt_lib.CHECKSUMS]), manifests[4][ckpt_lib.CHECKSUMS]
+    for step in (8, 12):
+        Store(run_uri).delete_tree(f"checkpoints/00-cpt-step{step:06d}")
+    ckpt = f"{run_uri}/checkpoints/00-cpt-step000004"
+    other = next(n for n, r in parts.items() if r == 1)
+    data = bytearray(Store(ckpt).read_bytes(other))
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # the same size, other bytes
+    Store(ckpt).write_bytes(other, bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(f"{ckpt}: file {other} does not match its checksum")):
+        run_plan(demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *tiny, "train.deepspeed={zero_stage: 2}",
+                          "train.max_failures=0"),  # a refusal is not retried anyway: no worker group started for it
+                 stages=["cpt"], resume="auto", force=True)  # force: without the fault settings, another config hash

@@ -1,4 +1,5 @@
-"""A lease on a run directory in a bucket, so that two kcpt drivers on *different machines* do not write one run.
+"""A lease on a run directory in a bucket, so that two kcpt drivers on *different machines* do not write one run
+(or one tune experiment: :func:`held` holds either, on this machine and across machines).
 
 A local lock file (:func:`kcpt.storage.file_lock`) tells apart the processes of one machine only. For a run
 directory at a URI, the holder also keeps one small object beside its files, ``kcpt-lease.json``:
@@ -18,18 +19,24 @@ its run after that long.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from kcpt import storage
+from kcpt.errors import InputError
 from kcpt.storage import Store
 
 LEASE = "kcpt-lease.json"
@@ -154,3 +161,50 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
                 store.delete(LEASE)
         except Exception as e:  # noqa: BLE001 - the lease then expires after its ttl
             log.warning("%s: could not remove the lease (%s); it expires in %.0f s", store.uri, e, ttl)
+
+
+_HELD: set[str] = set()
+"""The locations this process holds (:func:`held`)."""
+
+
+@contextmanager
+def held(location: str, remote: Store | None, *, what: str, elsewhere: str, wait: bool = False,
+         on_wait: Callable[[str], None] | None = None, shown: str | None = None) -> Iterator[None]:
+    """Hold ``location`` (a run directory, a tune experiment; an absolute path or a URI) for this process: a lock file
+    in this machine's temp dir, named by ``location``, that holds the pid, and for a URI (``remote``, its store) the
+    bucket lease beside its files. Another process's hold is an :class:`InputError` naming it — ``"in use by another
+    kcpt <what> (…): wait for it to end, or <elsewhere>"`` — or with ``wait`` is waited for (``on_wait(message)``
+    first); messages name ``shown`` (default ``location``). Re-entrant within a process. Nothing is created beside
+    ``location`` but the lease."""
+    shown = shown or location
+    if location in _HELD:
+        yield
+        return
+    lock = Path(tempfile.gettempdir(), f"kcpt-run-locks-{os.getuid()}",
+                f"{hashlib.sha256(location.encode()).hexdigest()[:24]}.lock")
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(storage.file_lock(lock, blocking=False))
+        except BlockingIOError:
+            holder = lock.read_text(encoding="utf-8").strip() or "?"
+            msg = f"in use by another kcpt {what} (pid {holder}) on this machine"
+            if not wait:
+                raise InputError(f"{msg}: wait for it to end, or {elsewhere}", path=shown) from None
+            if on_wait is not None:
+                on_wait(f"{shown}: {msg}; waiting for it to end")
+            stack.enter_context(storage.file_lock(lock))
+        if remote is not None:
+            try:
+                stack.enter_context(bucket_lease(remote, wait=wait, on_wait=on_wait and (
+                    lambda msg: on_wait(f"{shown}: {msg}"))))
+            except LeaseHeld as e:
+                h = e.holder
+                raise InputError(f"in use by another kcpt {what} ({h}): wait for it to end, or {elsewhere} (if "
+                                 f"that {what} is gone, its lease {LEASE} expires {max(0.0, h.ttl_s - h.age_s):.0f} "
+                                 "s from now)", path=shown) from None
+        _HELD.add(location)
+        try:
+            lock.write_text(f"{os.getpid()}\n", encoding="utf-8")
+            yield
+        finally:
+            _HELD.discard(location)

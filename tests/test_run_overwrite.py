@@ -191,3 +191,28 @@ def test_a_damaged_prepared_shard_is_named_before_any_worker_starts(tmp_path):
                                          rf"dataset 'raw_train' is damaged or incomplete; delete {ref} and run again"):
         run_plan(cfg, in_process=True)
     assert not (tmp_path / "runs" / "r" / "config.yaml").exists()   # refused on the driver, before the run began
+
+
+def test_a_tune_experiment_in_use_by_another_driver_is_refused_before_anything_changes(tmp_path):
+    """A second tune driver on a live experiment (a --resume while the first runs; an --overwrite under it) marked the
+    first's running trials FAIL as interrupted, or deleted its files; on a bucket, from another machine, likewise.
+    It is refused naming the first's pid (a lease names host and pid for a URI, kcpt.lease.held), before Ray starts
+    or anything in the experiment changes."""
+    import ray
+
+    from kcpt.tune.launch import tune_stage3
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "experiment.json").write_text("{}")  # what --overwrite deletes first
+    holder = _holder(exp, 60)
+    try:
+        for flags in ({"resume": True}, {"overwrite": True}):
+            with pytest.raises(InputError, match=rf"{exp}: in use by another kcpt tune \(pid {holder.pid}\) on this "
+                                                 r"machine: wait for it to end, or give this one another "
+                                                 r"--experiment-dir"):
+                tune_stage3(_cfg(tmp_path), experiment_dir=exp, **flags)
+        assert [p.name for p in exp.iterdir()] == ["experiment.json"] and not ray.is_initialized()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -33,13 +33,11 @@ started over without asking: nothing a user could want is lost.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,7 @@ from typing import Any
 from kcpt import storage
 from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import InputError
-from kcpt.lease import LEASE, LeaseHeld, bucket_lease
+from kcpt.lease import LEASE, held
 
 MARKER = "kcpt-run.json"
 OWNED_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "tb", "ray", "faults", "aborted.json",
@@ -94,9 +92,6 @@ def _delete_tree(path: Path) -> int:
     shutil.rmtree(doomed, ignore_errors=True)
     return freed
 
-
-_HELD: set[str] = set()
-"""The local run directories this process holds (:meth:`RunDir.in_use`)."""
 
 
 class RunDir:
@@ -362,38 +357,9 @@ class RunDir:
         (``on_wait(message)`` first). Re-entrant within a process. A URI run directory is held across machines as
         well, by a lease object beside its files (:func:`kcpt.lease.bucket_lease`)."""
         key = str(self.root.resolve()) if self.remote is None else self.location
-        if key in _HELD:
+        with held(key, self.remote, what="run", elsewhere="choose another run name / run directory", wait=wait,
+                  on_wait=on_wait, shown=self.location):
             yield
-            return
-        lock = Path(tempfile.gettempdir(), f"kcpt-run-locks-{os.getuid()}",
-                    f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock")
-        with contextlib.ExitStack() as held:
-            try:
-                held.enter_context(storage.file_lock(lock, blocking=False))
-            except BlockingIOError:
-                holder = lock.read_text(encoding="utf-8").strip() or "?"
-                msg = f"in use by another kcpt run (pid {holder}) on this machine"
-                if not wait:
-                    raise InputError(f"{msg}: wait for it to end, or choose another run name / run directory",
-                                     path=self.location) from None
-                if on_wait is not None:
-                    on_wait(f"{self.location}: {msg}; waiting for it to end")
-                held.enter_context(storage.file_lock(lock))
-            if self.remote is not None:
-                try:
-                    held.enter_context(bucket_lease(self.remote, wait=wait, on_wait=on_wait and (
-                        lambda msg: on_wait(f"{self.location}: {msg}"))))
-                except LeaseHeld as e:
-                    h = e.holder
-                    raise InputError(f"in use by another kcpt run ({h}): wait for it to end, or choose another run "
-                                     f"name / run directory (if that run is gone, its lease {LEASE} expires "
-                                     f"{max(0.0, h.ttl_s - h.age_s):.0f} s from now)", path=self.location) from None
-            _HELD.add(key)
-            try:
-                lock.write_text(f"{os.getpid()}\n", encoding="utf-8")
-                yield
-            finally:
-                _HELD.discard(key)
 
     def has_results(self) -> bool:
         """True if the directory holds anything of a previous run worth keeping: a visible checkpoint,

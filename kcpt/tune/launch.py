@@ -43,6 +43,7 @@ from kcpt import storage as store_lib
 from kcpt.config import KcptConfig, dump_config
 from kcpt.errors import CheckpointError, ConfigError
 from kcpt.hashing import sha256_json
+from kcpt.lease import held
 from kcpt.tune.experiment import (
     TUNE_RUN_NAME,
     Publisher,
@@ -666,108 +667,112 @@ def tune_stage3(cfg: KcptConfig, *, experiment_dir: str | Path | None = None, re
     uri = experiment_uri(cfg, experiment_dir)
     location = uri or str(exp_dir)  # where Tune's state and the trials' run dirs live
     study_name = cfg.tune.study_name
-    mode = check_experiment(exp_dir, storage_url=storage, study_name=study_name, resume=resume,
-                            overwrite=overwrite, config_sha256=cfg.sha256(), owner=location, config=cfg)
-    if mode == "overwrite":
-        clear_experiment(exp_dir, storage_url=storage, study_name=study_name, uri=uri)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    stage = cfg.tune.stage
-    interrupted: list[int] = []
-    unfinished = expected = 0
-    segments: list[dict[str, Any]] = []  # the experiment's Tune runs (tune_runs)
-    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))  # read by Tune's controller
-    quiet_tune(cfg.logging.verbose)
-    started = init_ray(cfg, address)
-    try:
-        show_data(cfg, [*stages_before(cfg, stage), stage], address=address)
-        pre = prerequisites or ensure_prerequisites(cfg, stage=stage, address=address)
-        print(f"prerequisites ({', '.join(stages_before(cfg, stage)) or 'none'}): "
-              f"{'reused' if pre.reused else 'made'} in {pre.run_dir}; every trial starts from {pre.init_checkpoint}",
-              flush=True)
-        if cfg.tune.asha.enabled and not asha_on(cfg, sampler):
-            print("ASHA is off for --sampler gp: the GP learns from complete trials only, and a trial stopped early "
-                  "would teach it nothing (docs/tuning.md)", flush=True)
-        st = apply_params(cfg, {}, stage).stage(stage)
-        exam_value = "1 - exam_acc" if st.stop.exam_metric == "accuracy" else "exam_val_loss"
-        previous = previous_config(exp_dir) if mode == "resume" else None
-        if mode == "resume":
-            segments = tune_runs(exp_dir, previous)
-        dump_config(cfg, exp_dir / "config.yaml")
-        manifest = {
-            "kind": "kcpt-tune", "stage": stage, "study_name": study_name, "storage": storage,
-            "metric": METRIC, "objective": cfg.tune.objective,
-            "objective_value": (f"gate_objective: {exam_value} at the selected eval, min" if cfg.tune.objective
-                                == "exam" else "gate_objective: lexicographic (gate passed, tokens_to_gate, "
-                                f"{exam_value}), min; see kcpt.tune.objective"),
-            "exam_metric": st.stop.exam_metric,
-            "token_scale": stage_token_budget(cfg), "tokens_before": pre.tokens_before,
-            "asha": asha_on(cfg, sampler),
-            "asha_time_attr": TOKENS_ATTR if cfg.tune.asha.time_attr == "tokens" else "training_iteration",
-            "constraint": "raw_gate = raw_ratio - (1 + eps) at the selected eval (<= 0 feasible)",
-            "baseline_raw_best": pre.baseline_raw_best, "eps": st.stop.raw_tolerance,
-            "exam_target": st.stop.exam_target, "consecutive": st.stop.consecutive,
-            "init_checkpoint": None if pre.init_checkpoint is None else str(pre.init_checkpoint),
-            "prereq_run_dir": str(pre.run_dir), "tune_dir": store_lib.join(location, TUNE_RUN_NAME),
-            "runs_dir": store_lib.join(location, "runs"), "config_sha256": cfg.sha256(),
-            "experiment_sha256": cfg.experiment_sha256(), "sampler": sampler,
-            "experiment_uri": uri,
-            "trial_workers": cfg.tune_workers(), "trial_in_actor": trial_in_actor(cfg),
-            "reeval": cfg.tune.reeval.model_dump(),
-        }
+    # one driver per experiment, on this machine and across machines (a bucket lease for a URI): a second one
+    # would fail the first's running trials as interrupted and export over its results
+    with held(location if uri else str(exp_dir.resolve()), store_lib.Store(uri) if uri else None, what="tune",
+              elsewhere="give this one another --experiment-dir", shown=location):
+        mode = check_experiment(exp_dir, storage_url=storage, study_name=study_name, resume=resume,
+                                overwrite=overwrite, config_sha256=cfg.sha256(), owner=location, config=cfg)
+        if mode == "overwrite":
+            clear_experiment(exp_dir, storage_url=storage, study_name=study_name, uri=uri)
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        stage = cfg.tune.stage
+        interrupted: list[int] = []
+        unfinished = expected = 0
+        segments: list[dict[str, Any]] = []  # the experiment's Tune runs (tune_runs)
+        os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))  # read by Tune's controller
+        quiet_tune(cfg.logging.verbose)
+        started = init_ray(cfg, address)
+        try:
+            show_data(cfg, [*stages_before(cfg, stage), stage], address=address)
+            pre = prerequisites or ensure_prerequisites(cfg, stage=stage, address=address)
+            print(f"prerequisites ({', '.join(stages_before(cfg, stage)) or 'none'}): "
+                  f"{'reused' if pre.reused else 'made'} in {pre.run_dir}; every trial starts from "
+                  f"{pre.init_checkpoint}", flush=True)
+            if cfg.tune.asha.enabled and not asha_on(cfg, sampler):
+                print("ASHA is off for --sampler gp: the GP learns from complete trials only, and a trial stopped "
+                      "early would teach it nothing (docs/tuning.md)", flush=True)
+            st = apply_params(cfg, {}, stage).stage(stage)
+            exam_value = "1 - exam_acc" if st.stop.exam_metric == "accuracy" else "exam_val_loss"
+            previous = previous_config(exp_dir) if mode == "resume" else None
+            if mode == "resume":
+                segments = tune_runs(exp_dir, previous)
+            dump_config(cfg, exp_dir / "config.yaml")
+            manifest = {
+                "kind": "kcpt-tune", "stage": stage, "study_name": study_name, "storage": storage,
+                "metric": METRIC, "objective": cfg.tune.objective,
+                "objective_value": (f"gate_objective: {exam_value} at the selected eval, min" if cfg.tune.objective
+                                    == "exam" else "gate_objective: lexicographic (gate passed, tokens_to_gate, "
+                                    f"{exam_value}), min; see kcpt.tune.objective"),
+                "exam_metric": st.stop.exam_metric,
+                "token_scale": stage_token_budget(cfg), "tokens_before": pre.tokens_before,
+                "asha": asha_on(cfg, sampler),
+                "asha_time_attr": TOKENS_ATTR if cfg.tune.asha.time_attr == "tokens" else "training_iteration",
+                "constraint": "raw_gate = raw_ratio - (1 + eps) at the selected eval (<= 0 feasible)",
+                "baseline_raw_best": pre.baseline_raw_best, "eps": st.stop.raw_tolerance,
+                "exam_target": st.stop.exam_target, "consecutive": st.stop.consecutive,
+                "init_checkpoint": None if pre.init_checkpoint is None else str(pre.init_checkpoint),
+                "prereq_run_dir": str(pre.run_dir), "tune_dir": store_lib.join(location, TUNE_RUN_NAME),
+                "runs_dir": store_lib.join(location, "runs"), "config_sha256": cfg.sha256(),
+                "experiment_sha256": cfg.experiment_sha256(), "sampler": sampler,
+                "experiment_uri": uri,
+                "trial_workers": cfg.tune_workers(), "trial_in_actor": trial_in_actor(cfg),
+                "reeval": cfg.tune.reeval.model_dump(),
+            }
 
-        def write_manifest() -> None:
-            manifest["tune_runs"] = segments
-            (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-            publish_experiment(uri, exp_dir)
+            def write_manifest() -> None:
+                manifest["tune_runs"] = segments
+                (exp_dir / "experiment.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+                publish_experiment(uri, exp_dir)
 
-        write_manifest()
-        ctx = TrialContext(cfg.model_dump(mode="json"), stage,
-                           None if pre.init_checkpoint is None else str(pre.init_checkpoint),
-                           pre.baseline_raw_best, store_lib.join(location, "runs"),
-                           None if pre.reference_checkpoint is None else str(pre.reference_checkpoint),
-                           runner or run_stage_trial, pre.tokens_before)
-        last = segments[-1] if segments else None
-        if last is not None and tune.Tuner.can_restore(store_lib.join(location, last["name"])):
-            # Tune's saved state of the experiment's last run: finished trials stay, the others resume
-            expected = int(last["num_samples"])
-            unfinished = unfinished_trials(_restore_tuner(ctx, location, last["name"], cfg).fit(), expected)
-        elif last is not None:
-            segments.pop()  # killed before Tune saved any state: its trials are counted from the study below
-        if not unfinished:
-            interrupted = fail_interrupted_trials(storage, study_name, location)
-            more = cfg.tune.num_samples - accounted_trials(storage, study_name, location)
-            if more > 0:
-                name = tune_run_name(len(segments))
-                if segments:
-                    print(f"tune.num_samples is {cfg.tune.num_samples}: {more} more trial(s) on the study "
-                          f"(Tune's run {name})", flush=True)
-                segments.append({"name": name, "num_samples": more})
-                write_manifest()
-                expected = more
-                tuner = _new_tuner(ctx, location, name, cfg, storage=storage, study_name=study_name,
-                                   num_samples=more, sampler=sampler, uri=uri, exp_dir=exp_dir, verbose=verbose)
-                unfinished = unfinished_trials(tuner.fit(), expected)
-                if not unfinished:
-                    interrupted += fail_interrupted_trials(storage, study_name, location)
-        if cfg.tune.reeval.top_k and not unfinished:
-            import optuna
+            write_manifest()
+            ctx = TrialContext(cfg.model_dump(mode="json"), stage,
+                               None if pre.init_checkpoint is None else str(pre.init_checkpoint),
+                               pre.baseline_raw_best, store_lib.join(location, "runs"),
+                               None if pre.reference_checkpoint is None else str(pre.reference_checkpoint),
+                               runner or run_stage_trial, pre.tokens_before)
+            last = segments[-1] if segments else None
+            if last is not None and tune.Tuner.can_restore(store_lib.join(location, last["name"])):
+                # Tune's saved state of the experiment's last run: finished trials stay, the others resume
+                expected = int(last["num_samples"])
+                unfinished = unfinished_trials(_restore_tuner(ctx, location, last["name"], cfg).fit(), expected)
+            elif last is not None:
+                segments.pop()  # killed before Tune saved any state: its trials are counted from the study below
+            if not unfinished:
+                interrupted = fail_interrupted_trials(storage, study_name, location)
+                more = cfg.tune.num_samples - accounted_trials(storage, study_name, location)
+                if more > 0:
+                    name = tune_run_name(len(segments))
+                    if segments:
+                        print(f"tune.num_samples is {cfg.tune.num_samples}: {more} more trial(s) on the study "
+                              f"(Tune's run {name})", flush=True)
+                    segments.append({"name": name, "num_samples": more})
+                    write_manifest()
+                    expected = more
+                    tuner = _new_tuner(ctx, location, name, cfg, storage=storage, study_name=study_name,
+                                       num_samples=more, sampler=sampler, uri=uri, exp_dir=exp_dir, verbose=verbose)
+                    unfinished = unfinished_trials(tuner.fit(), expected)
+                    if not unfinished:
+                        interrupted += fail_interrupted_trials(storage, study_name, location)
+            if cfg.tune.reeval.top_k and not unfinished:
+                import optuna
 
-            study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
-            print(f"re-evaluating the {cfg.tune.reeval.top_k} best feasible trial(s) at "
-                  f"{cfg.tune.reeval.seeds} more seed(s) each", flush=True)
-            reevaluate(study, ctx, top_k=cfg.tune.reeval.top_k, seeds=cfg.tune.reeval.seeds,
-                       log=lambda line: print(line, flush=True),
-                       on_record=lambda _: publish_experiment(uri, exp_dir))  # a bucket keeps each record
-    finally:
-        if started:
-            ray.shutdown()
-    paths = export_results(exp_dir)
-    publish_experiment(uri, exp_dir)
-    if unfinished:
-        raise KeyboardInterrupt(f"{unfinished} of {expected} trial(s) unfinished; Tune saved the experiment "
-                                f"({uri or exp_dir}) and its trials' checkpoints: run the same command with --resume "
-                                "to finish them and the search")
-    return TuneRunResult(exp_dir, storage, study_name, pre, paths.trials, paths.best_config, paths.best,
-                         trials_table(paths.table), {"mode": mode, "interrupted_trials": interrupted,
-                                                     "experiment_uri": uri,
-                                                     "tune_runs": [r["name"] for r in segments]})
+                study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+                print(f"re-evaluating the {cfg.tune.reeval.top_k} best feasible trial(s) at "
+                      f"{cfg.tune.reeval.seeds} more seed(s) each", flush=True)
+                reevaluate(study, ctx, top_k=cfg.tune.reeval.top_k, seeds=cfg.tune.reeval.seeds,
+                           log=lambda line: print(line, flush=True),
+                           on_record=lambda _: publish_experiment(uri, exp_dir))  # a bucket keeps each record
+        finally:
+            if started:
+                ray.shutdown()
+        paths = export_results(exp_dir)
+        publish_experiment(uri, exp_dir)
+        if unfinished:
+            raise KeyboardInterrupt(f"{unfinished} of {expected} trial(s) unfinished; Tune saved the experiment "
+                                    f"({uri or exp_dir}) and its trials' checkpoints: run the same command with "
+                                    "--resume to finish them and the search")
+        return TuneRunResult(exp_dir, storage, study_name, pre, paths.trials, paths.best_config, paths.best,
+                             trials_table(paths.table), {"mode": mode, "interrupted_trials": interrupted,
+                                                         "experiment_uri": uri,
+                                                         "tune_runs": [r["name"] for r in segments]})

@@ -444,6 +444,10 @@ class TrainConfig(Strict):
     micro-batches, and ranks the step's micro-batches do not divide over run padding micro-batches that weigh
     nothing), so the gradients are those of the full-size run. ``None``: a fixed ``num_workers``. Not with
     ``data.loader: ray_data`` (Ray splits its datasets over every worker)."""
+    elastic_resize_interval_s: float | None = Field(None, gt=0)
+    """Elastic runs: how often Ray Train looks for room for more workers while the group is healthy
+    (``ScalingConfig.elastic_resize_monitor_interval_s``; ``None``: Ray's default, 60 s); a resize restarts the
+    group from the last checkpoint."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(8, ge=1)
@@ -927,13 +931,14 @@ class KcptConfig(Strict):
         return d
 
 
-ADDED_AT_DEFAULT = (("faults", "input_error_at_step"), ("faults", "hang_at_step"), ("", "min_workers"))
+ADDED_AT_DEFAULT = (("faults", "input_error_at_step"), ("faults", "hang_at_step"), ("", "min_workers"),
+                    ("", "elastic_resize_interval_s"))
 """``train.<section>.<key>`` s (``train.<key>`` where the section is empty) added after runs and experiments were
 first hashed, left out of both hashes while they are None (their default): a checkpoint or tune experiment made
 before they existed resumes with the same hash."""
 
 OPERATIONAL_KEYS = ("train.run_name", "train.output_dir", "train.async_checkpoint", "train.checkpoint_checksums",
-                    "train.max_failures", "train.min_workers",
+                    "train.max_failures", "train.min_workers", "train.elastic_resize_interval_s",
                     "train.cpus_per_worker", "train.keep_last", "data.prepared_root", "data.ray_data",
                     "data.max_reject_fraction", "eval.buckets", "eval.forgetting", "logging", "tune")
 """Dotted config keys that change no trained weight: how a run is run, retried, logged, checked and where its

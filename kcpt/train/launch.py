@@ -523,8 +523,11 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
         data = {"datasets": source_datasets(cfg, loop_config["prepared"], names),
                 "dataset_config": data_config(names)}
     workers: int | tuple[int, int] = t.num_workers
+    elastic: dict[str, float] = {}
     if t.min_workers is not None and t.min_workers < t.num_workers:  # elastic: Ray Train sizes the worker group
         workers = (t.min_workers, t.num_workers)
+        if t.elastic_resize_interval_s is not None:
+            elastic["elastic_resize_monitor_interval_s"] = t.elastic_resize_interval_s
         log.info("elastic training on %d to %d workers (train.min_workers, train.num_workers)", *workers)
     try:
         trainer = TorchTrainer(
@@ -532,7 +535,7 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
             train_loop_config=loop_config,
             **data,
             torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=t.use_gpu,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=t.use_gpu, **elastic,
                                          resources_per_worker={"CPU": t.cpus_per_worker,
                                                                **({"GPU": 1} if t.use_gpu else {})}),
             run_config=RunConfig(storage_path=rd.ray_storage_location, name=f"fit-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -1,11 +1,11 @@
-"""The demo plan on a 2-node Ray cluster with every root on S3 (moto's server on 127.0.0.1), against its CPT run
-plainly on local paths, and a 1-trial tune with every root on S3 on the same cluster.
+"""The demo plan on a 2-node Ray cluster with every root on S3 (moto's server on 127.0.0.1), a 1-trial tune with
+every root on S3 on the same cluster, and an elastic run that loses the second node.
 
 Nothing is shared between the nodes but the object store: each node's processes keep their scratch under
 ``$KCPT_SCRATCH/node-<id>/`` (kcpt.storage), the driver runs in a directory outputs must not go to, and a worker
-on the second node is killed mid-CPT. The run must record the same CPT metrics as the local run that was not
-killed (1e-6, up to that run's step 20), pass the stage-3 gate, leave every output in the bucket, and its report
-must read from ``s3://``. Last, an elastic run loses the second node and goes on on one worker.
+on the second node is killed mid-CPT. The demo run must go on with no eval lost or recorded twice, pass the
+stage-3 gate, leave every output in the bucket, and its report must read from ``s3://``. The elastic run, resumed
+across nodes from the bucket, must record the same metrics as a run into a local directory in this process (1e-6).
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ from kcpt.train.rundir import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-COMPARED = ("raw_val_loss", "exam_val_loss", "train_loss", "kl", "grad_norm", "lr", "tokens_seen", "gate_streak",
-            "rollbacks", "lr_scale")
 CRASH = ("train.faults.stage=cpt", "train.faults.crash_at_step=15", "train.faults.crash_rank=1")
-TIMES: dict[str, float] = {}
 CLUSTER: dict[str, object] = {}
 """The two-node cluster of :func:`two_nodes` (``"cluster"``, ``"worker_node"``: the node that is not the head)."""
 
@@ -41,35 +38,6 @@ CLUSTER: dict[str, object] = {}
 def demo_cfg(output_dir: str, prepared_root: str, *extra: str):
     return load_config(None, [f"train.output_dir={output_dir}", f"data.prepared_root={prepared_root}",
                               "logging.progress=false", *extra])
-
-
-REFERENCE_STAGES = ["cpt"]
-"""The stages the local reference runs: up to the one the worker kill hits (later stages start from its best
-checkpoint, the same bytes when its metrics are the same)."""
-REFERENCE_LAST_STEP = 20
-"""The reference stops after this eval (an injected error at the next step, no retry): the first eval after the
-killed run's resume from its step-10 checkpoint (steps 11-15 replayed, 16-20 new), at the demo's learning-rate
-schedule (max_steps unchanged)."""
-
-
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    """The demo plan's CPT on local paths, one-node Ray, not killed, up to REFERENCE_LAST_STEP (the reference)."""
-    from ray.train import WorkerGroupError
-
-    root = tmp_path_factory.mktemp("local")
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    stop = ("train.faults.stage=cpt", f"train.faults.raise_at_step={REFERENCE_LAST_STEP + 1}",
-            "train.max_failures=0")
-    try:
-        t0 = time.perf_counter()
-        with pytest.raises(WorkerGroupError, match=f"injected fault: stage cpt step {REFERENCE_LAST_STEP + 1}"):
-            run_plan(demo_cfg(str(root / "runs"), str(root / "prepared"), *stop), stages=REFERENCE_STAGES,
-                     resume="never")
-        TIMES["local"] = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
-    return root / "runs" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +68,7 @@ def two_nodes(s3_server, tmp_path_factory):
             os.environ["KCPT_SCRATCH"] = old
 
 
-def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(local_run, two_nodes, s3_prefix, tmp_path,
-                                                              monkeypatch):
+def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(two_nodes, s3_prefix, tmp_path, monkeypatch):
     cwd = tmp_path / "driver-cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -114,10 +81,7 @@ def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(local_run, two_nod
     (stale / "checkpoints" / "00-cpt-step000010" / "manifest.json").write_text("{}")
     t0 = time.perf_counter()
     res = run_plan(cfg, resume="never")
-    TIMES["s3_two_nodes"] = time.perf_counter() - t0
-    print(f"\ndemo plan: local {'+'.join(REFERENCE_STAGES)} to step {REFERENCE_LAST_STEP} {TIMES['local']:.0f} s, "
-          f"S3 + 2 nodes, all stages "
-          f"(incl. one worker kill) {TIMES['s3_two_nodes']:.0f} s")
+    print(f"\ndemo plan on S3 + 2 nodes, all stages (incl. one worker kill): {time.perf_counter() - t0:.0f} s")
     # the demo plan end to end, as `python jobs/train_stages.py` runs it (2 workers, seq_len 256): every stage
     # stops on its own rule, stage 3 passes its gate, the exam loss ends far below where exam training started
     # while the raw val loss stays within tolerance of the CPT baseline
@@ -137,19 +101,11 @@ def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(local_run, two_nod
     exam_start = next(r["exam_val_loss"] for r in recs if r["stage"] == "stage1" and r["step"] == 0)
     assert exam_start - s["stage3"]["best_exam_val_loss"] > 1.0  # nats, on the same exam_val set
     assert all(r["rollbacks"] == 0 for r in recs)
-    # the same metrics as the local run that was not killed, up to its last eval: no eval lost or recorded
-    # twice, values within 1e-6
-    got = {(r["stage"], r["step"]): r for r in recs if r["stage"] in REFERENCE_STAGES}
-    want = {(r["stage"], r["step"]): r for r in read_metrics(local_run)}
-    assert max(step for _, step in want) == REFERENCE_LAST_STEP
-    assert {k for k in got if k[1] <= REFERENCE_LAST_STEP} == want.keys()
-    assert max(step for _, step in got) > REFERENCE_LAST_STEP  # the killed run went on to its own stop
-    for key, w in want.items():
-        for k in COMPARED:
-            if w.get(k) is None:
-                assert got[key].get(k) is None, (key, k)
-            else:
-                assert got[key][k] == pytest.approx(w[k], abs=1e-6, rel=0), (key, k)
+    # the killed worker's group was replaced and went on from the step-10 checkpoint: no eval lost or recorded
+    # twice (that the resume is exact, across nodes and from the bucket: the elastic test below)
+    cpt = load_config(None, []).stage("cpt")
+    steps = [r["step"] for r in recs if r["stage"] == "cpt"]
+    assert steps == list(range(0, steps[-1] + 1, cpt.eval_every)) and steps[-1] > 15, steps
     # exam accuracy at every exam eval: all of exam_val's items reached both nodes' workers from the bucket
     # (items.jsonl, split between the ranks and gathered)
     from kcpt.data.exam_io import ITEMS_FILE
@@ -259,9 +215,10 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_every_step_the_same(two_n
     micro-batches lie on 1 reading worker × 3 and a spare one that runs weightless padding. Rank 1 stops responding
     at step 6 and its node is removed (a preempted node): the run goes on on 1 worker from its step-4 checkpoint in
     the bucket — both nodes' ZeRO partitions, re-partitioned for 1 rank — and ends. Every eval equals the in-process
-    run's (one worker, the same 3 micro-batches per step; losses to 1e-6): the padding weighs nothing, and the
-    restart on the smaller world resumes exactly. The partition the lost node uploaded is checksummed in rank 0's
-    manifest, and a copy changed in the bucket is refused naming it."""
+    run's into a local run directory (one worker, the same 3 micro-batches per step; losses to 1e-6): the padding
+    weighs nothing, the restart on the smaller world resumes exactly, across nodes and from the bucket. The
+    partition the lost node uploaded is checksummed in rank 0's manifest, and a copy changed in the bucket is
+    refused naming it."""
     import threading
 
     monkeypatch.chdir(tmp_path)
@@ -269,7 +226,7 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_every_step_the_same(two_n
             "model.tiny.intermediate_size=64", "plan.0.max_steps=8", "plan.0.eval_every=4", "train.num_workers=3",
             "train.min_workers=1", "train.run_name=elastic", "train.keep_last=5"]
     want = read_metrics(run_plan(demo_cfg(str(tmp_path / "runs"), f"{s3_prefix}/prepared", *tiny), stages=["cpt"],
-                                 resume="never", in_process=True, console=False).run_dir)
+                                 resume="never", in_process=True, console=False).run_dir)  # a local run directory
     run_uri = f"{s3_prefix}/runs/elastic"
     cluster, node = CLUSTER["cluster"], CLUSTER["worker_node"]
     # the driver-side actors of a run (the error box, the console queue) live on the driver's node, where losing a
@@ -280,8 +237,8 @@ def test_an_elastic_run_that_loses_a_node_goes_on_with_every_step_the_same(two_n
     from kcpt.train.worker_errors import ErrorBox
 
     here = ray.get_runtime_context().get_node_id()
-    boxes = [ErrorBox() for _ in range(4)]
-    queues = [Queue(actor_options={"num_cpus": 0, **on_this_node()}) for _ in range(4)]
+    boxes = [ErrorBox() for _ in range(3)]
+    queues = [Queue(actor_options={"num_cpus": 0, **on_this_node()}) for _ in range(3)]
     actors = [b.actor for b in boxes] + [q.actor for q in queues]
     where = ray.get([a.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for a in actors])
     assert set(where) == {here}

@@ -335,15 +335,22 @@ def gate_spec(cfg: KcptConfig, stage: str, baseline_raw_best: float | None, toke
                                token_scale=float(stage_token_budget(cfg, stage)), tokens_before=tokens_before)
 
 
+def trial_config(base: KcptConfig, params: dict[str, Any], stage: str) -> KcptConfig:
+    """The config a trial (or a re-evaluation run) of ``params`` trains: the tuned ``stage`` of ``base`` at a fixed
+    world size, :meth:`KcptConfig.tune_workers` (an elastic ``train.min_workers`` is for the long runs)."""
+    cfg = apply_params(base, params, stage)
+    cfg.train.num_workers = base.tune_workers()
+    cfg.train.min_workers = None
+    return cfg
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable: run the tuned stage with the sampled ``config`` and report its gate summary
     as a last result with ``trial_final=True`` (the searcher tells Optuna COMPLETE only for such trials)."""
     from kcpt.config import config_from_dict
 
     base = config_from_dict(ctx.base_config, "<tune base config>")
-    cfg = apply_params(base, config, ctx.stage)
-    cfg.train.num_workers = base.tune_workers()
-    cfg.train.min_workers = None  # a trial trains at a fixed world size (an elastic one is for the long runs)
+    cfg = trial_config(base, config, ctx.stage)
     trial_id = tune.get_context().get_trial_id()
     run_dir = (store_lib.join(ctx.runs_dir, trial_id) if store_lib.is_uri(ctx.runs_dir)
                else Path(ctx.runs_dir) / trial_id)
@@ -386,9 +393,7 @@ def reevaluate(study: Any, ctx: TrialContext, *, top_k: int, seeds: int, log: Ca
     for j, (t, seed) in enumerate(todo, 1):
         if (t.number, seed) in done:
             continue
-        cfg = apply_params(base, t.params, ctx.stage)
-        cfg.train.num_workers = base.tune_workers()
-        cfg.train.min_workers = None
+        cfg = trial_config(base, t.params, ctx.stage)
         cfg.train.seed = seed
         name = f"reeval-{t.number}-seed{seed}"
         run_dir = store_lib.join(ctx.runs_dir, name) if store_lib.is_uri(ctx.runs_dir) else Path(ctx.runs_dir) / name

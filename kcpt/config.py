@@ -442,8 +442,9 @@ class TrainConfig(Strict):
     fewer when a node is lost (from the last checkpoint) and grows again when nodes come back. Every step keeps
     ``num_workers``' rows (:func:`kcpt.train.layout.step_layout`: on fewer workers the ranks accumulate more
     micro-batches, and ranks the step's micro-batches do not divide over run padding micro-batches that weigh
-    nothing), so the gradients are those of the full-size run. ``None``: a fixed ``num_workers``. Not with
-    ``data.loader: ray_data`` (Ray splits its datasets over every worker)."""
+    nothing), so the gradients are those of the full-size run. ``None``: a fixed ``num_workers``. With
+    ``data.loader: ray_data`` each Ray Dataset is split over the reading workers only; a restart on another number
+    of readers splits the current epoch anew (rows of it may come again)."""
     elastic_resize_interval_s: float | None = Field(None, gt=0)
     """Elastic runs: how often Ray Train looks for room for more workers while the group is healthy
     (``ScalingConfig.elastic_resize_monitor_interval_s``; ``None``: Ray's default, 60 s); a resize restarts the
@@ -793,10 +794,6 @@ class KcptConfig(Strict):
             if t.min_workers > t.num_workers:
                 raise ValueError(f"train.min_workers: {t.min_workers} is more than train.num_workers "
                                  f"({t.num_workers}), the most workers an elastic run trains on")
-            if self.data.loader == "ray_data":
-                raise ValueError("train.min_workers: elastic training needs data.loader stream or memory (ray_data "
-                                 "splits each Ray Dataset over every worker: on a worker count that does not divide "
-                                 "the step's micro-batches, the share of a worker that reads none would go unread)")
         for i, beta in enumerate(self.train.adam_betas):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"train.adam_betas.{i}: must be in [0, 1), got {beta}")

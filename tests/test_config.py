@@ -124,6 +124,9 @@ def test_the_relayout_line_names_what_each_loader_reads_on_and_ray_data_keeps_it
         line("train.num_workers=1", "train.micro_batch_size=16", loader="ray_data")
     got = line("train.num_workers=1", "train.grad_accum=2", loader="ray_data")
     assert got is not None and "splits each source's current epoch anew over 1 worker:" in got
+    # elastic: how many of the workers read is known in the workers only, and they say it (test_train_ray.py)
+    got = line("train.num_workers=1", "train.grad_accum=2", "train.min_workers=1", loader="ray_data")
+    assert got is not None and "current epoch" not in got
     with pytest.raises(CheckpointError, match=r"\(8 → 4 rows\)"):  # the same workers, the micro-batch halved
         line("train.grad_accum=2", "train.micro_batch_size=4", loader="ray_data")
     assert line("train.grad_accum=2", loader="ray_data") is None  # 32 rows per step: refused as before

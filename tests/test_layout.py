@@ -66,8 +66,6 @@ def test_padding_micro_batches_have_no_target():
 def test_min_workers_is_checked_and_changes_no_training_hash():
     with pytest.raises(ConfigError, match=r"train.min_workers: 3 is more than train.num_workers \(2\)"):
         load_config(None, ["train.num_workers=2", "train.min_workers=3"])
-    with pytest.raises(ConfigError, match="train.min_workers: elastic training needs data.loader stream or memory"):
-        load_config(None, ["train.min_workers=1", "data.loader=ray_data"])
     fixed = load_config(None, [])
     # how many workers a run may shrink to changes no trained weight (a resume may change it), and the hashes of
     # configs written before the key existed stay as they were

@@ -32,11 +32,11 @@ def ray_local():
     ray.shutdown()
 
 
-def splits(ref, world, *, seed=0, materialize_rows=0):
+def splits(ref, world, *, seed=0, materialize_rows=0, micro_batches=None):
     ds = source_dataset("raw", str(ref), seed=seed, materialize_rows=materialize_rows, read_cpus=0.25)
     # exactly what Ray Train does with the trainer's datasets: DataConfig.configure → per-worker DataIterators
-    per_worker = data_config(["raw"]).configure({"raw": ds}, world_size=world, worker_handles=None,
-                                                worker_node_ids=None)
+    per_worker = data_config(["raw"], micro_batches).configure({"raw": ds}, world_size=world, worker_handles=None,
+                                                               worker_node_ids=None)
     return [w["raw"] for w in per_worker]
 
 
@@ -105,6 +105,25 @@ def test_a_small_source_is_materialized_repeated_and_wraps_inside_a_batch(ray_lo
 
     counts = Counter(got[0][:per_rank] + got[1][:per_rank])
     assert sorted(counts) == list(range(10)) and set(counts.values()) == {410}
+
+
+def test_an_elastic_worlds_spare_rank_gets_no_split_and_the_readers_share_every_row(ray_local, tmp_path):
+    """An elastic run's step of 4 micro-batches on 3 workers: 2 read (4 divides over 2, not 3) and split the
+    epoch between them; the spare rank gets no iterator (it runs padding micro-batches), so no part goes unread."""
+    ref = make_prepared(tmp_path / "d", 41, per_shard=10, row_group=5)
+    its = splits(ref, 3, micro_batches=4)
+    assert its[2] is None and its[0] is not None and its[1] is not None
+
+    def ids(r):
+        b = RayDataBatches(its[r], name="raw", rank=r, world=2, batch_size=4, seed=0, shuffle_rows=8, source_rows=41)
+        got = [int(x) for _ in range(5) for x in b.next()["input_ids"][:, 0]]  # 20 rows: one reader's epoch
+        b.close()
+        return got
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(ids, range(2))
+    assert len(set(a)) == len(set(b)) == 20 and not set(a) & set(b)  # 41 // 2 each, disjoint: 40 of 41 rows read
+    assert [it is None for it in splits(ref, 3, micro_batches=3)] == [False, False, False]  # 3 divide over 3
 
 
 def test_refuses_another_loaders_state_and_another_batch_size(ray_local, tmp_path):

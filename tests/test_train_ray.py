@@ -1,7 +1,8 @@
 """The stage loop on real Ray Train (2 workers, DDP over gloo, tiny Llama with attention dropout, the demo data
 at seq_len 64).
 
-One Ray for the module. Covers: injected NaN + grad spike roll back and the run finishes (bf16 autocast); a
+One Ray for the module. Covers: injected NaN + grad spike roll back and the run finishes (bf16 autocast), and an
+elastic world with a spare worker reading Ray Data runs it exactly as one worker does; a
 worker killed mid-stage with a checkpoint write in flight is replaced and the run ends with the same metrics as an
 uninterrupted one (dropout: every rank's RNG is restored; the Ray Data loader); a deterministic abort ends the run
 once (not retried by FailureConfig); ``run_plan(in_task=True)`` at world size 1 (one Ray task, retried after a
@@ -77,13 +78,22 @@ def _by_key(records):
     return {(r["stage"], r["step"]): r for r in records}
 
 
-def test_nan_and_grad_spike_roll_back_and_finish_under_bf16_autocast(ray_session, prepared_root, tmp_path):
+FAULTS_ONE_WORKER = ("train.faults.nan_at_step=3", "train.faults.grad_spike_at_step=7", "model.dtype=bfloat16",
+                     "data.loader=ray_data", "train.num_workers=1", "train.grad_accum=3")
+"""An injected NaN and a gradient spike in CPT under bf16 autocast, one worker reading Ray Data, 3 micro-batches per
+step."""
+
+
+@pytest.fixture(scope="module")
+def faults_one_worker(ray_session, prepared_root, tmp_path_factory):
+    return run_plan(small_cfg(prepared_root, tmp_path_factory.mktemp("faults"), "faults", *FAULTS_ONE_WORKER),
+                    stages=["cpt"], resume="never")
+
+
+def test_nan_and_grad_spike_roll_back_and_finish_under_bf16_autocast(faults_one_worker):
     """model.dtype bfloat16 without DeepSpeed: forwards autocast to bf16, weights (and checkpoints) stay fp32; an
     injected NaN and a gradient spike each roll back, and the run finishes."""
-    cfg = small_cfg(prepared_root, tmp_path, "faults", "train.faults.nan_at_step=3",
-                    "train.faults.grad_spike_at_step=7", "train.grad_accum=2", "train.micro_batch_size=2",
-                    "model.dtype=bfloat16")
-    res = run_plan(cfg, stages=["cpt"], resume="never")
+    res = faults_one_worker
     s = res.summaries["cpt"]
     assert s["steps"] == 8 and s["rollbacks"] == 2
     recs = [r for r in read_metrics(res.run_dir) if r["stage"] == "cpt"]
@@ -94,6 +104,28 @@ def test_nan_and_grad_spike_roll_back_and_finish_under_bf16_autocast(ray_session
 
     weights = load_file(str(Path(res.best_checkpoints["cpt"]) / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {__import__("torch").float32}
+
+
+# a spare rank's unread split would block the reader for good: the thread method ends the session with every
+# thread's stack (the signal method does not end a hang inside fit); test_ray_stream.py tests the split itself
+@pytest.mark.timeout(300, method="thread")
+def test_an_elastic_world_with_a_spare_worker_reads_ray_data_as_the_one_worker_run(faults_one_worker, prepared_root,
+                                                                                    tmp_path, capsys):
+    """``data.loader: ray_data`` on an elastic world whose workers do not divide the step: ``num_workers`` 3 at
+    1.2 CPUs each on this 3-CPU Ray starts 2 workers; the step's 3 micro-batches go to 1 reading worker, the other
+    runs padding micro-batches and gets no Ray Data split (:mod:`kcpt.train.ray_data_config`). Every CPT eval equals
+    the 1-worker run's with ``grad_accum`` 3 (the same rows, read from the same one-way split; the NaN and the spike
+    roll back the same, on both ranks)."""
+    capsys.readouterr()
+    got = run_plan(small_cfg(prepared_root, tmp_path, "elastic", *FAULTS_ONE_WORKER, "train.num_workers=3",
+                             "train.grad_accum=1", "train.min_workers=1", "train.cpus_per_worker=1.2"),
+                   stages=["cpt"], resume="never")
+    assert ("elastic: 2 of 3 workers; each step's 3 micro-batches as 1 reading worker × 3, 1 worker running padding "
+            "micro-batches (weightless: 3 do not divide over 2)") in capsys.readouterr().out
+    recs = read_metrics(got.run_dir)
+    assert [(r["step"], r["workers"]) for r in recs] == [(0, 2), (4, 2), (8, 2)]
+    _assert_same_metrics(got.run_dir, faults_one_worker.run_dir)
+    assert [r["epoch"] for r in recs] == [r["epoch"] for r in read_metrics(faults_one_worker.run_dir)]  # 1 reader's
 
 
 @pytest.fixture(scope="module")

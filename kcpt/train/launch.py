@@ -35,6 +35,7 @@ from kcpt.data.shards import fetch_prepared, read_manifest
 from kcpt.errors import CheckpointError, ConfigError, KcptError, Terminated, TrainingAborted
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.engine import check_engine_state
+from kcpt.train.layout import step_micro_batches
 from kcpt.train.plan import check_baselines, check_rows, datasets_needed, expected_manifest, stage_sources
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_of
 from kcpt.train.streams import ShardReader
@@ -469,7 +470,7 @@ def _relaid_out(before: KcptConfig | None, cfg: KcptConfig, manifest: dict[str, 
             f"the same rows per step ({_micro(rows_per_step(cfg))}): the run goes on as configured")
     if cfg.data.loader != "ray_data":
         return f"{line}, each source with the rows of its epoch no worker has read yet"
-    if t0.num_workers != t1.num_workers:
+    if t0.num_workers != t1.num_workers and t1.min_workers is None:  # (elastic: the workers say over how many)
         workers = f"{t1.num_workers} worker{'s' if t1.num_workers != 1 else ''}"
         return (f"{line}; data.loader ray_data splits each source's current epoch anew over {workers}: rows of it "
                 "already read may come again, others wait for the next epoch (the stream and memory loaders go on "
@@ -516,12 +517,12 @@ def _fit(cfg: KcptConfig, loop_config: dict[str, Any], rd: RunDir, callbacks: li
     box = ErrorBox()
     loop_config = {**loop_config, "errors": box}
     data: dict[str, Any] = {}
-    if cfg.data.loader == "ray_data":  # each training source a Ray Dataset, split equally across the workers
+    if cfg.data.loader == "ray_data":  # each training source a Ray Dataset, split equally across the readers
         from kcpt.train.ray_stream import data_config, source_datasets
 
         names = list(dict.fromkeys(s for st in loop_config["stages"] for s in stage_sources(cfg.stage(st))))
         data = {"datasets": source_datasets(cfg, loop_config["prepared"], names),
-                "dataset_config": data_config(names)}
+                "dataset_config": data_config(names, step_micro_batches(cfg))}
     workers: int | tuple[int, int] = t.num_workers
     elastic: dict[str, float] = {}
     if t.min_workers is not None and t.min_workers < t.num_workers:  # elastic: Ray Train sizes the worker group

@@ -54,13 +54,27 @@ class StepLayout:
         return line
 
 
+def step_micro_batches(cfg: KcptConfig) -> int | None:
+    """``B``, the micro-batches of every step of an elastic run (``grad_accum · num_workers``); None for a
+    fixed-size run, whose every rank reads."""
+    t = cfg.train
+    return None if t.min_workers is None else t.grad_accum * t.num_workers
+
+
+def readers(micro_batches: int | None, world: int) -> int:
+    """Reading ranks of a world of ``world`` ranks: the largest divisor of ``micro_batches`` (``B``) that is at
+    most ``world``; all of them when ``micro_batches`` is None (a fixed-size run)."""
+    if micro_batches is None:
+        return world
+    return max(d for d in range(1, min(world, micro_batches) + 1) if micro_batches % d == 0)
+
+
 def step_layout(cfg: KcptConfig, world: int) -> StepLayout:
     """The layout of every step of ``cfg``'s plan on ``world`` ranks (see the module docstring)."""
-    t = cfg.train
-    if t.min_workers is None:
-        return StepLayout(world=world, active=world, grad_accum=t.grad_accum)
-    b = t.grad_accum * t.num_workers
-    active = max(d for d in range(1, min(world, b) + 1) if b % d == 0)
+    b = step_micro_batches(cfg)
+    if b is None:
+        return StepLayout(world=world, active=world, grad_accum=cfg.train.grad_accum)
+    active = readers(b, world)
     return StepLayout(world=world, active=active, grad_accum=b // active)
 
 

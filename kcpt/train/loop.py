@@ -73,7 +73,7 @@ from kcpt.train.engine import (
 from kcpt.train.evaluation import eval_loss, ppl
 from kcpt.train.faults import FaultInjector
 from kcpt.train.handoff import handoff_candidates, keep_list
-from kcpt.train.layout import PaddingBatches, step_layout
+from kcpt.train.layout import PaddingBatches, readers, step_layout, step_micro_batches
 from kcpt.train.losses import kl_to_reference_sum, token_ce_sum
 from kcpt.train.mixture import MixtureSampler
 from kcpt.train.plan import (  # noqa: F401 - re-exported: the plan-level helpers live in the light module
@@ -449,7 +449,7 @@ class StageRunner:
         relabel = kind == "full" and self.cfg.data.datasets[name].kind == "exam"
         shard = self.session.dataset_shard(name) if self.cfg.data.loader == "ray_data" else None
         if shard is not None:
-            return RayDataBatches(shard, name=name, rank=self.rank, world=self.world, batch_size=batch_size,
+            return RayDataBatches(shard, name=name, rank=self.rank, world=readers, batch_size=batch_size,
                                   seed=t.seed, shuffle_rows=self.cfg.data.stream_window_rows,
                                   source_rows=shard_paths(self.config["prepared"][name])[1], device=self.device,
                                   transform=(lambda a: (a[0], a[1], full_labels(*a))) if relabel else None)
@@ -830,6 +830,15 @@ class StageRunner:
             elif rngs:
                 log.warning("resume on %d workers from a checkpoint of %d: RNG states not restored",
                             self.world, len(rngs))
+            before = readers(step_micro_batches(self.cfg), len(rngs)) if rngs else self.layout.active
+            if (self.cfg.data.loader == "ray_data" and self.cfg.train.min_workers is not None
+                    and before != self.layout.active and self.rank == 0):  # (a fixed run's: said by the driver)
+                line = (f"stage {stage.name}: data.loader ray_data splits each source's current epoch anew over "
+                        f"{self.layout.active} reading worker{'s' if self.layout.active != 1 else ''} (the "
+                        f"checkpoint's {before}): rows of it already read may come again, others wait for the next "
+                        "epoch")
+                log.warning(line)
+                self.emit({"kind": "line", "text": line})
         return run
 
     def load_engine_state(self, engine: Engine, ref: str, *, optional: bool = False) -> bool:

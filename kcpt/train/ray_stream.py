@@ -3,7 +3,8 @@ workers (``data.loader: ray_data``).
 
 Driver (:func:`source_datasets`): one Ray Dataset per training source of the plan, read from the prepared
 Parquet shards (local directory or URI) by Ray Data's own reader, one read task per shard file. The
-:func:`data_config` splits every one equally across the workers (``streaming_split(equal=True)``) with
+:func:`data_config` splits every one equally across the reading workers (every worker, but for the spare ranks of
+an elastic run's world: :mod:`kcpt.train.layout`) (``streaming_split(equal=True)``) with
 ``preserve_order``, so which rows each split gets is a function of the block sequence alone (Ray's
 ``OutputSplitter`` then hands each block to the split with the fewest rows so far, no locality reordering) —
 the same run to run, whatever the consumers' timing. A *small* source (at most
@@ -92,12 +93,15 @@ def source_datasets(cfg: Any, prepared: dict[str, str], names: list[str]) -> dic
                               read_cpus=d.ray_data_read_cpus) for n in names}
 
 
-def data_config(names: list[str]) -> Any:
-    """Every source split equally across the workers, in a preserved (deterministic) order."""
+def data_config(names: list[str], micro_batches: int | None = None) -> Any:
+    """Every source split equally across the reading workers (all of them; on an elastic run's world, those of
+    :func:`kcpt.train.layout.readers` for ``micro_batches`` per step), in a preserved (deterministic) order."""
     from ray.data import ExecutionOptions
-    from ray.train import DataConfig
 
-    return DataConfig(datasets_to_split=list(names), execution_options=ExecutionOptions(preserve_order=True))
+    from kcpt.train.ray_data_config import ReadersDataConfig
+
+    return ReadersDataConfig(micro_batches, datasets_to_split=list(names),
+                             execution_options=ExecutionOptions(preserve_order=True))
 
 
 def execution_rows(rows: int, materialize_rows: int) -> int:

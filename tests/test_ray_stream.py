@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -124,6 +125,37 @@ def test_an_elastic_worlds_spare_rank_gets_no_split_and_the_readers_share_every_
         a, b = pool.map(ids, range(2))
     assert len(set(a)) == len(set(b)) == 20 and not set(a) & set(b)  # 41 // 2 each, disjoint: 40 of 41 rows read
     assert [it is None for it in splits(ref, 3, micro_batches=3)] == [False, False, False]  # 3 divide over 3
+
+
+def test_a_read_starved_of_cpus_is_told_and_goes_on_when_they_free_up(ray_local, tmp_path):
+    """Training workers that hold every CPU leave Ray Data's read tasks none: the worker waits for good, and before
+    this nothing said why (Ray Data's starvation warning is in its own log). Here an actor holds both CPUs; the
+    reader tells ``on_stall`` what to do after ``stall_s``, and reads on once the CPUs are free."""
+    import threading
+
+    ref = make_prepared(tmp_path / "d", 40)
+    hog = ray.remote(num_cpus=2)(type("Hog", (), {"ping": lambda self: 1})).remote()
+    ray.get(hog.ping.remote())
+    told: list[str] = []
+    its = splits(ref, 1)  # materialize_rows 0: read by Ray Data tasks as the training reads
+    b = RayDataBatches(its[0], name="raw", rank=0, world=1, batch_size=4, seed=0, shuffle_rows=8, source_rows=40,
+                       on_stall=told.append, stall_s=2)
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(b.next()), daemon=True)
+    reader.start()
+    for _ in range(300):
+        if told:
+            break
+        time.sleep(0.1)
+    assert not got and len(told) == 1, told
+    assert told[0].startswith("source 'raw': no rows from Ray Data for 2 s (worker 0).") and \
+        "leave a CPU or more of the cluster free of training workers" in told[0]
+    ray.kill(hog)
+    reader.join(timeout=120)
+    assert got and got[0]["input_ids"].shape[0] == 4 and len(told) == 1  # read on, told once
+    b.next()  # a read that flows says nothing
+    assert len(told) == 1
+    b.close()
 
 
 def test_refuses_another_loaders_state_and_another_batch_size(ray_local, tmp_path):

@@ -452,7 +452,8 @@ class StageRunner:
             return RayDataBatches(shard, name=name, rank=self.rank, world=readers, batch_size=batch_size,
                                   seed=t.seed, shuffle_rows=self.cfg.data.stream_window_rows,
                                   source_rows=shard_paths(self.config["prepared"][name])[1], device=self.device,
-                                  transform=(lambda a: (a[0], a[1], full_labels(*a))) if relabel else None)
+                                  transform=(lambda a: (a[0], a[1], full_labels(*a))) if relabel else None,
+                                  on_stall=self.tell)
         if self.streaming:
             return StreamBatches(self.reader_of(name), rank=self.rank, world=readers,
                                  batch_size=batch_size, seed=t.seed,
@@ -1038,6 +1039,11 @@ class StageRunner:
             self._held_report = (flat, ckpt_path)
         else:
             self.session.report(flat, ckpt_path, self.rank)
+
+    def tell(self, line: str) -> None:
+        """A warning for the log, and (rank 0) for the console."""
+        log.warning(line)
+        self.emit({"kind": "line", "text": line})
 
     def emit(self, event: dict[str, Any]) -> None:
         """Send a console event to the driver (rank 0 only, when the driver listens)."""

@@ -32,6 +32,7 @@ run would have seen.
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -50,6 +51,9 @@ MIN_ROWS_PER_EXECUTION = 4096
 """A materialized small source is repeated until one Ray Data execution holds at least this many rows."""
 
 LOADER = "ray_data"
+
+STALL_S = 60.0
+"""Seconds without a row from Ray Data after which a worker says so (:class:`RayDataBatches` ``on_stall``)."""
 
 
 def _seed_int(*parts: int) -> int:
@@ -115,12 +119,16 @@ class RayDataBatches:
     Same interface as :class:`kcpt.train.streams.StreamBatches`: ``next()`` → a :data:`Batch` of exactly
     ``batch_size`` rows, ``cursor`` (batches handed out), ``epoch`` (passes over the source, fractional),
     ``state_dict()`` / ``load_state_dict()``, ``close()``. ``shard`` is the worker's ``DataIterator``;
-    ``source_rows`` the source's rows (for ``epoch``); ``transform(arrays)`` may rewrite a batch's arrays."""
+    ``source_rows`` the source's rows (for ``epoch``); ``transform(arrays)`` may rewrite a batch's arrays.
+    ``on_stall(message)`` is called once per wait when Ray Data has given no rows for ``stall_s`` seconds (the
+    wait goes on: a stalled read is told, not broken off)."""
 
     def __init__(self, shard: Any, *, name: str, rank: int, world: int, batch_size: int, seed: int,
                  shuffle_rows: int, source_rows: int, device: torch.device | str = "cpu",
-                 transform: Callable[[Arrays], Arrays] | None = None, prefetch_batches: int = 2) -> None:
+                 transform: Callable[[Arrays], Arrays] | None = None, prefetch_batches: int = 2,
+                 on_stall: Callable[[str], None] | None = None, stall_s: float = STALL_S) -> None:
         self.shard, self.name, self.rank, self.world = shard, name, rank, world
+        self.on_stall, self.stall_s = on_stall, stall_s
         self.batch_size, self.seed, self.shuffle_rows = batch_size, seed, shuffle_rows
         self.per_rank_pass = max(1, source_rows // world)
         self.device, self.transform, self.prefetch_batches = device, transform, prefetch_batches
@@ -143,12 +151,29 @@ class RayDataBatches:
             drop_last=False)
         self._it = iter(gen)
 
+    def _stalled(self) -> None:
+        assert self.on_stall is not None
+        self.on_stall(
+            f"source '{self.name}': no rows from Ray Data for {self.stall_s:.0f} s (worker {self.rank}). If Ray "
+            "Data's log (logs/ray-data/ in the Ray session) says \"Cluster resources are not enough to run any task\", "
+            "its read tasks (data.ray_data_read_cpus CPUs each) find no CPU beside the training workers "
+            "(train.cpus_per_worker each) and training waits for good: leave a CPU or more of the cluster free of "
+            "training workers, lower data.ray_data_read_cpus, or use data.loader stream")
+
     def _pull(self) -> Arrays | None:
         assert self._it is not None
+        timer = None
+        if self.on_stall is not None:
+            timer = threading.Timer(self.stall_s, self._stalled)
+            timer.daemon = True
+            timer.start()
         try:
             b = next(self._it)
         except StopIteration:
             return None
+        finally:
+            if timer is not None:
+                timer.cancel()
         arrays = tuple(np.stack(list(b[c])) if b[c].dtype == object else np.asarray(b[c]) for c in _COLUMNS)
         arrays = tuple(a.astype(np.int32, copy=False) for a in arrays)
         return self.transform(arrays) if self.transform is not None else arrays  # type: ignore[return-value]

@@ -8,9 +8,15 @@ directory at a URI, the holder also keeps one small object beside its files, ``k
 - Taking it: absent, or *stale* (not rewritten for ``ttl_s`` by the store's own clock — its objects' modification
   times — or its holder a dead process of this host), it is written, and read back after :data:`SETTLE_S`: the
   writer whose token is there holds it. Object stores read back what was last written (S3 and GCS are strongly
-  consistent), so of two drivers that write within the settle time only one goes on. pyarrow's filesystems offer
-  no conditional write, so two that start further apart but each read "absent" before the other wrote are
-  the one race left; the heartbeat of the one that lost then says so loudly.
+  consistent), so of two drivers that write within the settle time only one goes on.
+- On ``s3://`` the writes are conditional (:class:`Conditional`: PutObject with ``If-None-Match: *`` where the
+  lease was absent, ``If-Match: <ETag>`` of the stale lease that was read, and of its own last write for a
+  heartbeat), so of two drivers that each read "absent" or "stale" only one write succeeds, however far apart
+  they started, and a heartbeat never overwrites a lease another driver took. pyarrow's filesystems have no
+  conditional write, so this goes through boto3 (the same ``AWS_*`` settings); a server that answers
+  NotImplemented gets the plain writes, and GCS has only those: there, two drivers that start further apart than
+  the settle time but each read "absent" before the other wrote are the race left (the heartbeat of the one that
+  lost then says so loudly).
 - Held by another: :class:`LeaseHeld` names its host, pid and the seconds since its last heartbeat.
 
 ``KCPT_LEASE_TTL_S`` sets ``ttl_s`` (default :data:`TTL_S`): a driver killed with SIGKILL on another machine frees
@@ -58,6 +64,8 @@ class Holder:
     """Seconds since the holder last wrote the lease (by the store's clock)."""
     token: str
     ttl_s: float
+    etag: str | None = None
+    """The version read (``s3://``: for a conditional replace)."""
 
     def stale(self) -> bool:
         return self.age_s > self.ttl_s or (self.host == socket.gethostname() and not _alive(self.pid))
@@ -92,9 +100,79 @@ def _now_by_store(store: Store) -> float:
         store.delete(probe)
 
 
-def read_holder(store: Store, *, aged: bool = True) -> Holder | None:
-    """The lease's holder, or None when there is none (or it is unreadable: taken as absent). ``aged=False``: who
-    holds it, without its age (``age_s`` 0; the store's clock costs a write, a stat and a delete)."""
+class Conditional:
+    """Conditional writes of an ``s3://`` store's lease object (S3's PutObject preconditions, through boto3; the
+    endpoint and credentials from the standard ``AWS_*`` variables, as pyarrow's). :meth:`of` is None where there
+    are none (another scheme; boto3 absent)."""
+
+    def __init__(self, client: Any, bucket: str, key: str) -> None:
+        self.client, self.bucket, self.key = client, bucket, key
+        self.supported = True
+        """False once the server answered NotImplemented: plain writes from then on."""
+
+    @classmethod
+    def of(cls, store: Store) -> Conditional | None:
+        if not store.uri.startswith("s3://"):
+            return None
+        try:
+            import boto3
+        except ImportError:
+            return None
+        bucket, _, prefix = store.base.partition("/")
+        return cls(boto3.client("s3"), bucket, f"{prefix}/{LEASE}" if prefix else LEASE)
+
+    def read(self) -> tuple[bytes, float, str] | None:
+        """``(content, modification time, ETag)`` of the lease, read at once; None when absent."""
+        from botocore.exceptions import ClientError
+
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return r["Body"].read(), r["LastModified"].timestamp(), r["ETag"]
+
+    def put(self, text: str, *, replacing: str | None) -> str | None:
+        """Write the lease if it is still as read — absent (``replacing`` None) or the version whose ETag is
+        ``replacing`` — and return the new ETag; None when another writer came first."""
+        from botocore.exceptions import ClientError
+
+        cond = {"IfMatch": replacing} if replacing is not None else {"IfNoneMatch": "*"}
+        try:
+            return str(self.client.put_object(Bucket=self.bucket, Key=self.key, Body=text.encode(), **cond)["ETag"])
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            if code == "NotImplemented":
+                log.warning("s3://%s: this S3 server has no conditional writes; the lease is written plainly",
+                            self.bucket)
+                self.supported = False
+                return str(self.client.put_object(Bucket=self.bucket, Key=self.key, Body=text.encode())["ETag"])
+            raise
+
+
+def _holder(d: dict[str, Any], age: float, etag: str | None) -> Holder:
+    return Holder(str(d.get("host", "?")), int(d.get("pid", 0)), age, str(d.get("token", "")),
+                  float(d.get("ttl_s", TTL_S)), etag)
+
+
+def read_holder(store: Store, *, aged: bool = True, cond: Conditional | None = None) -> Holder | None:
+    """The lease's holder, or None when there is none (or it is unreadable: taken as absent; with ``cond``, an
+    unreadable one is a stale holder, so that it is replaced conditionally). ``aged=False``: who holds it, without
+    its age (``age_s`` 0; the store's clock costs a write, a stat and a delete). With ``cond`` the content and its
+    ETag are read at once."""
+    if cond is not None:
+        got = cond.read()
+        if got is None:
+            return None
+        body, mtime, etag = got
+        age = max(0.0, _now_by_store(store) - mtime) if aged else 0.0
+        try:
+            return _holder(json.loads(body), age, etag)
+        except ValueError:
+            return Holder("?", 0, float("inf"), "", 0.0, etag)
     info = store.info(LEASE)
     if info.mtime is None:
         return None
@@ -103,8 +181,7 @@ def read_holder(store: Store, *, aged: bool = True) -> Holder | None:
     except (OSError, ValueError):
         return None
     age = max(0.0, _now_by_store(store) - info.mtime.timestamp()) if aged else 0.0
-    return Holder(str(d.get("host", "?")), int(d.get("pid", 0)), age, str(d.get("token", "")),
-                  float(d.get("ttl_s", TTL_S)))
+    return _holder(d, age, None)
 
 
 @contextmanager
@@ -114,16 +191,25 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
     ttl = ttl_s()
     me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "ttl_s": ttl}
     text = json.dumps(me)
+    cond = Conditional.of(store)
+    mine: list[str | None] = [None]
+    """The ETag of this driver's last write (conditional writes)."""
     told = False
     while True:
-        holder = read_holder(store)
+        holder = read_holder(store, cond=cond)
         if holder is None or holder.stale():
-            store.write_text(LEASE, text)
+            if cond is not None and cond.supported:
+                mine[0] = cond.put(text, replacing=holder.etag if holder is not None else None)
+                if mine[0] is None:  # another driver wrote it since it was read: read who
+                    continue
+            else:
+                store.write_text(LEASE, text)
             time.sleep(SETTLE_S)
-            got = read_holder(store, aged=False)
+            got = read_holder(store, aged=False, cond=cond)
             if got is not None and got.token == me["token"]:
                 if holder is not None:
                     log.warning("%s: took over the lease of a kcpt run that is gone (%s)", store.uri, holder)
+                mine[0] = got.etag
                 break
             holder = got or holder
         if holder is None:
@@ -139,12 +225,18 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
     def beat() -> None:
         while not stop.wait(ttl / 4):
             try:
-                now = read_holder(store, aged=False)
+                now = read_holder(store, aged=False, cond=cond)
                 if now is not None and now.token != me["token"]:
                     log.error("%s: another kcpt run took this run's lease (%s): two drivers write this run; stop "
                               "one of them", store.uri, now)
                     return
-                store.write_text(LEASE, text)
+                if cond is not None and cond.supported:
+                    tag = cond.put(text, replacing=mine[0])
+                    if tag is None:  # taken between the read and the write
+                        continue  # the next beat reads and names who
+                    mine[0] = tag
+                else:
+                    store.write_text(LEASE, text)
             except Exception as e:  # noqa: BLE001 - a failed heartbeat is retried at the next beat
                 log.warning("%s: lease heartbeat failed (%s); retrying", store.uri, e)
 
@@ -156,7 +248,7 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
         stop.set()
         thread.join()
         try:
-            now = read_holder(store, aged=False)
+            now = read_holder(store, aged=False, cond=cond)
             if now is not None and now.token == me["token"]:
                 store.delete(LEASE)
         except Exception as e:  # noqa: BLE001 - the lease then expires after its ttl

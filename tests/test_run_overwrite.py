@@ -177,6 +177,62 @@ def test_a_run_directory_at_a_uri_is_held_across_machines(s3_prefix, tmp_path, m
     assert RunDir(uri).check_owned() is None  # the lease alone does not make the directory someone else's
 
 
+@pytest.mark.parametrize("conditional", [True, False], ids=["s3-conditional-writes", "plain-writes"])
+def test_two_drivers_that_both_read_the_lease_absent_cannot_both_take_it(s3_prefix, monkeypatch, conditional):
+    """Driver A reads the lease absent, then stalls for 1 s before its write; meanwhile driver B reads it absent,
+    writes it and holds it. Plain writes (GCS; an S3 server without preconditions): A's write then lands over B's
+    and A holds it too — two drivers write one run (the race the settle read-back cannot see). S3's conditional
+    write (``If-None-Match: *``) refuses A's: A reads again and is refused, naming B's lease. And a replace of a
+    stale lease (``If-Match`` its ETag) or a heartbeat loses to a write that came between."""
+    import json
+    import threading
+
+    from kcpt import lease
+    from kcpt.storage import Store
+
+    store = Store(f"{s3_prefix}/runs/r")
+    if not conditional:
+        monkeypatch.setattr(lease.Conditional, "of", classmethod(lambda cls, store: None))
+    read = lease.read_holder
+
+    def stalled_read(*args, **kwargs):
+        got = read(*args, **kwargs)
+        if threading.current_thread().name == "driver-a" and not stalled.is_set():
+            stalled.set()
+            time.sleep(1.5)  # A's view (absent) is out of date when it writes
+        return got
+
+    stalled = threading.Event()
+    monkeypatch.setattr(lease, "read_holder", stalled_read)
+    outcome: list[object] = []
+
+    def driver_a() -> None:
+        try:
+            with lease.bucket_lease(store):
+                outcome.append("held")
+        except lease.LeaseHeld as e:
+            outcome.append(e)
+
+    a = threading.Thread(target=driver_a, name="driver-a")
+    a.start()
+    assert stalled.wait(5)  # A has read the lease absent
+    with lease.bucket_lease(store):  # B reads it absent too, writes it and holds it while A stalls
+        pass_b = read(store, aged=False).token
+        a.join(10)
+        if conditional:
+            assert isinstance(outcome[0], lease.LeaseHeld) and outcome[0].holder.token == pass_b  # refused: B holds
+            assert read(store, aged=False).token == pass_b
+        else:
+            assert outcome == ["held"]  # the race: A took B's live lease
+    if conditional:  # a stale lease's replace, and a heartbeat, lose to a write that came first
+        cond = lease.Conditional.of(store)
+        tag = cond.put(json.dumps({"token": "c"}), replacing=None)
+        assert tag is not None and cond.put(json.dumps({"token": "d"}), replacing=None) is None
+        assert cond.put(json.dumps({"token": "e"}), replacing=tag) is not None  # replaced as read
+        assert cond.put(json.dumps({"token": "f"}), replacing=tag) is None  # replaced since: refused
+        assert read(store, aged=False).token == "e"
+
+
 def test_a_damaged_prepared_shard_is_named_before_any_worker_starts(tmp_path):
     """A truncated shard in the prepared cache failed inside every worker with pyarrow's "Parquet magic bytes not
     found in footer", naming no file, three times over; the advice for a missing one did not work (the damaged

@@ -31,8 +31,11 @@ run would have seen.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
+import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -51,6 +54,8 @@ MIN_ROWS_PER_EXECUTION = 4096
 """A materialized small source is repeated until one Ray Data execution holds at least this many rows."""
 
 LOADER = "ray_data"
+
+log = logging.getLogger(__name__)
 
 STALL_S = 60.0
 """Seconds without a row from Ray Data after which a worker says so (:class:`RayDataBatches` ``on_stall``)."""
@@ -113,6 +118,41 @@ def execution_rows(rows: int, materialize_rows: int) -> int:
     return rows * (math.ceil(MIN_ROWS_PER_EXECUTION / rows) if rows <= materialize_rows else 1)
 
 
+class _Watchdog:
+    """One daemon thread per process that calls ``on_stall`` of every watched :class:`RayDataBatches` whose pull has
+    waited ``stall_s`` (once per wait). A pull costs two attribute writes, not a timer thread (~0.1 ms each)."""
+
+    _thread: threading.Thread | None = None
+    _watched: weakref.WeakSet[RayDataBatches] = weakref.WeakSet()
+    _lock = threading.Lock()
+    PERIOD_S = 0.5
+
+    @classmethod
+    def watch(cls, b: RayDataBatches) -> None:
+        if b in cls._watched:
+            return
+        with cls._lock:
+            cls._watched.add(b)
+            if cls._thread is None:
+                cls._thread = threading.Thread(target=cls._run, name="kcpt-ray-data-watchdog", daemon=True)
+                cls._thread.start()
+
+    @classmethod
+    def _run(cls) -> None:
+        told: weakref.WeakKeyDictionary[RayDataBatches, float] = weakref.WeakKeyDictionary()
+        while True:
+            time.sleep(cls.PERIOD_S)
+            now = time.monotonic()
+            for b in list(cls._watched):
+                since = b.waiting_since
+                if since is not None and now - since >= b.stall_s and told.get(b) != since:
+                    told[b] = since
+                    try:
+                        b._stalled()
+                    except Exception:  # noqa: BLE001 - telling must not end the watch
+                        log.exception("telling a stalled Ray Data read failed")
+
+
 class RayDataBatches:
     """Endless micro-batches of one source for one rank, pulled from ``get_dataset_shard(source)``.
 
@@ -120,8 +160,8 @@ class RayDataBatches:
     ``batch_size`` rows, ``cursor`` (batches handed out), ``epoch`` (passes over the source, fractional),
     ``state_dict()`` / ``load_state_dict()``, ``close()``. ``shard`` is the worker's ``DataIterator``;
     ``source_rows`` the source's rows (for ``epoch``); ``transform(arrays)`` may rewrite a batch's arrays.
-    ``on_stall(message)`` is called once per wait when Ray Data has given no rows for ``stall_s`` seconds (the
-    wait goes on: a stalled read is told, not broken off)."""
+    ``on_stall(message)`` is called (from a watchdog thread) once per wait when Ray Data has given no rows for
+    ``stall_s`` seconds (to within 0.5 s; the wait goes on: a stalled read is told, not broken off)."""
 
     def __init__(self, shard: Any, *, name: str, rank: int, world: int, batch_size: int, seed: int,
                  shuffle_rows: int, source_rows: int, device: torch.device | str = "cpu",
@@ -129,6 +169,8 @@ class RayDataBatches:
                  on_stall: Callable[[str], None] | None = None, stall_s: float = STALL_S) -> None:
         self.shard, self.name, self.rank, self.world = shard, name, rank, world
         self.on_stall, self.stall_s = on_stall, stall_s
+        self.waiting_since: float | None = None
+        """``time.monotonic()`` when the pull in progress began (None between pulls)."""
         self.batch_size, self.seed, self.shuffle_rows = batch_size, seed, shuffle_rows
         self.per_rank_pass = max(1, source_rows // world)
         self.device, self.transform, self.prefetch_batches = device, transform, prefetch_batches
@@ -162,18 +204,15 @@ class RayDataBatches:
 
     def _pull(self) -> Arrays | None:
         assert self._it is not None
-        timer = None
         if self.on_stall is not None:
-            timer = threading.Timer(self.stall_s, self._stalled)
-            timer.daemon = True
-            timer.start()
+            _Watchdog.watch(self)
+        self.waiting_since = time.monotonic()
         try:
             b = next(self._it)
         except StopIteration:
             return None
         finally:
-            if timer is not None:
-                timer.cancel()
+            self.waiting_since = None
         arrays = tuple(np.stack(list(b[c])) if b[c].dtype == object else np.asarray(b[c]) for c in _COLUMNS)
         arrays = tuple(a.astype(np.int32, copy=False) for a in arrays)
         return self.transform(arrays) if self.transform is not None else arrays  # type: ignore[return-value]

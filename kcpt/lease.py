@@ -192,15 +192,15 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
     me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "ttl_s": ttl}
     text = json.dumps(me)
     cond = Conditional.of(store)
-    mine: list[str | None] = [None]
+    mine: str | None = None
     """The ETag of this driver's last write (conditional writes)."""
     told = False
     while True:
         holder = read_holder(store, cond=cond)
         if holder is None or holder.stale():
             if cond is not None and cond.supported:
-                mine[0] = cond.put(text, replacing=holder.etag if holder is not None else None)
-                if mine[0] is None:  # another driver wrote it since it was read: read who
+                mine = cond.put(text, replacing=holder.etag if holder is not None else None)
+                if mine is None:  # another driver wrote it since it was read: read who
                     continue
             else:
                 store.write_text(LEASE, text)
@@ -209,7 +209,7 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
             if got is not None and got.token == me["token"]:
                 if holder is not None:
                     log.warning("%s: took over the lease of a kcpt run that is gone (%s)", store.uri, holder)
-                mine[0] = got.etag
+                mine = got.etag
                 break
             holder = got or holder
         if holder is None:
@@ -223,6 +223,7 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
     stop = threading.Event()
 
     def beat() -> None:
+        nonlocal mine
         while not stop.wait(ttl / 4):
             try:
                 now = read_holder(store, aged=False, cond=cond)
@@ -231,10 +232,10 @@ def bucket_lease(store: Store, *, wait: bool = False, on_wait: Callable[[str], N
                               "one of them", store.uri, now)
                     return
                 if cond is not None and cond.supported:
-                    tag = cond.put(text, replacing=mine[0])
+                    tag = cond.put(text, replacing=mine)
                     if tag is None:  # taken between the read and the write
                         continue  # the next beat reads and names who
-                    mine[0] = tag
+                    mine = tag
                 else:
                     store.write_text(LEASE, text)
             except Exception as e:  # noqa: BLE001 - a failed heartbeat is retried at the next beat

@@ -734,9 +734,7 @@ class StageRunner:
     def _run_plan(self) -> None:
         t = self.cfg.train
         if t.min_workers is not None and self.world != t.num_workers and self.rank == 0:
-            line = self.layout.describe(t.num_workers)
-            log.warning(line)
-            self.emit({"kind": "line", "text": line})
+            self.tell(self.layout.describe(t.num_workers))
         plan = PlanState(stage_order=list(self.config["stages"]),
                          baseline_raw_best=self.config.get("baseline_raw_best"),
                          start_from=self.config.get("init_checkpoint"))
@@ -838,8 +836,7 @@ class StageRunner:
                         f"{self.layout.active} reading worker{'s' if self.layout.active != 1 else ''} (the "
                         f"checkpoint's {before}): rows of it already read may come again, others wait for the next "
                         "epoch")
-                log.warning(line)
-                self.emit({"kind": "line", "text": line})
+                self.tell(line)
         return run
 
     def load_engine_state(self, engine: Engine, ref: str, *, optional: bool = False) -> bool:

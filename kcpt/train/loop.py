@@ -73,7 +73,7 @@ from kcpt.train.engine import (
 from kcpt.train.evaluation import eval_loss, ppl
 from kcpt.train.faults import FaultInjector
 from kcpt.train.handoff import handoff_candidates, keep_list
-from kcpt.train.layout import PaddingBatches, readers, step_layout, step_micro_batches
+from kcpt.train.layout import PaddingBatches, step_layout
 from kcpt.train.losses import kl_to_reference_sum, token_ce_sum
 from kcpt.train.mixture import MixtureSampler
 from kcpt.train.plan import (  # noqa: F401 - re-exported: the plan-level helpers live in the light module
@@ -829,7 +829,7 @@ class StageRunner:
             elif rngs:
                 log.warning("resume on %d workers from a checkpoint of %d: RNG states not restored",
                             self.world, len(rngs))
-            before = readers(step_micro_batches(self.cfg), len(rngs)) if rngs else self.layout.active
+            before = step_layout(self.cfg, len(rngs)).active if rngs else self.layout.active
             if (self.cfg.data.loader == "ray_data" and self.cfg.train.min_workers is not None
                     and before != self.layout.active and self.rank == 0):  # (a fixed run's: said by the driver)
                 line = (f"stage {stage.name}: data.loader ray_data splits each source's current epoch anew over "

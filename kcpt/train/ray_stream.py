@@ -129,8 +129,6 @@ class _Watchdog:
 
     @classmethod
     def watch(cls, b: RayDataBatches) -> None:
-        if b in cls._watched:
-            return
         with cls._lock:
             cls._watched.add(b)
             if cls._thread is None:
@@ -171,6 +169,8 @@ class RayDataBatches:
         self.on_stall, self.stall_s = on_stall, stall_s
         self.waiting_since: float | None = None
         """``time.monotonic()`` when the pull in progress began (None between pulls)."""
+        if on_stall is not None:
+            _Watchdog.watch(self)
         self.batch_size, self.seed, self.shuffle_rows = batch_size, seed, shuffle_rows
         self.per_rank_pass = max(1, source_rows // world)
         self.device, self.transform, self.prefetch_batches = device, transform, prefetch_batches
@@ -204,8 +204,6 @@ class RayDataBatches:
 
     def _pull(self) -> Arrays | None:
         assert self._it is not None
-        if self.on_stall is not None:
-            _Watchdog.watch(self)
         self.waiting_since = time.monotonic()
         try:
             b = next(self._it)

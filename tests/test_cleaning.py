@@ -31,6 +31,9 @@ def test_normalize_text() -> None:
     out = normalize_text(raw)
     assert out == "한국어\n둘째줄\n셋\t째"
     assert normalize_text(out) == out
+    # page and line breaks of other kinds (a PDF's form feed, VT, NEL, LS, PS) end a line; deleted, they glued words
+    for brk in "\x0b\x0c\x85\u2028\u2029":
+        assert normalize_text(f"첫 페이지 끝{brk}둘째 페이지") == "첫 페이지 끝\n둘째 페이지", repr(brk)
 
 
 def test_hangul_ratio() -> None:

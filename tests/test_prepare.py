@@ -117,6 +117,11 @@ def test_prepare_all_caches_by_content(tmp_path):
     assert m["kind"] == "exam" and m["inputs"][0]["documents"] > 0
     other = prepare_all(cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": 128})}), ["raw_val"])
     assert other["raw_val"] != first["raw_val"] and read_manifest(other["raw_val"])["seq_len"] == 128
+    # an exam set's JSONL is read with data.filters.max_line_chars: raised after a line_too_long, the set is read
+    # again, not the cached one with the long lines dropped given back
+    lines = cfg.data.filters.model_copy(update={"max_line_chars": 123_456})
+    again = prepare_all(cfg.model_copy(update={"data": cfg.data.model_copy(update={"filters": lines})}), ["qa_val"])
+    assert again["qa_val"] != first["qa_val"]
 
 
 def test_unknown_dataset_name_is_config_error(tmp_path):

@@ -188,6 +188,26 @@ def test_parquet_column_nulls_and_missing_column(tmp_path: Path) -> None:
         _read([p], text_field="n")
 
 
+def test_a_parquet_value_that_is_not_utf8_is_counted_naming_row_and_field(tmp_path: Path) -> None:
+    """Spark and other writers put bytes into a ``string`` column unchecked: a CP949 value is one counted reject
+    (row, field, byte, the encoding hint), not a traceback that ends the prepare; its batch's other rows are read."""
+    text = "대한민국은 민주공화국이다."
+    values = [text.encode(), text.encode("cp949"), None, "둘째".encode()]
+    for typ in ("string", "dictionary"):
+        col = pa.array(values, pa.binary()).view(pa.string())
+        if typ == "dictionary":
+            col = col.dictionary_encode()
+        p = tmp_path / f"{typ}.parquet"
+        pq.write_table(pa.table({"body": col}), p)
+        docs, rep = _read([p], text_field="body")
+        assert [(d.text, d.meta["row"]) for d in docs] == [(text, 1), ("둘째", 4)], typ
+        assert rep.counts == {"invalid_utf8": 1, "missing_field": 1}, typ
+        example = rep.to_dict()["examples"]["invalid_utf8"][0]
+        assert example.startswith(f"{p}: field 'body': row 2: invalid UTF-8 at byte 1") and "CP949" in example
+        with pytest.raises(InputError, match="row 2: invalid UTF-8"):
+            _read([p], text_field="body", strict=True)
+
+
 def test_a_dictionary_encoded_text_column_is_read(tmp_path: Path) -> None:
     """pandas writes a ``category`` column as an Arrow dictionary of strings; it holds text like any other."""
     p = tmp_path / "cat.parquet"

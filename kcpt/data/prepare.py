@@ -42,7 +42,7 @@ from kcpt.hashing import sha256_json
 from kcpt.model.tokenizer import load_tokenizer, pad_token_id, save_tokenizer, tokenizer_sha256
 from kcpt.storage import file_lock
 
-PREPARE_FORMAT_VERSION = 5
+PREPARE_FORMAT_VERSION = 6
 """Bump when prepared rows would change for the same inputs (part of the cache key)."""
 TOKENIZE_BATCH = 256
 """Documents per batched tokenizer call."""
@@ -116,7 +116,9 @@ def _settings(name: str, ds: DatasetConfig, cfg: KcptConfig, tok_sha: str) -> di
         "seq_len": data.seq_len,
         "strict": data.strict,
         "txt_split": data.txt_split if ds.kind == "raw" else None,
-        "filters": data.filters.model_dump(mode="json") if ds.kind == "raw" else None,
+        # raw rows depend on every filter; exam items on the line limit their JSONL is read with
+        "filters": (data.filters.model_dump(mode="json") if ds.kind == "raw"
+                    else {"max_line_chars": data.filters.max_line_chars}),
         "template": data.template.model_dump(mode="json") if ds.kind == "exam" else None,
         "tokenizer_sha256": tok_sha,
         "name": name,

@@ -578,13 +578,45 @@ def _parquet_docs(pf, path: str | Path, *, text_field: str, report: RejectReport
     row = first_row - 1
     for batch in pf.iter_batches(columns=[text_field, *extra], batch_size=1024, row_groups=row_groups):
         values = [batch.column(i).to_pylist() for i in range(1, len(extra) + 1)]
-        for k, text in enumerate(batch.column(0).to_pylist()):
+        for k, text in enumerate(_parquet_texts(batch.column(0))):
             row += 1
             if text is None:
                 reject(report, "missing_field", f"row {row}: null", strict=strict, path=str(path), field=text_field)
                 continue
+            if isinstance(text, bytes):
+                reject(report, "invalid_utf8", f"row {row}: {_utf8_error(text)}", strict=strict, path=str(path),
+                       field=text_field)
+                continue
             meta = {"row": row, **{f: v[k] for f, v in zip(extra, values, strict=True)}}
             yield Document(text=text, source=str(path), doc_id=f"{path}:row{row}", meta=meta)
+
+
+def _parquet_texts(column) -> list[str | bytes | None]:
+    """A Parquet string column's values; a value that is not UTF-8 (writers such as Spark do not check) comes back
+    as its bytes, for the caller to count, instead of failing the whole batch."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        import pyarrow as pa
+
+        raw = column.cast(pa.large_binary()).to_pylist()  # plain, large, view and dictionary strings alike
+        out: list[str | bytes | None] = []
+        for b in raw:
+            try:
+                out.append(None if b is None else b.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(b)
+        return out
+
+
+def _utf8_error(raw: bytes) -> str:
+    """Where ``raw`` stops being UTF-8, and which encoding it reads as when that is telling."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return (f"invalid UTF-8 at byte {e.start + 1} of the value ({e.reason}: {raw[e.start:e.end]!r})"
+                + _encoding_hint(raw, 0))
+    return "valid UTF-8"
 
 
 def _read_hf_dir(path: Path, *, text_field: str, report: RejectReport, strict: bool,

@@ -63,6 +63,21 @@ def evals(res, stage: str) -> list[dict]:
     return [r for r in read_metrics(res.run_dir) if r["stage"] == stage and r["step"] > 0]
 
 
+def test_a_mixture_step_trains_the_same_at_every_layout_of_its_rows(prepared_root, tmp_path):
+    """A qa + raw mixture at 8 rows per step: one micro-batch of 8 and grad_accum 2 × 4 train the same steps (one
+    source per step). A draw per micro-batch mixed the sources of a step at grad_accum 2, where the raw rows'
+    targets outweighed the exam rows' in the token mean, so the same config trained another objective."""
+    plan = ("[{name: s, sources: {qa_train: 0.5, raw_train: 0.5}, max_steps: 8, eval_every: 4, "
+            "stop: {rule: max_steps}}]")
+    one = evals(run_plan(cfg_of(prepared_root, tmp_path / "one", plan, "train.micro_batch_size=8"),
+                         resume="never", in_process=True), "s")
+    two = evals(run_plan(cfg_of(prepared_root, tmp_path / "two", plan, "train.grad_accum=2"),
+                         resume="never", in_process=True), "s")
+    assert {"train_loss_qa_train", "train_loss_raw_train"} <= set(one[-1])  # both sources were drawn
+    keys = ("train_loss", "train_loss_qa_train", "train_loss_raw_train", "raw_val_loss", "grad_norm", "label_tokens")
+    assert [g[k] for g in two for k in keys] == pytest.approx([w[k] for w in one for k in keys], rel=1e-6)
+
+
 def test_mixture_schedule_is_applied_at_the_current_step(prepared_root, tmp_path):
     plan = ('[{name: s, sources: {raw_train: 1.0}, mixture_mode: step, max_steps: 8, eval_every: 4, '
             'mixture_schedule: [{start_frac: 0.5, weights: {qa_train: 1.0}}], stop: {rule: max_steps}}]')

@@ -5,8 +5,9 @@ sources, losses, KL weight, eval sets and stop rule. The backend (DDP or DeepSpe
 :class:`~kcpt.train.engine.Engine`: this file has no backend branch.
 
 One optimizer step (:meth:`StageRunner.train_step`): the ``grad_accum`` micro-batches of the step are drawn
-first — each from ONE source chosen by the :class:`~kcpt.train.mixture.MixtureSampler` at the current step,
-seeded identically on every rank — so that the step's token counts are known before any backward:
+first — all from ONE source chosen by the :class:`~kcpt.train.mixture.MixtureSampler` at the current step,
+seeded identically on every rank, so that every layout of the step's rows (workers × ``grad_accum``) trains
+the same — and the step's token counts are known before any backward:
 ``N_ce`` = targets (labels ≠ -100, after the causal shift) and ``N_kl`` = targets of replay micro-batches, both
 summed over every micro-batch and all-reduced over ranks. The optimizer then minimises exactly
 
@@ -898,10 +899,12 @@ class StageRunner:
         run.faults.progress(run.step)
         run.faults.maybe_crash(run.step)
         t0 = time.perf_counter()
-        micro = []
-        for _ in range(self.layout.grad_accum):
-            src = run.sampler.sample(run.step - 1)
-            micro.append((src, run.streams[src].next(), run.ref is not None and src in run.replay))
+        # one source for the whole step, on every rank: the step's objective is then the same on every layout of
+        # its micro-batches (a draw per micro-batch mixed sources inside a step only when grad_accum > 1, where
+        # raw rows' ~250 targets outweigh an exam row's few in the token mean)
+        src = run.sampler.sample(run.step - 1)
+        kl = run.ref is not None and src in run.replay
+        micro = [(src, run.streams[src].next(), kl) for _ in range(self.layout.grad_accum)]
         engine.set_lr(lr_at(run.step - 1, stage.max_steps, stage.lr, run.lr_scale))
         sums = accumulate_step(engine, [(b, kl) for _, b, kl in micro], ref=run.ref, kl_beta=stage.kl_beta,
                                amp=self.amp, ref_amp=lambda: autocast(self.cfg.model, self.device),

@@ -1,8 +1,9 @@
-"""Which source each micro-batch comes from: a seeded weighted choice, resumable exactly.
+"""Which source each optimizer step draws (all its micro-batches, on every rank): a seeded weighted choice,
+resumable exactly.
 
 Draw ``i`` uses its own generator ``numpy.random.default_rng([seed, i])``, so the state is just
 ``(seed, draws)``: after :meth:`MixtureSampler.load_state_dict` the sequence continues exactly as an
-uninterrupted run's would, whatever the number of micro-batches per step.
+uninterrupted run's would, whatever the number of workers and micro-batches per step (one draw per step).
 
 Schedule: phase ``k`` holds its weights at ``start_frac_k · max_steps`` and then, with ``mode="linear"``, moves
 linearly toward phase ``k+1``'s, or with ``mode="step"`` holds them until phase ``k+1`` starts (the recipe's
@@ -68,7 +69,7 @@ class MixtureSampler:
         return {n: float(w) for n, w in zip(self.names, self._vector_at(step), strict=True)}
 
     def sample(self, step: int) -> str:
-        """Source name of the next micro-batch (at optimizer step ``step``); advances the draw counter."""
+        """Source name of optimizer step ``step``'s micro-batches; advances the draw counter."""
         vec = self._vector_at(step)
         u = np.random.default_rng([self.seed, self.draws]).random()
         cdf = np.cumsum(vec)

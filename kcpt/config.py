@@ -767,6 +767,7 @@ class KcptConfig(Strict):
                     raise ValueError(f"plan.{i} ({st.name}): unknown dataset '{r}' (defined: {sorted(names)})")
             if st.stop.rule in ("exam", "gate") and st.eval_exam is None:
                 raise ValueError(f"plan.{i} ({st.name}): stop.rule '{st.stop.rule}' needs eval_exam")
+            self._check_per_source(i, st)
         for i, r in enumerate(self.eval.forgetting.datasets or []):
             if r not in names:
                 raise ValueError(f"eval.forgetting.datasets.{i}: unknown dataset '{r}' (defined: {sorted(names)})")
@@ -777,6 +778,28 @@ class KcptConfig(Strict):
             if problem:
                 raise ValueError(f"eval.buckets.fields.{name}: {problem}")
         return self
+
+    def _check_per_source(self, i: int, st: StageConfig) -> None:
+        """``losses`` and ``replay_sources`` name sources the stage draws, and change something there: a name it
+        never draws (a typo, a held-out set) and ``answer_only`` on raw text (no prompt to mask) were silently no-ops;
+        a KL weight with no replay source loaded the reference for nothing."""
+        drawn = [*st.sources, *(k for ph in st.mixture_schedule for k in ph.weights if k not in st.sources)]
+        where = f"plan.{i} ({st.name})"
+        for key, names in (("losses", list(st.losses)), ("replay_sources", st.replay_sources or [])):
+            for r in names:
+                if r not in drawn:
+                    raise ValueError(f"{where}: {key} names '{r}', which the stage does not draw (its sources: "
+                                     f"{drawn})")
+        for r, kind in st.losses.items():
+            if kind == "answer_only" and self.data.datasets[r].kind == "raw":
+                raise ValueError(f"{where}: losses.{r} is answer_only, but '{r}' is raw text: it has no prompt to "
+                                 "leave out, so every token trains (use full)")
+        replay = (st.replay_sources if st.replay_sources is not None
+                  else [r for r in drawn if self.data.datasets[r].kind == "raw"])
+        if st.kl_beta > 0 and not replay:
+            raise ValueError(f"{where}: kl_beta {st.kl_beta:g}, but no source gets the KL term (it applies to "
+                             "replay_sources, by default the stage's raw sources): add a raw source, name "
+                             "replay_sources, or set kl_beta 0")
 
     @model_validator(mode="after")
     def _bounds(self) -> KcptConfig:

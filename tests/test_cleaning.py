@@ -34,6 +34,7 @@ def test_normalize_text() -> None:
     # page and line breaks of other kinds (a PDF's form feed, VT, NEL, LS, PS) end a line; deleted, they glued words
     for brk in "\x0b\x0c\x85\u2028\u2029":
         assert normalize_text(f"첫 페이지 끝{brk}둘째 페이지") == "첫 페이지 끝\n둘째 페이지", repr(brk)
+        assert normalize_text(f"- 1 -\n\n{brk}법률") == "- 1 -\n\n법률", repr(brk)  # at a line's start: dropped
 
 
 def test_hangul_ratio() -> None:

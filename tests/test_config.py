@@ -31,6 +31,21 @@ def test_unknown_dataset_reference_is_an_error(tmp_path: Path):
         load_config(p)
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("plan.1.replay_sources=[raw_tran]", r"replay_sources names 'raw_tran', which the stage does not draw"),
+    ("plan.1.replay_sources=[raw_val]", r"replay_sources names 'raw_val', which the stage does not draw"),
+    ("plan.1.losses={example_train: full}", r"losses names 'example_train', which the stage does not draw"),
+    ("plan.0.losses={raw_train: answer_only}", r"losses.raw_train is answer_only, but 'raw_train' is raw text"),
+    ("plan.1.sources={qa_train: 1.0}", r"kl_beta 0.1, but no source gets the KL term"),
+])
+def test_a_per_source_setting_that_would_change_nothing_is_refused(override: str, message: str):
+    """Each of these loaded and trained as if it were not there: a KL on no micro-batch (the reference loaded for
+    nothing), a loss rule on a source never drawn, answer-only raw text (every token trained)."""
+    with pytest.raises(ConfigError, match=r"plan\.[01] \((cpt|stage1)\): " + message):
+        load_config(None, [override])
+    load_config(None, ["plan.1.replay_sources=[qa_train]", "plan.1.losses={qa_train: full}"])  # both drawn: fine
+
+
 def test_overrides_and_roundtrip(tmp_path: Path):
     cfg = load_config(None, ["train.seed=7", "plan.3.kl_beta=0.5", "data.seq_len=128"])
     assert cfg.train.seed == 7 and cfg.plan[3].kl_beta == 0.5 and cfg.data.seq_len == 128

@@ -54,6 +54,11 @@ def test_padding_micro_batches_have_no_target():
     b = pad.next()
     assert b["input_ids"].shape == b["position_ids"].shape == b["labels"].shape == (2, 5)
     assert bool((b["labels"] == -100).all()) and b["position_ids"][1].tolist() == [0, 1, 2, 3, 4]
+    # the keys of a real micro-batch: varlen flash attention on a spare rank needs the documents' boundaries
+    from kcpt.model.attention import packed_kwargs
+
+    flash = packed_kwargs("flash_attention_2", b)
+    assert flash["cu_seq_lens_q"].tolist() == [0, 5, 10] and flash["max_length_q"] == 5
     pad.load_state_dict(pad.state_dict())  # nothing to restore
     from kcpt.train.losses import token_ce_sum
 

@@ -88,8 +88,10 @@ def test_mixture_schedule_is_applied_at_the_current_step(prepared_root, tmp_path
 
 
 def test_kl_only_on_replay_sources(prepared_root, tmp_path):
-    plan = ('[{name: s, sources: {qa_train: 1.0}, max_steps: 4, eval_every: 2, kl_beta: 0.5, kl_reference: base, '
-            'stop: {rule: max_steps}}, '
+    # raw_train at weight 0: a replay source the stage never draws (with no replay source at all a KL weight is
+    # refused, test_config), so every step is exam rows
+    plan = ('[{name: s, sources: {qa_train: 1.0, raw_train: 0.0}, max_steps: 4, eval_every: 2, kl_beta: 0.5, '
+            'kl_reference: base, stop: {rule: max_steps}}, '
             '{name: t, sources: {raw_train: 1.0}, max_steps: 4, eval_every: 2, kl_beta: 0.5, kl_reference: base, '
             'stop: {rule: max_steps}}]')
     res = run_plan(cfg_of(prepared_root, tmp_path, plan), resume="never", in_process=True)

@@ -18,13 +18,13 @@ from kcpt.config import FilterConfig
 from kcpt.data.rejects import RejectReport, reject
 from kcpt.data.types import Document
 
-# C0/C1 control characters except \t and \n, plus a stray BOM / zero-width no-break space: dropped, or a line break.
-_CONTROL: dict[int, str | None] = {
-    **{c: None for c in [*range(0x00, 0x09), *range(0x0E, 0x20), *range(0x7F, 0xA0), 0xFEFF]},
-    # line and page breaks of other kinds (VT, FF from PDF page breaks, NEL, LS, PS) end a line: deleting them
-    # would glue the words on either side together
-    **{c: "\n" for c in (0x0B, 0x0C, 0x85, 0x2028, 0x2029)},
-}
+# C0/C1 control characters except \t and \n, a stray BOM / zero-width no-break space, and the other line/page
+# breaks (VT, FF, NEL, LS, PS) left at a line's start by _MID_LINE_BREAK: dropped.
+_CONTROL = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0), 0xFEFF,
+                              0x2028, 0x2029]}
+_MID_LINE_BREAK = re.compile("(?<=[^\n])[\x0b\x0c\x85\u2028\u2029]")
+"""A line or page break of another kind inside a line (a PDF's form feed between two pages' words): it ends the line
+(deleted, it would glue the words on either side together); at a line's start there is nothing to separate."""
 _TRAILING_WS = re.compile(r"[ \t\f\v\u00a0\u3000]+$", re.MULTILINE)
 _HANGUL = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\ud7b0-\ud7ff]+")
 _LATIN = re.compile("[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]+")
@@ -32,9 +32,9 @@ _CJK = re.compile("[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff]+")
 
 
 def normalize_text(text: str) -> str:
-    """NFC; CRLF, lone CR, VT, FF, NEL, LS and PS → LF; drop other control characters (keep ``\\t``); strip trailing
-    whitespace of every line; drop leading/trailing blank lines. Idempotent."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL)
+    """NFC; CRLF and lone CR → LF, and VT, FF, NEL, LS, PS inside a line too; drop control characters (keep ``\\n``
+    and ``\\t``); strip trailing whitespace of every line; drop leading/trailing blank lines. Idempotent."""
+    text = _MID_LINE_BREAK.sub("\n", text.replace("\r\n", "\n").replace("\r", "\n")).translate(_CONTROL)
     text = unicodedata.normalize("NFC", text)
     text = _TRAILING_WS.sub("", text)
     return text.strip("\n")

@@ -80,14 +80,19 @@ def step_layout(cfg: KcptConfig, world: int) -> StepLayout:
 
 class PaddingBatches:
     """A spare rank's stream: micro-batches of ``batch_size`` rows of ``seq_len`` tokens whose every label is -100
-    (token 0, positions ``0 … seq_len-1``); no data is read and there is no position to save."""
+    (token 0, positions ``0 … seq_len-1``), made by the same :func:`~kcpt.train.batches.to_batch` as real rows (so
+    varlen flash attention finds its ``cu_seqlens``); no data is read and there is no position to save."""
 
     def __init__(self, name: str, *, batch_size: int, seq_len: int, device: torch.device | str) -> None:
+        import numpy as np
+
+        from kcpt.train.batches import PackedRows, to_batch
+
         self.name = name
         shape = (batch_size, seq_len)
-        self.batch = {"input_ids": torch.zeros(shape, dtype=torch.long, device=device),
-                      "position_ids": torch.arange(seq_len, device=device).expand(shape).contiguous(),
-                      "labels": torch.full(shape, -100, dtype=torch.long, device=device)}
+        positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy()
+        rows = PackedRows(name, np.zeros(shape, np.int32), positions, np.full(shape, -100, np.int32))
+        self.batch = to_batch(rows, np.arange(batch_size), device)
         self.epoch = 0.0
 
     def next(self) -> dict[str, torch.Tensor]:

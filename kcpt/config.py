@@ -221,6 +221,10 @@ class DataConfig(Strict):
     Ray Data execution (0.1-3 s to start) is not paid every few steps for a small exam set."""
     ray_data_read_cpus: float = Field(0.25, gt=0)
     """``ray_data``: CPUs each read task reserves (the training workers hold theirs)."""
+    held_out_overlap: Literal["warn", "error", "ignore"] = "warn"
+    """A held-out set (a stage's ``eval_raw`` / ``eval_exam``) that shares exam questions or input files with a
+    training source of the same stages (:mod:`kcpt.data.overlap`): a warning under the data table, an error before
+    training, or nothing."""
 
 
 # --------------------------------------------------------------------------- plan (stages)
@@ -944,6 +948,7 @@ class KcptConfig(Strict):
         d["train"].pop("async_checkpoint", None)  # how checkpoints are written changes no trained weight
         d["train"].pop("checkpoint_checksums", None)
         d.pop("logging", None)
+        d["data"].pop("held_out_overlap", None)  # a check on the data, not what it is
         for key in ("buckets", "forgetting"):  # report settings: they change no trained weight
             d["eval"].pop(key, None)
         if not d["eval"]:
@@ -960,7 +965,8 @@ before they existed resumes with the same hash."""
 OPERATIONAL_KEYS = ("train.run_name", "train.output_dir", "train.async_checkpoint", "train.checkpoint_checksums",
                     "train.max_failures", "train.min_workers", "train.elastic_resize_interval_s",
                     "train.cpus_per_worker", "train.keep_last", "data.prepared_root", "data.ray_data",
-                    "data.max_reject_fraction", "eval.buckets", "eval.forgetting", "logging", "tune")
+                    "data.max_reject_fraction", "data.held_out_overlap", "eval.buckets", "eval.forgetting",
+                    "logging", "tune")
 """Dotted config keys that change no trained weight: how a run is run, retried, logged, checked and where its
 files go (``tune``: how trials are searched; a trial's own stage is in its plan). A resume may change them."""
 
@@ -1008,8 +1014,7 @@ def training_changes(old: KcptConfig, new: KcptConfig, limit: int = 8) -> list[s
 
 
 SHA256_IGNORED = ("train.run_name", "train.output_dir", "train.async_checkpoint", "train.checkpoint_checksums",
-                  "logging", "eval.buckets",
-                  "eval.forgetting")
+                  "logging", "eval.buckets", "eval.forgetting", "data.held_out_overlap")
 """What :meth:`KcptConfig.sha256` leaves out (naming, output places, reports)."""
 
 

@@ -36,7 +36,14 @@ from kcpt.errors import CheckpointError, ConfigError, KcptError, Terminated, Tra
 from kcpt.train import checkpoint as ckpt_lib
 from kcpt.train.engine import check_engine_state
 from kcpt.train.layout import step_micro_batches
-from kcpt.train.plan import check_baselines, check_rows, datasets_needed, expected_manifest, stage_sources
+from kcpt.train.plan import (
+    check_baselines,
+    check_rows,
+    datasets_needed,
+    expected_manifest,
+    held_out_warnings,
+    stage_sources,
+)
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_of
 from kcpt.train.streams import ShardReader
 from kcpt.train.worker_errors import ErrorBox
@@ -294,6 +301,9 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         announce_data(prepared, statuses, limit=cfg.data.max_reject_fraction,
                       filters=cfg.data.filters.model_dump(mode="json"))
     local_prepared = {k: fetch_prepared(v, shards=False) for k, v in prepared.items()}
+    overlap = held_out_warnings(cfg, stages, local_prepared)  # an InputError with data.held_out_overlap=error
+    if data_table and overlap:
+        print("\n".join(overlap), flush=True)
     manifests = {k: read_manifest(v) for k, v in local_prepared.items()}
     if console:
         for line in vocab_warnings(cfg, manifests):

@@ -43,6 +43,24 @@ def datasets_needed(cfg: KcptConfig, stages: list[str]) -> list[str]:
     return names
 
 
+def held_out_warnings(cfg: KcptConfig, stages: list[str], local_prepared: dict[str, Path]) -> list[str]:
+    """The ``warning:`` lines for held-out sets of ``stages`` that share exam questions or input files with their
+    training sources (:mod:`kcpt.data.overlap`); with ``data.held_out_overlap=error`` an InputError instead, with
+    ``ignore`` nothing. ``local_prepared``: dataset name → its local prepared directory."""
+    from kcpt.data.overlap import held_out_overlap, overlap_message
+
+    if cfg.data.held_out_overlap == "ignore":
+        return []
+    held = [n for name in stages for n in (cfg.stage(name).eval_raw, cfg.stage(name).eval_exam) if n]
+    training = [n for name in stages for n in stage_sources(cfg.stage(name))]
+    found = held_out_overlap(local_prepared, held, training)
+    if not found:
+        return []
+    if cfg.data.held_out_overlap == "error":
+        raise InputError(f"data.held_out_overlap=error: {overlap_message(found)}")
+    return [f"warning: {overlap_message([line])}" for line in found]
+
+
 def check_rows(cfg: KcptConfig, stages: list[str], manifests: dict[str, dict[str, Any]], world: int) -> None:
     """Refuse, on the driver before any worker starts, a dataset the plan needs that has no packed rows, or a
     training source with fewer rows than the ``world`` workers (each needs one). ``manifests``: dataset name →

@@ -106,6 +106,7 @@ def prerequisite_key(cfg: KcptConfig, stage: str | None = None) -> str:
     for k in ("run_name", "output_dir"):
         d["train"].pop(k, None)
     d["data"].pop("prepared_root", None)  # where prepared data is cached, not what it holds
+    d["data"].pop("held_out_overlap", None)  # a check on the data, not what it is
     return sha256_json({"model": d["model"], "tokenizer": d["tokenizer"], "data": d["data"], "train": d["train"],
                         "plan": [s for s in d["plan"] if s["name"] in before]})
 
@@ -575,6 +576,12 @@ def show_data(cfg: KcptConfig, stages: list[str], *, address: str | None = None)
                            address=address, statuses=statuses)
     announce_data(prepared, statuses, limit=cfg.data.max_reject_fraction,
                   filters=cfg.data.filters.model_dump(mode="json"))
+    from kcpt.data.shards import fetch_prepared
+    from kcpt.train.plan import held_out_warnings
+
+    local = {k: fetch_prepared(v, shards=False) for k, v in prepared.items()}
+    for line in held_out_warnings(cfg, stages, local):
+        print(line, flush=True)
 
 
 def _trainable(ctx: TrialContext, location: str, name: str, cfg: KcptConfig) -> Any:

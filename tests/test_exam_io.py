@@ -48,9 +48,22 @@ def test_a_multiple_choice_answer_matches_its_choice_after_normalisation(tmp_pat
     assert [i.id for i in read_exam_items([p], report=rep, strict=True)] == ["m1"] and rep.total == 0
 
 
+def test_control_characters_are_dropped_from_exam_text_as_from_raw_text(tmp_path: Path) -> None:
+    """A NUL or BEL in a question or answer was kept and trained on; a form feed inside a line ends it."""
+    p = _write(tmp_path / "c.jsonl", [
+        {"id": "c1", "question": "수도\u0000는?\u000c다음 줄", "answer": "서울\u0007", "kind": "qa"},
+        {"id": "c2", "prompt": "질문: 수도는?\n답: ", "answer": "서울", "kind": "example"}])
+    first, second = read_exam_items([p], report=RejectReport(), strict=True)
+    assert (first.question, first.answer) == ("수도는?\n다음 줄", "서울")
+    assert second.prompt == "질문: 수도는?\n답: "  # the prompt's trailing space stays
+
+
 BAD = [
     ({"id": "a", "question": "q", "kind": "qa"}, "missing_field", "answer"),
     ({"id": "a", "question": "q", "answer": "  ", "kind": "qa"}, "empty_field", "answer"),
+    ({"id": "a", "question": "q", "answer": "\u200b\ufeff ", "kind": "qa"}, "empty_field", "answer"),  # invisible
+    ({"id": "a", "question": "q", "choices": ["가", "\u200b"], "answer": "가", "kind": "qa"}, "bad_choices",
+     "choices"),
     ({"id": "a", "question": "q", "answer": 5, "kind": "qa"}, "wrong_type", "answer"),
     ({"id": "a", "question": "q", "answer": "x", "kind": "quiz"}, "unknown_kind", "kind"),
     ({"id": "a", "question": "q", "answer": "x"}, "missing_field", "kind"),

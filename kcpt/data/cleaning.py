@@ -31,10 +31,22 @@ _LATIN = re.compile("[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]+")
 _CJK = re.compile("[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff]+")
 
 
+def strip_controls(text: str) -> str:
+    """``text`` without control characters (``\\n`` and ``\\t`` kept), a line/page break of another kind inside a
+    line turned into ``\\n`` (:data:`_MID_LINE_BREAK`). Line ends must already be LF."""
+    return _MID_LINE_BREAK.sub("\n", text).translate(_CONTROL)
+
+
+def has_visible(text: str) -> bool:
+    """Whether ``text`` holds a character that is neither whitespace nor a format character (zero-width space,
+    joiners, BOM: Unicode category Cf)."""
+    return any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in text)
+
+
 def normalize_text(text: str) -> str:
     """NFC; CRLF and lone CR → LF, and VT, FF, NEL, LS, PS inside a line too; drop control characters (keep ``\\n``
     and ``\\t``); strip trailing whitespace of every line; drop leading/trailing blank lines. Idempotent."""
-    text = _MID_LINE_BREAK.sub("\n", text.replace("\r\n", "\n").replace("\r", "\n")).translate(_CONTROL)
+    text = strip_controls(text.replace("\r\n", "\n").replace("\r", "\n"))
     text = unicodedata.normalize("NFC", text)
     text = _TRAILING_WS.sub("", text)
     return text.strip("\n")

@@ -17,7 +17,9 @@ One JSON object per line::
 - Line-level problems as for raw JSONL: ``invalid_utf8``, ``line_too_long``, ``bad_json``, ``not_object``.
 - Unknown keys are allowed and noted once per key (notice ``unknown_key``).
 
-Texts are NFC-normalised and CRLF/CR become LF; nothing else is changed (a prompt's trailing space stays).
+Texts are NFC-normalised, CRLF/CR become LF and control characters are dropped as in raw text
+(:func:`kcpt.data.cleaning.strip_controls`); nothing else is changed (a prompt's trailing space stays). A field
+of only zero-width or other format characters is ``empty_field``.
 Every message names the file, the 1-based line and the field. ``strict=True`` raises instead of counting.
 """
 
@@ -29,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from kcpt.data.cleaning import has_visible, strip_controls
 from kcpt.data.rejects import RejectReport, reject
 from kcpt.data.sources import is_utf8_encodable, iter_input_files, iter_json_lines, reading
 from kcpt.data.types import ExamItem
@@ -45,7 +48,7 @@ def normalize_answer(text: str) -> str:
 
 
 def _nfc(text: str) -> str:
-    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return unicodedata.normalize("NFC", strip_controls(text.replace("\r\n", "\n").replace("\r", "\n")))
 
 
 class _Invalid(Exception):
@@ -62,8 +65,8 @@ def _string(rec: dict[str, Any], key: str, *, required: bool) -> str | None:
     val = rec[key]
     if not isinstance(val, str):
         raise _Invalid("wrong_type", f"must be a string, got {type(val).__name__}", key)
-    if not val.strip():
-        raise _Invalid("empty_field", "empty", key)
+    if not has_visible(val):  # blank, or only zero-width / format characters
+        raise _Invalid("empty_field", "empty" if not val.strip() else "empty (only invisible characters)", key)
     if not is_utf8_encodable(val):
         raise _Invalid("invalid_utf8", "holds a lone surrogate escape (not encodable as UTF-8)", key)
     return _nfc(val)
@@ -106,9 +109,10 @@ def parse_exam_record(rec: Any) -> ExamItem:
             raise _Invalid("bad_choices", f"must be a non-empty list of strings, got {type(ch).__name__}"
                            + (" (empty)" if isinstance(ch, list) else ""), "choices")
         for i, c in enumerate(ch):
-            if not isinstance(c, str) or not c.strip() or not is_utf8_encodable(c):
+            if not isinstance(c, str) or not has_visible(c) or not is_utf8_encodable(c):
                 got = type(c).__name__ if not isinstance(c, str) else (
-                    "an empty string" if not c.strip() else "a lone surrogate escape")
+                    "an empty string" if not c.strip() else "only invisible characters" if not has_visible(c)
+                    else "a lone surrogate escape")
                 raise _Invalid("bad_choices", f"element {i} must be a non-empty string, got {got}", "choices")
         choices = [_nfc(c) for c in ch]
         first: dict[str, int] = {}

@@ -236,6 +236,13 @@ NO_GAIN_CASES = [  # (name, cfg, baseline, final, start (raw, exam), evals, expe
      [(3.0, None), (float("nan"), None), (float("nan"), None)], (True, False, "plateau" + NO_GAIN)),
     ("plateau_without_a_start_passes", PLATEAU, None, False, (None, None),
      [(3.0, None), (2.9, None), (2.9, None), (2.9, None)], (True, True, "plateau")),
+    # no finite eval at all: nothing gained, with or without a start (before: passed, with no baseline to hand on)
+    ("plateau_all_nan_without_a_start_fails", PLATEAU, None, False, (None, None),
+     [(float("nan"), None)] * 3, (True, False, "plateau" + NO_GAIN)),
+    ("max_steps_all_nan_without_a_start_fails", PLATEAU, None, True, (None, None),
+     [(float("nan"), None)], (True, False, "max_steps" + NO_GAIN)),
+    ("exam_plateau_all_nan_without_a_start_fails", EXAM, 2.0, False, (None, None),
+     [(2.0, float("nan"))] * 3, (True, False, "exam_plateau" + NO_GAIN)),
     ("exam_plateau_above_the_start_fails", EXAM, 2.0, False, (2.0, 1.4),
      [(2.0, 1.5), (2.0, 1.5), (2.0, 1.5)], (True, False, "exam_plateau" + NO_GAIN)),
     ("exam_plateau_below_the_start_passes", EXAM, 2.0, False, (2.0, 1.6),

@@ -230,6 +230,44 @@ def test_tokens_objective_refines_the_pass_by_where_the_gate_margin_crossed():
     assert raw.tokens_to_gate == 3000 and raw.refined_tokens_to_gate == pytest.approx(2500.0, abs=1.0)
 
 
+def test_an_eval_with_a_nan_loss_breaks_the_gate_streak_its_window_and_its_refinement():
+    """A NaN eval between two gate-ok evals: the gate holds only two evals after it, and the refined tokens do not
+    reach back across it (before: the streak and the crossing spanned it, and a pass at 4000 tokens was credited
+    as early as 2000 — a lead of two eval intervals, ranking it above a pass at 3000)."""
+    spec = GateSpec(2.0, 0.03, 1.5, 2, objective="tokens_to_gate", token_scale=6000.0)
+    nan = float("nan")
+    exams = [2.0, 1.4, nan, 1.4, 1.4]
+    streaks = [0, 1, 0, 1, 2]  # what the loop reports (its own streak resets on the NaN eval)
+    for mode, extra in (("recomputed", lambda k: {}), ("loop's", lambda k: {"gate_streak": streaks[k]})):
+        out = gate_outcome([{"step": 10 * k, "tokens_seen": 1000 * k, "raw_ratio": 1.0, "exam_val_loss": e,
+                             **extra(k)} for k, e in enumerate(exams)], spec)
+        assert (out.steps_to_gate, out.tokens_to_gate) == (40, 4000), mode
+        assert out.refined_tokens_to_gate == 4000.0, mode  # no eval right before the streak: no refinement
+        sooner = gate_outcome([{"step": 10 * k, "tokens_seen": 1000 * k, "raw_ratio": 1.0, "exam_val_loss": e}
+                               for k, e in enumerate([2.0, 1.6, 1.4, 1.4])], spec)
+        assert sooner.tokens_to_gate == 3000 and sooner.gate_objective < out.gate_objective, mode
+    # no window of 2 feasible evals spans the NaN eval either
+    window = gate_outcome([{"step": 10 * k, "tokens_seen": 1000 * k, "raw_ratio": 1.0, "exam_val_loss": e}
+                           for k, e in enumerate([2.0, 1.6, nan, 1.7, 2.0])], spec)
+    assert window.gate_objective == pytest.approx(1.0 + 2.0 / 3.0)  # the window (1.7, 2.0), not (1.6, 1.7)
+
+
+def test_evals_a_restarted_worker_group_reports_again_are_not_counted_twice():
+    """After a worker group restart the loop evaluates again the steps after its checkpoint; the trial's callback
+    (on the Train controller, which survives the restart) must not count them twice: the step-10 eval twice made a
+    gate of 2 consecutive evals hold that never held."""
+    from kcpt.tune.objective import ReplayedGateTracker
+
+    evals = [{"stage": "stage3", "step": 10 * k, "tokens_seen": 1000 * k, "raw_ratio": 1.0, "exam_val_loss": e}
+             for k, e in enumerate([2.0, 1.4, 1.6, 1.4])]
+    tracker = ReplayedGateTracker(SPEC)  # what GateReportCallback feeds (it needs a Tune session to be made)
+    for m in [evals[0], evals[1], evals[1], evals[2], evals[1], evals[2], evals[3]]:  # two restarts at step 10
+        got = tracker.update(m)
+    want = gate_outcome(evals, SPEC)
+    assert not got["gate_passed"] and got["num_evals"] == want.num_evals == 3
+    assert got["gate_objective"] == pytest.approx(want.gate_objective)
+
+
 def test_not_passed_trials_rank_by_their_best_window_of_consecutive_evals():
     """Before the gate holds, the tokens objective ranks by the worst exam value of the best window of
     ``consecutive`` raw-feasible evals (what the gate tests), not by one lucky eval."""

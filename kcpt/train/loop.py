@@ -1088,9 +1088,10 @@ class StageRunner:
         }
         summary["start_raw_val_loss"], summary["start_exam"] = stop_state.start_raw, stop_state.start_exam
         no_gain = no_gain_text(stage, stop_state, decision)
-        summary["warning"] = (no_gain + (f" baseline_raw_best stays the start's {stop_state.start_raw:.4f}: the "
-                                         "later stages must keep what the starting model knew."
-                                         if stage.sets_baseline else "")) if no_gain else None
+        kept = (f"baseline_raw_best stays the start's {stop_state.start_raw:.4f}: the later stages must keep what "
+                "the starting model knew." if stop_state.start_raw is not None else
+                "no baseline_raw_best is set (no finite raw val loss, at the start or since).")
+        summary["warning"] = (no_gain + (f" {kept}" if stage.sets_baseline else "")) if no_gain else None
         if summary["warning"] and self.rank == 0:
             log.warning("%s", summary["warning"])
         plan.summaries[stage.name] = summary
@@ -1131,7 +1132,8 @@ def no_gain_text(stage: StageConfig, state: StopState, decision: StopDecision | 
         what, start, best, step = f"exam {stage.stop.exam_metric}", state.start_exam, state.best_exam, \
             state.best_exam_step
     best_text = f"best {best:.4f} at step {step}" if best is not None else "no eval gave a finite value"
-    return (f"stage '{stage.name}': its {what} never got better than the starting weights' {start:.4f} "
+    start_text = f"the starting weights' {start:.4f}" if start is not None else "its start (not measured)"
+    return (f"stage '{stage.name}': its {what} never got better than {start_text} "
             f"({best_text}). Try a lower lr.peak (now {stage.lr.peak:.2e}) or check the stage's data.")
 
 

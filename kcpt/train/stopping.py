@@ -150,11 +150,12 @@ def record_start(state: StopState, *, raw: float, exam: float | None) -> None:
 
 
 def gained_on_start(state: StopState, stop: StopConfig, metric: str) -> bool:
-    """The stage's best ``metric`` (``raw`` or ``exam``) beats its start (True when either is unknown)."""
+    """The stage's best ``metric`` (``raw`` or ``exam``) beats its start: False when no eval gave a finite value
+    (nothing was gained, whatever the start), True when only the start is unknown (no step-0 eval)."""
     start, best = (state.start_raw, state.best_raw) if metric == "raw" else (state.start_exam, state.best_exam)
-    if start is None:
-        return True
-    return best is not None and _better(best, start, metric == "exam" and exam_higher_is_better(stop))
+    if best is None:
+        return False
+    return start is None or _better(best, start, metric == "exam" and exam_higher_is_better(stop))
 
 
 def baseline_of(state: StopState) -> float | None:

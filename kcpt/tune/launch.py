@@ -58,7 +58,7 @@ from kcpt.tune.experiment import (
     tune_run_name,
     tune_runs,
 )
-from kcpt.tune.objective import GateSpec, GateTracker, gate_outcome
+from kcpt.tune.objective import GateSpec, ReplayedGateTracker, gate_outcome
 from kcpt.tune.progress import TuneConsole
 from kcpt.tune.searcher import DONE_KEY, FINAL_KEY, ConstrainedOptunaSearch, ends_trial, make_sampler, static_space
 from kcpt.tune.space import SpaceSampler, apply_params, recipe_points
@@ -192,7 +192,7 @@ class GateReportCallback(TuneReportCallback):
     def __init__(self, spec: GateSpec, stage: str, extra: Mapping[str, Any] | None = None, *,
                  max_steps: int | None = None, stops_at_gate: bool = False):
         super().__init__()
-        self._tracker = GateTracker(spec)
+        self._tracker = ReplayedGateTracker(spec)
         self._stage = stage
         self._extra = dict(extra or {})
         self._max_steps = max_steps
@@ -203,10 +203,10 @@ class GateReportCallback(TuneReportCallback):
         m = dict(metrics)
         if m.get("stage") not in (None, self._stage):
             return None
+        step = int(m.get("step", -1))
         m.update(self._tracker.update(m))
         m.update(self._extra)
         m[FINAL_KEY] = False
-        step = int(m.get("step", -1))
         # this eval ends the stage (the loop stops after it): a scheduler stop now loses nothing
         m[DONE_KEY] = bool((self._stops_at_gate and m["gate_passed"] and m["steps_to_gate"] == step)
                            or (self._max_steps is not None and step >= self._max_steps))

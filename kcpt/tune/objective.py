@@ -202,7 +202,10 @@ class GateTracker:
         step = int(m.get("step", -1))
         ratio, exam = self.raw_ratio(m), s.exam_value(m)
         tok = _num(m.get("tokens_seen"))
-        if ratio is None or exam is None:
+        if ratio is None or exam is None:  # a NaN/inf eval: no streak, window or interpolation spans it
+            self._prev, self._recent = None, []
+            reported = _num(m.get("gate_streak"))
+            self._streak = int(reported) if reported is not None else 0
             return o.as_metrics()
         g, prev = self.margins(ratio, exam), self._prev
         self._prev = None if tok is None else (tok, g)
@@ -250,6 +253,27 @@ class GateTracker:
         o.selected_exam_f1 = _num(msel.get("exam_f1"))
         o.selected_raw_ratio = ratio_sel
         return o.as_metrics()
+
+
+class ReplayedGateTracker:
+    """A :class:`GateTracker` fed by a run that may evaluate steps again: after a worker group restart the loop
+    resumes from its last checkpoint and reports the evals after it once more. An eval at a step not after the last
+    one fed drops the tracked evals from that step on (counted twice, they filled windows that never happened)."""
+
+    def __init__(self, spec: GateSpec):
+        self.spec = spec
+        self._tracker = GateTracker(spec)
+        self._fed: list[Mapping[str, Any]] = []
+
+    def update(self, m: Mapping[str, Any]) -> dict[str, Any]:
+        step = int(m.get("step", -1))
+        if self._fed and step <= int(self._fed[-1].get("step", -1)):
+            self._fed = [r for r in self._fed if int(r.get("step", -1)) < step]
+            self._tracker = GateTracker(self.spec)
+            for r in self._fed:
+                self._tracker.update(r)
+        self._fed.append(dict(m))
+        return self._tracker.update(m)
 
 
 def gate_outcome(evals: Iterable[Mapping[str, Any]], spec: GateSpec) -> GateOutcome:

@@ -153,6 +153,25 @@ def test_context_drops_trailing_whitespace(tok):
     assert tok.decode(ctx) == prompt.rstrip()
 
 
+@pytest.mark.parametrize("ending", ["답: ", "답:\n", "답:\n\n", "답:"])
+def test_the_trained_prompt_is_the_generation_context_whatever_the_trailing_whitespace(tok, ending):
+    """The exam loss's prompt tokens (label -100) are exactly the generation context and the scoring context of
+    every choice: the prompt's trailing whitespace is answer, merged into its first token or not. With a template
+    ending in a newline (a token of its own here), the newline was a prompt token: trained never predicted, yet the
+    first token a short answer's generation had to produce, and a choice's score depended on whether its first token
+    swallowed the whitespace."""
+    from kcpt.data.exam import answer_labels
+    from kcpt.data.types import IGNORE_INDEX
+
+    prompt = f"질문: 한국의 수도는?\n{ending}"
+    for answer in ("서울", "1948", "대한민국"):
+        ids, labels = answer_labels(prompt, answer, tok)
+        first = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+        assert ids[:first] == context_ids(prompt, tok), (ending, answer)
+        assert all(lab != IGNORE_INDEX for lab in labels[first:])  # the answer (and EOS) is one labelled run
+        assert tok.decode(ids[first:-1]).strip() == answer
+
+
 def test_greedy_decode_left_padded_equals_unbatched(model, tok):
     prompts = ["질문: 한국의 수도는?\n답: ", "답: ", "대한민국 헌법 제1조 대한민국은"]
     ctxs = [context_ids(p, tok) for p in prompts]

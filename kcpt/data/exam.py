@@ -53,14 +53,19 @@ def render_prompt(item: ExamItem, template: ExamTemplate) -> str:
 
 def answer_labels(prompt: str, answer: str, tokenizer) -> tuple[list[int], list[int]]:
     """``(ids, labels)`` of ``prompt + answer`` + EOS, tokenized once with offsets: a token is a prompt token
-    (label -100) when its span ends at or before ``len(prompt)``; every other token, and the EOS, is labelled
-    with its id. The one boundary rule of the exam loss (and of exam accuracy, :mod:`kcpt.eval.exam_scoring`)."""
-    answer_start = len(prompt)
+    (label -100) when its span starts inside the prompt without its trailing whitespace and ends at or before
+    ``len(prompt)``; every other token, and the EOS, is labelled with its id. So the prompt's trailing whitespace
+    belongs to the answer whether the tokenizer merges it into the answer's first token (`` 대``) or keeps it as a
+    token of its own (a newline, or the space before digits in Llama-3-style pre-tokenizers): the prompt tokens are
+    exactly the generation context (:func:`kcpt.eval.exam_scoring.context_ids`, the prompt's tokens that start
+    before ``len(prompt.rstrip())``), and every choice is scored after the same context. The one boundary rule of
+    the exam loss (and of exam accuracy, :mod:`kcpt.eval.exam_scoring`)."""
+    visible, answer_start = len(prompt.rstrip()), len(prompt)
     enc = tokenizer(prompt + answer, add_special_tokens=True, split_special_tokens=True,
                     return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    labels = [tid if end > answer_start else IGNORE_INDEX
-              for tid, (_, end) in zip(ids, enc["offset_mapping"], strict=True)]
+    labels = [IGNORE_INDEX if (start < visible or start == end == 0) and end <= answer_start else tid
+              for tid, (start, end) in zip(ids, enc["offset_mapping"], strict=True)]
     eos = tokenizer.eos_token_id
     if not ids or ids[-1] != eos:
         ids.append(eos)

@@ -16,13 +16,14 @@ the choice with the highest score under ``length_norm``:
 Ties go to the earliest choice (``argmax``). lm-eval scores the same tokens: its ``_encode_pair`` moves the
 context's trailing whitespace into the continuation and takes ``enc(context + continuation)[len(enc(context)):]``
 — with ``doc_to_text`` = the rendered prompt (or ``prompt.rstrip()`` with ``target_delimiter: " "``) and
-``doc_to_choice`` = the choices, that is this module's answer span whenever the prompt's trailing whitespace merges
-into the choice's first token (as with the demo tokenizer). Where a whitespace-only token ends exactly at the
-boundary, it is a prompt token here and a continuation token in lm-eval.
+``doc_to_choice`` = the choices, that is this module's answer span: the prompt's trailing whitespace is answer here
+too, whether it merges into the choice's first token (as with the demo tokenizer) or is a token of its own (a
+newline; the space before digits in Llama-3-style pre-tokenizers).
 
 **Short answer** (no ``choices``). The context is the prompt without its trailing whitespace (the tokens of the
-prompt that start before ``len(prompt.rstrip())``): in training the space after ``답:`` is part of the answer's
-first token, so the model generates it. Greedy decoding (KV cache) until EOS or ``max_new_tokens`` (default:
+prompt that start before ``len(prompt.rstrip())``): in training the space after ``답:`` is answer (its first token,
+or a token of its own), so the model generates it; the exam loss's prompt tokens are exactly this context.
+Greedy decoding (KV cache) until EOS or ``max_new_tokens`` (default:
 the longest reference answer of the batch in tokens + 8); the decoded text is compared with the reference after
 :func:`normalize_answer` — exact match, and character-level F1 (:func:`char_f1`).
 

@@ -254,3 +254,20 @@ def test_a_checkpoint_in_a_bucket_run_is_found_and_its_results_land_there(tiny_r
     assert storage.Store(run_uri).is_file(f"eval/lm_eval-{ckpt.name}.samples.jsonl")
     table = harness.format_lm_eval_results(harness.load_lm_eval_results(run_uri))
     assert table.splitlines()[-1].split() == [ckpt.name, "kcpt_exam_mc", "acc", "0.5000", "2"]
+
+
+def test_the_exported_exam_set_is_the_one_training_scored(tmp_path):
+    """``kcpt eval`` exports the items preparation kept (``items.jsonl``, what ``exam_acc`` scores), not every item of
+    the inputs: at ``data.seq_len`` 48 preparation drops the longer exam items, and lm-eval's ``n`` counted them."""
+    from transformers import AutoTokenizer
+
+    from kcpt.data.exam_io import ITEMS_FILE, read_items_file
+    from kcpt.data.prepare import prepare_all
+
+    cfg = load_config(None, [f"data.prepared_root={tmp_path}", "data.seq_len=48", "logging.progress=false"])
+    prepared = prepare_all(cfg, ["exam_val"])["exam_val"]
+    every = harness.read_exam_set(cfg, "exam_val")
+    kept, left_out = harness.trained_exam_items(every, cfg, AutoTokenizer.from_pretrained(prepared / "tokenizer"))
+    assert [i.id for i in kept] == [i.id for i in read_items_file(prepared / ITEMS_FILE)]
+    assert left_out and len(kept) + len(left_out) == len(every)
+    assert "seq_len 48" in left_out[0]

@@ -171,6 +171,23 @@ def read_exam_set(cfg: KcptConfig, name: str) -> list[ExamItem]:
                                 kind=ds.exam_kind, max_line_chars=cfg.data.filters.max_line_chars))
 
 
+def trained_exam_items(items: list[ExamItem], cfg: KcptConfig, tokenizer) -> tuple[list[ExamItem], list[str]]:
+    """The items preparation keeps for training and ``exam_acc``, and why each other one was left out (longer than
+    ``data.seq_len`` tokens with ``tokenizer``, or more choices than the template labels)."""
+    from kcpt.data.exam import ExamTooLong, TooManyChoices, encode_exam_item
+
+    kept: list[ExamItem] = []
+    left_out: list[str] = []
+    for item in items:
+        try:
+            encode_exam_item(item, tokenizer, cfg.data.template, cfg.data.seq_len)
+        except (ExamTooLong, TooManyChoices) as e:
+            left_out.append(str(e))
+            continue
+        kept.append(item)
+    return kept, left_out
+
+
 def default_exam_set(cfg: KcptConfig, stage: str | None) -> str:
     """The exam set a checkpoint is judged on: its stage's ``eval_exam``, else the first ``eval_exam`` of the
     plan (a CPT checkpoint); ConfigError when the plan has none."""
@@ -273,9 +290,14 @@ def run_lm_eval(checkpoint: str, *, tasks: list[str] | None = None, limit: int |
             from transformers import AutoTokenizer
 
             name = exam_set or default_exam_set(cfg, info.manifest.get("stage"))
-            items = read_exam_set(cfg, name)
-            export = export_exam_tasks(items, cfg.data.template, Path(task_dir) if task_dir else work / "tasks",
-                                       AutoTokenizer.from_pretrained(info.local))
+            tok = AutoTokenizer.from_pretrained(info.local)
+            # the items training scored (exam_acc): preparation drops those longer than seq_len
+            items, left_out = trained_exam_items(read_exam_set(cfg, name), cfg, tok)
+            if left_out:
+                print(f"exam set '{name}': {len(left_out)} items left out, as preparation leaves them out of training "
+                      f"and exam_acc (e.g. {left_out[0]})", flush=True)
+            export = export_exam_tasks(items, cfg.data.template, Path(task_dir) if task_dir else work / "tasks", tok)
+            export.skipped[:0] = left_out
             missing = [t for t in tasks if t in EXAM_TASKS and t not in export.tasks]
             if missing:
                 kind = "multiple-choice" if MC_TASK in missing else "short-answer"

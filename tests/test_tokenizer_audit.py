@@ -33,6 +33,88 @@ def _byte_bpe(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
 
 
+def test_special_tokens_past_the_vocabulary_keep_their_ids_through_expansion():
+    """Llama-3 / Qwen2 keep their special tokens as added tokens just past the BPE vocabulary (128000…). The new
+    words took the ids after them, and on reload tokenizers numbered the specials after the grown vocabulary: on top
+    of the last new words (EOS = a Korean word, '임명한다' decoded with a BOS in it)."""
+    from tokenizers import AddedToken
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["국가 존엄 권리"], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    size = tok.get_vocab_size()
+    tok.add_special_tokens([AddedToken("<|begin_of_text|>", special=True), AddedToken("<|end_of_text|>", special=True)])
+    base = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    assert (base.bos_token_id, base.eos_token_id) == (size, size + 1)
+    words = propose_korean_tokens(base, TEXTS, max_new=20)
+    new, pieces = expand_vocabulary(base, words)
+    assert (new.bos_token_id, new.eos_token_id) == (size, size + 1)  # where the model's config says they are
+    ids = new.convert_tokens_to_ids(list(pieces))
+    assert len(pieces) > 5 and min(ids) == size + 2 and max(ids) == len(new) - 1 and len(set(ids)) == len(ids)
+    for text in TEXTS[:3]:
+        enc = new(text, add_special_tokens=False)["input_ids"]
+        assert new.decode(enc) == text and new.eos_token_id not in enc and new.bos_token_id not in enc
+
+
+def test_a_byte_fallback_bpe_gains_whole_characters_not_glued_byte_pieces():
+    """Llama-2 / Mistral style (BPE with byte_fallback, Metaspace): a syllable missing from the vocabulary is byte
+    pieces ``<0xEC><0x95><0x9E>``. Chaining them made entries like ``▁<0xEC><0x95><0x9E>`` that the ByteFallback
+    decoder printed as that text (and folded from the characters of the string '<0xEC>'); now the syllable becomes an
+    entry of its own, initialised from its byte pieces, and the words are chained from syllables."""
+    from tokenizers import normalizers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.normalizer = normalizers.NFC()
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(["국가 존엄 권리"] * 3, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *byte_pieces], show_progress=False))
+    base = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert "<0xEB>" in base.convert_ids_to_tokens(base("대한민국", add_special_tokens=False)["input_ids"])
+    new, pieces = expand_vocabulary(base, ["대한민국", "국민"])
+    assert pieces and not [t for t in pieces if "<0x" in t]  # no entry glued from byte pieces
+    assert pieces["대"] == base.convert_tokens_to_ids(["<0xEB>", "<0x8C>", "<0x80>"])  # its bytes' rows
+    for text in [*TEXTS[:3], "대한민국 대한 국민 앞서"]:
+        enc = new(text, add_special_tokens=False)["input_ids"]
+        assert new.decode(enc) == text, text
+    assert new.convert_ids_to_tokens(new("대한민국", add_special_tokens=False)["input_ids"]) == ["▁대한민국"]
+
+
+def test_the_audit_counts_words_where_they_stand_in_the_text():
+    """A Metaspace tokenizer (SentencePiece style) encodes a word alone as ``['▁', '헌법']``: counted alone, every word
+    cost a token more (tokens / syllable 5/6 here, not 3/6) and no syllable was 'one token'; a byte-level BPE's word
+    alone is its bare form, where text mostly has its leading-space form (one token, yet proposed). Text the
+    tokenizer cannot encode (no byte fallback) is the unknown-token share."""
+    vocab = [("<unk>", 0.0), ("</s>", 0.0), ("▁", -2.0), ("헌법", -1.0), ("대한", -1.0), ("민국", -1.0),
+             *((c, -5.0) for c in "대한민국헌법")]
+    uni = Tokenizer(models.Unigram(vocab, unk_id=0))
+    uni.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    uni.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    sp = PreTrainedTokenizerFast(tokenizer_object=uni, unk_token="<unk>", eos_token="</s>")
+    assert sp.convert_ids_to_tokens(sp("대한민국 헌법", add_special_tokens=False)["input_ids"]) == \
+        ["▁", "대한", "민국", "▁", "헌법"]
+    rep = audit_tokenizer(sp, ["대한민국 헌법"])
+    assert rep.tokens_per_hangul_syllable == pytest.approx(3 / 6) and rep.single_token_syllable_share == 1.0
+    assert rep.unknown_token_share == 0.0
+    assert audit_tokenizer(sp, ["뷁똠 헌법"]).unknown_token_share > 0
+    # byte-level BPE that learnt ' 국민' (one token 'Ġ국민') but not a bare '국민' (two): where '국민' follows a space
+    # it is one token, so it is neither fragmented nor proposed (counted alone, it was both)
+    text = ["우리 국민 국민 국민 국민"] * 5
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=280, special_tokens=["</s>"], show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    assert [len(bpe(w, add_special_tokens=False)["input_ids"]) for w in (" 국민", "국민")] == [1, 2]
+    assert "국민" not in propose_korean_tokens(bpe, text, min_tokens=2)
+    assert "국민" not in [w for w, _, _ in audit_tokenizer(bpe, text).most_fragmented]
+
+
 def test_audit_measures_fragmentation_of_korean():
     tok = _byte_bpe(300)
     rep = audit_tokenizer(tok, TEXTS)
@@ -262,6 +344,14 @@ def test_audit_tokenizer_misuse_is_one_line_before_any_work(tmp_path, capsys):
     assert f"--model {tmp_path / 'nope'}: not a Hugging Face model directory" in capsys.readouterr().err
     assert main(["audit-tokenizer", "--expand", "4", "--model", str(tmp_path)]) == 2
     assert "--model needs --out" in capsys.readouterr().err
+    # a tokenizer expansion cannot grow (Unigram): one line before the audit (was a traceback after it, exit 1)
+    uni = Tokenizer(models.Unigram([("<unk>", 0.0), ("</s>", 0.0), ("국", -1.0), ("가", -1.0)], unk_id=0))
+    PreTrainedTokenizerFast(tokenizer_object=uni, unk_token="<unk>", eos_token="</s>").save_pretrained(tmp_path / "uni")
+    (tmp_path / "t.txt").write_text(TEXTS[0], encoding="utf-8")
+    assert main(["audit-tokenizer", "--tokenizer", str(tmp_path / "uni"), "--input", str(tmp_path / "t.txt"),
+                 "--expand", "4", "--out", str(tmp_path / "o")]) == 2
+    out = capsys.readouterr()
+    assert "--expand: vocabulary expansion needs a BPE tokenizer (this one is Unigram)" in out.err and not out.out
 
     def tiny(vocab):
         return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
@@ -299,6 +389,12 @@ def test_expansion_of_a_padded_model_uses_its_spare_rows_and_a_smaller_one_is_re
     assert report.checked == len(pieces)  # the new tokens, not the padding rows
     with pytest.raises(InputError, match=rf"the model has {n - 5} embedding rows and the tokenizer {n} tokens"):
         expand_tokenizer_and_model(tok, tiny(n - 5), ["대한민국"])
+    # padded (to a multiple of 8 here) with fewer spare rows than new tokens: it grows to the next multiple, not to
+    # the exact token count (which dropped the padding kernels expect)
+    rows = -(-(n + 1) // 8) * 8
+    grown, pieces = expand_tokenizer_and_model(tok, (model := tiny(rows)), propose_korean_tokens(tok, TEXTS))
+    got = model.get_input_embeddings().weight.shape[0]
+    assert rows % 16 and len(grown) > rows and got % 8 == 0 and got - 8 < len(grown) <= got, (rows, len(grown), got)
 
 
 def test_a_tokenizer_dir_without_vocabulary_and_an_output_bias_in_expansion(tmp_path):

@@ -11,6 +11,7 @@ out predicting the same distribution it did before, instead of from random rows.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections import Counter
@@ -29,7 +30,10 @@ _KOREAN_WORD = re.compile(r"[\uac00-\ud7a3]{2,}")
 
 @dataclass
 class AuditReport:
-    """Coverage statistics of one tokenizer on one text sample."""
+    """Coverage statistics of one tokenizer on one text sample. Words are counted where they stand in the text (the
+    tokens of each whole text that overlap the word, a space-only token such as a lone ``▁`` left out), not encoded
+    alone: alone, a byte-level BPE shows a word's bare form where text mostly has its leading-space form (``Ġ또는``,
+    one token), and a Metaspace tokenizer prefixes a ``▁`` token of its own."""
 
     texts: int
     chars: int
@@ -41,9 +45,13 @@ class AuditReport:
     partial_byte_token_share: float
     """Share of tokens that do not decode to whole characters on their own (byte fallback pieces)."""
     single_token_syllable_share: float
-    """Share of distinct Hangul syllables in the sample that the tokenizer encodes as exactly one token."""
+    """Share of distinct Hangul syllables in the sample that the tokenizer encodes as exactly one token (a
+    space-only token left out)."""
     most_fragmented: list[tuple[str, int, int]] = field(default_factory=list)
-    """(word, frequency, tokens) for frequent Korean words split into the most tokens."""
+    """(word, frequency, tokens) for frequent Korean words split into the most tokens (tokens: the most frequent
+    count over the word's occurrences)."""
+    unknown_token_share: float = 0.0
+    """Share of tokens that are the unknown token (a tokenizer without byte fallback: that text is lost)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +62,7 @@ class AuditReport:
             ("chars / token", f"{self.chars_per_token:.2f}"),
             ("tokens / Hangul syllable (Korean words)", f"{self.tokens_per_hangul_syllable:.2f}"),
             ("partial-byte tokens", f"{self.partial_byte_token_share:.1%}"),
+            ("unknown tokens", f"{self.unknown_token_share:.1%}"),
             ("syllables that are one token", f"{self.single_token_syllable_share:.1%}"),
         ]
         width = max(len(k) for k, _ in rows)
@@ -68,24 +77,84 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def audit_tokenizer(tokenizer: Any, texts: Iterable[str], *, top_k: int = 20) -> AuditReport:
-    """Measure Korean coverage of ``tokenizer`` (any HF tokenizer) on ``texts``."""
-    n_texts = n_chars = n_tokens = n_partial = 0
-    words: Counter[str] = Counter()
-    syllables: set[str] = set()
+class _Pieces:
+    """Per-id facts of a tokenizer, decoded once: whether a token is space only, or a partial UTF-8 byte."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._text: dict[int, str] = {}
+
+    def text(self, tid: int) -> str:
+        if tid not in self._text:
+            self._text[tid] = self.tokenizer.decode([tid])
+        return self._text[tid]
+
+    def space_only(self, tid: int) -> bool:
+        return not self.text(tid).strip()
+
+
+@dataclass
+class _WordCounts:
+    """Korean words of a sample and their token counts in context."""
+
+    words: Counter[str] = field(default_factory=Counter)
+    tokens: dict[str, Counter[int]] = field(default_factory=dict)
+    """word → {tokens it took: occurrences}."""
+
+    def typical(self, word: str) -> int:
+        return self.tokens[word].most_common(1)[0][0]
+
+    def total(self, word: str) -> int:
+        return sum(n * c for n, c in self.tokens[word].items())
+
+
+def _count_in_context(pieces: _Pieces, text: str, ids: list[int], offsets: list[tuple[int, int]],
+                      into: _WordCounts) -> None:
+    """Add ``text``'s Korean words with the number of its tokens (``ids`` / ``offsets``) overlapping each."""
+    spans = sorted((s, e) for tid, (s, e) in zip(ids, offsets, strict=True) if e > s and not pieces.space_only(tid))
+    starts = [s for s, _ in spans]
+    for m in _KOREAN_WORD.finditer(text):
+        lo = bisect.bisect_left(starts, m.start())
+        while lo > 0 and spans[lo - 1][1] > m.start():  # tokens begun before the word that reach into it (a
+            lo -= 1                                      # byte-level ' ' + the first byte of its first syllable)
+        n = 0
+        for s, e in spans[lo:]:
+            if s >= m.end():
+                break
+            n += e > m.start()
+        into.words[m.group()] += 1
+        into.tokens.setdefault(m.group(), Counter())[max(n, 1)] += 1
+
+
+def _word_counts(tokenizer: Any, texts: Iterable[str]) -> _WordCounts:
+    pieces, out = _Pieces(tokenizer), _WordCounts()
     for text in texts:
-        ids = _encode(tokenizer, text)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        _count_in_context(pieces, text, list(enc["input_ids"]), list(enc["offset_mapping"]), out)
+    return out
+
+
+def audit_tokenizer(tokenizer: Any, texts: Iterable[str], *, top_k: int = 20) -> AuditReport:
+    """Measure Korean coverage of ``tokenizer`` (any fast HF tokenizer) on ``texts``."""
+    n_texts = n_chars = n_tokens = n_partial = n_unk = 0
+    pieces, counts = _Pieces(tokenizer), _WordCounts()
+    syllables: set[str] = set()
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for text in texts:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
         n_texts += 1
         n_chars += len(text)
         n_tokens += len(ids)
-        n_partial += sum("\ufffd" in tokenizer.decode([i]) for i in ids)
-        words.update(_KOREAN_WORD.findall(text))
+        n_partial += sum("\ufffd" in pieces.text(i) for i in ids)
+        n_unk += sum(i == unk for i in ids) if unk is not None else 0
+        _count_in_context(pieces, text, ids, list(enc["offset_mapping"]), counts)
         syllables.update(_HANGUL_SYLLABLE.findall(text))
-    word_tokens = {w: len(_encode(tokenizer, w)) for w in words}
+    words = counts.words
     syl_in_words = sum(len(w) * c for w, c in words.items())
-    tok_in_words = sum(word_tokens[w] * c for w, c in words.items())
-    single = sum(len(_encode(tokenizer, s)) == 1 for s in syllables)
-    frag = sorted(words, key=lambda w: (-(word_tokens[w] - 1) * words[w], w))[:top_k]
+    tok_in_words = sum(counts.total(w) for w in words)
+    single = sum(len([i for i in _encode(tokenizer, s) if not pieces.space_only(i)]) == 1 for s in syllables)
+    frag = sorted(words, key=lambda w: (-(counts.total(w) - words[w]), w))[:top_k]
     return AuditReport(
         texts=n_texts, chars=n_chars, tokens=n_tokens,
         hangul_syllables=sum(len(_HANGUL_SYLLABLE.findall(w)) * c for w, c in words.items()),
@@ -93,26 +162,34 @@ def audit_tokenizer(tokenizer: Any, texts: Iterable[str], *, top_k: int = 20) ->
         tokens_per_hangul_syllable=tok_in_words / max(syl_in_words, 1),
         partial_byte_token_share=n_partial / max(n_tokens, 1),
         single_token_syllable_share=single / max(len(syllables), 1),
-        most_fragmented=[(w, words[w], word_tokens[w]) for w in frag if word_tokens[w] > 1],
+        most_fragmented=[(w, words[w], counts.typical(w)) for w in frag if counts.typical(w) > 1],
+        unknown_token_share=n_unk / max(n_tokens, 1),
     )
 
 
 def propose_korean_tokens(tokenizer: Any, texts: Iterable[str], *, max_new: int = 256, min_count: int = 3,
                           min_tokens: int = 3) -> list[str]:
     """Frequent Korean words (≥ ``min_count`` occurrences) that ``tokenizer`` splits into ≥ ``min_tokens``
-    tokens, ranked by tokens saved (count × (tokens − 1)); words already in the vocabulary are skipped."""
-    words: Counter[str] = Counter()
-    for text in texts:
-        words.update(_KOREAN_WORD.findall(text))
+    tokens where they stand in the text (their most frequent count), ranked by tokens saved there (Σ over the
+    occurrences of tokens − 1); words already in the vocabulary are skipped."""
+    counts = _word_counts(tokenizer, texts)
     vocab = tokenizer.get_vocab()
     scored = []
-    for w, c in words.items():
+    for w, c in counts.words.items():
         if c < min_count or w in vocab:
             continue
-        n = len(_encode(tokenizer, w))
-        if n >= min_tokens:
-            scored.append((-(c * (n - 1)), w))
+        if counts.typical(w) >= min_tokens:
+            scored.append((-(counts.total(w) - c), w))
     return [w for _, w in sorted(scored)[:max_new]]
+
+
+def expansion_problem(tokenizer: Any) -> str | None:
+    """Why :func:`expand_vocabulary` cannot grow ``tokenizer`` (its model is not BPE), or None."""
+    kind = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("type")
+    if kind != "BPE":
+        return (f"vocabulary expansion needs a BPE tokenizer (this one is {kind}); use tokenizer.add_tokens for "
+                "other models")
+    return None
 
 
 def expand_vocabulary(tokenizer: Any, words: Sequence[str]) -> tuple[Any, dict[str, list[int]]]:
@@ -136,10 +213,17 @@ def expand_vocabulary(tokenizer: Any, words: Sequence[str]) -> tuple[Any, dict[s
     original = tokenizer.backend_tokenizer
     data = json.loads(original.to_str())
     model = data["model"]
-    if model.get("type") != "BPE":
-        raise ValueError(f"vocabulary expansion needs a BPE tokenizer (this one is {model.get('type')}); "
-                         "use tokenizer.add_tokens for other models")
+    problem = expansion_problem(tokenizer)
+    if problem:
+        raise ValueError(problem)
     vocab: dict[str, int] = model["vocab"]
+    # added tokens past the vocabulary (Llama-3's, Qwen2's specials: 128000…) become vocabulary entries at their own
+    # ids: tokenizers numbers an added token missing from the vocabulary after the vocabulary's entries, so the new
+    # words would push them onto the ids the new words take (EOS = a Korean word)
+    specials = {a["content"]: a["id"] for a in data.get("added_tokens", [])}
+    for content, tid in specials.items():
+        if content not in vocab and tid not in set(vocab.values()):
+            vocab[content] = tid
     old_vocab = dict(vocab)
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
     known = set(merges)
@@ -153,6 +237,17 @@ def expand_vocabulary(tokenizer: Any, words: Sequence[str]) -> tuple[Any, dict[s
                 forms.append(pre[0][0])
     added: dict[str, list[int]] = {}
     current = original
+    if model.get("byte_fallback"):
+        # Llama-2 / Mistral style: a character missing from the vocabulary becomes byte pieces (<0xEC> …) that
+        # ByteFallback decodes one at a time; chained, they would make tokens like <0xEC><0x95> that decode as that
+        # text. So each missing character becomes a vocabulary entry first (the model looks a character up before
+        # falling back to bytes: no merge needed), initialised from its byte pieces; the chains then join characters
+        for ch in dict.fromkeys(ch for f in forms for ch in f):
+            if ch not in vocab:
+                vocab[ch] = next_id
+                next_id += 1
+                added[ch] = [old_vocab[t.value] for t in original.model.tokenize(ch)]
+        current = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
     for _ in range(8):  # chains appended for one word can cut into another's: repeat on what is not whole yet
         pending = [(f, [t.value for t in current.model.tokenize(f)]) for f in forms]
         pending = [(f, pieces) for f, pieces in pending if len(pieces) > 1]
@@ -180,6 +275,10 @@ def expand_vocabulary(tokenizer: Any, words: Sequence[str]) -> tuple[Any, dict[s
         tokenizer.save_pretrained(d)
         (Path(d) / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
         new_tok = AutoTokenizer.from_pretrained(d)
+    moved = {c: (tid, new_tok.convert_tokens_to_ids(c)) for c, tid in specials.items()
+             if new_tok.convert_tokens_to_ids(c) != tid}
+    if moved:  # never hand on a tokenizer whose EOS/BOS/pad ids changed under the model
+        raise RuntimeError(f"vocabulary expansion moved added tokens (token: (old id, new id)): {moved}")
     return new_tok, dict(sorted(added.items(), key=lambda kv: vocab[kv[0]]))
 
 
@@ -203,8 +302,11 @@ def expand_tokenizer_and_model(tokenizer: Any, model: Any, new_tokens: Sequence[
     if not pieces:
         return tokenizer, {}
     # a model padded past its tokenizer (rows > tokens, e.g. to a multiple of 64) keeps its rows: the new tokens
-    # take the unused ones first
-    model.resize_token_embeddings(max(len(new_tok), rows), mean_resizing=False)
+    # take the unused ones first; grown past them, it stays padded to the same multiple (the largest power of two
+    # up to 64 its rows were a multiple of)
+    multiple = next((m for m in (64, 32, 16, 8) if rows % m == 0), None) if rows > old_size else None
+    if len(new_tok) > rows:
+        model.resize_token_embeddings(len(new_tok), pad_to_multiple_of=multiple, mean_resizing=False)
     emb_in = model.get_input_embeddings().weight
     emb_out = model.get_output_embeddings()
     tied = emb_out is None or emb_out.weight.data_ptr() == emb_in.data_ptr()

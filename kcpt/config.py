@@ -390,6 +390,13 @@ class AnomalyConfig(Strict):
     """Take a new rollback point (weights + optimizer) every this many accepted steps (and at every checkpoint the
     stage goes on from: a resume from it starts there)."""
 
+    @model_validator(mode="after")
+    def _window_holds_the_history(self) -> AnomalyConfig:
+        if self.min_history > self.window:
+            raise ValueError(f"min_history ({self.min_history}) must be ≤ window ({self.window}): the window would "
+                             "never hold enough norms, and gradient spikes would never be judged")
+        return self
+
 
 class DeepSpeedConfig(Strict):
     """DeepSpeed ZeRO (see :mod:`kcpt.train.engine`). ``config``: a DeepSpeed JSON file merged under kcpt's
@@ -459,7 +466,7 @@ class TrainConfig(Strict):
     """Rows per worker per step."""
     grad_accum: int = Field(1, ge=1)
     eval_batch_size: int = Field(8, ge=1)
-    max_eval_rows: int | None = None
+    max_eval_rows: int | None = Field(None, ge=1)
     weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     clip_grad_norm: float = Field(1.0, gt=0)
@@ -655,6 +662,8 @@ class TuneConfig(Strict):
 class LoggingConfig(Strict):
     tensorboard: bool = True
     mlflow_tracking_uri: str | None = None
+    """Tune jobs: each trial's reports also go to this MLflow server (``kcpt[mlflow]``); training runs log to
+    TensorBoard and ``metrics.jsonl`` only."""
     progress: bool = True
     """The console's progress: a bar per stage / for tune on a terminal, plain lines otherwise; eval lines."""
     verbose: bool = False
@@ -771,6 +780,10 @@ class KcptConfig(Strict):
                     raise ValueError(f"plan.{i} ({st.name}): unknown dataset '{r}' (defined: {sorted(names)})")
             if st.stop.rule in ("exam", "gate") and st.eval_exam is None:
                 raise ValueError(f"plan.{i} ({st.name}): stop.rule '{st.stop.rule}' needs eval_exam")
+            for key, name, kind in (("eval_raw", st.eval_raw, "raw"), ("eval_exam", st.eval_exam, "exam")):
+                if name is not None and self.data.datasets[name].kind != kind:
+                    raise ValueError(f"plan.{i}.{key}: '{name}' is {'an exam' if kind == 'raw' else 'a raw'} dataset; "
+                                     f"{key} must be {'held-out raw text' if kind == 'raw' else 'an exam dataset'}")
             self._check_per_source(i, st)
         for i, r in enumerate(self.eval.forgetting.datasets or []):
             if r not in names:
@@ -836,9 +849,15 @@ class KcptConfig(Strict):
                     raise ValueError(f"plan.{i}.stop.exam_metric: accuracy needs eval.exam_accuracy: true")
             elif st.stop.exam_target is not None and not st.stop.exam_target > 0:
                 raise ValueError(f"plan.{i}.stop.exam_target: must be > 0 (a loss), got {st.stop.exam_target}")
+            starts: dict[float, int] = {}
             for j, ph in enumerate(st.mixture_schedule):
                 if any(w < 0 for w in ph.weights.values()) or sum(ph.weights.values()) <= 0:
                     raise ValueError(f"plan.{i}.mixture_schedule.{j}.weights: must be ≥ 0 with a positive sum")
+                if ph.start_frac in starts:
+                    raise ValueError(f"plan.{i}.mixture_schedule.{j}.start_frac: {ph.start_frac:g} is also phase "
+                                     f"{starts[ph.start_frac]}'s; each phase needs its own start (one of them would "
+                                     "never apply)")
+                starts[ph.start_frac] = j
         return self
 
     @model_validator(mode="after")
@@ -902,6 +921,32 @@ class KcptConfig(Strict):
         if self.tune.stage not in names:
             raise ConfigError(f"tune.stage: no stage named '{self.tune.stage}' in plan ({names}); set tune.stage to "
                               "the stage to tune (--set tune.stage=NAME)")
+        st, space = self.stage(self.tune.stage), self.tune.space
+        if st.eval_exam is None:
+            raise ConfigError(f"tune.stage: stage '{st.name}' has no eval_exam, and the tune objective is measured on "
+                              "it (every trial would end without a usable eval): tune a stage with an exam set")
+        if self.tune.objective == "tokens_to_gate" and st.stop.rule != "gate":
+            raise ConfigError(f"tune.objective tokens_to_gate counts the tokens until stage '{st.name}''s gate holds, "
+                              f"but its stop.rule is {st.stop.rule} (no gate, so no trial would pass): set the stage's "
+                              "stop.rule gate, or tune.objective exam")
+        roles = (("qa_source", "exam"), ("example_source", "exam"), ("raw_source", "raw"))
+        for key, kind in roles:
+            name = getattr(space, key)
+            if name not in self.data.datasets:
+                raise ConfigError(f"tune.space.{key}: unknown dataset '{name}' (defined: {sorted(self.data.datasets)})")
+            if self.data.datasets[name].kind != kind:
+                raise ConfigError(f"tune.space.{key}: '{name}' is {'a raw' if kind == 'exam' else 'an exam'} dataset; "
+                                  f"{key} must be {'an exam' if kind == 'exam' else 'a raw'} dataset")
+        chosen = [getattr(space, key) for key, _ in roles]
+        if len(set(chosen)) < 3:
+            raise ConfigError(f"tune.space: qa_source, example_source and raw_source must be three different datasets "
+                              f"(got {chosen}): a share given twice to one dataset would keep only the last")
+        if self.logging.mlflow_tracking_uri:
+            import importlib.util
+
+            if importlib.util.find_spec("mlflow") is None:  # said before the prerequisite stages train, not after
+                raise ConfigError("logging.mlflow_tracking_uri is set but mlflow is not installed "
+                                  "(pip install 'kcpt[mlflow]')")
 
     def micro_batch(self, stage: str | StageConfig) -> int:
         """Rows per worker per step of ``stage``: its own ``micro_batch_size`` or ``train.micro_batch_size``."""

@@ -46,6 +46,39 @@ def test_a_per_source_setting_that_would_change_nothing_is_refused(override: str
     load_config(None, ["plan.1.replay_sources=[qa_train]", "plan.1.losses={qa_train: full}"])  # both drawn: fine
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.max_eval_rows=0", r"train.max_eval_rows: Input should be greater than or equal to 1"),
+    ("plan.0.eval_raw=exam_val", r"plan.0.eval_raw: 'exam_val' is an exam dataset"),
+    ("plan.1.eval_exam=raw_val", r"plan.1.eval_exam: 'raw_val' is a raw dataset"),
+    ("train.anomaly.window=10", r"min_history \(20\) must be ≤ window \(10\)"),
+    ("plan.0.mixture_schedule=[{start_frac: 0.5, weights: {raw_train: 1}}, {start_frac: 0.5, weights: {raw_train: 2}}]",
+     r"plan.0.mixture_schedule.1.start_frac: 0.5 is also phase 0's"),
+])
+def test_a_setting_that_would_fail_late_or_do_nothing_is_refused_when_the_config_loads(override, message):
+    """Each loaded before: max_eval_rows 0 crashed every worker at the first eval (numpy on no rows), an exam set as
+    eval_raw made 'raw val loss' an answer-only loss, a window shorter than min_history never judged a spike, and of
+    two phases with one start the first never applied."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("tune.stage=cpt", r"stage 'cpt' has no eval_exam"),
+    ("tune.stage=stage1", r"tokens_to_gate .* its stop.rule is exam"),
+    ("tune.space.raw_source=qa_train", r"tune.space.raw_source: 'qa_train' is an exam dataset"),
+    ("tune.space.qa_source=raw_val", r"tune.space.qa_source: 'raw_val' is a raw dataset"),
+    ("tune.space.example_source=qa_train", r"must be three different datasets"),
+    ("tune.space.raw_source=nope", r"tune.space.raw_source: unknown dataset 'nope'"),
+])
+def test_the_tune_job_refuses_a_search_that_cannot_produce_a_result_before_anything_trains(override, message):
+    """Each ran the prerequisite stages and then: every trial FAIL (no exam eval), no trial ever passing (no gate),
+    every KL trial refused inside the trial (no raw source), or the example share silently dropped."""
+    cfg = load_config(None, [override])
+    with pytest.raises(ConfigError, match=message):
+        cfg.check_tuned_stage()
+    load_config(None, ["tune.stage=stage1", "tune.objective=exam"]).check_tuned_stage()  # the exam objective: fine
+
+
 def test_overrides_and_roundtrip(tmp_path: Path):
     cfg = load_config(None, ["train.seed=7", "plan.3.kl_beta=0.5", "data.seq_len=128"])
     assert cfg.train.seed == 7 and cfg.plan[3].kl_beta == 0.5 and cfg.data.seq_len == 128

@@ -50,12 +50,6 @@ def tune_from_args(args: argparse.Namespace) -> int:
 
     cfg.check_tuned_stage()
     preflight(cfg, None, check_run_dir=False)  # the inputs of every stage, before Ray and torch are imported
-    for key in ("qa_source", "example_source", "raw_source"):
-        if getattr(cfg.tune.space, key) not in cfg.data.datasets:
-            from kcpt.errors import ConfigError
-
-            raise ConfigError(f"tune.space.{key}: unknown dataset '{getattr(cfg.tune.space, key)}' (defined: "
-                              f"{sorted(cfg.data.datasets)})")
     from kcpt import storage as store_lib
     from kcpt.tune.experiment import check_experiment, experiment_uri, resolve_experiment
 

@@ -328,6 +328,13 @@ class StageConfig(Strict):
     sets_baseline: bool = False
     """This stage's best raw val loss becomes ``baseline_raw_best`` for later stages (CPT)."""
 
+    def drawn_sources(self) -> list[str]:
+        """Every source the stage can draw: its ``sources`` and the names in its ``mixture_schedule``."""
+        names = list(self.sources)
+        for ph in self.mixture_schedule:
+            names += [n for n in ph.weights if n not in names]
+        return names
+
     @field_validator("sources")
     @classmethod
     def _weights(cls, v: dict[str, float]) -> dict[str, float]:
@@ -800,7 +807,7 @@ class KcptConfig(Strict):
         """``losses`` and ``replay_sources`` name sources the stage draws, and change something there: a name it
         never draws (a typo, a held-out set) and ``answer_only`` on raw text (no prompt to mask) were silently no-ops;
         a KL weight with no replay source loaded the reference for nothing."""
-        drawn = [*st.sources, *(k for ph in st.mixture_schedule for k in ph.weights if k not in st.sources)]
+        drawn = st.drawn_sources()
         where = f"plan.{i} ({st.name})"
         for key, names in (("losses", list(st.losses)), ("replay_sources", st.replay_sources or [])):
             for r in names:
@@ -811,9 +818,7 @@ class KcptConfig(Strict):
             if kind == "answer_only" and self.data.datasets[r].kind == "raw":
                 raise ValueError(f"{where}: losses.{r} is answer_only, but '{r}' is raw text: it has no prompt to "
                                  "leave out, so every token trains (use full)")
-        replay = (st.replay_sources if st.replay_sources is not None
-                  else [r for r in drawn if self.data.datasets[r].kind == "raw"])
-        if st.kl_beta > 0 and not replay:
+        if st.kl_beta > 0 and not self.replay_sources(st):
             raise ValueError(f"{where}: kl_beta {st.kl_beta:g}, but no source gets the KL term (it applies to "
                              "replay_sources, by default the stage's raw sources): add a raw source, name "
                              "replay_sources, or set kl_beta 0")
@@ -947,6 +952,12 @@ class KcptConfig(Strict):
             if importlib.util.find_spec("mlflow") is None:  # said before the prerequisite stages train, not after
                 raise ConfigError("logging.mlflow_tracking_uri is set but mlflow is not installed "
                                   "(pip install 'kcpt[mlflow]')")
+
+    def replay_sources(self, stage: StageConfig) -> list[str]:
+        """Sources whose batches get the KL term: ``stage.replay_sources`` or the stage's raw sources."""
+        if stage.replay_sources is not None:
+            return list(stage.replay_sources)
+        return [s for s in stage.drawn_sources() if self.data.datasets[s].kind == "raw"]
 
     def micro_batch(self, stage: str | StageConfig) -> int:
         """Rows per worker per step of ``stage``: its own ``micro_batch_size`` or ``train.micro_batch_size``."""

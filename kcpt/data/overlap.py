@@ -24,26 +24,21 @@ under the data table naming the count, the first pairs by file and line, and the
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from kcpt.data.exam_io import ITEMS_FILE, read_items_file
+from kcpt.data.exam_io import ITEMS_FILE, normalize_answer, read_items_file
 from kcpt.data.shards import read_manifest
 from kcpt.data.types import ExamItem
 
 EXAMPLES = 3
 """Pairs named in a warning."""
 
-_SPACE = re.compile(r"\s+")
-
-
 def question_key(item: ExamItem) -> str:
     """What makes two items the same question: the prompt, or the question and its choices (NFC, whitespace runs
     collapsed to one space, stripped)."""
     parts = [item.prompt] if item.prompt is not None else [item.question or "", *(item.choices or [])]
-    return "\x1f".join(_SPACE.sub(" ", unicodedata.normalize("NFC", p)).strip() for p in parts)
+    return "\x1f".join(normalize_answer(p) for p in parts)
 
 
 def _where(item: ExamItem) -> str:

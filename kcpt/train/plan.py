@@ -14,10 +14,7 @@ from kcpt.errors import ConfigError, InputError
 
 def stage_sources(stage: StageConfig) -> list[str]:
     """Every source the stage can draw: its ``sources`` and the names in its ``mixture_schedule``."""
-    names = list(stage.sources)
-    for ph in stage.mixture_schedule:
-        names += [n for n in ph.weights if n not in names]
-    return names
+    return stage.drawn_sources()
 
 
 def loss_kinds(cfg: KcptConfig, stage: StageConfig) -> dict[str, str]:
@@ -28,9 +25,7 @@ def loss_kinds(cfg: KcptConfig, stage: StageConfig) -> dict[str, str]:
 
 def replay_sources(cfg: KcptConfig, stage: StageConfig) -> list[str]:
     """Sources whose batches get the KL term: ``stage.replay_sources`` or the stage's raw sources."""
-    if stage.replay_sources is not None:
-        return list(stage.replay_sources)
-    return [s for s in stage_sources(stage) if cfg.data.datasets[s].kind == "raw"]
+    return cfg.replay_sources(stage)
 
 
 def datasets_needed(cfg: KcptConfig, stages: list[str]) -> list[str]:

@@ -267,7 +267,9 @@ def test_a_tune_experiment_in_use_by_another_driver_is_refused_before_anything_c
             with pytest.raises(InputError, match=rf"{exp}: in use by another kcpt tune \(pid {holder.pid}\) on this "
                                                  r"machine: wait for it to end, or give this one another "
                                                  r"--experiment-dir"):
-                tune_stage3(_cfg(tmp_path), experiment_dir=exp, **flags)
+                # a stage the tune job accepts (an exam set, the exam objective): the lease is what refuses it
+                tune_stage3(_cfg(tmp_path, "plan.0.eval_exam=qa_val", "tune.objective=exam"), experiment_dir=exp,
+                            **flags)
         assert [p.name for p in exp.iterdir()] == ["experiment.json"] and not ray.is_initialized()
     finally:
         holder.kill()

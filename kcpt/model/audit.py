@@ -97,9 +97,13 @@ class _Pieces:
 class _WordCounts:
     """Korean words of a sample and their token counts in context."""
 
-    words: Counter[str] = field(default_factory=Counter)
     tokens: dict[str, Counter[int]] = field(default_factory=dict)
     """word → {tokens it took: occurrences}."""
+
+    @property
+    def words(self) -> Counter[str]:
+        """word → occurrences."""
+        return Counter({w: sum(c.values()) for w, c in self.tokens.items()})
 
     def typical(self, word: str) -> int:
         return self.tokens[word].most_common(1)[0][0]
@@ -122,7 +126,6 @@ def _count_in_context(pieces: _Pieces, text: str, ids: list[int], offsets: list[
             if s >= m.end():
                 break
             n += e > m.start()
-        into.words[m.group()] += 1
         into.tokens.setdefault(m.group(), Counter())[max(n, 1)] += 1
 
 

@@ -52,8 +52,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.model and not (Path(args.model) / "config.json").is_file():
         raise KcptError(f"--model {args.model}: not a Hugging Face model directory (no config.json there)")
     tok = load_tokenizer(TokenizerConfig(path=args.tokenizer))
-    if args.expand and expansion_problem(tok):  # said before the audit's work, as one line (exit 2)
-        raise KcptError(f"--expand: {expansion_problem(tok)}")
+    problem = expansion_problem(tok) if args.expand else None
+    if problem:  # said before the audit's work, as one line (exit 2)
+        raise KcptError(f"--expand: {problem}")
     report = RejectReport()
     texts = [d.text for d in read_documents(resolve_inputs(args.input), text_field=args.text_field, report=report)]
     if not texts:

@@ -177,3 +177,18 @@ def test_stream_loader_fetches_only_manifest_and_tokenizer_from_a_uri(s3_prefix,
     assert not list(meta.glob("*.parquet"))
     full = fetch_prepared(f"{s3_prefix}/prep")  # the memory loader's copy: a separate, complete mirror
     assert full != meta and len(list(full.glob("*.parquet"))) == 3
+
+
+def test_the_data_table_reads_a_prepared_dataset_at_a_uri_without_downloading_its_shards(s3_prefix, tmp_path,
+                                                                                       monkeypatch):
+    """The driver's data table (every run and tune job prints it) downloaded each dataset's shards into the driver's
+    scratch — the whole corpus, onto a head node — to read its manifest."""
+    from kcpt.data.report import load_reports
+    from kcpt.storage import Store
+
+    monkeypatch.setenv("KCPT_SCRATCH", str(tmp_path / "scratch"))
+    ref = make_prepared(tmp_path / "d", 30, per_shard=10, row_group=5)
+    Store(s3_prefix).upload_tree(ref, "prep", last=("manifest.json",))
+    (report,) = load_reports({"d": f"{s3_prefix}/prep"})
+    assert report.manifest == json.loads((ref / "manifest.json").read_text())
+    assert list((tmp_path / "scratch").rglob("manifest.json")) and not list((tmp_path / "scratch").rglob("*.parquet"))

@@ -133,10 +133,10 @@ def run_prepare(args: argparse.Namespace) -> int:
                 storage.publish_tree(made, args.out, marker=MANIFEST)
         dirs = {name: args.out if remote else out}
     for d in dirs.values():
-        print(format_manifest(d, read_manifest(fetch_prepared(d))))
+        print(format_manifest(d, read_manifest(fetch_prepared(d, shards=False))))
     print()
     announce_data(dirs, statuses, limit=cfg.data.max_reject_fraction, filters=cfg.data.filters.model_dump(mode="json"))
     if dirs:
-        m = read_manifest(fetch_prepared(next(iter(dirs.values()))))
+        m = read_manifest(fetch_prepared(next(iter(dirs.values())), shards=False))
         print(f"tokenizer: vocab {m['vocab_size']}, sha256 {m['tokenizer_sha256'][:12]}")
     return 0

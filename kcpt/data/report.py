@@ -189,11 +189,12 @@ def check_reject_limit(reports: list[DatasetReport], limit: float | None) -> Non
 
 
 def load_reports(prepared: Mapping[str, Any], statuses: Mapping[str, str] | None = None) -> list[DatasetReport]:
-    """Reports for ``prepared`` (name → local dir or URI, as :func:`kcpt.data.prepare.prepare_all` returns)."""
+    """Reports for ``prepared`` (name → local dir or URI, as :func:`kcpt.data.prepare.prepare_all` returns). A URI's
+    manifest is fetched without its shards (the driver printing the table holds no copy of the corpus)."""
     from kcpt.data.shards import fetch_prepared, read_manifest
 
-    return [DatasetReport(name, read_manifest(fetch_prepared(ref)), (statuses or {}).get(name, "prepared"))
-            for name, ref in prepared.items()]
+    return [DatasetReport(name, read_manifest(fetch_prepared(ref, shards=False)),
+                          (statuses or {}).get(name, "prepared")) for name, ref in prepared.items()]
 
 
 def announce_data(prepared: Mapping[str, Any], statuses: Mapping[str, str] | None, *, limit: float | None = None,

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kcpt.model.audit import (
+    WordCounts,
     audit_tokenizer,
     expand_tokenizer_and_model,
     expand_vocabulary,
@@ -128,8 +129,11 @@ def test_audit_measures_fragmentation_of_korean():
 
 def test_expansion_uses_folded_init_and_shortens_korean():
     tok = _byte_bpe(300)
-    before = audit_tokenizer(tok, TEXTS)
+    counts = WordCounts()
+    before = audit_tokenizer(tok, TEXTS, word_counts=counts)
     new = propose_korean_tokens(tok, TEXTS, max_new=8, min_count=3)
+    # the audit's pass over the corpus proposes the same words (audit-tokenizer --expand tokenizes it once)
+    assert propose_korean_tokens(tok, counts=counts, max_new=8, min_count=3) == new
     assert new and all(len(w) >= 2 for w in new)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,

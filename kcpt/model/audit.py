@@ -94,7 +94,7 @@ class _Pieces:
 
 
 @dataclass
-class _WordCounts:
+class WordCounts:
     """Korean words of a sample and their token counts in context."""
 
     tokens: dict[str, Counter[int]] = field(default_factory=dict)
@@ -113,7 +113,7 @@ class _WordCounts:
 
 
 def _count_in_context(pieces: _Pieces, text: str, ids: list[int], offsets: list[tuple[int, int]],
-                      into: _WordCounts) -> None:
+                      into: WordCounts) -> None:
     """Add ``text``'s Korean words with the number of its tokens (``ids`` / ``offsets``) overlapping each."""
     spans = sorted((s, e) for tid, (s, e) in zip(ids, offsets, strict=True) if e > s and not pieces.space_only(tid))
     starts = [s for s, _ in spans]
@@ -129,18 +129,23 @@ def _count_in_context(pieces: _Pieces, text: str, ids: list[int], offsets: list[
         into.tokens.setdefault(m.group(), Counter())[max(n, 1)] += 1
 
 
-def _word_counts(tokenizer: Any, texts: Iterable[str]) -> _WordCounts:
-    pieces, out = _Pieces(tokenizer), _WordCounts()
+def _word_counts(tokenizer: Any, texts: Iterable[str]) -> WordCounts:
+    pieces, out = _Pieces(tokenizer), WordCounts()
     for text in texts:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         _count_in_context(pieces, text, list(enc["input_ids"]), list(enc["offset_mapping"]), out)
     return out
 
 
-def audit_tokenizer(tokenizer: Any, texts: Iterable[str], *, top_k: int = 20) -> AuditReport:
-    """Measure Korean coverage of ``tokenizer`` (any fast HF tokenizer) on ``texts``."""
+def audit_tokenizer(tokenizer: Any, texts: Iterable[str], *, top_k: int = 20,
+                    word_counts: WordCounts | None = None) -> AuditReport:
+    """Measure Korean coverage of ``tokenizer`` (any fast HF tokenizer) on ``texts``. ``word_counts``: an empty
+    :class:`WordCounts` to fill with the sample's words (for :func:`propose_korean_tokens`: one pass over the
+    corpus serves both)."""
     n_texts = n_chars = n_tokens = n_partial = n_unk = 0
-    pieces, counts = _Pieces(tokenizer), _WordCounts()
+    pieces, counts = _Pieces(tokenizer), word_counts if word_counts is not None else WordCounts()
+    if counts.tokens:
+        raise ValueError("audit_tokenizer: word_counts must be empty (it is filled with this sample's words)")
     syllables: set[str] = set()
     unk = getattr(tokenizer, "unk_token_id", None)
     for text in texts:
@@ -170,12 +175,15 @@ def audit_tokenizer(tokenizer: Any, texts: Iterable[str], *, top_k: int = 20) ->
     )
 
 
-def propose_korean_tokens(tokenizer: Any, texts: Iterable[str], *, max_new: int = 256, min_count: int = 3,
-                          min_tokens: int = 3) -> list[str]:
+def propose_korean_tokens(tokenizer: Any, texts: Iterable[str] | None = None, *, counts: WordCounts | None = None,
+                          max_new: int = 256, min_count: int = 3, min_tokens: int = 3) -> list[str]:
     """Frequent Korean words (≥ ``min_count`` occurrences) that ``tokenizer`` splits into ≥ ``min_tokens``
     tokens where they stand in the text (their most frequent count), ranked by tokens saved there (Σ over the
-    occurrences of tokens − 1); words already in the vocabulary are skipped."""
-    counts = _word_counts(tokenizer, texts)
+    occurrences of tokens − 1); words already in the vocabulary are skipped. From ``texts``, or from the ``counts``
+    :func:`audit_tokenizer` filled for this tokenizer (the corpus is not tokenized again)."""
+    if (texts is None) == (counts is None):
+        raise ValueError("propose_korean_tokens: give texts or counts, one of them")
+    counts = counts if counts is not None else _word_counts(tokenizer, texts or [])
     vocab = tokenizer.get_vocab()
     scored = []
     for w, c in counts.words.items():

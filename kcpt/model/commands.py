@@ -34,6 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     from kcpt.data.sources import read_documents
     from kcpt.errors import KcptError
     from kcpt.model.audit import (
+        WordCounts,
         audit_tokenizer,
         expand_tokenizer_and_model,
         expand_vocabulary,
@@ -59,10 +60,11 @@ def _run(args: argparse.Namespace) -> int:
     texts = [d.text for d in read_documents(resolve_inputs(args.input), text_field=args.text_field, report=report)]
     if not texts:
         raise KcptError(f"no text read from {args.input}")
-    audit = audit_tokenizer(tok, texts)
+    counts = WordCounts()
+    audit = audit_tokenizer(tok, texts, word_counts=counts)
     print(json.dumps(audit.to_dict(), ensure_ascii=False, indent=2) if args.json else audit.summary())
     if args.expand:
-        new = propose_korean_tokens(tok, texts, max_new=args.expand)
+        new = propose_korean_tokens(tok, counts=counts, max_new=args.expand)
         print(f"\nproposed {len(new)} new tokens: {' '.join(new[:40])}{' …' if len(new) > 40 else ''}")
         if args.out:
             out = Path(args.out)

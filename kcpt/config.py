@@ -120,7 +120,9 @@ class FilterConfig(Strict):
     dedup: bool = True
     """Exact dedup by SHA-256 of the normalised text."""
     max_line_chars: int = Field(1_000_000, gt=0)
-    """A physical line longer than this is rejected with a message (reason ``line_too_long``)."""
+    """A physical line longer than this is rejected with a message (reason ``line_too_long``). It bounds what one
+    line of a file holds in memory, so it counts the line as stored: in a JSONL file written with ASCII escapes
+    (Python's ``json.dumps`` default) each Hangul syllable is a 6-character ``\\uXXXX``."""
 
 
 class ExamTemplate(Strict):
@@ -334,6 +336,18 @@ class StageConfig(Strict):
         for ph in self.mixture_schedule:
             names += [n for n in ph.weights if n not in names]
         return names
+
+    @model_validator(mode="after")
+    def _gate_fits(self) -> StageConfig:
+        """A gate needing more consecutive evals than the stage makes can never pass (evals at every
+        ``eval_every``-th step and at ``max_steps``; the step-0 eval counts for no gate)."""
+        evals = -(-self.max_steps // self.eval_every)
+        if self.stop.rule == "gate" and self.stop.consecutive > evals:
+            raise ValueError(f"stop.consecutive: the gate needs {self.stop.consecutive} evals in a row, but the "
+                             f"stage evaluates {evals} times (max_steps {self.max_steps}, eval_every "
+                             f"{self.eval_every}), so it could never pass: raise max_steps, lower eval_every or "
+                             "lower stop.consecutive")
+        return self
 
     @field_validator("sources")
     @classmethod
@@ -839,6 +853,12 @@ class KcptConfig(Strict):
             if t.min_workers > t.num_workers:
                 raise ValueError(f"train.min_workers: {t.min_workers} is more than train.num_workers "
                                  f"({t.num_workers}), the most workers an elastic run trains on")
+        if self.model.dtype == "float16" and t.deepspeed is None:
+            raise ValueError("model.dtype: float16 needs loss scaling, which only train.deepspeed gives here: set "
+                             "train.deepspeed, or model.dtype bfloat16")
+        if t.compile and t.deepspeed is not None and t.deepspeed.zero_stage == 3:
+            raise ValueError("train.compile: not with ZeRO-3 (its parameter gathering runs inside every layer): use "
+                             "train.deepspeed.zero_stage 2 or DDP, or train.compile false")
         for i, beta in enumerate(self.train.adam_betas):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"train.adam_betas.{i}: must be in [0, 1), got {beta}")

@@ -169,7 +169,8 @@ def test_tune_with_every_root_on_s3_and_reading_results_from_there(two_nodes, s3
     exp_uri = f"{s3_prefix}/experiments/e1"
     short = ["plan.0.max_steps=6", "plan.0.eval_every=3", "plan.1.max_steps=4", "plan.1.eval_every=2",
              "plan.2.max_steps=4", "plan.2.eval_every=2", "tune.stage_overrides.max_steps=8",
-             "tune.stage_overrides.eval_every=4"]  # the wiring, not the search: a few steps per stage
+             "tune.stage_overrides.eval_every=4",  # the wiring, not the search: a few steps per stage
+             "tune.stage_overrides.stop.consecutive=2"]
     cfg = load_config(None, [*TUNE_TEST_OVERRIDES, *short, f"train.output_dir={s3_prefix}/runs",
                              f"data.prepared_root={s3_prefix}/prepared", f"tune.experiment_dir={s3_prefix}/experiments",
                              "tune.num_samples=1", "tune.num_workers=2",

@@ -109,7 +109,8 @@ def test_ray_job_submit_tunes_stage3(head, tune_experiment, tmp_path):
 
     exp_dir = tmp_path / "job-exp"
     # the session experiment's settings (its prerequisites are reused), trials of 8 steps: the job, not the search
-    sets = [a for o in (*tune_experiment.overrides, "tune.stage_overrides.max_steps=8")
+    sets = [a for o in (*tune_experiment.overrides, "tune.stage_overrides.max_steps=8",
+                                    "tune.stage_overrides.stop.consecutive=2")
             if not o.startswith("tune.num_samples") for a in ("--set", o)]
     status, logs = head("tune", "python", "jobs/tune_stage3.py", "--num-samples", "1", "--study-name", "job-study",
                         "--experiment-dir", str(exp_dir), *sets)

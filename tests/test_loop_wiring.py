@@ -716,3 +716,27 @@ def test_a_checkpoint_file_changed_at_the_same_size_is_refused_by_its_checksum(p
     del manifest["crc32"]
     (newest / "manifest.json").write_text(json.dumps(manifest))
     run_plan(cfg_of(prepared_root, tmp_path, plan), resume="auto", in_process=True, force=True)  # no checksums: loads
+
+
+def test_a_kl_reference_nobody_gives_is_refused_and_a_warmup_as_long_as_the_stage_is_warned(prepared_root, tmp_path,
+                                                                                           capsys):
+    """``kl_reference: cpt_best`` with no CPT stage before it and no reference or init checkpoint was refused inside
+    each worker at the stage's start; now by run_plan before anything runs. A warm-up as long as the stage keeps the
+    LR below its peak: the console says so, with the fraction the loop's LR reaches."""
+    kl = ('[{name: s, sources: {raw_train: 1.0}, max_steps: 2, eval_every: 1, kl_beta: 0.1, '
+          'stop: {rule: max_steps}}]')
+    with pytest.raises(ConfigError, match=r"plan stage 's': kl_beta 0.1 with kl_reference cpt_best, but no stage "
+                                          r"before it in this run sets_baseline"):
+        run_plan(cfg_of(prepared_root, tmp_path, kl), resume="never", in_process=True)
+    assert not (tmp_path / "r").exists()
+    plan = ('[{name: a, sources: {raw_train: 1.0}, max_steps: 2, eval_every: 2, sets_baseline: true, '
+            'lr: {peak: 0.001, warmup_steps: 4}, stop: {rule: max_steps}}, '
+            '{name: b, sources: {raw_train: 1.0}, max_steps: 2, eval_every: 2, kl_beta: 0.1, '
+            'lr: {peak: 0.001, warmup_steps: 1}, stop: {rule: max_steps}}]')
+    res = run_plan(cfg_of(prepared_root, tmp_path, plan), resume="never", in_process=True)
+    out = capsys.readouterr().out
+    assert ("warning: plan stage 'a': lr.warmup_steps 4 ≥ max_steps 2: the LR only ramps up, to 40% of lr.peak at "
+            "the last step") in out
+    assert "plan stage 'b'" not in out                # its warm-up ends inside the stage
+    last_a = [r for r in read_metrics(res.run_dir) if r["stage"] == "a"][-1]
+    assert last_a["lr"] == pytest.approx(0.4 * 0.001)  # what the warning said the loop reaches

@@ -55,7 +55,8 @@ def prepared_root(tmp_path_factory) -> Path:
 
 
 def small_cfg(prepared_root: Path, out: Path, name: str, *extra: str):
-    """Tiny model, seq_len 64, 2 workers; plan: cpt (8 steps) → stage3 (qa + raw mixture, KL, 6 steps)."""
+    """Tiny model, seq_len 64, 2 workers; plan: cpt (8 steps) → stage3 (qa + raw mixture, KL, 6 steps, a gate it never
+    passes: every stage runs to max_steps)."""
     base = [
         "data.seq_len=64", f"data.prepared_root={prepared_root}", "logging.progress=false",
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
@@ -69,7 +70,7 @@ def small_cfg(prepared_root: Path, out: Path, name: str, *extra: str):
             'lr: {peak: 0.003, warmup_steps: 2}, stop: {rule: max_steps}}, '
             '{name: stage3, sources: {qa_train: 0.6, raw_train: 0.4}, max_steps: 6, eval_every: 3, '
             'eval_exam: qa_val, kl_beta: 0.1, lr: {peak: 0.002, warmup_steps: 1}, restore: full, '
-            'stop: {rule: gate, exam_target: 100.0, raw_tolerance: 0.5, consecutive: 5}}]')
+            'stop: {rule: gate, exam_target: 0.01, raw_tolerance: 0.5, consecutive: 2}}]')
     ov = [*base[:-1], f"plan={plan}", "tune.stage=stage3", *extra]
     return load_config(None, ov)
 
@@ -293,19 +294,21 @@ def test_in_task_run_killed_mid_stage_is_retried_and_resumes_exactly(ray_session
 
 def test_a_kcpt_error_in_a_world_size_1_rerun_task_is_raised_as_itself(ray_session, prepared_root, tmp_path):
     """At world size 1 a tune re-evaluation run is one Ray task (run_stage_trial → ``run_plan(in_task=True)``). A
-    KcptError inside it (here the loop refusing float16 without DeepSpeed) comes back as itself, with its one-line
-    message (what reevaluate logs) and not retried — not as Ray's RayTaskError(ConfigError), a subclass of both whose
-    message is the remote traceback. ``in_task`` itself refuses a world size above 1."""
-    from kcpt.errors import ConfigError
+    KcptError inside it (here an injected InputError at step 1) comes back as itself, with its one-line message
+    (what reevaluate logs) and not retried — not as Ray's RayTaskError(InputError), a subclass of both whose message
+    is the remote traceback. ``in_task`` itself refuses a world size above 1."""
+    from kcpt.errors import ConfigError, InputError
     from kcpt.tune.launch import run_stage_trial
 
-    cfg = small_cfg(prepared_root, tmp_path, "fp16", "train.num_workers=1", "model.dtype=float16")
-    with pytest.raises(ConfigError) as info:
-        run_stage_trial(cfg, stage="stage3", run_dir=tmp_path / "fp16", init_checkpoint=None, baseline_raw_best=7.0,
+    cfg = small_cfg(prepared_root, tmp_path, "task", "train.num_workers=1", "train.faults.stage=stage3",
+                    "train.faults.input_error_at_step=1", "plan.1.kl_beta=0")  # no CPT here: no KL reference
+    with pytest.raises(InputError) as info:
+        run_stage_trial(cfg, stage="stage3", run_dir=tmp_path / "task", init_checkpoint=None, baseline_raw_best=7.0,
                         reference_checkpoint=None, callbacks=[])
-    assert type(info.value) is ConfigError and str(info.value).startswith("model.dtype float16 needs loss scaling")
+    assert type(info.value) is InputError and str(info.value).startswith("injected fault: stage stage3 step 1")
     assert "Traceback" not in str(info.value)
-    assert [r["step"] for r in read_metrics(tmp_path / "fp16")] == []  # the loop refused before its first eval
+    assert [r["step"] for r in read_metrics(tmp_path / "task")] == [0]  # the step-0 eval, then the error
+    assert (tmp_path / "task" / "faults" / "input-error-stage3-1").read_text().count("fired") == 1  # not retried
     with pytest.raises(ConfigError, match="in_task runs one worker"):
         run_plan(small_cfg(prepared_root, tmp_path, "two"), resume="never", in_task=True)
 

@@ -237,7 +237,8 @@ def test_two_concurrent_trials_on_postgres(tune_experiment, tmp_path):
         url = server.get_uri().replace("postgresql://", "postgresql+psycopg2://", 1)
         # the storage and the concurrency, not the search: 8 steps per trial (evals at 0, 4, 8) are enough
         cfg = load_config(None, [*_base_overrides(tune_experiment), "tune.num_samples=2", "tune.max_concurrent=2",
-                                 "tune.stage_overrides.max_steps=8", f"tune.storage={url}",
+                                 "tune.stage_overrides.max_steps=8", "tune.stage_overrides.stop.consecutive=2",
+                                 f"tune.storage={url}",
                                  "tune.study_name=pg-study"])
         res = tune_stage3(cfg, experiment_dir=tmp_path / "exp", prerequisites=tune_experiment.result.prerequisites,
                           verbose=0)
@@ -293,7 +294,8 @@ def _driver_in_a_trial(tune_experiment, exp: Path, study: str, log: Path, trials
 
     if ray.is_initialized():
         ray.shutdown()
-    sets = [a for o in (*_base_overrides(tune_experiment), "tune.stage_overrides.max_steps=8") for a in ("--set", o)]
+    sets = [a for o in (*_base_overrides(tune_experiment), "tune.stage_overrides.max_steps=8",
+                                               "tune.stage_overrides.stop.consecutive=2") for a in ("--set", o)]
     args = ["--experiment-dir", str(exp), "--storage", "journal", "--num-samples", str(trials), "--study-name", study,
             *sets]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}

@@ -233,6 +233,7 @@ def test_an_asha_grace_longer_than_a_trial_is_refused_before_anything_is_made(tm
     from kcpt.tune.launch import tune_stage3
 
     cfg = load_config(None, ["tune.stage_overrides.max_steps=10", "tune.stage_overrides.eval_every=5",
+                             "tune.stage_overrides.stop.consecutive=2",
                              "tune.asha.grace_period=10", f"train.output_dir={tmp_path / 'runs'}"])
     with pytest.raises(ConfigError, match=r"tune.asha.grace_period: a grace of .* tokens .* is longer than a trial "
                                           r"of stage 'stage3' can run"):

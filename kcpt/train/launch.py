@@ -38,11 +38,13 @@ from kcpt.train.engine import check_engine_state
 from kcpt.train.layout import step_micro_batches
 from kcpt.train.plan import (
     check_baselines,
+    check_references,
     check_rows,
     datasets_needed,
     expected_manifest,
     held_out_warnings,
     stage_sources,
+    warmup_warnings,
 )
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_of
 from kcpt.train.streams import ShardReader
@@ -166,6 +168,7 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
         except KeyError:
             raise ConfigError(f"stages: no stage named '{s}' in plan ({[x.name for x in cfg.plan]})") from None
     check_baselines(cfg, stages, baseline_raw_best)
+    check_references(cfg, stages, reference_checkpoint=reference_checkpoint, init_checkpoint=init_checkpoint)
     if on_report is not None and not in_process:
         raise ConfigError("run_plan: on_report is for in_process runs (Ray Train runs take callbacks)")
     if in_task and (in_process or not one_worker(cfg)):
@@ -306,7 +309,7 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         print("\n".join(overlap), flush=True)
     manifests = {k: read_manifest(v) for k, v in local_prepared.items()}
     if console:
-        for line in vocab_warnings(cfg, manifests):
+        for line in [*vocab_warnings(cfg, manifests), *warmup_warnings(cfg, stages)]:
             print(line, flush=True)
     expected = expected_manifest(cfg, local_prepared)
     world = 1 if in_process or in_task else cfg.train.num_workers

@@ -378,8 +378,6 @@ class StageRunner:
         self._progress_due = Throttle()
         self.ds_config = (deepspeed_config(self.cfg, grad_accum=self.layout.grad_accum)
                           if self.cfg.train.deepspeed is not None else None)
-        if self.cfg.model.dtype == "float16" and self.ds_config is None:
-            raise ConfigError("model.dtype float16 needs loss scaling: use train.deepspeed, or model.dtype bfloat16")
         self._hf_ds = None
         if self.ds_config is not None and self.ds_config["zero_optimization"]["stage"] == 3:
             # from_pretrained then builds the model partitioned (zero.Init) instead of whole on every rank
@@ -531,10 +529,7 @@ class StageRunner:
         model = load_causal_lm(self.cfg.model, vocab_size=len(self.tokenizer), path=model_dir,
                                pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
                                dtype=torch.float32 if trained else None)
-        if trained and self.cfg.train.compile:
-            if self._hf_ds is not None:
-                raise ConfigError("train.compile: not with ZeRO-3 (its parameter gathering runs inside every layer); "
-                                  "use zero_stage 2 or DDP")
+        if trained and self.cfg.train.compile:  # not with ZeRO-3: refused when the config loads
             compile_layers(model)
         if self._hf_ds is None:
             return model.to(self.device)

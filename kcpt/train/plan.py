@@ -103,6 +103,31 @@ def check_baselines(cfg: KcptConfig, stages: list[str], baseline_raw_best: float
         known = known or st.sets_baseline
 
 
+def check_references(cfg: KcptConfig, stages: list[str], *, reference_checkpoint: object | None,
+                     init_checkpoint: object | None) -> None:
+    """Refuse, before any step, a stage with a KL term to ``kl_reference: cpt_best`` that has none: no earlier stage
+    of this run ``sets_baseline``, and neither a reference nor an init checkpoint was given (the worker falls back
+    to the init checkpoint)."""
+    known = reference_checkpoint is not None or init_checkpoint is not None
+    for name in stages:
+        st = cfg.stage(name)
+        if st.kl_beta > 0 and st.kl_reference == "cpt_best" and not known:
+            raise ConfigError(
+                f"plan stage '{name}': kl_beta {st.kl_beta:g} with kl_reference cpt_best, but no stage before it in "
+                "this run sets_baseline and no reference or init checkpoint was given: run the CPT stage first, pass "
+                "--reference-checkpoint (or --init-checkpoint), or set kl_reference: base")
+        known = known or st.sets_baseline
+
+
+def warmup_warnings(cfg: KcptConfig, stages: list[str]) -> list[str]:
+    """A console warning for each stage whose LR warm-up is as long as the stage: its LR never reaches
+    ``lr.peak`` and the cosine decay never starts."""
+    return [f"warning: plan stage '{st.name}': lr.warmup_steps {st.lr.warmup_steps} ≥ max_steps {st.max_steps}: "
+            f"the LR only ramps up, to {st.max_steps / (st.lr.warmup_steps + 1):.0%} of lr.peak at the last step "
+            "(kcpt.train.schedule); lower lr.warmup_steps to train at the peak and decay"
+            for st in (cfg.stage(n) for n in stages) if st.lr.warmup_steps >= st.max_steps]
+
+
 def expected_manifest(cfg: KcptConfig, prepared: dict[str, Path]) -> dict[str, Any]:
     """Hashes a checkpoint of this run records and a full resume must match: tokenizer (from the prepared
     data's manifest), each prepared dataset's identity, what the resolved config trains

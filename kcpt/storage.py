@@ -375,6 +375,7 @@ def fetch_tree(ref: str | os.PathLike, *, marker: str, files_of: Callable[[dict[
             for name in todo:
                 store.download_file(f"{rel}/{name}", tmp / name)
             _count(uri, todo, files, first=True)
+            tmp.mkdir(parents=True, exist_ok=True)  # every other file may be skipped: the marker alone
             (tmp / marker).write_bytes(marker_bytes)
             (tmp / MARKER_COPY).write_bytes(marker_bytes)
             if local.exists():

@@ -337,17 +337,14 @@ class StageConfig(Strict):
             names += [n for n in ph.weights if n not in names]
         return names
 
-    @model_validator(mode="after")
-    def _gate_fits(self) -> StageConfig:
-        """A gate needing more consecutive evals than the stage makes can never pass (evals at every
-        ``eval_every``-th step and at ``max_steps``; the step-0 eval counts for no gate)."""
+    def unreachable_gate(self) -> str | None:
+        """Why the stage's gate can never pass — it needs more consecutive evals than the stage makes (evals at every
+        ``eval_every``-th step and at ``max_steps``; the step-0 eval counts for no gate) — or None."""
         evals = -(-self.max_steps // self.eval_every)
-        if self.stop.rule == "gate" and self.stop.consecutive > evals:
-            raise ValueError(f"stop.consecutive: the gate needs {self.stop.consecutive} evals in a row, but the "
-                             f"stage evaluates {evals} times (max_steps {self.max_steps}, eval_every "
-                             f"{self.eval_every}), so it could never pass: raise max_steps, lower eval_every or "
-                             "lower stop.consecutive")
-        return self
+        if self.stop.rule != "gate" or self.stop.consecutive <= evals:
+            return None
+        return (f"the gate needs {self.stop.consecutive} evals in a row (stop.consecutive), but the stage evaluates "
+                f"{evals} times (max_steps {self.max_steps}, eval_every {self.eval_every}), so it cannot pass")
 
     @field_validator("sources")
     @classmethod
@@ -892,12 +889,7 @@ class KcptConfig(Strict):
         if self.tune.stage not in {st.name for st in self.plan}:
             return self
         st = self.stage(self.tune.stage).model_dump(mode="json")
-
-        def flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-            return [kv for k, v in d.items() for kv in (flat(v, f"{prefix}{k}.") if isinstance(v, dict)
-                                                        else [(f"{prefix}{k}", v)])]
-
-        for k, v in flat(self.tune.stage_overrides):
+        for k, v in _flat(self.tune.stage_overrides):
             try:
                 _set_dotted(st, k, v)
             except ValueError as e:
@@ -939,6 +931,13 @@ class KcptConfig(Strict):
                 raise ValueError(f"{where}: its {side} bound {value:g} gives stage '{self.tune.stage}' {problem[0]}: "
                                  f"{problem[1]}")
 
+    def _tuned_stage(self) -> StageConfig:
+        """``tune.stage`` with ``tune.stage_overrides`` applied (validated when the config loaded)."""
+        st = self.stage(self.tune.stage).model_dump(mode="json")
+        for k, v in _flat(self.tune.stage_overrides):
+            _set_dotted(st, k, v)
+        return StageConfig.model_validate(st)
+
     def check_tuned_stage(self) -> None:
         """ConfigError unless ``tune.stage`` names a stage of the plan. Checked by the tune job only: a plan without
         a stage named like the default ``tune.stage`` ('stage3') trains as it is."""
@@ -946,10 +945,13 @@ class KcptConfig(Strict):
         if self.tune.stage not in names:
             raise ConfigError(f"tune.stage: no stage named '{self.tune.stage}' in plan ({names}); set tune.stage to "
                               "the stage to tune (--set tune.stage=NAME)")
-        st, space = self.stage(self.tune.stage), self.tune.space
+        st, space = self._tuned_stage(), self.tune.space  # with tune.stage_overrides: what every trial trains
         if st.eval_exam is None:
             raise ConfigError(f"tune.stage: stage '{st.name}' has no eval_exam, and the tune objective is measured on "
                               "it (every trial would end without a usable eval): tune a stage with an exam set")
+        if (gate := st.unreachable_gate()) is not None:
+            raise ConfigError(f"tune.stage: in stage '{st.name}' (tune.stage_overrides applied) {gate}: no trial "
+                              "could pass. Raise max_steps, lower eval_every or lower stop.consecutive")
         if self.tune.objective == "tokens_to_gate" and st.stop.rule != "gate":
             raise ConfigError(f"tune.objective tokens_to_gate counts the tokens until stage '{st.name}''s gate holds, "
                               f"but its stop.rule is {st.stop.rule} (no gate, so no trial would pass): set the stage's "
@@ -1147,6 +1149,12 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 UNKNOWN_KEY = "unknown key"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"stop": {"rule": "x"}}`` → ``[("stop.rule", "x")]``."""
+    return [kv for k, v in d.items() for kv in (_flat(v, f"{prefix}{k}.") if isinstance(v, dict)
+                                                else [(f"{prefix}{k}", v)])]
 
 
 def _stage_problem(stage: dict[str, Any]) -> tuple[str, str] | None:

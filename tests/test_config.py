@@ -53,22 +53,36 @@ def test_a_per_source_setting_that_would_change_nothing_is_refused(override: str
     ("train.anomaly.window=10", r"min_history \(20\) must be ≤ window \(10\)"),
     ("plan.0.mixture_schedule=[{start_frac: 0.5, weights: {raw_train: 1}}, {start_frac: 0.5, weights: {raw_train: 2}}]",
      r"plan.0.mixture_schedule.1.start_frac: 0.5 is also phase 0's"),
-    ("plan.3.stop.consecutive=11", r"plan.3: stop.consecutive: the gate needs 11 evals in a row, but the stage "
-                                   r"evaluates 10 times \(max_steps 100, eval_every 10\)"),
-    (("plan.3.max_steps=25", "plan.3.stop.consecutive=4"), r"needs 4 evals in a row, but the stage evaluates 3 times"),
     ("model.dtype=float16", r"model.dtype: float16 needs loss scaling, which only train.deepspeed gives"),
     (("train.compile=true", "train.deepspeed={zero_stage: 3}"), r"train.compile: not with ZeRO-3"),
 ])
 def test_a_setting_that_would_fail_late_or_do_nothing_is_refused_when_the_config_loads(override, message):
     """Each loaded before: max_eval_rows 0 crashed every worker at the first eval (numpy on no rows), an exam set as
     eval_raw made 'raw val loss' an answer-only loss, a window shorter than min_history never judged a spike, of
-    two phases with one start the first never applied, a gate longer than the stage's evals never passed (every
-    tune trial 'not passed'), and float16 without DeepSpeed / compile under ZeRO-3 were refused only when each
-    worker started the stage."""
+    two phases with one start the first never applied, and float16 without DeepSpeed / compile under ZeRO-3 were
+    refused only when each worker started the stage."""
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override] if isinstance(override, str) else list(override))
-    load_config(None, ["plan.3.max_steps=25", "plan.3.stop.consecutive=3"])  # evals at 10, 20, 25: a gate of 3 fits
     load_config(None, ["train.compile=true", "train.deepspeed={zero_stage: 2}", "model.dtype=float16"])
+
+
+def test_a_gate_that_cannot_pass_is_a_warning_for_a_run_and_a_refusal_for_the_tune_job():
+    """A gate needing more consecutive evals than its stage makes never passed: a run (a short smoke run may mean
+    it) says so on the console; a tune job refuses it (every trial would end 'not passed')."""
+    from kcpt.train.plan import stage_warnings
+
+    cfg = load_config(None, ["plan.3.max_steps=20"])
+    assert stage_warnings(cfg, ["stage3"]) == [
+        "warning: plan stage 'stage3': the gate needs 3 evals in a row (stop.consecutive), but the stage evaluates 2 "
+        "times (max_steps 20, eval_every 10), so it cannot pass; it runs to max_steps"]
+    assert stage_warnings(load_config(None, ["plan.3.max_steps=25"]), ["stage3"]) == []  # evals at 10, 20, 25
+    with pytest.raises(ConfigError, match=r"tune.stage: in stage 'stage3' \(tune.stage_overrides applied\) the gate "
+                                          r"needs 3 evals in a row .* evaluates 2 times .*: no trial could pass"):
+        cfg.check_tuned_stage()
+    with pytest.raises(ConfigError, match=r"evaluates 2 times \(max_steps 8, eval_every 4\)"):
+        load_config(None, ["tune.stage_overrides.max_steps=8", "tune.stage_overrides.eval_every=4"]).check_tuned_stage()
+    load_config(None, ["tune.stage_overrides.max_steps=8", "tune.stage_overrides.eval_every=4",
+                       "tune.stage_overrides.stop.consecutive=2"]).check_tuned_stage()
 
 
 @pytest.mark.parametrize(("override", "message"), [

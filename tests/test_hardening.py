@@ -440,6 +440,28 @@ def test_job_refuses_a_missing_local_model_dir_before_ray(capsys, monkeypatch) -
     assert "train.deepspeed.config: /no/such/ds.json: no such file" in capsys.readouterr().err
 
 
+def test_a_kl_reference_is_given_on_the_command_line_or_the_stage_is_refused_before_ray(tmp_path: Path, capsys,
+                                                                                       monkeypatch) -> None:
+    """Stage 1 alone (KL to ``cpt_best``, no CPT stage in the run): refused in one line naming the flag that gives
+    the reference; a reference that is not a directory is refused before Ray; with one, the refusal is gone (the run
+    gets as far as reading the checkpoint: an empty directory is not one)."""
+    from kcpt.train.commands import main
+
+    base = ["--stages", "stage1", "--baseline-raw-best", "7.0", "--set", f"train.output_dir={tmp_path / 'runs'}",
+            "--set", f"data.prepared_root={tmp_path / 'prep'}", "--set", "data.seq_len=64"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "plan stage 'stage1': kl_beta 0.1 with kl_reference cpt_best, but no stage before it" in err
+    assert "--reference-checkpoint CKPT" in err and not (tmp_path / "runs").exists()
+    assert main([*base, "--reference-checkpoint", str(tmp_path / "nope")]) == 2
+    assert f"--reference-checkpoint {tmp_path / 'nope'}: no such checkpoint directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([*base, "--reference-checkpoint", str(tmp_path / "empty"), "--set", "logging.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "kl_reference cpt_best" not in err
+    assert f"reference_checkpoint: incomplete checkpoint {tmp_path / 'empty'}" in err
+
+
 def test_run_with_a_bad_deepspeed_json_deletes_nothing(tmp_path: Path) -> None:
     from kcpt.train.launch import run_plan
 

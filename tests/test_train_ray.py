@@ -55,8 +55,7 @@ def prepared_root(tmp_path_factory) -> Path:
 
 
 def small_cfg(prepared_root: Path, out: Path, name: str, *extra: str):
-    """Tiny model, seq_len 64, 2 workers; plan: cpt (8 steps) → stage3 (qa + raw mixture, KL, 6 steps, a gate it never
-    passes: every stage runs to max_steps)."""
+    """Tiny model, seq_len 64, 2 workers; plan: cpt (8 steps) → stage3 (qa + raw mixture, KL, 6 steps)."""
     base = [
         "data.seq_len=64", f"data.prepared_root={prepared_root}", "logging.progress=false",
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
@@ -70,7 +69,7 @@ def small_cfg(prepared_root: Path, out: Path, name: str, *extra: str):
             'lr: {peak: 0.003, warmup_steps: 2}, stop: {rule: max_steps}}, '
             '{name: stage3, sources: {qa_train: 0.6, raw_train: 0.4}, max_steps: 6, eval_every: 3, '
             'eval_exam: qa_val, kl_beta: 0.1, lr: {peak: 0.002, warmup_steps: 1}, restore: full, '
-            'stop: {rule: gate, exam_target: 0.01, raw_tolerance: 0.5, consecutive: 2}}]')
+            'stop: {rule: gate, exam_target: 100.0, raw_tolerance: 0.5, consecutive: 5}}]')
     ov = [*base[:-1], f"plan={plan}", "tune.stage=stage3", *extra]
     return load_config(None, ov)
 
@@ -322,9 +321,10 @@ def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepa
                                                              zero_stage):
     """Under ZeRO-2 (optimizer offloaded) and ZeRO-3: NaN and spike in stage 3 each roll back (LR scale 0.25 after
     both); stage 3 (restore: full) starts from CPT's optimizer state; the weights load as HF. Under ZeRO-3 (its
-    checkpoint holds partitioned parameters as well as the partitioned optimizer state of ZeRO-2) a worker killed at
-    stage-3 step 5 resumes from the checkpoint's DeepSpeed state with metrics equal (1e-6) to the run that was not
-    killed.
+    checkpoint holds partitioned parameters as well as the partitioned optimizer state of ZeRO-2) a worker is killed
+    at stage-3 step 5 and the group resumes from the step-3 checkpoint's DeepSpeed state; the 1-worker run below,
+    which trains stage 3 from CPT's checkpoint without a kill, must record the same metrics (so the kill's resume
+    was exact too).
 
     Then the run resumes on 1 worker (a node lost; no ``--force``: the same rows per step, 1 × 8 against 2 × 4;
     fewer is refused saying so): the node converts the 2 ranks' partitions to DeepSpeed's universal checkpoint and
@@ -336,8 +336,10 @@ def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepa
     ds = f"train.deepspeed={{zero_stage: {zero_stage}{', offload_optimizer: true' if zero_stage == 2 else ''}}}"
     # no dropout and the memory loader: the same rows and math at another world size (the resume below); a strong
     # weight decay shows where DeepSpeed's ZeRO-3 universal load put it wrong
-    same = (ds, "model.tiny.attention_dropout=0.0", "data.loader=memory", "train.weight_decay=0.3", *DS_FAULTS)
+    same = (ds, "model.tiny.attention_dropout=0.0", "data.loader=memory", "train.weight_decay=0.3", *DS_FAULTS,
+            *(("train.faults.crash_at_step=5", "train.faults.crash_rank=1") if zero_stage == 3 else ()))
     straight = run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}", *same), resume="never")
+    assert (straight.run_dir / "faults" / "crash-stage3-5").exists() == (zero_stage == 3)
     s3 = straight.summaries["stage3"]
     assert s3["rollbacks"] == 2 and s3["lr_scale"] == 0.25
     recs = [r for r in read_metrics(straight.run_dir) if r["step"] > 0]
@@ -361,11 +363,6 @@ def test_deepspeed_at_parity_rollback_lr_cut_and_exact_resume(ray_session, prepa
                                               r"weights_only"):
         run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}-other", other), stages=["stage3"],
                  init_checkpoint=best, baseline_raw_best=7.0, resume="never")
-    if zero_stage == 3:
-        crashed = run_plan(small_cfg(prepared_root, tmp_path, f"z{zero_stage}-crash", *same,
-                                     "train.faults.crash_at_step=5", "train.faults.crash_rank=1"), resume="never")
-        assert (crashed.run_dir / "faults" / "crash-stage3-5").exists()
-        _assert_same_metrics(crashed.run_dir, straight.run_dir)
     from kcpt.model.loading import load_causal_lm  # the gathered (ZeRO-3) weights load as a normal HF model
 
     model = load_causal_lm(small_cfg(prepared_root, tmp_path, "x").model, path=best)

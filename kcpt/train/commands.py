@@ -24,6 +24,9 @@ def add_train_arguments(p: argparse.ArgumentParser, *, with_stages: bool = True)
     p.add_argument("--address",
                    help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray with explicit num_cpus)")
     p.add_argument("--init-checkpoint", help="the first stage starts from this kcpt checkpoint")
+    p.add_argument("--reference-checkpoint",
+                   help="the KL reference of stages with kl_reference cpt_best when no stage of this run sets the "
+                        "baseline (default: --init-checkpoint)")
     p.add_argument("--baseline-raw-best", type=float, help="raw val baseline when no stage of the run sets it")
     add_verbose_argument(p)
 
@@ -45,11 +48,11 @@ def cpt_stages(cfg) -> list[str]:
 
 
 def preflight(cfg, stages: list[str] | None, *, run_dir: str | None = None, init_checkpoint: str | None = None,
-              check_run_dir: bool = True, new_run: bool = False) -> None:
+              check_run_dir: bool = True, new_run: bool = False, reference_checkpoint: str | None = None) -> None:
     """Checks that need neither Ray nor torch, run before either is imported (a typo is reported in well under
     a second): the stages exist, the inputs of the datasets they use exist, the run directory is kcpt's own
-    (and, with ``new_run``, holds no results yet), the init checkpoint is a directory. Raises ConfigError /
-    InputError / CheckpointError."""
+    (and, with ``new_run``, holds no results yet), the init and reference checkpoints are directories. Raises
+    ConfigError / InputError / CheckpointError."""
     from kcpt import storage
     from kcpt.data.sources import check_inputs_exist
     from kcpt.errors import CheckpointError, ConfigError
@@ -87,8 +90,9 @@ def preflight(cfg, stages: list[str] | None, *, run_dir: str | None = None, init
         rd.check_owned()
         if new_run:
             rd.refuse_existing()
-    if init_checkpoint is not None and not storage.is_uri(init_checkpoint) and not Path(init_checkpoint).is_dir():
-        raise CheckpointError(f"--init-checkpoint {init_checkpoint}: no such checkpoint directory")
+    for flag, ref in (("--init-checkpoint", init_checkpoint), ("--reference-checkpoint", reference_checkpoint)):
+        if ref is not None and not storage.is_uri(ref) and not Path(ref).is_dir():
+            raise CheckpointError(f"{flag} {ref}: no such checkpoint directory")
 
 
 def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, cpt_only: bool = False) -> int:
@@ -105,7 +109,8 @@ def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, 
     if stages is None and getattr(args, "stages", None):
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     resume = "auto" if args.resume else "overwrite" if args.overwrite else "never"
-    preflight(cfg, stages, run_dir=args.run_dir, init_checkpoint=args.init_checkpoint, new_run=resume == "never")
+    preflight(cfg, stages, run_dir=args.run_dir, init_checkpoint=args.init_checkpoint, new_run=resume == "never",
+              reference_checkpoint=args.reference_checkpoint)
 
     from kcpt.analysis.run_report import format_stage_table
     from kcpt.train.launch import run_plan  # imports torch and Ray: only after the config was validated
@@ -120,6 +125,7 @@ def run_from_args(args: argparse.Namespace, stages: list[str] | None = None, *, 
 
     result = run_plan(cfg, stages=stages, run_dir=args.run_dir or None,  # str: a URI stays one
                       init_checkpoint=args.init_checkpoint or None,  # a URI stays one (Path() folds its //)
+                      reference_checkpoint=args.reference_checkpoint or None,
                       baseline_raw_best=args.baseline_raw_best, resume=resume,
                       force=args.force, address=args.address)
     print(format_stage_table(result.summaries, result.metrics))

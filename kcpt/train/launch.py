@@ -44,7 +44,7 @@ from kcpt.train.plan import (
     expected_manifest,
     held_out_warnings,
     stage_sources,
-    warmup_warnings,
+    stage_warnings,
 )
 from kcpt.train.rundir import RunDir, read_metrics, run_dir_of
 from kcpt.train.streams import ShardReader
@@ -309,7 +309,7 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         print("\n".join(overlap), flush=True)
     manifests = {k: read_manifest(v) for k, v in local_prepared.items()}
     if console:
-        for line in [*vocab_warnings(cfg, manifests), *warmup_warnings(cfg, stages)]:
+        for line in [*vocab_warnings(cfg, manifests), *stage_warnings(cfg, stages)]:
             print(line, flush=True)
     expected = expected_manifest(cfg, local_prepared)
     world = 1 if in_process or in_task else cfg.train.num_workers
@@ -320,7 +320,10 @@ def _run_plan(cfg: KcptConfig, stages: list[str], rd: RunDir, *, init_checkpoint
         if p is not None:
             if not storage.is_uri(str(p)) and not Path(p).is_dir():
                 raise CheckpointError(f"{what} {p}: not a directory")
-            manifest, _ = ckpt_lib.inspect(p)  # the workers download the weights, on their own nodes
+            try:
+                manifest, _ = ckpt_lib.inspect(p)  # the workers download the weights, on their own nodes
+            except CheckpointError as e:  # which of the two it was
+                raise CheckpointError(f"{what}: {e}") from None
             ckpt_lib.check_compatible(manifest, expected, mode="weights_only", force=force, where=f"{what} {p}")
             if what == "init_checkpoint" and cfg.stage(stages[0]).restore == "full":
                 weights_only = f"set plan stage '{stages[0]}' restore: weights_only (its optimizer starts fresh)"

@@ -114,18 +114,26 @@ def check_references(cfg: KcptConfig, stages: list[str], *, reference_checkpoint
         if st.kl_beta > 0 and st.kl_reference == "cpt_best" and not known:
             raise ConfigError(
                 f"plan stage '{name}': kl_beta {st.kl_beta:g} with kl_reference cpt_best, but no stage before it in "
-                "this run sets_baseline and no reference or init checkpoint was given: run the CPT stage first, pass "
-                "--reference-checkpoint (or --init-checkpoint), or set kl_reference: base")
+                "this run sets_baseline and no reference or init checkpoint was given: run the CPT stage first, give "
+                "the KL reference (--reference-checkpoint CKPT; --init-checkpoint serves as one), or set "
+                "kl_reference: base")
         known = known or st.sets_baseline
 
 
-def warmup_warnings(cfg: KcptConfig, stages: list[str]) -> list[str]:
-    """A console warning for each stage whose LR warm-up is as long as the stage: its LR never reaches
-    ``lr.peak`` and the cosine decay never starts."""
-    return [f"warning: plan stage '{st.name}': lr.warmup_steps {st.lr.warmup_steps} ≥ max_steps {st.max_steps}: "
-            f"the LR only ramps up, to {st.max_steps / (st.lr.warmup_steps + 1):.0%} of lr.peak at the last step "
-            "(kcpt.train.schedule); lower lr.warmup_steps to train at the peak and decay"
-            for st in (cfg.stage(n) for n in stages) if st.lr.warmup_steps >= st.max_steps]
+def stage_warnings(cfg: KcptConfig, stages: list[str]) -> list[str]:
+    """Console warnings for stages that run but cannot do what they say: a gate that cannot pass
+    (:meth:`~kcpt.config.StageConfig.unreachable_gate`; a short smoke run may mean it, the tune job refuses it), an LR
+    warm-up as long as the stage (its LR never reaches ``lr.peak`` and the cosine decay never starts)."""
+    out = []
+    for st in (cfg.stage(n) for n in stages):
+        if (gate := st.unreachable_gate()) is not None:
+            out.append(f"warning: plan stage '{st.name}': {gate}; it runs to max_steps")
+        if st.lr.warmup_steps >= st.max_steps:
+            out.append(f"warning: plan stage '{st.name}': lr.warmup_steps {st.lr.warmup_steps} ≥ max_steps "
+                       f"{st.max_steps}: the LR only ramps up, to {st.max_steps / (st.lr.warmup_steps + 1):.0%} of "
+                       "lr.peak at the last step (kcpt.train.schedule); lower lr.warmup_steps to train at the peak "
+                       "and decay")
+    return out
 
 
 def expected_manifest(cfg: KcptConfig, prepared: dict[str, Path]) -> dict[str, Any]:

@@ -24,6 +24,37 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+# ---------------------------------------------------------------------------- running the suite on two processes
+# The suite runs on 2 pytest-xdist workers (pyproject: -n 2 --dist loadgroup). Ray tests, jobs and clusters never run
+# two at a time: two local Rays on one machine find each other (a Train PlacementGroupCleaner asking the State API of
+# the other cluster left CPUs reserved and the next trial waiting), and two 2-worker runs on 2 cores time out. They form
+# ONE group, run first and in order on one worker (as in a plain run); the other modules (in-process training, data,
+# config, storage against the session's S3 server) run beside it on the other worker, a module at a time, in the
+# ~30 % of the cores the Ray tests leave idle (start-up waits, health-check polls). `pytest -n 0` runs everything in
+# one process, as before.
+MACHINE_GROUP = "ray-and-subprocess-jobs"
+MACHINE_MODULES = frozenset({
+    "test_benches", "test_cluster_s3", "test_console", "test_hardening", "test_job_submit", "test_jobs_cli",
+    "test_notebook", "test_ray_pipeline", "test_ray_prepare_scale", "test_ray_stream", "test_raystart",
+    "test_run_overwrite", "test_train_ray", "test_tune_cluster", "test_tune_more_trials", "test_tune_reeval",
+    "test_tune_searcher", "test_tune_space", "test_tune_stage3",
+})
+"""Modules that start Ray (in this process or in a job, driver or CLI subprocess) or read the session's tune
+experiment (made once, in the worker that runs this group)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist ``--dist loadgroup``: the Ray modules in one group, first; every other module a group of its own
+    (its module fixtures made once)."""
+    machine = [i for i in items if i.module.__name__.rpartition(".")[2] in MACHINE_MODULES]
+    rest = [i for i in items if i.module.__name__.rpartition(".")[2] not in MACHINE_MODULES]
+    for item in machine:
+        item.add_marker(pytest.mark.xdist_group(MACHINE_GROUP))
+    for item in rest:
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items[:] = [*machine, *rest]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def node_scratch(tmp_path_factory):
     """``KCPT_SCRATCH`` (kcpt's node-local mirrors and downloads, :func:`kcpt.storage.scratch_root`) in this

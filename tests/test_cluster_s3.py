@@ -2,10 +2,11 @@
 every root on S3 on the same cluster, and an elastic run that loses the second node.
 
 Nothing is shared between the nodes but the object store: each node's processes keep their scratch under
-``$KCPT_SCRATCH/node-<id>/`` (kcpt.storage), the driver runs in a directory outputs must not go to, and a worker
-on the second node is killed mid-CPT. The demo run must go on with no eval lost or recorded twice, pass the
-stage-3 gate, leave every output in the bucket, and its report must read from ``s3://``. The elastic run, resumed
-across nodes from the bucket, must record the same metrics as a run into a local directory in this process (1e-6).
+``$KCPT_SCRATCH/node-<id>/`` (kcpt.storage), and the driver runs in a directory outputs must not go to. The demo run
+must pass the stage-3 gate, leave every output in the bucket, and its report must read from ``s3://``. The elastic
+run loses the second node mid-CPT (a worker that stops answering, then its node removed): resumed across nodes from
+the bucket, it must record the same metrics as a run into a local directory in this process (1e-6). (A worker killed
+in a fixed-size run is test_train_ray.py's: the group is replaced the same way on one node or two.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from kcpt.train.rundir import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-CRASH = ("train.faults.stage=cpt", "train.faults.crash_at_step=15", "train.faults.crash_rank=1")
 CLUSTER: dict[str, object] = {}
 """The two-node cluster of :func:`two_nodes` (``"cluster"``, ``"worker_node"``: the node that is not the head)."""
 
@@ -68,12 +68,12 @@ def two_nodes(s3_server, tmp_path_factory):
             os.environ["KCPT_SCRATCH"] = old
 
 
-def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(two_nodes, s3_prefix, tmp_path, monkeypatch):
+def test_demo_plan_on_s3_and_two_nodes_passes_its_gate(two_nodes, s3_prefix, tmp_path, monkeypatch):
     cwd = tmp_path / "driver-cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    cfg = demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared", *CRASH)
+    cfg = demo_cfg(f"{s3_prefix}/runs", f"{s3_prefix}/prepared")
     # a copy of this run that a killed earlier attempt left under the key of a Ray node that is gone
     gone = two_nodes / "node-0000dead0000dead"
     stale = gone.joinpath("uri", "s3", *f"{s3_prefix}/runs/demo".removeprefix("s3://").split("/"))
@@ -81,7 +81,7 @@ def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(two_nodes, s3_pref
     (stale / "checkpoints" / "00-cpt-step000010" / "manifest.json").write_text("{}")
     t0 = time.perf_counter()
     res = run_plan(cfg, resume="never")
-    print(f"\ndemo plan on S3 + 2 nodes, all stages (incl. one worker kill): {time.perf_counter() - t0:.0f} s")
+    print(f"\ndemo plan on S3 + 2 nodes, all stages: {time.perf_counter() - t0:.0f} s")
     # the demo plan end to end, as `python jobs/train_stages.py` runs it (2 workers, seq_len 256): every stage
     # stops on its own rule, stage 3 passes its gate, the exam loss ends far below where exam training started
     # while the raw val loss stays within tolerance of the CPT baseline
@@ -96,16 +96,14 @@ def test_demo_plan_on_s3_and_two_nodes_survives_a_worker_kill(two_nodes, s3_pref
     run_uri = f"{s3_prefix}/runs/demo"
     assert res.run_dir == run_uri
     store = Store(run_uri)
-    assert store.is_file("faults/crash-cpt-15")  # the worker on the other node really died at CPT step 15
     recs = read_metrics(run_uri)
     exam_start = next(r["exam_val_loss"] for r in recs if r["stage"] == "stage1" and r["step"] == 0)
     assert exam_start - s["stage3"]["best_exam_val_loss"] > 1.0  # nats, on the same exam_val set
     assert all(r["rollbacks"] == 0 for r in recs)
-    # the killed worker's group was replaced and went on from the step-10 checkpoint: no eval lost or recorded
-    # twice (that the resume is exact, across nodes and from the bucket: the elastic test below)
-    cpt = load_config(None, []).stage("cpt")
-    steps = [r["step"] for r in recs if r["stage"] == "cpt"]
-    assert steps == list(range(0, steps[-1] + 1, cpt.eval_every)) and steps[-1] > 15, steps
+    # every stage's evals, each once, at its eval_every until it stopped
+    for st in load_config(None, []).plan:
+        steps = [r["step"] for r in recs if r["stage"] == st.name]
+        assert steps == list(range(0, s[st.name]["steps"] + 1, st.eval_every)), (st.name, steps)
     # exam accuracy at every exam eval: all of exam_val's items reached both nodes' workers from the bucket
     # (items.jsonl, split between the ranks and gathered)
     from kcpt.data.exam_io import ITEMS_FILE

@@ -26,12 +26,12 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # ---------------------------------------------------------------------------- running the suite on two processes
 # The suite runs on 2 pytest-xdist workers (pyproject: -n 2 --dist loadgroup). Ray tests, jobs and clusters never run
-# two at a time: two local Rays on one machine find each other (a Train PlacementGroupCleaner asking the State API of
-# the other cluster left CPUs reserved and the next trial waiting), and two 2-worker runs on 2 cores time out. They form
-# ONE group, run first and in order on one worker (as in a plain run); the other modules (in-process training, data,
-# config, storage against the session's S3 server) run beside it on the other worker, a module at a time, in the
-# ~30 % of the cores the Ray tests leave idle (start-up waits, health-check polls). `pytest -n 0` runs everything in
-# one process, as before.
+# two at a time: processes that look up "the" local Ray (/tmp/ray/ray_current_cluster; Train's PlacementGroupCleaner
+# once found a stale one and left the CPUs reserved) could reach the other test's cluster, and the tests size their
+# Rays to the machine's 2 cores. They form ONE group, run first and in order on one worker (as in a plain run); the
+# other modules (in-process training, data, config, storage against that worker's own S3 server) run beside it on the
+# other worker, a module at a time, in the part of the cores the Ray tests leave idle (start-up waits, polls: a plain
+# run kept the 2 cores 70 % busy). `pytest -n 0` runs everything in one process, as before.
 MACHINE_GROUP = "ray-and-subprocess-jobs"
 MACHINE_MODULES = frozenset({
     "test_benches", "test_cluster_s3", "test_console", "test_hardening", "test_job_submit", "test_jobs_cli",
@@ -43,6 +43,7 @@ MACHINE_MODULES = frozenset({
 experiment (made once, in the worker that runs this group)."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker plugin reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Under xdist ``--dist loadgroup``: the Ray modules in one group, first; every other module a group of its own
     (its module fixtures made once)."""

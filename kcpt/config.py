@@ -888,12 +888,7 @@ class KcptConfig(Strict):
         the first trial."""
         if self.tune.stage not in {st.name for st in self.plan}:
             return self
-        st = self.stage(self.tune.stage).model_dump(mode="json")
-        for k, v in _flat(self.tune.stage_overrides):
-            try:
-                _set_dotted(st, k, v)
-            except ValueError as e:
-                raise ValueError(f"tune.stage_overrides.{k}: {e}") from None
+        st = self._tuned_stage_dict()
         for path, r in self.tune.space.extra.items():
             self._check_extra_range(st, path, r)
         ref = st.get("micro_batch_size") or self.train.micro_batch_size
@@ -931,12 +926,20 @@ class KcptConfig(Strict):
                 raise ValueError(f"{where}: its {side} bound {value:g} gives stage '{self.tune.stage}' {problem[0]}: "
                                  f"{problem[1]}")
 
-    def _tuned_stage(self) -> StageConfig:
-        """``tune.stage`` with ``tune.stage_overrides`` applied (validated when the config loaded)."""
+    def _tuned_stage_dict(self) -> dict[str, Any]:
+        """``tune.stage`` as a dict with ``tune.stage_overrides`` set in (ValueError naming the override that does not
+        apply)."""
         st = self.stage(self.tune.stage).model_dump(mode="json")
         for k, v in _flat(self.tune.stage_overrides):
-            _set_dotted(st, k, v)
-        return StageConfig.model_validate(st)
+            try:
+                _set_dotted(st, k, v)
+            except ValueError as e:
+                raise ValueError(f"tune.stage_overrides.{k}: {e}") from None
+        return st
+
+    def _tuned_stage(self) -> StageConfig:
+        """``tune.stage`` with ``tune.stage_overrides`` applied (checked when the config loaded: ``_tune_paths``)."""
+        return StageConfig.model_validate(self._tuned_stage_dict())
 
     def check_tuned_stage(self) -> None:
         """ConfigError unless ``tune.stage`` names a stage of the plan. Checked by the tune job only: a plan without

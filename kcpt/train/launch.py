@@ -38,7 +38,6 @@ from kcpt.train.engine import check_engine_state
 from kcpt.train.layout import step_micro_batches
 from kcpt.train.plan import (
     check_baselines,
-    check_references,
     check_rows,
     datasets_needed,
     expected_manifest,
@@ -167,8 +166,8 @@ def run_plan(cfg: KcptConfig, *, stages: list[str] | None = None, run_dir: Path 
             cfg.stage(s)
         except KeyError:
             raise ConfigError(f"stages: no stage named '{s}' in plan ({[x.name for x in cfg.plan]})") from None
-    check_baselines(cfg, stages, baseline_raw_best)
-    check_references(cfg, stages, reference_checkpoint=reference_checkpoint, init_checkpoint=init_checkpoint)
+    check_baselines(cfg, stages, baseline_raw_best, reference_checkpoint=reference_checkpoint,
+                    init_checkpoint=init_checkpoint)
     if on_report is not None and not in_process:
         raise ConfigError("run_plan: on_report is for in_process runs (Ray Train runs take callbacks)")
     if in_task and (in_process or not one_worker(cfg)):

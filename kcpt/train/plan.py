@@ -87,37 +87,33 @@ def check_rows(cfg: KcptConfig, stages: list[str], manifests: dict[str, dict[str
         raise InputError(f"{head}: {'; '.join(said)} from {where}. Fix: {fix}")
 
 
-def check_baselines(cfg: KcptConfig, stages: list[str], baseline_raw_best: float | None) -> None:
-    """Refuse, before any step, a stage whose stop rule needs ``baseline_raw_best`` that nobody provides: no
-    earlier stage of this run ``sets_baseline`` and none was given (``--baseline-raw-best``)."""
-    known = baseline_raw_best is not None
+def check_baselines(cfg: KcptConfig, stages: list[str], baseline_raw_best: float | None, *,
+                    reference_checkpoint: object | None = None, init_checkpoint: object | None = None) -> None:
+    """Refuse, before any step, a stage that needs what a baseline (CPT) stage hands on and nobody provides — no
+    earlier stage of this run ``sets_baseline``, and none was given:
+
+    - a stop rule bounding raw val loss by ``baseline_raw_best`` (``--baseline-raw-best``);
+    - a KL term to ``kl_reference: cpt_best`` (``--reference-checkpoint``; the init checkpoint serves as one, as the
+      worker then falls back to it)."""
+    raw_known = baseline_raw_best is not None
+    ref_known = reference_checkpoint is not None or init_checkpoint is not None
     for name in stages:
         st = cfg.stage(name)
-        if st.stop.needs_baseline and not known:
+        if st.stop.needs_baseline and not raw_known:
             raise ConfigError(
                 f"plan stage '{name}': stop rule '{st.stop.rule}' bounds raw val loss by baseline_raw_best · "
                 f"(1 + raw_tolerance), but no stage before it in this run sets_baseline and no baseline was given. "
                 "Run the CPT stage first, pass --baseline-raw-best (the CPT best raw val loss)"
                 + (", or set stop.raw_bound: false to run this stage without the raw bound" if st.stop.rule == "exam"
                    else ""))
-        known = known or st.sets_baseline
-
-
-def check_references(cfg: KcptConfig, stages: list[str], *, reference_checkpoint: object | None,
-                     init_checkpoint: object | None) -> None:
-    """Refuse, before any step, a stage with a KL term to ``kl_reference: cpt_best`` that has none: no earlier stage
-    of this run ``sets_baseline``, and neither a reference nor an init checkpoint was given (the worker falls back
-    to the init checkpoint)."""
-    known = reference_checkpoint is not None or init_checkpoint is not None
-    for name in stages:
-        st = cfg.stage(name)
-        if st.kl_beta > 0 and st.kl_reference == "cpt_best" and not known:
+        if st.kl_beta > 0 and st.kl_reference == "cpt_best" and not ref_known:
             raise ConfigError(
                 f"plan stage '{name}': kl_beta {st.kl_beta:g} with kl_reference cpt_best, but no stage before it in "
                 "this run sets_baseline and no reference or init checkpoint was given: run the CPT stage first, give "
                 "the KL reference (--reference-checkpoint CKPT; --init-checkpoint serves as one), or set "
                 "kl_reference: base")
-        known = known or st.sets_baseline
+        raw_known = raw_known or st.sets_baseline
+        ref_known = ref_known or st.sets_baseline
 
 
 def stage_warnings(cfg: KcptConfig, stages: list[str]) -> list[str]:

@@ -34,21 +34,23 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # run kept the 2 cores 70 % busy). `pytest -n 0` runs everything in one process, as before.
 MACHINE_GROUP = "ray-and-subprocess-jobs"
 MACHINE_MODULES = frozenset({
-    "test_benches", "test_cluster_s3", "test_console", "test_hardening", "test_job_submit", "test_jobs_cli",
-    "test_notebook", "test_ray_pipeline", "test_ray_prepare_scale", "test_ray_stream", "test_raystart",
-    "test_run_overwrite", "test_train_ray", "test_tune_cluster", "test_tune_more_trials", "test_tune_reeval",
-    "test_tune_searcher", "test_tune_space", "test_tune_stage3",
+    "test_cluster_s3", "test_job_submit", "test_notebook", "test_ray_pipeline", "test_ray_prepare_scale",
+    "test_ray_stream", "test_raystart", "test_train_ray", "test_tune_cluster", "test_tune_more_trials",
+    "test_tune_searcher", "test_tune_stage3",
 })
-"""Modules that start Ray (in this process or in a job, driver or CLI subprocess) or read the session's tune
-experiment (made once, in the worker that runs this group)."""
+"""Modules whose tests start Ray (in this process or in a job or driver subprocess) or read the session's tune
+experiment (made once, in the worker that runs this group). A test elsewhere that does is marked ``machine``."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker plugin reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Under xdist ``--dist loadgroup``: the Ray modules in one group, first; every other module a group of its own
     (its module fixtures made once)."""
-    machine = [i for i in items if i.module.__name__.rpartition(".")[2] in MACHINE_MODULES]
-    rest = [i for i in items if i.module.__name__.rpartition(".")[2] not in MACHINE_MODULES]
+    def on_the_machine(item: pytest.Item) -> bool:
+        return item.module.__name__.rpartition(".")[2] in MACHINE_MODULES or item.get_closest_marker("machine")
+
+    machine = [i for i in items if on_the_machine(i)]
+    rest = [i for i in items if not on_the_machine(i)]
     for item in machine:
         item.add_marker(pytest.mark.xdist_group(MACHINE_GROUP))
     for item in rest:

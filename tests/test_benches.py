@@ -65,6 +65,7 @@ def tiny_tune_roots(tmp_path_factory) -> list[str]:
     return [f"data.prepared_root={root / 'prepared'}", f"train.output_dir={root / 'runs'}"]
 
 
+@pytest.mark.machine
 @pytest.mark.slow
 def test_tokens_to_gate_bench_compares_default_recipe_step_and_tuned(tmp_path, capsys, tiny_tune_roots):
     sets = [x for o in [*TINY_TUNE, *tiny_tune_roots] for x in ("--set", o)]
@@ -150,6 +151,7 @@ def test_tokens_to_gate_default_is_the_issues_recipe_default():
     assert set(v) == {"default", "recipe_step"}                             # no tuned best given: no tuned row
 
 
+@pytest.mark.machine
 @pytest.mark.slow
 def test_tune_efficiency_real_loop_mode(tmp_path, capsys, tiny_tune_roots):
     real = [x for o in [*TINY_TUNE, *tiny_tune_roots] for x in ("--real-set", o)]
@@ -165,6 +167,7 @@ def test_tune_efficiency_real_loop_mode(tmp_path, capsys, tiny_tune_roots):
     assert "real loop, ratio TPE/random" in capsys.readouterr().out
 
 
+@pytest.mark.machine
 @pytest.mark.slow
 def test_data_memory_bench_prints_the_stream_loader_at_two_sizes(capsys, tmp_path):
     """The in-process stream loader at two corpus sizes, each row a fresh child process. The bench's ray_data rows
@@ -180,6 +183,7 @@ def test_data_memory_bench_prints_the_stream_loader_at_two_sizes(capsys, tmp_pat
     assert "| stream | ×1 |" in out and "| stream | ×2 |" in out
 
 
+@pytest.mark.machine
 @pytest.mark.slow
 def test_train_loop_bench_has_a_loader_column(capsys):
     assert _load("train_loop").main(["--workers", "1", "--steps", "4", "--batch", "2", "--seq-len", "64",
@@ -239,6 +243,7 @@ def test_tune_efficiency_proxy_has_a_micro_batch_axis_when_the_space_searches_it
     assert draws == {2, 4, 8}
 
 
+@pytest.mark.machine
 def test_bucket_footprint_bench_leaves_no_checkpoint_copies_and_the_driver_downloads_less(s3_server, capsys,
                                                                                           tmp_path):
     """Two tiny runs at the (test session's moto) bucket: each keeps checkpoints in the bucket and none in the

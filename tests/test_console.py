@@ -289,6 +289,7 @@ def lossy_plan(tmp_path_factory):
     return SimpleNamespace(res=res, root=tmp_path, items=items, prepared=prepared, base=base)
 
 
+@pytest.mark.machine
 @pytest.mark.slow
 def test_demo_plan_console(lossy_plan):
     res = lossy_plan.res
@@ -308,6 +309,7 @@ def test_demo_plan_console(lossy_plan):
     assert res.stderr.strip() == ""
 
 
+@pytest.mark.machine
 @pytest.mark.slow
 def test_lossy_dataset_console_warns_with_the_fix_and_limit_stops(lossy_plan):
     res, tmp_path, items, prepared = lossy_plan.res, lossy_plan.root, lossy_plan.items, lossy_plan.prepared
@@ -331,6 +333,7 @@ def test_lossy_dataset_console_warns_with_the_fix_and_limit_stops(lossy_plan):
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()
 
 
+@pytest.mark.machine
 @pytest.mark.slow
 def test_worker_exception_reaches_the_console_whole(tmp_path):
     """(``--verbose`` bringing Ray's own output back: test_job_submit's cpt job.)"""

@@ -135,6 +135,7 @@ def test_tune_job_refuses_unknown_space_source_before_ray(capsys, monkeypatch) -
     assert "tune.space.raw_source: unknown dataset 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.machine
 def test_ctrl_c_in_a_ray_train_run_is_one_line_exit_130_naming_the_resume(tmp_path: Path, capsys, monkeypatch) -> None:
     """Ray Train's fit() installs its own SIGINT handler, which ends fit() with SystemExit(1): a Ctrl-C'd job used to
     exit 1 with nothing on the console (measured on `python jobs/train_stages.py` with SIGINT at its 40th step).
@@ -642,6 +643,7 @@ def test_start_over_removes_only_kcpt_entries_and_never_an_input(tmp_path: Path)
     assert (rd.root / "notes.txt").read_text() == "mine" and (rd.root / MARKER).is_file()
 
 
+@pytest.mark.machine
 def test_run_with_a_typo_in_a_data_path_deletes_nothing(tmp_path: Path) -> None:
     from kcpt.train.launch import run_plan
 

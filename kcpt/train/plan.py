@@ -120,15 +120,17 @@ def stage_warnings(cfg: KcptConfig, stages: list[str]) -> list[str]:
     """Console warnings for stages that run but cannot do what they say: a gate that cannot pass
     (:meth:`~kcpt.config.StageConfig.unreachable_gate`; a short smoke run may mean it, the tune job refuses it), an LR
     warm-up as long as the stage (its LR never reaches ``lr.peak`` and the cosine decay never starts)."""
+    from kcpt.train.schedule import lr_multiplier  # torch: imported where a run is starting anyway
+
     out = []
     for st in (cfg.stage(n) for n in stages):
         if (gate := st.unreachable_gate()) is not None:
             out.append(f"warning: plan stage '{st.name}': {gate}; it runs to max_steps")
         if st.lr.warmup_steps >= st.max_steps:
+            last = lr_multiplier(st.max_steps - 1, st.max_steps, st.lr)  # the schedule's own value at the last step
             out.append(f"warning: plan stage '{st.name}': lr.warmup_steps {st.lr.warmup_steps} ≥ max_steps "
-                       f"{st.max_steps}: the LR only ramps up, to {st.max_steps / (st.lr.warmup_steps + 1):.0%} of "
-                       "lr.peak at the last step (kcpt.train.schedule); lower lr.warmup_steps to train at the peak "
-                       "and decay")
+                       f"{st.max_steps}: the LR only ramps up, to {last:.0%} of lr.peak at the last step; lower "
+                       "lr.warmup_steps to train at the peak and decay")
     return out
 
 
